@@ -1,0 +1,32 @@
+# Shared by the ci/ scripts: installs the Debian packages the workspace needs.
+
+# Debian package that provides each command the tests and the build run.
+declare -A PACKAGE_OF=(
+  [protoc]=protobuf-compiler
+  [etcd]=etcd-server
+  [etcdctl]=etcd-client
+  [redis-server]=redis-server
+  [redis-cli]=redis-tools
+)
+
+step() {
+  printf '\n==> %s\n' "$*"
+}
+
+ensure_packages() {
+  local missing=() cmd
+  for cmd in "${!PACKAGE_OF[@]}"; do
+    command -v "$cmd" >/dev/null 2>&1 || missing+=("${PACKAGE_OF[$cmd]}")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    step "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "missing: ${missing[*]}" >&2
+    echo "install them with: sudo apt-get install -y ${missing[*]}" >&2
+    exit 1
+  fi
+}

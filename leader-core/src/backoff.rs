@@ -1,0 +1,75 @@
+//! Jittered exponential backoff for `Election::run`.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+/// Delays that double from `min` to `max`, each drawn uniformly from its upper half, so
+/// that candidates that failed together do not retry together.
+#[derive(Debug, Clone)]
+pub(crate) struct Backoff {
+    min: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new(min: Duration, max: Duration) -> Self {
+        Backoff {
+            min,
+            max,
+            current: min,
+        }
+    }
+
+    /// The next delay to wait.
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let ceiling = self.current;
+        self.current = (self.current * 2).min(self.max);
+        let floor = ceiling / 2;
+        let spread = ceiling.saturating_sub(floor);
+        floor + spread.mul_f64(rand::rng().random::<f64>())
+    }
+
+    /// Back to the shortest delay, after a success.
+    pub(crate) fn reset(&mut self) {
+        self.current = self.min;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn doubles_up_to_the_max_with_jitter_in_the_upper_half() {
+        let min = Duration::from_millis(100);
+        let max = Duration::from_millis(1000);
+        let mut backoff = Backoff::new(min, max);
+        let mut ceiling = min;
+        for _ in 0..10 {
+            let delay = backoff.next_delay();
+            assert!(
+                delay >= ceiling / 2 && delay <= ceiling,
+                "{delay:?} vs {ceiling:?}"
+            );
+            ceiling = (ceiling * 2).min(max);
+        }
+        backoff.reset();
+        assert!(backoff.next_delay() <= min);
+    }
+
+    #[test]
+    fn jitter_spreads_candidates_apart() {
+        let mut delays = std::collections::HashSet::new();
+        for _ in 0..20 {
+            let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(8));
+            delays.insert(backoff.next_delay());
+        }
+        assert!(
+            delays.len() > 10,
+            "20 candidates drew only {} delays",
+            delays.len()
+        );
+    }
+}

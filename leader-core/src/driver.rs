@@ -1,0 +1,164 @@
+//! The [`Driver`] trait that store backends implement, and the types it exchanges with
+//! [`Election`](crate::Election).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use tokio::time::Instant;
+
+use crate::Result;
+
+/// One candidate in one election, as the driver sees it.
+///
+/// [`Election`](crate::Election) creates exactly one `Candidate` per election handle and
+/// passes the same one to every driver call, so a driver can key its own bookkeeping on
+/// [`id`](Self::id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// The election's name, as given to [`Election::builder`](crate::Election::builder).
+    pub election: String,
+    /// Unique per process and per election handle: `hostname-pid-random`. Never reused, so
+    /// a driver may use it as an ownership token.
+    pub id: String,
+    /// What observers see about this candidate while it leads.
+    pub value: Vec<u8>,
+    /// The lease the candidate asks for. A driver may grant a longer one (see
+    /// [`Grant::ttl`]), never a shorter one.
+    pub ttl: Duration,
+}
+
+/// The store's confirmation that a candidate holds (or still holds) a term.
+///
+/// The safety of the whole library rests on one promise a driver makes with each `Grant`:
+/// **the store will not let another candidate lead this election before
+/// `confirmed_at + ttl`** (on this process's monotonic clock), unless this candidate resigns.
+/// A driver keeps that promise by taking `confirmed_at` *before* it sends the request that
+/// created or extended the lease, and by making `ttl` no longer than the lease the store
+/// applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Grant {
+    /// Strictly increasing across the terms of one election, across all candidates.
+    pub fencing_token: u64,
+    /// The send time of the store request that created or extended the lease.
+    pub confirmed_at: Instant,
+    /// How long after `confirmed_at` the store keeps the term at least.
+    pub ttl: Duration,
+}
+
+impl Grant {
+    /// A grant of term `fencing_token`, confirmed by a request sent at `confirmed_at`, that
+    /// the store keeps for at least `ttl` after that.
+    pub fn new(fencing_token: u64, confirmed_at: Instant, ttl: Duration) -> Self {
+        Grant {
+            fencing_token,
+            confirmed_at,
+            ttl,
+        }
+    }
+}
+
+/// Who leads an election, as the store says.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LeaderInfo {
+    /// The store's identifier of the leading candidate (etcd: the key's lease in hex; Redis
+    /// and memory: the candidate id).
+    pub id: String,
+    /// The value the leader campaigned with.
+    pub value: Vec<u8>,
+    /// The fencing token of the leader's current term.
+    pub fencing_token: u64,
+}
+
+impl LeaderInfo {
+    /// The value as UTF-8 text, with invalid bytes replaced.
+    pub fn value_lossy(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.value)
+    }
+}
+
+/// The store primitives an election needs. Implemented once per store (`leader-etcd`,
+/// `leader-redis`, and [`MemoryDriver`](crate::testing::MemoryDriver) for tests).
+///
+/// A driver is thin: it talks to the store and nothing else. Deadlines, the renewal loop,
+/// events, re-campaigning and backoff live in [`Election`](crate::Election), once, for all
+/// drivers.
+///
+/// # Contract
+///
+/// * **Identity.** A term belongs to one [`Candidate`] (by [`Candidate::id`]) and is named
+///   by its [`Grant::fencing_token`]. Calls for one candidate are never concurrent with
+///   each other except [`renew`](Self::renew), which may overlap nothing but itself being
+///   abandoned; calls for different candidates may run concurrently on one driver.
+/// * **Atomicity.** Taking the lead and producing the fencing token happen in one atomic
+///   store operation (etcd: a transaction, whose create revision is the token; Redis: one
+///   Lua script that sets the key and increments the fence counter). Renewal and
+///   resignation compare ownership and act in one atomic operation: a driver must never
+///   extend or delete another candidate's key.
+/// * **Fencing tokens** increase strictly from term to term within an election, whichever
+///   candidate holds the term, including when the same candidate campaigns again.
+/// * **Waiting.** [`campaign`](Self::campaign) blocks until elected without polling the
+///   store in a loop: it waits on a store notification (etcd: a watch on the predecessor's
+///   key; Redis: pub/sub) and, where the store cannot notify, on a timer set to the current
+///   lease's expiry. Idle cost must not grow with the number of waiting candidates.
+/// * **Cancellation.** Every method may be cancelled by dropping its future.
+///   [`Election`](crate::Election) then calls [`resign`](Self::resign) for the same
+///   candidate, which must remove whatever a half-finished `campaign` left in the store.
+/// * **Errors.** Store failures are returned as [`Error::Store`](crate::Error::Store) or
+///   [`Error::Timeout`](crate::Error::Timeout); a driver never panics on them and never
+///   retries in a tight loop. All methods may be retried by the caller.
+#[async_trait]
+pub trait Driver: Send + Sync + 'static {
+    /// Enters `candidate` into its election and waits until it leads.
+    ///
+    /// On success the store holds a term for this candidate and the returned grant
+    /// describes it. If the candidate already had a key from an earlier term, the driver
+    /// starts a new term with a new, higher fencing token.
+    async fn campaign(&self, candidate: &Candidate) -> Result<Grant>;
+
+    /// Extends the lease of the term described by `grant`.
+    ///
+    /// Returns a grant with the same fencing token and a later `confirmed_at`, or
+    /// [`Error::TermGone`](crate::Error::TermGone) if the store no longer holds that term
+    /// for this candidate (never extending anyone else's).
+    async fn renew(&self, candidate: &Candidate, grant: &Grant) -> Result<Grant>;
+
+    /// Removes this candidate from the election: deletes its term if it holds one, and its
+    /// place in line if it waits. Succeeds if there is nothing to remove. Only ever touches
+    /// this candidate's own key. Lets a waiting candidate take over in about one round trip.
+    async fn resign(&self, candidate: &Candidate) -> Result<()>;
+
+    /// Who leads `election` now, if anyone.
+    async fn leader(&self, election: &str) -> Result<Option<LeaderInfo>>;
+
+    /// A stream of the leader of `election`: its current value first, then a new item
+    /// whenever it may have changed (it may repeat itself; the caller removes duplicates).
+    /// A store error is yielded as an `Err` item and the stream goes on; it ends only when
+    /// dropped.
+    fn observe(&self, election: &str) -> BoxStream<'static, Result<Option<LeaderInfo>>>;
+}
+
+#[async_trait]
+impl<D: Driver + ?Sized> Driver for Arc<D> {
+    async fn campaign(&self, candidate: &Candidate) -> Result<Grant> {
+        (**self).campaign(candidate).await
+    }
+
+    async fn renew(&self, candidate: &Candidate, grant: &Grant) -> Result<Grant> {
+        (**self).renew(candidate, grant).await
+    }
+
+    async fn resign(&self, candidate: &Candidate) -> Result<()> {
+        (**self).resign(candidate).await
+    }
+
+    async fn leader(&self, election: &str) -> Result<Option<LeaderInfo>> {
+        (**self).leader(election).await
+    }
+
+    fn observe(&self, election: &str) -> BoxStream<'static, Result<Option<LeaderInfo>>> {
+        (**self).observe(election)
+    }
+}

@@ -1,0 +1,25 @@
+#![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![warn(clippy::unwrap_used)]
+
+mod backoff;
+mod config;
+mod driver;
+mod election;
+mod error;
+mod event;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use async_trait::async_trait;
+pub use config::Config;
+pub use driver::{Candidate, Driver, Grant, LeaderInfo};
+pub use election::{
+    Election, ElectionBuilder, MAX_NAME_LEN, MAX_TTL, MAX_VALUE_LEN, MIN_TTL, Status, Term,
+};
+pub use error::{BoxError, Error, Result};
+pub use event::{Event, EventStream, LossReason};
+pub use tokio_util::sync::CancellationToken;
+
+#[cfg(all(test, feature = "testing"))]
+mod tests;

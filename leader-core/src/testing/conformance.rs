@@ -1,0 +1,572 @@
+//! The conformance suite: the behaviour every [`Driver`](crate::Driver) must show, checked
+//! through the public [`Election`] API against a [`Harness`].
+//!
+//! Each check panics with a message on failure. Run them all with
+//! [`conformance_tests!`](crate::conformance_tests), which makes one test per check.
+//! Every check uses election names of its own, so checks may share a store and run in
+//! parallel. Waits are "until a condition holds, or fail at a deadline".
+
+use std::future::Future;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::time::{Instant, sleep, timeout};
+use tokio_util::sync::CancellationToken;
+
+use super::Harness;
+use crate::{Election, Error, Event, LeaderInfo, LossReason, Term};
+
+/// Generates one `async fn` test per conformance check. Pass the path of an `async fn`
+/// that returns a fresh [`Harness`], then the test attribute(s) to put on each test, as in
+/// the [module example](crate::testing).
+#[macro_export]
+macro_rules! conformance_tests {
+    ($harness:path; $(#[$attr:meta])*) => {
+        $crate::__conformance_test!($harness; one_leader_among_many; $(#[$attr])*);
+        $crate::__conformance_test!($harness; campaign_waits_while_another_leads; $(#[$attr])*);
+        $crate::__conformance_test!($harness; resign_hands_over_promptly; $(#[$attr])*);
+        $crate::__conformance_test!($harness; followers_get_not_a_leader; $(#[$attr])*);
+        $crate::__conformance_test!($harness; fencing_tokens_strictly_increase; $(#[$attr])*);
+        $crate::__conformance_test!($harness; renewal_keeps_the_term; $(#[$attr])*);
+        $crate::__conformance_test!($harness; partitioned_leader_steps_down_before_takeover; $(#[$attr])*);
+        $crate::__conformance_test!($harness; events_arrive_in_order; $(#[$attr])*);
+        $crate::__conformance_test!($harness; leader_and_observe_report_value_and_no_leader; $(#[$attr])*);
+        $crate::__conformance_test!($harness; dropped_campaign_leaves_nothing_behind; $(#[$attr])*);
+        $crate::__conformance_test!($harness; dropping_the_election_resigns; $(#[$attr])*);
+        $crate::__conformance_test!($harness; elections_on_one_driver_are_independent; $(#[$attr])*);
+        $crate::__conformance_test!($harness; candidates_sharing_a_driver_are_distinct; $(#[$attr])*);
+        $crate::__conformance_test!($harness; build_rejects_nonsense; $(#[$attr])*);
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_test {
+    ($harness:path; $name:ident; $(#[$attr:meta])*) => {
+        $(#[$attr])*
+        async fn $name() {
+            let harness = $harness().await;
+            $crate::testing::conformance::$name(&harness).await;
+        }
+    };
+}
+
+/// A name no other check (or run) uses.
+fn unique(check: &str) -> String {
+    format!("conformance-{check}-{:08x}", rand::random::<u32>())
+}
+
+fn election(driver: std::sync::Arc<dyn crate::Driver>, name: &str, ttl: Duration) -> Election {
+    Election::builder(driver, name)
+        .ttl(ttl)
+        .retry(ttl / 10, ttl)
+        .build()
+        .expect("valid election settings")
+}
+
+fn election_with_value(
+    driver: std::sync::Arc<dyn crate::Driver>,
+    name: &str,
+    ttl: Duration,
+    value: &str,
+) -> Election {
+    Election::builder(driver, name)
+        .ttl(ttl)
+        .retry(ttl / 10, ttl)
+        .value(value)
+        .build()
+        .expect("valid election settings")
+}
+
+/// Polls `condition` every few milliseconds until it holds; panics after `limit`.
+pub async fn wait_until(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !condition() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting until {what}"
+        );
+        sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Awaits `future`; panics with `what` if it takes longer than `limit`.
+pub async fn within<T>(what: &str, limit: Duration, future: impl Future<Output = T>) -> T {
+    match timeout(limit, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
+    }
+}
+
+async fn campaign(election: &Election, limit: Duration) -> Term {
+    within("campaign", limit, election.campaign())
+        .await
+        .expect("campaign succeeds")
+}
+
+async fn next_event(events: &mut crate::EventStream, limit: Duration) -> Event {
+    within("an event", limit, events.next())
+        .await
+        .expect("event stream open")
+}
+
+/// Three candidates run for one election: exactly one leads, never more.
+pub async fn one_leader_among_many(h: &dyn Harness) {
+    let ttl = h.ttl();
+    let name = unique("one-leader");
+    let mut elections = Vec::new();
+    for i in 0..3 {
+        elections.push(election_with_value(
+            h.driver().await,
+            &name,
+            ttl,
+            &format!("candidate-{i}"),
+        ));
+    }
+    let shutdown = CancellationToken::new();
+    let mut runs = Vec::new();
+    for e in &elections {
+        let (e, stop) = (e.clone(), shutdown.clone());
+        runs.push(tokio::spawn(
+            async move { e.run(stop.cancelled_owned()).await },
+        ));
+    }
+    let leaders = || elections.iter().filter(|e| e.status().is_leader()).count();
+    wait_until("one candidate leads", ttl * 3, || leaders() == 1).await;
+    // Hold for two TTLs, through several renewals: never two leaders, never none.
+    let start = Instant::now();
+    while start.elapsed() < ttl * 2 {
+        assert_eq!(leaders(), 1, "exactly one leader at every instant");
+        sleep(Duration::from_millis(5)).await;
+    }
+    let leader = elections
+        .iter()
+        .find(|e| e.status().is_leader())
+        .expect("a leader");
+    let info = elections[0]
+        .leader()
+        .await
+        .expect("leader() succeeds")
+        .expect("the store names a leader");
+    assert_eq!(
+        info.value,
+        leader.value(),
+        "leader() reports the leader's value"
+    );
+    assert_eq!(Some(info.fencing_token), leader.status().fencing_token());
+    shutdown.cancel();
+    for run in runs {
+        run.await
+            .expect("run task did not panic")
+            .expect("run shuts down cleanly");
+    }
+    assert_eq!(leaders(), 0, "nobody leads after shutdown");
+    let after = elections[0].leader().await.expect("leader() succeeds");
+    assert_eq!(after, None, "run resigned on shutdown");
+}
+
+/// A second candidate's campaign does not finish while the first leads.
+pub async fn campaign_waits_while_another_leads(h: &dyn Harness) {
+    let ttl = h.ttl();
+    let name = unique("waits");
+    let a = election(h.driver().await, &name, ttl);
+    let b = election(h.driver().await, &name, ttl);
+    let term = campaign(&a, ttl * 3).await;
+    let waited = timeout(ttl * 2, b.campaign()).await;
+    assert!(
+        waited.is_err(),
+        "b must not be elected while a leads and renews"
+    );
+    assert!(!b.status().is_leader());
+    assert!(term.is_valid() && a.status().is_leader());
+    a.resign().await.expect("resign");
+}
+
+/// After a resignation, a waiting candidate leads in well under a TTL.
+pub async fn resign_hands_over_promptly(h: &dyn Harness) {
+    let ttl = h.ttl();
+    let name = unique("handover");
+    let a = election(h.driver().await, &name, ttl);
+    let b = election(h.driver().await, &name, ttl);
+    let a_term = campaign(&a, ttl * 3).await;
+    let waiter = {
+        let b = b.clone();
+        tokio::spawn(async move { b.campaign().await })
+    };
+    // Give b time to enter the election, so that the handover is what is measured.
+    sleep(ttl / 5).await;
+    assert!(!waiter.is_finished(), "b waits while a leads");
+    let resigned_at = Instant::now();
+    a.resign().await.expect("resign succeeds");
+    assert!(!a.status().is_leader(), "a steps down");
+    let b_term = within("b's campaign", ttl * 3, waiter)
+        .await
+        .expect("campaign task")
+        .expect("b is elected");
+    let handover = resigned_at.elapsed();
+    assert!(
+        handover < ttl / 2,
+        "handover took {handover:?}; it must not wait for the TTL ({ttl:?})"
+    );
+    assert!(b_term.fencing_token() > a_term.fencing_token());
+    b.resign().await.expect("resign");
+}
+
+/// `resign` on a candidate that does not lead is `Error::NotALeader`.
+pub async fn followers_get_not_a_leader(h: &dyn Harness) {
+    let ttl = h.ttl();
+    let name = unique("not-a-leader");
+    let a = election(h.driver().await, &name, ttl);
+    let b = election(h.driver().await, &name, ttl);
+    let err = b.resign().await.expect_err("never campaigned");
+    assert!(matches!(err, Error::NotALeader), "{err:?}");
+    assert_eq!(err.to_string(), "not a leader");
+    let term = campaign(&a, ttl * 3).await;
+    assert!(matches!(b.resign().await, Err(Error::NotALeader)));
+    term.resign().await.expect("resign via the term");
+    assert!(matches!(term.resign().await, Err(Error::NotALeader)));
+    assert!(matches!(a.resign().await, Err(Error::NotALeader)));
+}
+
+/// Fencing tokens increase strictly across terms and candidates, including when one
+/// candidate is elected twice in a row.
+pub async fn fencing_tokens_strictly_increase(h: &dyn Harness) {
+    let ttl = h.ttl();
+    let name = unique("fencing");
+    let a = election(h.driver().await, &name, ttl);
+    let b = election(h.driver().await, &name, ttl);
+    let mut last = 0;
+    for candidate in [&a, &b, &a, &a, &b] {
+        let term = campaign(candidate, ttl * 3).await;
+        assert!(
+            term.fencing_token() > last,
+            "token {} after {last}",
+            term.fencing_token()
+        );
+        last = term.fencing_token();
+        assert_eq!(candidate.status().fencing_token(), Some(last));
+        candidate.resign().await.expect("resign");
+    }
+}
+
+/// A leader that keeps renewing keeps its term, well past the TTL.
+pub async fn renewal_keeps_the_term(h: &dyn Harness) {
+    let ttl = h.ttl();
+    let name = unique("renewal");
+    let a = election(h.driver().await, &name, ttl);
+    let mut events = a.subscribe();
+    let term = campaign(&a, ttl * 3).await;
+    let first_deadline = term.deadline();
+    // The passing of time is what is tested here: three TTLs of renewals.
+    sleep(ttl * 3).await;
+    assert!(a.status().is_leader(), "still leads after 3 TTLs");
+    assert!(term.is_valid());
+    assert!(
+        term.deadline() > first_deadline,
+        "renewals move the deadline"
+    );
+    assert_eq!(a.status().fencing_token(), Some(term.fencing_token()));
+    assert_eq!(
+        next_event(&mut events, ttl).await,
+        Event::Elected {
+            fencing_token: term.fencing_token()
+        }
+    );
+    a.resign().await.expect("resign");
+    assert!(matches!(
+        next_event(&mut events, ttl).await,
+        Event::Resigned { .. }
+    ));
+}
+
+/// A leader cut off from the store stops believing it leads by its deadline, before
+/// anyone else is elected; another takes over; `run` makes it campaign again once the
+/// store is back.
+pub async fn partitioned_leader_steps_down_before_takeover(h: &dyn Harness) {
+    let ttl = h.ttl();
+    let name = unique("partition");
+    let (driver, fault) = h.faulty_driver().await;
+    let a = election(driver, &name, ttl);
+    let b = election(h.driver().await, &name, ttl);
+    let mut a_events = a.subscribe();
+    let shutdown = CancellationToken::new();
+    let a_run = {
+        let (a, stop) = (a.clone(), shutdown.clone());
+        tokio::spawn(async move { a.run(stop.cancelled_owned()).await })
+    };
+    wait_until("a leads", ttl * 3, || a.status().is_leader()).await;
+    let a_token = a.status().fencing_token().expect("a leads");
+    assert_eq!(
+        next_event(&mut a_events, ttl).await,
+        Event::Elected {
+            fencing_token: a_token
+        }
+    );
+
+    fault.partition().await;
+    let partitioned_at = Instant::now();
+    let b_campaign = {
+        let b = b.clone();
+        tokio::spawn(async move { b.campaign().await })
+    };
+    // Safety: a's deadline comes from a renewal sent before the partition.
+    sleep(ttl).await;
+    let a_leads_after_ttl = a.status().is_leader();
+    assert!(
+        !a_leads_after_ttl,
+        "a still believed it led {:?} after the partition (TTL {ttl:?})",
+        partitioned_at.elapsed()
+    );
+    let lost = next_event(&mut a_events, ttl).await;
+    assert!(
+        matches!(lost, Event::Lost { fencing_token, reason: LossReason::Expired | LossReason::Gone } if fencing_token == a_token),
+        "{lost:?}"
+    );
+    let b_term = within("b's takeover", ttl * 4, b_campaign)
+        .await
+        .expect("campaign task")
+        .expect("b is elected");
+    assert!(!a.status().is_leader(), "never two leaders");
+    assert!(b_term.fencing_token() > a_token);
+
+    // The store comes back; b hands over; a's run loop campaigns again and wins.
+    fault.heal().await;
+    sleep(ttl / 2).await;
+    b.resign().await.expect("b resigns");
+    wait_until("a leads again after the partition heals", ttl * 6, || {
+        a.status().is_leader()
+    })
+    .await;
+    let again = a.status().fencing_token().expect("a leads");
+    assert!(again > b_term.fencing_token());
+    shutdown.cancel();
+    a_run
+        .await
+        .expect("run task did not panic")
+        .expect("run shuts down cleanly");
+}
+
+/// Events come in order, one per change, never coalesced, even when changes are quick.
+pub async fn events_arrive_in_order(h: &dyn Harness) {
+    let ttl = h.ttl();
+    let name = unique("events");
+    let a = election(h.driver().await, &name, ttl);
+    let mut events = a.subscribe();
+    let mut expected = Vec::new();
+    for _ in 0..3 {
+        let term = campaign(&a, ttl * 3).await;
+        a.resign().await.expect("resign");
+        expected.push(Event::Elected {
+            fencing_token: term.fencing_token(),
+        });
+        expected.push(Event::Resigned {
+            fencing_token: term.fencing_token(),
+        });
+    }
+    let mut seen = Vec::new();
+    for _ in 0..expected.len() {
+        seen.push(next_event(&mut events, ttl).await);
+    }
+    assert_eq!(seen, expected);
+    assert!(seen[0].is_leader() && !seen[1].is_leader());
+}
+
+/// `leader()` and `observe()` report the leader's value and token, and "no leader".
+pub async fn leader_and_observe_report_value_and_no_leader(h: &dyn Harness) {
+    let ttl = h.ttl();
+    let name = unique("observe");
+    let observer = election(h.driver().await, &name, ttl);
+    let a = election_with_value(h.driver().await, &name, ttl, "10.0.0.7:8080");
+    assert_eq!(observer.leader().await.expect("leader()"), None);
+    let mut changes = observer.observe();
+    let first = within("the first observation", ttl * 2, changes.next()).await;
+    assert_eq!(first.expect("stream open").expect("no error"), None);
+
+    let term = campaign(&a, ttl * 3).await;
+    let expected = |info: &LeaderInfo| {
+        info.value == b"10.0.0.7:8080" && info.fencing_token == term.fencing_token()
+    };
+    let seen = within("the new leader's observation", ttl * 2, changes.next())
+        .await
+        .expect("stream open")
+        .expect("no error")
+        .expect("a leader");
+    assert!(expected(&seen), "{seen:?}");
+    assert_eq!(seen.value_lossy(), "10.0.0.7:8080");
+    let now = observer
+        .leader()
+        .await
+        .expect("leader()")
+        .expect("a leader");
+    assert!(expected(&now), "{now:?}");
+
+    a.resign().await.expect("resign");
+    let gone = within("the \"no leader\" observation", ttl * 2, changes.next())
+        .await
+        .expect("stream open")
+        .expect("no error");
+    assert_eq!(gone, None);
+    assert_eq!(observer.leader().await.expect("leader()"), None);
+}
+
+/// A campaign whose future is dropped leaves nothing in the store: the next candidate
+/// takes over at once when the leader resigns, not a TTL later.
+pub async fn dropped_campaign_leaves_nothing_behind(h: &dyn Harness) {
+    let ttl = h.ttl();
+    let name = unique("dropped");
+    let a = election(h.driver().await, &name, ttl);
+    let b = election(h.driver().await, &name, ttl);
+    let c = election(h.driver().await, &name, ttl);
+    campaign(&a, ttl * 3).await;
+    let gave_up = timeout(ttl / 4, b.campaign()).await;
+    assert!(gave_up.is_err(), "b waits while a leads");
+    let waiter = {
+        let c = c.clone();
+        tokio::spawn(async move { c.campaign().await })
+    };
+    sleep(ttl / 5).await;
+    let resigned_at = Instant::now();
+    a.resign().await.expect("resign");
+    within("c's campaign", ttl * 3, waiter)
+        .await
+        .expect("campaign task")
+        .expect("c is elected");
+    let handover = resigned_at.elapsed();
+    assert!(
+        handover < ttl / 2,
+        "c waited {handover:?}: the dropped campaign was left behind"
+    );
+    assert!(!b.status().is_leader());
+    let info = a.leader().await.expect("leader()").expect("a leader");
+    assert_eq!(info.value, c.value());
+    c.resign().await.expect("resign");
+}
+
+/// Dropping the last clone of a leading election resigns it in the background.
+pub async fn dropping_the_election_resigns(h: &dyn Harness) {
+    let ttl = h.ttl();
+    let name = unique("drop");
+    let a = election(h.driver().await, &name, ttl);
+    let b = election(h.driver().await, &name, ttl);
+    let status = a.status();
+    campaign(&a, ttl * 3).await;
+    let waiter = {
+        let b = b.clone();
+        tokio::spawn(async move { b.campaign().await })
+    };
+    sleep(ttl / 5).await;
+    let dropped_at = Instant::now();
+    drop(a);
+    within("b's campaign", ttl * 3, waiter)
+        .await
+        .expect("campaign task")
+        .expect("b is elected");
+    assert!(
+        dropped_at.elapsed() < ttl / 2,
+        "b waited {:?} for a dropped leader",
+        dropped_at.elapsed()
+    );
+    assert!(!status.is_leader());
+    b.resign().await.expect("resign");
+}
+
+/// Two elections on one driver do not affect each other.
+pub async fn elections_on_one_driver_are_independent(h: &dyn Harness) {
+    let ttl = h.ttl();
+    let driver = h.driver().await;
+    let (x_name, y_name) = (unique("independent-x"), unique("independent-y"));
+    let x = election(driver.clone(), &x_name, ttl);
+    let y = election(driver, &y_name, ttl);
+    campaign(&x, ttl * 3).await;
+    campaign(&y, ttl * 3).await;
+    assert!(x.status().is_leader() && y.status().is_leader());
+    x.resign().await.expect("resign x");
+    assert!(!x.status().is_leader());
+    assert!(y.status().is_leader(), "y is not affected by x");
+    assert_eq!(x.leader().await.expect("leader()"), None);
+    assert!(y.leader().await.expect("leader()").is_some());
+    sleep(ttl).await;
+    assert!(y.status().is_leader(), "y keeps renewing alone");
+    y.resign().await.expect("resign y");
+}
+
+/// Two candidates of one election built on clones of one driver are two candidates.
+pub async fn candidates_sharing_a_driver_are_distinct(h: &dyn Harness) {
+    let ttl = h.ttl();
+    let driver = h.driver().await;
+    let name = unique("shared-driver");
+    let a = election_with_value(driver.clone(), &name, ttl, "a");
+    let b = election_with_value(driver, &name, ttl, "b");
+    assert_ne!(a.id(), b.id());
+    campaign(&a, ttl * 3).await;
+    let waited = timeout(ttl / 2, b.campaign()).await;
+    assert!(
+        waited.is_err(),
+        "b must wait for a although they share a driver"
+    );
+    assert!(matches!(b.resign().await, Err(Error::NotALeader)));
+    let waiter = {
+        let b = b.clone();
+        tokio::spawn(async move { b.campaign().await })
+    };
+    sleep(ttl / 5).await;
+    a.resign().await.expect("resign a");
+    within("b's campaign", ttl * 3, waiter)
+        .await
+        .expect("campaign task")
+        .expect("b is elected");
+    let info = a.leader().await.expect("leader()").expect("a leader");
+    assert_eq!(info.value, b"b");
+    assert!(!a.status().is_leader());
+    b.resign().await.expect("resign b");
+}
+
+/// `build()` turns nonsense into `Error::InvalidConfig` naming the option, never a panic.
+pub async fn build_rejects_nonsense(h: &dyn Harness) {
+    let driver = h.driver().await;
+    let cases: Vec<(&str, crate::ElectionBuilder)> = vec![
+        ("name", Election::builder(driver.clone(), "")),
+        ("name", Election::builder(driver.clone(), "a\nb")),
+        (
+            "ttl",
+            Election::builder(driver.clone(), "x").ttl(Duration::ZERO),
+        ),
+        (
+            "ttl",
+            Election::builder(driver.clone(), "x").ttl(Duration::from_secs(365 * 86_400)),
+        ),
+        (
+            "safetyMargin",
+            Election::builder(driver.clone(), "x")
+                .ttl(Duration::from_secs(2))
+                .safety_margin(Duration::from_secs(1)),
+        ),
+        (
+            "retryMin",
+            Election::builder(driver.clone(), "x").retry(Duration::ZERO, Duration::from_secs(1)),
+        ),
+        (
+            "retryMin",
+            Election::builder(driver.clone(), "x")
+                .retry(Duration::from_secs(2), Duration::from_secs(1)),
+        ),
+        (
+            "value",
+            Election::builder(driver.clone(), "x").value(vec![0u8; crate::MAX_VALUE_LEN + 1]),
+        ),
+    ];
+    for (option, builder) in cases {
+        match builder.build() {
+            Err(Error::InvalidConfig { name, reason }) => {
+                assert_eq!(name, option, "{reason}");
+                assert!(!reason.is_empty());
+            }
+            other => panic!("expected InvalidConfig for {option}, got {other:?}"),
+        }
+    }
+    let ok = Election::builder(driver, unique("valid"))
+        .ttl(h.ttl())
+        .build()
+        .expect("valid settings build");
+    assert!(!ok.status().is_leader(), "building does not campaign");
+}

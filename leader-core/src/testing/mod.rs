@@ -1,0 +1,118 @@
+//! Test support, behind the `testing` feature: [`MemoryDriver`], the [`FaultProxy`], and
+//! the [conformance suite](conformance) that every driver passes.
+//!
+//! Users can unit-test their leader-only code on [`MemoryDriver`] with
+//! `tokio::time::pause()`, no server needed. Driver authors run the whole suite with one
+//! macro call:
+//!
+//! ```
+//! use std::time::Duration;
+//! use leader_core::testing::{MemoryHarness, conformance_tests};
+//!
+//! async fn harness() -> MemoryHarness {
+//!     MemoryHarness::new(Duration::from_secs(1))
+//! }
+//!
+//! conformance_tests!(harness; #[tokio::test(start_paused = true)]);
+//! # fn main() {}
+//! ```
+
+pub mod conformance;
+mod memory;
+mod proxy;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub use crate::conformance_tests;
+pub use memory::{MemoryDriver, MemoryStore};
+pub use proxy::FaultProxy;
+
+use crate::Driver;
+
+/// What the conformance suite needs from a store: fresh drivers on one shared store, and a
+/// way to partition one of them from it.
+#[async_trait]
+pub trait Harness: Send + Sync {
+    /// A new driver, with a connection of its own, on the harness's store.
+    async fn driver(&self) -> Arc<dyn Driver>;
+
+    /// A new driver on the same store, with a switch that partitions it from the store.
+    async fn faulty_driver(&self) -> (Arc<dyn Driver>, Box<dyn Fault>);
+
+    /// The TTL the suite's elections use: short, but long enough for this store.
+    fn ttl(&self) -> Duration;
+}
+
+/// A partition between one driver and its store.
+#[async_trait]
+pub trait Fault: Send + Sync {
+    /// Nothing flows between the driver and the store from now on.
+    async fn partition(&self);
+    /// Traffic flows again.
+    async fn heal(&self);
+}
+
+#[async_trait]
+impl Fault for FaultProxy {
+    async fn partition(&self) {
+        self.hold();
+    }
+
+    async fn heal(&self) {
+        self.pass();
+    }
+}
+
+/// A [`Harness`] over one [`MemoryStore`].
+#[derive(Debug, Clone)]
+pub struct MemoryHarness {
+    store: MemoryStore,
+    ttl: Duration,
+}
+
+impl MemoryHarness {
+    /// A harness on a new store, whose elections use `ttl`.
+    pub fn new(ttl: Duration) -> Self {
+        MemoryHarness {
+            store: MemoryStore::new(),
+            ttl,
+        }
+    }
+
+    /// The store behind the harness.
+    pub fn store(&self) -> &MemoryStore {
+        &self.store
+    }
+}
+
+struct MemoryFault(MemoryDriver);
+
+#[async_trait]
+impl Fault for MemoryFault {
+    async fn partition(&self) {
+        self.0.set_connected(false);
+    }
+
+    async fn heal(&self) {
+        self.0.set_connected(true);
+    }
+}
+
+#[async_trait]
+impl Harness for MemoryHarness {
+    async fn driver(&self) -> Arc<dyn Driver> {
+        Arc::new(self.store.driver())
+    }
+
+    async fn faulty_driver(&self) -> (Arc<dyn Driver>, Box<dyn Fault>) {
+        let driver = self.store.driver();
+        (Arc::new(driver.clone()), Box::new(MemoryFault(driver)))
+    }
+
+    fn ttl(&self) -> Duration {
+        self.ttl
+    }
+}

@@ -1,0 +1,158 @@
+//! [`FaultProxy`]: a TCP proxy between a candidate and its store that can partition,
+//! heal and cut the connection.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+/// What the proxy does with traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Forward bytes both ways.
+    Pass,
+    /// Keep connections open but forward nothing (a partition: requests hang, nothing is
+    /// refused). Bytes already read wait and flow again on [`FaultProxy::pass`].
+    Hold,
+}
+
+/// A loopback TCP proxy to one upstream address, for fault tests.
+///
+/// Point a driver at [`addr`](Self::addr) instead of the store. Then
+/// [`hold`](Self::hold) partitions it (connections stay open, nothing flows),
+/// [`pass`](Self::pass) heals the partition, and [`cut`](Self::cut) closes every
+/// connection (new ones are accepted). Dropping the proxy closes everything.
+#[derive(Debug)]
+pub struct FaultProxy {
+    addr: SocketAddr,
+    mode: watch::Sender<Mode>,
+    generation: Arc<watch::Sender<CancellationToken>>,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl FaultProxy {
+    /// Starts a proxy on a free loopback port, forwarding to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> io::Result<Self> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let (mode, _) = watch::channel(Mode::Pass);
+        let generation = Arc::new(watch::Sender::new(CancellationToken::new()));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(accept_loop(
+            listener,
+            upstream,
+            mode.clone(),
+            Arc::clone(&generation),
+            shutdown.clone(),
+        ));
+        Ok(FaultProxy {
+            addr,
+            mode,
+            generation,
+            shutdown,
+            task,
+        })
+    }
+
+    /// The address clients connect to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Partitions: every connection stays open and nothing flows either way.
+    pub fn hold(&self) {
+        self.mode.send_replace(Mode::Hold);
+    }
+
+    /// Heals a partition: traffic flows again.
+    pub fn pass(&self) {
+        self.mode.send_replace(Mode::Pass);
+    }
+
+    /// Closes every open connection now; new connections are accepted as usual.
+    pub fn cut(&self) {
+        let old = self.generation.send_replace(CancellationToken::new());
+        old.cancel();
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        self.generation.borrow().cancel();
+        self.task.abort();
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    upstream: SocketAddr,
+    mode: watch::Sender<Mode>,
+    generation: Arc<watch::Sender<CancellationToken>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((client, _)) = accepted else {
+            continue;
+        };
+        let cut = generation.borrow().clone();
+        let mode = mode.subscribe();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let server = tokio::select! {
+                () = cut.cancelled() => return,
+                server = TcpStream::connect(upstream) => server,
+            };
+            let Ok(server) = server else {
+                debug!(%upstream, "fault proxy: upstream refused");
+                return;
+            };
+            let _ = client.set_nodelay(true);
+            let _ = server.set_nodelay(true);
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            tokio::select! {
+                () = cut.cancelled() => {}
+                () = shutdown.cancelled() => {}
+                () = pump(client_read, server_write, mode.clone()) => {}
+                () = pump(server_read, client_write, mode) => {}
+            }
+        });
+    }
+}
+
+/// Copies bytes from `from` to `to`, pausing while the mode is `Hold`.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut mode: watch::Receiver<Mode>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if mode.wait_for(|m| *m == Mode::Pass).await.is_err() {
+            return;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        // A chunk read just before a partition waits for the partition to heal.
+        if mode.wait_for(|m| *m == Mode::Pass).await.is_err() {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
