@@ -1,0 +1,379 @@
+//! Real store processes for tests, examples and benchmarks: `etcd` (one member or a
+//! 3-member cluster) and `redis-server`, each on free loopback ports with a data directory
+//! of its own, killed and reaped on drop.
+//!
+//! A missing binary is an error that says how to install it: tests that need a server fail
+//! loudly rather than skip.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a server may take to accept connections after it starts.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A free loopback port: bound, read, released. Another process could take it in between;
+/// servers that fail to bind are reported by [`wait_for_port`]'s error.
+pub fn free_port() -> io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Fails with an install hint when `binary` is not on the `PATH`.
+pub fn require_binary(binary: &str, package: &str) -> io::Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(binary))
+        .find(|candidate| candidate.is_file())
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "`{binary}` is not installed; install it with: sudo apt-get install -y {package} \
+                     (or run ci/test as root, which installs it)"
+                ),
+            )
+        })
+}
+
+/// Waits until something accepts TCP connections on `addr`, or `child` exits.
+fn wait_for_port(addr: SocketAddr, child: &mut Child, what: &str, log: &Path) -> io::Result<()> {
+    let start = Instant::now();
+    loop {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            let output = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = output.lines().rev().take(15).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            return Err(io::Error::other(format!(
+                "{what} exited with {status} before listening on {addr}:\n{}",
+                tail.join("\n")
+            )));
+        }
+        if start.elapsed() > START_TIMEOUT {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("{what} did not listen on {addr} within {START_TIMEOUT:?}"),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process killed (SIGKILL) and reaped on drop.
+#[derive(Debug)]
+struct Process {
+    child: Option<Child>,
+}
+
+impl Process {
+    fn spawn(command: &mut Command, log: &Path) -> io::Result<Self> {
+        let log_file = std::fs::File::create(log)?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()?;
+        Ok(Process { child: Some(child) })
+    }
+
+    fn child(&mut self) -> io::Result<&mut Child> {
+        self.child
+            .as_mut()
+            .ok_or_else(|| io::Error::other("process already stopped"))
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited after `grace`.
+    fn terminate(&mut self, grace: Duration) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+            let start = Instant::now();
+            while start.elapsed() < grace {
+                if let Some(child) = self.child.as_mut()
+                    && matches!(child.try_wait(), Ok(Some(_)))
+                {
+                    self.child = None;
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        self.kill();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Sends `signal` (e.g. `"STOP"`, `"CONT"`, `"KILL"`) to process `pid`.
+pub fn signal(pid: u32, signal: &str) -> io::Result<()> {
+    let status = Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!("kill -{signal} {pid} failed: {status}")))
+    }
+}
+
+/// One etcd member.
+#[derive(Debug)]
+struct EtcdMember {
+    name: String,
+    client_addr: SocketAddr,
+    peer_url: String,
+    data_dir: PathBuf,
+    log: PathBuf,
+    process: Process,
+}
+
+/// etcd, one member or a cluster, on free loopback ports with temporary data directories.
+///
+/// Started with a 10ms heartbeat and 100ms election timeout, so that leases as short as one
+/// second are granted as asked (etcd's minimum lease TTL is 1.5 election timeouts).
+#[derive(Debug)]
+pub struct EtcdServer {
+    members: Vec<EtcdMember>,
+    initial_cluster: String,
+    _dir: tempfile::TempDir,
+}
+
+impl EtcdServer {
+    /// Starts a single-member etcd.
+    pub fn start() -> io::Result<Self> {
+        Self::start_cluster(1)
+    }
+
+    /// Starts an etcd cluster of `size` members and waits until each accepts clients.
+    pub fn start_cluster(size: usize) -> io::Result<Self> {
+        require_binary("etcd", "etcd-server")?;
+        let dir = tempfile::Builder::new().prefix("leader-etcd-").tempdir()?;
+        let mut specs = Vec::new();
+        for i in 0..size {
+            let name = format!("m{i}");
+            let client_addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+            let peer_url = format!("http://127.0.0.1:{}", free_port()?);
+            specs.push((name, client_addr, peer_url));
+        }
+        let initial_cluster = specs
+            .iter()
+            .map(|(name, _, peer)| format!("{name}={peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members = Vec::new();
+        for (name, client_addr, peer_url) in specs {
+            let data_dir = dir.path().join(&name);
+            let log = dir.path().join(format!("{name}.log"));
+            let process = Self::spawn_member(
+                &name,
+                client_addr,
+                &peer_url,
+                &data_dir,
+                &log,
+                &initial_cluster,
+                "new",
+            )?;
+            members.push(EtcdMember {
+                name,
+                client_addr,
+                peer_url,
+                data_dir,
+                log,
+                process,
+            });
+        }
+        for member in &mut members {
+            let child = member.process.child()?;
+            wait_for_port(member.client_addr, child, "etcd", &member.log)?;
+        }
+        Ok(EtcdServer {
+            members,
+            initial_cluster,
+            _dir: dir,
+        })
+    }
+
+    fn spawn_member(
+        name: &str,
+        client_addr: SocketAddr,
+        peer_url: &str,
+        data_dir: &Path,
+        log: &Path,
+        initial_cluster: &str,
+        state: &str,
+    ) -> io::Result<Process> {
+        let client_url = format!("http://{client_addr}");
+        Process::spawn(
+            Command::new("etcd")
+                .args(["--name", name])
+                .arg("--data-dir")
+                .arg(data_dir)
+                .args(["--listen-client-urls", &client_url])
+                .args(["--advertise-client-urls", &client_url])
+                .args(["--listen-peer-urls", peer_url])
+                .args(["--initial-advertise-peer-urls", peer_url])
+                .args(["--initial-cluster", initial_cluster])
+                .args(["--initial-cluster-state", state])
+                .args(["--initial-cluster-token", "leader-testkit"])
+                .args(["--heartbeat-interval", "10", "--election-timeout", "100"])
+                .args(["--log-level", "warn"]),
+            log,
+        )
+    }
+
+    /// Client endpoints (`127.0.0.1:port`), one per member.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| m.client_addr.to_string())
+            .collect()
+    }
+
+    /// Client address of member `i`.
+    pub fn client_addr(&self, i: usize) -> SocketAddr {
+        self.members[i].client_addr
+    }
+
+    /// Process id of member `i`, while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.members[i].process.pid()
+    }
+
+    /// Kills member `i` (SIGKILL); its data directory stays for [`restart`](Self::restart).
+    pub fn kill(&mut self, i: usize) {
+        self.members[i].process.kill();
+    }
+
+    /// Stops member `i` gracefully (SIGTERM).
+    pub fn stop(&mut self, i: usize) {
+        self.members[i].process.terminate(Duration::from_secs(10));
+    }
+
+    /// Starts member `i` again on its data directory and ports, and waits until it listens.
+    pub fn restart(&mut self, i: usize) -> io::Result<()> {
+        let initial_cluster = self.initial_cluster.clone();
+        let member = &mut self.members[i];
+        member.process.kill();
+        member.process = Self::spawn_member(
+            &member.name,
+            member.client_addr,
+            &member.peer_url,
+            &member.data_dir,
+            &member.log,
+            &initial_cluster,
+            "existing",
+        )?;
+        let child = member.process.child()?;
+        wait_for_port(member.client_addr, child, "etcd", &member.log)
+    }
+}
+
+/// A `redis-server` on a free loopback port with a temporary working directory.
+#[derive(Debug)]
+pub struct RedisServer {
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+    persistent: bool,
+    log: PathBuf,
+    process: Process,
+}
+
+impl RedisServer {
+    /// Starts `redis-server` without persistence (no RDB, no AOF).
+    pub fn start() -> io::Result<Self> {
+        Self::start_with(false)
+    }
+
+    /// Starts `redis-server` with `appendonly yes` and `appendfsync always`: a restart keeps
+    /// every acknowledged write.
+    pub fn start_persistent() -> io::Result<Self> {
+        Self::start_with(true)
+    }
+
+    fn start_with(persistent: bool) -> io::Result<Self> {
+        require_binary("redis-server", "redis-server")?;
+        let dir = tempfile::Builder::new().prefix("leader-redis-").tempdir()?;
+        let addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+        let log = dir.path().join("redis.log");
+        let process = Self::spawn(addr, dir.path(), persistent, &log)?;
+        let mut server = RedisServer {
+            addr,
+            dir,
+            persistent,
+            log,
+            process,
+        };
+        server.wait()?;
+        Ok(server)
+    }
+
+    fn spawn(addr: SocketAddr, dir: &Path, persistent: bool, log: &Path) -> io::Result<Process> {
+        let mut command = Command::new("redis-server");
+        command
+            .args(["--port", &addr.port().to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(dir)
+            .args(["--save", ""])
+            .args(["--daemonize", "no"]);
+        if persistent {
+            command.args(["--appendonly", "yes", "--appendfsync", "always"]);
+        } else {
+            command.args(["--appendonly", "no"]);
+        }
+        Process::spawn(&mut command, log)
+    }
+
+    fn wait(&mut self) -> io::Result<()> {
+        let child = self.process.child()?;
+        wait_for_port(self.addr, child, "redis-server", &self.log)
+    }
+
+    /// `redis://127.0.0.1:port`.
+    pub fn url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+
+    /// The server's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
+    /// Kills the server (SIGKILL): what is not persisted is lost.
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    /// Starts the server again on the same port and directory (so an AOF, if any, is
+    /// replayed), and waits until it listens.
+    pub fn restart(&mut self) -> io::Result<()> {
+        self.process.kill();
+        self.process = Self::spawn(self.addr, self.dir.path(), self.persistent, &self.log)?;
+        self.wait()
+    }
+}
