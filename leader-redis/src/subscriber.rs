@@ -1,0 +1,246 @@
+//! One pub/sub connection per driver, shared by every waiting candidate and observer.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use futures::StreamExt;
+use redis::Client;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::timeout;
+use tracing::{debug, warn};
+
+/// How long a (un)subscription may take before the connection is deemed dead.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Routes the messages of the driver's one pub/sub connection to each channel's watchers,
+/// and reconnects when the connection drops. Each (re)connection wakes every watcher, since
+/// messages may have been missed meanwhile. The connection task starts on the first
+/// subscription (inside the caller's runtime) and ends when the driver and every watcher
+/// are gone.
+pub(crate) struct Subscriber {
+    shared: Arc<Shared>,
+    commands: mpsc::UnboundedSender<Command>,
+    idle: Mutex<Option<(Client, mpsc::UnboundedReceiver<Command>)>>,
+}
+
+struct Shared {
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+struct Channel {
+    notices: watch::Sender<u64>,
+    watchers: usize,
+}
+
+enum Command {
+    Subscribe(String, oneshot::Sender<()>),
+    Unsubscribe(String),
+}
+
+/// A watcher of one channel; the channel is unsubscribed when its last watcher drops.
+pub(crate) struct Notices {
+    channel: String,
+    rx: watch::Receiver<u64>,
+    shared: Weak<Shared>,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl Notices {
+    /// Forgets the notices received so far.
+    pub(crate) fn mark_seen(&mut self) {
+        self.rx.borrow_and_update();
+    }
+
+    /// Resolves at the next notice: a message on the channel, or a reconnection.
+    pub(crate) async fn changed(&mut self) {
+        if self.rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+impl Drop for Notices {
+    fn drop(&mut self) {
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        let mut channels = shared.lock();
+        if let Some(channel) = channels.get_mut(&self.channel) {
+            channel.watchers = channel.watchers.saturating_sub(1);
+            if channel.watchers == 0 {
+                channels.remove(&self.channel);
+                let _ = self
+                    .commands
+                    .send(Command::Unsubscribe(self.channel.clone()));
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Channel>> {
+        self.channels
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn notify(&self, channel: &str) {
+        if let Some(channel) = self.lock().get(channel) {
+            channel.notices.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    fn notify_all(&self) {
+        for channel in self.lock().values() {
+            channel.notices.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+}
+
+impl Subscriber {
+    pub(crate) fn new(client: Client) -> Self {
+        let (commands, rx) = mpsc::unbounded_channel();
+        Subscriber {
+            shared: Arc::new(Shared {
+                channels: Mutex::new(HashMap::new()),
+            }),
+            commands,
+            idle: Mutex::new(Some((client, rx))),
+        }
+    }
+
+    /// Subscribes to `channel` and returns its watcher. Waits for Redis to confirm the
+    /// subscription when pub/sub is up (so nothing published afterwards is missed); when it
+    /// is down, returns at once: waiters then rely on the key's expiry timer.
+    pub(crate) async fn subscribe(&self, channel: &str) -> Notices {
+        let idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some((client, rx)) = idle {
+            tokio::spawn(run(client, Arc::clone(&self.shared), rx));
+        }
+        let rx = {
+            let mut channels = self.shared.lock();
+            let entry = channels
+                .entry(channel.to_owned())
+                .or_insert_with(|| Channel {
+                    notices: watch::Sender::new(0),
+                    watchers: 0,
+                });
+            entry.watchers += 1;
+            entry.notices.subscribe()
+        };
+        let (confirmed, confirmation) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::Subscribe(channel.to_owned(), confirmed))
+            .is_ok()
+        {
+            let _ = timeout(SUBSCRIBE_TIMEOUT * 2, confirmation).await;
+        }
+        Notices {
+            channel: channel.to_owned(),
+            rx,
+            shared: Arc::downgrade(&self.shared),
+            commands: self.commands.clone(),
+        }
+    }
+}
+
+/// The connection task: connect, subscribe every channel, route messages; reconnect with
+/// backoff when the connection drops.
+async fn run(client: Client, shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Command>) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match connected(&client, &shared, &mut commands).await {
+            Ended::DriverGone => return,
+            Ended::Disconnected => {}
+        }
+        // Messages may have been missed: every watcher looks at its key again.
+        shared.notify_all();
+        let wake = tokio::time::Instant::now() + backoff;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+        // Meanwhile, confirm new subscriptions at once: they are made on reconnection.
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(wake) => break,
+                command = commands.recv() => match command {
+                    None => return,
+                    Some(Command::Subscribe(_, confirmed)) => {
+                        let _ = confirmed.send(());
+                    }
+                    Some(Command::Unsubscribe(_)) => {}
+                },
+            }
+        }
+    }
+}
+
+enum Ended {
+    DriverGone,
+    Disconnected,
+}
+
+async fn connected(
+    client: &Client,
+    shared: &Shared,
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+) -> Ended {
+    let pubsub = match timeout(SUBSCRIBE_TIMEOUT, client.get_async_pubsub()).await {
+        Ok(Ok(pubsub)) => pubsub,
+        Ok(Err(err)) => {
+            warn!(error = %err, "Redis pub/sub connection failed; waiters fall back to expiry timers");
+            return Ended::Disconnected;
+        }
+        Err(_) => {
+            warn!("Redis pub/sub connection timed out; waiters fall back to expiry timers");
+            return Ended::Disconnected;
+        }
+    };
+    let (mut sink, mut stream) = pubsub.split();
+    let channels: Vec<String> = shared.lock().keys().cloned().collect();
+    if !channels.is_empty()
+        && !matches!(
+            timeout(SUBSCRIBE_TIMEOUT, sink.subscribe(&channels)).await,
+            Ok(Ok(()))
+        )
+    {
+        return Ended::Disconnected;
+    }
+    debug!(channels = channels.len(), "Redis pub/sub connected");
+    shared.notify_all();
+    loop {
+        tokio::select! {
+            command = commands.recv() => match command {
+                None => return Ended::DriverGone,
+                Some(Command::Subscribe(channel, confirmed)) => {
+                    let subscribed = timeout(SUBSCRIBE_TIMEOUT, sink.subscribe(&channel)).await;
+                    let _ = confirmed.send(());
+                    if !matches!(subscribed, Ok(Ok(()))) {
+                        warn!(%channel, "Redis SUBSCRIBE failed; reconnecting pub/sub");
+                        return Ended::Disconnected;
+                    }
+                }
+                Some(Command::Unsubscribe(channel)) => {
+                    if shared.lock().contains_key(&channel) {
+                        continue; // watched again meanwhile
+                    }
+                    let unsubscribed = timeout(SUBSCRIBE_TIMEOUT, sink.unsubscribe(&channel)).await;
+                    if !matches!(unsubscribed, Ok(Ok(()))) {
+                        return Ended::Disconnected;
+                    }
+                }
+            },
+            message = stream.next() => match message {
+                Some(message) => shared.notify(message.get_channel_name()),
+                None => {
+                    warn!("Redis pub/sub connection lost; reconnecting");
+                    return Ended::Disconnected;
+                }
+            },
+        }
+    }
+}

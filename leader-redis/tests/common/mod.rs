@@ -1,0 +1,63 @@
+//! The Redis harness shared by this crate's tests.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use leader_core::Driver;
+use leader_core::testing::{Fault, FaultProxy, Harness};
+use leader_redis::RedisDriver;
+use leader_testkit::RedisServer;
+
+pub const TTL: Duration = Duration::from_secs(1);
+
+pub struct RedisHarness {
+    pub server: RedisServer,
+}
+
+pub async fn harness() -> RedisHarness {
+    start(RedisServer::start).await
+}
+
+pub async fn start(how: fn() -> std::io::Result<RedisServer>) -> RedisHarness {
+    let server = tokio::task::spawn_blocking(how)
+        .await
+        .expect("start task")
+        .expect("redis-server starts (install it with: sudo apt-get install -y redis-server)");
+    RedisHarness { server }
+}
+
+impl RedisHarness {
+    pub async fn driver_at(&self, url: &str) -> RedisDriver {
+        RedisDriver::connect(url).await.expect("connect to redis")
+    }
+
+    /// A plain connection for poking at the keys.
+    pub async fn admin(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.server.url())
+            .expect("url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("admin connection")
+    }
+}
+
+#[async_trait::async_trait]
+impl Harness for RedisHarness {
+    async fn driver(&self) -> Arc<dyn Driver> {
+        Arc::new(self.driver_at(&self.server.url()).await)
+    }
+
+    async fn faulty_driver(&self) -> (Arc<dyn Driver>, Box<dyn Fault>) {
+        let proxy = FaultProxy::start(self.server.addr())
+            .await
+            .expect("proxy starts");
+        let driver = self.driver_at(&format!("redis://{}", proxy.addr())).await;
+        (Arc::new(driver), Box::new(proxy))
+    }
+
+    fn ttl(&self) -> Duration {
+        TTL
+    }
+}
