@@ -10,8 +10,8 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, LeaseKeepAliveStream,
     LeaseKeeper, PutOptions, SortOrder, SortTarget, Txn, TxnOp, WatchFilterType, WatchOptions,
 };
-use futures::stream::BoxStream;
 use futures::StreamExt;
+use futures::stream::BoxStream;
 use leader_core::{Candidate, Driver, Error, Grant, LeaderInfo, Result};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep, timeout};
@@ -174,7 +174,9 @@ fn store_err(err: etcd_client::Error) -> Error {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Whether etcd says the lease does not exist (expired or revoked).
@@ -234,7 +236,11 @@ impl Inner {
             in_flight: false,
         });
         self.lease_id.send_replace(granted.id());
-        tokio::spawn(keep_lease_alive(Arc::downgrade(self), granted.id(), granted_ttl));
+        tokio::spawn(keep_lease_alive(
+            Arc::downgrade(self),
+            granted.id(),
+            granted_ttl,
+        ));
         Ok((granted.id(), granted_ttl))
     }
 
@@ -372,7 +378,11 @@ impl Inner {
             }
             // The key exists: a term of ours that ended; delete it (only if still ours).
             let delete = Txn::new()
-                .when([Compare::lease(key.key.as_str(), CompareOp::Equal, key.lease)])
+                .when([Compare::lease(
+                    key.key.as_str(),
+                    CompareOp::Equal,
+                    key.lease,
+                )])
                 .and_then([TxnOp::delete(key.key.as_str(), None)]);
             self.request(self.client.clone().txn(delete)).await?;
         }
@@ -384,12 +394,7 @@ impl Inner {
 
     /// Waits until no key of the election has a create revision below `revision`,
     /// watching only the predecessor's deletion. Fails if the lease is lost meanwhile.
-    async fn wait_for_predecessors(
-        &self,
-        prefix: &str,
-        revision: i64,
-        lease: i64,
-    ) -> Result<()> {
+    async fn wait_for_predecessors(&self, prefix: &str, revision: i64, lease: i64) -> Result<()> {
         let mut lease_changes = self.lease_id.subscribe();
         loop {
             if *lease_changes.borrow_and_update() != lease {
@@ -470,8 +475,7 @@ impl Inner {
             .await?;
         let revision = response.header().map(|h| h.revision()).unwrap_or(0);
         let leader = response.kvs().first().map(|kv| LeaderInfo {
-            id: String::from_utf8_lossy(&kv.key()[prefix.len().min(kv.key().len())..])
-                .into_owned(),
+            id: String::from_utf8_lossy(&kv.key()[prefix.len().min(kv.key().len())..]).into_owned(),
             value: kv.value().to_vec(),
             fencing_token: u64::try_from(kv.create_revision()).unwrap_or(0),
         });
@@ -524,7 +528,9 @@ impl Driver for EtcdDriver {
             entry.create_revision = revision;
         }
         let prefix = self.election_prefix(&candidate.election);
-        inner.wait_for_predecessors(&prefix, revision, lease).await?;
+        inner
+            .wait_for_predecessors(&prefix, revision, lease)
+            .await?;
         if !inner.key_is_ours(&key, revision).await? {
             warn!(key = %key.key, "campaign key vanished while waiting (lease expired?)");
             return Err(Error::TermGone);
@@ -540,9 +546,9 @@ impl Driver for EtcdDriver {
 
     async fn renew(&self, candidate: &Candidate, grant: &Grant) -> Result<Grant> {
         let key = lock(&self.inner.keys).get(&candidate.id).cloned();
-        let Some(key) = key.filter(|k| {
-            u64::try_from(k.create_revision).ok() == Some(grant.fencing_token)
-        }) else {
+        let Some(key) =
+            key.filter(|k| u64::try_from(k.create_revision).ok() == Some(grant.fencing_token))
+        else {
             return Err(Error::TermGone);
         };
         let confirmed_at = self.inner.keep_alive(key.lease, grant.ttl / 3).await?;
@@ -555,7 +561,11 @@ impl Driver for EtcdDriver {
             return Ok(());
         };
         let delete = Txn::new()
-            .when([Compare::lease(key.key.as_str(), CompareOp::Equal, key.lease)])
+            .when([Compare::lease(
+                key.key.as_str(),
+                CompareOp::Equal,
+                key.lease,
+            )])
             .and_then([TxnOp::delete(key.key.as_str(), None)]);
         self.inner
             .request(self.inner.client.clone().txn(delete))
@@ -592,11 +602,7 @@ fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::Receiver<T>) -> BoxStream<
 
 /// Sends the leader, then again after every change under `prefix`; on errors, sends the
 /// error and starts over after a pause.
-async fn observe_loop(
-    inner: &Inner,
-    prefix: &str,
-    tx: &mpsc::Sender<Result<Option<LeaderInfo>>>,
-) {
+async fn observe_loop(inner: &Inner, prefix: &str, tx: &mpsc::Sender<Result<Option<LeaderInfo>>>) {
     let retry = Duration::from_millis(500);
     loop {
         let result: Result<()> = async {

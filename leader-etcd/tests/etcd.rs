@@ -93,14 +93,19 @@ async fn rust_and_etcdctl_share_one_election_both_ways() {
     // 1. Rust leads; etcdctl elect -l sees its value; etcdctl elect waits behind it.
     let rust_term = rust.campaign().await.expect("rust elected");
     let mut listener = Etcdctl::spawn(&endpoint, &["elect", "-l", &name]);
-    listener.wait_line("rust-leader", Duration::from_secs(10)).await;
+    listener
+        .wait_line("rust-leader", Duration::from_secs(10))
+        .await;
     let mut contender = Etcdctl::spawn(&endpoint, &["elect", &name, "etcdctl-leader"]);
     let waited = tokio::time::timeout(
         Duration::from_millis(1500),
         contender.wait_line("etcdctl-leader", Duration::from_secs(10)),
     )
     .await;
-    assert!(waited.is_err(), "etcdctl must wait while the Rust candidate leads");
+    assert!(
+        waited.is_err(),
+        "etcdctl must wait while the Rust candidate leads"
+    );
 
     // 2. Rust resigns: etcdctl leads, and everyone sees its value.
     rust.resign().await.expect("resign");
@@ -122,12 +127,18 @@ async fn rust_and_etcdctl_share_one_election_both_ways() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!waiter.is_finished(), "Rust waits while etcdctl leads");
     contender.interrupt();
-    let term = within("the Rust candidate's takeover", Duration::from_secs(5), waiter)
-        .await
-        .expect("campaign task")
-        .expect("elected");
+    let term = within(
+        "the Rust candidate's takeover",
+        Duration::from_secs(5),
+        waiter,
+    )
+    .await
+    .expect("campaign task")
+    .expect("elected");
     assert!(term.fencing_token() > info.fencing_token);
-    listener.wait_line("rust-leader", Duration::from_secs(5)).await;
+    listener
+        .wait_line("rust-leader", Duration::from_secs(5))
+        .await;
     rust.resign().await.expect("resign");
 }
 
@@ -142,7 +153,10 @@ async fn election_without_prefix_uses_etcdctls_keys_and_prefix_is_applied() {
     e.campaign().await.expect("elected");
     let mut kv = client.clone();
     let keys = kv
-        .get(format!("{name}/"), Some(etcd_client::GetOptions::new().with_prefix()))
+        .get(
+            format!("{name}/"),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
         .await
         .expect("get");
     let kv0 = keys.kvs().first().expect("the candidate key exists");
@@ -157,13 +171,19 @@ async fn election_without_prefix_uses_etcdctls_keys_and_prefix_is_applied() {
     let p = election(prefixed, &name, "v");
     p.campaign().await.expect("elected");
     let keys = kv
-        .get(format!("svc/{name}/"), Some(etcd_client::GetOptions::new().with_prefix()))
+        .get(
+            format!("svc/{name}/"),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
         .await
         .expect("get");
     assert_eq!(keys.kvs().len(), 1, "the prefix is applied");
     p.resign().await.expect("resign");
     let left = kv
-        .get(format!("svc/{name}/"), Some(etcd_client::GetOptions::new().with_prefix()))
+        .get(
+            format!("svc/{name}/"),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
         .await
         .expect("get");
     assert!(left.kvs().is_empty(), "resign leaves nothing behind");
@@ -195,17 +215,31 @@ async fn a_lease_revoked_behind_the_drivers_back_ends_the_term_and_run_recovers(
         .await
         .expect("event");
     assert!(
-        matches!(lost, Event::Lost { reason: LossReason::Gone | LossReason::Expired, .. }),
+        matches!(
+            lost,
+            Event::Lost {
+                reason: LossReason::Gone | LossReason::Expired,
+                ..
+            }
+        ),
         "{lost:?}"
     );
     assert!(!e.status().is_leader());
-    let again = within("elected again on a new lease", Duration::from_secs(10), events.next())
-        .await
-        .expect("event");
+    let again = within(
+        "elected again on a new lease",
+        Duration::from_secs(10),
+        events.next(),
+    )
+    .await
+    .expect("event");
     assert!(again.is_leader());
     assert!(again.fencing_token() > first.fencing_token());
     let info = e.leader().await.expect("leader()").expect("a leader");
-    assert_ne!(i64::from_str_radix(&info.id, 16).ok(), Some(lease), "a new lease");
+    assert_ne!(
+        i64::from_str_radix(&info.id, 16).ok(),
+        Some(lease),
+        "a new lease"
+    );
     stop.cancel();
     run.await.expect("no panic").expect("clean shutdown");
 }
@@ -232,10 +266,11 @@ async fn etcd_down_ends_the_term_by_its_deadline_and_leadership_returns_with_etc
     // The deadline comes from a keep-alive sent before the kill: by a TTL later, the
     // candidate must not believe it leads, whether or not its tasks have run.
     tokio::time::sleep_until(killed_at + TTL).await;
-    assert!(!e.status().is_leader(), "still leading a TTL after etcd died");
-    let lost = within("the loss", TTL, events.next())
-        .await
-        .expect("event");
+    assert!(
+        !e.status().is_leader(),
+        "still leading a TTL after etcd died"
+    );
+    let lost = within("the loss", TTL, events.next()).await.expect("event");
     assert!(matches!(lost, Event::Lost { .. }), "{lost:?}");
 
     let h = tokio::task::spawn_blocking(move || {
@@ -280,7 +315,9 @@ async fn cluster_member_failures_never_make_two_leaders() {
     let endpoints = server.endpoints();
     let name = unique("cluster");
     // a talks to member 0 only; b to members 1 and 2.
-    let a_driver = EtcdDriver::connect([endpoints[0].clone()]).await.expect("connect");
+    let a_driver = EtcdDriver::connect([endpoints[0].clone()])
+        .await
+        .expect("connect");
     let b_driver = EtcdDriver::connect([endpoints[1].clone(), endpoints[2].clone()])
         .await
         .expect("connect");
@@ -292,7 +329,10 @@ async fn cluster_member_failures_never_make_two_leaders() {
         let (a, stop) = (a.clone(), stop.clone());
         async move { a.run(stop.cancelled_owned()).await }
     });
-    wait_until("a leads", Duration::from_secs(10), || a.status().is_leader()).await;
+    wait_until("a leads", Duration::from_secs(10), || {
+        a.status().is_leader()
+    })
+    .await;
     let b_run = tokio::spawn({
         let (b, stop) = (b.clone(), stop.clone());
         async move { b.run(stop.cancelled_owned()).await }

@@ -209,7 +209,9 @@ fn check_name(election: &str) -> Result<()> {
 }
 
 fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX).max(1)
+    u64::try_from(duration.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 impl Inner {
@@ -241,7 +243,12 @@ impl Inner {
         invocation: redis::ScriptInvocation<'_>,
     ) -> Result<T> {
         let mut connection = self.connection().await?;
-        match timeout(self.request_timeout, invocation.invoke_async(&mut connection)).await {
+        match timeout(
+            self.request_timeout,
+            invocation.invoke_async(&mut connection),
+        )
+        .await
+        {
             Ok(result) => result.map_err(Error::store),
             Err(_) => Err(Error::Timeout(self.request_timeout)),
         }
@@ -363,7 +370,11 @@ impl Driver for RedisDriver {
     async fn leader(&self, election: &str) -> Result<Option<LeaderInfo>> {
         check_name(election)?;
         let keys = self.keys(election);
-        Ok(self.inner.leader_with_pttl(&keys).await?.map(|(info, _)| info))
+        Ok(self
+            .inner
+            .leader_with_pttl(&keys)
+            .await?
+            .map(|(info, _)| info))
     }
 
     fn observe(&self, election: &str) -> BoxStream<'static, Result<Option<LeaderInfo>>> {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A free loopback port: bound, read, released. Another process could take it in between;
-/// servers that fail to bind are reported by [`wait_for_port`]'s error.
+/// servers that fail to bind say so in the error of their start.
 pub fn free_port() -> io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -132,7 +132,9 @@ pub fn signal(pid: u32, signal: &str) -> io::Result<()> {
     if status.success() {
         Ok(())
     } else {
-        Err(io::Error::other(format!("kill -{signal} {pid} failed: {status}")))
+        Err(io::Error::other(format!(
+            "kill -{signal} {pid} failed: {status}"
+        )))
     }
 }
 

@@ -27,7 +27,9 @@ pub async fn harness() -> EtcdHarness {
 
 impl EtcdHarness {
     pub async fn driver_at(&self, endpoint: String) -> EtcdDriver {
-        EtcdDriver::connect([endpoint]).await.expect("connect to etcd")
+        EtcdDriver::connect([endpoint])
+            .await
+            .expect("connect to etcd")
     }
 }
 

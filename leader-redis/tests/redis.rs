@@ -1,0 +1,310 @@
+//! Redis-specific behaviour against real redis-server processes: ownership checks, restarts
+//! with and without persistence, and lost pub/sub connections.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TTL, harness, start};
+use futures::StreamExt;
+use leader_core::testing::conformance::{wait_until, within};
+use leader_core::testing::{Fault, FaultProxy};
+use leader_core::{CancellationToken, Election, Event, LossReason};
+use leader_redis::RedisDriver;
+use leader_testkit::RedisServer;
+use redis::AsyncCommands;
+use tokio::time::{Instant, sleep};
+
+fn unique(what: &str) -> String {
+    format!("{what}-{:08x}", rand::random::<u32>())
+}
+
+fn election(driver: RedisDriver, name: &str, ttl: Duration) -> Election {
+    Election::builder(driver, name)
+        .ttl(ttl)
+        .retry(Duration::from_millis(100), Duration::from_secs(1))
+        .build()
+        .expect("valid settings")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_share_a_hash_tag_and_hold_owner_value_and_token() {
+    let h = harness().await;
+    let driver = h.driver_at(&h.server.url()).await;
+    let name = unique("keys");
+    let keys = driver.keys(&name);
+    assert_eq!(keys.leader, format!("leader:{{{name}}}:leader"));
+    assert_eq!(keys.fence, format!("leader:{{{name}}}:fence"));
+    let e = Election::builder(driver, &name)
+        .ttl(TTL)
+        .value("10.0.0.7:8080")
+        .build()
+        .expect("valid");
+    let term = e.campaign().await.expect("elected");
+    let mut admin = h.admin().await;
+    let (owner, value, token): (String, String, u64) = redis::cmd("HMGET")
+        .arg(&keys.leader)
+        .arg(&["owner", "value", "token"])
+        .query_async(&mut admin)
+        .await
+        .expect("HMGET");
+    assert_eq!(owner, e.id());
+    assert_eq!(value, "10.0.0.7:8080");
+    assert_eq!(token, term.fencing_token());
+    let fence: u64 = admin.get(&keys.fence).await.expect("GET fence");
+    assert_eq!(fence, token);
+    let pttl: i64 = admin.pttl(&keys.leader).await.expect("PTTL");
+    assert!(
+        pttl > 0 && pttl <= 1000,
+        "the lease is the TTL in ms: {pttl}"
+    );
+    e.resign().await.expect("resign");
+    let exists: bool = admin.exists(&keys.leader).await.expect("EXISTS");
+    assert!(!exists, "resign deletes the key");
+
+    let braces = Election::builder(
+        RedisDriver::connect(&h.server.url())
+            .await
+            .expect("connect"),
+        "a{b}",
+    )
+    .ttl(TTL)
+    .build()
+    .expect("builds: the name is only a Redis problem");
+    let err = braces
+        .campaign()
+        .await
+        .expect_err("braces break the hash tag");
+    assert!(
+        matches!(err, leader_core::Error::InvalidConfig { name: "name", .. }),
+        "{err:?}"
+    );
+}
+
+/// The leader's key is deleted behind its back and someone else takes it: the old leader's
+/// renewal must fail, it must step down, and it must never extend the new owner's key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_never_extends_another_candidates_key() {
+    let h = harness().await;
+    let driver = h.driver_at(&h.server.url()).await;
+    let name = unique("ownership");
+    let keys = driver.keys(&name);
+    let old = election(driver, &name, TTL);
+    let mut events = old.subscribe();
+    let term = old.campaign().await.expect("elected");
+    events.next().await;
+
+    let mut admin = h.admin().await;
+    let _: () = admin.del(&keys.leader).await.expect("DEL");
+    let _: () = redis::cmd("HSET")
+        .arg(&keys.leader)
+        .arg(&["owner", "intruder", "value", "x", "token", "999"])
+        .query_async(&mut admin)
+        .await
+        .expect("HSET");
+    let _: () = admin.pexpire(&keys.leader, 5000).await.expect("PEXPIRE");
+    let taken_at = Instant::now();
+
+    let lost = within("the old leader's loss", TTL, events.next())
+        .await
+        .expect("event");
+    assert_eq!(
+        lost,
+        Event::Lost {
+            fencing_token: term.fencing_token(),
+            reason: LossReason::Gone
+        }
+    );
+    assert!(!old.status().is_leader());
+    // Two more renewal periods: the intruder's key keeps ageing, untouched.
+    sleep(TTL).await;
+    let pttl: i64 = admin.pttl(&keys.leader).await.expect("PTTL");
+    let expected_max = 5000 - i64::try_from(taken_at.elapsed().as_millis()).expect("small");
+    assert!(
+        pttl <= expected_max + 5,
+        "the intruder's key was extended: PTTL {pttl} > {expected_max}"
+    );
+    let owner: String = admin.hget(&keys.leader, "owner").await.expect("HGET");
+    assert_eq!(owner, "intruder");
+}
+
+/// Without persistence, a restart forgets the key and the fence counter, as the README
+/// says: the leader learns it at its next renewal, and tokens start again from 1. The test
+/// asserts that documented behaviour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_without_persistence_forgets_the_term_as_documented() {
+    let mut h = harness().await;
+    let url = h.server.url();
+    let name = unique("volatile");
+    let a = election(h.driver_at(&url).await, &name, TTL);
+    let mut events = a.subscribe();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let (a, stop) = (a.clone(), stop.clone());
+        async move { a.run(stop.cancelled_owned()).await }
+    });
+    let mut last = 0;
+    for _ in 0..3 {
+        let elected = within("elected", TTL * 3, events.next())
+            .await
+            .expect("event");
+        assert!(elected.is_leader());
+        last = elected.fencing_token();
+        a.resign().await.expect("resign");
+        within("resigned", TTL, events.next()).await.expect("event");
+    }
+    assert!(last >= 3);
+    let elected = within("elected", TTL * 3, events.next())
+        .await
+        .expect("event");
+    assert!(elected.is_leader());
+
+    let mut server = h.server;
+    let server = tokio::task::spawn_blocking(move || {
+        server.kill();
+        server.restart().expect("redis restarts");
+        server
+    })
+    .await
+    .expect("restart task");
+    h.server = server;
+    let lost = within("the loss after the restart", TTL * 2, events.next())
+        .await
+        .expect("event");
+    assert!(
+        matches!(
+            lost,
+            Event::Lost {
+                reason: LossReason::Gone | LossReason::Expired,
+                ..
+            }
+        ),
+        "{lost:?}"
+    );
+    let again = within("elected again", TTL * 5, events.next())
+        .await
+        .expect("event");
+    assert!(again.is_leader());
+    assert!(
+        again.fencing_token() <= last,
+        "documented: without persistence the fence counter restarts ({} after {last})",
+        again.fencing_token()
+    );
+    stop.cancel();
+    within("run to return", TTL * 3, run)
+        .await
+        .expect("no panic")
+        .expect("clean shutdown");
+}
+
+/// With `appendonly yes` + `appendfsync always`, a restart keeps the key and the fence
+/// counter: the term survives a quick restart and tokens keep increasing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_with_persistence_keeps_the_term_and_the_fence() {
+    let ttl = Duration::from_secs(3);
+    let mut h = start(RedisServer::start_persistent).await;
+    let url = h.server.url();
+    let name = unique("persistent");
+    let a = election(h.driver_at(&url).await, &name, ttl);
+    let b = election(h.driver_at(&url).await, &name, ttl);
+    let first = a.campaign().await.expect("elected");
+    a.resign().await.expect("resign");
+    let term = a.campaign().await.expect("elected");
+    assert!(term.fencing_token() > first.fencing_token());
+    let stop = CancellationToken::new();
+    let b_run = tokio::spawn({
+        let (b, stop) = (b.clone(), stop.clone());
+        async move { b.run(stop.cancelled_owned()).await }
+    });
+
+    let mut server = h.server;
+    let server = tokio::task::spawn_blocking(move || {
+        server.kill();
+        server.restart().expect("redis restarts");
+        server
+    })
+    .await
+    .expect("restart task");
+    h.server = server;
+    // The key survived: a keeps renewing it through the restart.
+    sleep(ttl).await;
+    assert!(
+        a.status().is_leader(),
+        "the term survives a persistent restart"
+    );
+    assert!(!b.status().is_leader(), "b still waits");
+    a.resign().await.expect("resign");
+    wait_until("b takes over", ttl * 2, || b.status().is_leader()).await;
+    let b_token = b.status().fencing_token().expect("b leads");
+    assert!(b_token > term.fencing_token(), "the fence survived");
+    stop.cancel();
+    within("b's run to return", ttl, b_run)
+        .await
+        .expect("no panic")
+        .expect("clean shutdown");
+}
+
+/// Pub/sub connections killed (`CLIENT KILL TYPE pubsub`): waiters still take over when
+/// the leader's key expires, and handoffs work again once pub/sub reconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_pubsub_still_fails_over_at_expiry() {
+    let h = harness().await;
+    let url = h.server.url();
+    let name = unique("pubsub");
+    let proxy = FaultProxy::start(h.server.addr()).await.expect("proxy");
+    let a = election(
+        h.driver_at(&format!("redis://{}", proxy.addr())).await,
+        &name,
+        TTL,
+    );
+    let b = election(h.driver_at(&url).await, &name, TTL);
+    a.campaign().await.expect("a elected");
+    let waiter = {
+        let b = b.clone();
+        tokio::spawn(async move { b.campaign().await })
+    };
+    sleep(TTL / 5).await;
+    let mut admin = h.admin().await;
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg(&["KILL", "TYPE", "pubsub"])
+        .query_async(&mut admin)
+        .await
+        .expect("CLIENT KILL");
+    assert!(killed >= 1, "b's pub/sub connection was killed");
+    // a "crashes" from Redis' point of view: nothing reaches Redis from it any more.
+    proxy.partition().await;
+    let partitioned_at = Instant::now();
+    within("b's takeover at expiry", TTL * 3, waiter)
+        .await
+        .expect("campaign task")
+        .expect("b elected");
+    assert!(
+        !a.status().is_leader(),
+        "a stepped down before b was elected"
+    );
+    let took = partitioned_at.elapsed();
+    assert!(
+        took >= TTL / 2,
+        "b could not have been elected before a's key expired: {took:?}"
+    );
+
+    // Pub/sub is back: a resignation hands over promptly again.
+    let c = election(h.driver_at(&url).await, &name, TTL);
+    let waiter = {
+        let c = c.clone();
+        tokio::spawn(async move { c.campaign().await })
+    };
+    sleep(TTL / 5).await;
+    let resigned_at = Instant::now();
+    b.resign().await.expect("resign");
+    within("c's campaign", TTL * 2, waiter)
+        .await
+        .expect("campaign task")
+        .expect("c elected");
+    assert!(
+        resigned_at.elapsed() < TTL / 2,
+        "handoff took {:?}",
+        resigned_at.elapsed()
+    );
+    wait_until("a's term ended", TTL, || !a.status().is_leader()).await;
+}
