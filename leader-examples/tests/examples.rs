@@ -1,0 +1,233 @@
+//! Runs the example binaries against real etcd and redis-server processes and checks what
+//! they print.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use leader_testkit::{EtcdServer, RedisServer, free_port};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout};
+
+/// The store an example runs against, kept alive for the test.
+enum Store {
+    Etcd(EtcdServer),
+    Redis(RedisServer),
+}
+
+impl Store {
+    async fn start(backend: &str) -> Store {
+        let backend = backend.to_owned();
+        tokio::task::spawn_blocking(move || match backend.as_str() {
+            "etcd" => Store::Etcd(EtcdServer::start().expect("etcd starts")),
+            _ => Store::Redis(RedisServer::start().expect("redis-server starts")),
+        })
+        .await
+        .expect("start task")
+    }
+
+    fn command(&self, example: &str) -> Command {
+        let exe = std::env::current_exe().expect("test binary path");
+        let dir = exe
+            .parent()
+            .and_then(|deps| deps.parent())
+            .expect("target dir")
+            .join("examples");
+        let mut command = Command::new(dir.join(example));
+        command
+            .env(
+                "LEADER_ELECTION",
+                format!("{example}-{:08x}", rand_suffix()),
+            )
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        match self {
+            Store::Etcd(server) => command
+                .env("LEADER_BACKEND", "etcd")
+                .env("ETCD_ENDPOINTS", server.endpoints().join(",")),
+            Store::Redis(server) => command
+                .env("LEADER_BACKEND", "redis")
+                .env("REDIS_URL", server.url()),
+        };
+        command
+    }
+}
+
+fn rand_suffix() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
+        ^ std::process::id()
+}
+
+/// A running example whose stdout lines arrive on a channel.
+struct Running {
+    child: Child,
+    lines: mpsc::UnboundedReceiver<String>,
+}
+
+impl Running {
+    fn spawn(mut command: Command) -> Running {
+        let mut child = command
+            .spawn()
+            .expect("example starts (built by cargo test)");
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, lines) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Running { child, lines }
+    }
+
+    async fn next_line(&mut self, limit: Duration) -> Option<String> {
+        timeout(limit, self.lines.recv()).await.ok().flatten()
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("running");
+        leader_testkit::signal(pid, signal).expect("signal delivered");
+    }
+
+    async fn exit_ok(&mut self, limit: Duration) {
+        let status = timeout(limit, self.child.wait())
+            .await
+            .expect("the example exits in time")
+            .expect("wait");
+        assert!(status.success(), "exit status {status}");
+    }
+}
+
+/// `GET /` on `port`, returning the body.
+async fn get(port: u16) -> Option<String> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    stream
+        .write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    response.split("\r\n\r\n").nth(1).map(str::to_owned)
+}
+
+async fn server_prints_true_then_false(backend: &str) {
+    let store = Store::start(backend).await;
+    let port = free_port().expect("free port");
+    let mut command = store.command("server");
+    command.env("PORT", port.to_string());
+    let mut server = Running::spawn(command);
+    // While it serves, `/` says it leads.
+    let start = Instant::now();
+    let mut answered = None;
+    while start.elapsed() < Duration::from_secs(20) {
+        if let Some(body) = get(port).await
+            && body == "I am leader"
+        {
+            answered = Some(body);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(answered.as_deref(), Some("I am leader"));
+    server.exit_ok(Duration::from_secs(20)).await;
+    let mut output = Vec::new();
+    while let Some(line) = server.next_line(Duration::from_secs(1)).await {
+        output.push(line);
+    }
+    assert_eq!(output, ["true", "false"], "the whole stdout");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_example_on_etcd() {
+    server_prints_true_then_false("etcd").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_example_on_redis() {
+    server_prints_true_then_false("redis").await;
+}
+
+async fn cronjob_works_on_the_leader_only(backend: &str) {
+    let store = Store::start(backend).await;
+    let election = format!("cronjob-{:08x}", rand_suffix());
+    let mut first = store.command("cronjob");
+    first.env("LEADER_ELECTION", &election);
+    let mut a = Running::spawn(first);
+    assert_eq!(
+        a.next_line(Duration::from_secs(15)).await.as_deref(),
+        Some("do work as leader")
+    );
+    let mut second = store.command("cronjob");
+    second.env("LEADER_ELECTION", &election);
+    let mut b = Running::spawn(second);
+    // Two more firings on the leader; none on the follower meanwhile.
+    for _ in 0..2 {
+        assert_eq!(
+            a.next_line(Duration::from_secs(5)).await.as_deref(),
+            Some("do work as leader")
+        );
+    }
+    assert!(b.lines.try_recv().is_err(), "the follower did no work");
+    // The leader stops on SIGTERM, resigning; the follower takes over.
+    a.signal("TERM");
+    a.exit_ok(Duration::from_secs(10)).await;
+    assert_eq!(
+        b.next_line(Duration::from_secs(10)).await.as_deref(),
+        Some("do work as leader")
+    );
+    b.signal("TERM");
+    b.exit_ok(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cronjob_example_on_etcd() {
+    cronjob_works_on_the_leader_only("etcd").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cronjob_example_on_redis() {
+    cronjob_works_on_the_leader_only("redis").await;
+}
+
+async fn failover_demo_runs(backend: &str) {
+    let store = Store::start(backend).await;
+    let mut command = store.command("failover");
+    command.args(["--ttl", "1"]);
+    let mut demo = Running::spawn(command);
+    demo.exit_ok(Duration::from_secs(60)).await;
+    let mut output = Vec::new();
+    while let Some(line) = demo.next_line(Duration::from_secs(1)).await {
+        output.push(line);
+    }
+    let text = output.join("\n");
+    for expected in [
+        "SIGKILL candidate",
+        "failover took",
+        "SIGTERM candidate",
+        "handoff took",
+        "strictly increasing",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_demo_on_etcd() {
+    failover_demo_runs("etcd").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_demo_on_redis() {
+    failover_demo_runs("redis").await;
+}
