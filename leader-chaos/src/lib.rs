@@ -636,13 +636,12 @@ pub async fn run(config: Config) -> BoxResult<Report> {
         }
     }
     for slot in &mut run.slots {
-        if let Some(mut child) = slot.child.take() {
-            if timeout(Duration::from_secs(10), child.wait())
+        if let Some(mut child) = slot.child.take()
+            && timeout(Duration::from_secs(10), child.wait())
                 .await
                 .is_err()
-            {
-                let _ = child.kill().await;
-            }
+        {
+            let _ = child.kill().await;
         }
     }
     let files = run.files.clone();
