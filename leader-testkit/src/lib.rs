@@ -1,3 +1,4 @@
+#![doc = include_str!("../README.md")]
 //! Real store processes for tests, examples and benchmarks: `etcd` (one member or a
 //! 3-member cluster) and `redis-server`, each on free loopback ports with a data directory
 //! of its own, killed and reaped on drop.

@@ -1,0 +1,611 @@
+//! `leader-bench`: handoff, failover, idle cost and scale of the election on etcd and
+//! Redis, with `etcdctl elect` and the stores' own round trip measured in the same run for
+//! context. Starts its own etcd and redis-server on free loopback ports. Run it through
+//! `ci/bench`, which builds it and the `chaos-candidate` process it drives.
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use leader_core::{Driver, Election};
+use leader_etcd::EtcdDriver;
+use leader_redis::RedisDriver;
+use leader_testkit::{EtcdServer, RedisServer};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep, timeout};
+
+type BoxResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+const HANDOFFS: usize = 50;
+/// Time a freshly started waiter gets to enter the election before it is needed.
+const SETTLE: Duration = Duration::from_millis(150);
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Etcd,
+    Redis,
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Etcd => "etcd",
+            Backend::Redis => "redis",
+        }
+    }
+}
+
+struct Stores {
+    etcd: EtcdServer,
+    redis: RedisServer,
+}
+
+impl Stores {
+    fn endpoint(&self, backend: Backend) -> String {
+        match backend {
+            Backend::Etcd => self.etcd.endpoints()[0].clone(),
+            Backend::Redis => self.redis.url(),
+        }
+    }
+
+    async fn driver(&self, backend: Backend) -> BoxResult<Arc<dyn Driver>> {
+        Ok(match backend {
+            Backend::Etcd => Arc::new(EtcdDriver::connect([self.endpoint(backend)]).await?),
+            Backend::Redis => Arc::new(RedisDriver::connect(&self.endpoint(backend)).await?),
+        })
+    }
+
+    /// Requests the store has served so far (etcd: gRPC messages received, from
+    /// `/metrics`; Redis: command calls from `INFO commandstats`, less the INFO calls).
+    async fn requests(&self, backend: Backend) -> BoxResult<u64> {
+        match backend {
+            Backend::Etcd => {
+                let body = http_get(self.etcd.client_addr(0), "/metrics").await?;
+                Ok(body
+                    .lines()
+                    .filter(|l| l.starts_with("grpc_server_msg_received_total"))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum::<f64>() as u64)
+            }
+            Backend::Redis => {
+                let client = redis::Client::open(self.redis.url())?;
+                let mut conn = client.get_multiplexed_async_connection().await?;
+                let info: String = redis::cmd("INFO")
+                    .arg("commandstats")
+                    .query_async(&mut conn)
+                    .await?;
+                Ok(info
+                    .lines()
+                    .filter(|l| l.starts_with("cmdstat_") && !l.starts_with("cmdstat_info"))
+                    .filter_map(|l| {
+                        let calls = l.split("calls=").nth(1)?;
+                        calls.split(',').next()?.parse::<u64>().ok()
+                    })
+                    .sum())
+            }
+        }
+    }
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> BoxResult<String> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    Ok(response)
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new(3).unwrap_or_else(|_| unreachable!("3 significant figures is valid"))
+}
+
+fn record(h: &mut Histogram<u64>, d: Duration) {
+    let _ = h.record(u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1));
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.2} ms", us as f64 / 1000.0)
+}
+
+/// A candidate process whose stdout lines arrive on a channel.
+struct Proc {
+    child: Child,
+    lines: mpsc::UnboundedReceiver<String>,
+}
+
+impl Proc {
+    fn spawn(command: &mut Command) -> BoxResult<Proc> {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let (tx, lines) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Proc { child, lines })
+    }
+
+    async fn wait_line(&mut self, want: impl Fn(&str) -> bool, limit: Duration) -> BoxResult<()> {
+        timeout(limit, async {
+            while let Some(line) = self.lines.recv().await {
+                if want(&line) {
+                    return Ok(());
+                }
+            }
+            Err("process exited".into())
+        })
+        .await
+        .map_err(|_| -> Box<dyn std::error::Error + Send + Sync> { "timed out".into() })?
+    }
+
+    fn signal(&self, signal: Signal) -> BoxResult<()> {
+        let pid = self.child.id().ok_or("not running")?;
+        kill(Pid::from_raw(i32::try_from(pid)?), signal)?;
+        Ok(())
+    }
+}
+
+/// Whether line `.0` says that process number `.1` leads.
+type ElectedLine = Box<dyn Fn(&str, usize) -> bool + Send + Sync>;
+
+/// How to start a candidate process and recognise that it leads.
+struct Contender {
+    spawn: Box<dyn Fn(usize) -> Command + Send>,
+    elected: ElectedLine,
+}
+
+/// Repeats: signal the leader, time until the waiter says it leads, start a new waiter.
+async fn handoffs(
+    contender: &Contender,
+    signal: Signal,
+    count: usize,
+) -> BoxResult<Histogram<u64>> {
+    let mut h = histogram();
+    let mut procs: VecDeque<(usize, Proc)> = VecDeque::new();
+    let mut first = Proc::spawn(&mut (contender.spawn)(0))?;
+    first
+        .wait_line(|l| (contender.elected)(l, 0), Duration::from_secs(20))
+        .await?;
+    procs.push_back((0, first));
+    procs.push_back((1, Proc::spawn(&mut (contender.spawn)(1))?));
+    sleep(SETTLE).await;
+    for i in 0..count {
+        let (_, mut leader) = procs.pop_front().ok_or("no leader")?;
+        let (id, mut waiter) = procs.pop_front().ok_or("no waiter")?;
+        let started = Instant::now();
+        leader.signal(signal)?;
+        waiter
+            .wait_line(|l| (contender.elected)(l, id), Duration::from_secs(60))
+            .await?;
+        record(&mut h, started.elapsed());
+        let _ = timeout(Duration::from_secs(10), leader.child.wait()).await;
+        procs.push_back((id, waiter));
+        let next = i + 2;
+        procs.push_back((next, Proc::spawn(&mut (contender.spawn)(next))?));
+        sleep(SETTLE).await;
+    }
+    for (_, p) in &procs {
+        let _ = p.signal(Signal::SIGTERM);
+    }
+    Ok(h)
+}
+
+fn ours(
+    candidate: &Path,
+    backend: Backend,
+    endpoint: String,
+    ttl: Duration,
+    election: String,
+) -> Contender {
+    let candidate = candidate.to_owned();
+    Contender {
+        spawn: Box::new(move |_| {
+            let mut c = Command::new(&candidate);
+            c.arg(backend.name())
+                .arg(&endpoint)
+                .arg(&election)
+                .arg(ttl.as_millis().to_string())
+                .arg("/dev/null");
+            c
+        }),
+        elected: Box::new(|line, _| line.starts_with("elected")),
+    }
+}
+
+fn etcdctl(endpoint: String, election: String) -> Contender {
+    Contender {
+        spawn: Box::new(move |i| {
+            let mut c = Command::new("etcdctl");
+            c.env("ETCDCTL_API", "3")
+                .arg(format!("--endpoints={endpoint}"))
+                .args(["elect", &election, &format!("proposal-{i}")]);
+            c
+        }),
+        elected: Box::new(|line, i| line == format!("proposal-{i}")),
+    }
+}
+
+/// Store requests per second over `window`.
+async fn rate(stores: &Stores, backend: Backend, window: Duration) -> BoxResult<f64> {
+    let before = stores.requests(backend).await?;
+    sleep(window).await;
+    let after = stores.requests(backend).await?;
+    Ok(after.saturating_sub(before) as f64 / window.as_secs_f64())
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+async fn hold_elections(
+    driver: &Arc<dyn Driver>,
+    prefix: &str,
+    n: usize,
+    ttl: Duration,
+) -> BoxResult<Vec<Election>> {
+    let mut elections = Vec::with_capacity(n);
+    let mut pending = futures::stream::FuturesUnordered::new();
+    for i in 0..n {
+        let e = Election::builder(Arc::clone(driver), format!("{prefix}-{i}"))
+            .ttl(ttl)
+            .build()?;
+        elections.push(e.clone());
+        pending.push(async move { e.campaign().await });
+        if pending.len() >= 64 {
+            pending.next().await.ok_or("campaign")??;
+        }
+    }
+    while let Some(result) = pending.next().await {
+        result?;
+    }
+    Ok(elections)
+}
+
+/// In-process handoffs with `waiting` candidates queued behind the leader, on `drivers`
+/// drivers shared round-robin. Returns the histogram and store requests per handoff.
+async fn scale_handoffs(
+    stores: &Stores,
+    backend: Backend,
+    waiting: usize,
+    count: usize,
+) -> BoxResult<(Histogram<u64>, f64)> {
+    let ttl = Duration::from_secs(10);
+    let drivers_n = waiting.clamp(1, 20);
+    let mut drivers = Vec::new();
+    for _ in 0..drivers_n {
+        drivers.push(stores.driver(backend).await?);
+    }
+    let name = format!("scale-{}-{waiting}-{}", backend.name(), std::process::id());
+    let (tx, mut rx) = mpsc::unbounded_channel::<(bool, Instant)>();
+    let stop = leader_core::CancellationToken::new();
+    let mut tasks = Vec::new();
+    for i in 0..=waiting {
+        let e = Election::builder(Arc::clone(&drivers[i % drivers_n]), name.clone())
+            .ttl(ttl)
+            .build()?;
+        let (tx, stop) = (tx.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let term = tokio::select! {
+                    () = stop.cancelled() => break,
+                    term = e.campaign() => term,
+                };
+                if term.is_err() {
+                    sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                let _ = tx.send((true, Instant::now()));
+                sleep(Duration::from_millis(2)).await;
+                let _ = tx.send((false, Instant::now()));
+                let _ = e.resign().await;
+                // Go to the back of the line, behind the candidates just woken.
+                sleep(Duration::from_millis(20)).await;
+            }
+        }));
+        if i == 0 {
+            // The first leads before the others queue up.
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+    drop(tx);
+    sleep(Duration::from_millis(500)).await;
+    while rx.try_recv().is_ok() {}
+    let before = stores.requests(backend).await?;
+    let mut h = histogram();
+    let mut resigned_at = None;
+    let mut handoffs = 0;
+    while handoffs < count {
+        let (elected, at) = timeout(Duration::from_secs(60), rx.recv())
+            .await?
+            .ok_or("candidates gone")?;
+        match (elected, resigned_at.take()) {
+            (true, Some(resigned)) => {
+                record(&mut h, at.duration_since(resigned));
+                handoffs += 1;
+            }
+            (false, _) => resigned_at = Some(at),
+            (true, None) => {}
+        }
+    }
+    let after = stores.requests(backend).await?;
+    stop.cancel();
+    for task in tasks {
+        let _ = timeout(Duration::from_secs(20), task).await;
+    }
+    Ok((h, after.saturating_sub(before) as f64 / count as f64))
+}
+
+/// p50/p99 of one store write, sequential.
+async fn floor(stores: &Stores, backend: Backend, n: usize) -> BoxResult<Histogram<u64>> {
+    let mut h = histogram();
+    match backend {
+        Backend::Etcd => {
+            let mut client = etcd_client::Client::connect([stores.endpoint(backend)], None).await?;
+            for i in 0..n {
+                let started = Instant::now();
+                client.put("bench-floor", i.to_string(), None).await?;
+                record(&mut h, started.elapsed());
+            }
+        }
+        Backend::Redis => {
+            let client = redis::Client::open(stores.endpoint(backend))?;
+            let mut conn = client.get_multiplexed_async_connection().await?;
+            for i in 0..n {
+                let started = Instant::now();
+                let _: () = redis::cmd("SET")
+                    .arg("bench-floor")
+                    .arg(i)
+                    .query_async(&mut conn)
+                    .await?;
+                record(&mut h, started.elapsed());
+            }
+        }
+    }
+    Ok(h)
+}
+
+fn candidate_binary() -> BoxResult<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.with_file_name("chaos-candidate");
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "{} is missing: build it with `cargo build --release -p leader-chaos` (ci/bench does)",
+            path.display()
+        )
+        .into())
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    if let Err(err) = run().await {
+        eprintln!("leader-bench: {err}");
+        std::process::exit(1);
+    }
+}
+
+async fn run() -> BoxResult<()> {
+    let candidate = candidate_binary()?;
+    leader_testkit::require_binary("etcdctl", "etcd-client")?;
+    let stores = tokio::task::spawn_blocking(|| -> std::io::Result<Stores> {
+        Ok(Stores {
+            etcd: EtcdServer::start()?,
+            redis: RedisServer::start()?,
+        })
+    })
+    .await??;
+    let pid = std::process::id();
+    let mut report = String::new();
+    let mut goals = Vec::new();
+    let backends = [Backend::Etcd, Backend::Redis];
+
+    eprintln!("[1/5] store round trip (floor)");
+    writeln!(report, "| measurement | etcd | redis |\n|---|---|---|")?;
+    let mut row = String::from("| floor: one write (etcd put / redis SET), p50 / p99 |");
+    for backend in backends {
+        let h = floor(&stores, backend, 1000).await?;
+        write!(
+            row,
+            " {} / {} |",
+            ms(h.value_at_quantile(0.5)),
+            ms(h.value_at_quantile(0.99))
+        )?;
+    }
+    writeln!(report, "{row}")?;
+
+    eprintln!("[2/5] graceful handoff between processes ({HANDOFFS} each)");
+    let ttl = Duration::from_secs(5);
+    let mut ours_p50 = [0u64; 2];
+    let mut row = format!("| graceful handoff, separate processes, p50 / p99 (n={HANDOFFS}) |");
+    for (i, backend) in backends.into_iter().enumerate() {
+        let c = ours(
+            &candidate,
+            backend,
+            stores.endpoint(backend),
+            ttl,
+            format!("handoff-{pid}"),
+        );
+        let h = handoffs(&c, Signal::SIGTERM, HANDOFFS).await?;
+        ours_p50[i] = h.value_at_quantile(0.5);
+        write!(
+            row,
+            " {} / {} |",
+            ms(ours_p50[i]),
+            ms(h.value_at_quantile(0.99))
+        )?;
+    }
+    writeln!(report, "{row}")?;
+    let c = etcdctl(stores.endpoint(Backend::Etcd), format!("etcdctl-{pid}"));
+    let h = handoffs(&c, Signal::SIGINT, HANDOFFS).await?;
+    let baseline = h.value_at_quantile(0.5);
+    let ratio = ours_p50[0] as f64 / baseline as f64;
+    writeln!(
+        report,
+        "| `etcdctl elect` handoff (SIGINT), same etcd, p50 / p99; ours / etcdctl | {} / {}; ratio {ratio:.2} | |",
+        ms(baseline),
+        ms(h.value_at_quantile(0.99))
+    )?;
+    goals.push(format!(
+        "etcd handoff no slower than etcdctl elect: p50 ratio {ratio:.2} -> {}",
+        if ratio <= 1.0 { "met" } else { "MISSED" }
+    ));
+    goals.push(format!(
+        "redis handoff p50 under 2 ms: {} -> {}",
+        ms(ours_p50[1]),
+        if ours_p50[1] < 2000 { "met" } else { "MISSED" }
+    ));
+
+    eprintln!("[3/5] crash failover (SIGKILL) at TTL 1s, 2s, 5s");
+    for (secs, runs) in [(1u64, 5usize), (2, 5), (5, 3)] {
+        let ttl = Duration::from_secs(secs);
+        let mut row = format!("| crash failover at TTL {secs}s, mean / max as x TTL (n={runs}) |");
+        for backend in backends {
+            let c = ours(
+                &candidate,
+                backend,
+                stores.endpoint(backend),
+                ttl,
+                format!("crash-{secs}-{pid}"),
+            );
+            let h = handoffs(&c, Signal::SIGKILL, runs).await?;
+            let mean = h.mean() / 1e6 / secs as f64;
+            let max = h.max() as f64 / 1e6 / secs as f64;
+            write!(row, " {mean:.2} / {max:.2} |")?;
+            goals.push(format!(
+                "{} crash failover within TTL + 10% at TTL {secs}s: max {max:.2} x TTL -> {}",
+                backend.name(),
+                if max <= 1.1 { "met" } else { "MISSED" }
+            ));
+        }
+        writeln!(report, "{row}")?;
+    }
+
+    eprintln!("[4/5] idle cost (store requests per second, TTL 3s)");
+    let ttl = Duration::from_secs(3);
+    let window = Duration::from_secs(9);
+    let mut rows = [
+        String::from("| idle: one leader, requests/s |"),
+        String::from("| idle: one follower (added to the leader), requests/s |"),
+        String::from("| idle: one process, 1,000 elections on one driver, requests/s |"),
+    ];
+    for backend in backends {
+        let leader = Election::builder(stores.driver(backend).await?, format!("idle-{pid}"))
+            .ttl(ttl)
+            .build()?;
+        leader.campaign().await?;
+        sleep(Duration::from_secs(1)).await;
+        let alone = rate(&stores, backend, window).await?;
+        let follower = Election::builder(stores.driver(backend).await?, format!("idle-{pid}"))
+            .ttl(ttl)
+            .build()?;
+        let waiting = tokio::spawn({
+            let follower = follower.clone();
+            async move { follower.campaign().await }
+        });
+        sleep(Duration::from_secs(1)).await;
+        let both = rate(&stores, backend, window).await?;
+        waiting.abort();
+        let _ = leader.resign().await;
+        drop((leader, follower));
+        let driver = stores.driver(backend).await?;
+        let many = hold_elections(&driver, &format!("idle-many-{pid}"), 1000, ttl).await?;
+        sleep(Duration::from_secs(1)).await;
+        let thousand = rate(&stores, backend, window).await?;
+        for e in &many {
+            let _ = e.resign().await;
+        }
+        write!(rows[0], " {alone:.2} |")?;
+        write!(rows[1], " {:.2} |", (both - alone).max(0.0))?;
+        write!(rows[2], " {thousand:.1} |")?;
+        if backend == Backend::Etcd {
+            goals.push(format!(
+                "etcd followers make no periodic requests: a follower adds {:.2}/s -> {}",
+                (both - alone).max(0.0),
+                if both - alone < 0.2 {
+                    "met"
+                } else {
+                    "MISSED (its lease keep-alive, see README)"
+                }
+            ));
+        }
+        goals.push(format!(
+            "{} keep-alive per process, not per election: 1,000 elections cost {thousand:.1}/s vs {alone:.2}/s for one -> {}",
+            backend.name(),
+            if thousand < alone * 5.0 + 1.0 { "met" } else { "MISSED (per-key expiry, see README)" }
+        ));
+    }
+    for row in rows {
+        writeln!(report, "{row}")?;
+    }
+
+    eprintln!("[5/5] scale: waiting candidates, and 10,000 elections in one process");
+    for waiting in [1usize, 10, 100, 1000] {
+        let mut row = format!("| handoff p50 with {waiting} waiting (requests per handoff) |");
+        for backend in backends {
+            let (h, per) = scale_handoffs(&stores, backend, waiting, 30).await?;
+            write!(row, " {} ({per:.1}) |", ms(h.value_at_quantile(0.5)))?;
+        }
+        writeln!(report, "{row}")?;
+    }
+    let mut row =
+        String::from("| 10,000 elections on one driver: RSS added; requests/s (TTL 10s) |");
+    for backend in backends {
+        let before = rss_kib();
+        let driver = stores.driver(backend).await?;
+        let many = hold_elections(
+            &driver,
+            &format!("many-{pid}"),
+            10_000,
+            Duration::from_secs(10),
+        )
+        .await?;
+        sleep(Duration::from_secs(1)).await;
+        let per_second = rate(&stores, backend, Duration::from_secs(10)).await?;
+        let added = rss_kib().saturating_sub(before);
+        write!(
+            row,
+            " {:.1} MiB; {per_second:.1}/s |",
+            added as f64 / 1024.0
+        )?;
+        for e in &many {
+            let _ = e.resign().await;
+        }
+    }
+    writeln!(report, "{row}")?;
+
+    println!("{report}");
+    println!("Goals:");
+    for goal in goals {
+        println!("- {goal}");
+    }
+    Ok(())
+}
