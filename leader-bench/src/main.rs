@@ -15,11 +15,9 @@ use hdrhistogram::Histogram;
 use leader_core::{Driver, Election};
 use leader_etcd::EtcdDriver;
 use leader_redis::RedisDriver;
-use leader_testkit::{EtcdServer, RedisServer};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
+use leader_testkit::{EtcdServer, LineProcess, RedisServer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, timeout};
 
@@ -118,53 +116,6 @@ fn ms(us: u64) -> String {
     format!("{:.2} ms", us as f64 / 1000.0)
 }
 
-/// A candidate process whose stdout lines arrive on a channel.
-struct Proc {
-    child: Child,
-    lines: mpsc::UnboundedReceiver<String>,
-}
-
-impl Proc {
-    fn spawn(command: &mut Command) -> BoxResult<Proc> {
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()?;
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        let (tx, lines) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut reader = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = reader.next_line().await {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Proc { child, lines })
-    }
-
-    async fn wait_line(&mut self, want: impl Fn(&str) -> bool, limit: Duration) -> BoxResult<()> {
-        timeout(limit, async {
-            while let Some(line) = self.lines.recv().await {
-                if want(&line) {
-                    return Ok(());
-                }
-            }
-            Err("process exited".into())
-        })
-        .await
-        .map_err(|_| -> Box<dyn std::error::Error + Send + Sync> { "timed out".into() })?
-    }
-
-    fn signal(&self, signal: Signal) -> BoxResult<()> {
-        let pid = self.child.id().ok_or("not running")?;
-        kill(Pid::from_raw(i32::try_from(pid)?), signal)?;
-        Ok(())
-    }
-}
-
 /// Whether line `.0` says that process number `.1` leads.
 type ElectedLine = Box<dyn Fn(&str, usize) -> bool + Send + Sync>;
 
@@ -174,20 +125,22 @@ struct Contender {
     elected: ElectedLine,
 }
 
+fn spawn(contender: &Contender, i: usize) -> BoxResult<LineProcess> {
+    Ok(LineProcess::spawn(
+        (contender.spawn)(i).stderr(Stdio::null()),
+    )?)
+}
+
 /// Repeats: signal the leader, time until the waiter says it leads, start a new waiter.
-async fn handoffs(
-    contender: &Contender,
-    signal: Signal,
-    count: usize,
-) -> BoxResult<Histogram<u64>> {
+async fn handoffs(contender: &Contender, signal: &str, count: usize) -> BoxResult<Histogram<u64>> {
     let mut h = histogram();
-    let mut procs: VecDeque<(usize, Proc)> = VecDeque::new();
-    let mut first = Proc::spawn(&mut (contender.spawn)(0))?;
+    let mut procs: VecDeque<(usize, LineProcess)> = VecDeque::new();
+    let mut first = spawn(contender, 0)?;
     first
-        .wait_line(|l| (contender.elected)(l, 0), Duration::from_secs(20))
+        .wait_for_line(Duration::from_secs(20), |l| (contender.elected)(l, 0))
         .await?;
     procs.push_back((0, first));
-    procs.push_back((1, Proc::spawn(&mut (contender.spawn)(1))?));
+    procs.push_back((1, spawn(contender, 1)?));
     sleep(SETTLE).await;
     for i in 0..count {
         let (_, mut leader) = procs.pop_front().ok_or("no leader")?;
@@ -195,17 +148,17 @@ async fn handoffs(
         let started = Instant::now();
         leader.signal(signal)?;
         waiter
-            .wait_line(|l| (contender.elected)(l, id), Duration::from_secs(60))
+            .wait_for_line(Duration::from_secs(60), |l| (contender.elected)(l, id))
             .await?;
         record(&mut h, started.elapsed());
-        let _ = timeout(Duration::from_secs(10), leader.child.wait()).await;
+        let _ = leader.wait(Duration::from_secs(10)).await;
         procs.push_back((id, waiter));
         let next = i + 2;
-        procs.push_back((next, Proc::spawn(&mut (contender.spawn)(next))?));
+        procs.push_back((next, spawn(contender, next)?));
         sleep(SETTLE).await;
     }
     for (_, p) in &procs {
-        let _ = p.signal(Signal::SIGTERM);
+        let _ = p.signal("TERM");
     }
     Ok(h)
 }
@@ -454,7 +407,7 @@ async fn run() -> BoxResult<()> {
             ttl,
             format!("handoff-{pid}"),
         );
-        let h = handoffs(&c, Signal::SIGTERM, HANDOFFS).await?;
+        let h = handoffs(&c, "TERM", HANDOFFS).await?;
         ours_p50[i] = h.value_at_quantile(0.5);
         write!(
             row,
@@ -465,7 +418,7 @@ async fn run() -> BoxResult<()> {
     }
     writeln!(report, "{row}")?;
     let c = etcdctl(stores.endpoint(Backend::Etcd), format!("etcdctl-{pid}"));
-    let h = handoffs(&c, Signal::SIGINT, HANDOFFS).await?;
+    let h = handoffs(&c, "INT", HANDOFFS).await?;
     let baseline = h.value_at_quantile(0.5);
     let ratio = ours_p50[0] as f64 / baseline as f64;
     writeln!(
@@ -496,7 +449,7 @@ async fn run() -> BoxResult<()> {
                 ttl,
                 format!("crash-{secs}-{pid}"),
             );
-            let h = handoffs(&c, Signal::SIGKILL, runs).await?;
+            let h = handoffs(&c, "KILL", runs).await?;
             let mean = h.mean() / 1e6 / secs as f64;
             let max = h.max() as f64 / 1e6 / secs as f64;
             write!(row, " {mean:.2} / {max:.2} |")?;

@@ -6,6 +6,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::time::{Instant, sleep};
 
+use crate::testing::conformance::spawn_run;
 use crate::testing::{MemoryDriver, MemoryStore};
 use crate::{Config, Driver, Election, Error, Event, LossReason, Status};
 
@@ -186,10 +187,7 @@ async fn run_campaigns_again_with_backoff_after_an_outage() {
         .expect("valid");
     let mut events = e.subscribe();
     let stop = crate::CancellationToken::new();
-    let run = tokio::spawn({
-        let (e, stop) = (e.clone(), stop.clone());
-        async move { e.run(stop.cancelled_owned()).await }
-    });
+    let run = spawn_run(&e, &stop);
     assert!(matches!(events.next().await, Some(Event::Elected { .. })));
     store.set_available(false);
     assert!(matches!(

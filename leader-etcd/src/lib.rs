@@ -173,6 +173,11 @@ fn store_err(err: etcd_client::Error) -> Error {
     Error::store(err)
 }
 
+/// A store error for something etcd did that the protocol does not expect.
+fn unexpected(what: impl Into<String>) -> Error {
+    Error::store(std::io::Error::other(what.into()))
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
@@ -219,12 +224,12 @@ impl Inner {
             .await?;
         let granted_ttl = Duration::from_secs(u64::try_from(granted.ttl()).unwrap_or(0));
         if granted_ttl.is_zero() {
-            return Err(Error::store(std::io::Error::other(format!(
+            return Err(unexpected(format!(
                 "etcd granted lease {:x} with TTL {}: {}",
                 granted.id(),
                 granted.ttl(),
                 granted.error()
-            ))));
+            )));
         }
         debug!(lease = %format!("{:x}", granted.id()), ttl = ?granted_ttl, "granted etcd lease");
         *lease = Some(Lease {
@@ -287,9 +292,7 @@ impl Inner {
                 lease.in_flight = false;
                 match answered {
                     Ok(Some(response)) => Ok(response.ttl()),
-                    Ok(None) => Err(Error::store(std::io::Error::other(
-                        "etcd closed the keep-alive stream",
-                    ))),
+                    Ok(None) => Err(unexpected("etcd closed the keep-alive stream")),
                     Err(err) => Err(err),
                 }
             }
@@ -370,9 +373,7 @@ impl Inner {
             if response.succeeded() {
                 let revision = response.header().map(|h| h.revision()).unwrap_or(0);
                 if revision <= 0 {
-                    return Err(Error::store(std::io::Error::other(
-                        "etcd answered a transaction without a revision",
-                    )));
+                    return Err(unexpected("etcd answered a transaction without a revision"));
                 }
                 return Ok(revision);
             }
@@ -386,10 +387,10 @@ impl Inner {
                 .and_then([TxnOp::delete(key.key.as_str(), None)]);
             self.request(self.client.clone().txn(delete)).await?;
         }
-        Err(Error::store(std::io::Error::other(format!(
+        Err(unexpected(format!(
             "etcd key {} keeps existing after deletion",
             key.key
-        ))))
+        )))
     }
 
     /// Waits until no key of the election has a create revision below `revision`,
@@ -434,9 +435,7 @@ impl Inner {
                     }
                 };
                 let Some(message) = message else {
-                    return Err(Error::store(std::io::Error::other(
-                        "etcd closed the watch stream",
-                    )));
+                    return Err(unexpected("etcd closed the watch stream"));
                 };
                 if message.canceled() {
                     // Compacted or cancelled by the server: look again.
@@ -618,15 +617,13 @@ async fn observe_loop(inner: &Inner, prefix: &str, tx: &mpsc::Sender<Result<Opti
                 .await?;
             loop {
                 let Some(message) = watch.message().await.map_err(store_err)? else {
-                    return Err(Error::store(std::io::Error::other(
-                        "etcd closed the watch stream",
-                    )));
+                    return Err(unexpected("etcd closed the watch stream"));
                 };
                 if message.canceled() {
-                    return Err(Error::store(std::io::Error::other(format!(
+                    return Err(unexpected(format!(
                         "etcd cancelled the watch: {}",
                         message.cancel_reason()
-                    ))));
+                    )));
                 }
                 if message.events().is_empty() {
                     continue;

@@ -10,13 +10,11 @@ use std::time::Duration;
 
 use common::{TTL, harness};
 use futures::StreamExt;
-use leader_core::testing::conformance::{wait_until, within};
+use leader_core::testing::conformance::{spawn_campaign, spawn_run, wait_until, within};
 use leader_core::{CancellationToken, Election, Event, LossReason};
 use leader_etcd::EtcdDriver;
-use leader_testkit::EtcdServer;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
+use leader_testkit::{EtcdServer, LineProcess};
+use tokio::process::Command;
 use tokio::time::Instant;
 
 fn unique(what: &str) -> String {
@@ -32,54 +30,33 @@ fn election(driver: EtcdDriver, name: &str, value: &str) -> Election {
         .expect("valid settings")
 }
 
-/// An `etcdctl` process whose stdout lines arrive on a channel.
-struct Etcdctl {
-    child: Child,
-    lines: mpsc::UnboundedReceiver<String>,
-}
+/// An `etcdctl` process.
+struct Etcdctl(LineProcess);
 
 impl Etcdctl {
     fn spawn(endpoint: &str, args: &[&str]) -> Self {
         leader_testkit::require_binary("etcdctl", "etcd-client").expect("etcdctl installed");
-        let mut child = Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={endpoint}"))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("etcdctl starts");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut reader = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = reader.next_line().await {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Etcdctl { child, lines }
+        let process = LineProcess::spawn(
+            Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .arg(format!("--endpoints={endpoint}"))
+                .args(args)
+                .stderr(Stdio::null()),
+        )
+        .expect("etcdctl starts");
+        Etcdctl(process)
     }
 
     /// Waits for a stdout line equal to `expected`.
     async fn wait_line(&mut self, expected: &str, limit: Duration) {
-        within(&format!("etcdctl to print {expected:?}"), limit, async {
-            loop {
-                let line = self.lines.recv().await.expect("etcdctl still running");
-                if line == expected {
-                    return;
-                }
-            }
-        })
-        .await;
+        self.0
+            .wait_for_line(limit, |line| line == expected)
+            .await
+            .unwrap_or_else(|err| panic!("etcdctl did not print {expected:?}: {err}"));
     }
 
     fn interrupt(&self) {
-        let pid = self.child.id().expect("running");
-        leader_testkit::signal(pid, "INT").expect("SIGINT");
+        self.0.signal("INT").expect("SIGINT");
     }
 }
 
@@ -120,10 +97,7 @@ async fn rust_and_etcdctl_share_one_election_both_ways() {
     assert!(info.fencing_token > rust_term.fencing_token());
 
     // 3. Rust campaigns and waits behind etcdctl; etcdctl resigns on SIGINT; Rust leads.
-    let waiter = {
-        let rust = rust.clone();
-        tokio::spawn(async move { rust.campaign().await })
-    };
+    let waiter = spawn_campaign(&rust);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!waiter.is_finished(), "Rust waits while etcdctl leads");
     contender.interrupt();
@@ -199,10 +173,7 @@ async fn a_lease_revoked_behind_the_drivers_back_ends_the_term_and_run_recovers(
     let e = election(driver, &name, "v");
     let mut events = e.subscribe();
     let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let (e, stop) = (e.clone(), stop.clone());
-        async move { e.run(stop.cancelled_owned()).await }
-    });
+    let run = spawn_run(&e, &stop);
     let first = within("elected", Duration::from_secs(5), events.next())
         .await
         .expect("event");
@@ -252,10 +223,7 @@ async fn etcd_down_ends_the_term_by_its_deadline_and_leadership_returns_with_etc
     let e = election(h.driver_at(endpoint).await, &name, "v");
     let mut events = e.subscribe();
     let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let (e, stop) = (e.clone(), stop.clone());
-        async move { e.run(stop.cancelled_owned()).await }
-    });
+    let run = spawn_run(&e, &stop);
     let first = within("elected", Duration::from_secs(5), events.next())
         .await
         .expect("event");
@@ -325,18 +293,12 @@ async fn cluster_member_failures_never_make_two_leaders() {
     let b = election(b_driver.clone(), &name, "b");
     let stop = CancellationToken::new();
     let overlap = watch_overlap(&a, &b, stop.clone());
-    let a_run = tokio::spawn({
-        let (a, stop) = (a.clone(), stop.clone());
-        async move { a.run(stop.cancelled_owned()).await }
-    });
+    let a_run = spawn_run(&a, &stop);
     wait_until("a leads", Duration::from_secs(10), || {
         a.status().is_leader()
     })
     .await;
-    let b_run = tokio::spawn({
-        let (b, stop) = (b.clone(), stop.clone());
-        async move { b.run(stop.cancelled_owned()).await }
-    });
+    let b_run = spawn_run(&b, &stop);
 
     // Kill the member a is connected to: a steps down, b takes over within TTL + a few s.
     server.kill(0);

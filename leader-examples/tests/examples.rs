@@ -4,11 +4,10 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use leader_testkit::{EtcdServer, RedisServer, free_port};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
-use tokio::time::{Instant, timeout};
+use leader_testkit::{EtcdServer, LineProcess, RedisServer, free_port};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+use tokio::time::Instant;
 
 /// The store an example runs against, kept alive for the test.
 enum Store {
@@ -41,10 +40,7 @@ impl Store {
                 format!("{example}-{:08x}", rand_suffix()),
             )
             .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
+            .stderr(Stdio::inherit());
         match self {
             Store::Etcd(server) => command
                 .env("LEADER_BACKEND", "etcd")
@@ -65,44 +61,24 @@ fn rand_suffix() -> u32 {
         ^ std::process::id()
 }
 
-/// A running example whose stdout lines arrive on a channel.
-struct Running {
-    child: Child,
-    lines: mpsc::UnboundedReceiver<String>,
-}
+/// A running example.
+struct Running(LineProcess);
 
 impl Running {
     fn spawn(mut command: Command) -> Running {
-        let mut child = command
-            .spawn()
-            .expect("example starts (built by cargo test)");
-        let stdout = child.stdout.take().expect("piped");
-        let (tx, lines) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut reader = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = reader.next_line().await {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Running { child, lines }
+        Running(LineProcess::spawn(&mut command).expect("example starts (built by cargo test)"))
     }
 
     async fn next_line(&mut self, limit: Duration) -> Option<String> {
-        timeout(limit, self.lines.recv()).await.ok().flatten()
+        self.0.next_line(limit).await
     }
 
     fn signal(&self, signal: &str) {
-        let pid = self.child.id().expect("running");
-        leader_testkit::signal(pid, signal).expect("signal delivered");
+        self.0.signal(signal).expect("signal delivered");
     }
 
     async fn exit_ok(&mut self, limit: Duration) {
-        let status = timeout(limit, self.child.wait())
-            .await
-            .expect("the example exits in time")
-            .expect("wait");
+        let status = self.0.wait(limit).await.expect("the example exits in time");
         assert!(status.success(), "exit status {status}");
     }
 }
@@ -178,7 +154,7 @@ async fn cronjob_works_on_the_leader_only(backend: &str) {
             Some("do work as leader")
         );
     }
-    assert!(b.lines.try_recv().is_err(), "the follower did no work");
+    assert_eq!(b.0.try_line(), None, "the follower did no work");
     // The leader stops on SIGTERM, resigning; the follower takes over.
     a.signal("TERM");
     a.exit_ok(Duration::from_secs(10)).await;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{TTL, harness, start};
 use futures::StreamExt;
-use leader_core::testing::conformance::{wait_until, within};
+use leader_core::testing::conformance::{spawn_campaign, spawn_run, wait_until, within};
 use leader_core::testing::{Fault, FaultProxy};
 use leader_core::{CancellationToken, Election, Event, LossReason};
 use leader_redis::RedisDriver;
@@ -139,10 +139,7 @@ async fn restart_without_persistence_forgets_the_term_as_documented() {
     let a = election(h.driver_at(&url).await, &name, TTL);
     let mut events = a.subscribe();
     let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let (a, stop) = (a.clone(), stop.clone());
-        async move { a.run(stop.cancelled_owned()).await }
-    });
+    let run = spawn_run(&a, &stop);
     let mut last = 0;
     for _ in 0..3 {
         let elected = within("elected", TTL * 3, events.next())
@@ -212,10 +209,7 @@ async fn restart_with_persistence_keeps_the_term_and_the_fence() {
     let term = a.campaign().await.expect("elected");
     assert!(term.fencing_token() > first.fencing_token());
     let stop = CancellationToken::new();
-    let b_run = tokio::spawn({
-        let (b, stop) = (b.clone(), stop.clone());
-        async move { b.run(stop.cancelled_owned()).await }
-    });
+    let b_run = spawn_run(&b, &stop);
 
     let mut server = h.server;
     let server = tokio::task::spawn_blocking(move || {
@@ -259,10 +253,7 @@ async fn lost_pubsub_still_fails_over_at_expiry() {
     );
     let b = election(h.driver_at(&url).await, &name, TTL);
     a.campaign().await.expect("a elected");
-    let waiter = {
-        let b = b.clone();
-        tokio::spawn(async move { b.campaign().await })
-    };
+    let waiter = spawn_campaign(&b);
     sleep(TTL / 5).await;
     let mut admin = h.admin().await;
     let killed: i64 = redis::cmd("CLIENT")
@@ -290,10 +281,7 @@ async fn lost_pubsub_still_fails_over_at_expiry() {
 
     // Pub/sub is back: a resignation hands over promptly again.
     let c = election(h.driver_at(&url).await, &name, TTL);
-    let waiter = {
-        let c = c.clone();
-        tokio::spawn(async move { c.campaign().await })
-    };
+    let waiter = spawn_campaign(&c);
     sleep(TTL / 5).await;
     let resigned_at = Instant::now();
     b.resign().await.expect("resign");

@@ -6,11 +6,15 @@
 //! A missing binary is an error that says how to install it: tests that need a server fail
 //! loudly rather than skip.
 
+mod lines;
+
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+pub use lines::LineProcess;
 
 /// How long a server may take to accept connections after it starts.
 const START_TIMEOUT: Duration = Duration::from_secs(30);

@@ -78,6 +78,21 @@ fn election_with_value(
         .expect("valid election settings")
 }
 
+/// Runs `election.run` in a task until `stop` is cancelled.
+pub fn spawn_run(
+    election: &Election,
+    stop: &CancellationToken,
+) -> tokio::task::JoinHandle<crate::Result<()>> {
+    let (election, stop) = (election.clone(), stop.clone());
+    tokio::spawn(async move { election.run(stop.cancelled_owned()).await })
+}
+
+/// Runs `election.campaign` in a task.
+pub fn spawn_campaign(election: &Election) -> tokio::task::JoinHandle<crate::Result<Term>> {
+    let election = election.clone();
+    tokio::spawn(async move { election.campaign().await })
+}
+
 /// Polls `condition` every few milliseconds until it holds; panics after `limit`.
 pub async fn wait_until(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -126,10 +141,7 @@ pub async fn one_leader_among_many(h: &dyn Harness) {
     let shutdown = CancellationToken::new();
     let mut runs = Vec::new();
     for e in &elections {
-        let (e, stop) = (e.clone(), shutdown.clone());
-        runs.push(tokio::spawn(
-            async move { e.run(stop.cancelled_owned()).await },
-        ));
+        runs.push(spawn_run(e, &shutdown));
     }
     let leaders = || elections.iter().filter(|e| e.status().is_leader()).count();
     wait_until("one candidate leads", ttl * 3, || leaders() == 1).await;
@@ -189,10 +201,7 @@ pub async fn resign_hands_over_promptly(h: &dyn Harness) {
     let a = election(h.driver().await, &name, ttl);
     let b = election(h.driver().await, &name, ttl);
     let a_term = campaign(&a, ttl * 3).await;
-    let waiter = {
-        let b = b.clone();
-        tokio::spawn(async move { b.campaign().await })
-    };
+    let waiter = spawn_campaign(&b);
     // Give b time to enter the election, so that the handover is what is measured.
     sleep(ttl / 5).await;
     assert!(!waiter.is_finished(), "b waits while a leads");
@@ -290,10 +299,7 @@ pub async fn partitioned_leader_steps_down_before_takeover(h: &dyn Harness) {
     let b = election(h.driver().await, &name, ttl);
     let mut a_events = a.subscribe();
     let shutdown = CancellationToken::new();
-    let a_run = {
-        let (a, stop) = (a.clone(), shutdown.clone());
-        tokio::spawn(async move { a.run(stop.cancelled_owned()).await })
-    };
+    let a_run = spawn_run(&a, &shutdown);
     wait_until("a leads", ttl * 3, || a.status().is_leader()).await;
     let a_token = a.status().fencing_token().expect("a leads");
     assert_eq!(
@@ -305,10 +311,7 @@ pub async fn partitioned_leader_steps_down_before_takeover(h: &dyn Harness) {
 
     fault.partition().await;
     let partitioned_at = Instant::now();
-    let b_campaign = {
-        let b = b.clone();
-        tokio::spawn(async move { b.campaign().await })
-    };
+    let b_campaign = spawn_campaign(&b);
     // Safety: a's deadline comes from a renewal sent before the partition.
     sleep(ttl).await;
     let a_leads_after_ttl = a.status().is_leader();
@@ -420,10 +423,7 @@ pub async fn dropped_campaign_leaves_nothing_behind(h: &dyn Harness) {
     campaign(&a, ttl * 3).await;
     let gave_up = timeout(ttl / 4, b.campaign()).await;
     assert!(gave_up.is_err(), "b waits while a leads");
-    let waiter = {
-        let c = c.clone();
-        tokio::spawn(async move { c.campaign().await })
-    };
+    let waiter = spawn_campaign(&c);
     sleep(ttl / 5).await;
     let resigned_at = Instant::now();
     a.resign().await.expect("resign");
@@ -450,10 +450,7 @@ pub async fn dropping_the_election_resigns(h: &dyn Harness) {
     let b = election(h.driver().await, &name, ttl);
     let status = a.status();
     campaign(&a, ttl * 3).await;
-    let waiter = {
-        let b = b.clone();
-        tokio::spawn(async move { b.campaign().await })
-    };
+    let waiter = spawn_campaign(&b);
     sleep(ttl / 5).await;
     let dropped_at = Instant::now();
     drop(a);
@@ -505,10 +502,7 @@ pub async fn candidates_sharing_a_driver_are_distinct(h: &dyn Harness) {
         "b must wait for a although they share a driver"
     );
     assert!(matches!(b.resign().await, Err(Error::NotALeader)));
-    let waiter = {
-        let b = b.clone();
-        tokio::spawn(async move { b.campaign().await })
-    };
+    let waiter = spawn_campaign(&b);
     sleep(ttl / 5).await;
     a.resign().await.expect("resign a");
     within("b's campaign", ttl * 3, waiter)
