@@ -378,19 +378,25 @@ impl Inner {
                 return Ok(revision);
             }
             // The key exists: a term of ours that ended; delete it (only if still ours).
-            let delete = Txn::new()
-                .when([Compare::lease(
-                    key.key.as_str(),
-                    CompareOp::Equal,
-                    key.lease,
-                )])
-                .and_then([TxnOp::delete(key.key.as_str(), None)]);
-            self.request(self.client.clone().txn(delete)).await?;
+            self.delete_own(key).await?;
         }
         Err(unexpected(format!(
             "etcd key {} keeps existing after deletion",
             key.key
         )))
+    }
+
+    /// Deletes `key` if it is still attached to this candidate's lease: never anyone else's.
+    async fn delete_own(&self, key: &CandidateKey) -> Result<()> {
+        let delete = Txn::new()
+            .when([Compare::lease(
+                key.key.as_str(),
+                CompareOp::Equal,
+                key.lease,
+            )])
+            .and_then([TxnOp::delete(key.key.as_str(), None)]);
+        self.request(self.client.clone().txn(delete)).await?;
+        Ok(())
     }
 
     /// Waits until no key of the election has a create revision below `revision`,
@@ -559,16 +565,7 @@ impl Driver for EtcdDriver {
         let Some(key) = key else {
             return Ok(());
         };
-        let delete = Txn::new()
-            .when([Compare::lease(
-                key.key.as_str(),
-                CompareOp::Equal,
-                key.lease,
-            )])
-            .and_then([TxnOp::delete(key.key.as_str(), None)]);
-        self.inner
-            .request(self.inner.client.clone().txn(delete))
-            .await?;
+        self.inner.delete_own(&key).await?;
         let mut keys = lock(&self.inner.keys);
         if keys.get(&candidate.id).is_some_and(|k| k.key == key.key) {
             keys.remove(&candidate.id);
