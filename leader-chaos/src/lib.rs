@@ -625,6 +625,15 @@ pub async fn run(config: Config) -> BoxResult<Report> {
                 "round {round}: no leader within {bound:?} after {fault:?}"
             )),
         }
+        if (round + 1) % 25 == 0 {
+            eprintln!(
+                "chaos {}: {}/{} faults injected, {} liveness failures so far",
+                backend.name(),
+                round + 1,
+                run.config.rounds,
+                liveness_failures.len()
+            );
+        }
         // Let the faulted candidate rejoin before the next round.
         sleep(ttl / 2).await;
     }
