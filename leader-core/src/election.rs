@@ -468,6 +468,18 @@ impl Core {
     }
 
     async fn resign(&self, only: Option<&Arc<TermState>>) -> Result<()> {
+        // A follower gets its answer at once, even while a campaign of its own waits
+        // (holding the campaign lock) in another task.
+        {
+            let st = lock(&self.shared.state);
+            let nothing_to_do = match only {
+                Some(term) => !st.term.as_ref().is_some_and(|t| Arc::ptr_eq(t, term)),
+                None => st.term.is_none() && !st.pending_withdrawal,
+            };
+            if nothing_to_do {
+                return Err(Error::NotALeader);
+            }
+        }
         let _guard = self.campaign_lock.lock().await;
         let term = {
             let mut st = lock(&self.shared.state);
@@ -563,6 +575,9 @@ impl Drop for Withdrawal {
         let (Some(core), Some(guard)) = (self.core.take(), self.guard.take()) else {
             return;
         };
+        // Until the withdrawal is done, `resign()` waits for it rather than answering
+        // "not a leader" while the store may still hold this candidate's key.
+        lock(&core.shared.state).pending_withdrawal = true;
         let withdraw = {
             let core = Arc::clone(&core);
             async move {
@@ -574,13 +589,13 @@ impl Drop for Withdrawal {
                     Ok(Err(err)) => Some(err),
                     Err(_) => Some(Error::Timeout(limit)),
                 };
-                if let Some(err) = failed {
-                    warn!(
+                match failed {
+                    None => lock(&core.shared.state).pending_withdrawal = false,
+                    Some(err) => warn!(
                         election = %core.candidate.election,
                         error = %ErrorChain(&err),
                         "could not withdraw an abandoned campaign; resign() retries it"
-                    );
-                    lock(&core.shared.state).pending_withdrawal = true;
+                    ),
                 }
             }
         };
@@ -588,7 +603,7 @@ impl Drop for Withdrawal {
             Ok(runtime) => {
                 runtime.spawn(withdraw);
             }
-            Err(_) => lock(&core.shared.state).pending_withdrawal = true,
+            Err(_) => {} // stays pending: a later resign() retries it
         }
     }
 }

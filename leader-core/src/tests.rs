@@ -261,3 +261,30 @@ fn dropping_outside_a_runtime_steps_down_locally() {
     drop(e);
     assert!(!status.is_leader());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_follower_resigning_while_its_run_loop_waits_gets_not_a_leader_at_once() {
+    let store = MemoryStore::new();
+    let leader = election(&store.driver(), "busy");
+    leader.campaign().await.expect("elected");
+    let follower = election(&store.driver(), "busy");
+    let stop = crate::CancellationToken::new();
+    let run = spawn_run(&follower, &stop);
+    sleep(Duration::from_millis(100)).await;
+    let answer = tokio::time::timeout(Duration::from_millis(10), follower.resign())
+        .await
+        .expect("answered without waiting for the campaign");
+    assert!(matches!(answer, Err(Error::NotALeader)));
+    stop.cancel();
+    run.await.expect("no panic").expect("clean shutdown");
+    assert_eq!(
+        store
+            .driver()
+            .leader("busy")
+            .await
+            .expect("reachable")
+            .map(|l| l.id),
+        Some(leader.id().to_owned()),
+        "the follower's shutdown left the leader alone"
+    );
+}
