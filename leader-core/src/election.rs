@@ -599,10 +599,10 @@ impl Drop for Withdrawal {
                 }
             }
         };
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(withdraw);
-            }
+        // Without a runtime it stays pending: a later resign() retries it.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(withdraw);
+        }
             Err(_) => {} // stays pending: a later resign() retries it
         }
     }
