@@ -603,8 +603,6 @@ impl Drop for Withdrawal {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(withdraw);
         }
-            Err(_) => {} // stays pending: a later resign() retries it
-        }
     }
 }
 
