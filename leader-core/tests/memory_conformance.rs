@@ -11,11 +11,11 @@ async fn harness() -> MemoryHarness {
 conformance_tests!(harness; #[tokio::test(start_paused = true)]);
 
 mod multi_thread {
-    //! The same suite on real time and a multi-threaded runtime, with a short TTL.
+    //! The same suite on real time and a multi-threaded runtime.
     use super::*;
 
     async fn harness() -> MemoryHarness {
-        MemoryHarness::new(Duration::from_millis(300))
+        MemoryHarness::new(Duration::from_secs(1))
     }
 
     conformance_tests!(harness; #[tokio::test(flavor = "multi_thread", worker_threads = 2)]);
