@@ -204,7 +204,10 @@ impl Election {
     /// Campaigns, holds the term while it lasts, and campaigns again after a loss or a store
     /// error (with jittered exponential backoff), until `shutdown` resolves; then resigns.
     ///
-    /// Returns `Ok(())` after a clean shutdown, or the error of the final resignation.
+    /// A term that ends for any reason, including a `resign()` called elsewhere, is
+    /// followed by a new campaign after a backoff delay (this candidate then queues behind
+    /// the others). Returns `Ok(())` after a clean shutdown, or the error of the final
+    /// resignation.
     pub async fn run<F>(&self, shutdown: F) -> Result<()>
     where
         F: Future<Output = ()>,
