@@ -30,6 +30,13 @@ fn election(driver: EtcdDriver, name: &str, value: &str) -> Election {
         .expect("valid settings")
 }
 
+/// Every key under `prefix`.
+async fn keys_under(kv: &mut etcd_client::Client, prefix: String) -> etcd_client::GetResponse {
+    kv.get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
+        .await
+        .expect("get")
+}
+
 /// An `etcdctl` process.
 struct Etcdctl(LineProcess);
 
@@ -126,13 +133,7 @@ async fn election_without_prefix_uses_etcdctls_keys_and_prefix_is_applied() {
     let e = election(plain, &name, "v");
     e.campaign().await.expect("elected");
     let mut kv = client.clone();
-    let keys = kv
-        .get(
-            format!("{name}/"),
-            Some(etcd_client::GetOptions::new().with_prefix()),
-        )
-        .await
-        .expect("get");
+    let keys = keys_under(&mut kv, format!("{name}/")).await;
     let kv0 = keys.kvs().first().expect("the candidate key exists");
     assert_eq!(
         kv0.key_str().expect("utf-8"),
@@ -144,22 +145,10 @@ async fn election_without_prefix_uses_etcdctls_keys_and_prefix_is_applied() {
     let prefixed = EtcdDriver::builder(client.clone()).prefix("svc/").build();
     let p = election(prefixed, &name, "v");
     p.campaign().await.expect("elected");
-    let keys = kv
-        .get(
-            format!("svc/{name}/"),
-            Some(etcd_client::GetOptions::new().with_prefix()),
-        )
-        .await
-        .expect("get");
+    let keys = keys_under(&mut kv, format!("svc/{name}/")).await;
     assert_eq!(keys.kvs().len(), 1, "the prefix is applied");
     p.resign().await.expect("resign");
-    let left = kv
-        .get(
-            format!("svc/{name}/"),
-            Some(etcd_client::GetOptions::new().with_prefix()),
-        )
-        .await
-        .expect("get");
+    let left = keys_under(&mut kv, format!("svc/{name}/")).await;
     assert!(left.kvs().is_empty(), "resign leaves nothing behind");
 }
 
