@@ -492,7 +492,9 @@ impl Inner {
 /// current, so that waiting candidates keep their place in line.
 async fn keep_lease_alive(inner: Weak<Inner>, id: i64, ttl: Duration) {
     let period = ttl / 3;
-    let retry = (ttl / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let first_retry = (ttl / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let mut retry = first_retry;
+    let mut failures = 0u32;
     let mut delay = period;
     loop {
         sleep(delay).await;
@@ -501,13 +503,29 @@ async fn keep_lease_alive(inner: Weak<Inner>, id: i64, ttl: Duration) {
         };
         match inner.keep_alive(id, period).await {
             Ok(confirmed_at) => {
+                if failures > 0 {
+                    debug!(lease = %format!("{id:x}"), failures, "etcd keep-alive works again");
+                }
+                failures = 0;
+                retry = first_retry;
                 delay = (confirmed_at + period).saturating_duration_since(Instant::now());
-                delay = delay.max(retry);
+                delay = delay.max(first_retry);
             }
             Err(Error::TermGone) => return,
             Err(err) => {
-                warn!(lease = %format!("{id:x}"), error = %err, "etcd keep-alive failed; retrying");
+                // Log the first failure and then every tenth, not every retry.
+                if failures.is_multiple_of(10) {
+                    warn!(
+                        lease = %format!("{id:x}"),
+                        error = %err,
+                        failures = failures + 1,
+                        "etcd keep-alive failed; retrying with backoff"
+                    );
+                }
+                failures = failures.saturating_add(1);
                 delay = retry;
+                // Back off up to the keep-alive period: a waiting candidate needs no more.
+                retry = (retry * 2).min(period.max(first_retry));
             }
         }
     }
