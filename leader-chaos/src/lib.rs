@@ -17,8 +17,10 @@ use std::io::{self, BufRead};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
+use leader_core::Driver;
 use leader_core::testing::FaultProxy;
 use leader_testkit::{EtcdServer, RedisServer};
 use nix::sys::signal::{Signal, kill};
@@ -172,21 +174,42 @@ pub fn check(spans: &[Span]) -> Check {
     result
 }
 
-/// The store under test.
+/// A store, as the chaos suite, its candidate process and the benchmarks name it.
+///
+/// In a chaos [`run`], etcd is a 3-member cluster (candidate `i` talks to member `i`) and
+/// Redis is one redis-server with `appendonly yes` + `appendfsync always`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
-    /// A 3-member etcd cluster; candidate `i` talks to member `i`.
+    /// etcd, through `leader-etcd`.
     Etcd,
-    /// One redis-server with `appendonly yes` + `appendfsync always`.
+    /// Redis, through `leader-redis`.
     Redis,
 }
 
 impl Backend {
-    fn name(self) -> &'static str {
+    /// `etcd` or `redis`.
+    pub fn name(self) -> &'static str {
         match self {
             Backend::Etcd => "etcd",
             Backend::Redis => "redis",
         }
+    }
+
+    /// The backend called `name` (`etcd` or `redis`).
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "etcd" => Some(Backend::Etcd),
+            "redis" => Some(Backend::Redis),
+            _ => None,
+        }
+    }
+
+    /// A driver connected to `endpoint` (etcd: `host:port`; Redis: `redis://host:port`).
+    pub async fn connect(self, endpoint: &str) -> leader_core::Result<Arc<dyn Driver>> {
+        Ok(match self {
+            Backend::Etcd => Arc::new(leader_etcd::EtcdDriver::connect([endpoint]).await?),
+            Backend::Redis => Arc::new(leader_redis::RedisDriver::connect(endpoint).await?),
+        })
     }
 }
 

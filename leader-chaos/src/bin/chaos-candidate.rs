@@ -13,8 +13,8 @@ use std::io::Write;
 use std::time::Duration;
 
 use futures::StreamExt;
-use leader_chaos::monotonic_ns;
-use leader_core::{CancellationToken, Driver, Election, Event};
+use leader_chaos::{Backend, monotonic_ns};
+use leader_core::{CancellationToken, Election, Event};
 
 #[tokio::main]
 async fn main() {
@@ -38,12 +38,9 @@ async fn main() {
 
 async fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     let ttl = Duration::from_millis(args[4].parse()?);
-    let driver: Box<dyn Driver> = match args[1].as_str() {
-        "etcd" => Box::new(leader_etcd::EtcdDriver::connect([args[2].as_str()]).await?),
-        "redis" => Box::new(leader_redis::RedisDriver::connect(&args[2]).await?),
-        other => return Err(format!("unknown backend {other}").into()),
-    };
-    let election = Election::builder(std::sync::Arc::<dyn Driver>::from(driver), args[3].clone())
+    let backend = Backend::parse(&args[1]).ok_or_else(|| format!("unknown backend {}", args[1]))?;
+    let driver = backend.connect(&args[2]).await?;
+    let election = Election::builder(driver, args[3].clone())
         .ttl(ttl)
         .retry(Duration::from_millis(50), ttl)
         .build()?;
