@@ -9,8 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::{TTL, harness};
-use futures::StreamExt;
-use leader_core::testing::conformance::{spawn_campaign, spawn_run, wait_until, within};
+use leader_core::testing::conformance::{
+    next_event, spawn_campaign, spawn_run, wait_until, within,
+};
 use leader_core::{CancellationToken, Election, Event, LossReason};
 use leader_etcd::EtcdDriver;
 use leader_testkit::{EtcdServer, LineProcess};
@@ -105,7 +106,19 @@ async fn rust_and_etcdctl_share_one_election_both_ways() {
 
     // 3. Rust campaigns and waits behind etcdctl; etcdctl resigns on SIGINT; Rust leads.
     let waiter = spawn_campaign(&rust);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut kv = etcd_client::Client::connect([endpoint.as_str()], None)
+        .await
+        .expect("connect");
+    within(
+        "the Rust candidate's key behind etcdctl's",
+        Duration::from_secs(5),
+        async {
+            while keys_under(&mut kv, format!("{name}/")).await.kvs().len() < 2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        },
+    )
+    .await;
     assert!(!waiter.is_finished(), "Rust waits while etcdctl leads");
     contender.interrupt();
     let term = within(
@@ -163,17 +176,13 @@ async fn a_lease_revoked_behind_the_drivers_back_ends_the_term_and_run_recovers(
     let mut events = e.subscribe();
     let stop = CancellationToken::new();
     let run = spawn_run(&e, &stop);
-    let first = within("elected", Duration::from_secs(5), events.next())
-        .await
-        .expect("event");
+    let first = next_event("elected", Duration::from_secs(5), &mut events).await;
     assert!(first.is_leader());
     let info = e.leader().await.expect("leader()").expect("a leader");
     let lease = i64::from_str_radix(&info.id, 16).expect("the id is the lease in hex");
     admin.lease_revoke(lease).await.expect("revoke");
 
-    let lost = within("the loss", TTL * 2, events.next())
-        .await
-        .expect("event");
+    let lost = next_event("the loss", TTL * 2, &mut events).await;
     assert!(
         matches!(
             lost,
@@ -185,13 +194,12 @@ async fn a_lease_revoked_behind_the_drivers_back_ends_the_term_and_run_recovers(
         "{lost:?}"
     );
     assert!(!e.status().is_leader());
-    let again = within(
+    let again = next_event(
         "elected again on a new lease",
         Duration::from_secs(10),
-        events.next(),
+        &mut events,
     )
-    .await
-    .expect("event");
+    .await;
     assert!(again.is_leader());
     assert!(again.fencing_token() > first.fencing_token());
     let info = e.leader().await.expect("leader()").expect("a leader");
@@ -213,9 +221,7 @@ async fn etcd_down_ends_the_term_by_its_deadline_and_leadership_returns_with_etc
     let mut events = e.subscribe();
     let stop = CancellationToken::new();
     let run = spawn_run(&e, &stop);
-    let first = within("elected", Duration::from_secs(5), events.next())
-        .await
-        .expect("event");
+    let first = next_event("elected", Duration::from_secs(5), &mut events).await;
     assert!(first.is_leader());
 
     h.server.kill(0);
@@ -227,18 +233,11 @@ async fn etcd_down_ends_the_term_by_its_deadline_and_leadership_returns_with_etc
         !e.status().is_leader(),
         "still leading a TTL after etcd died"
     );
-    let lost = within("the loss", TTL, events.next()).await.expect("event");
+    let lost = next_event("the loss", TTL, &mut events).await;
     assert!(matches!(lost, Event::Lost { .. }), "{lost:?}");
 
-    let h = tokio::task::spawn_blocking(move || {
-        h.server.restart(0).expect("etcd restarts");
-        h
-    })
-    .await
-    .expect("restart task");
-    let again = within("elected again", Duration::from_secs(20), events.next())
-        .await
-        .expect("event");
+    tokio::task::block_in_place(|| h.server.restart(0).expect("etcd restarts"));
+    let again = next_event("elected again", Duration::from_secs(20), &mut events).await;
     assert!(again.is_leader());
     assert!(again.fencing_token() > first.fencing_token());
     stop.cancel();
@@ -310,13 +309,10 @@ async fn cluster_member_failures_never_make_two_leaders() {
         .and_then(|m| m.name().strip_prefix('m'))
         .and_then(|i| i.parse::<usize>().ok())
         .expect("the raft leader is a member");
-    let server = tokio::task::spawn_blocking(move || {
+    tokio::task::block_in_place(|| {
         server.restart(0).expect("member 0 rejoins");
         server.kill(raft_leader);
-        server
-    })
-    .await
-    .expect("restart task");
+    });
     wait_until(
         "a leader again after the raft leader died",
         TTL + Duration::from_secs(10),

@@ -6,8 +6,9 @@ mod common;
 use std::time::Duration;
 
 use common::{TTL, harness, start};
-use futures::StreamExt;
-use leader_core::testing::conformance::{spawn_campaign, spawn_run, wait_until, within};
+use leader_core::testing::conformance::{
+    next_event, spawn_campaign, spawn_run, wait_until, within,
+};
 use leader_core::testing::{Fault, FaultProxy};
 use leader_core::{CancellationToken, Election, Event, LossReason};
 use leader_redis::RedisDriver;
@@ -92,7 +93,7 @@ async fn renewal_never_extends_another_candidates_key() {
     let old = election(driver, &name, TTL);
     let mut events = old.subscribe();
     let term = old.campaign().await.expect("elected");
-    events.next().await;
+    next_event("the Elected event", TTL, &mut events).await;
 
     let mut admin = h.admin().await;
     let _: () = admin.del(&keys.leader).await.expect("DEL");
@@ -105,9 +106,7 @@ async fn renewal_never_extends_another_candidates_key() {
     let _: () = admin.pexpire(&keys.leader, 5000).await.expect("PEXPIRE");
     let taken_at = Instant::now();
 
-    let lost = within("the old leader's loss", TTL, events.next())
-        .await
-        .expect("event");
+    let lost = next_event("the old leader's loss", TTL, &mut events).await;
     assert_eq!(
         lost,
         Event::Lost {
@@ -144,32 +143,18 @@ async fn restart_without_persistence_forgets_the_term_as_documented() {
     let run = spawn_run(&a, &stop);
     let mut last = 0;
     for _ in 0..3 {
-        let elected = within("elected", TTL * 3, events.next())
-            .await
-            .expect("event");
+        let elected = next_event("elected", TTL * 3, &mut events).await;
         assert!(elected.is_leader());
         last = elected.fencing_token();
         a.resign().await.expect("resign");
-        within("resigned", TTL, events.next()).await.expect("event");
+        next_event("resigned", TTL, &mut events).await;
     }
     assert!(last >= 3);
-    let elected = within("elected", TTL * 3, events.next())
-        .await
-        .expect("event");
+    let elected = next_event("elected", TTL * 3, &mut events).await;
     assert!(elected.is_leader());
 
-    let mut server = h.server;
-    let server = tokio::task::spawn_blocking(move || {
-        server.kill();
-        server.restart().expect("redis restarts");
-        server
-    })
-    .await
-    .expect("restart task");
-    h.server = server;
-    let lost = within("the loss after the restart", TTL * 2, events.next())
-        .await
-        .expect("event");
+    h.restart();
+    let lost = next_event("the loss after the restart", TTL * 2, &mut events).await;
     assert!(
         matches!(
             lost,
@@ -180,9 +165,7 @@ async fn restart_without_persistence_forgets_the_term_as_documented() {
         ),
         "{lost:?}"
     );
-    let again = within("elected again", TTL * 5, events.next())
-        .await
-        .expect("event");
+    let again = next_event("elected again", TTL * 5, &mut events).await;
     assert!(again.is_leader());
     assert!(
         again.fencing_token() <= last,
@@ -213,15 +196,7 @@ async fn restart_with_persistence_keeps_the_term_and_the_fence() {
     let stop = CancellationToken::new();
     let b_run = spawn_run(&b, &stop);
 
-    let mut server = h.server;
-    let server = tokio::task::spawn_blocking(move || {
-        server.kill();
-        server.restart().expect("redis restarts");
-        server
-    })
-    .await
-    .expect("restart task");
-    h.server = server;
+    h.restart();
     // The key survived: a keeps renewing it through the restart.
     sleep(ttl).await;
     assert!(
@@ -240,6 +215,25 @@ async fn restart_with_persistence_keeps_the_term_and_the_fence() {
         .expect("clean shutdown");
 }
 
+/// Waits until some connection subscribes to `channel`: a waiting candidate listens.
+async fn wait_subscribed(admin: &mut redis::aio::MultiplexedConnection, channel: &str) {
+    within(&format!("a subscriber on {channel}"), TTL * 5, async {
+        loop {
+            let (_, subscribers): (String, i64) = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(channel)
+                .query_async(admin)
+                .await
+                .expect("PUBSUB NUMSUB");
+            if subscribers > 0 {
+                return;
+            }
+            sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
 /// Pub/sub connections killed (`CLIENT KILL TYPE pubsub`): waiters still take over when
 /// the leader's key expires, and handoffs work again once pub/sub reconnects.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -253,11 +247,14 @@ async fn lost_pubsub_still_fails_over_at_expiry() {
         &name,
         TTL,
     );
-    let b = election(h.driver_at(&url).await, &name, TTL);
+    let b_driver = h.driver_at(&url).await;
+    let b_keys = b_driver.keys(&name);
+    let b = election(b_driver, &name, TTL);
     a.campaign().await.expect("a elected");
     let waiter = spawn_campaign(&b);
-    sleep(TTL / 5).await;
     let mut admin = h.admin().await;
+    let channel = b_keys.channel.clone();
+    wait_subscribed(&mut admin, &channel).await;
     let killed: i64 = redis::cmd("CLIENT")
         .arg(&["KILL", "TYPE", "pubsub"])
         .query_async(&mut admin)
@@ -284,7 +281,7 @@ async fn lost_pubsub_still_fails_over_at_expiry() {
     // Pub/sub is back: a resignation hands over promptly again.
     let c = election(h.driver_at(&url).await, &name, TTL);
     let waiter = spawn_campaign(&c);
-    sleep(TTL / 5).await;
+    wait_subscribed(&mut admin, &channel).await;
     let resigned_at = Instant::now();
     b.resign().await.expect("resign");
     within("c's campaign", TTL * 2, waiter)

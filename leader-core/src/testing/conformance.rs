@@ -119,10 +119,11 @@ async fn campaign(election: &Election, limit: Duration) -> Term {
         .expect("campaign succeeds")
 }
 
-async fn next_event(events: &mut crate::EventStream, limit: Duration) -> Event {
-    within("an event", limit, events.next())
+/// The next event of `events`; panics, naming `what`, if none comes within `limit`.
+pub async fn next_event(what: &str, limit: Duration, events: &mut crate::EventStream) -> Event {
+    within(what, limit, events.next())
         .await
-        .expect("event stream open")
+        .unwrap_or_else(|| panic!("the event stream ended while waiting for {what}"))
 }
 
 /// Three candidates run for one election: exactly one leads, never more.
@@ -277,14 +278,14 @@ pub async fn renewal_keeps_the_term(h: &dyn Harness) {
     );
     assert_eq!(a.status().fencing_token(), Some(term.fencing_token()));
     assert_eq!(
-        next_event(&mut events, ttl).await,
+        next_event("the Elected event", ttl, &mut events).await,
         Event::Elected {
             fencing_token: term.fencing_token()
         }
     );
     a.resign().await.expect("resign");
     assert!(matches!(
-        next_event(&mut events, ttl).await,
+        next_event("the Resigned event", ttl, &mut events).await,
         Event::Resigned { .. }
     ));
 }
@@ -304,7 +305,7 @@ pub async fn partitioned_leader_steps_down_before_takeover(h: &dyn Harness) {
     wait_until("a leads", ttl * 3, || a.status().is_leader()).await;
     let a_token = a.status().fencing_token().expect("a leads");
     assert_eq!(
-        next_event(&mut a_events, ttl).await,
+        next_event("a's Elected event", ttl, &mut a_events).await,
         Event::Elected {
             fencing_token: a_token
         }
@@ -321,7 +322,7 @@ pub async fn partitioned_leader_steps_down_before_takeover(h: &dyn Harness) {
         "a still believed it led {:?} after the partition (TTL {ttl:?})",
         partitioned_at.elapsed()
     );
-    let lost = next_event(&mut a_events, ttl).await;
+    let lost = next_event("a's loss", ttl, &mut a_events).await;
     assert!(
         matches!(lost, Event::Lost { fencing_token, reason: LossReason::Expired | LossReason::Gone } if fencing_token == a_token),
         "{lost:?}"
@@ -335,7 +336,6 @@ pub async fn partitioned_leader_steps_down_before_takeover(h: &dyn Harness) {
 
     // The store comes back; b hands over; a's run loop campaigns again and wins.
     fault.heal().await;
-    sleep(ttl / 2).await;
     b.resign().await.expect("b resigns");
     wait_until("a leads again after the partition heals", ttl * 6, || {
         a.status().is_leader()
@@ -369,7 +369,7 @@ pub async fn events_arrive_in_order(h: &dyn Harness) {
     }
     let mut seen = Vec::new();
     for _ in 0..expected.len() {
-        seen.push(next_event(&mut events, ttl).await);
+        seen.push(next_event("the next event", ttl, &mut events).await);
     }
     assert_eq!(seen, expected);
     assert!(seen[0].is_leader() && !seen[1].is_leader());

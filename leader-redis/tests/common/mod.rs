@@ -33,6 +33,15 @@ impl RedisHarness {
         RedisDriver::connect(url).await.expect("connect to redis")
     }
 
+    /// Kills redis-server and starts it again on the same port and directory. Needs a
+    /// multi-threaded runtime (the restart blocks until the server listens).
+    pub fn restart(&mut self) {
+        tokio::task::block_in_place(|| {
+            self.server.kill();
+            self.server.restart().expect("redis restarts");
+        });
+    }
+
     /// A plain connection for poking at the keys.
     pub async fn admin(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(self.server.url())
