@@ -18,6 +18,9 @@ ensure_packages() {
   for cmd in "${!PACKAGE_OF[@]}"; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("${PACKAGE_OF[$cmd]}")
   done
+  # protoc alone lacks the well-known types etcd-client's protos import
+  # (google/protobuf/descriptor.proto): they come with libprotobuf-dev.
+  [ -f /usr/include/google/protobuf/descriptor.proto ] || missing+=(libprotobuf-dev)
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     step "installing ${missing[*]}"
