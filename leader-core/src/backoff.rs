@@ -25,10 +25,10 @@ impl Backoff {
     /// The next delay to wait.
     pub(crate) fn next_delay(&mut self) -> Duration {
         let ceiling = self.current;
-        self.current = (self.current * 2).min(self.max);
+        self.current = self.current.saturating_mul(2).min(self.max);
         let floor = ceiling / 2;
         let spread = ceiling.saturating_sub(floor);
-        floor + spread.mul_f64(rand::rng().random::<f64>())
+        floor.saturating_add(spread.mul_f64(rand::rng().random::<f64>()))
     }
 
     /// Back to the shortest delay, after a success.
@@ -57,6 +57,15 @@ mod tests {
         }
         backoff.reset();
         assert!(backoff.next_delay() <= min);
+    }
+
+    #[test]
+    fn a_huge_maximum_does_not_overflow() {
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::MAX);
+        for _ in 0..200 {
+            backoff.next_delay();
+        }
+        assert!(backoff.next_delay() >= Duration::from_secs(1));
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::Result;
 /// passes the same one to every driver call, so a driver can key its own bookkeeping on
 /// [`id`](Self::id).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Candidate {
     /// The election's name, as given to [`Election::builder`](crate::Election::builder).
     pub election: String,
@@ -27,6 +28,24 @@ pub struct Candidate {
     /// The lease the candidate asks for. A driver may grant a longer one (see
     /// [`Grant::ttl`]), never a shorter one.
     pub ttl: Duration,
+}
+
+impl Candidate {
+    /// A candidate `id` in `election`, campaigning with `value` for a lease of `ttl`.
+    /// [`Election`](crate::Election) makes these; drivers' own tests may too.
+    pub fn new(
+        election: impl Into<String>,
+        id: impl Into<String>,
+        value: impl Into<Vec<u8>>,
+        ttl: Duration,
+    ) -> Self {
+        Candidate {
+            election: election.into(),
+            id: id.into(),
+            value: value.into(),
+            ttl,
+        }
+    }
 }
 
 /// The store's confirmation that a candidate holds (or still holds) a term.
@@ -62,6 +81,7 @@ impl Grant {
 
 /// Who leads an election, as the store says.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct LeaderInfo {
     /// The store's identifier of the leading candidate (etcd: the key's lease in hex; Redis
     /// and memory: the candidate id).
@@ -73,6 +93,15 @@ pub struct LeaderInfo {
 }
 
 impl LeaderInfo {
+    /// The leader `id`, which campaigned with `value`, in its term `fencing_token`.
+    pub fn new(id: impl Into<String>, value: impl Into<Vec<u8>>, fencing_token: u64) -> Self {
+        LeaderInfo {
+            id: id.into(),
+            value: value.into(),
+            fencing_token,
+        }
+    }
+
     /// The value as UTF-8 text, with invalid bytes replaced.
     pub fn value_lossy(&self) -> std::borrow::Cow<'_, str> {
         String::from_utf8_lossy(&self.value)
@@ -103,12 +132,20 @@ impl LeaderInfo {
 ///   store in a loop: it waits on a store notification (etcd: a watch on the predecessor's
 ///   key; Redis: pub/sub) and, where the store cannot notify, on a timer set to the current
 ///   lease's expiry. Idle cost must not grow with the number of waiting candidates.
-/// * **Cancellation.** Every method may be cancelled by dropping its future.
+/// * **Cancellation and late effects.** Every method may be cancelled by dropping its
+///   future, and a request may take effect in the store after its caller gave up on it
+///   (the answer was lost, or the request was delayed past its timeout).
 ///   [`Election`](crate::Election) then calls [`resign`](Self::resign) for the same
 ///   candidate, which must remove whatever a half-finished `campaign` left in the store.
+///   Every store-side change must therefore be conditional on the term it is meant for, so
+///   that a late one cannot touch a newer term: when `resign` is given a fencing token it
+///   deletes that term only.
 /// * **Errors.** Store failures are returned as [`Error::Store`](crate::Error::Store) or
 ///   [`Error::Timeout`](crate::Error::Timeout); a driver never panics on them and never
-///   retries in a tight loop. All methods may be retried by the caller.
+///   retries in a tight loop. All methods may be retried by the caller. A refusal that
+///   retrying cannot fix (bad credentials, a missing permission) is
+///   [`Error::Denied`](crate::Error::Denied), which [`Election::run`](crate::Election::run)
+///   returns instead of retrying.
 #[async_trait]
 pub trait Driver: Send + Sync + 'static {
     /// Enters `candidate` into its election and waits until it leads.
@@ -128,7 +165,11 @@ pub trait Driver: Send + Sync + 'static {
     /// Removes this candidate from the election: deletes its term if it holds one, and its
     /// place in line if it waits. Succeeds if there is nothing to remove. Only ever touches
     /// this candidate's own key. Lets a waiting candidate take over in about one round trip.
-    async fn resign(&self, candidate: &Candidate) -> Result<()>;
+    ///
+    /// With `Some(fencing_token)`, the driver deletes the term with that token only (a
+    /// newer term of the same candidate stays); with `None` (a campaign whose answer never
+    /// came), whatever this candidate has in the election.
+    async fn resign(&self, candidate: &Candidate, fencing_token: Option<u64>) -> Result<()>;
 
     /// Who leads `election` now, if anyone.
     async fn leader(&self, election: &str) -> Result<Option<LeaderInfo>>;
@@ -138,6 +179,15 @@ pub trait Driver: Send + Sync + 'static {
     /// A store error is yielded as an `Err` item and the stream goes on; it ends only when
     /// dropped.
     fn observe(&self, election: &str) -> BoxStream<'static, Result<Option<LeaderInfo>>>;
+
+    /// Whether this store can hold an election named `election`: called by
+    /// [`ElectionBuilder::build`](crate::ElectionBuilder::build), so that a name the store
+    /// rejects is an [`Error::InvalidConfig`](crate::Error::InvalidConfig) at once, not an
+    /// error at every campaign. Defaults to accepting every name.
+    fn check_name(&self, election: &str) -> Result<()> {
+        let _ = election;
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -150,8 +200,8 @@ impl<D: Driver + ?Sized> Driver for Arc<D> {
         (**self).renew(candidate, grant).await
     }
 
-    async fn resign(&self, candidate: &Candidate) -> Result<()> {
-        (**self).resign(candidate).await
+    async fn resign(&self, candidate: &Candidate, fencing_token: Option<u64>) -> Result<()> {
+        (**self).resign(candidate, fencing_token).await
     }
 
     async fn leader(&self, election: &str) -> Result<Option<LeaderInfo>> {
@@ -160,5 +210,9 @@ impl<D: Driver + ?Sized> Driver for Arc<D> {
 
     fn observe(&self, election: &str) -> BoxStream<'static, Result<Option<LeaderInfo>>> {
         (**self).observe(election)
+    }
+
+    fn check_name(&self, election: &str) -> Result<()> {
+        (**self).check_name(election)
     }
 }

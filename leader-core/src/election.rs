@@ -1,31 +1,23 @@
-//! [`Election`], its builder, [`Status`] and [`Term`]: the state machine shared by all
-//! drivers.
+//! The handles users hold: [`Election`], [`Status`] and [`Term`]. The machinery behind
+//! them is in `machinery.rs`; the builder in `builder.rs`.
 
 use std::fmt;
 use std::future::Future;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use tokio::sync::{OwnedMutexGuard, mpsc};
-use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::backoff::Backoff;
-use crate::driver::{Candidate, Driver, Grant, LeaderInfo};
-use crate::event::{Event, EventStream, LossReason};
-use crate::{Config, Error, Result};
-
-/// The shortest TTL [`ElectionBuilder::build`] accepts.
-pub const MIN_TTL: Duration = Duration::from_millis(10);
-/// The longest TTL [`ElectionBuilder::build`] accepts.
-pub const MAX_TTL: Duration = Duration::from_secs(24 * 60 * 60);
-/// The largest value [`ElectionBuilder::build`] accepts, in bytes.
-pub const MAX_VALUE_LEN: usize = 1024 * 1024;
-/// The longest election name [`ElectionBuilder::build`] accepts, in bytes.
-pub const MAX_NAME_LEN: usize = 512;
+use crate::builder::ElectionBuilder;
+use crate::driver::{Driver, LeaderInfo};
+use crate::event::EventStream;
+use crate::machinery::{Core, ErrorChain, Shared, TermState};
+use crate::{Error, Result};
 
 /// One candidate in one named election.
 ///
@@ -40,8 +32,8 @@ pub struct Election {
 }
 
 /// Withdraws the candidacy when the last [`Election`] clone goes away.
-struct Handle {
-    core: Arc<Core>,
+pub(crate) struct Handle {
+    pub(crate) core: Arc<Core>,
 }
 
 impl Drop for Handle {
@@ -55,76 +47,11 @@ impl Drop for Handle {
                 warn!(
                     election = %core.candidate.election,
                     "election dropped outside a Tokio runtime: stepping down locally; \
-                     the store keeps this candidate's key until its TTL runs out"
+                     the store keeps this candidate's key until its lease runs out"
                 );
                 core.step_down_locally();
             }
         }
-    }
-}
-
-pub(crate) struct Core {
-    driver: Arc<dyn Driver>,
-    candidate: Candidate,
-    safety_margin: Option<Duration>,
-    retry_min: Duration,
-    retry_max: Duration,
-    shared: Arc<Shared>,
-    /// Serialises every call that creates or deletes this candidate's key in the store
-    /// (campaign, resign, withdrawal), so a late withdrawal can never delete a newer term.
-    campaign_lock: Arc<tokio::sync::Mutex<()>>,
-}
-
-struct Shared {
-    state: Mutex<State>,
-}
-
-#[derive(Default)]
-struct State {
-    term: Option<Arc<TermState>>,
-    /// A resignation stepped down but its store call failed: `resign()` retries it.
-    pending_withdrawal: bool,
-    subscribers: Vec<mpsc::UnboundedSender<Event>>,
-}
-
-struct TermState {
-    fencing_token: u64,
-    elected_at: Instant,
-    deadline: Mutex<Instant>,
-    ended: CancellationToken,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The data under these locks is always left consistent, so a panic elsewhere while
-    // holding one does not make it unusable.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-impl TermState {
-    fn deadline(&self) -> Instant {
-        *lock(&self.deadline)
-    }
-
-    fn is_valid(&self) -> bool {
-        !self.ended.is_cancelled() && Instant::now() < self.deadline()
-    }
-}
-
-impl State {
-    fn emit(&mut self, event: Event) {
-        self.subscribers.retain(|tx| tx.send(event.clone()).is_ok());
-    }
-}
-
-impl Shared {
-    fn valid_term(&self) -> Option<Arc<TermState>> {
-        lock(&self.state)
-            .term
-            .as_ref()
-            .filter(|term| term.is_valid())
-            .cloned()
     }
 }
 
@@ -135,6 +62,12 @@ impl Election {
     /// share one driver (clone it).
     pub fn builder(driver: impl Driver, name: impl Into<String>) -> ElectionBuilder {
         ElectionBuilder::new(Arc::new(driver), name.into())
+    }
+
+    pub(crate) fn from_handle(handle: Handle) -> Self {
+        Election {
+            handle: Arc::new(handle),
+        }
     }
 
     /// The election's name.
@@ -175,28 +108,54 @@ impl Election {
 
     /// Every change of this candidate's leadership from now on, in order, never coalesced.
     pub fn subscribe(&self) -> EventStream {
-        let (tx, rx) = mpsc::unbounded_channel();
-        lock(&self.core().shared.state).subscribers.push(tx);
-        EventStream { rx }
+        EventStream {
+            rx: self.core().shared.subscribe(),
+        }
     }
 
     /// Campaigns and waits until this candidate leads; returns the new term (or the one it
     /// already holds).
     ///
-    /// Cancel-safe: dropping the future withdraws the candidacy (in the background), so a
-    /// candidate that gave up never blocks the others. A store error ends the campaign with
-    /// `Err`; [`run`](Self::run) is the loop that keeps trying.
+    /// A term of this candidate that has expired but was not yet reported ends first (with
+    /// [`Event::Lost`](crate::Event::Lost)), and whatever an ended term left in the store is
+    /// withdrawn before the driver is asked for a new one.
+    ///
+    /// # Errors
+    ///
+    /// A store error ends the campaign ([`Error::Store`], [`Error::Timeout`], or
+    /// [`Error::Denied`] when the store refuses this client); [`Error::Withdrawn`] if a
+    /// concurrent [`resign`](Self::resign) withdrew it. [`run`](Self::run) is the loop that
+    /// keeps trying.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future withdraws the candidacy in the background (holding the
+    /// candidate's campaign lock, so the withdrawal can never delete a newer term), so a
+    /// candidate that gave up never blocks the others.
     pub async fn campaign(&self) -> Result<Term> {
-        Arc::clone(self.core()).campaign().await
+        let (state, core) = Arc::clone(self.core()).campaign().await?;
+        Ok(Term { state, core })
     }
 
     /// Steps down and deletes this candidate's term from the store, so that a waiting
     /// candidate takes over in about one store round trip.
     ///
-    /// `is_leader()` is false before the store is asked. Returns [`Error::NotALeader`] if
-    /// this candidate holds no term. If the store call fails, the error is returned, the
-    /// term is reported [lost](LossReason::ResignFailed), and calling `resign` again retries
-    /// the deletion; the store drops the key at its TTL at the latest.
+    /// `is_leader()` is false before the store is asked. A campaign of this candidate that
+    /// waits in line meanwhile is withdrawn (it returns [`Error::Withdrawn`]), never
+    /// elected and then resigned.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotALeader`] if this candidate holds no term (and nothing of an earlier one
+    /// is left to delete). If the store call fails, the error is returned, the term is
+    /// reported [lost](crate::LossReason::ResignFailed), and the deletion is retried in the
+    /// background (calling `resign` again retries it at once).
+    ///
+    /// # Cancel safety
+    ///
+    /// Once the candidate stepped down, the store call and the end event run in a task of
+    /// their own: dropping this future cannot lose the
+    /// [`Resigned`](crate::Event::Resigned) or [`Lost`](crate::Event::Lost) event.
     pub async fn resign(&self) -> Result<()> {
         self.core().resign(None).await
     }
@@ -206,15 +165,26 @@ impl Election {
     ///
     /// A term that ends for any reason, including a `resign()` called elsewhere, is
     /// followed by a new campaign after a backoff delay (this candidate then queues behind
-    /// the others). Returns `Ok(())` after a clean shutdown, or the error of the final
-    /// resignation.
+    /// the others).
+    ///
+    /// # Errors
+    ///
+    /// Returns `Ok(())` after a clean shutdown, the error of the final resignation, or at
+    /// once an error that retrying cannot fix ([`Error::is_transient`] is false: the store
+    /// refused this client's credentials or permissions).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future withdraws a waiting campaign as [`campaign`](Self::campaign)
+    /// does; a held term is not resigned (it ends at its deadline, or when the last
+    /// handle is dropped). Resolve `shutdown` to resign.
     pub async fn run<F>(&self, shutdown: F) -> Result<()>
     where
         F: Future<Output = ()>,
     {
         let core = self.core();
         let mut shutdown = std::pin::pin!(shutdown);
-        let mut backoff = Backoff::new(core.retry_min, core.retry_max);
+        let mut backoff = Backoff::new(core.settings.retry_min, core.settings.retry_max);
         loop {
             let campaigned = tokio::select! {
                 biased;
@@ -223,15 +193,18 @@ impl Election {
             };
             match campaigned {
                 Ok(term) => {
-                    info!(election = %self.name(), fencing_token = term.fencing_token(), "elected");
                     tokio::select! {
                         biased;
                         () = &mut shutdown => break,
-                        () = term.lost() => {}
+                        () = term.ended() => {}
                     }
                     if term.state.elected_at.elapsed() >= self.ttl() {
                         backoff.reset();
                     }
+                }
+                Err(err) if !err.is_transient() => {
+                    warn!(election = %self.name(), error = %ErrorChain(&err), "campaign failed; not retrying");
+                    return Err(err);
                 }
                 Err(err) => {
                     warn!(election = %self.name(), error = %ErrorChain(&err), "campaign failed");
@@ -297,318 +270,6 @@ impl fmt::Debug for Election {
     }
 }
 
-impl Core {
-    fn margin_for(&self, ttl: Duration) -> Duration {
-        self.safety_margin
-            .unwrap_or_else(|| (ttl / 50).max(Duration::from_millis(1)))
-    }
-
-    fn deadline_of(&self, grant: &Grant) -> Instant {
-        grant.confirmed_at + grant.ttl.saturating_sub(self.margin_for(grant.ttl))
-    }
-
-    async fn campaign(self: Arc<Self>) -> Result<Term> {
-        let guard = Arc::clone(&self.campaign_lock).lock_owned().await;
-        if let Some(state) = self.shared.valid_term() {
-            return Ok(Term { state, core: self });
-        }
-        let mut withdrawal = Withdrawal {
-            core: Some(Arc::clone(&self)),
-            guard: Some(guard),
-        };
-        debug!(election = %self.candidate.election, id = %self.candidate.id, "campaigning");
-        let mut grant = self.driver.campaign(&self.candidate).await?;
-        if self.deadline_of(&grant) <= Instant::now() {
-            // Elected after a long wait on a stale confirmation: confirm once more before
-            // believing it.
-            grant = self.renew_within(&grant, self.candidate.ttl).await?;
-            if self.deadline_of(&grant) <= Instant::now() {
-                return Err(Error::Timeout(self.candidate.ttl));
-            }
-        }
-        let term = self.start_term(grant);
-        withdrawal.disarm();
-        Ok(term)
-    }
-
-    async fn renew_within(&self, grant: &Grant, limit: Duration) -> Result<Grant> {
-        match timeout(limit, self.driver.renew(&self.candidate, grant)).await {
-            Ok(result) => result,
-            Err(_) => Err(Error::Timeout(limit)),
-        }
-    }
-
-    fn start_term(self: &Arc<Self>, grant: Grant) -> Term {
-        let state = Arc::new(TermState {
-            fencing_token: grant.fencing_token,
-            elected_at: Instant::now(),
-            deadline: Mutex::new(self.deadline_of(&grant)),
-            ended: CancellationToken::new(),
-        });
-        {
-            let mut st = lock(&self.shared.state);
-            if let Some(old) = st.term.take() {
-                // Only an expired term can still be here: its holder task has not run yet.
-                old.ended.cancel();
-                st.emit(Event::Lost {
-                    fencing_token: old.fencing_token,
-                    reason: LossReason::Expired,
-                });
-            }
-            st.term = Some(Arc::clone(&state));
-            st.pending_withdrawal = false;
-            st.emit(Event::Elected {
-                fencing_token: grant.fencing_token,
-            });
-        }
-        tokio::spawn(Arc::clone(self).hold(Arc::clone(&state), grant));
-        Term {
-            state,
-            core: Arc::clone(self),
-        }
-    }
-
-    /// Ends `term` with `event` if it is still the current one. Returns whether it was.
-    fn end_term(&self, term: &Arc<TermState>, event: Event) -> bool {
-        let mut st = lock(&self.shared.state);
-        match &st.term {
-            Some(current) if Arc::ptr_eq(current, term) => {
-                st.term = None;
-                term.ended.cancel();
-                st.emit(event);
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// Renews `term` every third of its TTL until it ends; ends it at its deadline.
-    async fn hold(self: Arc<Self>, term: Arc<TermState>, mut grant: Grant) {
-        let retry = (grant.ttl / 10).clamp(Duration::from_millis(10), Duration::from_secs(1));
-        let mut next_renewal = grant.confirmed_at + grant.ttl / 3;
-        let lost = |reason| Event::Lost {
-            fencing_token: term.fencing_token,
-            reason,
-        };
-        loop {
-            let deadline = term.deadline();
-            tokio::select! {
-                biased;
-                () = term.ended.cancelled() => return,
-                () = sleep_until(deadline) => {
-                    self.end_expired(&term);
-                    return;
-                }
-                () = sleep_until(next_renewal) => {}
-            }
-            let renewed = tokio::select! {
-                biased;
-                () = term.ended.cancelled() => return,
-                () = sleep_until(deadline) => {
-                    self.end_expired(&term);
-                    return;
-                }
-                renewed = self.driver.renew(&self.candidate, &grant) => renewed,
-            };
-            match renewed {
-                Ok(renewed) if renewed.fencing_token == grant.fencing_token => {
-                    let new_deadline = self.deadline_of(&renewed);
-                    {
-                        let mut deadline = lock(&term.deadline);
-                        if new_deadline > *deadline {
-                            *deadline = new_deadline;
-                        }
-                    }
-                    grant = renewed;
-                    next_renewal = (grant.confirmed_at + grant.ttl / 3).max(Instant::now() + retry);
-                }
-                Ok(other) => {
-                    warn!(
-                        election = %self.candidate.election,
-                        fencing_token = term.fencing_token,
-                        store_token = other.fencing_token,
-                        "store renewed a different term; stepping down"
-                    );
-                    self.end_term(&term, lost(LossReason::Gone));
-                    return;
-                }
-                Err(Error::TermGone) => {
-                    warn!(
-                        election = %self.candidate.election,
-                        fencing_token = term.fencing_token,
-                        "the store no longer holds this term; stepping down"
-                    );
-                    self.end_term(&term, lost(LossReason::Gone));
-                    return;
-                }
-                Err(err) => {
-                    warn!(
-                        election = %self.candidate.election,
-                        fencing_token = term.fencing_token,
-                        error = %ErrorChain(&err),
-                        "renewal failed; retrying until the deadline"
-                    );
-                    next_renewal = Instant::now() + retry;
-                }
-            }
-        }
-    }
-
-    fn end_expired(&self, term: &Arc<TermState>) {
-        if self.end_term(
-            term,
-            Event::Lost {
-                fencing_token: term.fencing_token,
-                reason: LossReason::Expired,
-            },
-        ) {
-            warn!(
-                election = %self.candidate.election,
-                fencing_token = term.fencing_token,
-                "term not renewed before its deadline; stepped down"
-            );
-        }
-    }
-
-    async fn resign(&self, only: Option<&Arc<TermState>>) -> Result<()> {
-        // A follower gets its answer at once, even while a campaign of its own waits
-        // (holding the campaign lock) in another task.
-        {
-            let st = lock(&self.shared.state);
-            let nothing_to_do = match only {
-                Some(term) => !st.term.as_ref().is_some_and(|t| Arc::ptr_eq(t, term)),
-                None => st.term.is_none() && !st.pending_withdrawal,
-            };
-            if nothing_to_do {
-                return Err(Error::NotALeader);
-            }
-        }
-        let _guard = self.campaign_lock.lock().await;
-        let term = {
-            let mut st = lock(&self.shared.state);
-            let current = st.term.clone();
-            let term = match (current, only) {
-                (Some(current), Some(only)) if !Arc::ptr_eq(&current, only) => {
-                    return Err(Error::NotALeader);
-                }
-                (None, Some(_)) => return Err(Error::NotALeader),
-                (None, None) if !st.pending_withdrawal => return Err(Error::NotALeader),
-                (current, _) => current,
-            };
-            // Step down before the store is asked, so that this candidate never believes it
-            // leads once someone else could be elected.
-            if let Some(term) = &term {
-                st.term = None;
-                term.ended.cancel();
-            }
-            st.pending_withdrawal = true;
-            term
-        };
-        let limit = self.candidate.ttl.max(Duration::from_secs(1));
-        let result = match timeout(limit, self.driver.resign(&self.candidate)).await {
-            Ok(result) => result,
-            Err(_) => Err(Error::Timeout(limit)),
-        };
-        let mut st = lock(&self.shared.state);
-        match result {
-            Ok(()) => {
-                st.pending_withdrawal = false;
-                if let Some(term) = term {
-                    info!(election = %self.candidate.election, fencing_token = term.fencing_token, "resigned");
-                    st.emit(Event::Resigned {
-                        fencing_token: term.fencing_token,
-                    });
-                }
-                Ok(())
-            }
-            Err(err) => {
-                if let Some(term) = term {
-                    st.emit(Event::Lost {
-                        fencing_token: term.fencing_token,
-                        reason: LossReason::ResignFailed,
-                    });
-                }
-                Err(err)
-            }
-        }
-    }
-
-    /// The last handle is gone: withdraw the candidacy, resign any term, end the streams.
-    async fn close(self: Arc<Self>) {
-        match self.resign(None).await {
-            Ok(()) | Err(Error::NotALeader) => {}
-            Err(err) => warn!(
-                election = %self.candidate.election,
-                error = %ErrorChain(&err),
-                "could not resign while closing; the store drops the key at its TTL"
-            ),
-        }
-        lock(&self.shared.state).subscribers.clear();
-    }
-
-    fn step_down_locally(&self) {
-        let mut st = lock(&self.shared.state);
-        if let Some(term) = st.term.take() {
-            term.ended.cancel();
-            st.emit(Event::Lost {
-                fencing_token: term.fencing_token,
-                reason: LossReason::ResignFailed,
-            });
-        }
-        st.subscribers.clear();
-    }
-}
-
-/// Withdraws a campaign that did not finish (its future was dropped, or it failed): asks
-/// the driver to remove the candidate, in the background, still holding the campaign lock.
-struct Withdrawal {
-    core: Option<Arc<Core>>,
-    guard: Option<OwnedMutexGuard<()>>,
-}
-
-impl Withdrawal {
-    fn disarm(&mut self) {
-        self.core = None;
-        self.guard = None;
-    }
-}
-
-impl Drop for Withdrawal {
-    fn drop(&mut self) {
-        let (Some(core), Some(guard)) = (self.core.take(), self.guard.take()) else {
-            return;
-        };
-        // Until the withdrawal is done, `resign()` waits for it rather than answering
-        // "not a leader" while the store may still hold this candidate's key.
-        lock(&core.shared.state).pending_withdrawal = true;
-        let withdraw = {
-            let core = Arc::clone(&core);
-            async move {
-                let _guard = guard;
-                let limit = core.candidate.ttl.max(Duration::from_secs(1));
-                let result = timeout(limit, core.driver.resign(&core.candidate)).await;
-                let failed = match result {
-                    Ok(Ok(())) => None,
-                    Ok(Err(err)) => Some(err),
-                    Err(_) => Some(Error::Timeout(limit)),
-                };
-                match failed {
-                    None => lock(&core.shared.state).pending_withdrawal = false,
-                    Some(err) => warn!(
-                        election = %core.candidate.election,
-                        error = %ErrorChain(&err),
-                        "could not withdraw an abandoned campaign; resign() retries it"
-                    ),
-                }
-            }
-        };
-        // Without a runtime it stays pending: a later resign() retries it.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(withdraw);
-        }
-    }
-}
-
 /// Answers "does this candidate lead?" without awaiting. Cheap to clone, `Send + Sync`.
 #[derive(Clone)]
 pub struct Status {
@@ -618,8 +279,10 @@ pub struct Status {
 impl Status {
     /// Whether this candidate holds a term whose deadline has not passed.
     ///
-    /// The deadline is checked here, on the monotonic clock, not only by a background
-    /// task: a process that wakes from a long pause sees `false` before anything else runs.
+    /// The deadline is checked here, not only by a background task: a process that wakes
+    /// from a long pause sees `false` before anything else runs. On Linux the check also
+    /// counts time the machine spent suspended (`CLOCK_BOOTTIME`), which the monotonic
+    /// clock does not. Within one term, once `false`, never `true` again.
     pub fn is_leader(&self) -> bool {
         self.shared.valid_term().is_some()
     }
@@ -649,8 +312,8 @@ impl fmt::Debug for Status {
 /// A term this candidate holds: information, not a guard. Dropping it does not resign.
 #[derive(Clone)]
 pub struct Term {
-    state: Arc<TermState>,
-    core: Arc<Core>,
+    pub(crate) state: Arc<TermState>,
+    pub(crate) core: Arc<Core>,
 }
 
 impl Term {
@@ -662,7 +325,7 @@ impl Term {
 
     /// The instant (monotonic clock) after which this candidate must not act as leader:
     /// the send time of the last successful grant or renewal, plus the TTL, minus the
-    /// safety margin. It moves forward at each renewal.
+    /// safety margin. It moves forward at each renewal, never once it has passed.
     pub fn deadline(&self) -> std::time::Instant {
         self.state.deadline().into_std()
     }
@@ -679,13 +342,26 @@ impl Term {
         self.state.ended.clone()
     }
 
-    /// Resolves when the term ends.
-    pub async fn lost(&self) {
+    /// Resolves when the term ends: lost or resigned.
+    pub async fn ended(&self) {
         self.state.ended.cancelled().await;
+    }
+
+    /// Resolves when the term ends, lost *or resigned*: use [`ended`](Self::ended).
+    #[deprecated(
+        since = "0.1.1",
+        note = "it also resolves on resignation: use `ended()`"
+    )]
+    pub async fn lost(&self) {
+        self.ended().await;
     }
 
     /// Resigns this term, as [`Election::resign`], or returns [`Error::NotALeader`] if it
     /// already ended.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Election::resign`]: the end event is never lost.
     pub async fn resign(&self) -> Result<()> {
         self.core.resign(Some(&self.state)).await
     }
@@ -698,193 +374,5 @@ impl fmt::Debug for Term {
             .field("deadline", &self.state.deadline())
             .field("is_valid", &self.state.is_valid())
             .finish()
-    }
-}
-
-/// Builds an [`Election`]; see [`Election::builder`].
-#[must_use = "an ElectionBuilder does nothing until build() is called"]
-pub struct ElectionBuilder {
-    driver: Arc<dyn Driver>,
-    name: String,
-    value: Option<Vec<u8>>,
-    ttl: Duration,
-    safety_margin: Option<Duration>,
-    retry_min: Duration,
-    retry_max: Duration,
-}
-
-impl ElectionBuilder {
-    fn new(driver: Arc<dyn Driver>, name: String) -> Self {
-        let defaults = Config::default();
-        ElectionBuilder {
-            driver,
-            name,
-            value: None,
-            ttl: defaults.ttl,
-            safety_margin: defaults.safety_margin,
-            retry_min: defaults.retry_min,
-            retry_max: defaults.retry_max,
-        }
-    }
-
-    /// Takes every setting from `config`, including the election name.
-    pub fn config(mut self, config: &Config) -> Self {
-        self.name.clone_from(&config.name);
-        self.value = config.value.as_ref().map(|v| v.as_bytes().to_vec());
-        self.ttl = config.ttl;
-        self.safety_margin = config.safety_margin;
-        self.retry_min = config.retry_min;
-        self.retry_max = config.retry_max;
-        self
-    }
-
-    /// What observers see about this candidate while it leads (an address, say). Defaults
-    /// to the candidate id.
-    pub fn value(mut self, value: impl Into<Vec<u8>>) -> Self {
-        self.value = Some(value.into());
-        self
-    }
-
-    /// The lease: a crashed leader is replaced about this long after its last renewal.
-    /// Defaults to 10 seconds; at least [`MIN_TTL`].
-    pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = ttl;
-        self
-    }
-
-    /// Subtracted from each deadline for clock-rate drift between this process and the
-    /// store. Defaults to 2% of the TTL (at least 1ms); must be under half the TTL.
-    pub fn safety_margin(mut self, margin: Duration) -> Self {
-        self.safety_margin = Some(margin);
-        self
-    }
-
-    /// The range of delays [`Election::run`] waits between campaigns after a loss or an
-    /// error (doubling, with jitter). Defaults to 200ms to 10s.
-    pub fn retry(mut self, min: Duration, max: Duration) -> Self {
-        self.retry_min = min;
-        self.retry_max = max;
-        self
-    }
-
-    /// Checks the settings and creates the candidate. Nothing is sent to the store until
-    /// it campaigns.
-    pub fn build(self) -> Result<Election> {
-        let name = self.name;
-        if name.is_empty() {
-            return Err(Error::invalid_config("name", "must not be empty"));
-        }
-        if name.len() > MAX_NAME_LEN {
-            return Err(Error::invalid_config(
-                "name",
-                format!("is {} bytes; at most {MAX_NAME_LEN} allowed", name.len()),
-            ));
-        }
-        if name.chars().any(char::is_control) {
-            return Err(Error::invalid_config(
-                "name",
-                "must not contain control characters",
-            ));
-        }
-        if !(MIN_TTL..=MAX_TTL).contains(&self.ttl) {
-            return Err(Error::invalid_config(
-                "ttl",
-                format!(
-                    "is {:?}; it must be between {MIN_TTL:?} and {MAX_TTL:?}",
-                    self.ttl
-                ),
-            ));
-        }
-        if let Some(margin) = self.safety_margin
-            && margin >= self.ttl / 2
-        {
-            return Err(Error::invalid_config(
-                "safetyMargin",
-                format!(
-                    "is {margin:?}; it must be under half the TTL ({:?})",
-                    self.ttl / 2
-                ),
-            ));
-        }
-        if self.retry_min.is_zero() || self.retry_min > self.retry_max {
-            return Err(Error::invalid_config(
-                "retryMin",
-                format!(
-                    "is {:?}; it must be above zero and at most retryMax ({:?})",
-                    self.retry_min, self.retry_max
-                ),
-            ));
-        }
-        let id = candidate_id();
-        let value = self.value.unwrap_or_else(|| id.clone().into_bytes());
-        if value.len() > MAX_VALUE_LEN {
-            return Err(Error::invalid_config(
-                "value",
-                format!("is {} bytes; at most {MAX_VALUE_LEN} allowed", value.len()),
-            ));
-        }
-        let core = Arc::new(Core {
-            driver: self.driver,
-            candidate: Candidate {
-                election: name,
-                id,
-                value,
-                ttl: self.ttl,
-            },
-            safety_margin: self.safety_margin,
-            retry_min: self.retry_min,
-            retry_max: self.retry_max,
-            shared: Arc::new(Shared {
-                state: Mutex::new(State::default()),
-            }),
-            campaign_lock: Arc::new(tokio::sync::Mutex::new(())),
-        });
-        Ok(Election {
-            handle: Arc::new(Handle { core }),
-        })
-    }
-}
-
-impl fmt::Debug for ElectionBuilder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ElectionBuilder")
-            .field("name", &self.name)
-            .field("ttl", &self.ttl)
-            .finish_non_exhaustive()
-    }
-}
-
-/// `hostname-pid-random`: unique per process and per election handle.
-fn candidate_id() -> String {
-    let host: String = gethostname::gethostname()
-        .to_string_lossy()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    format!(
-        "{host}-{}-{:016x}",
-        std::process::id(),
-        rand::random::<u64>()
-    )
-}
-
-/// Displays an error with its chain of sources, for logs.
-pub(crate) struct ErrorChain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
-
-impl fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(err) = source {
-            write!(f, ": {err}")?;
-            source = err.source();
-        }
-        Ok(())
     }
 }

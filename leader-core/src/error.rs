@@ -39,6 +39,17 @@ pub enum Error {
     #[error("store request timed out after {0:?}")]
     Timeout(Duration),
 
+    /// The store refused this client: bad credentials, or a permission it lacks (the
+    /// source says which). Retrying cannot help, so [`Election::run`](crate::Election::run)
+    /// returns it instead of campaigning again.
+    #[error("the store refused the request: bad credentials or a missing permission")]
+    Denied(#[source] BoxError),
+
+    /// A campaign that waited in line was withdrawn by a concurrent
+    /// [`resign`](crate::Election::resign) of the same candidate.
+    #[error("the campaign was withdrawn by resign()")]
+    Withdrawn,
+
     /// The store no longer holds this candidate's term: its key was deleted, expired, or
     /// taken over. Renewal cannot succeed; the candidate must campaign again.
     #[error("the store no longer holds this candidate's term")]
@@ -59,10 +70,20 @@ impl Error {
         }
     }
 
-    /// Whether retrying the same operation later could succeed (store errors and
-    /// timeouts), as opposed to a mistake in the call itself.
+    /// An [`Error::Denied`]: the store refused this client, for a reason that retrying
+    /// cannot fix.
+    pub fn denied(err: impl Into<BoxError>) -> Self {
+        Error::Denied(err.into())
+    }
+
+    /// Whether retrying the same operation later could succeed (store errors, timeouts, a
+    /// lost term, a withdrawn campaign), as opposed to a mistake in the call or a refusal
+    /// by the store ([`Error::Denied`]).
     pub fn is_transient(&self) -> bool {
-        matches!(self, Error::Store(_) | Error::Timeout(_) | Error::TermGone)
+        matches!(
+            self,
+            Error::Store(_) | Error::Timeout(_) | Error::TermGone | Error::Withdrawn
+        )
     }
 }
 
@@ -84,6 +105,14 @@ mod tests {
         let source = err.source().expect("store error has a source");
         assert_eq!(source.to_string(), "refused");
         assert!(err.is_transient());
+    }
+
+    #[test]
+    fn denied_is_not_transient_and_keeps_its_source() {
+        let err = Error::denied(std::io::Error::other("etcdserver: permission denied"));
+        assert!(!err.is_transient());
+        let source = err.source().expect("denied has a source");
+        assert_eq!(source.to_string(), "etcdserver: permission denied");
     }
 
     #[test]

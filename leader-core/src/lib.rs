@@ -3,20 +3,22 @@
 #![warn(clippy::unwrap_used)]
 
 mod backoff;
+mod builder;
+mod clock;
 mod config;
 mod driver;
 mod election;
 mod error;
 mod event;
+mod machinery;
 #[cfg(feature = "testing")]
 pub mod testing;
 
 pub use async_trait::async_trait;
+pub use builder::{ElectionBuilder, MAX_NAME_LEN, MAX_TTL, MAX_VALUE_LEN, MIN_TTL};
 pub use config::Config;
 pub use driver::{Candidate, Driver, Grant, LeaderInfo};
-pub use election::{
-    Election, ElectionBuilder, MAX_NAME_LEN, MAX_TTL, MAX_VALUE_LEN, MIN_TTL, Status, Term,
-};
+pub use election::{Election, Status, Term};
 pub use error::{BoxError, Error, Result};
 pub use event::{Event, EventStream, LossReason};
 pub use tokio_util::sync::CancellationToken;

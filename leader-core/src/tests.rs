@@ -100,7 +100,7 @@ async fn a_key_deleted_behind_the_leaders_back_ends_the_term_at_the_next_renewal
     let term = e.campaign().await.expect("elected");
     events.next().await;
     store.revoke("revoked");
-    tokio::time::timeout(TTL / 2, term.lost())
+    tokio::time::timeout(TTL / 2, term.ended())
         .await
         .expect("the term ends at the next renewal, a third of the TTL later");
     assert_eq!(

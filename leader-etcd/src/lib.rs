@@ -479,10 +479,12 @@ impl Inner {
             .request(self.client.clone().get(prefix, Some(options)))
             .await?;
         let revision = response.header().map(|h| h.revision()).unwrap_or(0);
-        let leader = response.kvs().first().map(|kv| LeaderInfo {
-            id: String::from_utf8_lossy(&kv.key()[prefix.len().min(kv.key().len())..]).into_owned(),
-            value: kv.value().to_vec(),
-            fencing_token: u64::try_from(kv.create_revision()).unwrap_or(0),
+        let leader = response.kvs().first().map(|kv| {
+            LeaderInfo::new(
+                String::from_utf8_lossy(&kv.key()[prefix.len().min(kv.key().len())..]),
+                kv.value(),
+                u64::try_from(kv.create_revision()).unwrap_or(0),
+            )
         });
         Ok((leader, revision))
     }
@@ -578,7 +580,7 @@ impl Driver for EtcdDriver {
         Ok(Grant::new(grant.fencing_token, confirmed_at, grant.ttl))
     }
 
-    async fn resign(&self, candidate: &Candidate) -> Result<()> {
+    async fn resign(&self, candidate: &Candidate, _fencing_token: Option<u64>) -> Result<()> {
         let key = lock(&self.inner.keys).get(&candidate.id).cloned();
         let Some(key) = key else {
             return Ok(());

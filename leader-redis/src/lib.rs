@@ -50,10 +50,11 @@ end
 return 0
 ";
 
-/// Deletes the key only if this candidate owns it, and tells the waiters.
-/// KEYS: leader. ARGV: owner token, channel.
+/// Deletes the key only if this candidate owns it, in the given term (if ARGV[3] is not
+/// empty), and tells the waiters. KEYS: leader. ARGV: owner token, channel, fencing token.
 const RESIGN: &str = r"
-if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
+local held = redis.call('HMGET', KEYS[1], 'owner', 'token')
+if held[1] == ARGV[1] and (ARGV[3] == '' or held[2] == ARGV[3]) then
   redis.call('DEL', KEYS[1])
   redis.call('PUBLISH', ARGV[2], 'resigned')
   return 1
@@ -294,14 +295,7 @@ impl Inner {
             }
         };
         Ok(held.map(|(id, value, fencing_token, pttl)| {
-            (
-                LeaderInfo {
-                    id,
-                    value,
-                    fencing_token,
-                },
-                pttl,
-            )
+            (LeaderInfo::new(id, value, fencing_token), pttl)
         }))
     }
 }
@@ -359,10 +353,13 @@ impl Driver for RedisDriver {
         }
     }
 
-    async fn resign(&self, candidate: &Candidate) -> Result<()> {
+    async fn resign(&self, candidate: &Candidate, fencing_token: Option<u64>) -> Result<()> {
         let keys = self.keys(&candidate.election);
         let mut invocation = self.inner.resign.key(&keys.leader);
-        invocation.arg(&candidate.id).arg(&keys.channel);
+        invocation
+            .arg(&candidate.id)
+            .arg(&keys.channel)
+            .arg(fencing_token.map(|t| t.to_string()).unwrap_or_default());
         let _deleted: i64 = self.inner.run(invocation).await?;
         Ok(())
     }
@@ -375,6 +372,10 @@ impl Driver for RedisDriver {
             .leader_with_pttl(&keys)
             .await?
             .map(|(info, _)| info))
+    }
+
+    fn check_name(&self, election: &str) -> Result<()> {
+        check_name(election)
     }
 
     fn observe(&self, election: &str) -> BoxStream<'static, Result<Option<LeaderInfo>>> {

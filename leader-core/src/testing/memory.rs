@@ -230,12 +230,16 @@ impl Driver for MemoryDriver {
         Ok(Grant::new(grant.fencing_token, now, candidate.ttl))
     }
 
-    async fn resign(&self, candidate: &Candidate) -> Result<()> {
+    async fn resign(&self, candidate: &Candidate, fencing_token: Option<u64>) -> Result<()> {
         self.check_reachable()?;
         let removed = {
             let mut elections = self.store.elections();
             match elections.get_mut(&candidate.election) {
-                Some(state) if state.holder.as_ref().is_some_and(|h| h.id == candidate.id) => {
+                Some(state)
+                    if state.holder.as_ref().is_some_and(|h| {
+                        h.id == candidate.id && fencing_token.is_none_or(|t| t == h.fencing_token)
+                    }) =>
+                {
                     state.holder = None;
                     true
                 }
@@ -250,11 +254,10 @@ impl Driver for MemoryDriver {
 
     async fn leader(&self, election: &str) -> Result<Option<LeaderInfo>> {
         self.check_reachable()?;
-        Ok(self.store.holder(election).map(|h| LeaderInfo {
-            id: h.id,
-            value: h.value,
-            fencing_token: h.fencing_token,
-        }))
+        Ok(self
+            .store
+            .holder(election)
+            .map(|h| LeaderInfo::new(h.id, h.value, h.fencing_token)))
     }
 
     fn observe(&self, election: &str) -> BoxStream<'static, Result<Option<LeaderInfo>>> {

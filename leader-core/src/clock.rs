@@ -1,0 +1,89 @@
+//! Time the machine spent suspended, which the monotonic clock does not count.
+//!
+//! Deadlines live on Tokio's clock, which on Linux is `CLOCK_MONOTONIC`: it stops while the
+//! machine sleeps (suspend to RAM, a laptop lid), but the store's lease runs on. Linux's
+//! `CLOCK_BOOTTIME` counts that time, so the growth of `CLOCK_BOOTTIME − CLOCK_MONOTONIC`
+//! between a renewal's send time and now is the suspension a deadline check must subtract.
+//! Elsewhere the offset is always zero (and suspend is not detected).
+
+use std::time::Duration;
+
+/// Suspensions shorter than this are treated as none: the two clocks are read by two
+/// system calls, and a preemption between them looks like a short suspension.
+const NOISE: Duration = Duration::from_millis(5);
+
+/// A reading of `CLOCK_BOOTTIME − CLOCK_MONOTONIC`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SuspendOffset(Duration);
+
+impl SuspendOffset {
+    /// The offset now.
+    pub(crate) fn now() -> Self {
+        SuspendOffset(read_offset())
+    }
+
+    /// How long the machine was suspended since `self` was read, or zero if too little
+    /// to tell apart from scheduling noise.
+    pub(crate) fn suspended_since(self) -> Duration {
+        self.suspended_until(SuspendOffset::now())
+    }
+
+    fn suspended_until(self, later: SuspendOffset) -> Duration {
+        let grown = later.0.saturating_sub(self.0);
+        if grown < NOISE { Duration::ZERO } else { grown }
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn read_offset() -> Duration {
+    use nix::time::{ClockId, clock_gettime};
+    let read = |clock| clock_gettime(clock).map(Duration::from).ok();
+    // Monotonic, boot, monotonic: the boot reading sits between the two others, so the
+    // offset is known to within half their gap. Take the tightest of three tries.
+    let mut best: Option<(Duration, Duration)> = None;
+    for _ in 0..3 {
+        let (Some(m1), Some(boot), Some(m2)) = (
+            read(ClockId::CLOCK_MONOTONIC),
+            read(ClockId::CLOCK_BOOTTIME),
+            read(ClockId::CLOCK_MONOTONIC),
+        ) else {
+            return Duration::ZERO;
+        };
+        let gap = m2.saturating_sub(m1);
+        let offset = boot.saturating_sub(m1 + gap / 2);
+        if best.is_none_or(|(best_gap, _)| gap < best_gap) {
+            best = Some((gap, offset));
+        }
+        if gap < Duration::from_micros(100) {
+            break;
+        }
+    }
+    best.map_or(Duration::ZERO, |(_, offset)| offset)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn read_offset() -> Duration {
+    Duration::ZERO
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_suspension_reads_as_zero() {
+        let offset = SuspendOffset::now();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(offset.suspended_since(), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_grown_offset_is_the_suspension_and_noise_is_none() {
+        let before = SuspendOffset(Duration::from_secs(7));
+        let after = SuspendOffset(Duration::from_secs(9));
+        assert_eq!(before.suspended_until(after), Duration::from_secs(2));
+        let jitter = SuspendOffset(Duration::from_secs(7) + NOISE / 2);
+        assert_eq!(before.suspended_until(jitter), Duration::ZERO);
+        assert_eq!(after.suspended_until(before), Duration::ZERO);
+    }
+}

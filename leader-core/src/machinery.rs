@@ -1,0 +1,630 @@
+//! The term machinery behind the handles: campaigning under one lock, holding a term
+//! (renewals, the deadline), ending it (exactly one end event), and withdrawing whatever an
+//! ended term or an abandoned campaign left in the store.
+//!
+//! Invariants kept here, which the simulation in `testing::sim` checks:
+//! * Every call that creates or deletes this candidate's key runs under `campaign_lock`,
+//!   so a withdrawal can never race a newer term's creation.
+//! * A term's deadline only moves forward while it has not passed; once `is_valid()` was
+//!   false it stays false ([`TermState::extend`]).
+//! * A term is ended in one synchronous step (`State::term` cleared, token cancelled, one
+//!   event emitted), and every end that the store did not confirm leaves a
+//!   [`Leftover`] that is withdrawn before the next campaign and in the background.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{OwnedMutexGuard, mpsc};
+use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::backoff::Backoff;
+use crate::builder::Settings;
+use crate::clock::SuspendOffset;
+use crate::driver::{Candidate, Driver, Grant};
+use crate::event::{Event, LossReason};
+use crate::{Error, Result};
+
+/// Takes a std mutex whether or not a panic poisoned it: the data under these locks is
+/// always left consistent.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+pub(crate) struct Core {
+    pub(crate) driver: Arc<dyn Driver>,
+    pub(crate) candidate: Candidate,
+    pub(crate) settings: Settings,
+    pub(crate) shared: Arc<Shared>,
+    /// Serialises every call that creates or deletes this candidate's key in the store
+    /// (campaign, resign, withdrawal), so a late withdrawal can never delete a newer term.
+    campaign_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+pub(crate) struct Shared {
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    term: Option<Arc<TermState>>,
+    /// What this candidate may still have in the store although it holds no term.
+    leftover: Option<Leftover>,
+    /// Cancels the campaign that holds the campaign lock, if one does.
+    campaigning: Option<CancellationToken>,
+    subscribers: Vec<mpsc::UnboundedSender<Event>>,
+}
+
+/// Something of this candidate's that the store may still hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leftover {
+    /// The key of this term, which ended without the store confirming its deletion.
+    Term(u64),
+    /// Whatever a campaign that did not finish left, or several leftovers at once.
+    Unknown,
+}
+
+impl Leftover {
+    fn fencing_token(self) -> Option<u64> {
+        match self {
+            Leftover::Term(token) => Some(token),
+            Leftover::Unknown => None,
+        }
+    }
+
+    fn and(this: Option<Leftover>, other: Leftover) -> Leftover {
+        match this {
+            None => other,
+            Some(this) if this == other => this,
+            Some(_) => Leftover::Unknown,
+        }
+    }
+}
+
+impl State {
+    fn emit(&mut self, event: Event) {
+        self.subscribers.retain(|tx| tx.send(event.clone()).is_ok());
+    }
+
+    /// Ends the current term, if it is `term`: one synchronous step, one event.
+    fn end(&mut self, term: &Arc<TermState>, event: Event) -> bool {
+        match &self.term {
+            Some(current) if Arc::ptr_eq(current, term) => {
+                self.term = None;
+                term.ended.cancel();
+                if !matches!(event, Event::Resigned { .. }) {
+                    self.leftover = Some(Leftover::and(
+                        self.leftover,
+                        Leftover::Term(term.fencing_token),
+                    ));
+                }
+                self.emit(event);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Shared {
+    pub(crate) fn new() -> Self {
+        Shared {
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    pub(crate) fn valid_term(&self) -> Option<Arc<TermState>> {
+        self.state()
+            .term
+            .as_ref()
+            .filter(|term| term.is_valid())
+            .cloned()
+    }
+
+    pub(crate) fn subscribe(&self) -> mpsc::UnboundedReceiver<Event> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut st = self.state();
+        st.subscribers.retain(|tx| !tx.is_closed());
+        st.subscribers.push(tx);
+        rx
+    }
+}
+
+/// One term of this candidate.
+pub(crate) struct TermState {
+    pub(crate) fencing_token: u64,
+    pub(crate) elected_at: Instant,
+    clock: Mutex<TermClock>,
+    pub(crate) ended: CancellationToken,
+}
+
+struct TermClock {
+    deadline: Instant,
+    /// Read before the request that confirmed `deadline` was sent: a suspension of the
+    /// machine since then shortens the deadline by as much.
+    confirmed: SuspendOffset,
+    /// Set the first time the deadline is seen passed: the term never becomes valid again.
+    passed: bool,
+}
+
+impl TermClock {
+    fn holds(&mut self) -> bool {
+        if !self.passed {
+            let now = Instant::now() + self.confirmed.suspended_since();
+            self.passed = now >= self.deadline;
+        }
+        !self.passed
+    }
+}
+
+impl TermState {
+    fn new(fencing_token: u64, deadline: Instant, confirmed: SuspendOffset) -> Self {
+        TermState {
+            fencing_token,
+            elected_at: Instant::now(),
+            clock: Mutex::new(TermClock {
+                deadline,
+                confirmed,
+                passed: false,
+            }),
+            ended: CancellationToken::new(),
+        }
+    }
+
+    pub(crate) fn deadline(&self) -> Instant {
+        lock(&self.clock).deadline
+    }
+
+    pub(crate) fn is_valid(&self) -> bool {
+        !self.ended.is_cancelled() && lock(&self.clock).holds()
+    }
+
+    /// Moves the deadline to `deadline`, confirmed by a request sent after `confirmed` was
+    /// read; returns false, moving nothing, if the current deadline has already passed: a
+    /// late renewal never revives a term.
+    fn extend(&self, deadline: Instant, confirmed: SuspendOffset) -> bool {
+        let mut clock = lock(&self.clock);
+        if !clock.holds() {
+            return false;
+        }
+        if deadline > clock.deadline {
+            clock.deadline = deadline;
+            clock.confirmed = confirmed;
+        }
+        true
+    }
+}
+
+impl Core {
+    pub(crate) fn new(driver: Arc<dyn Driver>, candidate: Candidate, settings: Settings) -> Self {
+        Core {
+            driver,
+            candidate,
+            settings,
+            shared: Arc::new(Shared::new()),
+            campaign_lock: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.candidate.election
+    }
+
+    fn deadline_of(&self, grant: &Grant) -> Instant {
+        grant.confirmed_at
+            + grant
+                .ttl
+                .saturating_sub(self.settings.margin_for(grant.ttl))
+    }
+
+    /// The longest wait for a resignation or withdrawal request.
+    fn resign_limit(&self) -> Duration {
+        self.candidate.ttl.max(Duration::from_secs(1))
+    }
+
+    /// Campaigns until elected, or returns the term this candidate holds.
+    pub(crate) async fn campaign(self: Arc<Self>) -> Result<(Arc<TermState>, Arc<Self>)> {
+        let guard = Arc::clone(&self.campaign_lock).lock_owned().await;
+        let withdrawn = CancellationToken::new();
+        let held = {
+            let mut st = self.shared.state();
+            match st.term.clone() {
+                Some(term) if term.is_valid() => Some(term),
+                Some(term) => {
+                    // Expired, and its holder task has not ended it yet: end it here, before the
+                    // driver is asked for a new term, so that nothing can renew it meanwhile.
+                    let event = Event::Lost {
+                        fencing_token: term.fencing_token,
+                        reason: LossReason::Expired,
+                    };
+                    st.end(&term, event);
+                    None
+                }
+                None => None,
+            }
+        };
+        if let Some(term) = held {
+            return Ok((term, self));
+        }
+        self.shared.state().campaigning = Some(withdrawn.clone());
+        // From here on, giving up (an error, a dropped future, a resign()) withdraws
+        // whatever the campaign may have left in the store, still under the lock.
+        let mut withdrawal = Withdrawal {
+            core: Some(Arc::clone(&self)),
+            guard: Some(guard),
+        };
+        let elected = tokio::select! {
+            biased;
+            () = withdrawn.cancelled() => Err(Error::Withdrawn),
+            elected = self.elect() => elected,
+        };
+        let (grant, confirmed) = elected?;
+        let term = self.start_term(grant, confirmed);
+        withdrawal.disarm();
+        Ok((term, self))
+    }
+
+    /// Clears what earlier terms left, then waits in the driver until elected; returns a
+    /// grant whose deadline has not passed.
+    async fn elect(&self) -> Result<(Grant, SuspendOffset)> {
+        self.withdraw_leftover().await?;
+        debug!(election = %self.name(), id = %self.candidate.id, "campaigning");
+        let confirmed = SuspendOffset::now();
+        let grant = self.driver.campaign(&self.candidate).await?;
+        if self.holds(&grant, confirmed) {
+            return Ok((grant, confirmed));
+        }
+        // Elected after a long wait on a stale confirmation: confirm once more.
+        let confirmed = SuspendOffset::now();
+        let limit = self.candidate.ttl;
+        let grant = match timeout(limit, self.driver.renew(&self.candidate, &grant)).await {
+            Ok(renewed) => renewed?,
+            Err(_) => return Err(Error::Timeout(limit)),
+        };
+        if self.holds(&grant, confirmed) {
+            Ok((grant, confirmed))
+        } else {
+            Err(Error::Timeout(limit))
+        }
+    }
+
+    fn holds(&self, grant: &Grant, confirmed: SuspendOffset) -> bool {
+        Instant::now() + confirmed.suspended_since() < self.deadline_of(grant)
+    }
+
+    fn start_term(self: &Arc<Self>, grant: Grant, confirmed: SuspendOffset) -> Arc<TermState> {
+        let term = Arc::new(TermState::new(
+            grant.fencing_token,
+            self.deadline_of(&grant),
+            confirmed,
+        ));
+        {
+            let mut st = self.shared.state();
+            // The driver's campaign replaced whatever this candidate had in the store.
+            st.leftover = None;
+            st.campaigning = None;
+            st.term = Some(Arc::clone(&term));
+            st.emit(Event::Elected {
+                fencing_token: grant.fencing_token,
+            });
+        }
+        info!(election = %self.name(), fencing_token = grant.fencing_token, "elected");
+        tokio::spawn(Arc::clone(self).hold(Arc::clone(&term), grant));
+        term
+    }
+
+    /// Ends `term` for `reason` if it is still current, and withdraws its key in the
+    /// background. Returns whether it was current.
+    fn lose(self: &Arc<Self>, term: &Arc<TermState>, reason: LossReason) -> bool {
+        let event = Event::Lost {
+            fencing_token: term.fencing_token,
+            reason,
+        };
+        if !self.shared.state().end(term, event) {
+            return false;
+        }
+        warn!(
+            election = %self.name(),
+            fencing_token = term.fencing_token,
+            %reason,
+            "term lost; stepped down"
+        );
+        tokio::spawn(withdraw_in_background(Arc::clone(self), None));
+        true
+    }
+
+    /// Renews `term` every third of its TTL, each attempt capped at a quarter of it, until
+    /// the term ends; ends it at its deadline.
+    async fn hold(self: Arc<Self>, term: Arc<TermState>, mut grant: Grant) {
+        let ttl = grant.ttl;
+        let retry = (ttl / 10).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let cap = (ttl / 4).max(Duration::from_millis(1));
+        let mut next_renewal = grant.confirmed_at + ttl / 3;
+        let mut failures = 0u32;
+        loop {
+            let deadline = term.deadline();
+            tokio::select! {
+                biased;
+                () = term.ended.cancelled() => return,
+                () = sleep_until(deadline) => {
+                    self.lose(&term, LossReason::Expired);
+                    return;
+                }
+                () = sleep_until(next_renewal) => {}
+            }
+            let confirmed = SuspendOffset::now();
+            let renewed = tokio::select! {
+                biased;
+                () = term.ended.cancelled() => return,
+                () = sleep_until(deadline) => {
+                    self.lose(&term, LossReason::Expired);
+                    return;
+                }
+                renewed = timeout(cap, self.driver.renew(&self.candidate, &grant)) => {
+                    renewed.unwrap_or(Err(Error::Timeout(cap)))
+                }
+            };
+            match renewed {
+                Ok(renewed) if renewed.fencing_token == grant.fencing_token => {
+                    if !term.extend(self.deadline_of(&renewed), confirmed) {
+                        // The answer came after the deadline passed: too late to count.
+                        self.lose(&term, LossReason::Expired);
+                        return;
+                    }
+                    failures = 0;
+                    grant = renewed;
+                    next_renewal = (grant.confirmed_at + ttl / 3).max(Instant::now() + retry);
+                }
+                Ok(_) | Err(Error::TermGone) => {
+                    self.lose(&term, LossReason::Gone);
+                    return;
+                }
+                Err(err) => {
+                    if failures.is_multiple_of(5) {
+                        warn!(
+                            election = %self.name(),
+                            fencing_token = term.fencing_token,
+                            error = %ErrorChain(&err),
+                            failures = failures + 1,
+                            "renewal failed; retrying until the deadline"
+                        );
+                    }
+                    failures = failures.saturating_add(1);
+                    next_renewal = Instant::now() + retry;
+                }
+            }
+        }
+    }
+
+    /// Asks the driver to delete what this candidate left in the store, if anything. Call
+    /// it holding the campaign lock.
+    async fn withdraw_leftover(&self) -> Result<()> {
+        let Some(leftover) = self.shared.state().leftover else {
+            return Ok(());
+        };
+        self.withdraw(leftover).await
+    }
+
+    async fn withdraw(&self, leftover: Leftover) -> Result<()> {
+        let limit = self.resign_limit();
+        let token = leftover.fencing_token();
+        let result = match timeout(limit, self.driver.resign(&self.candidate, token)).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Timeout(limit)),
+        };
+        if result.is_ok() {
+            let mut st = self.shared.state();
+            if st.leftover == Some(leftover) {
+                st.leftover = None;
+            }
+        }
+        result
+    }
+
+    /// Steps down (from `only`, or from whatever term is current) and deletes the key.
+    pub(crate) async fn resign(self: &Arc<Self>, only: Option<&Arc<TermState>>) -> Result<()> {
+        {
+            // A follower gets its answer at once, even while a campaign of its own waits.
+            let st = self.shared.state();
+            let nothing_to_do = match only {
+                Some(term) => !st.term.as_ref().is_some_and(|t| Arc::ptr_eq(t, term)),
+                None => st.term.is_none() && st.leftover.is_none(),
+            };
+            if nothing_to_do {
+                return Err(Error::NotALeader);
+            }
+            // A campaign holding the lock would make this wait until it is elected, and
+            // then resign the new term: withdraw it instead.
+            if let Some(campaigning) = &st.campaigning {
+                campaigning.cancel();
+            }
+        }
+        let guard = Arc::clone(&self.campaign_lock).lock_owned().await;
+        let (term, leftover) = {
+            let mut st = self.shared.state();
+            let term = match (st.term.clone(), only) {
+                (Some(current), Some(only)) if !Arc::ptr_eq(&current, only) => {
+                    return Err(Error::NotALeader);
+                }
+                (None, Some(_)) => return Err(Error::NotALeader),
+                (current, _) => current,
+            };
+            // Step down before the store is asked, so that this candidate never believes it
+            // leads once someone else could be elected.
+            if let Some(term) = &term {
+                st.term = None;
+                term.ended.cancel();
+                st.leftover = Some(Leftover::and(
+                    st.leftover,
+                    Leftover::Term(term.fencing_token),
+                ));
+            }
+            let Some(leftover) = st.leftover else {
+                return Err(Error::NotALeader);
+            };
+            (term, leftover)
+        };
+        // The store call and the end event run in a task of their own, so that cancelling
+        // this future cannot lose the event: every Elected gets exactly one end.
+        let core = Arc::clone(self);
+        let finish = tokio::spawn(async move {
+            let result = core.withdraw(leftover).await;
+            drop(guard);
+            let mut st = core.shared.state();
+            if let Some(term) = term {
+                let event = match &result {
+                    Ok(()) => {
+                        info!(election = %core.name(), fencing_token = term.fencing_token, "resigned");
+                        Event::Resigned {
+                            fencing_token: term.fencing_token,
+                        }
+                    }
+                    Err(_) => Event::Lost {
+                        fencing_token: term.fencing_token,
+                        reason: LossReason::ResignFailed,
+                    },
+                };
+                st.emit(event);
+            }
+            drop(st);
+            if result.is_err() {
+                tokio::spawn(withdraw_in_background(Arc::clone(&core), None));
+            }
+            result
+        });
+        finish.await.unwrap_or_else(|err| Err(Error::store(err)))
+    }
+
+    /// The last handle is gone: withdraw the candidacy, resign any term, end the streams.
+    pub(crate) async fn close(self: Arc<Self>) {
+        let mut backoff = Backoff::new(self.settings.retry_min, self.settings.retry_max);
+        for attempt in 1.. {
+            match self.resign(None).await {
+                Ok(()) | Err(Error::NotALeader) => break,
+                Err(err) if attempt >= 4 => {
+                    warn!(
+                        election = %self.name(),
+                        error = %ErrorChain(&err),
+                        "could not withdraw while closing; the store drops the key when its \
+                         lease runs out"
+                    );
+                    break;
+                }
+                Err(_) => sleep(backoff.next_delay()).await,
+            }
+        }
+        self.shared.state().subscribers.clear();
+    }
+
+    /// Dropped outside a runtime: nothing can reach the store; step down at least.
+    pub(crate) fn step_down_locally(&self) {
+        let mut st = self.shared.state();
+        if let Some(term) = st.term.clone() {
+            let event = Event::Lost {
+                fencing_token: term.fencing_token,
+                reason: LossReason::ResignFailed,
+            };
+            st.end(&term, event);
+        }
+        st.subscribers.clear();
+    }
+}
+
+/// Withdraws this candidate's leftover, retrying with backoff until it is gone, a new
+/// campaign took care of it, or the election was dropped. Starts with `guard` (the
+/// campaign lock, already held) if given.
+///
+/// The first attempt keeps the election alive (it may be the withdrawal of a campaign whose
+/// last handle was dropped with it); later ones stop once the election is dropped.
+async fn withdraw_in_background(first: Arc<Core>, mut guard: Option<OwnedMutexGuard<()>>) {
+    let core = Arc::downgrade(&first);
+    let mut first = Some(first);
+    let mut backoff: Option<Backoff> = None;
+    let mut failures = 0u32;
+    loop {
+        let Some(strong) = first.take().or_else(|| core.upgrade()) else {
+            return;
+        };
+        let _guard = match guard.take() {
+            Some(guard) => guard,
+            None => Arc::clone(&strong.campaign_lock).lock_owned().await,
+        };
+        match strong.withdraw_leftover().await {
+            Ok(()) => return,
+            Err(err) => {
+                if failures.is_multiple_of(10) {
+                    warn!(
+                        election = %strong.name(),
+                        error = %ErrorChain(&err),
+                        failures = failures + 1,
+                        "could not withdraw this candidate's key; retrying"
+                    );
+                }
+                failures = failures.saturating_add(1);
+            }
+        }
+        let delay = backoff
+            .get_or_insert_with(|| {
+                Backoff::new(strong.settings.retry_min, strong.settings.retry_max)
+            })
+            .next_delay();
+        drop(strong);
+        drop(_guard);
+        sleep(delay).await;
+    }
+}
+
+/// Withdraws a campaign that did not finish (its future was dropped, it failed, or a
+/// resign() withdrew it): in the background, still holding the campaign lock.
+struct Withdrawal {
+    core: Option<Arc<Core>>,
+    guard: Option<OwnedMutexGuard<()>>,
+}
+
+impl Withdrawal {
+    fn disarm(&mut self) {
+        self.core = None;
+        self.guard = None;
+    }
+}
+
+impl Drop for Withdrawal {
+    fn drop(&mut self) {
+        let (Some(core), Some(guard)) = (self.core.take(), self.guard.take()) else {
+            return;
+        };
+        {
+            // Until the withdrawal is done, resign() waits for it rather than answering
+            // "not a leader" while the store may still hold this candidate's key.
+            let mut st = core.shared.state();
+            st.campaigning = None;
+            st.leftover = Some(Leftover::and(st.leftover, Leftover::Unknown));
+        }
+        // Without a runtime it stays a leftover: the next campaign or resign() takes it.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(withdraw_in_background(core, Some(guard)));
+        }
+    }
+}
+
+/// Displays an error with its chain of sources, for logs.
+pub(crate) struct ErrorChain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(err) = source {
+            write!(f, ": {err}")?;
+            source = err.source();
+        }
+        Ok(())
+    }
+}
