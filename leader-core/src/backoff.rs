@@ -28,13 +28,37 @@ impl Backoff {
         self.current = self.current.saturating_mul(2).min(self.max);
         let floor = ceiling / 2;
         let spread = ceiling.saturating_sub(floor);
-        floor.saturating_add(spread.mul_f64(rand::rng().random::<f64>()))
+        floor.saturating_add(spread.mul_f64(jitter()))
     }
 
     /// Back to the shortest delay, after a success.
     pub(crate) fn reset(&mut self) {
         self.current = self.min;
     }
+}
+
+/// A uniform draw from `[0, 1)`: from the thread's seeded generator while a simulation
+/// runs on this thread (so that its schedule replays exactly), else from `rand`.
+fn jitter() -> f64 {
+    #[cfg(feature = "testing")]
+    if let Some(draw) = SEEDED.with(|rng| rng.borrow_mut().as_mut().map(|rng| rng.random())) {
+        return draw;
+    }
+    rand::rng().random()
+}
+
+#[cfg(feature = "testing")]
+thread_local! {
+    static SEEDED: std::cell::RefCell<Option<rand::rngs::StdRng>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Makes this thread's backoff jitter come from a generator seeded with `seed` (or from
+/// `rand` again, with `None`).
+#[cfg(feature = "testing")]
+pub(crate) fn seed_jitter(seed: Option<u64>) {
+    use rand::SeedableRng;
+    SEEDED.with(|rng| *rng.borrow_mut() = seed.map(rand::rngs::StdRng::seed_from_u64));
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use tokio::time::Instant;
 
@@ -180,6 +181,16 @@ pub trait Driver: Send + Sync + 'static {
     /// dropped.
     fn observe(&self, election: &str) -> BoxStream<'static, Result<Option<LeaderInfo>>>;
 
+    /// Resolves when the store says the term `fencing_token` of `candidate` is gone (its
+    /// key deleted, its lease revoked or expired), for stores that can push that (etcd: a
+    /// watch on the leader's own key). The leader then steps down within a round trip
+    /// instead of at its next renewal. Called once per term, after the grant; dropped when
+    /// the term ends. Defaults to never resolving: the next renewal notices.
+    fn term_gone(&self, candidate: &Candidate, fencing_token: u64) -> BoxFuture<'static, ()> {
+        let _ = (candidate, fencing_token);
+        Box::pin(futures::future::pending())
+    }
+
     /// Whether this store can hold an election named `election`: called by
     /// [`ElectionBuilder::build`](crate::ElectionBuilder::build), so that a name the store
     /// rejects is an [`Error::InvalidConfig`](crate::Error::InvalidConfig) at once, not an
@@ -210,6 +221,10 @@ impl<D: Driver + ?Sized> Driver for Arc<D> {
 
     fn observe(&self, election: &str) -> BoxStream<'static, Result<Option<LeaderInfo>>> {
         (**self).observe(election)
+    }
+
+    fn term_gone(&self, candidate: &Candidate, fencing_token: u64) -> BoxFuture<'static, ()> {
+        (**self).term_gone(candidate, fencing_token)
     }
 
     fn check_name(&self, election: &str) -> Result<()> {

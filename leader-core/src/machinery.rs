@@ -53,8 +53,9 @@ struct State {
     term: Option<Arc<TermState>>,
     /// What this candidate may still have in the store although it holds no term.
     leftover: Option<Leftover>,
-    /// Cancels the campaign that holds the campaign lock, if one does.
-    campaigning: Option<CancellationToken>,
+    /// The campaigns in flight, by id: resign() withdraws them.
+    campaigns: Vec<(u64, CancellationToken)>,
+    next_campaign: u64,
     subscribers: Vec<mpsc::UnboundedSender<Event>>,
 }
 
@@ -231,44 +232,51 @@ impl Core {
 
     /// Campaigns until elected, or returns the term this candidate holds.
     pub(crate) async fn campaign(self: Arc<Self>) -> Result<(Arc<TermState>, Arc<Self>)> {
-        let guard = Arc::clone(&self.campaign_lock).lock_owned().await;
+        // Registered before waiting for the lock, so that a resign() that comes later
+        // always finds it and withdraws it rather than waiting for it to be elected.
         let withdrawn = CancellationToken::new();
-        let held = {
+        let id = {
             let mut st = self.shared.state();
-            match st.term.clone() {
-                Some(term) if term.is_valid() => Some(term),
-                Some(term) => {
-                    // Expired, and its holder task has not ended it yet: end it here, before the
-                    // driver is asked for a new term, so that nothing can renew it meanwhile.
-                    let event = Event::Lost {
-                        fencing_token: term.fencing_token,
-                        reason: LossReason::Expired,
-                    };
-                    st.end(&term, event);
-                    None
-                }
-                None => None,
-            }
+            st.next_campaign += 1;
+            let id = st.next_campaign;
+            st.campaigns.push((id, withdrawn.clone()));
+            id
         };
-        if let Some(term) = held {
-            return Ok((term, self));
+        let _registered = Registered { core: &self, id };
+        tokio::select! {
+            biased;
+            () = withdrawn.cancelled() => Err(Error::Withdrawn),
+            term = Arc::clone(&self).campaign_locked() => term.map(|term| (term, Arc::clone(&self))),
         }
-        self.shared.state().campaigning = Some(withdrawn.clone());
+    }
+
+    async fn campaign_locked(self: Arc<Self>) -> Result<Arc<TermState>> {
+        let guard = Arc::clone(&self.campaign_lock).lock_owned().await;
+        {
+            let mut st = self.shared.state();
+            if let Some(term) = st.term.clone() {
+                if term.is_valid() {
+                    return Ok(term);
+                }
+                // Expired, and its holder task has not ended it yet: end it here, before the
+                // driver is asked for a new term, so that nothing can renew it meanwhile.
+                let event = Event::Lost {
+                    fencing_token: term.fencing_token,
+                    reason: LossReason::Expired,
+                };
+                st.end(&term, event);
+            }
+        }
         // From here on, giving up (an error, a dropped future, a resign()) withdraws
         // whatever the campaign may have left in the store, still under the lock.
         let mut withdrawal = Withdrawal {
             core: Some(Arc::clone(&self)),
             guard: Some(guard),
         };
-        let elected = tokio::select! {
-            biased;
-            () = withdrawn.cancelled() => Err(Error::Withdrawn),
-            elected = self.elect() => elected,
-        };
-        let (grant, confirmed) = elected?;
+        let (grant, confirmed) = self.elect().await?;
         let term = self.start_term(grant, confirmed);
         withdrawal.disarm();
-        Ok((term, self))
+        Ok(term)
     }
 
     /// Clears what earlier terms left, then waits in the driver until elected; returns a
@@ -309,7 +317,6 @@ impl Core {
             let mut st = self.shared.state();
             // The driver's campaign replaced whatever this candidate had in the store.
             st.leftover = None;
-            st.campaigning = None;
             st.term = Some(Arc::clone(&term));
             st.emit(Event::Elected {
                 fencing_token: grant.fencing_token,
@@ -348,11 +355,16 @@ impl Core {
         let cap = (ttl / 4).max(Duration::from_millis(1));
         let mut next_renewal = grant.confirmed_at + ttl / 3;
         let mut failures = 0u32;
+        let mut gone = self.driver.term_gone(&self.candidate, term.fencing_token);
         loop {
             let deadline = term.deadline();
             tokio::select! {
                 biased;
                 () = term.ended.cancelled() => return,
+                () = &mut gone => {
+                    self.lose(&term, LossReason::Gone);
+                    return;
+                }
                 () = sleep_until(deadline) => {
                     self.lose(&term, LossReason::Expired);
                     return;
@@ -363,6 +375,10 @@ impl Core {
             let renewed = tokio::select! {
                 biased;
                 () = term.ended.cancelled() => return,
+                () = &mut gone => {
+                    self.lose(&term, LossReason::Gone);
+                    return;
+                }
                 () = sleep_until(deadline) => {
                     self.lose(&term, LossReason::Expired);
                     return;
@@ -442,8 +458,8 @@ impl Core {
             }
             // A campaign holding the lock would make this wait until it is elected, and
             // then resign the new term: withdraw it instead.
-            if let Some(campaigning) = &st.campaigning {
-                campaigning.cancel();
+            for (_, campaign) in &st.campaigns {
+                campaign.cancel();
             }
         }
         let guard = Arc::clone(&self.campaign_lock).lock_owned().await;
@@ -503,21 +519,26 @@ impl Core {
     }
 
     /// The last handle is gone: withdraw the candidacy, resign any term, end the streams.
+    /// Retries (with backoff) until the store confirms, so that nothing is left behind
+    /// when the store was unreachable at the time.
     pub(crate) async fn close(self: Arc<Self>) {
         let mut backoff = Backoff::new(self.settings.retry_min, self.settings.retry_max);
-        for attempt in 1.. {
+        let mut failures = 0u32;
+        loop {
             match self.resign(None).await {
                 Ok(()) | Err(Error::NotALeader) => break,
-                Err(err) if attempt >= 4 => {
-                    warn!(
-                        election = %self.name(),
-                        error = %ErrorChain(&err),
-                        "could not withdraw while closing; the store drops the key when its \
-                         lease runs out"
-                    );
-                    break;
+                Err(err) => {
+                    if failures.is_multiple_of(10) {
+                        warn!(
+                            election = %self.name(),
+                            error = %ErrorChain(&err),
+                            failures = failures + 1,
+                            "could not withdraw the dropped election's key; retrying"
+                        );
+                    }
+                    failures = failures.saturating_add(1);
+                    sleep(backoff.next_delay()).await;
                 }
-                Err(_) => sleep(backoff.next_delay()).await,
             }
         }
         self.shared.state().subscribers.clear();
@@ -581,6 +602,22 @@ async fn withdraw_in_background(first: Arc<Core>, mut guard: Option<OwnedMutexGu
     }
 }
 
+/// A campaign in flight, listed in the state until it returns or is dropped.
+struct Registered<'a> {
+    core: &'a Core,
+    id: u64,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.core
+            .shared
+            .state()
+            .campaigns
+            .retain(|(id, _)| *id != self.id);
+    }
+}
+
 /// Withdraws a campaign that did not finish (its future was dropped, it failed, or a
 /// resign() withdrew it): in the background, still holding the campaign lock.
 struct Withdrawal {
@@ -604,7 +641,6 @@ impl Drop for Withdrawal {
             // Until the withdrawal is done, resign() waits for it rather than answering
             // "not a leader" while the store may still hold this candidate's key.
             let mut st = core.shared.state();
-            st.campaigning = None;
             st.leftover = Some(Leftover::and(st.leftover, Leftover::Unknown));
         }
         // Without a runtime it stays a leftover: the next campaign or resign() takes it.

@@ -20,6 +20,7 @@
 pub mod conformance;
 mod memory;
 mod proxy;
+pub mod sim;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,0 +1,908 @@
+//! A deterministic simulation of the election state machine: several candidates on a
+//! simulated store, on Tokio's paused clock, with a schedule drawn from one seed.
+//!
+//! Each store request may be delayed, fail, lose its answer (the effect lands, the caller
+//! times out), or land late (after the caller gave up); leases expire in the store;
+//! drivers are partitioned and the store goes away. Candidates, some sharing a driver,
+//! campaign, resign, run, drop futures and whole elections, cancel calls midway and call
+//! the API concurrently. At every instant the runtime reaches, and at every `Elected`, a
+//! checker asserts:
+//!
+//! * at most one candidate has `is_leader()` true;
+//! * fencing tokens of successive terms strictly increase;
+//! * within one term `is_leader()` never turns from false back to true;
+//! * every `Elected` is followed by exactly one `Lost` or `Resigned` of the same term,
+//!   before the next `Elected`, whatever was cancelled;
+//! * a `resign()` never resigns a term that was elected while it ran;
+//! * once faults stop, a leader is elected within a bound, no term that its candidate
+//!   reported ended is left in the store, and closing every election leaves no term behind.
+//!
+//! The same seed replays the same schedule: run one with [`run`]; a [`Violation`] prints
+//! the command that replays it.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use futures::{FutureExt, StreamExt};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinSet;
+use tokio::time::{Instant, sleep, sleep_until, timeout};
+
+use crate::machinery::lock;
+use crate::{Candidate, Driver, Election, Error, Event, Grant, LeaderInfo, LossReason, Result};
+use crate::{Status, Term};
+
+/// The election every simulated candidate runs for.
+const ELECTION: &str = "sim";
+/// The candidates' TTL.
+const TTL: Duration = Duration::from_secs(1);
+/// How long a simulated client waits for an answer.
+const REQUEST_TIMEOUT: Duration = Duration::from_millis(300);
+/// The latest a late effect lands after its request was sent.
+const MAX_LATE: Duration = Duration::from_millis(1000);
+/// How long candidates act and faults happen.
+const CHAOS: Duration = Duration::from_secs(20);
+/// Once faults stop and late effects have landed, a leader within this long.
+const LIVENESS: Duration = Duration::from_secs(3);
+
+/// What a simulated run found wrong, and how to replay it.
+#[derive(Debug, Clone)]
+pub struct Violation {
+    /// The seed of the run.
+    pub seed: u64,
+    /// Virtual time since the run began.
+    pub at: Duration,
+    /// What went wrong.
+    pub what: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "seed {}: at {:?}: {}\n  replay: SIM_SEED={} cargo test -p leader-core \
+             --all-features --test simulation -- --nocapture",
+            self.seed, self.at, self.what, self.seed
+        )
+    }
+}
+
+impl std::error::Error for Violation {}
+
+/// Figures of one simulated run.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Report {
+    /// Terms elected.
+    pub terms: u64,
+    /// Store requests sent.
+    pub requests: u64,
+    /// Requests whose effect landed but whose answer never came.
+    pub lost_answers: u64,
+    /// Requests whose effect landed after the caller gave up.
+    pub late_effects: u64,
+    /// Requests that failed without effect.
+    pub failures: u64,
+    /// Partitions and store outages.
+    pub outages: u64,
+    /// API calls made by the candidates.
+    pub calls: u64,
+}
+
+impl std::ops::AddAssign for Report {
+    fn add_assign(&mut self, other: Report) {
+        self.terms += other.terms;
+        self.requests += other.requests;
+        self.lost_answers += other.lost_answers;
+        self.late_effects += other.late_effects;
+        self.failures += other.failures;
+        self.outages += other.outages;
+        self.calls += other.calls;
+    }
+}
+
+/// Runs the simulation of `seed` to its end, on a runtime of its own on this thread.
+///
+/// # Errors
+///
+/// The first [`Violation`] of a safety or liveness property.
+pub fn run(seed: u64) -> std::result::Result<Report, Violation> {
+    crate::backoff::seed_jitter(Some(seed));
+    let world = Arc::new(World::new(seed));
+    let sampler = Arc::clone(&world);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .on_thread_park(move || lock(&sampler.checker).sample())
+        .build();
+    let outcome = match runtime {
+        Ok(runtime) => {
+            let simulated = Arc::clone(&world);
+            let result = runtime.block_on(async move {
+                let result = Arc::clone(&simulated).simulate().await;
+                if let Err(what) = &result {
+                    simulated.violation(what.clone());
+                }
+                result
+            });
+            drop(runtime);
+            result
+        }
+        Err(err) => Err(format!("cannot build a runtime: {err}")),
+    };
+    crate::backoff::seed_jitter(None);
+    let checker = lock(&world.checker);
+    if let Some((at, what)) = checker.violations.first() {
+        return Err(Violation {
+            seed,
+            at: *at,
+            what: what.clone(),
+        });
+    }
+    if let Err(what) = outcome {
+        return Err(Violation {
+            seed,
+            at: checker.elapsed(),
+            what,
+        });
+    }
+    let mut report = *lock(&world.report);
+    report.terms = checker.elected.len() as u64;
+    Ok(report)
+}
+
+/// Everything one run shares: the seeded generator, the store, the checker.
+struct World {
+    rng: Mutex<StdRng>,
+    store: Mutex<Store>,
+    changes: watch::Sender<u64>,
+    /// Faults happen while this is true.
+    chaos: Mutex<bool>,
+    outage: Mutex<bool>,
+    /// The store keeps a lease this many times the candidate's TTL (as etcd may).
+    lease_factor: u32,
+    checker: Mutex<Checker>,
+    report: Mutex<Report>,
+    /// Each slot's current election.
+    current: Mutex<Vec<Option<Election>>>,
+    tracing: bool,
+}
+
+/// The event-checking tasks of every election made.
+type Instances = Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>;
+
+#[derive(Default)]
+struct Store {
+    holder: Option<Holder>,
+    fence: u64,
+}
+
+#[derive(Clone)]
+struct Holder {
+    id: String,
+    token: u64,
+    expires_at: Instant,
+}
+
+impl Store {
+    fn live(&mut self, now: Instant) -> Option<&mut Holder> {
+        if self.holder.as_ref().is_some_and(|h| h.expires_at <= now) {
+            self.holder = None;
+        }
+        self.holder.as_mut()
+    }
+}
+
+impl World {
+    fn new(seed: u64) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let lease_factor = if rng.random_bool(0.5) { 1 } else { 10 };
+        World {
+            rng: Mutex::new(rng),
+            store: Mutex::new(Store::default()),
+            changes: watch::Sender::new(0),
+            chaos: Mutex::new(true),
+            outage: Mutex::new(false),
+            lease_factor,
+            checker: Mutex::new(Checker::default()),
+            report: Mutex::new(Report::default()),
+            current: Mutex::new(Vec::new()),
+            tracing: std::env::var_os("SIM_TRACE").is_some(),
+        }
+    }
+
+    fn draw<T>(&self, f: impl FnOnce(&mut StdRng) -> T) -> T {
+        f(&mut lock(&self.rng))
+    }
+
+    fn chaos(&self) -> bool {
+        *lock(&self.chaos)
+    }
+
+    fn count(&self, f: impl FnOnce(&mut Report)) {
+        f(&mut lock(&self.report));
+    }
+
+    fn violation(&self, what: String) {
+        lock(&self.checker).violation(what);
+    }
+
+    async fn simulate(self: Arc<Self>) -> std::result::Result<(), String> {
+        lock(&self.checker).start = Some(Instant::now());
+        let slots = self.draw(|rng| rng.random_range(2..=5usize));
+        let drivers: Vec<SimDriver> = (0..self.draw(|rng| rng.random_range(1..=slots)))
+            .map(|_| SimDriver {
+                world: Arc::clone(&self),
+                partition: Arc::new(Mutex::new(None)),
+            })
+            .collect();
+        *lock(&self.current) = vec![None; slots];
+        let instances = Arc::new(Mutex::new(Vec::new()));
+        let mut actors = JoinSet::new();
+        for slot in 0..slots {
+            let driver = drivers[slot % drivers.len()].clone();
+            let election = self.candidate(slot, &driver, &instances);
+            actors.spawn(Arc::clone(&self).act(
+                slot,
+                election,
+                drivers.clone(),
+                Arc::clone(&instances),
+            ));
+        }
+        actors.spawn(Arc::clone(&self).inject_faults(drivers.clone()));
+
+        // The chaos phase.
+        sleep(CHAOS).await;
+        *lock(&self.chaos) = false;
+        *lock(&self.outage) = false;
+        for driver in &drivers {
+            *lock(&driver.partition) = None;
+        }
+        actors.abort_all();
+        while let Some(joined) = actors.join_next().await {
+            match joined {
+                Ok(()) => {}
+                Err(err) if err.is_cancelled() => {}
+                Err(err) => return Err(format!("an actor panicked: {err}")),
+            }
+        }
+        // Each slot keeps its current election: slot 0 stays passive (whatever its term
+        // and leftovers), the others run.
+        let mut elections = std::mem::take(&mut *lock(&self.current));
+        let quiet = Instant::now();
+        lock(&self.checker).quiet_at = Some(quiet);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let mut runs = JoinSet::new();
+        for (slot, election) in elections.iter_mut().enumerate().skip(1) {
+            let driver = drivers[slot % drivers.len()].clone();
+            let election = election
+                .get_or_insert_with(|| self.candidate(slot, &driver, &instances))
+                .clone();
+            let stop = stop.clone();
+            runs.spawn(async move { election.run(stop.cancelled_owned()).await });
+        }
+
+        // Liveness: a leader once faults stopped, late effects landed and a bound passed.
+        let mut due = quiet + MAX_LATE + LIVENESS;
+        loop {
+            sleep_until(due).await;
+            if lock(&self.checker).first_leader_after_quiet.is_some() {
+                break;
+            }
+            let elected = lock(&self.checker).elected.clone();
+            let holder = {
+                let now = Instant::now();
+                lock(&self.store).live(now).cloned()
+            };
+            match holder {
+                // A late campaign effect made a candidate the holder without its knowing:
+                // it blocks the election until the store's lease ends, as a real store's
+                // would. Wait for that.
+                Some(h) if !elected.contains(&h.token) => due = h.expires_at + 2 * TTL,
+                Some(h) => {
+                    return Err(format!(
+                        "no leader {:?} after faults stopped: the store still holds term {} \
+                         of {}, which its candidate no longer leads",
+                        due - quiet,
+                        h.token,
+                        h.id
+                    ));
+                }
+                None => {
+                    return Err(format!(
+                        "no leader {:?} after faults stopped, and nobody holds the store",
+                        due - quiet
+                    ));
+                }
+            }
+        }
+        let ended = lock(&self.checker).ended.clone();
+        let now = Instant::now();
+        if let Some(h) = lock(&self.store).live(now).cloned()
+            && ended.contains(&h.token)
+            && h.expires_at > quiet + MAX_LATE + LIVENESS + TTL
+        {
+            return Err(format!(
+                "term {} ended, yet the store still holds it after faults stopped",
+                h.token
+            ));
+        }
+
+        // Shut down: every run resigns, every election is dropped, every stream ends.
+        stop.cancel();
+        while let Some(joined) = runs.join_next().await {
+            match joined {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => return Err(format!("run() failed at shutdown: {err}")),
+                Err(err) => return Err(format!("a run panicked: {err}")),
+            }
+        }
+        drop(elections);
+        let closed_by = Instant::now() + 4 * TTL;
+        let instances = std::mem::take(&mut *lock(&instances));
+        for instance in instances {
+            match timeout(closed_by - Instant::now(), instance).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => return Err(format!("an event checker panicked: {err}")),
+                Err(_) => {
+                    return Err(
+                        "an election's event stream did not end after it was dropped".into(),
+                    );
+                }
+            }
+        }
+        sleep(2 * TTL).await;
+        let now = Instant::now();
+        if let Some(h) = lock(&self.store).live(now).cloned()
+            && lock(&self.checker).elected.contains(&h.token)
+        {
+            return Err(format!(
+                "every election was closed, yet the store still holds term {} of {}",
+                h.token, h.id
+            ));
+        }
+        Ok(())
+    }
+
+    /// A new candidate in `slot` (the slot's current one), with a task that checks its
+    /// events.
+    fn candidate(
+        self: &Arc<Self>,
+        slot: usize,
+        driver: &SimDriver,
+        instances: &Instances,
+    ) -> Election {
+        let retry_min = TTL / 10;
+        let election = Election::builder(driver.clone(), ELECTION)
+            .ttl(TTL)
+            .retry(retry_min, TTL)
+            .build()
+            .unwrap_or_else(|err| panic!("the simulation's settings are valid: {err}"));
+        lock(&self.checker).statuses.push((slot, election.status()));
+        let replaced = lock(&self.current)[slot].replace(election.clone());
+        drop(replaced);
+        let mut events = election.subscribe();
+        let world = Arc::clone(self);
+        lock(instances).push(tokio::spawn(async move {
+            let mut open: Option<u64> = None;
+            while let Some(event) = events.next().await {
+                world.on_event(slot, &mut open, &event);
+            }
+            if let Some(token) = open {
+                world.violation(format!(
+                    "slot {slot}: term {token} was elected and never ended (stream closed)"
+                ));
+            }
+        }));
+        election
+    }
+
+    fn on_event(&self, slot: usize, open: &mut Option<u64>, event: &Event) {
+        self.trace(|| format!("slot {slot}: {event:?}"));
+        let mut checker = lock(&self.checker);
+        match *event {
+            Event::Elected { fencing_token } => {
+                checker.sample();
+                if let Some(previous) = open.replace(fencing_token) {
+                    checker.violation(format!(
+                        "slot {slot}: term {fencing_token} elected before term {previous} ended"
+                    ));
+                }
+                if let Some(&last) = checker.elected.last()
+                    && fencing_token <= last
+                {
+                    checker.violation(format!(
+                        "slot {slot}: fencing token {fencing_token} after {last}: not increasing"
+                    ));
+                }
+                checker.elected.insert(fencing_token);
+            }
+            Event::Lost { fencing_token, .. } | Event::Resigned { fencing_token } => {
+                if *open != Some(fencing_token) {
+                    checker.violation(format!(
+                        "slot {slot}: {event:?} without a matching Elected (open: {open:?})"
+                    ));
+                }
+                *open = None;
+                checker.ended.insert(fencing_token);
+            }
+        }
+    }
+
+    /// One candidate's behaviour in the chaos phase: a random mix of API calls, some
+    /// concurrent, some cancelled midway, until the task is aborted.
+    async fn act(
+        self: Arc<Self>,
+        slot: usize,
+        mut election: Election,
+        drivers: Vec<SimDriver>,
+        instances: Instances,
+    ) {
+        let mut background = JoinSet::new();
+        let mut last_term: Option<Term> = None;
+        loop {
+            self.count(|r| r.calls += 1);
+            let action = self.draw(|rng| rng.random_range(0..100u32));
+            match action {
+                0..=21 => {
+                    let limit = self.draw(|rng| {
+                        rng.random_bool(0.5)
+                            .then(|| Duration::from_millis(rng.random_range(0..2000)))
+                    });
+                    let campaign = election.campaign();
+                    let result = match limit {
+                        Some(limit) => timeout(limit, campaign).await.ok(),
+                        None => Some(campaign.await),
+                    };
+                    if let Some(Ok(term)) = result {
+                        last_term = Some(term);
+                    }
+                }
+                22..=35 => {
+                    let cancel_after = self.draw(|rng| {
+                        rng.random_bool(0.3)
+                            .then(|| Duration::from_millis(rng.random_range(0..60)))
+                    });
+                    self.checked_resign(slot, &election, None, cancel_after)
+                        .await;
+                }
+                36..=43 => {
+                    if let Some(term) = last_term.clone() {
+                        let cancel_after = self.draw(|rng| {
+                            rng.random_bool(0.3)
+                                .then(|| Duration::from_millis(rng.random_range(0..60)))
+                        });
+                        self.checked_resign(slot, &election, Some(term), cancel_after)
+                            .await;
+                    }
+                }
+                44..=55 => {
+                    let lasts = self.draw(|rng| Duration::from_millis(rng.random_range(0..5000)));
+                    let e = election.clone();
+                    background.spawn(async move {
+                        let _ = e.run(sleep(lasts)).await;
+                    });
+                }
+                56..=62 => {
+                    let e = election.clone();
+                    let limit = self.draw(|rng| Duration::from_millis(rng.random_range(0..3000)));
+                    background.spawn(async move {
+                        let _ = timeout(limit, e.campaign()).await;
+                    });
+                }
+                63..=67 => {
+                    // At the held term's deadline, when its holder task and a campaign may
+                    // run in either order.
+                    if let Some(term) = last_term.clone() {
+                        sleep_until(Instant::from_std(term.deadline())).await;
+                        if let Ok(Ok(term)) = timeout(TTL, election.campaign()).await {
+                            last_term = Some(term);
+                        }
+                    }
+                }
+                68..=72 => {
+                    // Drop the candidate (every clone), then a new one, maybe elsewhere.
+                    background.abort_all();
+                    while background.join_next().await.is_some() {}
+                    last_term = None;
+                    let driver = if self.draw(|rng| rng.random_bool(0.5)) {
+                        drivers[slot % drivers.len()].clone()
+                    } else {
+                        drivers[self.draw(|rng| rng.random_range(0..drivers.len()))].clone()
+                    };
+                    election = self.candidate(slot, &driver, &instances);
+                }
+                _ => {
+                    let pause = self.draw(|rng| Duration::from_millis(rng.random_range(0..1000)));
+                    sleep(pause).await;
+                }
+            }
+            // Reap finished background calls.
+            while let Some(Some(_)) = background.join_next().now_or_never() {}
+        }
+    }
+
+    /// Resigns (the election, or `term`), maybe cancelling the call after a while, and
+    /// checks that no term elected meanwhile was resigned by it.
+    async fn checked_resign(
+        &self,
+        slot: usize,
+        election: &Election,
+        term: Option<Term>,
+        cancel_after: Option<Duration>,
+    ) {
+        let mut events = election.subscribe();
+        let resign = async {
+            match &term {
+                Some(term) => term.resign().await,
+                None => election.resign().await,
+            }
+        };
+        match cancel_after {
+            Some(limit) => {
+                let _ = timeout(limit, resign).await;
+                return;
+            }
+            None => {
+                let _ = resign.await;
+            }
+        }
+        let mut elected = BTreeSet::new();
+        while let Some(Some(event)) = events.next().now_or_never() {
+            match event {
+                Event::Elected { fencing_token } => {
+                    elected.insert(fencing_token);
+                }
+                Event::Resigned { fencing_token }
+                | Event::Lost {
+                    fencing_token,
+                    reason: LossReason::ResignFailed,
+                } if elected.contains(&fencing_token) => {
+                    self.violation(format!(
+                        "slot {slot}: resign() resigned term {fencing_token}, which was \
+                         elected while it ran"
+                    ));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Partitions drivers and takes the store away, until the chaos phase ends.
+    async fn inject_faults(self: Arc<Self>, drivers: Vec<SimDriver>) {
+        loop {
+            let pause = self.draw(|rng| Duration::from_millis(rng.random_range(0..3000)));
+            sleep(pause).await;
+            let lasts = self.draw(|rng| Duration::from_millis(rng.random_range(0..3000)));
+            let which = self.draw(|rng| rng.random_range(0..=drivers.len()));
+            self.count(|r| r.outages += 1);
+            if which == drivers.len() {
+                *lock(&self.outage) = true;
+                sleep(lasts).await;
+                *lock(&self.outage) = false;
+            } else {
+                let mode = if self.draw(|rng| rng.random_bool(0.5)) {
+                    Partition::Refuse
+                } else {
+                    Partition::Hang
+                };
+                *lock(&drivers[which].partition) = Some(mode);
+                sleep(lasts).await;
+                *lock(&drivers[which].partition) = None;
+            }
+        }
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|v| *v += 1);
+    }
+
+    /// Prints a line of the schedule when `SIM_TRACE` is set (for replaying one seed).
+    fn trace(&self, line: impl FnOnce() -> String) {
+        if self.tracing {
+            let at = lock(&self.checker).elapsed();
+            println!("[{:>9.3}s] {}", at.as_secs_f64(), line());
+        }
+    }
+}
+
+/// Watches every candidate's status and events.
+#[derive(Default)]
+struct Checker {
+    start: Option<Instant>,
+    /// The status of every election made, with its slot.
+    statuses: Vec<(usize, Status)>,
+    /// Tokens valid at the last sample.
+    valid: BTreeSet<u64>,
+    /// Tokens seen valid, then not: they must never be valid again.
+    dead: BTreeSet<u64>,
+    elected: BTreeSet<u64>,
+    ended: BTreeSet<u64>,
+    quiet_at: Option<Instant>,
+    first_leader_after_quiet: Option<Instant>,
+    violations: Vec<(Duration, String)>,
+}
+
+impl Checker {
+    fn elapsed(&self) -> Duration {
+        self.start
+            .map_or(Duration::ZERO, |start| Instant::now().duration_since(start))
+    }
+
+    fn violation(&mut self, what: String) {
+        let at = self.elapsed();
+        self.violations.push((at, what));
+    }
+
+    fn sample(&mut self) {
+        let leaders: Vec<(usize, u64)> = self
+            .statuses
+            .iter()
+            .filter_map(|(slot, status)| Some((*slot, status.fencing_token()?)))
+            .collect();
+        if leaders.len() > 1 {
+            self.violation(format!("two leaders at once (slot, token): {leaders:?}"));
+        }
+        let now_valid: BTreeSet<u64> = leaders.iter().map(|&(_, token)| token).collect();
+        for token in &now_valid {
+            if self.dead.contains(token) {
+                self.violation(format!(
+                    "term {token} leads again after is_leader() was false"
+                ));
+            }
+        }
+        let gone: Vec<u64> = self.valid.difference(&now_valid).copied().collect();
+        self.dead.extend(gone);
+        self.valid = now_valid;
+        if self.quiet_at.is_some() && self.first_leader_after_quiet.is_none() && !leaders.is_empty()
+        {
+            self.first_leader_after_quiet = Some(Instant::now());
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Partition {
+    /// Requests fail at once.
+    Refuse,
+    /// Requests hang until the client's timeout, without effect.
+    Hang,
+}
+
+/// A [`Driver`] on the simulated store.
+#[derive(Clone)]
+struct SimDriver {
+    world: Arc<World>,
+    partition: Arc<Mutex<Option<Partition>>>,
+}
+
+/// The random end of a candidate id, to tell candidates apart in traces.
+fn short(id: &str) -> &str {
+    id.rsplit('-').next().unwrap_or(id)
+}
+
+fn unreachable_store() -> Error {
+    Error::store(std::io::Error::new(
+        std::io::ErrorKind::NotConnected,
+        "simulated store unreachable",
+    ))
+}
+
+impl SimDriver {
+    /// Sends `op` to the store: it lands after a delay (maybe after the caller gave up)
+    /// and its answer comes back after another (or never).
+    async fn request<T: Send + fmt::Debug + 'static>(
+        &self,
+        label: String,
+        op: impl FnOnce(&mut Store, Instant) -> (T, bool) + Send + 'static,
+    ) -> Result<T> {
+        let world = &self.world;
+        world.count(|r| r.requests += 1);
+        let partition = *lock(&self.partition);
+        if *lock(&world.outage) {
+            return Err(unreachable_store());
+        }
+        match partition {
+            Some(Partition::Refuse) => return Err(unreachable_store()),
+            Some(Partition::Hang) => {
+                sleep(REQUEST_TIMEOUT).await;
+                return Err(Error::Timeout(REQUEST_TIMEOUT));
+            }
+            None => {}
+        }
+        let chaos = world.chaos();
+        let (fail, effect_after, answer_after) = world.draw(|rng| {
+            let fail = chaos && rng.random_bool(0.04);
+            let late = chaos && rng.random_bool(0.04);
+            let lost = chaos && rng.random_bool(0.04);
+            let effect_after = if late {
+                REQUEST_TIMEOUT
+                    + Duration::from_millis(
+                        rng.random_range(0..=(MAX_LATE - REQUEST_TIMEOUT).as_millis() as u64),
+                    )
+            } else {
+                Duration::from_millis(rng.random_range(0..=20))
+            };
+            let answer_after = (!lost).then(|| Duration::from_millis(rng.random_range(0..=20)));
+            (fail, effect_after, answer_after)
+        });
+        if fail {
+            world.count(|r| r.failures += 1);
+            sleep(effect_after.min(REQUEST_TIMEOUT)).await;
+            return Err(unreachable_store());
+        }
+        if effect_after + answer_after.unwrap_or(MAX_LATE) >= REQUEST_TIMEOUT {
+            world.count(|r| {
+                if effect_after >= REQUEST_TIMEOUT {
+                    r.late_effects += 1;
+                } else {
+                    r.lost_answers += 1;
+                }
+            });
+        }
+        let (tx, rx) = oneshot::channel();
+        let effect_world = Arc::clone(world);
+        tokio::spawn(async move {
+            sleep(effect_after).await;
+            let (out, changed) = {
+                let now = Instant::now();
+                op(&mut lock(&effect_world.store), now)
+            };
+            effect_world.trace(|| format!("{label} -> {out:?} (answer {answer_after:?})"));
+            if changed {
+                effect_world.changed();
+            }
+            if let Some(after) = answer_after {
+                sleep(after).await;
+                let _ = tx.send(out);
+            } else {
+                // The answer is lost: the caller times out.
+                drop(tx);
+            }
+        });
+        let answer = async {
+            match rx.await {
+                Ok(out) => out,
+                Err(_) => std::future::pending().await,
+            }
+        };
+        timeout(REQUEST_TIMEOUT, answer)
+            .await
+            .map_err(|_| Error::Timeout(REQUEST_TIMEOUT))
+    }
+
+    fn lease(&self, candidate: &Candidate) -> Duration {
+        candidate.ttl * self.world.lease_factor
+    }
+}
+
+#[async_trait]
+impl Driver for SimDriver {
+    async fn campaign(&self, candidate: &Candidate) -> Result<Grant> {
+        let mut changes = self.world.changes.subscribe();
+        loop {
+            changes.borrow_and_update();
+            let sent_at = Instant::now();
+            let id = candidate.id.clone();
+            let lease = self.lease(candidate);
+            let acquired = self
+                .request(
+                    format!("acquire {}", short(&candidate.id)),
+                    move |store, now| {
+                        if let Some(holder) = store.live(now)
+                            && holder.id != id
+                        {
+                            return (Err(holder.expires_at), false);
+                        }
+                        store.fence += 1;
+                        let token = store.fence;
+                        store.holder = Some(Holder {
+                            id,
+                            token,
+                            expires_at: now + lease,
+                        });
+                        (Ok(token), true)
+                    },
+                )
+                .await?;
+            match acquired {
+                Ok(token) => return Ok(Grant::new(token, sent_at, candidate.ttl)),
+                Err(expires_at) => {
+                    tokio::select! {
+                        biased;
+                        changed = changes.changed() => {
+                            if changed.is_err() {
+                                return Err(unreachable_store());
+                            }
+                        }
+                        () = sleep_until(expires_at) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn renew(&self, candidate: &Candidate, grant: &Grant) -> Result<Grant> {
+        let sent_at = Instant::now();
+        let id = candidate.id.clone();
+        let token = grant.fencing_token;
+        let lease = self.lease(candidate);
+        let renewed = self
+            .request(
+                format!("renew {} {token}", short(&candidate.id)),
+                move |store, now| match store.live(now) {
+                    Some(holder) if holder.id == id && holder.token == token => {
+                        holder.expires_at = now + lease;
+                        (true, false)
+                    }
+                    _ => (false, false),
+                },
+            )
+            .await?;
+        if renewed {
+            Ok(Grant::new(token, sent_at, candidate.ttl))
+        } else {
+            Err(Error::TermGone)
+        }
+    }
+
+    async fn resign(&self, candidate: &Candidate, fencing_token: Option<u64>) -> Result<()> {
+        // Deletes only by exact token: a request may land late, after this candidate's
+        // next term began, and must not delete that one. Without a token, read it first.
+        let token = match fencing_token {
+            Some(token) => token,
+            None => {
+                let id = candidate.id.clone();
+                let label = format!("read own {}", short(&candidate.id));
+                let held = self
+                    .request(label, move |store, _now| {
+                        let token = store
+                            .holder
+                            .as_ref()
+                            .filter(|h| h.id == id)
+                            .map(|h| h.token);
+                        (token, false)
+                    })
+                    .await?;
+                match held {
+                    Some(token) => token,
+                    None => return Ok(()),
+                }
+            }
+        };
+        let id = candidate.id.clone();
+        let label = format!("resign {} {token}", short(&candidate.id));
+        self.request(label, move |store, _now| {
+            let ours = store
+                .holder
+                .as_ref()
+                .is_some_and(|h| h.id == id && h.token == token);
+            if ours {
+                store.holder = None;
+            }
+            ((), ours)
+        })
+        .await
+    }
+
+    async fn leader(&self, _election: &str) -> Result<Option<LeaderInfo>> {
+        self.request("leader".to_owned(), |store, now| {
+            let info = store
+                .live(now)
+                .map(|h| LeaderInfo::new(h.id.clone(), h.id.clone(), h.token));
+            (info, false)
+        })
+        .await
+    }
+
+    fn observe(&self, election: &str) -> BoxStream<'static, Result<Option<LeaderInfo>>> {
+        let driver = self.clone();
+        let election = election.to_owned();
+        futures::stream::once(async move { driver.leader(&election).await }).boxed()
+    }
+}
