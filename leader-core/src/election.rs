@@ -256,6 +256,11 @@ impl Election {
     fn core(&self) -> &Arc<Core> {
         &self.handle.core
     }
+
+    #[cfg(test)]
+    pub(crate) fn subscriber_count(&self) -> usize {
+        self.core().shared.subscriber_count()
+    }
 }
 
 impl fmt::Debug for Election {

@@ -24,4 +24,6 @@ pub use event::{Event, EventStream, LossReason};
 pub use tokio_util::sync::CancellationToken;
 
 #[cfg(all(test, feature = "testing"))]
+mod safety_tests;
+#[cfg(all(test, feature = "testing"))]
 mod tests;

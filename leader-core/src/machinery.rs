@@ -129,6 +129,11 @@ impl Shared {
             .cloned()
     }
 
+    #[cfg(test)]
+    pub(crate) fn subscriber_count(&self) -> usize {
+        self.state().subscribers.len()
+    }
+
     pub(crate) fn subscribe(&self) -> mpsc::UnboundedReceiver<Event> {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut st = self.state();
