@@ -13,7 +13,6 @@ use leader_core::{Candidate, Driver, Error, Grant, LeaderInfo, Result};
 use rand::Rng;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Script};
-use tokio::sync::OnceCell;
 use tokio::time::{Instant, sleep, timeout};
 use tracing::debug;
 
@@ -50,11 +49,11 @@ end
 return 0
 ";
 
-/// Deletes the key only if this candidate owns it, in the given term (if ARGV[3] is not
-/// empty), and tells the waiters. KEYS: leader. ARGV: owner token, channel, fencing token.
+/// Deletes the key only if this candidate owns it in the given term, and tells the
+/// waiters. KEYS: leader. ARGV: owner token, channel, fencing token.
 const RESIGN: &str = r"
 local held = redis.call('HMGET', KEYS[1], 'owner', 'token')
-if held[1] == ARGV[1] and (ARGV[3] == '' or held[2] == ARGV[3]) then
+if held[1] == ARGV[1] and held[2] == ARGV[3] then
   redis.call('DEL', KEYS[1])
   redis.call('PUBLISH', ARGV[2], 'resigned')
   return 1
@@ -89,7 +88,7 @@ pub struct RedisDriver {
 
 struct Inner {
     client: Client,
-    connection: OnceCell<ConnectionManager>,
+    connection: tokio::sync::Mutex<Option<ConnectionManager>>,
     prefix: String,
     request_timeout: Duration,
     subscriber: Subscriber,
@@ -127,7 +126,7 @@ impl RedisDriverBuilder {
             inner: Arc::new(Inner {
                 subscriber: Subscriber::new(self.client.clone()),
                 client: self.client,
-                connection: OnceCell::new(),
+                connection: tokio::sync::Mutex::new(None),
                 prefix: self.prefix,
                 request_timeout: self.request_timeout,
                 acquire: Script::new(ACQUIRE),
@@ -209,6 +208,21 @@ fn check_name(election: &str) -> Result<()> {
     Ok(())
 }
 
+/// A Redis error as this crate's [`Error`]: a refused login or a missing ACL permission is
+/// [`Error::Denied`] (retrying cannot fix it), anything else [`Error::Store`].
+fn redis_error(err: redis::RedisError) -> Error {
+    if is_denied(&err) {
+        Error::denied(err)
+    } else {
+        Error::store(err)
+    }
+}
+
+fn is_denied(err: &redis::RedisError) -> bool {
+    err.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(err.code(), Some("NOPERM" | "WRONGPASS" | "NOAUTH"))
+}
+
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis())
         .unwrap_or(u64::MAX)
@@ -216,27 +230,37 @@ fn millis(duration: Duration) -> u64 {
 }
 
 impl Inner {
+    /// The shared connection, made on first use (and again after [`discard`](Self::discard)).
     async fn connection(&self) -> Result<ConnectionManager> {
-        let connection = self
-            .connection
-            .get_or_try_init(|| async {
-                let config = ConnectionManagerConfig::new()
-                    .set_response_timeout(Some(self.request_timeout))
-                    .set_connection_timeout(Some(self.request_timeout))
-                    .set_number_of_retries(1)
-                    .set_max_delay(Duration::from_secs(1));
-                match timeout(
-                    self.request_timeout * 2,
-                    ConnectionManager::new_with_config(self.client.clone(), config),
-                )
-                .await
-                {
-                    Ok(result) => result.map_err(Error::store),
-                    Err(_) => Err(Error::Timeout(self.request_timeout * 2)),
-                }
-            })
-            .await?;
-        Ok(connection.clone())
+        let mut slot = self.connection.lock().await;
+        if let Some(connection) = slot.as_ref() {
+            return Ok(connection.clone());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(self.request_timeout))
+            .set_connection_timeout(Some(self.request_timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        let connection = match timeout(
+            self.request_timeout * 2,
+            ConnectionManager::new_with_config(self.client.clone(), config),
+        )
+        .await
+        {
+            Ok(result) => result.map_err(redis_error)?,
+            Err(_) => return Err(Error::Timeout(self.request_timeout * 2)),
+        };
+        *slot = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// Drops the shared connection after a request got no answer: the connection manager
+    /// reconnects when a socket closes, but not when it merely goes silent (half-open), so
+    /// the next request opens a new one.
+    async fn discard(&self) {
+        if self.connection.lock().await.take().is_some() {
+            debug!("Redis request timed out; opening a new connection for the next one");
+        }
     }
 
     async fn run<T: redis::FromRedisValue>(
@@ -244,14 +268,23 @@ impl Inner {
         invocation: redis::ScriptInvocation<'_>,
     ) -> Result<T> {
         let mut connection = self.connection().await?;
-        match timeout(
+        let result = timeout(
             self.request_timeout,
             invocation.invoke_async(&mut connection),
         )
-        .await
-        {
-            Ok(result) => result.map_err(Error::store),
-            Err(_) => Err(Error::Timeout(self.request_timeout)),
+        .await;
+        match result {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) => {
+                if err.is_timeout() {
+                    self.discard().await;
+                }
+                Err(redis_error(err))
+            }
+            Err(_) => {
+                self.discard().await;
+                Err(Error::Timeout(self.request_timeout))
+            }
         }
     }
 
@@ -355,11 +388,18 @@ impl Driver for RedisDriver {
 
     async fn resign(&self, candidate: &Candidate, fencing_token: Option<u64>) -> Result<()> {
         let keys = self.keys(&candidate.election);
+        // Deletes by exact token only: this request may land late, after this candidate's
+        // next term began, and must not delete that one. Without a token (a campaign whose
+        // answer never came), read it first.
+        let token = match fencing_token {
+            Some(token) => token,
+            None => match self.inner.leader_with_pttl(&keys).await? {
+                Some((leader, _)) if leader.id == candidate.id => leader.fencing_token,
+                _ => return Ok(()),
+            },
+        };
         let mut invocation = self.inner.resign.key(&keys.leader);
-        invocation
-            .arg(&candidate.id)
-            .arg(&keys.channel)
-            .arg(fencing_token.map(|t| t.to_string()).unwrap_or_default());
+        invocation.arg(&candidate.id).arg(&keys.channel).arg(token);
         let _deleted: i64 = self.inner.run(invocation).await?;
         Ok(())
     }
@@ -413,5 +453,23 @@ impl Driver for RedisDriver {
             },
         )
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_logins_and_acl_denials_are_not_retried() {
+        let noperm = redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm),
+            "this user has no permissions to run the 'evalsha' command",
+        ));
+        assert!(matches!(redis_error(noperm), Error::Denied(_)));
+        let auth = redis::RedisError::from((redis::ErrorKind::AuthenticationFailed, "WRONGPASS"));
+        assert!(!redis_error(auth).is_transient());
+        let io = redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert!(redis_error(io).is_transient());
     }
 }

@@ -10,8 +10,14 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::timeout;
 use tracing::{debug, warn};
 
-/// How long a (un)subscription may take before the connection is deemed dead.
+/// How long a (un)subscription or a health check may take before the connection is deemed
+/// dead.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How often an idle pub/sub connection is checked with a PING: a half-open socket (the
+/// server or a middlebox gone without a FIN) would otherwise leave waiters and observers
+/// waiting on messages that never come.
+const HEALTH_CHECK_EVERY: Duration = Duration::from_secs(5);
 
 /// Routes the messages of the driver's one pub/sub connection to each channel's watchers,
 /// and reconnects when the connection drops. Each (re)connection wakes every watcher, since
@@ -212,8 +218,18 @@ async fn connected(
     }
     debug!(channels = channels.len(), "Redis pub/sub connected");
     shared.notify_all();
+    let mut health = tokio::time::interval(HEALTH_CHECK_EVERY);
+    health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    health.reset();
     loop {
         tokio::select! {
+            _ = health.tick() => {
+                let pong = timeout(SUBSCRIBE_TIMEOUT, sink.ping::<redis::Value>()).await;
+                if !matches!(pong, Ok(Ok(_))) {
+                    warn!("Redis pub/sub connection failed its health check; reconnecting");
+                    return Ended::Disconnected;
+                }
+            }
             command = commands.recv() => match command {
                 None => return Ended::DriverGone,
                 Some(Command::Subscribe(channel, confirmed)) => {

@@ -63,7 +63,9 @@ async fn keys_share_a_hash_tag_and_hold_owner_value_and_token() {
     let exists: bool = admin.exists(&keys.leader).await.expect("EXISTS");
     assert!(!exists, "resign deletes the key");
 
-    let braces = Election::builder(
+    // Braces would break the hash tag: refused when the election is built, not at every
+    // campaign.
+    let err = Election::builder(
         RedisDriver::connect(&h.server.url())
             .await
             .expect("connect"),
@@ -71,11 +73,7 @@ async fn keys_share_a_hash_tag_and_hold_owner_value_and_token() {
     )
     .ttl(TTL)
     .build()
-    .expect("builds: the name is only a Redis problem");
-    let err = braces
-        .campaign()
-        .await
-        .expect_err("braces break the hash tag");
+    .expect_err("braces break the hash tag");
     assert!(
         matches!(err, leader_core::Error::InvalidConfig { name: "name", .. }),
         "{err:?}"
@@ -294,4 +292,76 @@ async fn lost_pubsub_still_fails_over_at_expiry() {
         resigned_at.elapsed()
     );
     wait_until("a's term ended", TTL, || !a.status().is_leader()).await;
+}
+
+/// A resignation of an earlier term, landing after the same candidate's next term began,
+/// leaves the new term alone: RESIGN compares owner and token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_resignation_of_an_earlier_term_leaves_the_newer_one() {
+    use leader_core::{Candidate, Driver};
+    let h = harness().await;
+    let driver = h.driver_at(&h.server.url()).await;
+    let name = unique("late-resign");
+    let candidate = Candidate::new(&name, "candidate-a", "a", Duration::from_secs(5));
+    let first = driver.campaign(&candidate).await.expect("first term");
+    let second = driver.campaign(&candidate).await.expect("second term");
+    assert!(second.fencing_token > first.fencing_token);
+    driver
+        .resign(&candidate, Some(first.fencing_token))
+        .await
+        .expect("resign answered");
+    let leader = driver.leader(&name).await.expect("reachable");
+    assert_eq!(
+        leader.map(|l| l.fencing_token),
+        Some(second.fencing_token),
+        "the newer term survived"
+    );
+    // Without a token, the driver reads the term first, then deletes exactly that one.
+    driver.resign(&candidate, None).await.expect("resign");
+    assert_eq!(driver.leader(&name).await.expect("reachable"), None);
+}
+
+/// A pub/sub connection that goes silent without closing (half-open: the server or a
+/// middlebox vanished) is noticed by the health check and replaced, so an observer still
+/// sees the next leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observe_recovers_from_a_half_open_pubsub_connection() {
+    use futures::StreamExt;
+    let h = harness().await;
+    let name = unique("half-open");
+    let proxy = FaultProxy::start(h.server.addr()).await.expect("proxy");
+    let watcher = election(
+        h.driver_at(&format!("redis://{}", proxy.addr())).await,
+        &name,
+        TTL,
+    );
+    let mut leaders = watcher.observe();
+    let first = within("the first observation", TTL * 5, leaders.next()).await;
+    assert!(matches!(first, Some(Ok(None))), "{first:?}");
+    let mut admin = h.admin().await;
+    let channel = h.driver_at(&h.server.url()).await.keys(&name).channel;
+    wait_subscribed(&mut admin, &channel).await;
+    proxy.stall();
+    let leader = election(
+        h.driver_at(&h.server.url()).await,
+        &name,
+        Duration::from_secs(30),
+    );
+    let term = leader.campaign().await.expect("elected");
+    let seen = within(
+        "the new leader, after the health check",
+        Duration::from_secs(20),
+        async {
+            loop {
+                match leaders.next().await {
+                    Some(Ok(Some(info))) => return info,
+                    // Errors while the stalled connections are replaced.
+                    Some(_) => {}
+                    None => panic!("the observation ended"),
+                }
+            }
+        },
+    )
+    .await;
+    assert_eq!(seen.fencing_token, term.fencing_token());
 }

@@ -33,6 +33,7 @@ pub struct FaultProxy {
     addr: SocketAddr,
     mode: watch::Sender<Mode>,
     generation: Arc<watch::Sender<CancellationToken>>,
+    stalls: Arc<watch::Sender<CancellationToken>>,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -44,18 +45,23 @@ impl FaultProxy {
         let addr = listener.local_addr()?;
         let (mode, _) = watch::channel(Mode::Pass);
         let generation = Arc::new(watch::Sender::new(CancellationToken::new()));
+        let stalls = Arc::new(watch::Sender::new(CancellationToken::new()));
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(accept_loop(
             listener,
             upstream,
             mode.clone(),
-            Arc::clone(&generation),
+            Connections {
+                generation: Arc::clone(&generation),
+                stalls: Arc::clone(&stalls),
+            },
             shutdown.clone(),
         ));
         Ok(FaultProxy {
             addr,
             mode,
             generation,
+            stalls,
             shutdown,
             task,
         })
@@ -81,6 +87,19 @@ impl FaultProxy {
         let old = self.generation.send_replace(CancellationToken::new());
         old.cancel();
     }
+
+    /// Every open connection goes silent for good without being closed, as when the peer
+    /// vanished without a FIN (a half-open socket); new connections pass as usual.
+    pub fn stall(&self) {
+        let old = self.stalls.send_replace(CancellationToken::new());
+        old.cancel();
+    }
+}
+
+/// The tokens that end (cut) or silence (stall) the connections open now.
+struct Connections {
+    generation: Arc<watch::Sender<CancellationToken>>,
+    stalls: Arc<watch::Sender<CancellationToken>>,
 }
 
 impl Drop for FaultProxy {
@@ -95,7 +114,7 @@ async fn accept_loop(
     listener: TcpListener,
     upstream: SocketAddr,
     mode: watch::Sender<Mode>,
-    generation: Arc<watch::Sender<CancellationToken>>,
+    connections: Connections,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -106,7 +125,8 @@ async fn accept_loop(
         let Ok((client, _)) = accepted else {
             continue;
         };
-        let cut = generation.borrow().clone();
+        let cut = connections.generation.borrow().clone();
+        let stalled = connections.stalls.borrow().clone();
         let mode = mode.subscribe();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
@@ -120,13 +140,19 @@ async fn accept_loop(
             };
             let _ = client.set_nodelay(true);
             let _ = server.set_nodelay(true);
-            let (client_read, client_write) = client.into_split();
-            let (server_read, server_write) = server.into_split();
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
+            tokio::select! {
+                () = cut.cancelled() => return,
+                () = shutdown.cancelled() => return,
+                () = stalled.cancelled() => {}
+                () = pump(&mut client_read, &mut server_write, mode.clone()) => return,
+                () = pump(&mut server_read, &mut client_write, mode) => return,
+            }
+            // Stalled: the sockets stay open, and nothing flows, until cut or shutdown.
             tokio::select! {
                 () = cut.cancelled() => {}
                 () = shutdown.cancelled() => {}
-                () = pump(client_read, server_write, mode.clone()) => {}
-                () = pump(server_read, client_write, mode) => {}
             }
         });
     }
@@ -134,8 +160,8 @@ async fn accept_loop(
 
 /// Copies bytes from `from` to `to`, pausing while the mode is `Hold`.
 async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
+    from: &mut tokio::net::tcp::OwnedReadHalf,
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
     mut mode: watch::Receiver<Mode>,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
