@@ -168,8 +168,11 @@ pub trait Driver: Send + Sync + 'static {
     /// this candidate's own key. Lets a waiting candidate take over in about one round trip.
     ///
     /// With `Some(fencing_token)`, the driver deletes the term with that token only (a
-    /// newer term of the same candidate stays); with `None` (a campaign whose answer never
-    /// came), whatever this candidate has in the election.
+    /// newer term of the same candidate stays). With `None` (a campaign whose answer never
+    /// came), it removes whatever this candidate has in the election, but still by exact
+    /// identity: it reads the candidate's key (and its token) first, then deletes that one,
+    /// so that this request, if it lands late, cannot delete a term begun after it.
+    /// Removing a place in line is likewise conditional on that place.
     async fn resign(&self, candidate: &Candidate, fencing_token: Option<u64>) -> Result<()>;
 
     /// Who leads `election` now, if anyone.
