@@ -36,6 +36,7 @@ macro_rules! conformance_tests {
         $crate::__conformance_test!($harness; elections_on_one_driver_are_independent; $(#[$attr])*);
         $crate::__conformance_test!($harness; candidates_sharing_a_driver_are_distinct; $(#[$attr])*);
         $crate::__conformance_test!($harness; build_rejects_nonsense; $(#[$attr])*);
+        $crate::__conformance_test!($harness; resign_deletes_only_the_given_term; $(#[$attr])*);
     };
 }
 
@@ -441,6 +442,40 @@ pub async fn dropped_campaign_leaves_nothing_behind(h: &dyn Harness) {
     let info = a.leader().await.expect("leader()").expect("a leader");
     assert_eq!(info.value, c.value());
     c.resign().await.expect("resign");
+}
+
+/// `Driver::resign` with an earlier term's token (a resignation landing late, after the
+/// same candidate began a new term) leaves the newer term alone; without a token it removes
+/// what the candidate holds.
+pub async fn resign_deletes_only_the_given_term(h: &dyn Harness) {
+    let ttl = h.ttl();
+    let name = unique("exact-resign");
+    let driver = h.driver().await;
+    let candidate = crate::Candidate::new(&name, unique("candidate"), "v", ttl * 5);
+    let first = within("the first term", ttl * 3, driver.campaign(&candidate))
+        .await
+        .expect("first term");
+    let second = within("the second term", ttl * 3, driver.campaign(&candidate))
+        .await
+        .expect("second term");
+    assert!(
+        second.fencing_token > first.fencing_token,
+        "a new campaign of the same candidate is a new term: {} then {}",
+        first.fencing_token,
+        second.fencing_token
+    );
+    driver
+        .resign(&candidate, Some(first.fencing_token))
+        .await
+        .expect("resign answered");
+    let leader = driver.leader(&name).await.expect("leader()");
+    assert_eq!(
+        leader.map(|l| l.fencing_token),
+        Some(second.fencing_token),
+        "the late resignation deleted the newer term"
+    );
+    driver.resign(&candidate, None).await.expect("resign");
+    assert_eq!(driver.leader(&name).await.expect("leader()"), None);
 }
 
 /// Dropping the last clone of a leading election resigns it in the background.
