@@ -47,7 +47,7 @@ impl Settings {
     /// The safety margin subtracted from deadlines of a term with `ttl`.
     pub(crate) fn margin_for(&self, ttl: Duration) -> Duration {
         self.safety_margin
-            .unwrap_or_else(|| (ttl / 50).max(Duration::from_millis(1)))
+            .unwrap_or_else(|| (ttl / 50).max(Duration::from_millis(2)))
     }
 
     fn check(&self, driver: &dyn Driver) -> Result<()> {
@@ -145,7 +145,7 @@ impl ElectionBuilder {
 
     /// Subtracted from each deadline for clock-rate drift between this process and the
     /// store, and the time leader-only work gets to stop: the term ends this long before
-    /// the store could elect anyone else. Defaults to 2% of the TTL (at least 1ms); must be
+    /// the store could elect anyone else. Defaults to 2% of the TTL (at least 2ms); must be
     /// under half the TTL.
     pub fn safety_margin(mut self, margin: Duration) -> Self {
         self.settings.safety_margin = Some(margin);

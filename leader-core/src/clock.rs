@@ -10,7 +10,7 @@ use std::time::Duration;
 
 /// Suspensions shorter than this are treated as none: the two clocks are read by two
 /// system calls, and a preemption between them looks like a short suspension.
-const NOISE: Duration = Duration::from_millis(5);
+const NOISE: Duration = Duration::from_millis(1);
 
 /// A reading of `CLOCK_BOOTTIME − CLOCK_MONOTONIC`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

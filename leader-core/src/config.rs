@@ -34,7 +34,7 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
     /// Subtracted from each term's deadline, to absorb clock-rate drift between this
-    /// process and the store. Defaults to none, which means 2% of the TTL (at least 1ms).
+    /// process and the store. Defaults to none, which means 2% of the TTL (at least 2ms).
     #[serde(with = "humantime_serde")]
     pub safety_margin: Option<Duration>,
     /// The first delay before `run` campaigns again after a loss or a store error; it

@@ -9,12 +9,14 @@
 //!   false it stays false ([`TermState::extend`]).
 //! * A term is ended in one synchronous step (`State::term` cleared, token cancelled, one
 //!   event emitted), and every end that the store did not confirm leaves a
-//!   [`Leftover`] that is withdrawn before the next campaign and in the background.
+//!   [`Leftover`] that is withdrawn before the next campaign and by one background task.
+//! * A campaign runs in a task of its own, so a resign() that withdraws it never waits on a
+//!   future nobody polls; a resign() never ends a term started after it was called.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::{OwnedMutexGuard, mpsc};
+use tokio::sync::{OwnedMutexGuard, mpsc, oneshot};
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -56,6 +58,10 @@ struct State {
     /// The campaigns in flight, by id: resign() withdraws them.
     campaigns: Vec<(u64, CancellationToken)>,
     next_campaign: u64,
+    /// How many terms were started: resign() never ends one started after it was called.
+    started: u64,
+    /// Whether the background withdrawer runs.
+    withdrawer: bool,
     subscribers: Vec<mpsc::UnboundedSender<Event>>,
 }
 
@@ -97,10 +103,9 @@ impl State {
                 self.term = None;
                 term.ended.cancel();
                 if !matches!(event, Event::Resigned { .. }) {
-                    self.leftover = Some(Leftover::and(
-                        self.leftover,
-                        Leftover::Term(term.fencing_token),
-                    ));
+                    // Not just this term: a campaign answer lost earlier may have landed
+                    // late and left a newer key of this candidate. Read, then delete.
+                    self.leftover = Some(Leftover::Unknown);
                 }
                 self.emit(event);
                 true
@@ -146,16 +151,34 @@ impl Shared {
 /// One term of this candidate.
 pub(crate) struct TermState {
     pub(crate) fencing_token: u64,
+    /// The number of this term among the candidate's terms (from 1).
+    seq: u64,
     pub(crate) elected_at: Instant,
     clock: Mutex<TermClock>,
     pub(crate) ended: CancellationToken,
 }
 
+/// A reading of the suspend offset, with the instant it was taken.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Reading {
+    at: Instant,
+    offset: SuspendOffset,
+}
+
+impl Reading {
+    pub(crate) fn now() -> Self {
+        Reading {
+            at: Instant::now(),
+            offset: SuspendOffset::now(),
+        }
+    }
+}
+
 struct TermClock {
     deadline: Instant,
-    /// Read before the request that confirmed `deadline` was sent: a suspension of the
+    /// Taken no later than the confirmation `deadline` rests on: a suspension of the
     /// machine since then shortens the deadline by as much.
-    confirmed: SuspendOffset,
+    confirmed: Reading,
     /// Set the first time the deadline is seen passed: the term never becomes valid again.
     passed: bool,
 }
@@ -163,7 +186,7 @@ struct TermClock {
 impl TermClock {
     fn holds(&mut self) -> bool {
         if !self.passed {
-            let now = Instant::now() + self.confirmed.suspended_since();
+            let now = Instant::now() + self.confirmed.offset.suspended_since();
             self.passed = now >= self.deadline;
         }
         !self.passed
@@ -171,9 +194,10 @@ impl TermClock {
 }
 
 impl TermState {
-    fn new(fencing_token: u64, deadline: Instant, confirmed: SuspendOffset) -> Self {
+    fn new(fencing_token: u64, seq: u64, deadline: Instant, confirmed: Reading) -> Self {
         TermState {
             fencing_token,
+            seq,
             elected_at: Instant::now(),
             clock: Mutex::new(TermClock {
                 deadline,
@@ -192,17 +216,25 @@ impl TermState {
         !self.ended.is_cancelled() && lock(&self.clock).holds()
     }
 
-    /// Moves the deadline to `deadline`, confirmed by a request sent after `confirmed` was
-    /// read; returns false, moving nothing, if the current deadline has already passed: a
-    /// late renewal never revives a term.
-    fn extend(&self, deadline: Instant, confirmed: SuspendOffset) -> bool {
+    /// Moves the deadline to `deadline`, which a confirmation sent at `confirmed_at` vouches
+    /// for; `reading` was taken before the renewal was asked for. Returns false, moving
+    /// nothing, if the current deadline has already passed: a late renewal never revives a
+    /// term.
+    ///
+    /// The suspension reference moves to `reading` only if it predates the confirmation (a
+    /// driver may answer with an earlier confirmation it shares between elections):
+    /// otherwise a suspension between the confirmation and the reading would be forgotten.
+    /// The old reference predates the old confirmation, hence the new one too.
+    fn extend(&self, deadline: Instant, confirmed_at: Instant, reading: Reading) -> bool {
         let mut clock = lock(&self.clock);
         if !clock.holds() {
             return false;
         }
         if deadline > clock.deadline {
             clock.deadline = deadline;
-            clock.confirmed = confirmed;
+            if reading.at <= confirmed_at {
+                clock.confirmed = reading;
+            }
         }
         true
     }
@@ -236,6 +268,9 @@ impl Core {
     }
 
     /// Campaigns until elected, or returns the term this candidate holds.
+    ///
+    /// The campaign runs in a task of its own: a resign() that withdraws it must not wait
+    /// for its caller to poll it again. Dropping this future withdraws it.
     pub(crate) async fn campaign(self: Arc<Self>) -> Result<(Arc<TermState>, Arc<Self>)> {
         // Registered before waiting for the lock, so that a resign() that comes later
         // always finds it and withdraws it rather than waiting for it to be elected.
@@ -247,15 +282,41 @@ impl Core {
             st.campaigns.push((id, withdrawn.clone()));
             id
         };
-        let _registered = Registered { core: &self, id };
-        tokio::select! {
-            biased;
-            () = withdrawn.cancelled() => Err(Error::Withdrawn),
-            term = Arc::clone(&self).campaign_locked() => term.map(|term| (term, Arc::clone(&self))),
+        let (tx, rx) = oneshot::channel();
+        let core = Arc::clone(&self);
+        let token = withdrawn.clone();
+        let campaign = async move {
+            let _registered = Registered {
+                core: Arc::clone(&core),
+                id,
+            };
+            let result = tokio::select! {
+                biased;
+                () = token.cancelled() => Err(Error::Withdrawn),
+                term = Arc::clone(&core).campaign_locked(&token) => term,
+            };
+            if let Err(Ok(term)) = tx.send(result) {
+                // The caller gave up just as the term began: it asked to withdraw.
+                let _ = core.resign(Some(&term)).await;
+            }
+        };
+        let _withdraw_if_dropped = withdrawn.clone().drop_guard();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(campaign);
+            }
+            // Polled outside Tokio: run it here (a resign() then waits for it).
+            Err(_) => campaign.await,
         }
+        let result = rx.await.unwrap_or(Err(Error::Withdrawn));
+        _withdraw_if_dropped.disarm();
+        result.map(|term| (term, self))
     }
 
-    async fn campaign_locked(self: Arc<Self>) -> Result<Arc<TermState>> {
+    async fn campaign_locked(
+        self: Arc<Self>,
+        withdrawn: &CancellationToken,
+    ) -> Result<Arc<TermState>> {
         let guard = Arc::clone(&self.campaign_lock).lock_owned().await;
         {
             let mut st = self.shared.state();
@@ -273,29 +334,29 @@ impl Core {
             }
         }
         // From here on, giving up (an error, a dropped future, a resign()) withdraws
-        // whatever the campaign may have left in the store, still under the lock.
+        // whatever the campaign may have left in the store.
         let mut withdrawal = Withdrawal {
             core: Some(Arc::clone(&self)),
             guard: Some(guard),
         };
-        let (grant, confirmed) = self.elect().await?;
-        let term = self.start_term(grant, confirmed);
+        let (grant, reading) = self.elect().await?;
+        let term = self.start_term(grant, reading, withdrawn)?;
         withdrawal.disarm();
         Ok(term)
     }
 
     /// Clears what earlier terms left, then waits in the driver until elected; returns a
     /// grant whose deadline has not passed.
-    async fn elect(&self) -> Result<(Grant, SuspendOffset)> {
+    async fn elect(&self) -> Result<(Grant, Reading)> {
         self.withdraw_leftover().await?;
         debug!(election = %self.name(), id = %self.candidate.id, "campaigning");
-        let confirmed = SuspendOffset::now();
+        let confirmed = Reading::now();
         let grant = self.driver.campaign(&self.candidate).await?;
         if self.holds(&grant, confirmed) {
             return Ok((grant, confirmed));
         }
         // Elected after a long wait on a stale confirmation: confirm once more.
-        let confirmed = SuspendOffset::now();
+        let confirmed = Reading::now();
         let limit = self.candidate.ttl;
         let grant = match timeout(limit, self.driver.renew(&self.candidate, &grant)).await {
             Ok(renewed) => renewed?,
@@ -308,28 +369,41 @@ impl Core {
         }
     }
 
-    fn holds(&self, grant: &Grant, confirmed: SuspendOffset) -> bool {
-        Instant::now() + confirmed.suspended_since() < self.deadline_of(grant)
+    fn holds(&self, grant: &Grant, confirmed: Reading) -> bool {
+        Instant::now() + confirmed.offset.suspended_since() < self.deadline_of(grant)
     }
 
-    fn start_term(self: &Arc<Self>, grant: Grant, confirmed: SuspendOffset) -> Arc<TermState> {
-        let term = Arc::new(TermState::new(
-            grant.fencing_token,
-            self.deadline_of(&grant),
-            confirmed,
-        ));
-        {
+    /// Starts the term `grant` describes, unless a resign() withdrew the campaign meanwhile
+    /// (then the caller's withdrawal deletes it from the store).
+    fn start_term(
+        self: &Arc<Self>,
+        grant: Grant,
+        confirmed: Reading,
+        withdrawn: &CancellationToken,
+    ) -> Result<Arc<TermState>> {
+        let term = {
             let mut st = self.shared.state();
+            if withdrawn.is_cancelled() {
+                return Err(Error::Withdrawn);
+            }
+            st.started += 1;
+            let term = Arc::new(TermState::new(
+                grant.fencing_token,
+                st.started,
+                self.deadline_of(&grant),
+                confirmed,
+            ));
             // The driver's campaign replaced whatever this candidate had in the store.
             st.leftover = None;
             st.term = Some(Arc::clone(&term));
             st.emit(Event::Elected {
                 fencing_token: grant.fencing_token,
             });
-        }
+            term
+        };
         info!(election = %self.name(), fencing_token = grant.fencing_token, "elected");
         tokio::spawn(Arc::clone(self).hold(Arc::clone(&term), grant));
-        term
+        Ok(term)
     }
 
     /// Ends `term` for `reason` if it is still current, and withdraws its key in the
@@ -348,8 +422,21 @@ impl Core {
             %reason,
             "term lost; stepped down"
         );
-        tokio::spawn(withdraw_in_background(Arc::clone(self), None));
+        self.ensure_withdrawer();
         true
+    }
+
+    /// Starts the background withdrawer unless it runs already or nothing is left.
+    fn ensure_withdrawer(self: &Arc<Self>) {
+        let mut st = self.shared.state();
+        if st.withdrawer || st.leftover.is_none() {
+            return;
+        }
+        // Without a runtime it stays a leftover: the next campaign or resign() takes it.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            st.withdrawer = true;
+            runtime.spawn(withdrawer(Arc::clone(self)));
+        }
     }
 
     /// Renews `term` every third of its TTL, each attempt capped at a quarter of it, until
@@ -362,6 +449,12 @@ impl Core {
         let mut failures = 0u32;
         let mut gone = self.driver.term_gone(&self.candidate, term.fencing_token);
         loop {
+            if !term.is_valid() {
+                // Ended elsewhere, or the machine was suspended past the deadline (the
+                // monotonic timers below do not count that time).
+                self.lose(&term, LossReason::Expired);
+                return;
+            }
             let deadline = term.deadline();
             tokio::select! {
                 biased;
@@ -376,7 +469,7 @@ impl Core {
                 }
                 () = sleep_until(next_renewal) => {}
             }
-            let confirmed = SuspendOffset::now();
+            let reading = Reading::now();
             let renewed = tokio::select! {
                 biased;
                 () = term.ended.cancelled() => return,
@@ -394,7 +487,7 @@ impl Core {
             };
             match renewed {
                 Ok(renewed) if renewed.fencing_token == grant.fencing_token => {
-                    if !term.extend(self.deadline_of(&renewed), confirmed) {
+                    if !term.extend(self.deadline_of(&renewed), renewed.confirmed_at, reading) {
                         // The answer came after the deadline passed: too late to count.
                         self.lose(&term, LossReason::Expired);
                         return;
@@ -424,6 +517,90 @@ impl Core {
         }
     }
 
+    /// Steps down (from `only`, or from whatever term is current) and deletes the key.
+    pub(crate) async fn resign(self: &Arc<Self>, only: Option<&Arc<TermState>>) -> Result<()> {
+        let started = {
+            // A follower gets its answer at once, even while a campaign of its own waits.
+            let st = self.shared.state();
+            let nothing_to_do = match only {
+                Some(term) => !st.term.as_ref().is_some_and(|t| Arc::ptr_eq(t, term)),
+                None => st.term.is_none() && st.leftover.is_none(),
+            };
+            if nothing_to_do {
+                return Err(Error::NotALeader);
+            }
+            // A campaign holding the lock would make this wait until it is elected, and
+            // then resign the new term: withdraw it instead.
+            for (_, campaign) in &st.campaigns {
+                campaign.cancel();
+            }
+            st.started
+        };
+        let guard = Arc::clone(&self.campaign_lock).lock_owned().await;
+        let (term, leftover) = {
+            let mut st = self.shared.state();
+            // A term started after this call (a campaign that took the lock first) is not
+            // this call's to end.
+            let current = st.term.clone().filter(|term| term.seq <= started);
+            let term = match (current, only) {
+                (Some(current), Some(only)) if !Arc::ptr_eq(&current, only) => {
+                    return Err(Error::NotALeader);
+                }
+                (None, Some(_)) => return Err(Error::NotALeader),
+                (current, _) => current,
+            };
+            // Step down before the store is asked, so that this candidate never believes it
+            // leads once someone else could be elected.
+            if let Some(term) = &term {
+                st.term = None;
+                term.ended.cancel();
+                st.leftover = Some(Leftover::and(
+                    st.leftover,
+                    Leftover::Term(term.fencing_token),
+                ));
+            }
+            let Some(leftover) = st.leftover else {
+                return Err(Error::NotALeader);
+            };
+            (term, leftover)
+        };
+        // The store call and the end event run in a task of their own, so that cancelling
+        // this future cannot lose the event: every Elected gets exactly one end.
+        let core = Arc::clone(self);
+        let finish = async move {
+            let result = core.withdraw(leftover).await;
+            if let Some(term) = term {
+                let event = match &result {
+                    Ok(()) => {
+                        info!(election = %core.name(), fencing_token = term.fencing_token, "resigned");
+                        Event::Resigned {
+                            fencing_token: term.fencing_token,
+                        }
+                    }
+                    Err(_) => Event::Lost {
+                        fencing_token: term.fencing_token,
+                        reason: LossReason::ResignFailed,
+                    },
+                };
+                // Emitted before the lock is released: no newer term's Elected can come
+                // first.
+                core.shared.state().emit(event);
+            }
+            drop(guard);
+            if result.is_err() {
+                core.ensure_withdrawer();
+            }
+            result
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => runtime
+                .spawn(finish)
+                .await
+                .unwrap_or_else(|err| Err(Error::store(err))),
+            Err(_) => finish.await,
+        }
+    }
+
     /// Asks the driver to delete what this candidate left in the store, if anything. Call
     /// it holding the campaign lock.
     async fn withdraw_leftover(&self) -> Result<()> {
@@ -449,102 +626,17 @@ impl Core {
         result
     }
 
-    /// Steps down (from `only`, or from whatever term is current) and deletes the key.
-    pub(crate) async fn resign(self: &Arc<Self>, only: Option<&Arc<TermState>>) -> Result<()> {
-        {
-            // A follower gets its answer at once, even while a campaign of its own waits.
-            let st = self.shared.state();
-            let nothing_to_do = match only {
-                Some(term) => !st.term.as_ref().is_some_and(|t| Arc::ptr_eq(t, term)),
-                None => st.term.is_none() && st.leftover.is_none(),
-            };
-            if nothing_to_do {
-                return Err(Error::NotALeader);
-            }
-            // A campaign holding the lock would make this wait until it is elected, and
-            // then resign the new term: withdraw it instead.
-            for (_, campaign) in &st.campaigns {
-                campaign.cancel();
-            }
-        }
-        let guard = Arc::clone(&self.campaign_lock).lock_owned().await;
-        let (term, leftover) = {
-            let mut st = self.shared.state();
-            let term = match (st.term.clone(), only) {
-                (Some(current), Some(only)) if !Arc::ptr_eq(&current, only) => {
-                    return Err(Error::NotALeader);
-                }
-                (None, Some(_)) => return Err(Error::NotALeader),
-                (current, _) => current,
-            };
-            // Step down before the store is asked, so that this candidate never believes it
-            // leads once someone else could be elected.
-            if let Some(term) = &term {
-                st.term = None;
-                term.ended.cancel();
-                st.leftover = Some(Leftover::and(
-                    st.leftover,
-                    Leftover::Term(term.fencing_token),
-                ));
-            }
-            let Some(leftover) = st.leftover else {
-                return Err(Error::NotALeader);
-            };
-            (term, leftover)
-        };
-        // The store call and the end event run in a task of their own, so that cancelling
-        // this future cannot lose the event: every Elected gets exactly one end.
-        let core = Arc::clone(self);
-        let finish = tokio::spawn(async move {
-            let result = core.withdraw(leftover).await;
-            drop(guard);
-            let mut st = core.shared.state();
-            if let Some(term) = term {
-                let event = match &result {
-                    Ok(()) => {
-                        info!(election = %core.name(), fencing_token = term.fencing_token, "resigned");
-                        Event::Resigned {
-                            fencing_token: term.fencing_token,
-                        }
-                    }
-                    Err(_) => Event::Lost {
-                        fencing_token: term.fencing_token,
-                        reason: LossReason::ResignFailed,
-                    },
-                };
-                st.emit(event);
-            }
-            drop(st);
-            if result.is_err() {
-                tokio::spawn(withdraw_in_background(Arc::clone(&core), None));
-            }
-            result
-        });
-        finish.await.unwrap_or_else(|err| Err(Error::store(err)))
-    }
-
     /// The last handle is gone: withdraw the candidacy, resign any term, end the streams.
-    /// Retries (with backoff) until the store confirms, so that nothing is left behind
-    /// when the store was unreachable at the time.
+    /// If the store cannot be reached, the background withdrawer keeps trying (holding the
+    /// driver) until it can, so nothing is left behind.
     pub(crate) async fn close(self: Arc<Self>) {
-        let mut backoff = Backoff::new(self.settings.retry_min, self.settings.retry_max);
-        let mut failures = 0u32;
-        loop {
-            match self.resign(None).await {
-                Ok(()) | Err(Error::NotALeader) => break,
-                Err(err) => {
-                    if failures.is_multiple_of(10) {
-                        warn!(
-                            election = %self.name(),
-                            error = %ErrorChain(&err),
-                            failures = failures + 1,
-                            "could not withdraw the dropped election's key; retrying"
-                        );
-                    }
-                    failures = failures.saturating_add(1);
-                    sleep(backoff.next_delay()).await;
-                }
-            }
+        match self.resign(None).await {
+            Ok(()) | Err(Error::NotALeader) => {}
+            Err(err) => warn!(
+                election = %self.name(),
+                error = %ErrorChain(&err),
+                "could not withdraw the dropped election's key; retrying in the background"
+            ),
         }
         self.shared.state().subscribers.clear();
     }
@@ -563,57 +655,60 @@ impl Core {
     }
 }
 
-/// Withdraws this candidate's leftover, retrying with backoff until it is gone, a new
-/// campaign took care of it, or the election was dropped. Starts with `guard` (the
-/// campaign lock, already held) if given.
-///
-/// The first attempt keeps the election alive (it may be the withdrawal of a campaign whose
-/// last handle was dropped with it); later ones stop once the election is dropped.
-async fn withdraw_in_background(first: Arc<Core>, mut guard: Option<OwnedMutexGuard<()>>) {
-    let core = Arc::downgrade(&first);
-    let mut first = Some(first);
-    let mut backoff: Option<Backoff> = None;
+/// The one background withdrawer of a candidate: deletes its leftover, retrying with
+/// backoff until it is gone (or a campaign took care of it), or the store refuses for good.
+async fn withdrawer(core: Arc<Core>) {
+    let mut backoff = Backoff::new(core.settings.retry_min, core.settings.retry_max);
     let mut failures = 0u32;
     loop {
-        let Some(strong) = first.take().or_else(|| core.upgrade()) else {
-            return;
+        let result = {
+            let _guard = core.campaign_lock.lock().await;
+            core.withdraw_leftover().await
         };
-        let _guard = match guard.take() {
-            Some(guard) => guard,
-            None => Arc::clone(&strong.campaign_lock).lock_owned().await,
-        };
-        match strong.withdraw_leftover().await {
-            Ok(()) => return,
+        let failed = match result {
+            Ok(()) => false,
+            Err(err) if !err.is_transient() => {
+                warn!(
+                    election = %core.name(),
+                    error = %ErrorChain(&err),
+                    "cannot withdraw this candidate's key; giving up"
+                );
+                core.shared.state().withdrawer = false;
+                return;
+            }
             Err(err) => {
                 if failures.is_multiple_of(10) {
                     warn!(
-                        election = %strong.name(),
+                        election = %core.name(),
                         error = %ErrorChain(&err),
                         failures = failures + 1,
                         "could not withdraw this candidate's key; retrying"
                     );
                 }
                 failures = failures.saturating_add(1);
+                true
+            }
+        };
+        {
+            let mut st = core.shared.state();
+            if st.leftover.is_none() {
+                st.withdrawer = false;
+                return;
             }
         }
-        let delay = backoff
-            .get_or_insert_with(|| {
-                Backoff::new(strong.settings.retry_min, strong.settings.retry_max)
-            })
-            .next_delay();
-        drop(strong);
-        drop(_guard);
-        sleep(delay).await;
+        if failed {
+            sleep(backoff.next_delay()).await;
+        }
     }
 }
 
 /// A campaign in flight, listed in the state until it returns or is dropped.
-struct Registered<'a> {
-    core: &'a Core,
+struct Registered {
+    core: Arc<Core>,
     id: u64,
 }
 
-impl Drop for Registered<'_> {
+impl Drop for Registered {
     fn drop(&mut self) {
         self.core
             .shared
@@ -624,7 +719,8 @@ impl Drop for Registered<'_> {
 }
 
 /// Withdraws a campaign that did not finish (its future was dropped, it failed, or a
-/// resign() withdrew it): in the background, still holding the campaign lock.
+/// resign() withdrew it): marks what it may have left, releases the lock, and lets the
+/// background withdrawer (or the next holder of the lock) delete it.
 struct Withdrawal {
     core: Option<Arc<Core>>,
     guard: Option<OwnedMutexGuard<()>>,
@@ -643,15 +739,14 @@ impl Drop for Withdrawal {
             return;
         };
         {
-            // Until the withdrawal is done, resign() waits for it rather than answering
-            // "not a leader" while the store may still hold this candidate's key.
+            // Set before the lock is released: whoever takes it next withdraws first, and
+            // resign() waits for it rather than answering "not a leader" while the store
+            // may still hold this candidate's key.
             let mut st = core.shared.state();
             st.leftover = Some(Leftover::and(st.leftover, Leftover::Unknown));
         }
-        // Without a runtime it stays a leftover: the next campaign or resign() takes it.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(withdraw_in_background(core, Some(guard)));
-        }
+        drop(guard);
+        core.ensure_withdrawer();
     }
 }
 

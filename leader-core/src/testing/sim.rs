@@ -383,7 +383,9 @@ impl World {
             .retry(retry_min, TTL)
             .build()
             .unwrap_or_else(|err| panic!("the simulation's settings are valid: {err}"));
-        lock(&self.checker).statuses.push((slot, election.status()));
+        lock(&self.checker)
+            .statuses
+            .push((slot, election.id().to_owned(), election.status()));
         let replaced = lock(&self.current)[slot].replace(election.clone());
         drop(replaced);
         let mut events = election.subscribe();
@@ -616,7 +618,7 @@ impl World {
 struct Checker {
     start: Option<Instant>,
     /// The status of every election made, with its slot.
-    statuses: Vec<(usize, Status)>,
+    statuses: Vec<(usize, String, Status)>,
     /// Tokens valid at the last sample.
     valid: BTreeSet<u64>,
     /// Tokens seen valid, then not: they must never be valid again.
@@ -639,11 +641,26 @@ impl Checker {
         self.violations.push((at, what));
     }
 
+    /// The store just gave term `token` to candidate `id`.
+    fn granted(&mut self, id: &str, token: u64) {
+        let believers: Vec<(usize, u64)> = self
+            .statuses
+            .iter()
+            .filter(|(_, other, _)| other != id)
+            .filter_map(|(slot, _, status)| Some((*slot, status.fencing_token()?)))
+            .collect();
+        if !believers.is_empty() {
+            self.violation(format!(
+                "the store granted term {token} while (slot, term) {believers:?} still led"
+            ));
+        }
+    }
+
     fn sample(&mut self) {
         let leaders: Vec<(usize, u64)> = self
             .statuses
             .iter()
-            .filter_map(|(slot, status)| Some((*slot, status.fencing_token()?)))
+            .filter_map(|(slot, _, status)| Some((*slot, status.fencing_token()?)))
             .collect();
         if leaders.len() > 1 {
             self.violation(format!("two leaders at once (slot, token): {leaders:?}"));
@@ -790,6 +807,7 @@ impl Driver for SimDriver {
             let sent_at = Instant::now();
             let id = candidate.id.clone();
             let lease = self.lease(candidate);
+            let world = Arc::clone(&self.world);
             let acquired = self
                 .request(
                     format!("acquire {}", short(&candidate.id)),
@@ -801,6 +819,9 @@ impl Driver for SimDriver {
                         }
                         store.fence += 1;
                         let token = store.fence;
+                        // The exact instant an overlap could begin: nobody else may still
+                        // believe it leads when the store hands the election over.
+                        lock(&world.checker).granted(&id, token);
                         store.holder = Some(Holder {
                             id,
                             token,
