@@ -57,6 +57,11 @@ impl Candidate {
 /// A driver keeps that promise by taking `confirmed_at` *before* it sends the request that
 /// created or extended the lease, and by making `ttl` no longer than the lease the store
 /// applied.
+///
+/// A grant from [`Driver::campaign`] is confirmed by a request sent after the call began.
+/// A renewal may answer with an earlier confirmation that it shares with other terms (one
+/// keep-alive for every election on a lease), but never one older than the confirmation of
+/// the grant it renews.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Grant {
