@@ -9,10 +9,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::{TTL, harness};
+use etcd_client::{Client, ConnectOptions, Permission};
+use leader_core::testing::FaultProxy;
 use leader_core::testing::conformance::{
     next_event, spawn_campaign, spawn_run, wait_until, within,
 };
-use leader_core::{CancellationToken, Election, Event, LossReason};
+use leader_core::{CancellationToken, Candidate, Driver, Election, Error, Event, LossReason};
 use leader_etcd::EtcdDriver;
 use leader_testkit::{EtcdServer, LineProcess};
 use tokio::process::Command;
@@ -329,4 +331,369 @@ async fn cluster_member_failures_never_make_two_leaders() {
     let _ = within("b's run to return", Duration::from_secs(10), b_run).await;
     drop(server);
     eprintln!("takeover after killing the leader's member: {takeover:?}");
+}
+
+/// How soon a deletion in etcd must reach the driver: a round trip and the watch's own
+/// latency, with room for a loaded machine, and far below the renewal period of the TTLs
+/// used with it.
+const PUSH: Duration = Duration::from_millis(500);
+
+/// A renewal that needs no store request (its term is known gone) takes no longer.
+const AT_ONCE: Duration = Duration::from_millis(100);
+
+/// The only key under `prefix`.
+async fn only_key(admin: &mut Client, prefix: String) -> etcd_client::KeyValue {
+    let keys = keys_under(admin, prefix.clone()).await;
+    assert_eq!(keys.kvs().len(), 1, "one key under {prefix}");
+    keys.kvs()[0].clone()
+}
+
+/// Asserts that `driver.renew` for `grant` fails with `TermGone` without a store request.
+async fn assert_renew_fails_at_once(
+    driver: &EtcdDriver,
+    candidate: &Candidate,
+    grant: &leader_core::Grant,
+) {
+    let started = Instant::now();
+    let renewed = driver.renew(candidate, grant).await;
+    assert!(matches!(renewed, Err(Error::TermGone)), "{renewed:?}");
+    assert!(
+        started.elapsed() < AT_ONCE,
+        "renew took {:?} to report a term the watch saw gone",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_leader_key_is_noticed_within_a_round_trip() {
+    let h = harness().await;
+    let driver = h.driver_at(h.server.endpoints()[0].clone()).await;
+    let mut admin = driver.client().clone();
+    let name = unique("deleted");
+    // A long TTL: neither a renewal nor the lease can be what tells the driver below.
+    let c = Candidate::new(&name, "deleted-1", "v", Duration::from_secs(10));
+    let grant = driver.campaign(&c).await.expect("elected");
+    let gone = tokio::spawn(driver.term_gone(&c, grant.fencing_token));
+    let key = only_key(&mut admin, format!("{name}/")).await;
+    assert_eq!(key.create_revision(), grant.fencing_token as i64);
+    driver
+        .renew(&c, &grant)
+        .await
+        .expect("renewed while the key exists");
+    assert!(!gone.is_finished(), "term_gone waits while the key exists");
+
+    // `etcdctl del` of the leader's key, while its lease lives on.
+    admin.delete(key.key(), None).await.expect("delete");
+    within("term_gone after the key's deletion", PUSH, gone)
+        .await
+        .expect("no panic");
+    assert_renew_fails_at_once(&driver, &c, &grant).await;
+    driver
+        .resign(&c, Some(grant.fencing_token))
+        .await
+        .expect("resigning a gone term succeeds");
+
+    // The candidate campaigns again: a new term, watched in turn.
+    let again = driver.campaign(&c).await.expect("elected again");
+    assert!(again.fencing_token > grant.fencing_token);
+    let gone = tokio::spawn(driver.term_gone(&c, again.fencing_token));
+    driver.renew(&c, &again).await.expect("the new term renews");
+    let key = only_key(&mut admin, format!("{name}/")).await;
+    admin.delete(key.key(), None).await.expect("delete");
+    within("term_gone of the new term", PUSH, gone)
+        .await
+        .expect("no panic");
+    assert_renew_fails_at_once(&driver, &c, &again).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_lease_is_noticed_within_a_round_trip() {
+    let h = harness().await;
+    let driver = h.driver_at(h.server.endpoints()[0].clone()).await;
+    let mut admin = driver.client().clone();
+    let name = unique("revoke");
+    let c = Candidate::new(&name, "revoke-1", "v", Duration::from_secs(10));
+    let grant = driver.campaign(&c).await.expect("elected");
+    let gone = tokio::spawn(driver.term_gone(&c, grant.fencing_token));
+    let key = only_key(&mut admin, format!("{name}/")).await;
+
+    // `etcdctl lease revoke`: etcd deletes the key with the lease.
+    admin.lease_revoke(key.lease()).await.expect("revoke");
+    within("term_gone after the lease's revocation", PUSH, gone)
+        .await
+        .expect("no panic");
+    assert_renew_fails_at_once(&driver, &c, &grant).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_the_watch_missed_is_caught_by_the_next_renewal() {
+    let h = harness().await;
+    let endpoint = h.server.endpoints()[0].clone();
+    let proxy = FaultProxy::start(h.server.client_addr(0))
+        .await
+        .expect("proxy starts");
+    let driver = h.driver_at(proxy.addr().to_string()).await;
+    let mut admin = Client::connect([endpoint.as_str()], None)
+        .await
+        .expect("connect");
+    let name = unique("missed");
+    let c = Candidate::new(&name, "missed-1", "v", Duration::from_secs(10));
+    let grant = driver.campaign(&c).await.expect("elected");
+    let grant = driver.renew(&c, &grant).await.expect("renewed");
+    let key = only_key(&mut admin, format!("{name}/")).await;
+
+    // The key is deleted while nothing reaches the driver, and the connection then breaks:
+    // the watch starts again after the deletion and never reports it.
+    proxy.hold();
+    admin.delete(key.key(), None).await.expect("delete");
+    proxy.cut();
+    proxy.pass();
+
+    // The next renewal must not confirm the term: it reads the key (retrying while the
+    // client reconnects) and reports it gone.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match driver.renew(&c, &grant).await {
+            Err(Error::TermGone) => break,
+            Ok(renewed) => panic!("renewed a term whose key is gone: {renewed:?}"),
+            Err(err) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "renewals still fail with {err:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    within(
+        "term_gone after the renewal found the key gone",
+        AT_ONCE,
+        driver.term_gone(&c, grant.fencing_token),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_election_whose_key_is_deleted_by_hand_steps_down_within_a_round_trip() {
+    let h = harness().await;
+    let driver = h.driver_at(h.server.endpoints()[0].clone()).await;
+    let mut admin = driver.client().clone();
+    let name = unique("by-hand");
+    // Renewals every 3.3 s: a loss within `PUSH` can only come from the watch.
+    let ttl = Duration::from_secs(10);
+    let e = Election::builder(driver, &name)
+        .ttl(ttl)
+        .build()
+        .expect("valid settings");
+    let mut events = e.subscribe();
+    let term = e.campaign().await.expect("elected");
+    assert!(matches!(
+        next_event("elected", Duration::from_secs(1), &mut events).await,
+        Event::Elected { .. }
+    ));
+    let key = only_key(&mut admin, format!("{name}/")).await;
+    admin.delete(key.key(), None).await.expect("delete");
+
+    let lost = next_event("the loss", PUSH, &mut events).await;
+    assert_eq!(
+        lost,
+        Event::Lost {
+            fencing_token: term.fencing_token(),
+            reason: LossReason::Gone
+        }
+    );
+    assert!(!e.status().is_leader());
+    assert!(!term.is_valid());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_resign_of_an_earlier_term_leaves_the_newer_term_alone() {
+    let h = harness().await;
+    let driver = h.driver_at(h.server.endpoints()[0].clone()).await;
+    let mut admin = driver.client().clone();
+    let name = unique("late-resign");
+    let c = Candidate::new(&name, "late-1", "v", Duration::from_secs(5));
+    let first = driver.campaign(&c).await.expect("first term");
+    // The same candidate starts a new term before the first one's key was deleted.
+    let second = driver.campaign(&c).await.expect("second term");
+    assert!(second.fencing_token > first.fencing_token);
+    let key = only_key(&mut admin, format!("{name}/")).await;
+    assert_eq!(key.create_revision(), second.fencing_token as i64);
+
+    // The resignation of the first term lands now: it must not touch the second.
+    driver
+        .resign(&c, Some(first.fencing_token))
+        .await
+        .expect("resign of the earlier term");
+    let key = only_key(&mut admin, format!("{name}/")).await;
+    assert_eq!(
+        key.create_revision(),
+        second.fencing_token as i64,
+        "the newer term's key survives a late resignation of the earlier one"
+    );
+    driver
+        .renew(&c, &second)
+        .await
+        .expect("the newer term still renews");
+    let info = driver
+        .leader(&name)
+        .await
+        .expect("leader()")
+        .expect("a leader");
+    assert_eq!(info.fencing_token, second.fencing_token);
+
+    // Its own resignation deletes it.
+    driver
+        .resign(&c, Some(second.fencing_token))
+        .await
+        .expect("resign of the newer term");
+    assert!(
+        keys_under(&mut admin, format!("{name}/"))
+            .await
+            .kvs()
+            .is_empty(),
+        "nothing left"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn elections_with_different_ttls_campaign_on_leases_of_their_own_ttl() {
+    let h = harness().await;
+    let driver = h.driver_at(h.server.endpoints()[0].clone()).await;
+    let mut admin = driver.client().clone();
+    let elect = |driver: EtcdDriver, ttl: Duration| {
+        Election::builder(driver, unique("ttl"))
+            .ttl(ttl)
+            .build()
+            .expect("valid settings")
+    };
+    async fn granted_ttl(admin: &mut Client, e: &Election) -> i64 {
+        let info = e.leader().await.expect("leader()").expect("a leader");
+        let lease = i64::from_str_radix(&info.id, 16).expect("the id is the lease in hex");
+        admin
+            .lease_time_to_live(lease, None)
+            .await
+            .expect("lease time to live")
+            .granted_ttl()
+    }
+
+    let slow = elect(driver.clone(), Duration::from_secs(10));
+    let fast = elect(driver.clone(), Duration::from_secs(2));
+    let odd = elect(driver.clone(), Duration::from_millis(2500));
+    slow.campaign().await.expect("elected");
+    fast.campaign().await.expect("elected");
+    odd.campaign().await.expect("elected");
+    assert_eq!(granted_ttl(&mut admin, &slow).await, 10);
+    assert_eq!(
+        granted_ttl(&mut admin, &fast).await,
+        2,
+        "not the 10 s lease"
+    );
+    assert_eq!(
+        granted_ttl(&mut admin, &odd).await,
+        3,
+        "rounded up to whole seconds"
+    );
+
+    // The builder's lease_ttl fixes one lease for every election.
+    let fixed = EtcdDriver::builder(driver.client().clone())
+        .lease_ttl(Duration::from_secs(4))
+        .build();
+    let fixed_slow = elect(fixed.clone(), Duration::from_secs(10));
+    let fixed_fast = elect(fixed, Duration::from_secs(2));
+    fixed_slow.campaign().await.expect("elected");
+    fixed_fast.campaign().await.expect("elected");
+    assert_eq!(granted_ttl(&mut admin, &fixed_slow).await, 4);
+    assert_eq!(granted_ttl(&mut admin, &fixed_fast).await, 4);
+    assert_eq!(
+        fixed_slow.leader().await.expect("leader()").map(|l| l.id),
+        fixed_fast.leader().await.expect("leader()").map(|l| l.id),
+        "one lease"
+    );
+
+    for e in [slow, fast, odd, fixed_slow, fixed_fast] {
+        e.resign().await.expect("resign");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_by_etcd_auth_are_denied_and_run_returns_them() {
+    let h = harness().await;
+    let endpoint = h.server.endpoints()[0].clone();
+    let mut admin = Client::connect([endpoint.as_str()], None)
+        .await
+        .expect("connect");
+    admin.role_add("root").await.expect("role root");
+    admin
+        .user_add("root", "root-pw", None)
+        .await
+        .expect("user root");
+    admin
+        .user_grant_role("root", "root")
+        .await
+        .expect("root's role");
+    admin.role_add("elections").await.expect("role");
+    admin
+        .role_grant_permission("elections", Permission::read_write("svc/").with_prefix())
+        .await
+        .expect("permission");
+    admin
+        .user_add("candidate", "candidate-pw", None)
+        .await
+        .expect("user");
+    admin
+        .user_grant_role("candidate", "elections")
+        .await
+        .expect("candidate's role");
+    admin.auth_enable().await.expect("auth enabled");
+    let name = unique("auth");
+
+    // Bad credentials.
+    let wrong = EtcdDriver::connect_with(
+        [endpoint.as_str()],
+        ConnectOptions::new().with_user("candidate", "wrong"),
+    )
+    .await;
+    assert!(matches!(wrong, Err(Error::Denied(_))), "{wrong:?}");
+
+    let client = Client::connect(
+        [endpoint.as_str()],
+        Some(ConnectOptions::new().with_user("candidate", "candidate-pw")),
+    )
+    .await
+    .expect("connect as candidate");
+
+    // Least privilege: readwrite on the prefix is all an election needs.
+    let allowed = Election::builder(
+        EtcdDriver::builder(client.clone()).prefix("svc/").build(),
+        &name,
+    )
+    .ttl(TTL)
+    .build()
+    .expect("valid settings");
+    let term = allowed
+        .campaign()
+        .await
+        .expect("elected with readwrite on svc/");
+    let first_deadline = term.deadline();
+    wait_until("a renewal with readwrite on svc/", TTL * 2, || {
+        term.deadline() > first_deadline
+    })
+    .await;
+    assert!(allowed.status().is_leader());
+    allowed.resign().await.expect("resign");
+
+    // Outside the prefix: denied, and run() returns the error instead of retrying.
+    let denied = election(EtcdDriver::new(client), &name, "v");
+    let err = denied
+        .campaign()
+        .await
+        .expect_err("no permission on the key");
+    assert!(matches!(err, Error::Denied(_)), "{err:?}");
+    let stop = CancellationToken::new();
+    let run = spawn_run(&denied, &stop);
+    let ran = within("run to give up", Duration::from_secs(5), run)
+        .await
+        .expect("no panic");
+    assert!(matches!(ran, Err(Error::Denied(_))), "{ran:?}");
 }

@@ -1,0 +1,168 @@
+//! How etcd's errors become [`leader_core::Error`]s.
+
+use etcd_client::Error as EtcdError;
+use leader_core::Error;
+use tonic::Code;
+
+/// The messages of etcd's refusals that retrying cannot fix: a missing permission, bad or
+/// missing credentials. etcd sends some of them with a generic status code
+/// (`InvalidArgument`), so the message is what identifies them.
+const DENIED_MESSAGES: &[&str] = &[
+    "etcdserver: permission denied",
+    "etcdserver: user name or password is invalid",
+    // etcd's own wording of a failed authentication (`rpctypes.ErrGRPCAuthFailed`).
+    "etcdserver: authentication failed, invalid user ID or password",
+    // Authentication is enabled and this client sent no credentials.
+    "etcdserver: user name is empty",
+];
+
+/// An expired or revoked token: a client with credentials gets a new one (etcd-client does
+/// with `ConnectOptions::with_auto_token_refresh`), so it is worth retrying.
+const REFRESHABLE_MESSAGE: &str = "etcdserver: invalid auth token";
+
+/// An etcd client error as this crate's error: [`Error::Denied`] for refusals that retrying
+/// cannot fix (see [`is_denied`]), [`Error::Store`] for everything else.
+pub(crate) fn from_etcd(err: EtcdError) -> Error {
+    if is_denied(&err) {
+        Error::denied(err)
+    } else {
+        Error::store(err)
+    }
+}
+
+/// Whether etcd refused the request for a reason that retrying cannot fix: gRPC status
+/// `PermissionDenied` or `Unauthenticated`, or one of etcd's messages for a missing
+/// permission or bad credentials. An invalid (expired) auth token is not one of them: the
+/// client can authenticate again.
+pub(crate) fn is_denied(err: &EtcdError) -> bool {
+    let (code, message) = match err {
+        EtcdError::GRpcStatus(status) => (Some(status.code()), status.message().to_owned()),
+        other => (None, other.to_string()),
+    };
+    if message.contains(REFRESHABLE_MESSAGE) {
+        return false;
+    }
+    matches!(code, Some(Code::PermissionDenied | Code::Unauthenticated))
+        || DENIED_MESSAGES
+            .iter()
+            .any(|denied| message.contains(denied))
+}
+
+/// A store error for something etcd did that the protocol does not expect.
+pub(crate) fn unexpected(what: impl Into<String>) -> Error {
+    Error::store(std::io::Error::other(what.into()))
+}
+
+/// Whether etcd says the lease does not exist (expired or revoked).
+pub(crate) fn is_lease_not_found(err: &EtcdError) -> bool {
+    match err {
+        EtcdError::LeaseKeepAliveError(msg) => msg.contains("lease not found"),
+        EtcdError::GRpcStatus(status) => status.message().contains("lease not found"),
+        _ => false,
+    }
+}
+
+/// Whether `err` is an etcd "lease not found" wrapped as a store error.
+pub(crate) fn says_lease_not_found(err: &Error) -> bool {
+    matches!(err, Error::Store(source)
+        if source.downcast_ref::<EtcdError>().is_some_and(is_lease_not_found))
+}
+
+/// Displays an error with its chain of sources, for logs.
+pub(crate) struct ErrorChain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(err) = source {
+            write!(f, ": {err}")?;
+            source = err.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Status;
+
+    fn status(code: Code, message: &str) -> EtcdError {
+        EtcdError::GRpcStatus(Status::new(code, message))
+    }
+
+    #[test]
+    fn permission_and_authentication_codes_are_denied() {
+        assert!(matches!(
+            from_etcd(status(
+                Code::PermissionDenied,
+                "etcdserver: permission denied"
+            )),
+            Error::Denied(_)
+        ));
+        assert!(matches!(
+            from_etcd(status(Code::Unauthenticated, "some proxy says no")),
+            Error::Denied(_)
+        ));
+    }
+
+    #[test]
+    fn etcd_refusal_messages_are_denied_whatever_the_code() {
+        for message in [
+            "etcdserver: permission denied",
+            "etcdserver: user name or password is invalid",
+            "etcdserver: authentication failed, invalid user ID or password",
+            "etcdserver: user name is empty",
+        ] {
+            let err = from_etcd(status(Code::InvalidArgument, message));
+            assert!(matches!(err, Error::Denied(_)), "{message}: {err:?}");
+            assert!(!err.is_transient(), "{message}");
+        }
+        // The same text outside a gRPC status (e.g. in a keep-alive or watch error).
+        let err = from_etcd(EtcdError::WatchError(
+            "etcdserver: permission denied".to_owned(),
+        ));
+        assert!(matches!(err, Error::Denied(_)), "{err:?}");
+    }
+
+    #[test]
+    fn an_invalid_auth_token_is_retried() {
+        // etcd sends it as Unauthenticated, but a client with credentials can refresh it.
+        let err = from_etcd(status(
+            Code::Unauthenticated,
+            "etcdserver: invalid auth token",
+        ));
+        assert!(matches!(err, Error::Store(_)), "{err:?}");
+        assert!(err.is_transient());
+    }
+
+    #[test]
+    fn other_failures_are_store_errors_that_keep_their_source() {
+        for err in [
+            status(Code::Unavailable, "etcdserver: no leader"),
+            status(Code::DeadlineExceeded, "etcdserver: request timed out"),
+            status(Code::NotFound, "etcdserver: requested lease not found"),
+            EtcdError::LeaseKeepAliveError("lease not found".to_owned()),
+        ] {
+            let text = err.to_string();
+            let mapped = from_etcd(err);
+            assert!(matches!(mapped, Error::Store(_)), "{text}: {mapped:?}");
+            let source = std::error::Error::source(&mapped).expect("a source");
+            assert_eq!(source.to_string(), text);
+        }
+    }
+
+    #[test]
+    fn lease_not_found_is_recognised_through_the_store_error() {
+        let err = from_etcd(status(
+            Code::NotFound,
+            "etcdserver: requested lease not found",
+        ));
+        assert!(says_lease_not_found(&err));
+        assert!(!says_lease_not_found(&from_etcd(status(
+            Code::Unavailable,
+            "etcdserver: no leader"
+        ))));
+    }
+}
