@@ -335,6 +335,18 @@ impl Term {
         self.state.deadline().into_std()
     }
 
+    /// When this candidate began to believe it leads this term (taken just before the term
+    /// became visible to [`Status::is_leader`]).
+    pub fn elected_at(&self) -> std::time::Instant {
+        self.state.elected_at.into_std()
+    }
+
+    /// When the term was ended (stepped down: lost or resigned), if it was. The candidate
+    /// stopped believing it leads at the earlier of this and the [`deadline`](Self::deadline).
+    pub fn ended_at(&self) -> Option<std::time::Instant> {
+        self.state.ended_at().map(tokio::time::Instant::into_std)
+    }
+
     /// Whether the term still holds: not ended, deadline not passed.
     pub fn is_valid(&self) -> bool {
         self.state.is_valid()

@@ -101,7 +101,7 @@ impl State {
         match &self.term {
             Some(current) if Arc::ptr_eq(current, term) => {
                 self.term = None;
-                term.ended.cancel();
+                term.end();
                 if !matches!(event, Event::Resigned { .. }) {
                     // Not just this term: a campaign answer lost earlier may have landed
                     // late and left a newer key of this candidate. Read, then delete.
@@ -153,7 +153,10 @@ pub(crate) struct TermState {
     pub(crate) fencing_token: u64,
     /// The number of this term among the candidate's terms (from 1).
     seq: u64,
+    /// Taken just before the term became visible: the first instant of belief.
     pub(crate) elected_at: Instant,
+    /// When the term was ended (stepped down), if it was.
+    ended_at: Mutex<Option<Instant>>,
     clock: Mutex<TermClock>,
     pub(crate) ended: CancellationToken,
 }
@@ -199,6 +202,7 @@ impl TermState {
             fencing_token,
             seq,
             elected_at: Instant::now(),
+            ended_at: Mutex::new(None),
             clock: Mutex::new(TermClock {
                 deadline,
                 confirmed,
@@ -210,6 +214,17 @@ impl TermState {
 
     pub(crate) fn deadline(&self) -> Instant {
         lock(&self.clock).deadline
+    }
+
+    /// Steps down: records the instant, then cancels the token. Call it with the state
+    /// lock held, as the term leaves `State::term`.
+    fn end(&self) {
+        lock(&self.ended_at).get_or_insert_with(Instant::now);
+        self.ended.cancel();
+    }
+
+    pub(crate) fn ended_at(&self) -> Option<Instant> {
+        *lock(&self.ended_at)
     }
 
     pub(crate) fn is_valid(&self) -> bool {
@@ -553,7 +568,7 @@ impl Core {
             // leads once someone else could be elected.
             if let Some(term) = &term {
                 st.term = None;
-                term.ended.cancel();
+                term.end();
                 st.leftover = Some(Leftover::and(
                     st.leftover,
                     Leftover::Term(term.fencing_token),

@@ -179,6 +179,8 @@ type Instances = Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>;
 #[derive(Default)]
 struct Store {
     holder: Option<Holder>,
+    /// The last holder whose lease ran out.
+    expired: Option<Holder>,
     fence: u64,
 }
 
@@ -192,7 +194,7 @@ struct Holder {
 impl Store {
     fn live(&mut self, now: Instant) -> Option<&mut Holder> {
         if self.holder.as_ref().is_some_and(|h| h.expires_at <= now) {
-            self.holder = None;
+            self.expired = self.holder.take();
         }
         self.holder.as_mut()
     }
@@ -314,6 +316,15 @@ impl World {
                     ));
                 }
                 None => {
+                    // An orphan whose lease ran out just now: the waiters are on their way.
+                    let expired = lock(&self.store).expired.clone();
+                    if let Some(h) = expired
+                        && !elected.contains(&h.token)
+                        && h.expires_at + 2 * TTL > due
+                    {
+                        due = h.expires_at + 2 * TTL;
+                        continue;
+                    }
                     return Err(format!(
                         "no leader {:?} after faults stopped, and nobody holds the store",
                         due - quiet
