@@ -11,7 +11,7 @@ use etcd_client::{
 use leader_core::{CancellationToken, Candidate, Error, Result};
 use tracing::{debug, warn};
 
-use crate::error::{from_etcd, unexpected};
+use crate::error::{from_etcd, unexpected, watch_cancelled};
 use crate::lease::LeaseSlot;
 use crate::{Inner, lock};
 
@@ -283,8 +283,17 @@ impl Inner {
                     return Err(unexpected("etcd closed the watch stream"));
                 };
                 if message.canceled() {
-                    // Compacted or cancelled by the server: look again.
-                    break;
+                    if message.compact_revision() > 0 {
+                        // The start revision was compacted away: look again, from now.
+                        debug!(
+                            compact_revision = message.compact_revision(),
+                            "the predecessor's watch was compacted; reading again"
+                        );
+                        break;
+                    }
+                    // Anything else (a refusal, the member losing its leader) is an error
+                    // for the caller to retry with backoff, not a reason to look again now.
+                    return Err(watch_cancelled(message.cancel_reason()));
                 }
                 if message
                     .events()
@@ -299,7 +308,8 @@ impl Inner {
 
     /// The revision at which `key` exists with `revision` and its lease, or `None` if it
     /// does not (etcd-io/etcd#11051: a campaign whose lease expired while it waited must
-    /// not report success).
+    /// not report success). A linearizable read (etcd's default): it sees every change
+    /// that etcd committed before it was sent, whichever member answers.
     pub(crate) async fn key_is_ours(
         &self,
         key: &CandidateKey,
@@ -313,6 +323,21 @@ impl Inner {
             .first()
             .is_some_and(|kv| kv.create_revision() == revision && kv.lease() == key.lease);
         Ok(ours.then(|| response.header().map_or(0, |h| h.revision())))
+    }
+
+    /// Confirms, after a keep-alive, that `key`'s term still exists: a linearizable read
+    /// finds the key with the term's create revision and lease. [`Error::TermGone`] if it
+    /// does not; then the term's token is cancelled too. Renewals never take the watch of
+    /// held keys for this: it can report a deletion, never that there was none.
+    pub(crate) async fn confirm_key(&self, key: &CandidateKey) -> Result<()> {
+        let token = key.create_revision;
+        if self.key_is_ours(key, token).await?.is_some() {
+            return Ok(());
+        }
+        warn!(key = %key.key, fencing_token = token, "the key of a held term is gone");
+        self.end_term(token);
+        key.gone.cancel();
+        Err(Error::TermGone)
     }
 }
 

@@ -48,6 +48,20 @@ pub(crate) fn is_denied(err: &EtcdError) -> bool {
             .any(|denied| message.contains(denied))
 }
 
+/// The error of a watch that etcd cancelled with `reason` (its `cancel_reason`), through
+/// [`from_etcd`]: a refusal such as "permission denied" is [`Error::Denied`], anything
+/// else a store error.
+pub(crate) fn watch_cancelled(reason: &str) -> Error {
+    let reason = if reason.is_empty() {
+        "no reason given"
+    } else {
+        reason
+    };
+    from_etcd(EtcdError::WatchError(format!(
+        "etcd cancelled the watch: {reason}"
+    )))
+}
+
 /// A store error for something etcd did that the protocol does not expect.
 pub(crate) fn unexpected(what: impl Into<String>) -> Error {
     Error::store(std::io::Error::other(what.into()))
@@ -151,6 +165,17 @@ mod tests {
             let source = std::error::Error::source(&mapped).expect("a source");
             assert_eq!(source.to_string(), text);
         }
+    }
+
+    #[test]
+    fn a_watch_cancelled_for_lack_of_permission_is_denied() {
+        let err = watch_cancelled("etcdserver: permission denied");
+        assert!(matches!(err, Error::Denied(_)), "{err:?}");
+        let err = watch_cancelled("etcdserver: no leader");
+        assert!(matches!(err, Error::Store(_)), "{err:?}");
+        assert!(err.is_transient());
+        let err = watch_cancelled("");
+        assert!(matches!(err, Error::Store(_)), "{err:?}");
     }
 
     #[test]

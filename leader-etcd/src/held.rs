@@ -1,46 +1,45 @@
 //! The watch of held keys: how a leader learns at once that its key is gone.
 //!
 //! One etcd watch stream per driver, opened when the first term is held, carries one watch
-//! per held key (its watch id is the key's create revision, which etcd makes unique) that
-//! reports the key's deletion: by an operator (`etcdctl del`), by a late request, or by etcd
-//! itself when the lease was revoked or expired. A deletion cancels the term's `gone`
-//! token, which [`EtcdDriver::renew`](crate::EtcdDriver) checks first and waits on while a
-//! renewal is in flight, and which
-//! [`EtcdDriver::term_gone`](crate::EtcdDriver::term_gone) resolves on.
+//! per held key (its watch id is the key's create revision, which etcd makes unique). Any
+//! event on a held key ends its term as gone:
 //!
-//! The stream also confirms renewals, so that a renewal costs no request per key: a key is
-//! *covered* when its watch is registered on the current stream after a revision at which
-//! the key was seen to exist (with its create revision and lease). A renewal whose
-//! keep-alive etcd answered at revision `R` trusts a covered key once a progress request on
-//! the stream, sent after the renewal began, is answered at a revision of at least `R`:
-//! the stream is alive, the watch has reported everything up to `R`, and it reported no
-//! deletion. One progress request serves every renewal that asked before it was sent.
-//! Otherwise (the stream is down or being restarted, the key not covered yet, the watching
-//! member behind the one that answered the keep-alive, or no answer in time) the renewal
-//! reads the key.
+//! * a deletion: by an operator (`etcdctl del`), by a late request, or by etcd itself when
+//!   the lease was revoked or expired;
+//! * a put: an operator's `etcdctl put` detaches the key from its lease (or moves it to
+//!   another), and the driver never writes a key while it holds it, so any put is someone
+//!   else's and the term is not what it was.
+//!
+//! The event cancels the term's `gone` token, which
+//! [`EtcdDriver::renew`](crate::EtcdDriver) checks first and waits on while a renewal is in
+//! flight, and which [`EtcdDriver::term_gone`](crate::EtcdDriver::term_gone) resolves on.
+//!
+//! The watch is only the fast path for noticing a lost term: renewals never rely on it. A
+//! watch can report an event but cannot prove that there was none (its member may lag
+//! behind the one that answered a keep-alive, and on etcd 3.4 a progress notification may
+//! overtake a deletion event), so every renewal reads the key after its keep-alive
+//! (`Inner::confirm_key`).
 //!
 //! A key's first watch starts right after the revision at which the campaign read it, so
-//! that no deletion since goes unseen. The stream is restarted after any error, with
-//! backoff; the restart watches every held key from the current revision (an old start
-//! revision would make etcd scan its history, or be compacted away), and each key is
-//! covered again after its next renewal's read, which also notices a deletion during the
-//! outage.
+//! that no event since goes unseen. The stream is restarted after any error, with backoff;
+//! the restart watches every held key from the current revision (an old start revision
+//! would make etcd scan its history, or be compacted away). An event during the outage is
+//! then noticed by the term's next renewal, whose read finds the key gone (or on another
+//! lease).
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use etcd_client::{Client, WatchFilterType, WatchOptions, WatchResponse};
+use etcd_client::{Client, EventType, WatchOptions, WatchResponse};
 use futures::StreamExt;
 use leader_core::{CancellationToken, Error, Result};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, warn};
 
 use crate::campaign::CandidateKey;
-use crate::error::{ErrorChain, from_etcd, unexpected};
-use crate::lease::Confirmation;
+use crate::error::{ErrorChain, from_etcd, unexpected, watch_cancelled};
 use crate::{Inner, lock};
 
 /// The first pause before the stream is restarted after an error.
@@ -49,64 +48,39 @@ const FIRST_RETRY: Duration = Duration::from_millis(100);
 const MAX_RETRY: Duration = Duration::from_secs(5);
 /// A stream that worked this long starts over with the first pause when it fails.
 const HEALTHY_FOR: Duration = Duration::from_secs(30);
-/// Progress requests left unanswered before the task stops sending more (a server that
-/// does not answer them; renewals then read their keys).
-const MAX_UNANSWERED_PROBES: usize = 8;
+
+/// The terms this driver's candidates hold, by create revision (the fencing token, and the
+/// watch id).
+type Terms = Arc<Mutex<HashMap<i64, HeldTerm>>>;
 
 /// The terms this driver's candidates hold, and the handle of the task that watches them.
 pub(crate) struct HeldKeys {
-    shared: Arc<Shared>,
+    terms: Terms,
     /// Commands to the watch task; dropping the sender (with the driver) ends the task.
     commands: Mutex<Option<mpsc::UnboundedSender<Command>>>,
-}
-
-struct Shared {
-    state: Mutex<State>,
-    /// The last progress answer on the current stream.
-    probes: watch::Sender<ProbeAnswer>,
-    /// Set while progress requests go unanswered (a server that does not answer them):
-    /// renewals then read their keys at once instead of waiting for an answer.
-    probes_unanswered: AtomicBool,
-}
-
-#[derive(Default)]
-struct State {
-    /// By create revision (the fencing token, and the watch id).
-    terms: HashMap<i64, HeldTerm>,
-    /// Counts the streams: a watch registered on an earlier one covers nothing.
-    generation: u64,
 }
 
 struct HeldTerm {
     key: String,
     lease: i64,
     gone: CancellationToken,
-    /// A revision at which the key was seen to exist with this create revision and lease.
-    verified_at: i64,
-    /// Until its first watch is created: that watch starts right after `verified_at`, so
-    /// that no deletion since the campaign read the key goes unseen. Later watches (after
-    /// a stream failed) start at the current revision and a renewal reads the key.
-    fresh: bool,
-    /// The stream generation of the key's watch, and the revision after which that watch
-    /// reports every deletion; set when etcd confirms the watch's creation.
-    watching: Option<(u64, i64)>,
+    /// The revision the key's first watch starts from: right after the campaign's read of
+    /// the key, so that no event since goes unseen. 0 once that watch was requested: later
+    /// ones (after the stream failed) start at the current revision.
+    start: i64,
 }
 
-#[derive(Debug, Clone, Copy, Default)]
-struct ProbeAnswer {
-    generation: u64,
-    /// The store revision in the answer.
-    revision: i64,
-    /// When the progress request it answers was sent.
-    sent_at: Option<Instant>,
+impl HeldTerm {
+    /// The start revision of a watch of the key requested now (0: the current revision).
+    fn take_start(&mut self) -> i64 {
+        std::mem::take(&mut self.start)
+    }
 }
 
 #[derive(Debug)]
 enum Command {
     Watch(i64),
     Unwatch(i64),
-    /// A progress request, unless one sent at or after this instant is unanswered.
-    Probe(Instant),
 }
 
 /// Requests to the stream, forwarded by a future of their own so that the task never waits
@@ -114,7 +88,6 @@ enum Command {
 enum Request {
     Watch(String, WatchOptions),
     Cancel(i64),
-    Progress,
 }
 
 /// Why a stream ended without an error.
@@ -128,11 +101,7 @@ enum Ended {
 impl HeldKeys {
     pub(crate) fn new() -> Self {
         HeldKeys {
-            shared: Arc::new(Shared {
-                state: Mutex::new(State::default()),
-                probes: watch::Sender::new(ProbeAnswer::default()),
-                probes_unanswered: AtomicBool::new(false),
-            }),
+            terms: Arc::new(Mutex::new(HashMap::new())),
             commands: Mutex::new(None),
         }
     }
@@ -146,64 +115,11 @@ impl HeldKeys {
 
     /// Ends term `token` as gone (cancels its token) if it is held.
     fn gone(&self, token: i64) {
-        let term = lock(&self.shared.state).terms.remove(&token);
+        let term = lock(&self.terms).remove(&token);
         if let Some(term) = term {
             term.gone.cancel();
             self.send(Command::Unwatch(token));
         }
-    }
-
-    /// The stream generation that covers term `token`, if one does.
-    fn covered(&self, token: i64) -> Option<u64> {
-        let state = lock(&self.shared.state);
-        let term = state.terms.get(&token)?;
-        match term.watching {
-            Some((generation, after))
-                if generation == state.generation
-                    && after <= term.verified_at
-                    && !term.gone.is_cancelled() =>
-            {
-                Some(generation)
-            }
-            _ => None,
-        }
-    }
-
-    /// Whether the watch shows that term `token`'s key still exists, at `revision` or
-    /// later: it covers the key, and a progress request sent after this call began is
-    /// answered on the same stream at `revision` or later (so the stream is alive, and has
-    /// reported every deletion up to there). Waits at most `limit` for that answer.
-    async fn watch_confirms(&self, token: i64, revision: i64, limit: Duration) -> bool {
-        if revision <= 0 || self.shared.probes_unanswered.load(Ordering::Relaxed) {
-            return false;
-        }
-        let requested_at = Instant::now();
-        let mut answers = self.shared.probes.subscribe();
-        let Some(generation) = self.covered(token) else {
-            return false;
-        };
-        answers.borrow_and_update();
-        // One progress request answers every renewal that asked before it was sent.
-        self.send(Command::Probe(requested_at));
-        let answered = timeout(limit, async {
-            loop {
-                if answers.changed().await.is_err() {
-                    return false;
-                }
-                let answer = *answers.borrow_and_update();
-                if answer.generation != generation {
-                    return false;
-                }
-                // Answers come in order: earlier probes' first.
-                if answer.sent_at.is_some_and(|sent| sent >= requested_at) {
-                    // Behind the keep-alive's revision: the watching member lags.
-                    return answer.revision >= revision;
-                }
-            }
-        })
-        .await;
-        // Not gone, and still on the same stream, after the answer.
-        matches!(answered, Ok(true)) && self.covered(token) == Some(generation)
     }
 }
 
@@ -211,15 +127,13 @@ impl Inner {
     /// Starts watching the key of the term `key` holds, seen to exist at `verified_at`.
     pub(crate) fn hold_term(&self, key: &CandidateKey, verified_at: i64) {
         let token = key.create_revision;
-        lock(&self.held.shared.state).terms.insert(
+        lock(&self.held.terms).insert(
             token,
             HeldTerm {
                 key: key.key.clone(),
                 lease: key.lease,
                 gone: key.gone.clone(),
-                verified_at,
-                fresh: true,
-                watching: None,
+                start: if verified_at > 0 { verified_at + 1 } else { 0 },
             },
         );
         let mut commands = lock(&self.held.commands);
@@ -227,7 +141,7 @@ impl Inner {
         if !running {
             let (tx, rx) = mpsc::unbounded_channel();
             let task = WatchTask {
-                shared: Arc::clone(&self.held.shared),
+                terms: Arc::clone(&self.held.terms),
                 client: self.client.clone(),
                 request_timeout: self.request_timeout,
                 commands: rx,
@@ -242,16 +156,20 @@ impl Inner {
 
     /// Stops watching term `token` (resigned: its end is no news).
     pub(crate) fn release_term(&self, token: i64) {
-        let released = lock(&self.held.shared.state).terms.remove(&token).is_some();
+        let released = lock(&self.held.terms).remove(&token).is_some();
         if released {
             self.held.send(Command::Unwatch(token));
         }
     }
 
+    /// Ends term `token` as gone, if it is held: etcd says its key is.
+    pub(crate) fn end_term(&self, token: i64) {
+        self.held.gone(token);
+    }
+
     /// Ends every held term on lease `lease`: etcd says the lease is gone.
     pub(crate) fn lease_gone(&self, lease: i64) {
-        let tokens: Vec<i64> = lock(&self.held.shared.state)
-            .terms
+        let tokens: Vec<i64> = lock(&self.held.terms)
             .iter()
             .filter(|(_, term)| term.lease == lease)
             .map(|(&token, _)| token)
@@ -260,51 +178,11 @@ impl Inner {
             self.held.gone(token);
         }
     }
-
-    /// Confirms that `key`'s term still exists after the keep-alive `confirmation`: from
-    /// the watch if it covers the key and has caught up with the keep-alive's revision,
-    /// else by reading the key. [`Error::TermGone`] if it does not exist any more (with its
-    /// create revision and lease): then the term's token is cancelled too.
-    pub(crate) async fn confirm_key(
-        &self,
-        key: &CandidateKey,
-        confirmation: Confirmation,
-        max_age: Duration,
-    ) -> Result<()> {
-        let token = key.create_revision;
-        let limit = (max_age / 2).min(self.request_timeout);
-        if self
-            .held
-            .watch_confirms(token, confirmation.revision, limit)
-            .await
-        {
-            return Ok(());
-        }
-        debug!(key = %key.key, fencing_token = token, "reading the key to confirm the term");
-        let response = self
-            .request(self.client.clone().get(key.key.as_str(), None))
-            .await?;
-        let ours = response
-            .kvs()
-            .first()
-            .is_some_and(|kv| kv.create_revision() == token && kv.lease() == key.lease);
-        if !ours {
-            warn!(key = %key.key, fencing_token = token, "the key of a held term is gone");
-            self.held.gone(token);
-            key.gone.cancel();
-            return Err(Error::TermGone);
-        }
-        let revision = response.header().map_or(0, |h| h.revision());
-        if let Some(term) = lock(&self.held.shared.state).terms.get_mut(&token) {
-            term.verified_at = term.verified_at.max(revision);
-        }
-        Ok(())
-    }
 }
 
 /// The task that owns the watch stream.
 struct WatchTask {
-    shared: Arc<Shared>,
+    terms: Terms,
     client: Client,
     request_timeout: Duration,
     commands: mpsc::UnboundedReceiver<Command>,
@@ -316,27 +194,13 @@ impl WatchTask {
         let mut failures = 0u32;
         loop {
             // Idle (no stream) until a term is held.
-            while lock(&self.shared.state).terms.is_empty() {
+            while lock(&self.terms).is_empty() {
                 if self.commands.recv().await.is_none() {
                     return;
                 }
             }
             let started = Instant::now();
-            let result = self.stream().await;
-            // Whatever the stream covered, it covers nothing any more.
-            {
-                let mut state = lock(&self.shared.state);
-                state.generation += 1;
-                for term in state.terms.values_mut() {
-                    term.watching = None;
-                    term.fresh = false;
-                }
-            }
-            // A new stream (maybe to another member) gets its own chance to answer.
-            self.shared
-                .probes_unanswered
-                .store(false, Ordering::Relaxed);
-            match result {
+            match self.stream().await {
                 Ok(Ended::DriverGone) => return,
                 Ok(Ended::NothingHeld) => continue,
                 Err(err) => {
@@ -348,8 +212,8 @@ impl WatchTask {
                         warn!(
                             error = %ErrorChain(&err),
                             failures = failures + 1,
-                            "the watch of held etcd keys failed; renewals read their keys \
-                             until it is restarted"
+                            "the watch of held etcd keys failed; until it is restarted, a \
+                             lost term is noticed at its next renewal"
                         );
                     }
                     failures = failures.saturating_add(1);
@@ -379,15 +243,10 @@ impl WatchTask {
                 Err(mpsc::error::TryRecvError::Disconnected) => return Ok(Ended::DriverGone),
             }
         }
-        let (generation, mut keys) = {
-            let state = lock(&self.shared.state);
-            let keys: Vec<(i64, String, i64)> = state
-                .terms
-                .iter()
-                .map(|(&token, term)| (token, term.key.clone(), term.start()))
-                .collect();
-            (state.generation, keys)
-        };
+        let mut keys: Vec<(i64, String, i64)> = lock(&self.terms)
+            .iter_mut()
+            .map(|(&token, term)| (token, term.key.clone(), term.take_start()))
+            .collect();
         let Some((first, first_key, first_start)) = keys.pop() else {
             return Ok(Ended::NothingHeld);
         };
@@ -405,11 +264,10 @@ impl WatchTask {
         };
         let (mut sender, mut responses) = stream.split();
         let (requests, mut queued) = mpsc::unbounded_channel::<Request>();
-        // The watch ids requested on this stream and not cancelled, with their start
-        // revisions (0: the current one).
-        let mut active: HashMap<i64, i64> = HashMap::from([(first, first_start)]);
+        // The watch ids requested on this stream and not cancelled.
+        let mut active: HashSet<i64> = HashSet::from([first]);
         for (token, key, start) in keys {
-            active.insert(token, start);
+            active.insert(token);
             let _ = requests.send(Request::Watch(key, watch_options(token, start)));
         }
         let forward = async move {
@@ -417,15 +275,13 @@ impl WatchTask {
                 match request {
                     Request::Watch(key, options) => sender.watch(key, Some(options)).await,
                     Request::Cancel(id) => sender.cancel(id).await,
-                    Request::Progress => sender.request_progress().await,
                 }
                 .map_err(from_etcd)?;
             }
             Ok::<(), Error>(())
         };
         tokio::pin!(forward);
-        let mut probes: VecDeque<Instant> = VecDeque::new();
-        let shared = &self.shared;
+        let terms = &self.terms;
         let commands = &mut self.commands;
         loop {
             tokio::select! {
@@ -439,34 +295,22 @@ impl WatchTask {
                     };
                     match command {
                         Command::Watch(token) => {
-                            if active.contains_key(&token) {
+                            if active.contains(&token) {
                                 continue;
                             }
-                            let term = lock(&shared.state)
-                                .terms
-                                .get(&token)
-                                .map(|t| (t.key.clone(), t.start()));
+                            let term = lock(terms)
+                                .get_mut(&token)
+                                .map(|t| (t.key.clone(), t.take_start()));
                             if let Some((key, start)) = term {
-                                active.insert(token, start);
-                                let _ = requests.send(Request::Watch(key, watch_options(token, start)));
+                                active.insert(token);
+                                let options = watch_options(token, start);
+                                let _ = requests.send(Request::Watch(key, options));
                             }
                         }
                         Command::Unwatch(token) => {
-                            if active.remove(&token).is_some() {
+                            if active.remove(&token) {
                                 let _ = requests.send(Request::Cancel(token));
                             }
-                        }
-                        Command::Probe(requested_at) => {
-                            let pending = probes.back().is_some_and(|&sent| sent >= requested_at);
-                            if pending {
-                                continue;
-                            }
-                            if probes.len() >= MAX_UNANSWERED_PROBES {
-                                shared.probes_unanswered.store(true, Ordering::Relaxed);
-                                continue;
-                            }
-                            probes.push_back(Instant::now());
-                            let _ = requests.send(Request::Progress);
                         }
                     }
                 }
@@ -475,93 +319,66 @@ impl WatchTask {
                         return Err(unexpected("etcd closed the watch stream"));
                     };
                     let response = response.map_err(from_etcd)?;
-                    handle(shared, generation, response, &mut active, &mut probes, &requests)?;
+                    handle(terms, &response, &mut active, &requests)?;
                 }
             }
         }
     }
 }
 
-/// A watch of a key's deletions from revision `start` (0: from now on), with the term's
-/// create revision as its id.
+/// A watch of every change of a key (puts and deletions) from revision `start` (0: from
+/// now on), with the term's create revision as its id.
 fn watch_options(token: i64, start: i64) -> WatchOptions {
     WatchOptions::new()
         .with_watch_id(token)
         .with_start_revision(start)
-        .with_filters([WatchFilterType::NoPut])
 }
 
-impl HeldTerm {
-    /// The revision its next watch starts from (0: the current one).
-    fn start(&self) -> i64 {
-        if self.fresh { self.verified_at + 1 } else { 0 }
-    }
-}
-
-/// Applies one response of the stream of generation `generation`.
+/// Applies one response of the stream.
 fn handle(
-    shared: &Shared,
-    generation: u64,
-    response: WatchResponse,
-    active: &mut HashMap<i64, i64>,
-    probes: &mut VecDeque<Instant>,
+    terms: &Mutex<HashMap<i64, HeldTerm>>,
+    response: &WatchResponse,
+    active: &mut HashSet<i64>,
     requests: &mpsc::UnboundedSender<Request>,
 ) -> Result<()> {
     let id = response.watch_id();
-    let revision = response.header().map_or(0, |h| h.revision());
-    if response.created() {
-        if response.canceled() {
-            return Err(unexpected(format!(
-                "etcd refused to watch a held key (watch {id}): {}",
-                response.cancel_reason()
-            )));
-        }
-        if let Some(&start) = active.get(&id) {
-            // The watch reports every deletion after this revision: the one before its
-            // start, or the store's revision at its creation if it started there.
-            let after = if start > 0 { start - 1 } else { revision };
-            if let Some(term) = lock(&shared.state).terms.get_mut(&id) {
-                term.watching = Some((generation, after));
-                term.fresh = false;
-            }
-        }
-        return Ok(());
-    }
     if response.canceled() {
-        if active.remove(&id).is_some() {
+        let ours = active.remove(&id);
+        if response.created() {
+            // etcd refused to create the watch (a missing permission, say).
+            return Err(watch_cancelled(response.cancel_reason()));
+        }
+        if !ours {
+            // The answer to a cancellation of ours.
+            return Ok(());
+        }
+        if response.compact_revision() > 0 {
             return Err(unexpected(format!(
-                "etcd cancelled the watch of a held key (watch {id}, compacted at {}): {}",
-                response.compact_revision(),
-                response.cancel_reason()
+                "etcd compacted the watch of a held key (watch {id}) at revision {}",
+                response.compact_revision()
             )));
         }
-        // The answer to a cancellation of ours.
-        return Ok(());
+        return Err(watch_cancelled(response.cancel_reason()));
     }
-    if !response.events().is_empty() {
-        // The watch filters puts out: every event is the key's deletion.
-        if active.remove(&id).is_some() {
-            let _ = requests.send(Request::Cancel(id));
-        }
-        let term = lock(&shared.state).terms.remove(&id);
-        if let Some(term) = term {
-            warn!(
-                key = %term.key,
-                fencing_token = id,
-                "the key of a held term was deleted; the term is gone"
-            );
-            term.gone.cancel();
-        }
+    let Some(event) = response.events().first() else {
+        // The confirmation of a watch's creation (or a progress notification): no news.
         return Ok(());
+    };
+    if active.remove(&id) {
+        let _ = requests.send(Request::Cancel(id));
     }
-    // No events, neither created nor cancelled: the answer to a progress request.
-    shared.probes_unanswered.store(false, Ordering::Relaxed);
-    if let Some(sent_at) = probes.pop_front() {
-        shared.probes.send_replace(ProbeAnswer {
-            generation,
-            revision,
-            sent_at: Some(sent_at),
-        });
+    let term = lock(terms).remove(&id);
+    if let Some(term) = term {
+        let what = match event.event_type() {
+            EventType::Delete => "deleted",
+            EventType::Put => "overwritten",
+        };
+        warn!(
+            key = %term.key,
+            fencing_token = id,
+            "the key of a held term was {what}; the term is gone"
+        );
+        term.gone.cancel();
     }
     Ok(())
 }

@@ -9,10 +9,10 @@ use std::time::Duration;
 use etcd_client::{LeaseKeepAliveStream, LeaseKeeper};
 use leader_core::{Error, Result};
 use tokio::sync::watch;
-use tokio::time::{Instant, sleep};
+use tokio::time::{Instant, sleep, timeout};
 use tracing::{debug, warn};
 
-use crate::error::{ErrorChain, is_lease_not_found, unexpected};
+use crate::error::{ErrorChain, from_etcd, is_lease_not_found, unexpected};
 use crate::{Inner, lock};
 
 /// The leases of one driver, by TTL in whole seconds.
@@ -34,21 +34,10 @@ struct Lease {
     alive: bool,
     /// Send time of the last request that the server answered with the lease still alive.
     confirmed_at: Instant,
-    /// The store revision in that answer's header, or 0 if unknown.
-    confirmed_revision: i64,
     keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
     /// Set while a keep-alive waits for its answer; if it is still set at the next call, the
     /// previous call was cancelled and the stream may deliver its stale answer: start anew.
     in_flight: bool,
-}
-
-/// A keep-alive answered with the lease alive.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Confirmation {
-    /// The send time of the request.
-    pub(crate) sent_at: Instant,
-    /// The store revision when it was answered, or 0 if etcd's answer did not say.
-    pub(crate) revision: i64,
 }
 
 impl Leases {
@@ -135,7 +124,6 @@ impl Inner {
             ttl: granted_ttl,
             alive: true,
             confirmed_at: sent_at,
-            confirmed_revision: granted.header().map_or(0, |h| h.revision()),
             keeper: None,
             in_flight: false,
         });
@@ -149,73 +137,71 @@ impl Inner {
         Ok((granted.id(), granted_ttl))
     }
 
-    /// Confirms lease `id` of `slot` is alive: returns the last keep-alive if it was sent at
-    /// or after `not_before`, else sends one. Coalesces all callers into one stream.
-    /// [`Error::TermGone`] if etcd says the lease is gone; then every held term on it is
-    /// gone too.
+    /// Confirms lease `id` of `slot` is alive: returns the send time of the last keep-alive
+    /// if it was sent at or after `not_before`, else sends one. Coalesces all callers into
+    /// one stream. [`Error::TermGone`] if etcd says the lease is gone; then every held term
+    /// on it is gone too.
+    ///
+    /// One attempt (the request and its answer together) takes at most the request timeout
+    /// or a sixth of the lease's TTL, whichever is shorter, so that a stalled keep-alive
+    /// (the background one, say) does not keep the lease's lock from renewals for long: a
+    /// renewal that waits behind it still has time for its own attempt within the quarter
+    /// of a TTL that the core gives each renewal.
     pub(crate) async fn keep_alive(
         &self,
         slot: &LeaseSlot,
         id: i64,
         not_before: Instant,
-    ) -> Result<Confirmation> {
+    ) -> Result<Instant> {
         let mut guard = slot.state.lock().await;
         let lease = match guard.as_mut() {
             Some(lease) if lease.id == id && lease.alive => lease,
             _ => return Err(Error::TermGone),
         };
         if lease.confirmed_at >= not_before {
-            return Ok(Confirmation {
-                sent_at: lease.confirmed_at,
-                revision: lease.confirmed_revision,
-            });
+            return Ok(lease.confirmed_at);
         }
         if lease.in_flight {
+            // The previous attempt was cancelled (or timed out) before its answer came:
+            // the stream may still deliver that stale answer, so start a new one.
             lease.keeper = None;
         }
+        let limit = attempt_limit(self.request_timeout, lease.ttl);
         let sent_at = Instant::now();
         let answer = match lease.keeper.as_mut() {
             None => {
-                match self.request(self.client.clone().lease_keep_alive(id)).await {
-                    // The first keep-alive is sent and answered inside `lease_keep_alive`,
-                    // which does not return its header: the revision is unknown.
-                    Ok(keeper) => {
+                // The first keep-alive is sent and answered inside `lease_keep_alive`.
+                match timeout(limit, self.client.clone().lease_keep_alive(id)).await {
+                    Ok(Ok(keeper)) => {
                         lease.keeper = Some(keeper);
-                        Ok((1, 0))
+                        Ok(1)
                     }
-                    Err(Error::Store(err))
-                        if err
-                            .downcast_ref::<etcd_client::Error>()
-                            .is_some_and(is_lease_not_found) =>
-                    {
-                        Ok((0, 0))
-                    }
-                    Err(err) => Err(err),
+                    Ok(Err(err)) if is_lease_not_found(&err) => Ok(0),
+                    Ok(Err(err)) => Err(from_etcd(err)),
+                    Err(_) => Err(Error::Timeout(limit)),
                 }
             }
             Some((keeper, stream)) => {
+                // Stays set if this future is dropped before the answer: see above.
                 lease.in_flight = true;
-                let sent = self.request(keeper.keep_alive()).await;
-                let answered = match sent {
-                    Ok(()) => self.request(stream.message()).await,
-                    Err(err) => Err(err),
-                };
+                let answered = timeout(limit, async {
+                    keeper.keep_alive().await?;
+                    stream.message().await
+                })
+                .await;
                 lease.in_flight = false;
                 match answered {
-                    Ok(Some(response)) => Ok((
-                        response.ttl(),
-                        response.header().map_or(0, |h| h.revision()),
-                    )),
-                    Ok(None) => Err(unexpected("etcd closed the keep-alive stream")),
-                    Err(err) => Err(err),
+                    Ok(Ok(Some(response))) => Ok(response.ttl()),
+                    Ok(Ok(None)) => Err(unexpected("etcd closed the keep-alive stream")),
+                    Ok(Err(err)) => Err(from_etcd(err)),
+                    Err(_) => Err(Error::Timeout(limit)),
                 }
             }
         };
         match answer {
-            Ok((ttl, revision)) if ttl > 0 => {
+            Ok(ttl) if ttl > 0 => {
                 lease.confirmed_at = sent_at;
-                lease.confirmed_revision = revision;
-                Ok(Confirmation { sent_at, revision })
+                Ok(sent_at)
             }
             Ok(_) => {
                 warn!(lease = %format!("{id:x}"), "etcd lease expired or was revoked");
@@ -248,6 +234,12 @@ impl Inner {
     }
 }
 
+/// The longest one keep-alive attempt on a lease of `ttl` may take: `request_timeout`, but
+/// no more than a sixth of the TTL (and at least a millisecond).
+fn attempt_limit(request_timeout: Duration, ttl: Duration) -> Duration {
+    request_timeout.min(ttl / 6).max(Duration::from_millis(1))
+}
+
 /// Keeps lease `id` of `slot` alive every third of its TTL while the driver exists and the
 /// lease is current, so that waiting candidates keep their place in line.
 async fn keep_lease_alive(inner: Weak<Inner>, slot: Arc<LeaseSlot>, id: i64, ttl: Duration) {
@@ -265,13 +257,13 @@ async fn keep_lease_alive(inner: Weak<Inner>, slot: Arc<LeaseSlot>, id: i64, ttl
             .checked_sub(period)
             .unwrap_or_else(Instant::now);
         match inner.keep_alive(&slot, id, not_before).await {
-            Ok(confirmed) => {
+            Ok(confirmed_at) => {
                 if failures > 0 {
                     debug!(lease = %format!("{id:x}"), failures, "etcd keep-alive works again");
                 }
                 failures = 0;
                 retry = first_retry;
-                delay = (confirmed.sent_at + period).saturating_duration_since(Instant::now());
+                delay = (confirmed_at + period).saturating_duration_since(Instant::now());
                 delay = delay.max(first_retry);
             }
             Err(Error::TermGone) => return,
@@ -305,5 +297,23 @@ mod tests {
         assert_eq!(whole_seconds(Duration::from_millis(1001)), 2);
         assert_eq!(whole_seconds(Duration::from_secs(10)), 10);
         assert_eq!(whole_seconds(Duration::ZERO), 1);
+    }
+
+    #[test]
+    fn a_keep_alive_attempt_takes_at_most_a_sixth_of_the_lease() {
+        let five = Duration::from_secs(5);
+        assert_eq!(
+            attempt_limit(five, Duration::from_secs(60)),
+            five,
+            "the request timeout when it is shorter"
+        );
+        assert_eq!(
+            attempt_limit(five, Duration::from_secs(6)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            attempt_limit(five, Duration::from_secs(1)),
+            Duration::from_secs(1) / 6
+        );
     }
 }

@@ -40,8 +40,9 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 ///
 /// One lease per distinct TTL keeps every election with that TTL alive, with one
 /// keep-alive per third of the lease TTL, however many elections and candidates share the
-/// driver. One watch stream per driver watches the keys of the terms its candidates hold,
-/// so a leader whose key is deleted learns it at once (see [`term_gone`](Self::term_gone)).
+/// driver; a renewal adds one read of its term's key. One watch stream per driver watches
+/// the keys of the terms its candidates hold, so a leader whose key is deleted learns it at
+/// once (see [`term_gone`](Self::term_gone)).
 /// Cheap to clone: clones share the connection, the leases and the watch.
 #[derive(Clone)]
 pub struct EtcdDriver {
@@ -128,19 +129,36 @@ impl EtcdDriver {
     }
 
     /// Connects to etcd at `endpoints` (`"127.0.0.1:2379"` or `"http://host:2379"`) and
-    /// returns a driver with the default options: a 5 s connect timeout and HTTP/2
-    /// keep-alive pings every 5 s, so that a dead connection is noticed.
+    /// returns a driver with the default options, on a client with
+    /// [`default_connect_options`](Self::default_connect_options).
     pub async fn connect<E: AsRef<str>, S: AsRef<[E]>>(endpoints: S) -> Result<Self> {
-        let options = ConnectOptions::new()
+        Self::connect_with(endpoints, Self::default_connect_options()).await
+    }
+
+    /// The client options [`connect`](Self::connect) uses, to start from in
+    /// [`connect_with`](Self::connect_with): a 5 s connect timeout, HTTP/2 keep-alive pings
+    /// every 5 s (so that a dead connection is noticed), and
+    /// [`with_require_leader(true)`](ConnectOptions::with_require_leader), as `etcdctl
+    /// elect` does: a member cut off from its cluster's quorum then fails requests and ends
+    /// watches with an error (soon after it loses its leader), instead of leaving a waiting
+    /// candidate stalled on a watch that cannot fire.
+    pub fn default_connect_options() -> ConnectOptions {
+        ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
-            .with_keep_alive_while_idle(true);
-        Self::connect_with(endpoints, options).await
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(true)
     }
 
     /// Connects to etcd at `endpoints` with the client options `options` (credentials with
     /// `with_user`, TLS, timeouts) and returns a driver with the default options. Bad
     /// credentials are [`Error::Denied`].
+    ///
+    /// `options` are used as given. Set
+    /// [`with_require_leader(true)`](ConnectOptions::with_require_leader) in them (or start
+    /// from [`default_connect_options`](Self::default_connect_options)): without it, a
+    /// candidate waiting in line through a member that lost its quorum waits on a watch
+    /// that stays silent until the member rejoins.
     pub async fn connect_with<E: AsRef<str>, S: AsRef<[E]>>(
         endpoints: S,
         options: ConnectOptions,
@@ -163,14 +181,16 @@ impl EtcdDriver {
 
     /// Resolves when etcd says that `candidate`'s term `fencing_token` is gone: its key was
     /// deleted (by an operator, by a late request, or by etcd when the lease was revoked or
-    /// expired), or a renewal found it gone. Resolves at once if this driver does not know
-    /// that term as held (never elected, or replaced by a newer term of the candidate);
-    /// never resolves for a term that ends by a resignation through this driver.
+    /// expired) or overwritten (an operator's `etcdctl put`), or a renewal found it gone.
+    /// Resolves at once if this driver does not know that term as held (never elected, or
+    /// replaced by a newer term of the candidate); never resolves for a term that ends by a
+    /// resignation through this driver.
     ///
     /// The push side of [`renew`](Driver::renew): after it resolves, `renew` for that term
-    /// returns [`Error::TermGone`] at once. Deletions are seen through the driver's watch of
-    /// its held keys, about one round trip after they happen; while that watch is being
-    /// restarted after an error, at the term's next renewal.
+    /// returns [`Error::TermGone`] at once. Changes of a held key are seen through the
+    /// driver's watch of its held keys, about one round trip after they happen; while that
+    /// watch is being restarted after an error, at the term's next renewal (which reads the
+    /// key whatever the watch says).
     pub fn term_gone(
         &self,
         candidate: &Candidate,
@@ -254,7 +274,7 @@ impl Driver for EtcdDriver {
         let ttl = candidate.ttl.min(lease_ttl);
         // A keep-alive sent after this call began (the background one usually is, after a
         // wait in line), so the grant is no older than the campaign.
-        let confirmed = inner.keep_alive(&slot, lease, began).await?;
+        let confirmed_at = inner.keep_alive(&slot, lease, began).await?;
         // After the keep-alive: the term's key exists at a revision after it.
         let Some(verified_at) = inner.key_is_ours(&key, revision).await? else {
             warn!(key = %key.key, "campaign key vanished while waiting (lease expired?)");
@@ -264,7 +284,7 @@ impl Driver for EtcdDriver {
         inner.hold_term(&key, verified_at);
         Ok(Grant::new(
             u64::try_from(revision).unwrap_or(0),
-            confirmed.sent_at,
+            confirmed_at,
             ttl,
         ))
     }
@@ -284,13 +304,12 @@ impl Driver for EtcdDriver {
             .checked_sub(max_age)
             .map_or(grant.confirmed_at, |recent| recent.max(grant.confirmed_at));
         let renewal = async {
-            let confirmed = inner.keep_alive(&key.slot, key.lease, not_before).await?;
-            inner.confirm_key(&key, confirmed, max_age).await?;
-            Ok(Grant::new(
-                grant.fencing_token,
-                confirmed.sent_at,
-                grant.ttl,
-            ))
+            let confirmed_at = inner.keep_alive(&key.slot, key.lease, not_before).await?;
+            // The lease lives until at least `confirmed_at` + its TTL; a linearizable read
+            // after that shows the term's key still on it (the watch of held keys only
+            // ever says that it is gone, never that it is not).
+            inner.confirm_key(&key).await?;
+            Ok(Grant::new(grant.fencing_token, confirmed_at, grant.ttl))
         };
         tokio::select! {
             biased;

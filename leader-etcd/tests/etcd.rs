@@ -425,8 +425,32 @@ async fn a_revoked_lease_is_noticed_within_a_round_trip() {
     assert_renew_fails_at_once(&driver, &c, &grant).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deletion_the_watch_missed_is_caught_by_the_next_renewal() {
+/// What happens to the leader's key behind the driver's back.
+#[derive(Debug, Clone, Copy)]
+enum Change {
+    /// `etcdctl del`.
+    Delete,
+    /// `etcdctl put` without `--lease`: the key stays, detached from the lease.
+    OverwriteWithoutLease,
+}
+
+impl Change {
+    async fn apply(self, admin: &mut Client, key: &etcd_client::KeyValue) {
+        match self {
+            Change::Delete => {
+                admin.delete(key.key(), None).await.expect("delete");
+            }
+            Change::OverwriteWithoutLease => {
+                admin.put(key.key(), "operator", None).await.expect("put");
+            }
+        }
+    }
+}
+
+/// `change` happens to the leader's key while nothing reaches the driver, and the
+/// connection then breaks: the watch starts again after the change and never reports it.
+/// The next renewal must still end the term.
+async fn a_change_the_watch_missed_is_caught_by_the_next_renewal(change: Change) {
     let h = harness().await;
     let endpoint = h.server.endpoints()[0].clone();
     let proxy = FaultProxy::start(h.server.client_addr(0))
@@ -442,10 +466,8 @@ async fn a_deletion_the_watch_missed_is_caught_by_the_next_renewal() {
     let grant = driver.renew(&c, &grant).await.expect("renewed");
     let key = only_key(&mut admin, format!("{name}/")).await;
 
-    // The key is deleted while nothing reaches the driver, and the connection then breaks:
-    // the watch starts again after the deletion and never reports it.
     proxy.hold();
-    admin.delete(key.key(), None).await.expect("delete");
+    change.apply(&mut admin, &key).await;
     proxy.cut();
     proxy.pass();
 
@@ -471,6 +493,126 @@ async fn a_deletion_the_watch_missed_is_caught_by_the_next_renewal() {
         driver.term_gone(&c, grant.fencing_token),
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_the_watch_missed_is_caught_by_the_next_renewal() {
+    a_change_the_watch_missed_is_caught_by_the_next_renewal(Change::Delete).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overwrite_the_watch_missed_is_caught_by_the_next_renewal() {
+    a_change_the_watch_missed_is_caught_by_the_next_renewal(Change::OverwriteWithoutLease).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_key_overwritten_without_its_lease_steps_down_within_a_second() {
+    let h = harness().await;
+    let driver = h.driver_at(h.server.endpoints()[0].clone()).await;
+    let mut admin = driver.client().clone();
+    let name = unique("overwritten");
+    // Renewals every 3.3 s: a loss within a second can only come from the watch.
+    let e = Election::builder(driver, &name)
+        .ttl(Duration::from_secs(10))
+        .value("v")
+        .build()
+        .expect("valid settings");
+    let mut events = e.subscribe();
+    let term = e.campaign().await.expect("elected");
+    assert!(matches!(
+        next_event("elected", Duration::from_secs(1), &mut events).await,
+        Event::Elected { .. }
+    ));
+    let key = only_key(&mut admin, format!("{name}/")).await;
+    assert_ne!(key.lease(), 0, "the key is on the driver's lease");
+
+    // `etcdctl put <key> operator`: the same key (and create revision), on no lease.
+    Change::OverwriteWithoutLease.apply(&mut admin, &key).await;
+    let lost = next_event("the loss", Duration::from_secs(1), &mut events).await;
+    assert_eq!(
+        lost,
+        Event::Lost {
+            fencing_token: term.fencing_token(),
+            reason: LossReason::Gone
+        }
+    );
+    assert!(!e.status().is_leader());
+    assert!(!term.is_valid());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_that_keeps_the_lease_ends_the_term_too() {
+    let h = harness().await;
+    let driver = h.driver_at(h.server.endpoints()[0].clone()).await;
+    let mut admin = driver.client().clone();
+    let name = unique("put-same-lease");
+    let c = Candidate::new(&name, "put-1", "v", Duration::from_secs(10));
+    let grant = driver.campaign(&c).await.expect("elected");
+    let gone = tokio::spawn(driver.term_gone(&c, grant.fencing_token));
+    let key = only_key(&mut admin, format!("{name}/")).await;
+
+    // `etcdctl put --lease=<the driver's lease>`: the key is not what the term put there.
+    admin
+        .put(
+            key.key(),
+            "operator",
+            Some(etcd_client::PutOptions::new().with_lease(key.lease())),
+        )
+        .await
+        .expect("put");
+    within("term_gone after the key was overwritten", PUSH, gone)
+        .await
+        .expect("no panic");
+    assert_renew_fails_at_once(&driver, &c, &grant).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_keep_alive_gives_up_within_a_sixth_of_the_lease() {
+    let h = harness().await;
+    let proxy = FaultProxy::start(h.server.client_addr(0))
+        .await
+        .expect("proxy starts");
+    let driver = h.driver_at(proxy.addr().to_string()).await;
+    let name = unique("stalled");
+    // A 6 s lease: keep-alives every 2 s, each attempt given up after 1 s (not after the
+    // 5 s request timeout, twice).
+    let ttl = Duration::from_secs(6);
+    let c = Candidate::new(&name, "stalled-1", "v", ttl);
+    let grant = driver.campaign(&c).await.expect("elected");
+
+    // Nothing flows: the background keep-alive (due 2 s after the grant) stalls while it
+    // holds the lease; a renewal after that must send its own and waits behind it.
+    proxy.hold();
+    let held_at = Instant::now();
+    tokio::time::sleep(ttl / 3 + Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let renewed = driver.renew(&c, &grant).await;
+    let took = started.elapsed();
+    assert!(matches!(renewed, Err(Error::Timeout(_))), "{renewed:?}");
+    assert!(
+        took < Duration::from_millis(3500),
+        "a renewal behind a stalled keep-alive took {took:?}"
+    );
+
+    // Traffic flows again before the lease expires: the keep-alive stream (abandoned with
+    // its request in flight) is replaced, and renewals work.
+    proxy.pass();
+    let expires = held_at + ttl;
+    loop {
+        match driver.renew(&c, &grant).await {
+            Ok(renewed) => {
+                assert!(renewed.confirmed_at > grant.confirmed_at);
+                break;
+            }
+            Err(err) => {
+                assert!(
+                    Instant::now() + Duration::from_millis(500) < expires,
+                    "renewals still fail with {err:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
