@@ -1,19 +1,23 @@
 //! A fault-injection suite for the election: real candidate processes (the
 //! `chaos-candidate` binary), real stores (`leader-testkit`), a TCP [`FaultProxy`] between
-//! each candidate and its store, and a checker of the safety properties over what the
-//! candidates recorded.
+//! each candidate and its store, and an exact [checker] of the safety properties over what
+//! the candidates logged.
 //!
-//! Each candidate samples `status.is_leader()` every millisecond from a plain thread and
-//! records, for every sample that said "leader", its fencing token and CLOCK_MONOTONIC
-//! readings taken just before and just after the check. CLOCK_MONOTONIC is one clock for
-//! all processes on a machine, so spans of different processes compare exactly.
+//! Each candidate logs every transition on CLOCK_MONOTONIC (elected with the library's own
+//! first instant of belief, each new deadline, the end of each term), and samples
+//! `status.is_leader()` every millisecond as a cross-check. CLOCK_MONOTONIC is one clock
+//! for all processes on a machine, so the processes' terms compare exactly.
 //!
-//! The checker reports, per fault kind, the failover time (median and max), and across the
-//! whole run: overlapping leadership spans, fencing tokens that go backwards or are reused,
-//! and rounds after which no leader came back within the stated bound.
+//! The report gives, per fault kind, the failover time (median and max) against its bound,
+//! and across the whole run: overlapping terms, sampled overlaps, flips, sampling gaps,
+//! fencing tokens that go backwards or are reused, candidates that exited badly, and rounds
+//! after which no leader came back within the bound or a healed candidate did not campaign
+//! again.
 
-use std::collections::{BTreeMap, HashMap};
-use std::io::{self, BufRead};
+pub mod checker;
+
+use std::collections::BTreeMap;
+use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -41,137 +45,25 @@ pub fn monotonic_ns() -> u64 {
     }
 }
 
-/// The span of one term in one process, from its samples.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Span {
-    /// Which candidate process (index into the files given to [`read_spans`]).
-    pub process: usize,
-    /// The term's fencing token.
-    pub token: u64,
-    /// Clock before the first check that said "leader".
-    pub first_before: u64,
-    /// Clock after the first check that said "leader".
-    pub first_after: u64,
-    /// Clock before the last check that said "leader".
-    pub last_before: u64,
-    /// Clock after the last check that said "leader".
-    pub last_after: u64,
-}
-
-impl Span {
-    /// The interval during which this process surely believed it led: between the end of
-    /// its first "leader" check and the start of its last.
-    fn sure(&self) -> (u64, u64) {
-        (self.first_after, self.last_before)
-    }
-
-    /// The widest interval it may have believed it led, sampling jitter included.
-    fn widest(&self) -> (u64, u64) {
-        (self.first_before, self.last_after)
-    }
-}
-
-fn intersect(a: (u64, u64), b: (u64, u64)) -> bool {
-    a.0.max(b.0) < a.1.min(b.1)
-}
-
-/// Reads the samples files of candidate processes (index = position in `files`) into
-/// one span per (process, fencing token).
-pub fn read_spans(files: &[PathBuf]) -> io::Result<Vec<Span>> {
-    let mut spans = Vec::new();
-    for (process, file) in files.iter().enumerate() {
-        let mut by_token: HashMap<u64, Span> = HashMap::new();
-        let reader = match std::fs::File::open(file) {
-            Ok(f) => io::BufReader::new(f),
-            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
-            Err(err) => return Err(err),
+/// A `std::time::Instant` (CLOCK_MONOTONIC on Linux) as [`monotonic_ns`] nanoseconds.
+pub fn to_monotonic_ns(instant: std::time::Instant) -> u64 {
+    // Read both clocks back to back; retry if something came between them.
+    let mut best = (u64::MAX, 0u64);
+    for _ in 0..3 {
+        let before = monotonic_ns();
+        let now = std::time::Instant::now();
+        let after = monotonic_ns();
+        let at = if instant <= now {
+            before.saturating_sub(u64::try_from((now - instant).as_nanos()).unwrap_or(u64::MAX))
+        } else {
+            before.saturating_add(u64::try_from((instant - now).as_nanos()).unwrap_or(u64::MAX))
         };
-        for line in reader.lines() {
-            let line = line?;
-            let mut fields = line.split_whitespace().map(str::parse::<u64>);
-            let (Some(Ok(token)), Some(Ok(before)), Some(Ok(after))) =
-                (fields.next(), fields.next(), fields.next())
-            else {
-                continue; // a line cut short by SIGKILL
-            };
-            by_token
-                .entry(token)
-                .and_modify(|s| {
-                    s.first_before = s.first_before.min(before);
-                    s.first_after = s.first_after.min(after);
-                    s.last_before = s.last_before.max(before);
-                    s.last_after = s.last_after.max(after);
-                })
-                .or_insert(Span {
-                    process,
-                    token,
-                    first_before: before,
-                    first_after: after,
-                    last_before: before,
-                    last_after: after,
-                });
-        }
-        spans.extend(by_token.into_values());
-    }
-    spans.sort_by_key(|s| s.first_before);
-    Ok(spans)
-}
-
-/// What the checker found.
-#[derive(Debug, Default)]
-pub struct Check {
-    /// Spans checked.
-    pub spans: usize,
-    /// Pairs of spans of different processes that surely overlapped: a safety violation.
-    pub overlaps: Vec<(Span, Span)>,
-    /// Pairs that overlap only within sampling jitter (one side's check straddled a
-    /// descheduling): reported, not a violation.
-    pub jitter_overlaps: usize,
-    /// Fencing tokens that went backwards in time or were used by two processes.
-    pub token_violations: Vec<String>,
-}
-
-/// Checks that no two processes' spans overlap, and that fencing tokens increase with
-/// time and are never reused.
-pub fn check(spans: &[Span]) -> Check {
-    let mut result = Check {
-        spans: spans.len(),
-        ..Check::default()
-    };
-    for (i, a) in spans.iter().enumerate() {
-        for b in &spans[i + 1..] {
-            if a.process == b.process {
-                continue;
-            }
-            if intersect(a.sure(), b.sure()) {
-                result.overlaps.push((*a, *b));
-            } else if intersect(a.widest(), b.widest()) {
-                result.jitter_overlaps += 1;
-            }
+        let spread = after.saturating_sub(before);
+        if spread < best.0 {
+            best = (spread, at);
         }
     }
-    let mut owner: HashMap<u64, usize> = HashMap::new();
-    for span in spans {
-        if let Some(&other) = owner.get(&span.token)
-            && other != span.process
-        {
-            result.token_violations.push(format!(
-                "token {} used by processes {other} and {}",
-                span.token, span.process
-            ));
-        }
-        owner.insert(span.token, span.process);
-    }
-    for pair in spans.windows(2) {
-        let (earlier, later) = (pair[0], pair[1]);
-        if later.token < earlier.token {
-            result.token_violations.push(format!(
-                "token {} (process {}) began after token {} (process {})",
-                later.token, later.process, earlier.token, earlier.process
-            ));
-        }
-    }
-    result
+    best.1
 }
 
 /// A store, as the chaos suite, its candidate process and the benchmarks name it.
@@ -222,8 +114,24 @@ pub enum Fault {
     Term,
     /// SIGSTOP the leader for 1.5 × TTL, then SIGCONT.
     Stop,
+    /// SIGSTOP the leader for a third of the TTL: a pause shorter than the lease.
+    ShortPause,
     /// Hold the leader's connection to the store for 2 × TTL, then let it go.
     Partition,
+    /// For 2 × TTL the leader's requests reach the store and take effect, but the answers
+    /// are held: every renewal looks failed although it succeeded.
+    LostAnswers,
+    /// Every packet between the leader and the store is delayed by a tenth of the TTL, for
+    /// 2 × TTL.
+    Latency,
+    /// SIGKILL a waiting candidate (then start a fresh one in its place).
+    WaiterKill,
+    /// Partition a waiting candidate from the store for 2 × TTL.
+    WaiterPartition,
+    /// Delete the leader's key in the store, as an operator might.
+    DeleteKey,
+    /// etcd only: revoke the leader's lease.
+    RevokeLease,
     /// Kill the whole store and start it again on the same data.
     StoreRestart,
     /// etcd only: kill the member the leader talks to, then start it again.
@@ -236,7 +144,14 @@ impl Fault {
             Fault::Kill => "sigkill leader",
             Fault::Term => "sigterm leader",
             Fault::Stop => "sigstop leader 1.5xTTL",
+            Fault::ShortPause => "sigstop leader TTL/3",
             Fault::Partition => "partition leader 2xTTL",
+            Fault::LostAnswers => "lost answers 2xTTL",
+            Fault::Latency => "latency TTL/10 2xTTL",
+            Fault::WaiterKill => "sigkill waiter",
+            Fault::WaiterPartition => "partition waiter 2xTTL",
+            Fault::DeleteKey => "delete leader key",
+            Fault::RevokeLease => "revoke leader lease",
             Fault::StoreRestart => "store restart",
             Fault::MemberLoss => "etcd member loss",
         }
@@ -247,21 +162,75 @@ impl Fault {
             Fault::Kill,
             Fault::Term,
             Fault::Stop,
+            Fault::ShortPause,
             Fault::Partition,
+            Fault::LostAnswers,
+            Fault::Latency,
+            Fault::WaiterKill,
+            Fault::WaiterPartition,
+            Fault::DeleteKey,
             Fault::StoreRestart,
         ];
         if backend == Backend::Etcd {
+            faults.push(Fault::RevokeLease);
             faults.push(Fault::MemberLoss);
         }
         faults
     }
 
-    /// How long after the fault a leader must be back.
-    fn bound(self, ttl: Duration) -> Duration {
+    /// Whether a new leader must be elected (the leader was taken away), or only some
+    /// leader must exist afterwards.
+    fn fails_over(self) -> bool {
+        !matches!(
+            self,
+            Fault::ShortPause
+                | Fault::Latency
+                | Fault::WaiterKill
+                | Fault::WaiterPartition
+                | Fault::StoreRestart
+        )
+    }
+
+    /// How long after the fault a (new) leader must be there. A crash costs the TTL plus
+    /// the store's expiry sweep (etcd checks leases twice a second; Redis expires keys
+    /// within 100 ms) plus a second; a graceful handover under a second.
+    fn bound(self, backend: Backend, ttl: Duration) -> Duration {
+        let second = Duration::from_secs(1);
+        let sweep = match backend {
+            Backend::Etcd => Duration::from_millis(500),
+            Backend::Redis => Duration::from_millis(100),
+        };
         match self {
-            Fault::StoreRestart => ttl * 2 + Duration::from_secs(15),
-            _ => ttl * 2 + Duration::from_secs(3),
+            Fault::Term | Fault::RevokeLease => second,
+            // Redis does not announce a DEL: the waiters' timers are set to the key's
+            // expiry, up to a TTL away.
+            Fault::DeleteKey => match backend {
+                Backend::Etcd => second,
+                Backend::Redis => ttl + second,
+            },
+            Fault::Kill | Fault::Stop | Fault::Partition | Fault::MemberLoss => {
+                ttl + sweep + second
+            }
+            // The renewals that land keep the key alive until the leader's withdrawal, or
+            // (Redis, whose withdrawal must read first) its expiry, lands.
+            Fault::LostAnswers => ttl * 2 + sweep + second,
+            Fault::ShortPause | Fault::Latency => ttl + sweep + second,
+            Fault::WaiterKill | Fault::WaiterPartition => second,
+            Fault::StoreRestart => Duration::from_secs(15),
         }
+    }
+
+    /// Whether the faulted candidate was the leader and must campaign again (or still
+    /// lead) once the fault is over.
+    fn heals_leader(self) -> bool {
+        matches!(
+            self,
+            Fault::Stop
+                | Fault::ShortPause
+                | Fault::Partition
+                | Fault::LostAnswers
+                | Fault::Latency
+        )
     }
 }
 
@@ -276,6 +245,11 @@ pub struct Config {
     pub ttl: Duration,
     /// The `chaos-candidate` binary.
     pub candidate: PathBuf,
+    /// The faults to cycle through; `None`: every kind the store supports.
+    pub faults: Option<Vec<Fault>>,
+    /// Runs the candidates with `--unsafe` (deadlines that ignore the lease), to show
+    /// that the checker catches them.
+    pub unsafe_candidates: bool,
 }
 
 /// What a run measured and found.
@@ -285,64 +259,81 @@ pub struct Report {
     pub backend: Backend,
     /// The TTL.
     pub ttl: Duration,
-    /// Per fault kind, the time from the fault to the next "elected".
-    pub failovers: BTreeMap<Fault, Vec<Duration>>,
-    /// Rounds after which no leader came back in time.
+    /// Per fault kind, the time from the fault to the next leader, and the bound.
+    pub failovers: BTreeMap<Fault, (Vec<Duration>, Duration)>,
+    /// Rounds after which no leader came back in time, or a healed candidate did not
+    /// campaign again.
     pub liveness_failures: Vec<String>,
+    /// Candidates that exited with a status nobody asked for.
+    pub bad_exits: Vec<String>,
     /// The checker's findings.
-    pub check: Check,
+    pub check: checker::Check,
 }
 
 impl Report {
     /// Whether every property held.
     pub fn passed(&self) -> bool {
-        self.check.overlaps.is_empty()
-            && self.check.token_violations.is_empty()
-            && self.liveness_failures.is_empty()
+        self.check.passed() && self.liveness_failures.is_empty() && self.bad_exits.is_empty()
     }
 
     /// A table of the figures.
     pub fn table(&self) -> String {
-        let rounds: usize = self.failovers.values().map(Vec::len).sum();
+        let rounds: usize = self.failovers.values().map(|(t, _)| t.len()).sum();
+        let ttl = self.ttl.as_secs_f64();
         let mut out = format!(
-            "chaos on {}: {rounds} faults, TTL {:?}\n{:<24} {:>6} {:>16} {:>16}\n",
+            "chaos on {}: {rounds} faults, TTL {:?}\n{:<24} {:>6} {:>10} {:>10} {:>10}\n",
             self.backend.name(),
             self.ttl,
             "fault",
             "rounds",
-            "failover median",
-            "failover max"
+            "median",
+            "worst",
+            "bound"
         );
-        for (fault, times) in &self.failovers {
+        for (fault, (times, bound)) in &self.failovers {
             let mut sorted = times.clone();
             sorted.sort();
             let median = sorted.get(sorted.len() / 2).copied().unwrap_or_default();
             let max = sorted.last().copied().unwrap_or_default();
-            let ttl = self.ttl.as_secs_f64();
             out.push_str(&format!(
-                "{:<24} {:>6} {:>8.3}s {:>5.2}xTTL {:>8.3}s {:>5.2}xTTL\n",
+                "{:<24} {:>6} {:>9.3}s {:>9.3}s {:>9.3}s\n",
                 fault.name(),
                 times.len(),
                 median.as_secs_f64(),
-                median.as_secs_f64() / ttl,
                 max.as_secs_f64(),
-                max.as_secs_f64() / ttl,
+                bound.as_secs_f64(),
             ));
         }
+        let c = &self.check;
         out.push_str(&format!(
-            "spans checked: {}; overlaps: {} (within sampling jitter only: {}); \
-             fencing violations: {}; liveness failures: {}\n",
-            self.check.spans,
-            self.check.overlaps.len(),
-            self.check.jitter_overlaps,
-            self.check.token_violations.len(),
-            self.liveness_failures.len()
+            "terms checked exactly: {}; overlapping terms: {}; sampled overlaps: {} (within a \
+             sample's duration only: {}); flips: {}; sampling gaps over 5 ms: {} (longest \
+             {:.1} ms); unsampled terms: {}; unreadable lines: {}; fencing violations: {}; \
+             bad exits: {}; liveness failures: {}; overlaps after tampering (documented \
+             limit, not failed): {}\n",
+            c.terms,
+            c.overlaps.len(),
+            c.sampled_overlaps.len(),
+            c.jitter_overlaps,
+            c.flips.len(),
+            c.gaps.len(),
+            c.max_gap_ns as f64 / 1e6,
+            c.unsampled.len(),
+            c.unreadable.len(),
+            c.token_violations.len(),
+            self.bad_exits.len(),
+            self.liveness_failures.len(),
+            c.overlaps_after_tampering.len(),
         ));
-        for (a, b) in self.check.overlaps.iter().take(5) {
-            out.push_str(&format!("  OVERLAP: {a:?} and {b:?}\n"));
+        let _ = ttl;
+        for violation in c.violations().iter().take(10) {
+            out.push_str(&format!("  VIOLATION: {violation}\n"));
         }
-        for violation in self.check.token_violations.iter().take(5) {
-            out.push_str(&format!("  FENCING: {violation}\n"));
+        for tampered in c.overlaps_after_tampering.iter().take(5) {
+            out.push_str(&format!("  after tampering: {tampered}\n"));
+        }
+        for exit in self.bad_exits.iter().take(5) {
+            out.push_str(&format!("  EXIT: {exit}\n"));
         }
         for failure in self.liveness_failures.iter().take(5) {
             out.push_str(&format!("  LIVENESS: {failure}\n"));
@@ -365,6 +356,43 @@ impl Store {
             Store::Redis(server) => server.addr(),
         }
     }
+
+    /// Deletes the leader's key (`revoke`: revokes its lease instead, etcd only), as an
+    /// operator would, bypassing the candidates.
+    async fn tamper(&self, election: &str, revoke: bool) -> BoxResult<()> {
+        match self {
+            Store::Etcd(server) => {
+                use leader_etcd::etcd_client::{Client, GetOptions, SortOrder, SortTarget};
+                let endpoints = server.endpoints();
+                let mut client = Client::connect(endpoints, None).await?;
+                let prefix = format!("{election}/");
+                let options = GetOptions::new()
+                    .with_prefix()
+                    .with_sort(SortTarget::Create, SortOrder::Ascend)
+                    .with_limit(1);
+                let response = client.get(prefix.as_str(), Some(options)).await?;
+                let kv = response
+                    .kvs()
+                    .first()
+                    .ok_or("no leader key to tamper with")?;
+                if revoke {
+                    client.lease_revoke(kv.lease()).await?;
+                } else {
+                    client.delete(kv.key(), None).await?;
+                }
+            }
+            Store::Redis(server) => {
+                let client = leader_redis::redis::Client::open(server.url())?;
+                let mut connection = client.get_multiplexed_async_connection().await?;
+                let key = format!("leader:{{{election}}}:leader");
+                let _: i64 = leader_redis::redis::cmd("DEL")
+                    .arg(&key)
+                    .query_async(&mut connection)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One candidate position: its proxy outlives the processes started in it.
@@ -372,8 +400,11 @@ struct Slot {
     proxy: FaultProxy,
     child: Option<Child>,
     generation: usize,
-    file: PathBuf,
-    leading: bool,
+    leading: Option<u64>,
+    /// The last `campaigning` or `elected` line of the current process.
+    active_at: Option<Instant>,
+    /// Set when the orchestrator SIGKILLed the process (a signal exit is expected).
+    killed: bool,
 }
 
 struct Run {
@@ -382,8 +413,13 @@ struct Run {
     election: String,
     slots: Vec<Slot>,
     files: Vec<PathBuf>,
+    /// Per process (generation), whether it was SIGKILLed (its log may end torn).
+    killed: Vec<bool>,
     events: mpsc::UnboundedReceiver<(usize, usize, String, Instant)>,
     events_tx: mpsc::UnboundedSender<(usize, usize, String, Instant)>,
+    bad_exits: Vec<String>,
+    pauses: Vec<(usize, u64, u64)>,
+    tampered: Vec<u64>,
 }
 
 impl Run {
@@ -399,7 +435,7 @@ impl Run {
         let file = self
             .dir
             .path()
-            .join(format!("slot{slot}-process{generation}.samples"));
+            .join(format!("slot{slot}-process{generation}.log"));
         let endpoint = self.endpoint(self.slots[slot].proxy.addr());
         let mut child = Command::new(&self.config.candidate)
             .arg(self.config.backend.name())
@@ -407,6 +443,7 @@ impl Run {
             .arg(&self.election)
             .arg(self.config.ttl.as_millis().to_string())
             .arg(&file)
+            .args(self.config.unsafe_candidates.then_some("--unsafe"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
@@ -421,12 +458,14 @@ impl Run {
                 }
             }
         });
-        self.files.push(file.clone());
+        self.files.push(file);
+        self.killed.push(false);
         let s = &mut self.slots[slot];
         s.child = Some(child);
         s.generation = generation;
-        s.file = file;
-        s.leading = false;
+        s.leading = None;
+        s.active_at = None;
+        s.killed = false;
         Ok(())
     }
 
@@ -439,18 +478,44 @@ impl Run {
         Ok(Pid::from_raw(i32::try_from(id)?))
     }
 
+    fn signal(&mut self, slot: usize, signal: Signal) -> BoxResult<()> {
+        if signal == Signal::SIGKILL {
+            self.slots[slot].killed = true;
+            let generation = self.slots[slot].generation;
+            self.killed[generation] = true;
+        }
+        kill(self.pid(slot)?, signal)?;
+        Ok(())
+    }
+
     /// Applies one event line to the slots' state; returns the slot if it was elected.
-    fn apply(&mut self, slot: usize, generation: usize, line: &str) -> Option<usize> {
+    fn apply(&mut self, slot: usize, generation: usize, line: &str, at: Instant) -> Option<usize> {
         let s = &mut self.slots[slot];
         if s.generation != generation {
             return None;
         }
-        if line.starts_with("elected") {
-            s.leading = true;
-            Some(slot)
-        } else {
-            s.leading = false;
-            None
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("elected") => {
+                s.leading = words.next().and_then(|t| t.parse().ok());
+                s.active_at = Some(at);
+                Some(slot)
+            }
+            Some("campaigning") => {
+                s.active_at = Some(at);
+                None
+            }
+            Some("lost" | "resigned" | "resigning") => {
+                s.leading = None;
+                None
+            }
+            _ => None,
+        }
+    }
+
+    fn drain(&mut self) {
+        while let Ok((slot, generation, line, at)) = self.events.try_recv() {
+            self.apply(slot, generation, &line, at);
         }
     }
 
@@ -469,7 +534,7 @@ impl Run {
             .await
             .ok()??;
             let (slot, generation, line, at) = next;
-            if let Some(slot) = self.apply(slot, generation, &line)
+            if let Some(slot) = self.apply(slot, generation, &line, at)
                 && Some(slot) != exclude
             {
                 return Some((slot, at));
@@ -479,13 +544,22 @@ impl Run {
 
     /// The slot that leads now, waiting for one if needed.
     async fn leader(&mut self, limit: Duration) -> Option<usize> {
-        while let Ok((slot, generation, line, _)) = self.events.try_recv() {
-            self.apply(slot, generation, &line);
-        }
-        if let Some(slot) = self.slots.iter().position(|s| s.leading) {
+        self.drain();
+        if let Some(slot) = self.slots.iter().position(|s| s.leading.is_some()) {
             return Some(slot);
         }
         self.elected(None, limit).await.map(|(slot, _)| slot)
+    }
+
+    /// Some leader within `limit` from now (the current one, if it still leads when the
+    /// events so far are applied); with when it was (last) elected or now.
+    async fn some_leader(&mut self, limit: Duration) -> Option<(usize, Instant)> {
+        let now = Instant::now();
+        self.drain();
+        if let Some(slot) = self.slots.iter().position(|s| s.leading.is_some()) {
+            return Some((slot, now));
+        }
+        self.elected(None, limit).await
     }
 
     /// After a store restart, a leader is back either because a new term began or
@@ -502,23 +576,77 @@ impl Run {
         )
         .await
         {
-            if self.apply(slot, generation, &line).is_some() {
+            if self.apply(slot, generation, &line, at).is_some() {
                 elected_at = Some(at);
             }
         }
-        match self.slots.iter().position(|s| s.leading) {
+        match self.slots.iter().position(|s| s.leading.is_some()) {
             Some(slot) => Some((slot, elected_at.unwrap_or(restarted))),
             None => self.elected(None, limit).await,
         }
     }
 
-    async fn respawn(&mut self, slot: usize) -> BoxResult<()> {
-        if let Some(mut child) = self.slots[slot].child.take() {
-            let _ = timeout(Duration::from_secs(10), child.wait()).await;
-            let _ = child.kill().await;
+    /// Waits for the process in `slot` to exit (killing it after 10 s), and records an
+    /// exit status nobody asked for.
+    async fn reap(&mut self, slot: usize) {
+        let Some(mut child) = self.slots[slot].child.take() else {
+            return;
+        };
+        let status = match timeout(Duration::from_secs(10), child.wait()).await {
+            Ok(Ok(status)) => Some(status),
+            _ => {
+                let _ = child.kill().await;
+                self.bad_exits.push(format!(
+                    "slot {slot} (process {}) did not exit within 10 s",
+                    self.slots[slot].generation
+                ));
+                None
+            }
+        };
+        if let Some(status) = status {
+            use std::os::unix::process::ExitStatusExt;
+            let expected = status.success()
+                || (self.slots[slot].killed && status.signal() == Some(libc_sigkill()));
+            if !expected {
+                self.bad_exits.push(format!(
+                    "slot {slot} (process {}) exited with {status}",
+                    self.slots[slot].generation
+                ));
+            }
         }
+    }
+
+    async fn respawn(&mut self, slot: usize) -> BoxResult<()> {
+        self.reap(slot).await;
         self.spawn(slot)
     }
+
+    /// Whether `slot` leads, or campaigned (or was elected) after `since`, waiting up to
+    /// `limit` for it.
+    async fn rejoined(&mut self, slot: usize, since: Instant, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            self.drain();
+            let s = &self.slots[slot];
+            if s.leading.is_some() || s.active_at.is_some_and(|at| at >= since) {
+                return true;
+            }
+            let wait = deadline.saturating_duration_since(Instant::now());
+            if wait.is_zero() {
+                return false;
+            }
+            match timeout(wait, self.events.recv()).await {
+                Ok(Some((slot, generation, line, at))) => {
+                    self.apply(slot, generation, &line, at);
+                }
+                _ => return false,
+            }
+        }
+    }
+}
+
+fn libc_sigkill() -> i32 {
+    Signal::SIGKILL as i32
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> BoxResult<T> {
@@ -526,7 +654,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 /// Starts the store and three candidates, injects `config.rounds` faults, stops
-/// everything, and checks what the candidates recorded.
+/// everything, and checks what the candidates logged.
 pub async fn run(config: Config) -> BoxResult<Report> {
     let backend = config.backend;
     let ttl = config.ttl;
@@ -544,8 +672,9 @@ pub async fn run(config: Config) -> BoxResult<Report> {
             proxy: FaultProxy::start(store.upstream(slot)).await?,
             child: None,
             generation: usize::MAX,
-            file: PathBuf::new(),
-            leading: false,
+            leading: None,
+            active_at: None,
+            killed: false,
         });
     }
     let mut run = Run {
@@ -554,15 +683,23 @@ pub async fn run(config: Config) -> BoxResult<Report> {
         config,
         slots,
         files: Vec::new(),
+        killed: Vec::new(),
         events,
         events_tx,
+        bad_exits: Vec::new(),
+        pauses: Vec::new(),
+        tampered: Vec::new(),
     };
     for slot in 0..3 {
         run.spawn(slot)?;
     }
 
-    let faults = Fault::all(backend);
-    let mut failovers: BTreeMap<Fault, Vec<Duration>> = BTreeMap::new();
+    let faults = run
+        .config
+        .faults
+        .clone()
+        .unwrap_or_else(|| Fault::all(backend));
+    let mut failovers: BTreeMap<Fault, (Vec<Duration>, Duration)> = BTreeMap::new();
     let mut liveness_failures = Vec::new();
     for round in 0..run.config.rounds {
         let fault = faults[round % faults.len()];
@@ -570,8 +707,20 @@ pub async fn run(config: Config) -> BoxResult<Report> {
             liveness_failures.push(format!("round {round}: no leader before {fault:?}"));
             break;
         };
-        let bound = fault.bound(ttl);
+        // A random phase of the renewal interval, so that faults do not always land just
+        // after a grant.
+        sleep(ttl.mul_f64(rand_fraction(round) / 3.0)).await;
+        run.drain();
+        let leader = run
+            .slots
+            .iter()
+            .position(|s| s.leading.is_some())
+            .unwrap_or(leader);
+        let waiter = (leader + 1 + round % 2) % run.slots.len();
+        let bound = fault.bound(backend, ttl);
         let started = Instant::now();
+        let exclude = fault.fails_over().then_some(leader);
+        let mut healed_at = None;
         let elected = match fault {
             Fault::Kill | Fault::Term => {
                 let signal = if fault == Fault::Kill {
@@ -579,25 +728,74 @@ pub async fn run(config: Config) -> BoxResult<Report> {
                 } else {
                     Signal::SIGTERM
                 };
-                kill(run.pid(leader)?, signal)?;
-                let elected = run.elected(Some(leader), bound).await;
+                run.signal(leader, signal)?;
+                let elected = run.elected(exclude, bound).await;
                 run.respawn(leader).await?;
                 elected
             }
-            Fault::Stop => {
-                let pid = run.pid(leader)?;
-                kill(pid, Signal::SIGSTOP)?;
-                let elected = run.elected(Some(leader), bound).await;
-                sleep_until(started + ttl.mul_f64(1.5)).await;
-                kill(pid, Signal::SIGCONT)?;
-                elected
+            Fault::Stop | Fault::ShortPause => {
+                let pause = if fault == Fault::Stop {
+                    ttl.mul_f64(1.5)
+                } else {
+                    ttl / 3
+                };
+                let generation = run.slots[leader].generation;
+                let from = monotonic_ns();
+                run.signal(leader, Signal::SIGSTOP)?;
+                let elected = if fault == Fault::Stop {
+                    run.elected(exclude, bound).await
+                } else {
+                    None
+                };
+                sleep_until(started + pause).await;
+                run.signal(leader, Signal::SIGCONT)?;
+                run.pauses.push((generation, from, monotonic_ns()));
+                healed_at = Some(Instant::now());
+                match elected {
+                    Some(elected) => Some(elected),
+                    None => run.some_leader(bound).await,
+                }
             }
-            Fault::Partition => {
-                run.slots[leader].proxy.hold();
-                let elected = run.elected(Some(leader), bound).await;
+            Fault::Partition | Fault::LostAnswers | Fault::Latency => {
+                let proxy = &run.slots[leader].proxy;
+                match fault {
+                    Fault::Partition => proxy.hold(),
+                    Fault::LostAnswers => proxy.hold_answers(),
+                    _ => proxy.delay(ttl / 10),
+                }
+                let elected = if fault.fails_over() {
+                    run.elected(exclude, bound).await
+                } else {
+                    None
+                };
                 sleep_until(started + ttl * 2).await;
                 run.slots[leader].proxy.pass();
-                elected
+                healed_at = Some(Instant::now());
+                match elected {
+                    Some(elected) => Some(elected),
+                    None if !fault.fails_over() => run.some_leader(bound).await,
+                    None => None,
+                }
+            }
+            Fault::WaiterKill => {
+                run.signal(waiter, Signal::SIGKILL)?;
+                run.respawn(waiter).await?;
+                run.some_leader(bound).await
+            }
+            Fault::WaiterPartition => {
+                run.slots[waiter].proxy.hold();
+                sleep(ttl * 2).await;
+                run.slots[waiter].proxy.pass();
+                run.some_leader(bound).await
+            }
+            Fault::DeleteKey | Fault::RevokeLease => {
+                if let Some(token) = run.slots[leader].leading {
+                    run.tampered.push(token);
+                }
+                store
+                    .tamper(&run.election, fault == Fault::RevokeLease)
+                    .await?;
+                run.elected(exclude, bound).await
             }
             Fault::StoreRestart => {
                 store = blocking(move || -> io::Result<Store> {
@@ -628,7 +826,7 @@ pub async fn run(config: Config) -> BoxResult<Report> {
                 if let Store::Etcd(server) = &mut store {
                     server.kill(member);
                 }
-                let elected = run.elected(Some(leader), bound).await;
+                let elected = run.elected(exclude, bound).await;
                 store = blocking(move || -> io::Result<Store> {
                     if let Store::Etcd(server) = &mut store {
                         server.restart(member)?;
@@ -639,14 +837,26 @@ pub async fn run(config: Config) -> BoxResult<Report> {
                 elected
             }
         };
+        let entry = failovers
+            .entry(fault)
+            .or_insert_with(|| (Vec::new(), bound));
         match elected {
-            Some((_, at)) => failovers
-                .entry(fault)
-                .or_default()
-                .push(at.duration_since(started)),
+            Some((_, at)) => entry.0.push(at.saturating_duration_since(started)),
             None => liveness_failures.push(format!(
                 "round {round}: no leader within {bound:?} after {fault:?}"
             )),
+        }
+        if fault.heals_leader()
+            && let Some(healed) = healed_at
+        {
+            // Retry delays are at most the TTL; a lost term is noticed by the deadline.
+            let limit = ttl * 2 + Duration::from_secs(1);
+            if !run.rejoined(leader, healed, limit).await {
+                liveness_failures.push(format!(
+                    "round {round}: after {fault:?}, the healed leader neither leads nor \
+                     campaigned again within {limit:?}"
+                ));
+            }
         }
         if (round + 1) % 25 == 0 {
             eprintln!(
@@ -662,30 +872,40 @@ pub async fn run(config: Config) -> BoxResult<Report> {
     }
 
     for slot in 0..run.slots.len() {
-        if let Ok(pid) = run.pid(slot) {
-            let _ = kill(pid, Signal::SIGCONT);
-            let _ = kill(pid, Signal::SIGTERM);
+        if run.pid(slot).is_ok() {
+            let _ = run.signal(slot, Signal::SIGCONT);
+            let _ = run.signal(slot, Signal::SIGTERM);
         }
     }
-    for slot in &mut run.slots {
-        if let Some(mut child) = slot.child.take()
-            && timeout(Duration::from_secs(10), child.wait())
-                .await
-                .is_err()
-        {
-            let _ = child.kill().await;
-        }
+    for slot in 0..run.slots.len() {
+        run.reap(slot).await;
     }
     let files = run.files.clone();
-    let spans = blocking(move || read_spans(&files)).await??;
+    let killed = run.killed.clone();
+    let logs = blocking(move || -> io::Result<Vec<checker::ProcessLog>> {
+        files
+            .iter()
+            .enumerate()
+            .map(|(process, file)| checker::read_log(process, file, killed[process]))
+            .collect()
+    })
+    .await??;
     drop(store);
     Ok(Report {
         backend,
         ttl,
         failovers,
         liveness_failures,
-        check: check(&spans),
+        bad_exits: run.bad_exits.clone(),
+        check: checker::check(&logs, &run.pauses, &run.tampered),
     })
+}
+
+/// A fraction in [0, 1) that varies from round to round (a fixed sequence, so that runs
+/// are comparable).
+fn rand_fraction(round: usize) -> f64 {
+    // The golden ratio's fractional part spreads successive rounds evenly.
+    (round as f64 * 0.618_033_988_749_895).fract()
 }
 
 /// Reads `CHAOS_ROUNDS` (default `default`).
@@ -694,66 +914,4 @@ pub fn rounds_from_env(default: usize) -> usize {
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(default)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn span(process: usize, token: u64, from: u64, to: u64) -> Span {
-        Span {
-            process,
-            token,
-            first_before: from,
-            first_after: from + 1,
-            last_before: to - 1,
-            last_after: to,
-        }
-    }
-
-    #[test]
-    fn disjoint_spans_with_increasing_tokens_pass() {
-        let result = check(&[
-            span(0, 1, 0, 100),
-            span(1, 2, 200, 300),
-            span(0, 3, 400, 500),
-        ]);
-        assert!(result.overlaps.is_empty() && result.token_violations.is_empty());
-    }
-
-    #[test]
-    fn overlapping_spans_are_found() {
-        let result = check(&[span(0, 1, 0, 100), span(1, 2, 50, 300)]);
-        assert_eq!(result.overlaps.len(), 1);
-    }
-
-    #[test]
-    fn overlap_within_one_samples_jitter_is_not_a_violation() {
-        // Process 0's last check straddled process 1's first: only the widest spans meet.
-        let result = check(&[span(0, 1, 0, 101), span(1, 2, 100, 300)]);
-        assert!(result.overlaps.is_empty());
-        assert_eq!(result.jitter_overlaps, 1);
-    }
-
-    #[test]
-    fn tokens_going_back_or_reused_are_found() {
-        let back = check(&[span(0, 5, 0, 100), span(1, 4, 200, 300)]);
-        assert_eq!(back.token_violations.len(), 1);
-        let reused = check(&[span(0, 5, 0, 100), span(1, 5, 200, 300)]);
-        assert!(!reused.token_violations.is_empty());
-    }
-
-    #[test]
-    fn samples_files_become_spans_and_torn_lines_are_skipped() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("a");
-        std::fs::write(&file, "7 10 11\n7 20 21\n8 40 41\n8 5").unwrap();
-        let spans = read_spans(&[file, dir.path().join("missing")]).unwrap();
-        assert_eq!(spans.len(), 2);
-        assert_eq!(
-            (spans[0].token, spans[0].first_before, spans[0].last_after),
-            (7, 10, 21)
-        );
-        assert_eq!((spans[1].token, spans[1].last_after), (8, 41));
-    }
 }

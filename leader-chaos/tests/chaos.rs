@@ -1,16 +1,19 @@
-//! The chaos suite's short mode: a couple of rounds of every fault kind on each backend.
-//! `CHAOS_ROUNDS` sets the number of faults (`ci/soak` runs hundreds).
+//! The chaos suite's short mode: every fault kind about once on each backend.
+//! `CHAOS_ROUNDS` sets the number of faults (`ci/soak` runs hundreds). And the proof that
+//! the checker bites: candidates whose deadlines ignore their lease are caught.
 
 use std::time::Duration;
 
-use leader_chaos::{Backend, Config, rounds_from_env, run};
+use leader_chaos::{Backend, Config, Fault, rounds_from_env, run};
 
 async fn chaos(backend: Backend) {
     let config = Config {
         backend,
-        rounds: rounds_from_env(12),
+        rounds: rounds_from_env(13),
         ttl: Duration::from_secs(1),
         candidate: env!("CARGO_BIN_EXE_chaos-candidate").into(),
+        faults: None,
+        unsafe_candidates: false,
     };
     let report = run(config).await.expect("the chaos run completes");
     println!("{}", report.table());
@@ -25,4 +28,30 @@ async fn chaos_etcd() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_redis() {
     chaos(Backend::Redis).await;
+}
+
+/// Candidates that claim leases ten times longer than the store's keep believing they lead
+/// through a partition while another is elected: the exact checker must say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checker_catches_candidates_whose_deadlines_ignore_the_lease() {
+    let config = Config {
+        backend: Backend::Redis,
+        rounds: 2,
+        ttl: Duration::from_secs(1),
+        candidate: env!("CARGO_BIN_EXE_chaos-candidate").into(),
+        faults: Some(vec![Fault::Partition]),
+        unsafe_candidates: true,
+    };
+    let report = run(config).await.expect("the chaos run completes");
+    println!("{}", report.table());
+    assert!(
+        !report.passed(),
+        "the unsafe candidates passed:\n{}",
+        report.table()
+    );
+    assert!(
+        !report.check.overlaps.is_empty(),
+        "the exact check found no overlap:\n{}",
+        report.table()
+    );
 }

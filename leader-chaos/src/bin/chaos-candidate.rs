@@ -1,26 +1,44 @@
-//! One chaos candidate: campaigns with `Election::run` until SIGTERM, and from a plain
-//! thread samples `status.is_leader()` every millisecond, appending one line per sample in
-//! which it believed it led: `<fencing token> <CLOCK_MONOTONIC ns before> <ns after>`.
-//! Its stdout carries the events, each with the CLOCK_MONOTONIC time it was seen:
-//! `elected T ns`, `lost T ns`, `resigned T ns`, and `resigning ns` when SIGTERM starts the
-//! resignation.
+//! One chaos candidate: campaigns, holds each term until it ends, campaigns again (with
+//! backoff) until SIGTERM, then resigns. It records what the exact checker needs in its log
+//! file, one line per record, each written with a single `write(2)` on CLOCK_MONOTONIC
+//! nanoseconds:
 //!
 //! ```text
-//! chaos-candidate etcd|redis <endpoint or url> <election> <ttl ms> <samples file>
+//! e TOKEN ELECTED_NS DEADLINE_NS   a term began (Term::elected_at: the first instant of belief)
+//! d TOKEN DEADLINE_NS              the term's deadline moved (a renewal)
+//! x TOKEN ENDED_NS                 the term ended (Term::ended_at: the last instant of belief,
+//!                                  unless its deadline came first)
+//! s TOKEN BEFORE_NS AFTER_NS       a sample of is_leader() that said "leader"
+//! n BEFORE_NS AFTER_NS             the first sample that said "not leader" after one that did
 //! ```
+//!
+//! The sampler is a plain thread that checks `status.is_leader()` every millisecond, as a
+//! cross-check of the transitions. Its stdout carries events for the orchestrator, each with
+//! the CLOCK_MONOTONIC time it was seen: `campaigning ns`, `elected T ns`, `lost T ns`,
+//! `resigned T ns`, and `resigning ns` when SIGTERM starts the resignation.
+//!
+//! ```text
+//! chaos-candidate etcd|redis <endpoint or url> <election> <ttl ms> <log file> [--unsafe]
+//! ```
+//!
+//! `--unsafe` exists only to show that the checker catches a broken candidate: its driver
+//! claims leases ten times longer than the store grants, so its deadlines ignore the real
+//! lease, as a leader that never notices it lost its lease would.
 
 use std::io::Write;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use leader_chaos::{Backend, monotonic_ns};
+use leader_chaos::{Backend, monotonic_ns, to_monotonic_ns};
 use leader_core::{CancellationToken, Election, Event};
+use tokio::signal::unix::{SignalKind, signal};
 
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.len() != 6 {
-        eprintln!("usage: chaos-candidate etcd|redis ENDPOINT ELECTION TTL_MS SAMPLES_FILE");
+    if !(args.len() == 6 || args.len() == 7 && args[6] == "--unsafe") {
+        eprintln!("usage: chaos-candidate etcd|redis ENDPOINT ELECTION TTL_MS LOG_FILE [--unsafe]");
         std::process::exit(2);
     }
     let _ = tracing_subscriber::fmt()
@@ -36,66 +54,217 @@ async fn main() {
     }
 }
 
+/// The log file, shared by the sampler thread and the main loop.
+#[derive(Clone)]
+struct Log(Arc<Mutex<std::fs::File>>);
+
+impl Log {
+    fn write(&self, line: String) -> std::io::Result<()> {
+        let mut file = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        // One write per line: a SIGKILL cannot interleave two records.
+        file.write_all(line.as_bytes())
+    }
+}
+
+fn stdout_line(line: &str) {
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{line} {}", monotonic_ns());
+    let _ = out.flush();
+}
+
 async fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     let ttl = Duration::from_millis(args[4].parse()?);
     let backend = Backend::parse(&args[1]).ok_or_else(|| format!("unknown backend {}", args[1]))?;
-    let driver = backend.connect(&args[2]).await?;
+    let mut driver = backend.connect(&args[2]).await?;
+    if args.get(6).is_some_and(|flag| flag == "--unsafe") {
+        driver = Arc::new(Unsafe(driver));
+    }
+    let (retry_min, retry_max) = (Duration::from_millis(50), ttl);
     let election = Election::builder(driver, args[3].clone())
         .ttl(ttl)
-        .retry(Duration::from_millis(50), ttl)
+        .retry(retry_min, retry_max)
         .build()?;
+    let log = Log(Arc::new(Mutex::new(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&args[5])?,
+    )));
 
-    let mut samples = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&args[5])?;
     let status = election.status();
     let done = CancellationToken::new();
     let sampler = {
         let done = done.clone();
-        std::thread::spawn(move || {
+        let log = log.clone();
+        std::thread::spawn(move || -> std::io::Result<()> {
+            let mut was_leading = false;
+            let mut last_deadline: Option<(u64, std::time::Instant)> = None;
             while !done.is_cancelled() {
                 let before = monotonic_ns();
                 let token = status.fencing_token();
                 let after = monotonic_ns();
-                if let Some(token) = token {
-                    // One write per sample: nothing is lost when the process is killed.
-                    let _ = samples.write_all(format!("{token} {before} {after}\n").as_bytes());
+                match token {
+                    Some(token) => {
+                        log.write(format!("s {token} {before} {after}\n"))?;
+                        if let Some(deadline) = status.deadline()
+                            && last_deadline != Some((token, deadline))
+                        {
+                            last_deadline = Some((token, deadline));
+                            log.write(format!("d {token} {}\n", to_monotonic_ns(deadline)))?;
+                        }
+                        was_leading = true;
+                    }
+                    None if was_leading => {
+                        log.write(format!("n {before} {after}\n"))?;
+                        was_leading = false;
+                    }
+                    None => {}
                 }
                 std::thread::sleep(Duration::from_millis(1));
             }
+            Ok(())
         })
     };
 
     let mut events = election.subscribe();
     let printer = tokio::spawn(async move {
-        let mut out = std::io::stdout();
         while let Some(event) = events.next().await {
-            let line = match event {
-                Event::Elected { fencing_token } => format!("elected {fencing_token}"),
-                Event::Lost { fencing_token, .. } => format!("lost {fencing_token}"),
-                Event::Resigned { fencing_token } => format!("resigned {fencing_token}"),
-                _ => continue,
-            };
-            let _ = writeln!(out, "{line} {}", monotonic_ns());
-            let _ = out.flush();
+            match event {
+                Event::Elected { fencing_token } => {
+                    stdout_line(&format!("elected {fencing_token}"))
+                }
+                Event::Lost { fencing_token, .. } => stdout_line(&format!("lost {fencing_token}")),
+                Event::Resigned { fencing_token } => {
+                    stdout_line(&format!("resigned {fencing_token}"));
+                }
+                _ => {}
+            }
         }
     });
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let result = election
-        .run(async move {
-            term.recv().await;
-            // The moment the resignation starts, for handoff measurements.
-            let mut out = std::io::stdout();
-            let _ = writeln!(out, "resigning {}", monotonic_ns());
-            let _ = out.flush();
-        })
-        .await;
+    // Election::run's loop, written out so that each Term's instants can be logged.
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut delay = retry_min;
+    let result = loop {
+        stdout_line("campaigning");
+        let campaigned = tokio::select! {
+            biased;
+            _ = sigterm.recv() => break Ok(()),
+            campaigned = election.campaign() => campaigned,
+        };
+        match campaigned {
+            Ok(term) => {
+                let token = term.fencing_token();
+                log.write(format!(
+                    "e {token} {} {}\n",
+                    to_monotonic_ns(term.elected_at()),
+                    to_monotonic_ns(term.deadline())
+                ))?;
+                let shutdown = tokio::select! {
+                    biased;
+                    _ = sigterm.recv() => true,
+                    () = term.ended() => false,
+                };
+                if shutdown {
+                    stdout_line("resigning");
+                    let resigned = term.resign().await;
+                    log_end(&log, &term)?;
+                    break resigned.or_else(|err| match err {
+                        leader_core::Error::NotALeader => Ok(()),
+                        err => Err(err),
+                    });
+                }
+                log_end(&log, &term)?;
+                if term
+                    .ended_at()
+                    .zip(Some(term.elected_at()))
+                    .is_some_and(|(end, start)| end.duration_since(start) >= ttl)
+                {
+                    delay = retry_min;
+                }
+            }
+            Err(err) if !err.is_transient() => break Err(err),
+            Err(_) => {}
+        }
+        tokio::select! {
+            biased;
+            _ = sigterm.recv() => break Ok(()),
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(retry_max);
+    };
     done.cancel();
-    let _ = sampler.join();
+    let sampled = sampler.join();
     drop(election);
     let _ = tokio::time::timeout(Duration::from_millis(200), printer).await;
+    match sampled {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => return Err(format!("writing the log: {err}").into()),
+        Err(_) => return Err("the sampler panicked".into()),
+    }
     result?;
+    Ok(())
+}
+
+/// A driver that lies about its leases (ten times the TTL the store applies): for the
+/// test that shows the checker catches a candidate whose deadlines ignore its lease.
+struct Unsafe(Arc<dyn leader_core::Driver>);
+
+#[leader_core::async_trait]
+impl leader_core::Driver for Unsafe {
+    async fn campaign(
+        &self,
+        candidate: &leader_core::Candidate,
+    ) -> leader_core::Result<leader_core::Grant> {
+        let grant = self.0.campaign(candidate).await?;
+        Ok(leader_core::Grant::new(
+            grant.fencing_token,
+            grant.confirmed_at,
+            grant.ttl * 10,
+        ))
+    }
+
+    async fn renew(
+        &self,
+        candidate: &leader_core::Candidate,
+        grant: &leader_core::Grant,
+    ) -> leader_core::Result<leader_core::Grant> {
+        let renewed = self.0.renew(candidate, grant).await?;
+        Ok(leader_core::Grant::new(
+            renewed.fencing_token,
+            renewed.confirmed_at,
+            renewed.ttl * 10,
+        ))
+    }
+
+    async fn resign(
+        &self,
+        candidate: &leader_core::Candidate,
+        fencing_token: Option<u64>,
+    ) -> leader_core::Result<()> {
+        self.0.resign(candidate, fencing_token).await
+    }
+
+    async fn leader(&self, election: &str) -> leader_core::Result<Option<leader_core::LeaderInfo>> {
+        self.0.leader(election).await
+    }
+
+    fn observe(
+        &self,
+        election: &str,
+    ) -> futures::stream::BoxStream<'static, leader_core::Result<Option<leader_core::LeaderInfo>>>
+    {
+        self.0.observe(election)
+    }
+}
+
+fn log_end(log: &Log, term: &leader_core::Term) -> std::io::Result<()> {
+    if let Some(ended) = term.ended_at() {
+        log.write(format!(
+            "x {} {}\n",
+            term.fencing_token(),
+            to_monotonic_ns(ended)
+        ))?;
+    }
     Ok(())
 }

@@ -20,6 +20,30 @@ enum Mode {
     /// Keep connections open but forward nothing (a partition: requests hang, nothing is
     /// refused). Bytes already read wait and flow again on [`FaultProxy::pass`].
     Hold,
+    /// Forward requests to the store but hold its answers: requests take effect, their
+    /// answers are late (or, if the client gives up, lost).
+    HoldAnswers,
+    /// Forward everything, each chunk after this delay.
+    Delay(std::time::Duration),
+}
+
+/// Which way a pump copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// Client to store: requests.
+    Requests,
+    /// Store to client: answers.
+    Answers,
+}
+
+impl Mode {
+    fn flows(self, direction: Direction) -> bool {
+        match self {
+            Mode::Pass | Mode::Delay(_) => true,
+            Mode::Hold => false,
+            Mode::HoldAnswers => direction == Direction::Requests,
+        }
+    }
 }
 
 /// A loopback TCP proxy to one upstream address, for fault tests.
@@ -80,6 +104,18 @@ impl FaultProxy {
     /// Heals a partition: traffic flows again.
     pub fn pass(&self) {
         self.mode.send_replace(Mode::Pass);
+    }
+
+    /// Requests still reach the store and take effect, but its answers are held until
+    /// [`pass`](Self::pass): the client sees timeouts for requests that succeeded.
+    pub fn hold_answers(&self) {
+        self.mode.send_replace(Mode::HoldAnswers);
+    }
+
+    /// Every chunk of traffic, both ways, is forwarded `latency` late, until
+    /// [`pass`](Self::pass).
+    pub fn delay(&self, latency: std::time::Duration) {
+        self.mode.send_replace(Mode::Delay(latency));
     }
 
     /// Closes every open connection now; new connections are accepted as usual.
@@ -146,8 +182,8 @@ async fn accept_loop(
                 () = cut.cancelled() => return,
                 () = shutdown.cancelled() => return,
                 () = stalled.cancelled() => {}
-                () = pump(&mut client_read, &mut server_write, mode.clone()) => return,
-                () = pump(&mut server_read, &mut client_write, mode) => return,
+                () = pump(&mut client_read, &mut server_write, mode.clone(), Direction::Requests) => return,
+                () = pump(&mut server_read, &mut client_write, mode, Direction::Answers) => return,
             }
             // Stalled: the sockets stay open, and nothing flows, until cut or shutdown.
             tokio::select! {
@@ -158,23 +194,32 @@ async fn accept_loop(
     }
 }
 
-/// Copies bytes from `from` to `to`, pausing while the mode is `Hold`.
+/// Copies bytes from `from` to `to`, pausing while the mode holds this direction, and
+/// delaying each chunk while the mode says so.
 async fn pump(
     from: &mut tokio::net::tcp::OwnedReadHalf,
     to: &mut tokio::net::tcp::OwnedWriteHalf,
     mut mode: watch::Receiver<Mode>,
+    direction: Direction,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
-        if mode.wait_for(|m| *m == Mode::Pass).await.is_err() {
+        if mode.wait_for(|m| m.flows(direction)).await.is_err() {
             return;
         }
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
+        let delay = match *mode.borrow() {
+            Mode::Delay(latency) => Some(latency),
+            _ => None,
+        };
+        if let Some(latency) = delay {
+            tokio::time::sleep(latency).await;
+        }
         // A chunk read just before a partition waits for the partition to heal.
-        if mode.wait_for(|m| *m == Mode::Pass).await.is_err() {
+        if mode.wait_for(|m| m.flows(direction)).await.is_err() {
             return;
         }
         if to.write_all(&buf[..n]).await.is_err() {
