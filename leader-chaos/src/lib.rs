@@ -403,6 +403,8 @@ struct Slot {
     leading: Option<u64>,
     /// The last `campaigning` or `elected` line of the current process.
     active_at: Option<Instant>,
+    /// Whether its last line was `campaigning`: it is in a campaign (waiting in line).
+    campaigning: bool,
     /// Set when the orchestrator SIGKILLed the process (a signal exit is expected).
     killed: bool,
 }
@@ -465,6 +467,7 @@ impl Run {
         s.generation = generation;
         s.leading = None;
         s.active_at = None;
+        s.campaigning = false;
         s.killed = false;
         Ok(())
     }
@@ -499,10 +502,12 @@ impl Run {
             Some("elected") => {
                 s.leading = words.next().and_then(|t| t.parse().ok());
                 s.active_at = Some(at);
+                s.campaigning = false;
                 Some(slot)
             }
             Some("campaigning") => {
                 s.active_at = Some(at);
+                s.campaigning = true;
                 None
             }
             Some("lost" | "resigned" | "resigning") => {
@@ -621,14 +626,14 @@ impl Run {
         self.spawn(slot)
     }
 
-    /// Whether `slot` leads, or campaigned (or was elected) after `since`, waiting up to
-    /// `limit` for it.
+    /// Whether `slot` leads, or is in a campaign it began after `since` (waiting in line),
+    /// waiting up to `limit` for either.
     async fn rejoined(&mut self, slot: usize, since: Instant, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
         loop {
             self.drain();
             let s = &self.slots[slot];
-            if s.leading.is_some() || s.active_at.is_some_and(|at| at >= since) {
+            if s.leading.is_some() || (s.campaigning && s.active_at.is_some_and(|at| at >= since)) {
                 return true;
             }
             let wait = deadline.saturating_duration_since(Instant::now());
@@ -674,6 +679,7 @@ pub async fn run(config: Config) -> BoxResult<Report> {
             generation: usize::MAX,
             leading: None,
             active_at: None,
+            campaigning: false,
             killed: false,
         });
     }
@@ -720,7 +726,7 @@ pub async fn run(config: Config) -> BoxResult<Report> {
         let bound = fault.bound(backend, ttl);
         let started = Instant::now();
         let exclude = fault.fails_over().then_some(leader);
-        let mut healed_at = None;
+        let mut fault_over = None;
         let elected = match fault {
             Fault::Kill | Fault::Term => {
                 let signal = if fault == Fault::Kill {
@@ -750,7 +756,7 @@ pub async fn run(config: Config) -> BoxResult<Report> {
                 sleep_until(started + pause).await;
                 run.signal(leader, Signal::SIGCONT)?;
                 run.pauses.push((generation, from, monotonic_ns()));
-                healed_at = Some(Instant::now());
+                fault_over = Some(Instant::now());
                 match elected {
                     Some(elected) => Some(elected),
                     None => run.some_leader(bound).await,
@@ -770,7 +776,7 @@ pub async fn run(config: Config) -> BoxResult<Report> {
                 };
                 sleep_until(started + ttl * 2).await;
                 run.slots[leader].proxy.pass();
-                healed_at = Some(Instant::now());
+                fault_over = Some(Instant::now());
                 match elected {
                     Some(elected) => Some(elected),
                     None if !fault.fails_over() => run.some_leader(bound).await,
@@ -780,12 +786,14 @@ pub async fn run(config: Config) -> BoxResult<Report> {
             Fault::WaiterKill => {
                 run.signal(waiter, Signal::SIGKILL)?;
                 run.respawn(waiter).await?;
+                fault_over = Some(Instant::now());
                 run.some_leader(bound).await
             }
             Fault::WaiterPartition => {
                 run.slots[waiter].proxy.hold();
                 sleep(ttl * 2).await;
                 run.slots[waiter].proxy.pass();
+                fault_over = Some(Instant::now());
                 run.some_leader(bound).await
             }
             Fault::DeleteKey | Fault::RevokeLease => {
@@ -819,6 +827,7 @@ pub async fn run(config: Config) -> BoxResult<Report> {
                 for slot in &run.slots {
                     slot.proxy.cut();
                 }
+                fault_over = Some(Instant::now());
                 run.back_after_restart(bound).await
             }
             Fault::MemberLoss => {
@@ -837,21 +846,26 @@ pub async fn run(config: Config) -> BoxResult<Report> {
                 elected
             }
         };
+        // A fault that needs no new leader is measured from its end: how long until a
+        // leader was there again.
+        let measured_from = if fault.fails_over() {
+            started
+        } else {
+            fault_over.unwrap_or(started)
+        };
         let entry = failovers
             .entry(fault)
             .or_insert_with(|| (Vec::new(), bound));
         match elected {
-            Some((_, at)) => entry.0.push(at.saturating_duration_since(started)),
+            Some((_, at)) => entry.0.push(at.saturating_duration_since(measured_from)),
             None => liveness_failures.push(format!(
                 "round {round}: no leader within {bound:?} after {fault:?}"
             )),
         }
-        if fault.heals_leader()
-            && let Some(healed) = healed_at
-        {
+        if fault.heals_leader() {
             // Retry delays are at most the TTL; a lost term is noticed by the deadline.
             let limit = ttl * 2 + Duration::from_secs(1);
-            if !run.rejoined(leader, healed, limit).await {
+            if !run.rejoined(leader, started, limit).await {
                 liveness_failures.push(format!(
                     "round {round}: after {fault:?}, the healed leader neither leads nor \
                      campaigned again within {limit:?}"
