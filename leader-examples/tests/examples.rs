@@ -147,21 +147,30 @@ async fn cronjob_works_on_the_leader_only(backend: &str) {
     let mut second = store.command("cronjob");
     second.env("LEADER_ELECTION", &election);
     let mut b = Running::spawn(second);
-    // Two more firings on the leader; none on the follower meanwhile.
-    for _ in 0..2 {
+    // Every firing while both run: the leader works, the follower never does (checked at
+    // each firing, not once).
+    for firing in 0..4 {
         assert_eq!(
             a.next_line(Duration::from_secs(5)).await.as_deref(),
-            Some("do work as leader")
+            Some("do work as leader"),
+            "firing {firing} on the leader"
         );
+        assert_eq!(b.0.try_line(), None, "the follower worked at firing {firing}");
     }
-    assert_eq!(b.0.try_line(), None, "the follower did no work");
-    // The leader stops on SIGTERM, resigning; the follower takes over.
+    // The leader stops on SIGTERM, resigning; it does no more work, and the follower takes
+    // over and works at every firing from then on.
     a.signal("TERM");
     a.exit_ok(Duration::from_secs(10)).await;
-    assert_eq!(
-        b.next_line(Duration::from_secs(10)).await.as_deref(),
-        Some("do work as leader")
-    );
+    while let Some(line) = a.0.try_line() {
+        assert_eq!(line, "do work as leader", "the leader printed only its work");
+    }
+    for firing in 0..3 {
+        assert_eq!(
+            b.next_line(Duration::from_secs(10)).await.as_deref(),
+            Some("do work as leader"),
+            "firing {firing} on the new leader"
+        );
+    }
     b.signal("TERM");
     b.exit_ok(Duration::from_secs(10)).await;
 }
