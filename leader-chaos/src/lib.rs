@@ -96,10 +96,14 @@ impl Backend {
         }
     }
 
-    /// A driver connected to `endpoint` (etcd: `host:port`; Redis: `redis://host:port`).
+    /// A driver connected to `endpoint` (etcd: `host:port`, or several separated by
+    /// commas; Redis: `redis://host:port`).
     pub async fn connect(self, endpoint: &str) -> leader_core::Result<Arc<dyn Driver>> {
         Ok(match self {
-            Backend::Etcd => Arc::new(leader_etcd::EtcdDriver::connect([endpoint]).await?),
+            Backend::Etcd => {
+                let endpoints: Vec<&str> = endpoint.split(',').collect();
+                Arc::new(leader_etcd::EtcdDriver::connect(endpoints).await?)
+            }
             Backend::Redis => Arc::new(leader_redis::RedisDriver::connect(endpoint).await?),
         })
     }
@@ -245,6 +249,8 @@ pub struct Config {
     pub ttl: Duration,
     /// The `chaos-candidate` binary.
     pub candidate: PathBuf,
+    /// The `chaos-observer` binary.
+    pub observer: PathBuf,
     /// The faults to cycle through; `None`: every kind the store supports.
     pub faults: Option<Vec<Fault>>,
     /// Runs the candidates with `--unsafe` (deadlines that ignore the lease), to show
@@ -268,12 +274,17 @@ pub struct Report {
     pub bad_exits: Vec<String>,
     /// The checker's findings.
     pub check: checker::Check,
+    /// The observer's view, compared with the candidates'.
+    pub observed: checker::Observed,
 }
 
 impl Report {
     /// Whether every property held.
     pub fn passed(&self) -> bool {
-        self.check.passed() && self.liveness_failures.is_empty() && self.bad_exits.is_empty()
+        self.check.passed()
+            && self.observed.passed()
+            && self.liveness_failures.is_empty()
+            && self.bad_exits.is_empty()
     }
 
     /// A table of the figures.
@@ -326,6 +337,19 @@ impl Report {
             c.overlaps_after_tampering.len(),
         ));
         let _ = ttl;
+        let o = &self.observed;
+        out.push_str(&format!(
+            "observer: {} leader changes seen; tokens going back: {}; terms never seen (too \
+             short to observe): {}; tokens seen that no candidate logged (a campaign whose \
+             answer was lost): {}\n",
+            o.changes,
+            o.backwards.len(),
+            o.unseen_terms,
+            o.unknown_tokens.len()
+        ));
+        for violation in o.backwards.iter().take(5) {
+            out.push_str(&format!("  VIOLATION: {violation}\n"));
+        }
         for violation in c.violations().iter().take(10) {
             out.push_str(&format!("  VIOLATION: {violation}\n"));
         }
@@ -699,6 +723,22 @@ pub async fn run(config: Config) -> BoxResult<Report> {
     for slot in 0..3 {
         run.spawn(slot)?;
     }
+    let observer_log = run.dir.path().join("observer.log");
+    let observer_endpoints = match &store {
+        Store::Etcd(server) => (0..3)
+            .map(|member| server.client_addr(member).to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+        Store::Redis(server) => server.url(),
+    };
+    let mut observer = Command::new(&run.config.observer)
+        .arg(backend.name())
+        .arg(observer_endpoints)
+        .arg(&run.election)
+        .arg(&observer_log)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
 
     let faults = run
         .config
@@ -894,6 +934,16 @@ pub async fn run(config: Config) -> BoxResult<Report> {
     for slot in 0..run.slots.len() {
         run.reap(slot).await;
     }
+    if let Some(id) = observer.id() {
+        let _ = kill(Pid::from_raw(i32::try_from(id)?), Signal::SIGTERM);
+    }
+    match timeout(Duration::from_secs(10), observer.wait()).await {
+        Ok(Ok(status)) if status.success() => {}
+        other => run
+            .bad_exits
+            .push(format!("the observer ended with {other:?}")),
+    }
+    let observed_log = blocking(move || checker::read_observer_log(&observer_log)).await??;
     let files = run.files.clone();
     let killed = run.killed.clone();
     let logs = blocking(move || -> io::Result<Vec<checker::ProcessLog>> {
@@ -911,6 +961,7 @@ pub async fn run(config: Config) -> BoxResult<Report> {
         failovers,
         liveness_failures,
         bad_exits: run.bad_exits.clone(),
+        observed: checker::compare_observer(&observed_log, &logs),
         check: checker::check(&logs, &run.pauses, &run.tampered),
     })
 }

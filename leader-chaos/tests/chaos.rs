@@ -12,6 +12,7 @@ async fn chaos(backend: Backend) {
         rounds: rounds_from_env(13),
         ttl: Duration::from_secs(1),
         candidate: env!("CARGO_BIN_EXE_chaos-candidate").into(),
+        observer: env!("CARGO_BIN_EXE_chaos-observer").into(),
         faults: None,
         unsafe_candidates: false,
     };
@@ -39,6 +40,7 @@ async fn the_checker_catches_candidates_whose_deadlines_ignore_the_lease() {
         rounds: 2,
         ttl: Duration::from_secs(1),
         candidate: env!("CARGO_BIN_EXE_chaos-candidate").into(),
+        observer: env!("CARGO_BIN_EXE_chaos-observer").into(),
         faults: Some(vec![Fault::Partition]),
         unsafe_candidates: true,
     };

@@ -1,0 +1,60 @@
+//! The chaos suite's observer: watches the store's leader of one election (`observe`), as
+//! a dashboard or `leader observe` would, and logs each change on CLOCK_MONOTONIC:
+//!
+//! ```text
+//! o TOKEN NS     the store says term TOKEN leads
+//! o - NS         the store says nobody leads
+//! ```
+//!
+//! ```text
+//! chaos-observer etcd|redis <endpoint or url>[,<more etcd endpoints>] <election> <log file>
+//! ```
+
+use std::io::Write;
+
+use futures::StreamExt;
+use leader_chaos::{Backend, monotonic_ns};
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() != 5 {
+        eprintln!("usage: chaos-observer etcd|redis ENDPOINTS ELECTION LOG_FILE");
+        std::process::exit(2);
+    }
+    if let Err(err) = run(&args).await {
+        eprintln!("chaos-observer: {err}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
+    let backend = Backend::parse(&args[1]).ok_or_else(|| format!("unknown backend {}", args[1]))?;
+    let driver = backend.connect(&args[2]).await?;
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&args[4])?;
+    let mut leaders = driver.observe(&args[3]);
+    let mut last: Option<Option<u64>> = None;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        let item = tokio::select! {
+            biased;
+            _ = sigterm.recv() => return Ok(()),
+            item = leaders.next() => item,
+        };
+        let Some(item) = item else {
+            return Err("the observation ended".into());
+        };
+        // Store errors (a restart, a lost member) are part of the chaos: keep watching.
+        let Ok(leader) = item else { continue };
+        let token = leader.map(|l| l.fencing_token);
+        if last == Some(token) {
+            continue;
+        }
+        last = Some(token);
+        let shown = token.map_or_else(|| "-".to_owned(), |t| t.to_string());
+        log.write_all(format!("o {shown} {}\n", monotonic_ns()).as_bytes())?;
+    }
+}
