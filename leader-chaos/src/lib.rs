@@ -274,6 +274,8 @@ pub struct Report {
     pub bad_exits: Vec<String>,
     /// The checker's findings.
     pub check: checker::Check,
+    /// Per fault kind, the terms that began in its rounds (all checked exactly).
+    pub terms_per_fault: BTreeMap<Fault, usize>,
     /// The observer's view, compared with the candidates'.
     pub observed: checker::Observed,
 }
@@ -292,11 +294,12 @@ impl Report {
         let rounds: usize = self.failovers.values().map(|(t, _)| t.len()).sum();
         let ttl = self.ttl.as_secs_f64();
         let mut out = format!(
-            "chaos on {}: {rounds} faults, TTL {:?}\n{:<24} {:>6} {:>10} {:>10} {:>10}\n",
+            "chaos on {}: {rounds} faults, TTL {:?}\n{:<24} {:>6} {:>6} {:>10} {:>10} {:>10}\n",
             self.backend.name(),
             self.ttl,
             "fault",
             "rounds",
+            "terms",
             "median",
             "worst",
             "bound"
@@ -307,9 +310,10 @@ impl Report {
             let median = sorted.get(sorted.len() / 2).copied().unwrap_or_default();
             let max = sorted.last().copied().unwrap_or_default();
             out.push_str(&format!(
-                "{:<24} {:>6} {:>9.3}s {:>9.3}s {:>9.3}s\n",
+                "{:<24} {:>6} {:>6} {:>9.3}s {:>9.3}s {:>9.3}s\n",
                 fault.name(),
                 times.len(),
+                self.terms_per_fault.get(fault).copied().unwrap_or(0),
                 median.as_secs_f64(),
                 max.as_secs_f64(),
                 bound.as_secs_f64(),
@@ -747,6 +751,7 @@ pub async fn run(config: Config) -> BoxResult<Report> {
         .unwrap_or_else(|| Fault::all(backend));
     let mut failovers: BTreeMap<Fault, (Vec<Duration>, Duration)> = BTreeMap::new();
     let mut liveness_failures = Vec::new();
+    let mut rounds: Vec<(Fault, u64, u64)> = Vec::new();
     for round in 0..run.config.rounds {
         let fault = faults[round % faults.len()];
         let Some(leader) = run.leader(Duration::from_secs(30)).await else {
@@ -765,6 +770,7 @@ pub async fn run(config: Config) -> BoxResult<Report> {
         let waiter = (leader + 1 + round % 2) % run.slots.len();
         let bound = fault.bound(backend, ttl);
         let started = Instant::now();
+        let started_ns = monotonic_ns();
         let exclude = fault.fails_over().then_some(leader);
         let mut fault_over = None;
         let elected = match fault {
@@ -923,6 +929,7 @@ pub async fn run(config: Config) -> BoxResult<Report> {
         }
         // Let the faulted candidate rejoin before the next round.
         sleep(ttl / 2).await;
+        rounds.push((fault, started_ns, monotonic_ns()));
     }
 
     for slot in 0..run.slots.len() {
@@ -955,7 +962,21 @@ pub async fn run(config: Config) -> BoxResult<Report> {
     })
     .await??;
     drop(store);
+    // Each term counts for the round in which it began.
+    let mut terms_per_fault: BTreeMap<Fault, usize> = BTreeMap::new();
+    for term in logs.iter().flat_map(|log| log.terms.values()) {
+        let Some(elected) = term.elected_ns else {
+            continue;
+        };
+        if let Some((fault, _, _)) = rounds
+            .iter()
+            .find(|(_, from, to)| (*from..*to).contains(&elected))
+        {
+            *terms_per_fault.entry(*fault).or_default() += 1;
+        }
+    }
     Ok(Report {
+        terms_per_fault,
         backend,
         ttl,
         failovers,
