@@ -155,14 +155,21 @@ async fn cronjob_works_on_the_leader_only(backend: &str) {
             Some("do work as leader"),
             "firing {firing} on the leader"
         );
-        assert_eq!(b.0.try_line(), None, "the follower worked at firing {firing}");
+        assert_eq!(
+            b.0.try_line(),
+            None,
+            "the follower worked at firing {firing}"
+        );
     }
     // The leader stops on SIGTERM, resigning; it does no more work, and the follower takes
     // over and works at every firing from then on.
     a.signal("TERM");
     a.exit_ok(Duration::from_secs(10)).await;
     while let Some(line) = a.0.try_line() {
-        assert_eq!(line, "do work as leader", "the leader printed only its work");
+        assert_eq!(
+            line, "do work as leader",
+            "the leader printed only its work"
+        );
     }
     for firing in 0..3 {
         assert_eq!(

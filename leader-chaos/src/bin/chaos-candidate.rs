@@ -131,9 +131,8 @@ async fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     let printer = tokio::spawn(async move {
         while let Some(event) = events.next().await {
             match event {
-                Event::Elected { fencing_token } => {
-                    stdout_line(&format!("elected {fencing_token}"))
-                }
+                // Printed by the main loop, once the term's `e` record is on disk.
+                Event::Elected { .. } => {}
                 Event::Lost { fencing_token, .. } => stdout_line(&format!("lost {fencing_token}")),
                 Event::Resigned { fencing_token } => {
                     stdout_line(&format!("resigned {fencing_token}"));
@@ -161,6 +160,7 @@ async fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
                     to_monotonic_ns(term.elected_at()),
                     to_monotonic_ns(term.deadline())
                 ))?;
+                stdout_line(&format!("elected {token}"));
                 let shutdown = tokio::select! {
                     biased;
                     _ = sigterm.recv() => true,
