@@ -169,6 +169,19 @@ impl EtcdDriver {
         Ok(Self::new(client))
     }
 
+    /// Connects to etcd at `endpoints` with the client options `options`, and returns a
+    /// builder for the driver's own options (a key prefix, say). Bad credentials are
+    /// [`Error::Denied`]; see [`connect_with`](Self::connect_with) about `options`.
+    pub async fn connect_builder<E: AsRef<str>, S: AsRef<[E]>>(
+        endpoints: S,
+        options: ConnectOptions,
+    ) -> Result<EtcdDriverBuilder> {
+        let client = Client::connect(endpoints, Some(options))
+            .await
+            .map_err(from_etcd)?;
+        Ok(Self::builder(client))
+    }
+
     /// The etcd client, to share with the rest of the service.
     pub fn client(&self) -> &Client {
         &self.inner.client

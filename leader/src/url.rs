@@ -1,0 +1,242 @@
+//! [`StoreUrl`]: a store URL, parsed, with its password kept out of every printout.
+
+use std::fmt;
+
+use leader_core::{Error, Result};
+use percent_encoding::percent_decode_str;
+
+/// The password shown in place of the real one.
+const REDACTED: &str = "***";
+
+/// A store URL, as in DESIGN.md: `scheme://[user[:password]@]host:port[,host:port…][/path][?query]`.
+///
+/// Parsing checks the shape only; [`connect`](crate::connect) checks the rest for the
+/// scheme. `Display` and `Debug` show the URL with the password replaced by `***`: pass a
+/// `StoreUrl` to logs and errors, never the string it came from.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoreUrl {
+    scheme: String,
+    user: Option<String>,
+    password: Option<String>,
+    hosts: Vec<String>,
+    path: String,
+    query: Vec<(String, String)>,
+    /// The URL as given, for drivers that parse it themselves (Redis).
+    raw: String,
+}
+
+impl StoreUrl {
+    /// Parses `url`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] (`store`) when it has no scheme or no host, or a host
+    /// without a port where one is needed; the message never contains the password.
+    pub fn parse(url: &str) -> Result<Self> {
+        let bad =
+            |why: &str| Error::invalid_config("store", format!("{why} (in `{}`)", redact(url)));
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| bad("is not a URL: expected scheme://host:port"))?;
+        if scheme.is_empty()
+            || !scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        {
+            return Err(bad("has no valid scheme"));
+        }
+        let (rest, query) = match rest.split_once('?') {
+            Some((rest, query)) => (rest, Some(query)),
+            None => (rest, None),
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(at) => (&rest[..at], &rest[at..]),
+            None => (rest, ""),
+        };
+        let (userinfo, hosts) = match authority.rsplit_once('@') {
+            Some((userinfo, hosts)) => (Some(userinfo), hosts),
+            None => (None, authority),
+        };
+        let decode = |s: &str| -> Result<String> {
+            percent_decode_str(s)
+                .decode_utf8()
+                .map(|s| s.into_owned())
+                .map_err(|_| bad("has a user or password that is not UTF-8"))
+        };
+        let (user, password) = match userinfo {
+            None => (None, None),
+            Some(info) => match info.split_once(':') {
+                Some((user, password)) => (Some(decode(user)?), Some(decode(password)?)),
+                None => (Some(decode(info)?), None),
+            },
+        };
+        let hosts: Vec<String> = hosts
+            .split(',')
+            .filter(|h| !h.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if hosts.is_empty() {
+            return Err(bad("has no host"));
+        }
+        let mut pairs = Vec::new();
+        for pair in query
+            .into_iter()
+            .flat_map(|q| q.split('&'))
+            .filter(|p| !p.is_empty())
+        {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            pairs.push((decode(key)?, decode(value)?));
+        }
+        Ok(StoreUrl {
+            scheme: scheme.to_ascii_lowercase(),
+            user: user.filter(|u| !u.is_empty()),
+            password,
+            hosts,
+            path: decode(path)?,
+            query: pairs,
+            raw: url.to_owned(),
+        })
+    }
+
+    /// The scheme, in lower case: `etcd`, `redis`, `redis+cluster`…
+    pub fn scheme(&self) -> &str {
+        &self.scheme
+    }
+
+    /// The user name, if any.
+    pub fn user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+
+    /// The password, if any. Handle with care: never log it.
+    pub fn password(&self) -> Option<&str> {
+        self.password.as_deref()
+    }
+
+    /// The `host:port` entries, in order.
+    pub fn hosts(&self) -> &[String] {
+        &self.hosts
+    }
+
+    /// The path, percent-decoded, with its leading `/` (empty if none).
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The value of query parameter `key`, if given.
+    pub fn param(&self, key: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Every query parameter, in order.
+    pub fn params(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.query.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// The URL as given (with its password): for store clients that parse URLs themselves.
+    pub(crate) fn as_given(&self) -> &str {
+        &self.raw
+    }
+}
+
+impl std::str::FromStr for StoreUrl {
+    type Err = Error;
+
+    fn from_str(url: &str) -> Result<Self> {
+        StoreUrl::parse(url)
+    }
+}
+
+impl fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact(&self.raw))
+    }
+}
+
+impl fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("StoreUrl").field(&redact(&self.raw)).finish()
+    }
+}
+
+/// `url` with the password of its user info (if any) replaced by `***`.
+pub(crate) fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        // Not a URL: it might be a password pasted by mistake, so show none of it.
+        return if url.contains(':') || url.contains('@') {
+            REDACTED.to_owned()
+        } else {
+            url.to_owned()
+        };
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, hosts)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            let shown = if userinfo.contains(':') {
+                format!("{user}:{REDACTED}")
+            } else {
+                user.to_owned()
+            };
+            format!("{scheme}://{shown}@{hosts}{tail}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_part_is_parsed_and_decoded() {
+        let url = StoreUrl::parse(
+            "etcds://app%40corp:p%3Ass@10.0.0.1:2379,10.0.0.2:2379/svc/jobs/?ca=/etc/ca.pem&cert=c.pem",
+        )
+        .expect("valid");
+        assert_eq!(url.scheme(), "etcds");
+        assert_eq!(url.user(), Some("app@corp"));
+        assert_eq!(url.password(), Some("p:ss"));
+        assert_eq!(url.hosts(), ["10.0.0.1:2379", "10.0.0.2:2379"]);
+        assert_eq!(url.path(), "/svc/jobs/");
+        assert_eq!(url.param("ca"), Some("/etc/ca.pem"));
+        assert_eq!(url.param("cert"), Some("c.pem"));
+        assert_eq!(url.param("key"), None);
+    }
+
+    #[test]
+    fn the_password_never_shows() {
+        let url = StoreUrl::parse("redis://admin:s3cret@127.0.0.1:6379/2").expect("valid");
+        for shown in [url.to_string(), format!("{url:?}")] {
+            assert!(!shown.contains("s3cret"), "{shown}");
+            assert!(shown.contains("admin:***@127.0.0.1:6379/2"), "{shown}");
+        }
+        let err = StoreUrl::parse("redis://admin:s3cret@").expect_err("no host");
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+        assert!(!format!("{err:?}").contains("s3cret"), "{err:?}");
+        assert_eq!(redact("s3cret"), "s3cret", "a bare word is shown");
+        assert_eq!(redact("user:s3cret"), "***");
+    }
+
+    #[test]
+    fn bad_urls_are_invalid_config_naming_the_store() {
+        for bad in [
+            "",
+            "etcd",
+            "127.0.0.1:2379",
+            "://x:1",
+            "etcd://",
+            "etcd:///prefix",
+        ] {
+            let err = StoreUrl::parse(bad).expect_err(bad);
+            assert!(
+                matches!(err, Error::InvalidConfig { name: "store", .. }),
+                "{bad}: {err:?}"
+            );
+        }
+    }
+}
