@@ -137,6 +137,7 @@ impl StoreUrl {
     }
 
     /// The URL as given (with its password): for store clients that parse URLs themselves.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn as_given(&self) -> &str {
         &self.raw
     }
