@@ -1,0 +1,433 @@
+//! `leader`: runs any program on exactly one machine at a time, and tells who leads.
+//!
+//! See `leader --help` and the crate README.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use futures::StreamExt;
+use leader::{Election, Error, LeaderInfo};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{info, warn};
+
+/// Exit status for bad flags or a bad store URL.
+const USAGE: u8 = 2;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "leader",
+    version,
+    about = "Runs a program on exactly one machine at a time, and tells who leads",
+    after_help = "Examples:\n  \
+        leader run --store etcd://10.0.0.1:2379 --name reports -- ./reports-cron --daily\n  \
+        LEADER_STORE=redis://10.0.0.2:6379 leader run --name consumer --grace 5s -- ./consume\n  \
+        leader who --store etcd://10.0.0.1:2379 reports\n  \
+        leader observe --store etcd://10.0.0.1:2379 reports --json\n\n\
+        With an etcd:// store and no prefix, `leader run --name jobs` and `etcdctl elect jobs`\n\
+        contend in one election. Logs go to stderr (RUST_LOG=info for more)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Subcommand, Debug)]
+enum Commands {
+    /// Campaign; once elected, run CMD until it exits, the term ends, or a signal comes.
+    #[command(
+        after_help = "When the term ends (store unreachable, key gone), CMD's process group gets \
+        SIGTERM at once and SIGKILL when --grace is up, still before the store could elect anyone \
+        else. CMD dies with `leader run` (SIGKILL on Linux). Exit status: CMD's (128 + signal if a \
+        signal ended it); 1 if the term was lost with --once or on a store error that retrying \
+        cannot fix; 0 if stopped by SIGTERM or SIGINT while waiting in line."
+    )]
+    Run(RunArgs),
+    /// Print a line per leader change: the leader's value, or "" when nobody leads.
+    Observe(ObserveArgs),
+    /// Print the current leader's value; exit 1 if nobody leads.
+    Who(ObserveArgs),
+}
+
+#[derive(Args, Debug)]
+struct Store {
+    /// The store URL: etcd://host:port[/prefix/] or redis://host:port[/db].
+    #[arg(long, env = "LEADER_STORE", value_name = "URL", hide_env_values = true)]
+    store: String,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    store: Store,
+    /// The election's name.
+    #[arg(long)]
+    name: String,
+    /// The lease: a crashed leader is replaced about this long after its last renewal.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// What `leader who` and `leader observe` show while this machine leads (default: a
+    /// unique candidate id, hostname-pid-random).
+    #[arg(long)]
+    value: Option<String>,
+    /// How long CMD gets between SIGTERM and SIGKILL when the term ends; the term ends this
+    /// long before the store could elect anyone else. Under half the TTL.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    grace: Duration,
+    /// Exit (status 1) instead of campaigning again after the term is lost.
+    #[arg(long)]
+    once: bool,
+    /// The program and its arguments.
+    #[arg(required = true, last = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct ObserveArgs {
+    #[command(flatten)]
+    store: Store,
+    /// The election's name.
+    name: String,
+    /// One JSON object per line: {"leader": {"value", "fencingToken", "id"} or null}.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) if err.use_stderr() => {
+            // One line: the error, and what it refers to when clap puts that on the next.
+            let text = err.to_string();
+            let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+            let mut line = lines
+                .next()
+                .unwrap_or("bad arguments")
+                .trim_start_matches("error: ")
+                .to_owned();
+            if line.ends_with(':')
+                && let Some(next) = lines.next()
+            {
+                line = format!("{line} {next}");
+            }
+            eprintln!("leader: {line}");
+            return ExitCode::from(USAGE);
+        }
+        Err(err) => {
+            // --help, --version.
+            let _ = err.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .try_init();
+    // One thread: the child is spawned by the thread that lives as long as the process,
+    // so its parent-death signal fires only when `leader` itself dies.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("leader: cannot start: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async {
+        match cli.command {
+            Commands::Run(args) => run(args).await,
+            Commands::Observe(args) => observe(args).await,
+            Commands::Who(args) => who(args).await,
+        }
+    })
+}
+
+/// Reports `err` on one line; bad configuration is a usage error.
+fn fail(what: &str, err: &Error) -> ExitCode {
+    eprintln!("leader: {what}: {}", chain(err));
+    match err {
+        Error::InvalidConfig { .. } => ExitCode::from(USAGE),
+        _ => ExitCode::from(1),
+    }
+}
+
+fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+async fn connect(store: &Store) -> Result<std::sync::Arc<dyn leader::Driver>, ExitCode> {
+    leader::connect(&store.store)
+        .await
+        .map_err(|err| fail("cannot use the store", &err))
+}
+
+/// The exit status a shell would give for a child that ended with `status`.
+fn exit_code(status: std::process::ExitStatus) -> ExitCode {
+    use std::os::unix::process::ExitStatusExt;
+    let code = match (status.code(), status.signal()) {
+        (Some(code), _) => code,
+        (None, Some(signal)) => 128 + signal,
+        (None, None) => 1,
+    };
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+async fn run(args: RunArgs) -> ExitCode {
+    if args.grace >= args.ttl / 2 {
+        eprintln!(
+            "leader: --grace ({:?}) must be under half the --ttl ({:?})",
+            args.grace, args.ttl
+        );
+        return ExitCode::from(USAGE);
+    }
+    // Parse the URL before anything else, so that a bad one is a usage error at once.
+    if let Err(err) = leader::StoreUrl::parse(&args.store.store) {
+        return fail("bad --store", &err);
+    }
+    let driver = match connect(&args.store).await {
+        Ok(driver) => driver,
+        Err(code) => return code,
+    };
+    let mut builder = Election::builder(driver, args.name.clone()).ttl(args.ttl);
+    if !args.grace.is_zero() {
+        builder = builder.safety_margin(args.grace);
+    }
+    if let Some(value) = &args.value {
+        builder = builder.value(value.clone());
+    }
+    let election = match builder.build() {
+        Ok(election) => election,
+        Err(err) => return fail("bad settings", &err),
+    };
+    let (Ok(mut sigterm), Ok(mut sigint)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        eprintln!("leader: cannot handle signals");
+        return ExitCode::from(1);
+    };
+    let value = String::from_utf8_lossy(election.value()).into_owned();
+    let (retry_min, retry_max) = (Duration::from_millis(200), Duration::from_secs(10));
+    let mut delay = retry_min;
+    loop {
+        let campaigned = tokio::select! {
+            biased;
+            _ = sigterm.recv() => return withdraw_and_exit(election).await,
+            _ = sigint.recv() => return withdraw_and_exit(election).await,
+            campaigned = election.campaign() => campaigned,
+        };
+        let term = match campaigned {
+            Ok(term) => term,
+            Err(err) if !err.is_transient() => return fail("cannot campaign", &err),
+            Err(err) => {
+                warn!(error = %chain(&err), ?delay, "campaign failed; trying again");
+                tokio::select! {
+                    biased;
+                    _ = sigterm.recv() => return withdraw_and_exit(election).await,
+                    _ = sigint.recv() => return withdraw_and_exit(election).await,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(retry_max);
+                continue;
+            }
+        };
+        delay = retry_min;
+        let token = term.fencing_token();
+        info!(election = %args.name, fencing_token = token, "elected; starting the command");
+        let mut child = match spawn(&args, token, &value) {
+            Ok(child) => child,
+            Err(err) => {
+                eprintln!("leader: cannot start {:?}: {err}", args.command[0]);
+                let _ = term.resign().await;
+                return ExitCode::from(127);
+            }
+        };
+        let group = child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .map(Pid::from_raw);
+        let ended = tokio::select! {
+            biased;
+            status = child.wait() => {
+                // The command exited by itself: hand over, and exit as it did.
+                let _ = term.resign().await;
+                return match status {
+                    Ok(status) => exit_code(status),
+                    Err(_) => ExitCode::from(1),
+                };
+            }
+            _ = sigterm.recv() => Some(Signal::SIGTERM),
+            _ = sigint.recv() => Some(Signal::SIGINT),
+            () = term.ended() => None,
+        };
+        match ended {
+            Some(forward) => {
+                // Stop: the command first, then resign, then exit with its status.
+                signal_group(group, forward);
+                let status = tokio::select! {
+                    status = child.wait() => status.ok(),
+                    () = term.ended() => stop(&mut child, group, args.grace).await,
+                };
+                let _ = term.resign().await;
+                return status.map_or(ExitCode::from(1), exit_code);
+            }
+            None => {
+                warn!(
+                    election = %args.name,
+                    fencing_token = token,
+                    "the term ended; stopping the command"
+                );
+                let _ = stop(&mut child, group, args.grace).await;
+                if args.once {
+                    eprintln!("leader: lost the election (--once)");
+                    return ExitCode::from(1);
+                }
+            }
+        }
+    }
+}
+
+/// Starts the command in a process group of its own, with the term in its environment,
+/// and (through `setpriv`, where installed) a parent-death signal, so that it never
+/// outlives `leader`.
+fn spawn(args: &RunArgs, token: u64, value: &str) -> std::io::Result<Child> {
+    let mut command = if which("setpriv") {
+        let mut c = Command::new("setpriv");
+        c.args(["--pdeathsig", "KILL", "--"]).args(&args.command);
+        c
+    } else {
+        warn!("setpriv not found: the command will not be killed if `leader` dies");
+        let mut c = Command::new(&args.command[0]);
+        c.args(&args.command[1..]);
+        c
+    };
+    command
+        .process_group(0)
+        .env("LEADER_ELECTION", &args.name)
+        .env("LEADER_FENCING_TOKEN", token.to_string())
+        .env("LEADER_VALUE", value)
+        .kill_on_drop(true)
+        .spawn()
+}
+
+fn which(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+}
+
+fn signal_group(group: Option<Pid>, signal: Signal) {
+    if let Some(group) = group {
+        let _ = killpg(group, signal);
+    }
+}
+
+/// SIGTERM to the command's group, SIGKILL when `grace` is up; its exit status.
+async fn stop(
+    child: &mut Child,
+    group: Option<Pid>,
+    grace: Duration,
+) -> Option<std::process::ExitStatus> {
+    signal_group(group, Signal::SIGTERM);
+    if let Ok(status) = tokio::time::timeout(grace, child.wait()).await {
+        return status.ok();
+    }
+    signal_group(group, Signal::SIGKILL);
+    child.wait().await.ok()
+}
+
+async fn withdraw_and_exit(election: Election) -> ExitCode {
+    // Dropping the campaign withdrew it; make sure the store has nothing of ours left.
+    match election.resign().await {
+        Ok(()) | Err(Error::NotALeader) => ExitCode::SUCCESS,
+        Err(err) => fail("could not withdraw", &err),
+    }
+}
+
+fn show(leader: Option<&LeaderInfo>, json: bool) -> String {
+    match (leader, json) {
+        (Some(leader), false) => leader.value_lossy().into_owned(),
+        (None, false) => String::new(),
+        (Some(leader), true) => serde_json::json!({
+            "leader": {
+                "value": leader.value_lossy(),
+                "fencingToken": leader.fencing_token,
+                "id": leader.id,
+            }
+        })
+        .to_string(),
+        (None, true) => serde_json::json!({ "leader": null }).to_string(),
+    }
+}
+
+fn observer(driver: std::sync::Arc<dyn leader::Driver>, name: &str) -> Result<Election, ExitCode> {
+    Election::builder(driver, name)
+        .build()
+        .map_err(|err| fail("bad election name", &err))
+}
+
+async fn observe(args: ObserveArgs) -> ExitCode {
+    let driver = match connect(&args.store).await {
+        Ok(driver) => driver,
+        Err(code) => return code,
+    };
+    let election = match observer(driver, &args.name) {
+        Ok(election) => election,
+        Err(code) => return code,
+    };
+    let mut changes = election.observe();
+    let Ok(mut sigterm) = signal(SignalKind::terminate()) else {
+        return ExitCode::from(1);
+    };
+    loop {
+        let change = tokio::select! {
+            biased;
+            _ = sigterm.recv() => return ExitCode::SUCCESS,
+            _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
+            change = changes.next() => change,
+        };
+        match change {
+            Some(Ok(leader)) => println!("{}", show(leader.as_ref(), args.json)),
+            Some(Err(err)) => warn!(error = %chain(&err), "store error; still watching"),
+            None => return ExitCode::from(1),
+        }
+    }
+}
+
+async fn who(args: ObserveArgs) -> ExitCode {
+    let driver = match connect(&args.store).await {
+        Ok(driver) => driver,
+        Err(code) => return code,
+    };
+    let election = match observer(driver, &args.name) {
+        Ok(election) => election,
+        Err(code) => return code,
+    };
+    match election.leader().await {
+        Ok(Some(leader)) => {
+            println!("{}", show(Some(&leader), args.json));
+            ExitCode::SUCCESS
+        }
+        Ok(None) => {
+            if args.json {
+                println!("{}", show(None, true));
+            }
+            ExitCode::from(1)
+        }
+        Err(err) => fail("cannot ask the store", &err),
+    }
+}

@@ -1,0 +1,414 @@
+//! The `leader` command against real etcd and redis-server processes: usage errors, the
+//! child's environment and exit status, handover on SIGTERM, the child stopped before
+//! anyone else is elected when `leader run` is partitioned from the store, the child
+//! killed with `leader run`, `who` and `observe`, and `etcdctl elect` interop.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use leader_core::testing::FaultProxy;
+use leader_testkit::{EtcdServer, LineProcess, RedisServer};
+use tokio::process::Command;
+use tokio::time::{Instant, sleep, timeout};
+
+const BIN: &str = env!("CARGO_BIN_EXE_leader");
+
+fn unique(what: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("{what}-{:08x}", std::process::id() ^ nanos)
+}
+
+async fn etcd() -> EtcdServer {
+    tokio::task::spawn_blocking(EtcdServer::start)
+        .await
+        .expect("start task")
+        .expect("etcd starts (install it with: sudo apt-get install -y etcd-server)")
+}
+
+async fn redis() -> RedisServer {
+    tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .expect("start task")
+        .expect("redis-server starts (install it with: sudo apt-get install -y redis-server)")
+}
+
+fn leader(args: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .args(args)
+        .env_remove("LEADER_STORE")
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    command
+}
+
+/// Runs `leader` to completion: (exit code, stdout, stderr).
+async fn finish(mut command: Command) -> (Option<i32>, String, String) {
+    let output = timeout(Duration::from_secs(30), command.output())
+        .await
+        .expect("leader finished in time")
+        .expect("leader ran");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Polls `what` until it holds, or fails at `limit`.
+async fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn bad_flags_and_urls_are_one_line_and_status_2() {
+    for args in [
+        vec!["run", "--name", "x", "--", "true"],
+        vec![
+            "run",
+            "--store",
+            "zk://127.0.0.1:2181",
+            "--name",
+            "x",
+            "--",
+            "true",
+        ],
+        vec!["run", "--store", "etcd://127.0.0.1:1", "--name", "x"],
+        vec![
+            "run",
+            "--store",
+            "etcd://127.0.0.1:1",
+            "--name",
+            "x",
+            "--ttl",
+            "2s",
+            "--grace",
+            "1s",
+            "--",
+            "true",
+        ],
+        vec![
+            "run",
+            "--store",
+            "etcd://127.0.0.1:1",
+            "--name",
+            "x",
+            "--ttl",
+            "soon",
+            "--",
+            "true",
+        ],
+        vec!["who", "--store", "redis://u:hunter2@", "x"],
+        vec!["frobnicate"],
+    ] {
+        let (code, _, stderr) = finish(leader(&args)).await;
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "{args:?}: one line: {stderr}"
+        );
+        assert!(stderr.starts_with("leader: "), "{stderr}");
+        assert!(!stderr.contains("hunter2"), "the password leaked: {stderr}");
+    }
+    let (code, stdout, _) = finish(leader(&["--help"])).await;
+    assert_eq!(code, Some(0));
+    assert!(stdout.contains("Examples:"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_child_gets_the_term_in_its_environment_and_its_status_is_passed_through() {
+    let server = redis().await;
+    let name = unique("env");
+    let (code, stdout, stderr) = finish(leader(&[
+        "run",
+        "--store",
+        &server.url(),
+        "--name",
+        &name,
+        "--value",
+        "10.0.0.7:8080",
+        "--",
+        "sh",
+        "-c",
+        "echo \"$LEADER_ELECTION $LEADER_FENCING_TOKEN $LEADER_VALUE\"; exit 3",
+    ]))
+    .await;
+    assert_eq!(code, Some(3), "{stderr}");
+    assert_eq!(stdout.trim(), format!("{name} 1 10.0.0.7:8080"));
+    // The command exited, so `leader run` resigned: nobody leads.
+    let (code, _, _) = finish(leader(&["who", "--store", &server.url(), &name])).await;
+    assert_eq!(code, Some(1), "nobody leads after the command exited");
+    // A signal that ends the command is reported as 128 + its number.
+    let (code, _, _) = finish(leader(&[
+        "run",
+        "--store",
+        &server.url(),
+        "--name",
+        &name,
+        "--",
+        "sh",
+        "-c",
+        "kill -9 $$",
+    ]))
+    .await;
+    assert_eq!(code, Some(128 + 9));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_command_resigns_and_hands_over_at_once() {
+    let server = etcd().await;
+    let store = format!("etcd://{}", server.client_addr(0));
+    let name = unique("handover");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("log");
+    let child = |who: &str| {
+        format!(
+            "echo start {who} >> {log}; trap 'echo stop {who} >> {log}; exit 0' TERM; \
+             while true; do sleep 0.02; done",
+            log = log.display()
+        )
+    };
+    let a_script = child("a");
+    let mut a = LineProcess::spawn(&mut leader(&[
+        "run", "--store", &store, "--name", &name, "--ttl", "5s", "--", "sh", "-c", &a_script,
+    ]))
+    .expect("a starts");
+    eventually("a's command", Duration::from_secs(10), || {
+        read(&log).contains("start a")
+    })
+    .await;
+    let b_script = child("b");
+    let mut b = LineProcess::spawn(&mut leader(&[
+        "run", "--store", &store, "--name", &name, "--ttl", "5s", "--", "sh", "-c", &b_script,
+    ]))
+    .expect("b starts");
+    sleep(Duration::from_millis(500)).await;
+    assert!(
+        !read(&log).contains("start b"),
+        "b's command started while a led"
+    );
+    let (code, value, _) = finish(leader(&["who", "--store", &store, &name])).await;
+    assert_eq!(code, Some(0));
+    assert!(!value.trim().is_empty(), "who names the leader");
+    let signalled = Instant::now();
+    a.signal("TERM").expect("SIGTERM");
+    let status = a.wait(Duration::from_secs(10)).await.expect("a exits");
+    assert_eq!(status.code(), Some(0), "a exits with its command's status");
+    eventually("b's command", Duration::from_secs(5), || {
+        read(&log).contains("start b")
+    })
+    .await;
+    assert!(
+        signalled.elapsed() < Duration::from_secs(2),
+        "handover took {:?} with a 5 s TTL",
+        signalled.elapsed()
+    );
+    assert_eq!(read(&log), "start a\nstop a\nstart b\n");
+    b.signal("TERM").expect("SIGTERM");
+    b.wait(Duration::from_secs(10)).await.expect("b exits");
+}
+
+/// `leader run` partitioned from the store: its command gets SIGTERM when the term ends,
+/// which is before the other machine's command starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_leader_stops_its_command_before_anyone_else_starts() {
+    let server = redis().await;
+    let proxy = FaultProxy::start(server.addr()).await.expect("proxy");
+    let name = unique("partition");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("log");
+    let child = |who: &str| {
+        format!(
+            "echo start {who} $(date +%s%N) >> {log}; \
+             trap 'echo stop {who} $(date +%s%N) >> {log}; exit 0' TERM; \
+             while true; do sleep 0.02; done",
+            log = log.display()
+        )
+    };
+    let behind = format!("redis://{}", proxy.addr());
+    let a_script = child("a");
+    let _a = LineProcess::spawn(&mut leader(&[
+        "run", "--store", &behind, "--name", &name, "--ttl", "2s", "--grace", "500ms", "--", "sh",
+        "-c", &a_script,
+    ]))
+    .expect("a starts");
+    eventually("a's command", Duration::from_secs(10), || {
+        read(&log).contains("start a")
+    })
+    .await;
+    let b_script = child("b");
+    let _b = LineProcess::spawn(&mut leader(&[
+        "run",
+        "--store",
+        &server.url(),
+        "--name",
+        &name,
+        "--ttl",
+        "2s",
+        "--grace",
+        "500ms",
+        "--",
+        "sh",
+        "-c",
+        &b_script,
+    ]))
+    .expect("b starts");
+    sleep(Duration::from_millis(300)).await;
+    proxy.hold();
+    eventually("b's command", Duration::from_secs(10), || {
+        read(&log).contains("start b")
+    })
+    .await;
+    let text = read(&log);
+    let at = |what: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(what)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {what:?} in {text}"))
+    };
+    assert!(
+        at("stop a") < at("start b"),
+        "a's command ran until {} but b's started at {}:\n{text}",
+        at("stop a"),
+        at("start b")
+    );
+}
+
+/// The command never outlives `leader run`, even when it is SIGKILLed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_dies_with_leader_run() {
+    let server = redis().await;
+    let name = unique("orphan");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pid_file = dir.path().join("pid");
+    let script = format!("echo $$ > {}; exec sleep 300", pid_file.display());
+    let mut run = LineProcess::spawn(&mut leader(&[
+        "run",
+        "--store",
+        &server.url(),
+        "--name",
+        &name,
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]))
+    .expect("starts");
+    eventually("the command's pid", Duration::from_secs(10), || {
+        read(&pid_file).trim().parse::<u32>().is_ok()
+    })
+    .await;
+    let pid: u32 = read(&pid_file).trim().parse().expect("pid");
+    let alive = |pid: u32| {
+        Path::new(&format!("/proc/{pid}")).exists()
+            && !read(Path::new(&format!("/proc/{pid}/stat"))).contains(") Z ")
+    };
+    assert!(alive(pid));
+    run.signal("KILL").expect("SIGKILL");
+    let _ = run.wait(Duration::from_secs(5)).await;
+    eventually("the command to die", Duration::from_secs(5), || !alive(pid)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observe_prints_each_change_and_who_the_leader() {
+    let server = etcd().await;
+    let store = format!("etcd://{}", server.client_addr(0));
+    let name = unique("observed");
+    let mut observer = LineProcess::spawn(&mut leader(&[
+        "observe", "--store", &store, &name, "--json",
+    ]))
+    .expect("observer starts");
+    assert_eq!(
+        observer.next_line(Duration::from_secs(10)).await.as_deref(),
+        Some(r#"{"leader":null}"#)
+    );
+    let (code, stdout, _) = finish(leader(&["who", "--store", &store, &name, "--json"])).await;
+    assert_eq!((code, stdout.trim()), (Some(1), r#"{"leader":null}"#));
+    let mut run = LineProcess::spawn(&mut leader(&[
+        "run", "--store", &store, "--name", &name, "--value", "worker-7", "--", "sleep", "300",
+    ]))
+    .expect("run starts");
+    let seen = observer
+        .next_line(Duration::from_secs(10))
+        .await
+        .expect("a change");
+    assert!(seen.contains(r#""value":"worker-7""#), "{seen}");
+    assert!(seen.contains(r#""fencingToken":"#), "{seen}");
+    let (code, stdout, _) = finish(leader(&["who", "--store", &store, &name])).await;
+    assert_eq!((code, stdout.trim()), (Some(0), "worker-7"));
+    run.signal("TERM").expect("SIGTERM");
+    run.wait(Duration::from_secs(10)).await.expect("exits");
+    assert_eq!(
+        observer.next_line(Duration::from_secs(10)).await.as_deref(),
+        Some(r#"{"leader":null}"#)
+    );
+    observer.signal("TERM").expect("SIGTERM");
+    let status = observer.wait(Duration::from_secs(5)).await.expect("exits");
+    assert_eq!(status.code(), Some(0));
+}
+
+/// With no prefix, `leader run --name jobs` and `etcdctl elect jobs` are one election.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_run_and_etcdctl_elect_share_an_election() {
+    leader_testkit::require_binary("etcdctl", "etcd-client").expect("etcdctl");
+    let server = etcd().await;
+    let addr = server.client_addr(0);
+    let store = format!("etcd://{addr}");
+    let name = unique("jobs");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let started = dir.path().join("started");
+    let script = format!("touch {}; exec sleep 300", started.display());
+    let etcdctl = |proposal: &str| {
+        let mut c = Command::new("etcdctl");
+        c.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={addr}"))
+            .args(["elect", &name, proposal])
+            .kill_on_drop(true);
+        c
+    };
+    // etcdctl leads first: leader run waits and starts nothing.
+    let mut first = LineProcess::spawn(&mut etcdctl("first")).expect("etcdctl elect");
+    assert!(
+        first
+            .wait_for_line(Duration::from_secs(10), |l| l == "first")
+            .await
+            .is_ok()
+    );
+    let run = LineProcess::spawn(&mut leader(&[
+        "run", "--store", &store, "--name", &name, "--", "sh", "-c", &script,
+    ]))
+    .expect("run starts");
+    sleep(Duration::from_millis(700)).await;
+    assert!(
+        !started.exists(),
+        "leader run started its command while etcdctl led"
+    );
+    first.signal("INT").expect("SIGINT");
+    eventually("leader run's command", Duration::from_secs(10), || {
+        started.exists()
+    })
+    .await;
+    // Now leader run leads: etcdctl waits until it stops.
+    let mut second = LineProcess::spawn(&mut etcdctl("second")).expect("etcdctl elect");
+    assert_eq!(second.next_line(Duration::from_millis(700)).await, None);
+    run.signal("TERM").expect("SIGTERM");
+    assert!(
+        second
+            .wait_for_line(Duration::from_secs(10), |l| l == "second")
+            .await
+            .is_ok()
+    );
+    second.signal("INT").expect("SIGINT");
+}
