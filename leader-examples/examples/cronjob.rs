@@ -3,13 +3,13 @@
 //! over.
 //!
 //! ```text
-//! LEADER_BACKEND=etcd cargo run -p leader-examples --example cronjob
+//! LEADER_STORE=etcd://127.0.0.1:2379 cargo run -p leader-examples --example cronjob
 //! ```
 
 use std::str::FromStr;
 use std::time::Duration;
 
-use leader_core::Election;
+use leader::Election;
 use leader_examples::{driver_from_env, exit_with, init_logging, shutdown_signal};
 
 #[tokio::main]
@@ -20,7 +20,7 @@ async fn main() {
     }
 }
 
-async fn run() -> leader_core::Result<()> {
+async fn run() -> leader::Result<()> {
     let driver = driver_from_env().await?;
     let name = std::env::var("LEADER_ELECTION").unwrap_or_else(|_| "cronjob-example".to_owned());
     let election = Election::builder(driver, name)
@@ -30,7 +30,7 @@ async fn run() -> leader_core::Result<()> {
 
     // Every second, on the second, on every replica.
     let schedule = cron::Schedule::from_str("* * * * * *")
-        .map_err(|err| leader_core::Error::invalid_config("schedule", err.to_string()))?;
+        .map_err(|err| leader::Error::invalid_config("schedule", err.to_string()))?;
     let cron = tokio::spawn(async move {
         for next in schedule.upcoming(chrono::Utc) {
             let wait = (next - chrono::Utc::now())

@@ -4,8 +4,8 @@
 //! fencing tokens.
 //!
 //! ```text
-//! LEADER_BACKEND=etcd  cargo run -p leader-examples --example failover
-//! LEADER_BACKEND=redis cargo run -p leader-examples --example failover -- --ttl 2
+//! LEADER_STORE=etcd://127.0.0.1:2379  cargo run -p leader-examples --example failover
+//! LEADER_STORE=redis://127.0.0.1:6379 cargo run -p leader-examples --example failover -- --ttl 2
 //! ```
 
 use std::collections::HashMap;
@@ -13,8 +13,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use futures::StreamExt;
-use leader_core::{Election, Event};
-use leader_examples::{Backend, exit_with, init_logging, shutdown_signal};
+use leader::{Election, Event};
+use leader_examples::{driver_from_env, exit_with, init_logging, shutdown_signal, store_from_env};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
@@ -52,7 +52,7 @@ type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 /// One candidate process: prints `ready`, then one line per event.
 async fn candidate(id: String, ttl: Duration) -> BoxResult<()> {
-    let driver = Backend::from_env()?.connect().await?;
+    let driver = driver_from_env().await?;
     let name = std::env::var("LEADER_ELECTION").unwrap_or_else(|_| "failover-demo".to_owned());
     let election = Election::builder(driver, name)
         .ttl(ttl)
@@ -139,7 +139,7 @@ fn token_of(line: &str) -> u64 {
 }
 
 async fn orchestrate(ttl: Duration) -> BoxResult<()> {
-    let backend = Backend::from_env()?;
+    let backend = store_from_env()?;
     let exe = std::env::current_exe()?;
     let election = format!("failover-demo-{}", std::process::id());
     let (tx, lines) = mpsc::unbounded_channel();

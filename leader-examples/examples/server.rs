@@ -4,7 +4,7 @@
 //! output is `true` then `false`.
 //!
 //! ```text
-//! LEADER_BACKEND=redis cargo run -p leader-examples --example server
+//! LEADER_STORE=redis://127.0.0.1:6379 cargo run -p leader-examples --example server
 //! ```
 
 use std::time::Duration;
@@ -13,7 +13,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::routing::get;
 use futures::StreamExt;
-use leader_core::{CancellationToken, Election, Status};
+use leader::{CancellationToken, Election, Status};
 use leader_examples::{driver_from_env, exit_with, init_logging};
 
 #[tokio::main]

@@ -1,72 +1,26 @@
-//! What the examples share: choosing the backend from the environment, logging to stderr,
+//! What the examples share: choosing the store from the environment, logging to stderr,
 //! and waiting for Ctrl-C or SIGTERM.
 //!
-//! * `LEADER_BACKEND`: `etcd` (default) or `redis`.
-//! * `ETCD_ENDPOINTS`: comma-separated, default `127.0.0.1:2379`.
-//! * `REDIS_URL`: default `redis://127.0.0.1:6379`.
+//! * `LEADER_STORE`: a store URL (see `leader::connect`), default `etcd://127.0.0.1:2379`;
+//!   `redis://127.0.0.1:6379` for Redis.
 //! * `RUST_LOG`: log filter for stderr, default `warn`.
 
-use std::fmt;
 use std::sync::Arc;
 
-use leader_core::{Driver, Error, Result};
+use leader::{Driver, Result, StoreUrl};
 
-/// The store behind the election.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    /// etcd, through `leader-etcd`.
-    Etcd,
-    /// Redis, through `leader-redis`.
-    Redis,
+/// The store URL the environment gives (`LEADER_STORE`), or the default.
+pub fn store_from_env() -> Result<StoreUrl> {
+    let url = std::env::var("LEADER_STORE")
+        .ok()
+        .filter(|url| !url.is_empty())
+        .unwrap_or_else(|| "etcd://127.0.0.1:2379".to_owned());
+    StoreUrl::parse(&url)
 }
 
-impl fmt::Display for Backend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Backend::Etcd => "etcd",
-            Backend::Redis => "redis",
-        })
-    }
-}
-
-impl Backend {
-    /// `LEADER_BACKEND`, or etcd when unset.
-    pub fn from_env() -> Result<Self> {
-        match std::env::var("LEADER_BACKEND").as_deref() {
-            Err(_) | Ok("") | Ok("etcd") => Ok(Backend::Etcd),
-            Ok("redis") => Ok(Backend::Redis),
-            Ok(other) => Err(Error::invalid_config(
-                "LEADER_BACKEND",
-                format!("is {other:?}; use `etcd` or `redis`"),
-            )),
-        }
-    }
-
-    /// Connects to this backend at the address the environment gives.
-    pub async fn connect(self) -> Result<Arc<dyn Driver>> {
-        match self {
-            Backend::Etcd => {
-                let endpoints =
-                    std::env::var("ETCD_ENDPOINTS").unwrap_or_else(|_| "127.0.0.1:2379".to_owned());
-                let endpoints: Vec<&str> = endpoints
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|e| !e.is_empty())
-                    .collect();
-                Ok(Arc::new(leader_etcd::EtcdDriver::connect(endpoints).await?))
-            }
-            Backend::Redis => {
-                let url = std::env::var("REDIS_URL")
-                    .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-                Ok(Arc::new(leader_redis::RedisDriver::connect(&url).await?))
-            }
-        }
-    }
-}
-
-/// The driver the environment asks for.
+/// The driver of the store the environment names.
 pub async fn driver_from_env() -> Result<Arc<dyn Driver>> {
-    Backend::from_env()?.connect().await
+    leader::connect_to(&store_from_env()?).await
 }
 
 /// Logs to stderr (stdout is the examples' output), filtered by `RUST_LOG` (default `warn`).

@@ -42,12 +42,11 @@ impl Store {
             .env("RUST_LOG", "warn")
             .stderr(Stdio::inherit());
         match self {
-            Store::Etcd(server) => command
-                .env("LEADER_BACKEND", "etcd")
-                .env("ETCD_ENDPOINTS", server.endpoints().join(",")),
-            Store::Redis(server) => command
-                .env("LEADER_BACKEND", "redis")
-                .env("REDIS_URL", server.url()),
+            Store::Etcd(server) => command.env(
+                "LEADER_STORE",
+                format!("etcd://{}", server.client_addr(0)),
+            ),
+            Store::Redis(server) => command.env("LEADER_STORE", server.url()),
         };
         command
     }
