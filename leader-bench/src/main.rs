@@ -13,8 +13,6 @@ use std::time::Duration;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use leader_core::{Driver, Election};
-use leader_etcd::EtcdDriver;
-use leader_redis::RedisDriver;
 use leader_testkit::{EtcdServer, LineProcess, RedisServer};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
@@ -58,11 +56,16 @@ impl Stores {
         }
     }
 
+    /// The store URL, for `leader::connect` and the candidate processes.
+    fn url(&self, backend: Backend) -> String {
+        match backend {
+            Backend::Etcd => format!("etcd://{}", self.etcd.client_addr(0)),
+            Backend::Redis => self.redis.url(),
+        }
+    }
+
     async fn driver(&self, backend: Backend) -> BoxResult<Arc<dyn Driver>> {
-        Ok(match backend {
-            Backend::Etcd => Arc::new(EtcdDriver::connect([self.endpoint(backend)]).await?),
-            Backend::Redis => Arc::new(RedisDriver::connect(&self.endpoint(backend)).await?),
-        })
+        Ok(leader::connect(&self.url(backend)).await?)
     }
 
     /// Requests the store has served so far. etcd: gRPC messages received, from
@@ -274,19 +277,12 @@ fn last_number(line: &str) -> Option<u64> {
     line.rsplit(' ').next()?.parse().ok()
 }
 
-fn ours(
-    candidate: &Path,
-    backend: Backend,
-    endpoint: String,
-    ttl: Duration,
-    election: String,
-) -> Contender {
+fn ours(candidate: &Path, url: String, ttl: Duration, election: String) -> Contender {
     let candidate = candidate.to_owned();
     Contender {
         spawn: Box::new(move |_| {
             let mut c = Command::new(&candidate);
-            c.arg(backend.name())
-                .arg(&endpoint)
+            c.arg(&url)
                 .arg(&election)
                 .arg(ttl.as_millis().to_string())
                 .arg("/dev/null");
@@ -512,7 +508,7 @@ async fn floor(stores: &Stores, backend: Backend, n: usize) -> BoxResult<Histogr
     Ok(h)
 }
 
-/// `leader-bench hold etcd|redis ENDPOINT N`: holds N elections on one driver, then
+/// `leader-bench hold etcd|redis STORE_URL N`: holds N elections on one driver, then
 /// prints `ready <RSS added in KiB>` and waits to be killed.
 async fn hold(args: &[String]) -> BoxResult<()> {
     let [backend, endpoint, n] = args else {
@@ -520,11 +516,8 @@ async fn hold(args: &[String]) -> BoxResult<()> {
     };
     let n: usize = n.parse()?;
     let before = rss_kib();
-    let driver: Arc<dyn Driver> = match backend.as_str() {
-        "etcd" => Arc::new(EtcdDriver::connect([endpoint.as_str()]).await?),
-        "redis" => Arc::new(RedisDriver::connect(endpoint).await?),
-        other => return Err(format!("unknown backend {other}").into()),
-    };
+    let _ = backend;
+    let driver = leader::connect(endpoint).await?;
     let elections = hold_elections(
         &driver,
         &format!("many-{}", std::process::id()),
@@ -609,8 +602,7 @@ async fn run() -> BoxResult<()> {
     for (i, backend) in backends.into_iter().enumerate() {
         let c = ours(
             &candidate,
-            backend,
-            stores.endpoint(backend),
+            stores.url(backend),
             ttl,
             format!("handoff-{pid}"),
         );
@@ -644,7 +636,6 @@ async fn run() -> BoxResult<()> {
     writeln!(report, "{internal_row}")?;
     let c = ours(
         &candidate,
-        Backend::Redis,
         stores.redis_fsync.url(),
         ttl,
         format!("handoff-fsync-{pid}"),
@@ -680,8 +671,7 @@ async fn run() -> BoxResult<()> {
         for backend in backends {
             let c = ours(
                 &candidate,
-                backend,
-                stores.endpoint(backend),
+                stores.url(backend),
                 ttl,
                 format!("crash-{secs}-{pid}"),
             );
@@ -793,7 +783,7 @@ async fn run() -> BoxResult<()> {
         let exe = std::env::current_exe()?;
         let mut holder = LineProcess::spawn(
             Command::new(exe)
-                .args(["hold", backend.name(), &stores.endpoint(backend), "10000"])
+                .args(["hold", backend.name(), &stores.url(backend), "10000"])
                 .stderr(Stdio::inherit()),
         )?;
         let ready = holder

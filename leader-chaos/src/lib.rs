@@ -21,10 +21,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::Duration;
 
-use leader_core::Driver;
 use leader_core::testing::FaultProxy;
 use leader_testkit::{EtcdServer, RedisServer};
 use nix::sys::signal::{Signal, kill};
@@ -66,7 +64,8 @@ pub fn to_monotonic_ns(instant: std::time::Instant) -> u64 {
     best.1
 }
 
-/// A store, as the chaos suite, its candidate process and the benchmarks name it.
+/// Which store a chaos run starts (its candidates reach it by URL, through
+/// `leader::connect`).
 ///
 /// In a chaos [`run`], etcd is a 3-member cluster (candidate `i` talks to member `i`) and
 /// Redis is one redis-server with `appendonly yes` + `appendfsync always`.
@@ -85,27 +84,6 @@ impl Backend {
             Backend::Etcd => "etcd",
             Backend::Redis => "redis",
         }
-    }
-
-    /// The backend called `name` (`etcd` or `redis`).
-    pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "etcd" => Some(Backend::Etcd),
-            "redis" => Some(Backend::Redis),
-            _ => None,
-        }
-    }
-
-    /// A driver connected to `endpoint` (etcd: `host:port`, or several separated by
-    /// commas; Redis: `redis://host:port`).
-    pub async fn connect(self, endpoint: &str) -> leader_core::Result<Arc<dyn Driver>> {
-        Ok(match self {
-            Backend::Etcd => {
-                let endpoints: Vec<&str> = endpoint.split(',').collect();
-                Arc::new(leader_etcd::EtcdDriver::connect(endpoints).await?)
-            }
-            Backend::Redis => Arc::new(leader_redis::RedisDriver::connect(endpoint).await?),
-        })
     }
 }
 
@@ -454,10 +432,7 @@ struct Run {
 
 impl Run {
     fn endpoint(&self, proxy: SocketAddr) -> String {
-        match self.config.backend {
-            Backend::Etcd => proxy.to_string(),
-            Backend::Redis => format!("redis://{proxy}"),
-        }
+        format!("{}://{proxy}", self.config.backend.name())
     }
 
     fn spawn(&mut self, slot: usize) -> BoxResult<()> {
@@ -468,7 +443,6 @@ impl Run {
             .join(format!("slot{slot}-process{generation}.log"));
         let endpoint = self.endpoint(self.slots[slot].proxy.addr());
         let mut child = Command::new(&self.config.candidate)
-            .arg(self.config.backend.name())
             .arg(endpoint)
             .arg(&self.election)
             .arg(self.config.ttl.as_millis().to_string())
@@ -728,16 +702,18 @@ pub async fn run(config: Config) -> BoxResult<Report> {
         run.spawn(slot)?;
     }
     let observer_log = run.dir.path().join("observer.log");
-    let observer_endpoints = match &store {
-        Store::Etcd(server) => (0..3)
-            .map(|member| server.client_addr(member).to_string())
-            .collect::<Vec<_>>()
-            .join(","),
+    let observer_url = match &store {
+        Store::Etcd(server) => format!(
+            "etcd://{}",
+            (0..3)
+                .map(|member| server.client_addr(member).to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
         Store::Redis(server) => server.url(),
     };
     let mut observer = Command::new(&run.config.observer)
-        .arg(backend.name())
-        .arg(observer_endpoints)
+        .arg(observer_url)
         .arg(&run.election)
         .arg(&observer_log)
         .stdin(Stdio::null())

@@ -18,7 +18,7 @@
 //! `resigned T ns`, and `resigning ns` when SIGTERM starts the resignation.
 //!
 //! ```text
-//! chaos-candidate etcd|redis <endpoint or url> <election> <ttl ms> <log file> [--unsafe]
+//! chaos-candidate <store url> <election> <ttl ms> <log file> [--unsafe]
 //! ```
 //!
 //! `--unsafe` exists only to show that the checker catches a broken candidate: its driver
@@ -30,15 +30,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use leader_chaos::{Backend, monotonic_ns, to_monotonic_ns};
+use leader_chaos::{monotonic_ns, to_monotonic_ns};
 use leader_core::{CancellationToken, Election, Event};
 use tokio::signal::unix::{SignalKind, signal};
 
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if !(args.len() == 6 || args.len() == 7 && args[6] == "--unsafe") {
-        eprintln!("usage: chaos-candidate etcd|redis ENDPOINT ELECTION TTL_MS LOG_FILE [--unsafe]");
+    if !(args.len() == 5 || args.len() == 6 && args[5] == "--unsafe") {
+        eprintln!("usage: chaos-candidate STORE_URL ELECTION TTL_MS LOG_FILE [--unsafe]");
         std::process::exit(2);
     }
     let _ = tracing_subscriber::fmt()
@@ -73,14 +73,13 @@ fn stdout_line(line: &str) {
 }
 
 async fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
-    let ttl = Duration::from_millis(args[4].parse()?);
-    let backend = Backend::parse(&args[1]).ok_or_else(|| format!("unknown backend {}", args[1]))?;
-    let mut driver = backend.connect(&args[2]).await?;
-    if args.get(6).is_some_and(|flag| flag == "--unsafe") {
+    let ttl = Duration::from_millis(args[3].parse()?);
+    let mut driver = leader::connect(&args[1]).await?;
+    if args.get(5).is_some_and(|flag| flag == "--unsafe") {
         driver = Arc::new(Unsafe(driver));
     }
     let (retry_min, retry_max) = (Duration::from_millis(50), ttl);
-    let election = Election::builder(driver, args[3].clone())
+    let election = Election::builder(driver, args[2].clone())
         .ttl(ttl)
         .retry(retry_min, retry_max)
         .build()?;
@@ -88,7 +87,7 @@ async fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&args[5])?,
+            .open(&args[4])?,
     )));
 
     let status = election.status();

@@ -7,19 +7,19 @@
 //! ```
 //!
 //! ```text
-//! chaos-observer etcd|redis <endpoint or url>[,<more etcd endpoints>] <election> <log file>
+//! chaos-observer <store url> <election> <log file>
 //! ```
 
 use std::io::Write;
 
 use futures::StreamExt;
-use leader_chaos::{Backend, monotonic_ns};
+use leader_chaos::monotonic_ns;
 
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.len() != 5 {
-        eprintln!("usage: chaos-observer etcd|redis ENDPOINTS ELECTION LOG_FILE");
+    if args.len() != 4 {
+        eprintln!("usage: chaos-observer STORE_URL ELECTION LOG_FILE");
         std::process::exit(2);
     }
     if let Err(err) = run(&args).await {
@@ -29,13 +29,12 @@ async fn main() {
 }
 
 async fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
-    let backend = Backend::parse(&args[1]).ok_or_else(|| format!("unknown backend {}", args[1]))?;
-    let driver = backend.connect(&args[2]).await?;
+    let driver = leader::connect(&args[1]).await?;
     let mut log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(&args[4])?;
-    let mut leaders = driver.observe(&args[3]);
+        .open(&args[3])?;
+    let mut leaders = driver.observe(&args[2]);
     let mut last: Option<Option<u64>> = None;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
