@@ -26,16 +26,16 @@ const HANDOFFS: usize = 50;
 const SETTLE: Duration = Duration::from_millis(150);
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Backend {
+enum StoreKind {
     Etcd,
     Redis,
 }
 
-impl Backend {
+impl StoreKind {
     fn name(self) -> &'static str {
         match self {
-            Backend::Etcd => "etcd",
-            Backend::Redis => "redis",
+            StoreKind::Etcd => "etcd",
+            StoreKind::Redis => "redis",
         }
     }
 }
@@ -49,22 +49,22 @@ struct Stores {
 }
 
 impl Stores {
-    fn endpoint(&self, backend: Backend) -> String {
+    fn endpoint(&self, backend: StoreKind) -> String {
         match backend {
-            Backend::Etcd => self.etcd.endpoints()[0].clone(),
-            Backend::Redis => self.redis.url(),
+            StoreKind::Etcd => self.etcd.endpoints()[0].clone(),
+            StoreKind::Redis => self.redis.url(),
         }
     }
 
     /// The store URL, for `leader::connect` and the candidate processes.
-    fn url(&self, backend: Backend) -> String {
+    fn url(&self, backend: StoreKind) -> String {
         match backend {
-            Backend::Etcd => format!("etcd://{}", self.etcd.client_addr(0)),
-            Backend::Redis => self.redis.url(),
+            StoreKind::Etcd => format!("etcd://{}", self.etcd.client_addr(0)),
+            StoreKind::Redis => self.redis.url(),
         }
     }
 
-    async fn driver(&self, backend: Backend) -> BoxResult<Arc<dyn Driver>> {
+    async fn driver(&self, backend: StoreKind) -> BoxResult<Arc<dyn Driver>> {
         Ok(leader::connect(&self.url(backend)).await?)
     }
 
@@ -73,13 +73,13 @@ impl Stores {
     /// so a regression that polls shows), less this measurement's own INFO calls; the
     /// commands run inside scripts are included (MONITOR, in [`redis_monitored`], tells
     /// them apart where that matters).
-    async fn requests(&self, backend: Backend) -> BoxResult<u64> {
+    async fn requests(&self, backend: StoreKind) -> BoxResult<u64> {
         match backend {
-            Backend::Etcd => {
+            StoreKind::Etcd => {
                 self.etcd_metric("grpc_server_msg_received_total", None)
                     .await
             }
-            Backend::Redis => {
+            StoreKind::Redis => {
                 let stats = redis_commandstats(&self.redis.url()).await?;
                 let all: u64 = stats.iter().map(|(_, calls)| calls).sum();
                 let info = stats
@@ -307,14 +307,14 @@ fn etcdctl(endpoint: String, election: String) -> Contender {
 
 /// Store requests per second over `window` (Redis: client commands counted by MONITOR,
 /// not the commands inside scripts).
-async fn rate(stores: &Stores, backend: Backend, window: Duration) -> BoxResult<f64> {
+async fn rate(stores: &Stores, backend: StoreKind, window: Duration) -> BoxResult<f64> {
     let requests = match backend {
-        Backend::Etcd => {
+        StoreKind::Etcd => {
             let before = stores.requests(backend).await?;
             sleep(window).await;
             stores.requests(backend).await?.saturating_sub(before)
         }
-        Backend::Redis => {
+        StoreKind::Redis => {
             let waited = async {
                 sleep(window).await;
                 Ok(())
@@ -376,7 +376,7 @@ struct PerHandoff {
 /// drivers shared round-robin. Returns the histogram and the store's work per handoff.
 async fn scale_handoffs(
     stores: &Stores,
-    backend: Backend,
+    backend: StoreKind,
     waiting: usize,
     count: usize,
 ) -> BoxResult<(Histogram<u64>, PerHandoff)> {
@@ -446,7 +446,7 @@ async fn scale_handoffs(
     };
     let per = |n: u64| n as f64 / count as f64;
     let (h, counts) = match backend {
-        Backend::Etcd => {
+        StoreKind::Etcd => {
             let watch = "grpc_method=\"Watch\"";
             let before = stores.requests(backend).await?;
             let sent_before = stores
@@ -460,7 +460,7 @@ async fn scale_handoffs(
                 .saturating_sub(sent_before);
             (h, (per(requests), per(sent)))
         }
-        Backend::Redis => {
+        StoreKind::Redis => {
             let (h, requests, in_scripts) = redis_monitored(stores.redis.addr(), measure).await?;
             (h, (per(requests), per(in_scripts)))
         }
@@ -480,10 +480,10 @@ async fn scale_handoffs(
 }
 
 /// p50/p99 of one store write, sequential.
-async fn floor(stores: &Stores, backend: Backend, n: usize) -> BoxResult<Histogram<u64>> {
+async fn floor(stores: &Stores, backend: StoreKind, n: usize) -> BoxResult<Histogram<u64>> {
     let mut h = histogram();
     match backend {
-        Backend::Etcd => {
+        StoreKind::Etcd => {
             let mut client = etcd_client::Client::connect([stores.endpoint(backend)], None).await?;
             for i in 0..n {
                 let started = Instant::now();
@@ -491,7 +491,7 @@ async fn floor(stores: &Stores, backend: Backend, n: usize) -> BoxResult<Histogr
                 record(&mut h, started.elapsed());
             }
         }
-        Backend::Redis => {
+        StoreKind::Redis => {
             let client = redis::Client::open(stores.endpoint(backend))?;
             let mut conn = client.get_multiplexed_async_connection().await?;
             for i in 0..n {
@@ -573,7 +573,7 @@ async fn run() -> BoxResult<()> {
     let pid = std::process::id();
     let mut report = String::new();
     let mut goals = Vec::new();
-    let backends = [Backend::Etcd, Backend::Redis];
+    let backends = [StoreKind::Etcd, StoreKind::Redis];
 
     eprintln!("[1/5] store round trip (floor)");
     writeln!(report, "| measurement | etcd | redis |\n|---|---|---|")?;
@@ -623,7 +623,7 @@ async fn run() -> BoxResult<()> {
         )?;
     }
     writeln!(report, "{signal_row}")?;
-    let c = etcdctl(stores.endpoint(Backend::Etcd), format!("etcdctl-{pid}"));
+    let c = etcdctl(stores.endpoint(StoreKind::Etcd), format!("etcdctl-{pid}"));
     let (h, _) = handoffs(&c, "INT", HANDOFFS, |_| Duration::ZERO).await?;
     let baseline = h.value_at_quantile(0.5);
     let ratio = signal_p50[0] as f64 / baseline as f64;
@@ -731,7 +731,7 @@ async fn run() -> BoxResult<()> {
         write!(rows[0], " {alone:.2} |")?;
         write!(rows[1], " {:.2} |", (both - alone).max(0.0))?;
         write!(rows[2], " {thousand:.1} |")?;
-        if backend == Backend::Etcd {
+        if backend == StoreKind::Etcd {
             goals.push(format!(
                 "etcd followers make no periodic requests: a follower adds {:.2}/s -> {}",
                 (both - alone).max(0.0),

@@ -70,19 +70,19 @@ pub fn to_monotonic_ns(instant: std::time::Instant) -> u64 {
 /// In a chaos [`run`], etcd is a 3-member cluster (candidate `i` talks to member `i`) and
 /// Redis is one redis-server with `appendonly yes` + `appendfsync always`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
+pub enum StoreKind {
     /// etcd, through `leader-etcd`.
     Etcd,
     /// Redis, through `leader-redis`.
     Redis,
 }
 
-impl Backend {
+impl StoreKind {
     /// `etcd` or `redis`.
     pub fn name(self) -> &'static str {
         match self {
-            Backend::Etcd => "etcd",
-            Backend::Redis => "redis",
+            StoreKind::Etcd => "etcd",
+            StoreKind::Redis => "redis",
         }
     }
 }
@@ -139,7 +139,7 @@ impl Fault {
         }
     }
 
-    fn all(backend: Backend) -> Vec<Fault> {
+    fn all(backend: StoreKind) -> Vec<Fault> {
         let mut faults = vec![
             Fault::Kill,
             Fault::Term,
@@ -153,7 +153,7 @@ impl Fault {
             Fault::DeleteKey,
             Fault::StoreRestart,
         ];
-        if backend == Backend::Etcd {
+        if backend == StoreKind::Etcd {
             faults.push(Fault::RevokeLease);
             faults.push(Fault::MemberLoss);
         }
@@ -176,19 +176,19 @@ impl Fault {
     /// How long after the fault a (new) leader must be there. A crash costs the TTL plus
     /// the store's expiry sweep (etcd checks leases twice a second; Redis expires keys
     /// within 100 ms) plus a second; a graceful handover under a second.
-    fn bound(self, backend: Backend, ttl: Duration) -> Duration {
+    fn bound(self, backend: StoreKind, ttl: Duration) -> Duration {
         let second = Duration::from_secs(1);
         let sweep = match backend {
-            Backend::Etcd => Duration::from_millis(500),
-            Backend::Redis => Duration::from_millis(100),
+            StoreKind::Etcd => Duration::from_millis(500),
+            StoreKind::Redis => Duration::from_millis(100),
         };
         match self {
             Fault::Term | Fault::RevokeLease => second,
             // Redis does not announce a DEL: the waiters' timers are set to the key's
             // expiry, up to a TTL away.
             Fault::DeleteKey => match backend {
-                Backend::Etcd => second,
-                Backend::Redis => ttl + second,
+                StoreKind::Etcd => second,
+                StoreKind::Redis => ttl + second,
             },
             Fault::Kill | Fault::Stop | Fault::Partition | Fault::MemberLoss => {
                 ttl + sweep + second
@@ -220,7 +220,7 @@ impl Fault {
 #[derive(Debug, Clone)]
 pub struct Config {
     /// The store.
-    pub backend: Backend,
+    pub backend: StoreKind,
     /// Faults to inject (one per round, cycling through the kinds).
     pub rounds: usize,
     /// The election TTL.
@@ -240,7 +240,7 @@ pub struct Config {
 #[derive(Debug)]
 pub struct Report {
     /// The store.
-    pub backend: Backend,
+    pub backend: StoreKind,
     /// The TTL.
     pub ttl: Duration,
     /// Per fault kind, the time from the fault to the next leader, and the bound.
@@ -667,8 +667,8 @@ pub async fn run(config: Config) -> BoxResult<Report> {
     let ttl = config.ttl;
     let mut store = blocking(move || -> io::Result<Store> {
         Ok(match backend {
-            Backend::Etcd => Store::Etcd(EtcdServer::start_cluster(3)?),
-            Backend::Redis => Store::Redis(RedisServer::start_persistent()?),
+            StoreKind::Etcd => Store::Etcd(EtcdServer::start_cluster(3)?),
+            StoreKind::Redis => Store::Redis(RedisServer::start_persistent()?),
         })
     })
     .await??;

@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use leader_chaos::{Backend, Config, Fault, rounds_from_env, run};
+use leader_chaos::{Config, Fault, StoreKind, rounds_from_env, run};
 
-async fn chaos(backend: Backend) {
+async fn chaos(backend: StoreKind) {
     let config = Config {
         backend,
         rounds: rounds_from_env(13),
@@ -23,12 +23,12 @@ async fn chaos(backend: Backend) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_etcd() {
-    chaos(Backend::Etcd).await;
+    chaos(StoreKind::Etcd).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_redis() {
-    chaos(Backend::Redis).await;
+    chaos(StoreKind::Redis).await;
 }
 
 /// Candidates that claim leases ten times longer than the store's keep believing they lead
@@ -36,7 +36,7 @@ async fn chaos_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_checker_catches_candidates_whose_deadlines_ignore_the_lease() {
     let config = Config {
-        backend: Backend::Redis,
+        backend: StoreKind::Redis,
         rounds: 2,
         ttl: Duration::from_secs(1),
         candidate: env!("CARGO_BIN_EXE_chaos-candidate").into(),
