@@ -42,10 +42,9 @@ impl Store {
             .env("RUST_LOG", "warn")
             .stderr(Stdio::inherit());
         match self {
-            Store::Etcd(server) => command.env(
-                "LEADER_STORE",
-                format!("etcd://{}", server.client_addr(0)),
-            ),
+            Store::Etcd(server) => {
+                command.env("LEADER_STORE", format!("etcd://{}", server.client_addr(0)))
+            }
             Store::Redis(server) => command.env("LEADER_STORE", server.url()),
         };
         command
