@@ -140,14 +140,14 @@ impl Election {
     /// Steps down and deletes this candidate's term from the store, so that a waiting
     /// candidate takes over in about one store round trip.
     ///
-    /// `is_leader()` is false before the store is asked. A campaign of this candidate that
-    /// waits in line meanwhile is withdrawn (it returns [`Error::Withdrawn`]), never
-    /// elected and then resigned.
+    /// `is_leader()` is false before the store is asked. A campaign of this candidate in
+    /// flight is withdrawn (it returns [`Error::Withdrawn`]), never elected and then
+    /// resigned, and its place in line is deleted before this returns.
     ///
     /// # Errors
     ///
     /// [`Error::NotALeader`] if this candidate holds no term (and nothing of an earlier one
-    /// is left to delete). If the store call fails, the error is returned, the term is
+    /// is left to delete), also after withdrawing a campaign that was waiting in line. If the store call fails, the error is returned, the term is
     /// reported [lost](crate::LossReason::ResignFailed), and the deletion is retried in the
     /// background (calling `resign` again retries it at once).
     ///

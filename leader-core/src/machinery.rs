@@ -535,22 +535,23 @@ impl Core {
     /// Steps down (from `only`, or from whatever term is current) and deletes the key.
     pub(crate) async fn resign(self: &Arc<Self>, only: Option<&Arc<TermState>>) -> Result<()> {
         let started = {
-            // A follower gets its answer at once, even while a campaign of its own waits.
             let st = self.shared.state();
             let nothing_to_do = match only {
                 Some(term) => !st.term.as_ref().is_some_and(|t| Arc::ptr_eq(t, term)),
-                None => st.term.is_none() && st.leftover.is_none(),
+                None => st.term.is_none() && st.leftover.is_none() && st.campaigns.is_empty(),
             };
             if nothing_to_do {
                 return Err(Error::NotALeader);
             }
-            // A campaign holding the lock would make this wait until it is elected, and
-            // then resign the new term: withdraw it instead.
+            // A campaign in flight would make this wait until it is elected, and then resign
+            // the new term; or (waiting in line) it may have left a key that must go before
+            // this returns: withdraw it, and wait below for the withdrawal under the lock.
             for (_, campaign) in &st.campaigns {
                 campaign.cancel();
             }
-            st.started
+            (st.started, st.term.is_some() || st.leftover.is_some())
         };
+        let (started, something_ours) = started;
         let guard = Arc::clone(&self.campaign_lock).lock_owned().await;
         let (term, leftover) = {
             let mut st = self.shared.state();
@@ -579,6 +580,8 @@ impl Core {
             };
             (term, leftover)
         };
+        // Only a withdrawn campaign's key to delete: this candidate did not lead.
+        let follower = term.is_none() && !something_ours;
         // The store call and the end event run in a task of their own, so that cancelling
         // this future cannot lose the event: every Elected gets exactly one end.
         let core = Arc::clone(self);
@@ -607,12 +610,16 @@ impl Core {
             }
             result
         };
-        match tokio::runtime::Handle::try_current() {
+        let result = match tokio::runtime::Handle::try_current() {
             Ok(runtime) => runtime
                 .spawn(finish)
                 .await
                 .unwrap_or_else(|err| Err(Error::store(err))),
             Err(_) => finish.await,
+        };
+        match result {
+            Ok(()) if follower => Err(Error::NotALeader),
+            result => result,
         }
     }
 
