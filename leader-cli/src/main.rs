@@ -52,11 +52,19 @@ enum Commands {
     Who(ObserveArgs),
 }
 
-#[derive(Args, Debug)]
+#[derive(Args)]
 struct Store {
     /// The store URL: etcd://host:port[/prefix/] or redis://host:port[/db].
     #[arg(long, env = "LEADER_STORE", value_name = "URL", hide_env_values = true)]
     store: String,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("store", &leader::redact_urls(&self.store))
+            .finish()
+    }
 }
 
 #[derive(Args, Debug)]
@@ -99,9 +107,16 @@ struct ObserveArgs {
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
+        Err(err)
+            if err.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand =>
+        {
+            eprintln!("leader: a command is needed: run, observe or who (see leader --help)");
+            return ExitCode::from(USAGE);
+        }
         Err(err) if err.use_stderr() => {
-            // One line: the error, and what it refers to when clap puts that on the next.
-            let text = err.to_string();
+            // One line: the error, and what it refers to when clap puts that on the next;
+            // a store URL the user typed keeps its password to itself.
+            let text = leader::redact_urls(&err.to_string());
             let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
             let mut line = lines
                 .next()
@@ -187,13 +202,32 @@ fn exit_code(status: std::process::ExitStatus) -> ExitCode {
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
+/// Time allowed between sending SIGKILL and the group being gone.
+const KILL_ALLOWANCE: Duration = Duration::from_millis(100);
+
+/// The term's safety margin: the grace, plus the default margin for clock-rate drift, plus
+/// the time a SIGKILL takes, so that the command is gone before the store could elect
+/// anyone else.
+fn margin(ttl: Duration, grace: Duration) -> Duration {
+    grace + (ttl / 50).max(Duration::from_millis(2)) + KILL_ALLOWANCE
+}
+
 async fn run(args: RunArgs) -> ExitCode {
-    if args.grace >= args.ttl / 2 {
+    let margin = margin(args.ttl, args.grace);
+    if margin >= args.ttl / 2 {
         eprintln!(
-            "leader: --grace ({:?}) must be under half the --ttl ({:?})",
-            args.grace, args.ttl
+            "leader: --grace ({:?}) plus {:?} for drift and the kill must be under half the --ttl ({:?})",
+            args.grace,
+            margin - args.grace,
+            args.ttl
         );
         return ExitCode::from(USAGE);
+    }
+    if !which("setpriv") {
+        eprintln!(
+            "leader: setpriv (util-linux) is needed to make the command die with `leader run`"
+        );
+        return ExitCode::from(1);
     }
     // Parse the URL before anything else, so that a bad one is a usage error at once.
     if let Err(err) = leader::StoreUrl::parse(&args.store.store) {
@@ -203,10 +237,9 @@ async fn run(args: RunArgs) -> ExitCode {
         Ok(driver) => driver,
         Err(code) => return code,
     };
-    let mut builder = Election::builder(driver, args.name.clone()).ttl(args.ttl);
-    if !args.grace.is_zero() {
-        builder = builder.safety_margin(args.grace);
-    }
+    let mut builder = Election::builder(driver, args.name.clone())
+        .ttl(args.ttl)
+        .safety_margin(margin);
     if let Some(value) = &args.value {
         builder = builder.value(value.clone());
     }
@@ -214,9 +247,10 @@ async fn run(args: RunArgs) -> ExitCode {
         Ok(election) => election,
         Err(err) => return fail("bad settings", &err),
     };
-    let (Ok(mut sigterm), Ok(mut sigint)) = (
+    let (Ok(mut sigterm), Ok(mut sigint), Ok(mut sighup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         eprintln!("leader: cannot handle signals");
         return ExitCode::from(1);
@@ -229,6 +263,7 @@ async fn run(args: RunArgs) -> ExitCode {
             biased;
             _ = sigterm.recv() => return withdraw_and_exit(election).await,
             _ = sigint.recv() => return withdraw_and_exit(election).await,
+            _ = sighup.recv() => return withdraw_and_exit(election).await,
             campaigned = election.campaign() => campaigned,
         };
         let term = match campaigned {
@@ -240,6 +275,7 @@ async fn run(args: RunArgs) -> ExitCode {
                     biased;
                     _ = sigterm.recv() => return withdraw_and_exit(election).await,
                     _ = sigint.recv() => return withdraw_and_exit(election).await,
+                    _ = sighup.recv() => return withdraw_and_exit(election).await,
                     () = tokio::time::sleep(delay) => {}
                 }
                 delay = (delay * 2).min(retry_max);
@@ -261,10 +297,31 @@ async fn run(args: RunArgs) -> ExitCode {
             .id()
             .and_then(|id| i32::try_from(id).ok())
             .map(Pid::from_raw);
+        // The term's end, as the library reports it, or as `is_valid()` says (which also
+        // counts a suspension of the machine, which the timers behind `ended()` do not).
+        let lost = async {
+            let mut check = tokio::time::interval(
+                args.grace
+                    .clamp(Duration::from_millis(10), Duration::from_millis(100)),
+            );
+            loop {
+                tokio::select! {
+                    () = term.ended() => return,
+                    _ = check.tick() => {
+                        if !term.is_valid() {
+                            return;
+                        }
+                    }
+                }
+            }
+        };
+        tokio::pin!(lost);
         let ended = tokio::select! {
             biased;
             status = child.wait() => {
-                // The command exited by itself: hand over, and exit as it did.
+                // The command exited by itself: make sure nothing it started survives,
+                // hand over, and exit as it did.
+                signal_group(group, Signal::SIGKILL);
                 let _ = term.resign().await;
                 return match status {
                     Ok(status) => exit_code(status),
@@ -273,7 +330,8 @@ async fn run(args: RunArgs) -> ExitCode {
             }
             _ = sigterm.recv() => Some(Signal::SIGTERM),
             _ = sigint.recv() => Some(Signal::SIGINT),
-            () = term.ended() => None,
+            _ = sighup.recv() => Some(Signal::SIGTERM),
+            () = &mut lost => None,
         };
         match ended {
             Some(forward) => {
@@ -281,8 +339,9 @@ async fn run(args: RunArgs) -> ExitCode {
                 signal_group(group, forward);
                 let status = tokio::select! {
                     status = child.wait() => status.ok(),
-                    () = term.ended() => stop(&mut child, group, args.grace).await,
+                    () = &mut lost => stop(&mut child, group, args.grace).await,
                 };
+                signal_group(group, Signal::SIGKILL);
                 let _ = term.resign().await;
                 return status.map_or(ExitCode::from(1), exit_code);
             }
@@ -297,25 +356,20 @@ async fn run(args: RunArgs) -> ExitCode {
                     eprintln!("leader: lost the election (--once)");
                     return ExitCode::from(1);
                 }
+                tokio::time::sleep(retry_min).await;
             }
         }
     }
 }
 
 /// Starts the command in a process group of its own, with the term in its environment,
-/// and (through `setpriv`, where installed) a parent-death signal, so that it never
-/// outlives `leader`.
+/// and (through `setpriv`) a parent-death signal, so that it never outlives `leader`.
+/// Processes it starts in a new session (`setsid`) leave the group and are not covered.
 fn spawn(args: &RunArgs, token: u64, value: &str) -> std::io::Result<Child> {
-    let mut command = if which("setpriv") {
-        let mut c = Command::new("setpriv");
-        c.args(["--pdeathsig", "KILL", "--"]).args(&args.command);
-        c
-    } else {
-        warn!("setpriv not found: the command will not be killed if `leader` dies");
-        let mut c = Command::new(&args.command[0]);
-        c.args(&args.command[1..]);
-        c
-    };
+    let mut command = Command::new("setpriv");
+    command
+        .args(["--pdeathsig", "KILL", "--"])
+        .args(&args.command);
     command
         .process_group(0)
         .env("LEADER_ELECTION", &args.name)
@@ -336,18 +390,24 @@ fn signal_group(group: Option<Pid>, signal: Signal) {
     }
 }
 
-/// SIGTERM to the command's group, SIGKILL when `grace` is up; its exit status.
+/// SIGTERM to the command's group, SIGKILL to the group when `grace` is up (and once the
+/// command exited, for whatever it started); its exit status.
 async fn stop(
     child: &mut Child,
     group: Option<Pid>,
     grace: Duration,
 ) -> Option<std::process::ExitStatus> {
     signal_group(group, Signal::SIGTERM);
-    if let Ok(status) = tokio::time::timeout(grace, child.wait()).await {
-        return status.ok();
-    }
+    let status = match tokio::time::timeout(grace, child.wait()).await {
+        Ok(status) => status.ok(),
+        Err(_) => {
+            signal_group(group, Signal::SIGKILL);
+            child.wait().await.ok()
+        }
+    };
+    // Whatever the command started goes too, before anyone else can be elected.
     signal_group(group, Signal::SIGKILL);
-    child.wait().await.ok()
+    status
 }
 
 async fn withdraw_and_exit(election: Election) -> ExitCode {

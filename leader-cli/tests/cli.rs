@@ -111,7 +111,9 @@ async fn bad_flags_and_urls_are_one_line_and_status_2() {
             "true",
         ],
         vec!["who", "--store", "redis://u:hunter2@", "x"],
+        vec!["who", "x", "redis://u:hunter2@127.0.0.1:6379"],
         vec!["frobnicate"],
+        vec![],
     ] {
         let (code, _, stderr) = finish(leader(&args)).await;
         assert_eq!(code, Some(2), "{args:?}: {stderr}");
@@ -211,8 +213,9 @@ async fn sigterm_stops_the_command_resigns_and_hands_over_at_once() {
         read(&log).contains("start b")
     })
     .await;
+    // A resignation, not an expiry: well under the 5 s TTL even on a busy machine.
     assert!(
-        signalled.elapsed() < Duration::from_secs(2),
+        signalled.elapsed() < Duration::from_secs(4),
         "handover took {:?} with a 5 s TTL",
         signalled.elapsed()
     );
@@ -221,8 +224,8 @@ async fn sigterm_stops_the_command_resigns_and_hands_over_at_once() {
     b.wait(Duration::from_secs(10)).await.expect("b exits");
 }
 
-/// `leader run` partitioned from the store: its command gets SIGTERM when the term ends,
-/// which is before the other machine's command starts.
+/// `leader run` partitioned from the store: its command, and what the command started, are
+/// gone before the other machine's command starts, even when they ignore SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_leader_stops_its_command_before_anyone_else_starts() {
     let server = redis().await;
@@ -230,18 +233,25 @@ async fn a_partitioned_leader_stops_its_command_before_anyone_else_starts() {
     let name = unique("partition");
     let dir = tempfile::tempdir().expect("tempdir");
     let log = dir.path().join("log");
-    let child = |who: &str| {
-        format!(
-            "echo start {who} $(date +%s%N) >> {log}; \
-             trap 'echo stop {who} $(date +%s%N) >> {log}; exit 0' TERM; \
-             while true; do sleep 0.02; done",
-            log = log.display()
-        )
-    };
+    let pids = dir.path().join("pids");
+    // a's command ignores SIGTERM and starts a worker that does too.
+    let a_script = format!(
+        "trap '' TERM; sh -c \"trap '' TERM; sleep 300\" & echo $$ $! > {pids}; \
+         echo start a >> {log}; while true; do sleep 0.02; done",
+        pids = pids.display(),
+        log = log.display()
+    );
+    // b's command, as it starts, records whether anything of a's is still alive.
+    let b_script = format!(
+        "for p in $(cat {pids}); do \
+           if [ -e /proc/$p ] && ! grep -q ') Z ' /proc/$p/stat; then echo alive $p >> {log}; fi; \
+         done; echo start b >> {log}; while true; do sleep 0.02; done",
+        pids = pids.display(),
+        log = log.display()
+    );
     let behind = format!("redis://{}", proxy.addr());
-    let a_script = child("a");
     let _a = LineProcess::spawn(&mut leader(&[
-        "run", "--store", &behind, "--name", &name, "--ttl", "2s", "--grace", "500ms", "--", "sh",
+        "run", "--store", &behind, "--name", &name, "--ttl", "3s", "--grace", "500ms", "--", "sh",
         "-c", &a_script,
     ]))
     .expect("a starts");
@@ -249,7 +259,10 @@ async fn a_partitioned_leader_stops_its_command_before_anyone_else_starts() {
         read(&log).contains("start a")
     })
     .await;
-    let b_script = child("b");
+    eventually("a's worker", Duration::from_secs(5), || {
+        read(&pids).split_whitespace().count() == 2
+    })
+    .await;
     let _b = LineProcess::spawn(&mut leader(&[
         "run",
         "--store",
@@ -257,7 +270,7 @@ async fn a_partitioned_leader_stops_its_command_before_anyone_else_starts() {
         "--name",
         &name,
         "--ttl",
-        "2s",
+        "3s",
         "--grace",
         "500ms",
         "--",
@@ -268,22 +281,67 @@ async fn a_partitioned_leader_stops_its_command_before_anyone_else_starts() {
     .expect("b starts");
     sleep(Duration::from_millis(300)).await;
     proxy.hold();
-    eventually("b's command", Duration::from_secs(10), || {
+    eventually("b's command", Duration::from_secs(15), || {
         read(&log).contains("start b")
     })
     .await;
-    let text = read(&log);
-    let at = |what: &str| -> u64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(what)?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {what:?} in {text}"))
-    };
-    assert!(
-        at("stop a") < at("start b"),
-        "a's command ran until {} but b's started at {}:\n{text}",
-        at("stop a"),
-        at("start b")
+    assert_eq!(
+        read(&log),
+        "start a\nstart b\n",
+        "a's command or its worker was alive when b's started"
     );
+}
+
+/// SIGTERM while waiting in line: exit 0, and nothing of this candidate left in the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_while_waiting_withdraws_and_exits_0() {
+    use leader::etcd::etcd_client::{Client, GetOptions};
+    let server = etcd().await;
+    let addr = server.client_addr(0);
+    let store = format!("etcd://{addr}");
+    let name = unique("waiting");
+    let mut a = LineProcess::spawn(&mut leader(&[
+        "run", "--store", &store, "--name", &name, "--", "sleep", "300",
+    ]))
+    .expect("a starts");
+    let mut client = Client::connect([addr.to_string()], None)
+        .await
+        .expect("etcd client");
+    let count = |client: &mut Client| {
+        let mut client = client.clone();
+        let prefix = format!("{name}/");
+        async move {
+            client
+                .get(
+                    prefix,
+                    Some(GetOptions::new().with_prefix().with_keys_only()),
+                )
+                .await
+                .expect("get")
+                .kvs()
+                .len()
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(&mut client).await < 1 {
+        assert!(Instant::now() < deadline, "a never campaigned");
+        sleep(Duration::from_millis(20)).await;
+    }
+    let mut b = LineProcess::spawn(&mut leader(&[
+        "run", "--store", &store, "--name", &name, "--", "sleep", "300",
+    ]))
+    .expect("b starts");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(&mut client).await < 2 {
+        assert!(Instant::now() < deadline, "b never queued");
+        sleep(Duration::from_millis(20)).await;
+    }
+    b.signal("TERM").expect("SIGTERM");
+    let status = b.wait(Duration::from_secs(10)).await.expect("b exits");
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(count(&mut client).await, 1, "b's place in line was deleted");
+    a.signal("TERM").expect("SIGTERM");
+    a.wait(Duration::from_secs(10)).await.expect("a exits");
 }
 
 /// The command never outlives `leader run`, even when it is SIGKILLed.

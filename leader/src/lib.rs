@@ -13,7 +13,7 @@ pub use leader_core::{
     EventStream, Grant, LeaderInfo, LossReason, MAX_NAME_LEN, MAX_TTL, MAX_VALUE_LEN, MIN_TTL,
     Result, Status, Term,
 };
-pub use url::StoreUrl;
+pub use url::{StoreUrl, redact_urls};
 
 /// The etcd driver crate, with the `etcd` feature.
 #[cfg(feature = "etcd")]
@@ -134,7 +134,13 @@ async fn connect_etcd(url: &StoreUrl) -> Result<Arc<dyn Driver>> {
                 format!("etcd:// needs a password with its user (in `{url}`)"),
             ));
         }
-        _ => {}
+        (None, Some(_)) => {
+            return Err(Error::invalid_config(
+                "store",
+                format!("etcd:// needs a user with its password (in `{url}`)"),
+            ));
+        }
+        (None, None) => {}
     }
     // The path is the key prefix: `/svc/` gives `svc/`; no path, no prefix.
     let prefix = url.path().strip_prefix('/').unwrap_or(url.path());

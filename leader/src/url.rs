@@ -30,8 +30,8 @@ impl StoreUrl {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] (`store`) when it has no scheme or no host, or a host
-    /// without a port where one is needed; the message never contains the password.
+    /// [`Error::InvalidConfig`] (`store`) when it has no scheme, no host, or a host
+    /// without a port; the message never contains the password.
     pub fn parse(url: &str) -> Result<Self> {
         let bad =
             |why: &str| Error::invalid_config("store", format!("{why} (in `{}`)", redact(url)));
@@ -45,17 +45,19 @@ impl StoreUrl {
         {
             return Err(bad("has no valid scheme"));
         }
+        // The user info runs to the last `@`, so that a password with an unencoded `/`, `?`
+        // or `@` still parses (and is still hidden).
+        let (userinfo, rest) = match rest.rsplit_once('@') {
+            Some((userinfo, rest)) => (Some(userinfo), rest),
+            None => (None, rest),
+        };
         let (rest, query) = match rest.split_once('?') {
             Some((rest, query)) => (rest, Some(query)),
             None => (rest, None),
         };
-        let (authority, path) = match rest.find('/') {
+        let (hosts, path) = match rest.find('/') {
             Some(at) => (&rest[..at], &rest[at..]),
             None => (rest, ""),
-        };
-        let (userinfo, hosts) = match authority.rsplit_once('@') {
-            Some((userinfo, hosts)) => (Some(userinfo), hosts),
-            None => (None, authority),
         };
         let decode = |s: &str| -> Result<String> {
             percent_decode_str(s)
@@ -77,6 +79,14 @@ impl StoreUrl {
             .collect();
         if hosts.is_empty() {
             return Err(bad("has no host"));
+        }
+        for host in &hosts {
+            let port = host.rsplit_once(':').map(|(name, port)| (name, port));
+            match port {
+                Some((name, port))
+                    if !name.is_empty() && !port.is_empty() && port.parse::<u16>().is_ok() => {}
+                _ => return Err(bad(&format!("needs host:port, not `{host}`"))),
+            }
         }
         let mut pairs = Vec::new();
         for pair in query
@@ -163,30 +173,36 @@ impl fmt::Debug for StoreUrl {
     }
 }
 
-/// `url` with the password of its user info (if any) replaced by `***`.
+/// `url` with the password of its user info (if any) replaced by `***`. The user info
+/// runs to the last `@`, whatever it contains.
 pub(crate) fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         // Not a URL: it might be a password pasted by mistake, so show none of it.
-        return if url.contains(':') || url.contains('@') {
-            REDACTED.to_owned()
-        } else {
-            url.to_owned()
-        };
+        return REDACTED.to_owned();
     };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, hosts)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
-            let shown = if userinfo.contains(':') {
-                format!("{user}:{REDACTED}")
-            } else {
-                user.to_owned()
-            };
-            format!("{scheme}://{shown}@{hosts}{tail}")
-        }
+    match rest.rsplit_once('@') {
+        Some((userinfo, hosts)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:{REDACTED}@{hosts}"),
+            None => format!("{scheme}://{userinfo}@{hosts}"),
+        },
         None => url.to_owned(),
     }
+}
+
+/// `text` with every URL's password in it replaced by `***`: for messages that quote
+/// what a user typed.
+pub fn redact_urls(text: &str) -> String {
+    text.split(' ')
+        .map(|word| {
+            let trimmed = word.trim_matches(|c| matches!(c, '\'' | '"' | '`'));
+            if trimmed.contains("://") && trimmed.contains('@') {
+                word.replace(trimmed, &redact(trimmed))
+            } else {
+                word.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]
@@ -219,8 +235,21 @@ mod tests {
         let err = StoreUrl::parse("redis://admin:s3cret@").expect_err("no host");
         assert!(!err.to_string().contains("s3cret"), "{err}");
         assert!(!format!("{err:?}").contains("s3cret"), "{err:?}");
-        assert_eq!(redact("s3cret"), "s3cret", "a bare word is shown");
+        assert_eq!(redact("s3cret"), "***", "not a URL: nothing of it is shown");
         assert_eq!(redact("user:s3cret"), "***");
+        for url in [
+            "redis://app:pa/ss@127.0.0.1:6379",
+            "etcd://root:pa?ss@127.0.0.1:2379",
+            "etcd://root:p@ss@127.0.0.1:2379/svc/",
+        ] {
+            assert!(!redact(url).contains("ss@"), "{}", redact(url));
+            let parsed = StoreUrl::parse(url).expect(url);
+            assert!(parsed.password().is_some_and(|p| p.contains("ss")), "{url}");
+            assert!(!parsed.to_string().contains("pa"), "{parsed}");
+        }
+        let said = redact_urls("unexpected argument 'redis://u:hunter2@h:1' found");
+        assert!(!said.contains("hunter2"), "{said}");
+        assert!(said.contains("redis://u:***@h:1"), "{said}");
     }
 
     #[test]
