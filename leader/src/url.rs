@@ -81,7 +81,7 @@ impl StoreUrl {
             return Err(bad("has no host"));
         }
         for host in &hosts {
-            let port = host.rsplit_once(':').map(|(name, port)| (name, port));
+            let port = host.rsplit_once(':');
             match port {
                 Some((name, port))
                     if !name.is_empty() && !port.is_empty() && port.parse::<u16>().is_ok() => {}
