@@ -297,14 +297,16 @@ impl Core {
             st.campaigns.push((id, withdrawn.clone()));
             id
         };
+        // Unlisted when the campaign ends, or when its task is dropped without running.
+        let registered = Registered {
+            core: Arc::clone(&self),
+            id,
+        };
         let (tx, rx) = oneshot::channel();
         let core = Arc::clone(&self);
         let token = withdrawn.clone();
         let campaign = async move {
-            let _registered = Registered {
-                core: Arc::clone(&core),
-                id,
-            };
+            let _registered = registered;
             let result = tokio::select! {
                 biased;
                 () = token.cancelled() => Err(Error::Withdrawn),
