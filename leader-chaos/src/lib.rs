@@ -300,8 +300,8 @@ impl Report {
         let c = &self.check;
         out.push_str(&format!(
             "terms checked exactly: {}; overlapping terms: {}; sampled overlaps: {} (within a \
-             sample's duration only: {}); flips: {}; sampling gaps over 5 ms: {} (longest \
-             {:.1} ms); unsampled terms: {}; unreadable lines: {}; fencing violations: {}; \
+             sample's duration only: {}); flips: {}; sampling gaps over 5 ms across a \
+             handover: {} (elsewhere, reported only: {}; longest {:.1} ms); unsampled terms: {}; unreadable lines: {}; fencing violations: {}; \
              bad exits: {}; liveness failures: {}; overlaps after tampering (documented \
              limit, not failed): {}\n",
             c.terms,
@@ -310,6 +310,7 @@ impl Report {
             c.jitter_overlaps,
             c.flips.len(),
             c.gaps.len(),
+            c.quiet_gaps,
             c.max_gap_ns as f64 / 1e6,
             c.unsampled.len(),
             c.unreadable.len(),
@@ -747,7 +748,11 @@ pub async fn run(config: Config) -> BoxResult<Report> {
         let bound = fault.bound(backend, ttl);
         let started = Instant::now();
         let started_ns = monotonic_ns();
-        let exclude = fault.fails_over().then_some(leader);
+        // A deleted key or a revoked lease ends the term; the next may go to anyone, the
+        // old leader included.
+        let exclude = (fault.fails_over()
+            && !matches!(fault, Fault::DeleteKey | Fault::RevokeLease))
+        .then_some(leader);
         let mut fault_over = None;
         let elected = match fault {
             Fault::Kill | Fault::Term => {
