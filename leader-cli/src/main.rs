@@ -175,14 +175,7 @@ fn fail(what: &str, err: &Error) -> ExitCode {
 }
 
 fn chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
+    leader::ErrorChain(err).to_string()
 }
 
 async fn connect(store: &Store) -> Result<std::sync::Arc<dyn leader::Driver>, ExitCode> {

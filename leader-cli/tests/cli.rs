@@ -8,32 +8,11 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use leader_core::testing::FaultProxy;
-use leader_testkit::{EtcdServer, LineProcess, RedisServer};
+use leader_testkit::{LineProcess, etcd, redis, unique};
 use tokio::process::Command;
 use tokio::time::{Instant, sleep, timeout};
 
 const BIN: &str = env!("CARGO_BIN_EXE_leader");
-
-fn unique(what: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    format!("{what}-{:08x}", std::process::id() ^ nanos)
-}
-
-async fn etcd() -> EtcdServer {
-    tokio::task::spawn_blocking(EtcdServer::start)
-        .await
-        .expect("start task")
-        .expect("etcd starts (install it with: sudo apt-get install -y etcd-server)")
-}
-
-async fn redis() -> RedisServer {
-    tokio::task::spawn_blocking(RedisServer::start)
-        .await
-        .expect("start task")
-        .expect("redis-server starts (install it with: sudo apt-get install -y redis-server)")
-}
 
 fn leader(args: &[&str]) -> Command {
     let mut command = Command::new(BIN);

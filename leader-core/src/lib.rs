@@ -21,6 +21,7 @@ pub use driver::{Candidate, Driver, Grant, LeaderInfo};
 pub use election::{Election, Status, Term};
 pub use error::{BoxError, Error, Result};
 pub use event::{Event, EventStream, LossReason};
+pub use machinery::ErrorChain;
 pub use tokio_util::sync::CancellationToken;
 
 #[cfg(all(test, feature = "testing"))]

@@ -774,8 +774,9 @@ impl Drop for Withdrawal {
     }
 }
 
-/// Displays an error with its chain of sources, for logs.
-pub(crate) struct ErrorChain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
+/// Displays an error with its chain of sources (`outer: cause: root cause`), for logs and
+/// one-line messages: `tracing::warn!(error = %ErrorChain(&err), "…")`.
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
 
 impl std::fmt::Display for ErrorChain<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -2,6 +2,7 @@
 
 use etcd_client::Error as EtcdError;
 use leader_core::Error;
+pub(crate) use leader_core::ErrorChain;
 use tonic::Code;
 
 /// The messages of etcd's refusals that retrying cannot fix: a missing permission, bad or
@@ -80,21 +81,6 @@ pub(crate) fn is_lease_not_found(err: &EtcdError) -> bool {
 pub(crate) fn says_lease_not_found(err: &Error) -> bool {
     matches!(err, Error::Store(source)
         if source.downcast_ref::<EtcdError>().is_some_and(is_lease_not_found))
-}
-
-/// Displays an error with its chain of sources, for logs.
-pub(crate) struct ErrorChain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(err) = source {
-            write!(f, ": {err}")?;
-            source = err.source();
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]

@@ -384,3 +384,31 @@ impl RedisServer {
         self.wait()
     }
 }
+
+/// One etcd member for a test, started off the async runtime. Panics with the command that
+/// installs etcd when the binary is missing (a test never skips).
+pub async fn etcd() -> EtcdServer {
+    tokio::task::spawn_blocking(EtcdServer::start)
+        .await
+        .expect("the start task ran")
+        .expect("etcd starts (install it with: sudo apt-get install -y etcd-server)")
+}
+
+/// One redis-server for a test, started off the async runtime. Panics with the command that
+/// installs Redis when the binary is missing (a test never skips).
+pub async fn redis() -> RedisServer {
+    tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .expect("the start task ran")
+        .expect("redis-server starts (install it with: sudo apt-get install -y redis-server)")
+}
+
+/// `what` with a suffix no other test (or run) uses, for election names and key prefixes.
+pub fn unique(what: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{what}-{:08x}-{n}", std::process::id() ^ nanos)
+}

@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 pub use config::Config;
 pub use leader_core::{
-    BoxError, CancellationToken, Candidate, Driver, Election, ElectionBuilder, Error, Event,
-    EventStream, Grant, LeaderInfo, LossReason, MAX_NAME_LEN, MAX_TTL, MAX_VALUE_LEN, MIN_TTL,
-    Result, Status, Term,
+    BoxError, CancellationToken, Candidate, Driver, Election, ElectionBuilder, Error, ErrorChain,
+    Event, EventStream, Grant, LeaderInfo, LossReason, MAX_NAME_LEN, MAX_TTL, MAX_VALUE_LEN,
+    MIN_TTL, Result, Status, Term,
 };
 pub use url::{StoreUrl, redact_urls};
 

@@ -3,28 +3,7 @@
 use std::time::Duration;
 
 use leader::{Config, Error};
-use leader_testkit::{EtcdServer, RedisServer};
-
-fn unique(what: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    format!("{what}-{:08x}", std::process::id() ^ nanos)
-}
-
-async fn etcd() -> EtcdServer {
-    tokio::task::spawn_blocking(EtcdServer::start)
-        .await
-        .expect("start task")
-        .expect("etcd starts (install it with: sudo apt-get install -y etcd-server)")
-}
-
-async fn redis() -> RedisServer {
-    tokio::task::spawn_blocking(RedisServer::start)
-        .await
-        .expect("start task")
-        .expect("redis-server starts (install it with: sudo apt-get install -y redis-server)")
-}
+use leader_testkit::{etcd, redis, unique};
 
 /// The service's election code, the same whatever the store: only the config differs.
 async fn elect_and_resign(config: &Config) -> u64 {
@@ -102,8 +81,8 @@ async fn the_etcd_path_is_the_key_prefix_and_no_path_is_no_prefix() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_redis_path_is_the_database() {
-    use leader::redis::redis;
-    let server = self::redis().await;
+    use leader::redis::redis as redis_crate;
+    let server = redis().await;
     let name = unique("db");
     let driver = leader::connect(&format!("{}/3", server.url()))
         .await
@@ -113,12 +92,12 @@ async fn the_redis_path_is_the_database() {
         .build()
         .expect("valid");
     election.campaign().await.expect("elected");
-    let client = redis::Client::open(format!("{}/3", server.url())).expect("url");
+    let client = redis_crate::Client::open(format!("{}/3", server.url())).expect("url");
     let mut conn = client
         .get_multiplexed_async_connection()
         .await
         .expect("connection");
-    let exists: bool = redis::cmd("EXISTS")
+    let exists: bool = redis_crate::cmd("EXISTS")
         .arg(format!("leader:{{{name}}}:leader"))
         .query_async(&mut conn)
         .await
