@@ -473,7 +473,15 @@ impl Core {
                 return;
             }
             let deadline = term.deadline();
-            tokio::select! {
+            // Wait for the renewal time, then renew; the term's end, the store saying it is
+            // gone and the deadline win over both.
+            let renewal = async {
+                sleep_until(next_renewal).await;
+                let reading = Reading::now();
+                let renewed = timeout(cap, self.driver.renew(&self.candidate, &grant)).await;
+                (reading, renewed.unwrap_or(Err(Error::Timeout(cap))))
+            };
+            let (reading, renewed) = tokio::select! {
                 biased;
                 () = term.ended.cancelled() => return,
                 () = &mut gone => {
@@ -484,23 +492,7 @@ impl Core {
                     self.lose(&term, LossReason::Expired);
                     return;
                 }
-                () = sleep_until(next_renewal) => {}
-            }
-            let reading = Reading::now();
-            let renewed = tokio::select! {
-                biased;
-                () = term.ended.cancelled() => return,
-                () = &mut gone => {
-                    self.lose(&term, LossReason::Gone);
-                    return;
-                }
-                () = sleep_until(deadline) => {
-                    self.lose(&term, LossReason::Expired);
-                    return;
-                }
-                renewed = timeout(cap, self.driver.renew(&self.candidate, &grant)) => {
-                    renewed.unwrap_or(Err(Error::Timeout(cap)))
-                }
+                renewed = renewal => renewed,
             };
             match renewed {
                 Ok(renewed) if renewed.fencing_token == grant.fencing_token => {
