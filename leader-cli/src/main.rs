@@ -427,18 +427,16 @@ fn show(leader: Option<&LeaderInfo>, json: bool) -> String {
     }
 }
 
-fn observer(driver: std::sync::Arc<dyn leader::Driver>, name: &str) -> Result<Election, ExitCode> {
-    Election::builder(driver, name)
+/// An election handle that never campaigns, to ask the store who leads `args.name`.
+async fn observer(args: &ObserveArgs) -> Result<Election, ExitCode> {
+    let driver = connect(&args.store).await?;
+    Election::builder(driver, args.name.as_str())
         .build()
         .map_err(|err| fail("bad election name", &err))
 }
 
 async fn observe(args: ObserveArgs) -> ExitCode {
-    let driver = match connect(&args.store).await {
-        Ok(driver) => driver,
-        Err(code) => return code,
-    };
-    let election = match observer(driver, &args.name) {
+    let election = match observer(&args).await {
         Ok(election) => election,
         Err(code) => return code,
     };
@@ -462,11 +460,7 @@ async fn observe(args: ObserveArgs) -> ExitCode {
 }
 
 async fn who(args: ObserveArgs) -> ExitCode {
-    let driver = match connect(&args.store).await {
-        Ok(driver) => driver,
-        Err(code) => return code,
-    };
-    let election = match observer(driver, &args.name) {
+    let election = match observer(&args).await {
         Ok(election) => election,
         Err(code) => return code,
     };

@@ -47,6 +47,35 @@ async fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> bool
     }
 }
 
+/// The keys of election `name` (no prefix) on the etcd at `addr`: one per candidate in line.
+async fn keys_in_line(addr: std::net::SocketAddr, name: &str) -> usize {
+    use leader::etcd::etcd_client::{Client, GetOptions};
+    let mut client = Client::connect([addr.to_string()], None)
+        .await
+        .expect("etcd client");
+    client
+        .get(
+            format!("{name}/"),
+            Some(GetOptions::new().with_prefix().with_keys_only()),
+        )
+        .await
+        .expect("get")
+        .kvs()
+        .len()
+}
+
+/// Waits until `n` candidates of election `name` are in line, or fails at `limit`.
+async fn in_line(addr: std::net::SocketAddr, name: &str, n: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while keys_in_line(addr, name).await < n {
+        assert!(
+            Instant::now() < deadline,
+            "{n} candidates never stood in line"
+        );
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
@@ -176,7 +205,8 @@ async fn sigterm_stops_the_command_resigns_and_hands_over_at_once() {
         "run", "--store", &store, "--name", &name, "--ttl", "5s", "--", "sh", "-c", &b_script,
     ]))
     .expect("b starts");
-    sleep(Duration::from_millis(500)).await;
+    // b stands in line behind a: its command has not started.
+    in_line(server.client_addr(0), &name, 2, Duration::from_secs(10)).await;
     assert!(
         !read(&log).contains("start b"),
         "b's command started while a led"
@@ -258,7 +288,6 @@ async fn a_partitioned_leader_stops_its_command_before_anyone_else_starts() {
         &b_script,
     ]))
     .expect("b starts");
-    sleep(Duration::from_millis(300)).await;
     proxy.hold();
     eventually("b's command", Duration::from_secs(15), || {
         read(&log).contains("start b")
@@ -274,7 +303,6 @@ async fn a_partitioned_leader_stops_its_command_before_anyone_else_starts() {
 /// SIGTERM while waiting in line: exit 0, and nothing of this candidate left in the store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signal_while_waiting_withdraws_and_exits_0() {
-    use leader::etcd::etcd_client::{Client, GetOptions};
     let server = etcd().await;
     let addr = server.client_addr(0);
     let store = format!("etcd://{addr}");
@@ -283,42 +311,20 @@ async fn a_signal_while_waiting_withdraws_and_exits_0() {
         "run", "--store", &store, "--name", &name, "--", "sleep", "300",
     ]))
     .expect("a starts");
-    let mut client = Client::connect([addr.to_string()], None)
-        .await
-        .expect("etcd client");
-    let count = |client: &mut Client| {
-        let mut client = client.clone();
-        let prefix = format!("{name}/");
-        async move {
-            client
-                .get(
-                    prefix,
-                    Some(GetOptions::new().with_prefix().with_keys_only()),
-                )
-                .await
-                .expect("get")
-                .kvs()
-                .len()
-        }
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while count(&mut client).await < 1 {
-        assert!(Instant::now() < deadline, "a never campaigned");
-        sleep(Duration::from_millis(20)).await;
-    }
+    in_line(addr, &name, 1, Duration::from_secs(10)).await;
     let mut b = LineProcess::spawn(&mut leader(&[
         "run", "--store", &store, "--name", &name, "--", "sleep", "300",
     ]))
     .expect("b starts");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while count(&mut client).await < 2 {
-        assert!(Instant::now() < deadline, "b never queued");
-        sleep(Duration::from_millis(20)).await;
-    }
+    in_line(addr, &name, 2, Duration::from_secs(10)).await;
     b.signal("TERM").expect("SIGTERM");
     let status = b.wait(Duration::from_secs(10)).await.expect("b exits");
     assert_eq!(status.code(), Some(0));
-    assert_eq!(count(&mut client).await, 1, "b's place in line was deleted");
+    assert_eq!(
+        keys_in_line(addr, &name).await,
+        1,
+        "b's place in line was deleted"
+    );
     a.signal("TERM").expect("SIGTERM");
     a.wait(Duration::from_secs(10)).await.expect("a exits");
 }
@@ -427,7 +433,8 @@ async fn leader_run_and_etcdctl_elect_share_an_election() {
         "run", "--store", &store, "--name", &name, "--", "sh", "-c", &script,
     ]))
     .expect("run starts");
-    sleep(Duration::from_millis(700)).await;
+    // leader run stands in line behind etcdctl: its command has not started.
+    in_line(addr, &name, 2, Duration::from_secs(10)).await;
     assert!(
         !started.exists(),
         "leader run started its command while etcdctl led"
@@ -439,6 +446,7 @@ async fn leader_run_and_etcdctl_elect_share_an_election() {
     .await;
     // Now leader run leads: etcdctl waits until it stops.
     let mut second = LineProcess::spawn(&mut etcdctl("second")).expect("etcdctl elect");
+    in_line(addr, &name, 2, Duration::from_secs(10)).await;
     assert_eq!(second.next_line(Duration::from_millis(700)).await, None);
     run.signal("TERM").expect("SIGTERM");
     assert!(
