@@ -49,6 +49,42 @@ pub(crate) fn is_denied(err: &EtcdError) -> bool {
             .any(|denied| message.contains(denied))
 }
 
+/// An etcd refusal, with what the client needs: the permission on the election's keys, or
+/// valid credentials.
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    source: leader_core::BoxError,
+    prefix: String,
+}
+
+impl Refusal {
+    pub(crate) fn new(source: leader_core::BoxError, prefix: String) -> Self {
+        Refusal { source, prefix }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let said = ErrorChain(self.source.as_ref()).to_string();
+        let prefix = &self.prefix;
+        if said.contains("permission denied") {
+            write!(
+                f,
+                "{said}: the etcd user needs read and write on the keys under `{prefix}` \
+                 (etcdctl role grant-permission ROLE readwrite {prefix} --prefix)"
+            )
+        } else {
+            write!(
+                f,
+                "{said}: etcd refused the credentials (check the user and password, or the \
+                 client certificate)"
+            )
+        }
+    }
+}
+
+impl std::error::Error for Refusal {}
+
 /// The error of a watch that etcd cancelled with `reason` (its `cancel_reason`), through
 /// [`from_etcd`]: a refusal such as "permission denied" is [`Error::Denied`], anything
 /// else a store error.

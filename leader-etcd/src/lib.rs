@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{Client, ConnectOptions};
+use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use leader_core::{Candidate, Driver, Error, Grant, LeaderInfo, Result};
@@ -141,31 +142,40 @@ impl EtcdDriver {
     /// [`with_require_leader(true)`](ConnectOptions::with_require_leader), as `etcdctl
     /// elect` does: a member cut off from its cluster's quorum then fails requests and ends
     /// watches with an error (soon after it loses its leader), instead of leaving a waiting
-    /// candidate stalled on a watch that cannot fire.
+    /// candidate stalled on a watch that cannot fire. And
+    /// [`with_auto_token_refresh(true)`](ConnectOptions::with_auto_token_refresh): with a
+    /// user and password, etcd's auth token expires (after `--auth-token-ttl`, 5 minutes by
+    /// default); without a refresh every request after that fails and every election dies.
     pub fn default_connect_options() -> ConnectOptions {
         ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
             .with_keep_alive_while_idle(true)
             .with_require_leader(true)
+            .with_auto_token_refresh(true)
     }
 
     /// Connects to etcd at `endpoints` with the client options `options` (credentials with
     /// `with_user`, TLS, timeouts) and returns a driver with the default options. Bad
     /// credentials are [`Error::Denied`].
     ///
-    /// `options` are used as given. Set
-    /// [`with_require_leader(true)`](ConnectOptions::with_require_leader) in them (or start
-    /// from [`default_connect_options`](Self::default_connect_options)): without it, a
+    /// `options` are used as given. Start from
+    /// [`default_connect_options`](Self::default_connect_options), or set
+    /// [`with_require_leader(true)`](ConnectOptions::with_require_leader) (without it, a
     /// candidate waiting in line through a member that lost its quorum waits on a watch
-    /// that stays silent until the member rejoins.
+    /// that stays silent until the member rejoins) and, with a user,
+    /// [`with_auto_token_refresh(true)`](ConnectOptions::with_auto_token_refresh) (without
+    /// it, every request fails once the auth token expires).
+    ///
+    /// TLS (feature `tls`): `https://` endpoints and
+    /// `options.with_tls(etcd_client::TlsOptions::new().ca_certificate(…).identity(…))`.
     pub async fn connect_with<E: AsRef<str>, S: AsRef<[E]>>(
         endpoints: S,
         options: ConnectOptions,
     ) -> Result<Self> {
         let client = Client::connect(endpoints, Some(options))
             .await
-            .map_err(from_etcd)?;
+            .map_err(refused_at_connect)?;
         Ok(Self::new(client))
     }
 
@@ -178,7 +188,7 @@ impl EtcdDriver {
     ) -> Result<EtcdDriverBuilder> {
         let client = Client::connect(endpoints, Some(options))
             .await
-            .map_err(from_etcd)?;
+            .map_err(refused_at_connect)?;
         Ok(Self::builder(client))
     }
 
@@ -237,6 +247,14 @@ impl std::fmt::Debug for EtcdDriver {
     }
 }
 
+/// A failed connection's error: a refusal says to check the credentials.
+fn refused_at_connect(err: etcd_client::Error) -> Error {
+    match from_etcd(err) {
+        Error::Denied(source) => Error::denied(error::Refusal::new(source, String::new())),
+        other => other,
+    }
+}
+
 /// Takes a std mutex whether or not a panic poisoned it: the data under these locks is
 /// always left consistent.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -258,9 +276,8 @@ impl Inner {
     }
 }
 
-#[async_trait]
-impl Driver for EtcdDriver {
-    async fn campaign(&self, candidate: &Candidate) -> Result<Grant> {
+impl EtcdDriver {
+    async fn campaign_term(&self, candidate: &Candidate) -> Result<Grant> {
         let began = Instant::now();
         let inner = &self.inner;
         let slot = inner.leases.slot(inner.lease_seconds(candidate.ttl));
@@ -302,7 +319,7 @@ impl Driver for EtcdDriver {
         ))
     }
 
-    async fn renew(&self, candidate: &Candidate, grant: &Grant) -> Result<Grant> {
+    async fn renew_term(&self, candidate: &Candidate, grant: &Grant) -> Result<Grant> {
         let inner = &self.inner;
         let Some(key) = inner.term_key(&candidate.id, grant.fencing_token) else {
             return Err(Error::TermGone);
@@ -331,7 +348,7 @@ impl Driver for EtcdDriver {
         }
     }
 
-    async fn resign(&self, candidate: &Candidate, fencing_token: Option<u64>) -> Result<()> {
+    async fn resign_term(&self, candidate: &Candidate, fencing_token: Option<u64>) -> Result<()> {
         let inner = &self.inner;
         let Some(key) = inner.candidate_key(&candidate.id) else {
             return Ok(());
@@ -362,13 +379,52 @@ impl Driver for EtcdDriver {
         Ok(())
     }
 
+    /// `err`, with a refusal ([`Error::Denied`]) explained: which permission the user needs
+    /// for `election`.
+    fn explain(&self, election: &str, err: Error) -> Error {
+        match err {
+            Error::Denied(source) => {
+                Error::denied(error::Refusal::new(source, self.election_prefix(election)))
+            }
+            other => other,
+        }
+    }
+}
+
+#[async_trait]
+impl Driver for EtcdDriver {
+    async fn campaign(&self, candidate: &Candidate) -> Result<Grant> {
+        self.campaign_term(candidate)
+            .await
+            .map_err(|err| self.explain(&candidate.election, err))
+    }
+
+    async fn renew(&self, candidate: &Candidate, grant: &Grant) -> Result<Grant> {
+        self.renew_term(candidate, grant)
+            .await
+            .map_err(|err| self.explain(&candidate.election, err))
+    }
+
+    async fn resign(&self, candidate: &Candidate, fencing_token: Option<u64>) -> Result<()> {
+        self.resign_term(candidate, fencing_token)
+            .await
+            .map_err(|err| self.explain(&candidate.election, err))
+    }
+
     async fn leader(&self, election: &str) -> Result<Option<LeaderInfo>> {
         let prefix = self.election_prefix(election);
-        Ok(self.inner.leader_of(&prefix).await?.0)
+        match self.inner.leader_of(&prefix).await {
+            Ok((leader, _)) => Ok(leader),
+            Err(err) => Err(self.explain(election, err)),
+        }
     }
 
     fn observe(&self, election: &str) -> BoxStream<'static, Result<Option<LeaderInfo>>> {
-        observe::observe(Arc::clone(&self.inner), self.election_prefix(election))
+        let driver = self.clone();
+        let election = election.to_owned();
+        observe::observe(Arc::clone(&self.inner), self.election_prefix(&election))
+            .map(move |item| item.map_err(|err| driver.explain(&election, err)))
+            .boxed()
     }
 
     fn term_gone(&self, candidate: &Candidate, fencing_token: u64) -> BoxFuture<'static, ()> {

@@ -2,6 +2,7 @@
 #![warn(clippy::unwrap_used)]
 
 mod subscriber;
+mod topology;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,14 +12,15 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use leader_core::{Candidate, Driver, Error, Grant, LeaderInfo, Result};
 use rand::Rng;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
 use redis::{Client, Script};
 use tokio::time::{Instant, sleep, timeout};
-use tracing::debug;
+use tracing::{debug, warn};
 
 pub use redis;
 
 use subscriber::Subscriber;
+use topology::{Call, Connection, Source, needs_new_connection};
 
 /// The default for [`RedisDriverBuilder::request_timeout`].
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -70,27 +72,29 @@ end
 return {held[1], held[2], held[3], redis.call('PTTL', KEYS[1])}
 ";
 
-/// A [`Driver`] for Redis.
+/// A [`Driver`] for Redis: one server, a Redis Cluster, or the master that Sentinel names.
 ///
 /// Each election uses, for election `jobs` and prefix `p:`, the hash `p:{jobs}:leader`
 /// (fields `owner`, `value`, `token`, with a millisecond expiry), the counter
 /// `p:{jobs}:fence` (the fencing tokens) and the channel `p:{jobs}:events`. The keys share
-/// the hash tag `{jobs}`, so Redis Cluster keeps them on one node. Taking the lead,
-/// renewing and resigning are Lua scripts (EVALSHA, falling back to EVAL) that compare the
-/// owner's unique token first: a driver never extends or deletes another candidate's key.
+/// the hash tag `{jobs}`, so Redis Cluster keeps them in one slot. Taking the lead,
+/// renewing and resigning are Lua scripts (EVALSHA, loading the script when the server
+/// lacks it) that compare the owner's unique token first: a driver never extends or
+/// deletes another candidate's key.
 ///
-/// Cheap to clone: clones share one connection (a [`ConnectionManager`], which reconnects)
-/// and one pub/sub connection; each election built on it is a distinct candidate.
+/// Cheap to clone: clones share one command connection (which reconnects) and one pub/sub
+/// connection; each election built on it is a distinct candidate.
 #[derive(Clone)]
 pub struct RedisDriver {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    client: Client,
-    connection: tokio::sync::Mutex<Option<ConnectionManager>>,
+    source: Source,
+    connection: tokio::sync::Mutex<Option<Connection>>,
     prefix: String,
     request_timeout: Duration,
+    replicas: Option<(usize, Duration)>,
     subscriber: Subscriber,
     acquire: Script,
     renew: Script,
@@ -99,16 +103,29 @@ struct Inner {
 }
 
 /// Builds a [`RedisDriver`] with options.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[must_use = "a RedisDriverBuilder does nothing until build() is called"]
 pub struct RedisDriverBuilder {
-    client: Client,
+    source: Source,
     prefix: String,
     request_timeout: Duration,
+    replicas: Option<(usize, Duration)>,
+}
+
+impl std::fmt::Debug for RedisDriverBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisDriverBuilder")
+            .field("topology", &self.source.kind())
+            .field("prefix", &self.prefix)
+            .field("request_timeout", &self.request_timeout)
+            .field("replicas", &self.replicas)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RedisDriverBuilder {
-    /// A prefix put before every key and channel. Defaults to `leader:`.
+    /// A prefix put before every key and channel. Defaults to `leader:`; the ACL of the
+    /// driver's user names it (`~leader:* &leader:*`, see the README).
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
         self
@@ -120,15 +137,34 @@ impl RedisDriverBuilder {
         self
     }
 
+    /// After each write (taking the lead, renewing, resigning), `WAIT replicas timeout` on
+    /// the same connection: a term is granted or renewed only once `replicas` replicas have
+    /// its write, and otherwise the attempt fails (the term then ends at its deadline, and a
+    /// campaign is withdrawn and tried again). This narrows the window in which a failover
+    /// to an asynchronous replica forgets a leader; it does not close it (see the README,
+    /// "Sentinel"). For one server or Sentinel; a Cluster ignores it (with a warning).
+    pub fn replicas(mut self, replicas: usize, timeout: Duration) -> Self {
+        self.replicas = (replicas > 0).then_some((replicas, timeout));
+        self
+    }
+
     /// The driver. It connects on first use.
     pub fn build(self) -> RedisDriver {
+        let replicas = match (&self.source, self.replicas) {
+            (Source::Cluster { .. }, Some(_)) => {
+                warn!("Redis Cluster: the replicas option is not supported there and is ignored");
+                None
+            }
+            (_, replicas) => replicas,
+        };
         RedisDriver {
             inner: Arc::new(Inner {
-                subscriber: Subscriber::new(self.client.clone()),
-                client: self.client,
+                subscriber: Subscriber::new(self.source.clone()),
+                source: self.source,
                 connection: tokio::sync::Mutex::new(None),
                 prefix: self.prefix,
                 request_timeout: self.request_timeout,
+                replicas,
                 acquire: Script::new(ACQUIRE),
                 renew: Script::new(RENEW),
                 resign: Script::new(RESIGN),
@@ -136,35 +172,120 @@ impl RedisDriverBuilder {
             }),
         }
     }
+
+    /// The driver, connected: fails if Redis cannot be reached or refuses this client now.
+    /// Warns (a `tracing` warning) when the server's `maxmemory-policy` could evict a
+    /// leader's key, if this user may read it.
+    pub async fn connect(self) -> Result<RedisDriver> {
+        let driver = self.build();
+        let mut connection = driver.inner.connection().await?;
+        match connection.eviction_policy().await {
+            Some(policy) if policy != "noeviction" => warn!(
+                %policy,
+                "Redis may evict keys (maxmemory-policy is not noeviction): an evicted \
+                 leader key elects another candidate while the leader still leads; use \
+                 noeviction or an instance of its own for elections"
+            ),
+            Some(_) => {}
+            None => debug!("cannot read maxmemory-policy (CONFIG GET not permitted?)"),
+        }
+        Ok(driver)
+    }
 }
 
 impl RedisDriver {
-    /// A driver on `client`, with the default options. It connects on first use.
+    /// A driver on `client` (one server), with the default options. It connects on first
+    /// use.
     pub fn new(client: Client) -> Self {
         Self::builder(client).build()
     }
 
-    /// A builder for a driver on `client`.
+    /// A builder for a driver on `client` (one server).
     pub fn builder(client: Client) -> RedisDriverBuilder {
-        RedisDriverBuilder {
+        Self::on(Source::Single(client))
+    }
+
+    /// A builder for a driver on a Redis Cluster with the seed `nodes`; pub/sub connects to
+    /// one of them (the first that answers), since a `PUBLISH` reaches every node of a
+    /// Cluster.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] (`store`) if `nodes` is empty or one does not parse.
+    pub fn cluster_builder<T: redis::IntoConnectionInfo + Clone>(
+        nodes: Vec<T>,
+    ) -> Result<RedisDriverBuilder> {
+        let client = ClusterClient::builder(nodes.clone())
+            .build()
+            .map_err(|err| Error::invalid_config("store", err.to_string()))?;
+        Self::cluster_on(client, nodes.into_iter().map(Client::open))
+    }
+
+    /// [`cluster_builder`](Self::cluster_builder) over TLS with `certificates` (a CA of
+    /// your own, a client certificate); the nodes' URLs are `rediss://`.
+    ///
+    /// # Errors
+    ///
+    /// As [`cluster_builder`](Self::cluster_builder).
+    #[cfg(feature = "tls")]
+    pub fn cluster_builder_with_tls<T: redis::IntoConnectionInfo + Clone>(
+        nodes: Vec<T>,
+        certificates: redis::TlsCertificates,
+    ) -> Result<RedisDriverBuilder> {
+        let client = ClusterClient::builder(nodes.clone())
+            .certs(certificates.clone())
+            .build()
+            .map_err(|err| Error::invalid_config("store", err.to_string()))?;
+        Self::cluster_on(
             client,
+            nodes
+                .into_iter()
+                .map(|node| Client::build_with_tls(node, certificates.clone())),
+        )
+    }
+
+    fn cluster_on(
+        client: ClusterClient,
+        nodes: impl Iterator<Item = redis::RedisResult<Client>>,
+    ) -> Result<RedisDriverBuilder> {
+        let nodes = nodes
+            .collect::<redis::RedisResult<Vec<Client>>>()
+            .map_err(|err| Error::invalid_config("store", err.to_string()))?;
+        if nodes.is_empty() {
+            return Err(Error::invalid_config(
+                "store",
+                "a Redis Cluster needs at least one node",
+            ));
+        }
+        Ok(Self::on(Source::Cluster { client, nodes }))
+    }
+
+    /// A builder for a driver on the master that `sentinel` names (a
+    /// [`SentinelClient`](redis::sentinel::SentinelClient) for the master's service name,
+    /// with [`SentinelServerType::Master`](redis::sentinel::SentinelServerType::Master)).
+    /// Every (re)connection asks the sentinels again, and a connection to a server that
+    /// has become a replica (`READONLY`) is replaced, so the driver follows a failover.
+    pub fn sentinel_builder(sentinel: redis::sentinel::SentinelClient) -> RedisDriverBuilder {
+        Self::on(Source::Sentinel(Arc::new(tokio::sync::Mutex::new(
+            sentinel,
+        ))))
+    }
+
+    fn on(source: Source) -> RedisDriverBuilder {
+        RedisDriverBuilder {
+            source,
             prefix: "leader:".to_owned(),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            replicas: None,
         }
     }
 
-    /// Connects to `url` (`redis://127.0.0.1:6379`) and returns a driver with the default
-    /// options; fails if Redis cannot be reached now.
+    /// Connects to `url` (`redis://127.0.0.1:6379`, `rediss://` with the `tls` feature)
+    /// and returns a driver with the default options; fails if Redis cannot be reached or
+    /// refuses this client now.
     pub async fn connect(url: &str) -> Result<Self> {
-        let client = Client::open(url).map_err(Error::store)?;
-        let driver = Self::new(client);
-        driver.inner.connection().await?;
-        Ok(driver)
-    }
-
-    /// The Redis client, to share with the rest of the service.
-    pub fn client(&self) -> &Client {
-        &self.inner.client
+        let client = Client::open(url).map_err(redis_error)?;
+        Self::builder(client).connect().await
     }
 
     /// The keys and channel of `election`.
@@ -181,6 +302,7 @@ impl RedisDriver {
 impl std::fmt::Debug for RedisDriver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisDriver")
+            .field("topology", &self.inner.source.kind())
             .field("prefix", &self.inner.prefix)
             .finish_non_exhaustive()
     }
@@ -208,6 +330,11 @@ fn check_name(election: &str) -> Result<()> {
     Ok(())
 }
 
+/// The commands the driver sends (its scripts' included): the least-privilege ACL of its
+/// user is `~PREFIX* &PREFIX*` and these (see the README, "Production").
+pub const ACL_COMMANDS: &str = "+evalsha +eval +script|load +ping +subscribe +unsubscribe \
+    +hget +hmget +hset +del +incr +pexpire +pttl +publish +wait +config|get +cluster|slots";
+
 /// A Redis error as this crate's [`Error`]: a refused login or a missing ACL permission is
 /// [`Error::Denied`] (retrying cannot fix it), anything else [`Error::Store`].
 fn redis_error(err: redis::RedisError) -> Error {
@@ -217,6 +344,36 @@ fn redis_error(err: redis::RedisError) -> Error {
         Error::store(err)
     }
 }
+
+/// A Redis refusal, with what the driver's user needs.
+#[derive(Debug)]
+struct Refusal {
+    source: leader_core::BoxError,
+    prefix: String,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let said = leader_core::ErrorChain(self.source.as_ref()).to_string();
+        let prefix = &self.prefix;
+        if said.contains("NOPERM") || said.contains("no permissions") {
+            let commands: Vec<&str> = ACL_COMMANDS.split_whitespace().collect();
+            write!(
+                f,
+                "{said}: the Redis user needs the keys and channels under `{prefix}` and the \
+                 driver's commands (ACL SETUSER USER ~{prefix}* &{prefix}* {})",
+                commands.join(" ")
+            )
+        } else {
+            write!(
+                f,
+                "{said}: Redis refused the credentials (check the user and password)"
+            )
+        }
+    }
+}
+
+impl std::error::Error for Refusal {}
 
 fn is_denied(err: &redis::RedisError) -> bool {
     err.kind() == redis::ErrorKind::AuthenticationFailed
@@ -231,55 +388,68 @@ fn millis(duration: Duration) -> u64 {
 
 impl Inner {
     /// The shared connection, made on first use (and again after [`discard`](Self::discard)).
-    async fn connection(&self) -> Result<ConnectionManager> {
+    async fn connection(&self) -> Result<Connection> {
         let mut slot = self.connection.lock().await;
         if let Some(connection) = slot.as_ref() {
             return Ok(connection.clone());
         }
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(self.request_timeout))
-            .set_connection_timeout(Some(self.request_timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(1));
         let connection = match timeout(
             self.request_timeout * 2,
-            ConnectionManager::new_with_config(self.client.clone(), config),
+            self.source.connect(self.request_timeout),
         )
         .await
         {
-            Ok(result) => result.map_err(redis_error)?,
+            Ok(result) => result.map_err(|err| self.explain(redis_error(err)))?,
             Err(_) => return Err(Error::Timeout(self.request_timeout * 2)),
         };
         *slot = Some(connection.clone());
         Ok(connection)
     }
 
-    /// Drops the shared connection after a request got no answer: the connection manager
-    /// reconnects when a socket closes, but not when it merely goes silent (half-open), so
-    /// the next request opens a new one.
-    async fn discard(&self) {
-        if self.connection.lock().await.take().is_some() {
-            debug!("Redis request timed out; opening a new connection for the next one");
+    /// `err`, with a refusal ([`Error::Denied`]) explained.
+    fn explain(&self, err: Error) -> Error {
+        match err {
+            Error::Denied(source) => Error::denied(Refusal {
+                source,
+                prefix: self.prefix.clone(),
+            }),
+            other => other,
         }
     }
 
-    async fn run<T: redis::FromRedisValue>(
-        &self,
-        invocation: redis::ScriptInvocation<'_>,
-    ) -> Result<T> {
+    /// Drops the shared connection after a request failed in a way a new connection may
+    /// fix: the connection manager reconnects when a socket closes, but not when it merely
+    /// goes silent (half-open), and not to another server when this one became a replica
+    /// (a Sentinel failover); the next request opens a new one.
+    async fn discard(&self) {
+        if self.connection.lock().await.take().is_some() {
+            debug!("Redis request failed; opening a new connection for the next one");
+        }
+    }
+
+    /// Runs a script; `writes` scripts wait for the replicas if the driver has that
+    /// option.
+    async fn run<T: redis::FromRedisValue>(&self, call: Call<'_>, writes: bool) -> Result<T> {
         let mut connection = self.connection().await?;
+        let wait = self.replicas.filter(|_| writes);
         let result = timeout(
-            self.request_timeout,
-            invocation.invoke_async(&mut connection),
+            self.request_timeout + wait.map_or(Duration::ZERO, |(_, wait)| wait),
+            call.run::<T>(&mut connection, wait),
         )
         .await;
         match result {
-            Ok(Ok(value)) => Ok(value),
+            Ok(Ok((value, None))) => Ok(value),
+            Ok(Ok((value, Some(acked)))) => match wait {
+                Some((wanted, _)) if acked < wanted => Err(Error::store(std::io::Error::other(
+                    format!("WAIT: {acked} of {wanted} replicas acknowledged the write in time"),
+                ))),
+                _ => Ok(value),
+            },
             Ok(Err(err)) => {
-                if err.is_timeout() {
+                if needs_new_connection(&err) {
                     self.discard().await;
                 }
-                Err(redis_error(err))
+                Err(self.explain(redis_error(err)))
             }
             Err(_) => {
                 self.discard().await;
@@ -295,14 +465,12 @@ impl Inner {
         candidate: &Candidate,
     ) -> Result<std::result::Result<Grant, i64>> {
         let sent_at = Instant::now();
-        let mut invocation = self.acquire.key(&keys.leader);
-        invocation
-            .key(&keys.fence)
+        let call = Call::new(&self.acquire, &[&keys.leader, &keys.fence])
             .arg(&candidate.id)
             .arg(&candidate.value)
             .arg(millis(candidate.ttl))
             .arg(&keys.channel);
-        let (won, value): (i64, i64) = self.run(invocation).await?;
+        let (won, value): (i64, i64) = self.run(call, true).await?;
         if won == 1 {
             let token = u64::try_from(value).map_err(|_| {
                 Error::store(std::io::Error::other(format!("fence counter at {value}")))
@@ -315,9 +483,9 @@ impl Inner {
 
     /// The leader and its remaining lease in milliseconds.
     async fn leader_with_pttl(&self, keys: &ElectionKeys) -> Result<Option<(LeaderInfo, i64)>> {
-        let invocation = self.leader.key(&keys.leader);
+        let call = Call::new(&self.leader, &[&keys.leader]);
         let held: Option<(String, Vec<u8>, u64, i64)> = {
-            let raw: Vec<redis::Value> = self.run(invocation).await?;
+            let raw: Vec<redis::Value> = self.run(call, false).await?;
             if raw.is_empty() {
                 None
             } else {
@@ -373,12 +541,11 @@ impl Driver for RedisDriver {
     async fn renew(&self, candidate: &Candidate, grant: &Grant) -> Result<Grant> {
         let keys = self.keys(&candidate.election);
         let sent_at = Instant::now();
-        let mut invocation = self.inner.renew.key(&keys.leader);
-        invocation
+        let call = Call::new(&self.inner.renew, &[&keys.leader])
             .arg(&candidate.id)
             .arg(grant.fencing_token)
             .arg(millis(candidate.ttl));
-        let renewed: i64 = self.inner.run(invocation).await?;
+        let renewed: i64 = self.inner.run(call, true).await?;
         if renewed == 1 {
             Ok(Grant::new(grant.fencing_token, sent_at, candidate.ttl))
         } else {
@@ -398,9 +565,11 @@ impl Driver for RedisDriver {
                 _ => return Ok(()),
             },
         };
-        let mut invocation = self.inner.resign.key(&keys.leader);
-        invocation.arg(&candidate.id).arg(&keys.channel).arg(token);
-        let _deleted: i64 = self.inner.run(invocation).await?;
+        let call = Call::new(&self.inner.resign, &[&keys.leader])
+            .arg(&candidate.id)
+            .arg(&keys.channel)
+            .arg(token);
+        let _deleted: i64 = self.inner.run(call, true).await?;
         Ok(())
     }
 

@@ -4,8 +4,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
+use crate::topology::Source;
 use futures::StreamExt;
-use redis::Client;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::timeout;
 use tracing::{debug, warn};
@@ -27,7 +27,7 @@ const HEALTH_CHECK_EVERY: Duration = Duration::from_secs(5);
 pub(crate) struct Subscriber {
     shared: Arc<Shared>,
     commands: mpsc::UnboundedSender<Command>,
-    idle: Mutex<Option<(Client, mpsc::UnboundedReceiver<Command>)>>,
+    idle: Mutex<Option<(Source, mpsc::UnboundedReceiver<Command>)>>,
 }
 
 struct Shared {
@@ -105,14 +105,14 @@ impl Shared {
 }
 
 impl Subscriber {
-    pub(crate) fn new(client: Client) -> Self {
+    pub(crate) fn new(source: Source) -> Self {
         let (commands, rx) = mpsc::unbounded_channel();
         Subscriber {
             shared: Arc::new(Shared {
                 channels: Mutex::new(HashMap::new()),
             }),
             commands,
-            idle: Mutex::new(Some((client, rx))),
+            idle: Mutex::new(Some((source, rx))),
         }
     }
 
@@ -125,8 +125,8 @@ impl Subscriber {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .take();
-        if let Some((client, rx)) = idle {
-            tokio::spawn(run(client, Arc::clone(&self.shared), rx));
+        if let Some((source, rx)) = idle {
+            tokio::spawn(run(source, Arc::clone(&self.shared), rx));
         }
         let rx = {
             let mut channels = self.shared.lock();
@@ -157,11 +157,27 @@ impl Subscriber {
 }
 
 /// The connection task: connect, subscribe every channel, route messages; reconnect with
-/// backoff when the connection drops.
-async fn run(client: Client, shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Command>) {
+/// backoff when the connection drops (to the next node of a Cluster, to the master that
+/// Sentinel names now).
+async fn run(source: Source, shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Command>) {
     let mut backoff = Duration::from_millis(50);
+    let mut attempt = 0_usize;
     loop {
-        match connected(&client, &shared, &mut commands).await {
+        let ended = match timeout(SUBSCRIBE_TIMEOUT, source.node(attempt)).await {
+            Ok(Ok(client)) => connected(&client, &shared, &mut commands).await,
+            Ok(Err(err)) => {
+                warn!(error = %err, "no Redis server for pub/sub; waiters fall back to expiry timers");
+                Ended::Disconnected
+            }
+            Err(_) => {
+                warn!(
+                    "finding a Redis server for pub/sub timed out; waiters fall back to expiry timers"
+                );
+                Ended::Disconnected
+            }
+        };
+        attempt = attempt.wrapping_add(1);
+        match ended {
             Ended::DriverGone => return,
             Ended::Disconnected => {}
         }
@@ -191,7 +207,7 @@ enum Ended {
 }
 
 async fn connected(
-    client: &Client,
+    client: &redis::Client,
     shared: &Shared,
     commands: &mut mpsc::UnboundedReceiver<Command>,
 ) -> Ended {

@@ -7,6 +7,8 @@
 //! loudly rather than skip.
 
 mod lines;
+mod secure;
+mod topologies;
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -15,6 +17,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub use lines::LineProcess;
+pub use secure::{Certificates, ROOT_PASSWORD, SecureEtcd, secure_etcd};
+pub use topologies::{MASTER_NAME, RedisCluster, RedisSentinel};
 
 /// How long a server may take to accept connections after it starts.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -162,6 +166,10 @@ struct EtcdMember {
 pub struct EtcdServer {
     members: Vec<EtcdMember>,
     initial_cluster: String,
+    /// Extra command-line arguments of every member (TLS, auth-token options).
+    extra: Vec<String>,
+    /// `https` when the members serve clients over TLS.
+    scheme: &'static str,
     _dir: tempfile::TempDir,
 }
 
@@ -173,6 +181,15 @@ impl EtcdServer {
 
     /// Starts an etcd cluster of `size` members and waits until each accepts clients.
     pub fn start_cluster(size: usize) -> io::Result<Self> {
+        Self::start_with(size, Vec::new(), "http")
+    }
+
+    /// Starts `size` members with `extra` arguments, serving clients with `scheme`.
+    pub(crate) fn start_with(
+        size: usize,
+        extra: Vec<String>,
+        scheme: &'static str,
+    ) -> io::Result<Self> {
         require_binary("etcd", "etcd-server")?;
         let dir = tempfile::Builder::new().prefix("leader-etcd-").tempdir()?;
         let mut specs = Vec::new();
@@ -199,6 +216,7 @@ impl EtcdServer {
                 &log,
                 &initial_cluster,
                 "new",
+                (&extra, scheme),
             )?;
             members.push(EtcdMember {
                 name,
@@ -216,10 +234,13 @@ impl EtcdServer {
         Ok(EtcdServer {
             members,
             initial_cluster,
+            extra,
+            scheme,
             _dir: dir,
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn spawn_member(
         name: &str,
         client_addr: SocketAddr,
@@ -228,10 +249,12 @@ impl EtcdServer {
         log: &Path,
         initial_cluster: &str,
         state: &str,
+        (extra, scheme): (&[String], &str),
     ) -> io::Result<Process> {
-        let client_url = format!("http://{client_addr}");
+        let client_url = format!("{scheme}://{client_addr}");
         Process::spawn(
             Command::new("etcd")
+                .args(extra)
                 .args(["--name", name])
                 .arg("--data-dir")
                 .arg(data_dir)
@@ -280,6 +303,7 @@ impl EtcdServer {
     pub fn restart(&mut self, i: usize) -> io::Result<()> {
         let initial_cluster = self.initial_cluster.clone();
         let member = &mut self.members[i];
+        let (extra, scheme) = (&self.extra, self.scheme);
         member.process.kill();
         member.process = Self::spawn_member(
             &member.name,
@@ -289,6 +313,7 @@ impl EtcdServer {
             &member.log,
             &initial_cluster,
             "existing",
+            (extra, scheme),
         )?;
         let child = member.process.child()?;
         wait_for_port(member.client_addr, child, "etcd", &member.log)
@@ -300,33 +325,50 @@ impl EtcdServer {
 pub struct RedisServer {
     addr: SocketAddr,
     dir: tempfile::TempDir,
-    persistent: bool,
+    options: RedisOptions,
     log: PathBuf,
     process: Process,
+}
+
+/// How a [`RedisServer`] is started.
+#[derive(Debug, Clone, Default)]
+pub struct RedisOptions {
+    /// `appendonly yes` and `appendfsync always` (else no persistence at all).
+    pub persistent: bool,
+    /// Serve TLS only (no plain port), with these certificates.
+    pub tls: Option<Certificates>,
+    /// More lines of `redis.conf` (`user …`, `cluster-enabled yes`, `replicaof …`).
+    pub config: Vec<String>,
+    /// Run as a Sentinel (`--sentinel`); `config` then holds its `sentinel …` lines.
+    pub sentinel: bool,
 }
 
 impl RedisServer {
     /// Starts `redis-server` without persistence (no RDB, no AOF).
     pub fn start() -> io::Result<Self> {
-        Self::start_with(false)
+        Self::start_with(RedisOptions::default())
     }
 
     /// Starts `redis-server` with `appendonly yes` and `appendfsync always`: a restart keeps
     /// every acknowledged write.
     pub fn start_persistent() -> io::Result<Self> {
-        Self::start_with(true)
+        Self::start_with(RedisOptions {
+            persistent: true,
+            ..RedisOptions::default()
+        })
     }
 
-    fn start_with(persistent: bool) -> io::Result<Self> {
+    /// Starts `redis-server` (or a Sentinel) with `options`, and waits until it listens.
+    pub fn start_with(options: RedisOptions) -> io::Result<Self> {
         require_binary("redis-server", "redis-server")?;
         let dir = tempfile::Builder::new().prefix("leader-redis-").tempdir()?;
         let addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
         let log = dir.path().join("redis.log");
-        let process = Self::spawn(addr, dir.path(), persistent, &log)?;
+        let process = Self::spawn(addr, dir.path(), &options, &log)?;
         let mut server = RedisServer {
             addr,
             dir,
-            persistent,
+            options,
             log,
             process,
         };
@@ -334,19 +376,54 @@ impl RedisServer {
         Ok(server)
     }
 
-    fn spawn(addr: SocketAddr, dir: &Path, persistent: bool, log: &Path) -> io::Result<Process> {
+    fn spawn(
+        addr: SocketAddr,
+        dir: &Path,
+        options: &RedisOptions,
+        log: &Path,
+    ) -> io::Result<Process> {
+        // Sentinel rewrites its config file, so it must be one of its own; the same file
+        // serves the other options' lines.
+        let conf = dir.join("redis.conf");
+        if !conf.exists() {
+            let mut lines = options.config.clone();
+            lines.push(String::new());
+            std::fs::write(&conf, lines.join("\n"))?;
+        }
+        let port = addr.port().to_string();
         let mut command = Command::new("redis-server");
+        command.arg(&conf);
+        if options.sentinel {
+            command.arg("--sentinel");
+        }
+        match &options.tls {
+            Some(certs) => {
+                command
+                    .args(["--port", "0", "--tls-port", &port])
+                    .arg("--tls-cert-file")
+                    .arg(certs.server_cert())
+                    .arg("--tls-key-file")
+                    .arg(certs.server_key())
+                    .arg("--tls-ca-cert-file")
+                    .arg(certs.ca())
+                    .args(["--tls-auth-clients", "optional"]);
+            }
+            None => {
+                command.args(["--port", &port]);
+            }
+        }
         command
-            .args(["--port", &addr.port().to_string()])
             .args(["--bind", "127.0.0.1"])
             .arg("--dir")
             .arg(dir)
-            .args(["--save", ""])
             .args(["--daemonize", "no"]);
-        if persistent {
-            command.args(["--appendonly", "yes", "--appendfsync", "always"]);
-        } else {
-            command.args(["--appendonly", "no"]);
+        if !options.sentinel {
+            command.args(["--save", ""]);
+            if options.persistent {
+                command.args(["--appendonly", "yes", "--appendfsync", "always"]);
+            } else {
+                command.args(["--appendonly", "no"]);
+            }
         }
         Process::spawn(&mut command, log)
     }
@@ -356,9 +433,19 @@ impl RedisServer {
         wait_for_port(self.addr, child, "redis-server", &self.log)
     }
 
-    /// `redis://127.0.0.1:port`.
+    /// `redis://127.0.0.1:port` (`rediss://` with TLS).
     pub fn url(&self) -> String {
-        format!("redis://{}", self.addr)
+        let scheme = if self.options.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// The server's log so far: what it said before a test failed.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// The server's address.
@@ -380,7 +467,7 @@ impl RedisServer {
     /// replayed), and waits until it listens.
     pub fn restart(&mut self) -> io::Result<()> {
         self.process.kill();
-        self.process = Self::spawn(self.addr, self.dir.path(), self.persistent, &self.log)?;
+        self.process = Self::spawn(self.addr, self.dir.path(), &self.options, &self.log)?;
         self.wait()
     }
 }

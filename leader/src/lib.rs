@@ -3,6 +3,7 @@
 #![warn(clippy::unwrap_used)]
 
 mod config;
+mod stores;
 mod url;
 
 use std::sync::Arc;
@@ -22,44 +23,20 @@ pub use leader_etcd as etcd;
 #[cfg(feature = "redis")]
 pub use leader_redis as redis;
 
-/// The schemes this build can connect to, for error messages.
-fn available() -> String {
-    let mut schemes: Vec<&str> = Vec::new();
-    if cfg!(feature = "etcd") {
-        schemes.push("etcd://");
-    }
-    if cfg!(feature = "redis") {
-        schemes.push("redis://");
-    }
-    if schemes.is_empty() {
-        "none (enable the `etcd` or `redis` feature of the `leader` crate)".to_owned()
-    } else {
-        schemes.join(", ")
-    }
-}
-
-fn not_built_in(url: &StoreUrl, feature: &str) -> Error {
-    Error::invalid_config(
-        "store",
-        format!(
-            "`{}://` needs the `{feature}` feature of the `leader` crate, which this build \
-             does not have; available: {}",
-            url.scheme(),
-            available()
-        ),
-    )
-}
-
 /// Connects to the store `url` names, and returns its driver.
 ///
 /// | URL | store |
 /// |---|---|
 /// | `etcd://[user:password@]host:port[,host:port…][/prefix/]` | etcd (feature `etcd`); the path is the key prefix: none gives the keys of `etcdctl elect NAME` |
-/// | `redis://[user:password@]host:port[/db]` | Redis (feature `redis`) |
+/// | `etcds://…?ca=PATH[&cert=PATH&key=PATH]` | etcd over TLS (features `etcd`, `tls`), a client certificate optional |
+/// | `redis://[user:password@]host:port[/db]`, `rediss://…[?ca=PATH&cert=PATH&key=PATH]` | Redis (feature `redis`; `rediss` also `tls`) |
+/// | `redis+cluster://[user:password@]host:port[,host:port…]`, `rediss+cluster://…` | Redis Cluster |
+/// | `redis+sentinel://[user:password@]host:port[,host:port…]/MASTER` | Redis via Sentinel: the sentinels' addresses and the master's name; the user and password are the master's |
+/// | `postgres://…`, `postgresql://…` | PostgreSQL (feature `postgres`) |
 ///
-/// TLS (`etcds://`, `rediss://`), Redis Cluster and Sentinel (`redis+cluster://`,
-/// `redis+sentinel://`) and PostgreSQL (`postgres://`) are recognised and answered with an
-/// error saying that this build does not support them yet.
+/// Every Redis form also takes `prefix=` (the key prefix, default `leader:`); the Redis and
+/// Sentinel forms `replicas=N` (and `replicasTimeout=`, default `500ms`): see
+/// [`RedisDriverBuilder::replicas`](leader_redis::RedisDriverBuilder::replicas).
 ///
 /// ```no_run
 /// # async fn demo() -> leader::Result<()> {
@@ -70,10 +47,11 @@ fn not_built_in(url: &StoreUrl, feature: &str) -> Error {
 ///
 /// # Errors
 ///
-/// [`Error::InvalidConfig`] (`store`) for a URL that does not parse, an unknown scheme, or
-/// a scheme whose feature is not built in (the message names the available schemes);
-/// [`Error::Denied`] for credentials the store refuses; [`Error::Store`] if it cannot be
-/// reached. No error message contains the password.
+/// [`Error::InvalidConfig`] (`store`) for a URL that does not parse, an unknown scheme, a
+/// scheme whose feature is not built in (the message names the available schemes), an
+/// unknown parameter or an unreadable certificate; [`Error::Denied`] for credentials the
+/// store refuses; [`Error::Store`] if it cannot be reached. No error message contains the
+/// password.
 pub async fn connect(url: &str) -> Result<Arc<dyn Driver>> {
     let url = StoreUrl::parse(url)?;
     connect_to(&url).await
@@ -85,97 +63,7 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Driver>> {
 ///
 /// As [`connect`].
 pub async fn connect_to(url: &StoreUrl) -> Result<Arc<dyn Driver>> {
-    match url.scheme() {
-        "etcd" => connect_etcd(url).await,
-        "redis" => connect_redis(url).await,
-        "etcds" | "rediss" | "rediss+cluster" => Err(Error::invalid_config(
-            "store",
-            format!(
-                "`{}://` (TLS) is not supported by this version yet; available: {}",
-                url.scheme(),
-                available()
-            ),
-        )),
-        "redis+cluster" | "redis+sentinel" => Err(Error::invalid_config(
-            "store",
-            format!(
-                "`{}://` is not supported by this version yet; available: {}",
-                url.scheme(),
-                available()
-            ),
-        )),
-        "postgres" | "postgresql" => Err(not_built_in(url, "postgres")),
-        other => Err(Error::invalid_config(
-            "store",
-            format!(
-                "unknown scheme `{other}://` in `{url}`; available: {}",
-                available()
-            ),
-        )),
-    }
-}
-
-#[cfg(feature = "etcd")]
-async fn connect_etcd(url: &StoreUrl) -> Result<Arc<dyn Driver>> {
-    use leader_etcd::EtcdDriver;
-    if let Some((key, _)) = url.params().next() {
-        return Err(Error::invalid_config(
-            "store",
-            format!("etcd:// takes no parameter `{key}` (in `{url}`)"),
-        ));
-    }
-    let endpoints: Vec<String> = url.hosts().iter().map(|h| format!("http://{h}")).collect();
-    let mut options = EtcdDriver::default_connect_options();
-    match (url.user(), url.password()) {
-        (Some(user), Some(password)) => options = options.with_user(user, password),
-        (Some(_), None) => {
-            return Err(Error::invalid_config(
-                "store",
-                format!("etcd:// needs a password with its user (in `{url}`)"),
-            ));
-        }
-        (None, Some(_)) => {
-            return Err(Error::invalid_config(
-                "store",
-                format!("etcd:// needs a user with its password (in `{url}`)"),
-            ));
-        }
-        (None, None) => {}
-    }
-    // The path is the key prefix: `/svc/` gives `svc/`; no path, no prefix.
-    let prefix = url.path().strip_prefix('/').unwrap_or(url.path());
-    let builder = EtcdDriver::connect_builder(&endpoints, options).await?;
-    Ok(Arc::new(builder.prefix(prefix).build()))
-}
-
-#[cfg(not(feature = "etcd"))]
-async fn connect_etcd(url: &StoreUrl) -> Result<Arc<dyn Driver>> {
-    Err(not_built_in(url, "etcd"))
-}
-
-#[cfg(feature = "redis")]
-async fn connect_redis(url: &StoreUrl) -> Result<Arc<dyn Driver>> {
-    if url.hosts().len() != 1 {
-        return Err(Error::invalid_config(
-            "store",
-            format!("redis:// takes one host:port (in `{url}`); Redis Cluster is redis+cluster://"),
-        ));
-    }
-    let db = url.path().trim_matches('/');
-    if !db.is_empty() && db.parse::<u32>().is_err() {
-        return Err(Error::invalid_config(
-            "store",
-            format!("the path of a redis:// URL is a database number, not `{db}` (in `{url}`)"),
-        ));
-    }
-    Ok(Arc::new(
-        leader_redis::RedisDriver::connect(url.as_given()).await?,
-    ))
-}
-
-#[cfg(not(feature = "redis"))]
-async fn connect_redis(url: &StoreUrl) -> Result<Arc<dyn Driver>> {
-    Err(not_built_in(url, "redis"))
+    stores::connect(url).await
 }
 
 #[cfg(test)]
@@ -187,8 +75,6 @@ mod tests {
         for url in [
             "zookeeper://127.0.0.1:2181",
             "postgres://u:pw@127.0.0.1:5432/db",
-            "etcds://127.0.0.1:2379",
-            "redis+cluster://127.0.0.1:7000",
         ] {
             let err = match connect(url).await {
                 Err(err) => err,

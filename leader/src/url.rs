@@ -21,7 +21,7 @@ pub struct StoreUrl {
     hosts: Vec<String>,
     path: String,
     query: Vec<(String, String)>,
-    /// The URL as given, for drivers that parse it themselves (Redis).
+    /// The URL as given, shown redacted.
     raw: String,
 }
 
@@ -144,12 +144,6 @@ impl StoreUrl {
     /// Every query parameter, in order.
     pub fn params(&self) -> impl Iterator<Item = (&str, &str)> {
         self.query.iter().map(|(k, v)| (k.as_str(), v.as_str()))
-    }
-
-    /// The URL as given (with its password): for store clients that parse URLs themselves.
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    pub(crate) fn as_given(&self) -> &str {
-        &self.raw
     }
 }
 
