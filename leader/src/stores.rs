@@ -100,7 +100,7 @@ impl TlsFiles {
 
 /// `user` and `password`, both or neither.
 #[cfg_attr(not(any(feature = "etcd", feature = "redis")), allow(dead_code))]
-fn credentials<'a>(url: &'a StoreUrl) -> Result<Option<(&'a str, &'a str)>> {
+fn credentials(url: &StoreUrl) -> Result<Option<(&str, &str)>> {
     match (url.user(), url.password()) {
         (Some(user), Some(password)) => Ok(Some((user, password))),
         (None, None) => Ok(None),
