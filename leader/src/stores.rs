@@ -110,12 +110,23 @@ fn credentials(url: &StoreUrl) -> Result<Option<(&str, &str)>> {
 }
 
 pub(crate) async fn connect(url: &StoreUrl) -> Result<Arc<dyn Driver>> {
+    // Boxed: the store clients' connect futures are deep types, and a caller's future that
+    // holds them unboxed can exceed rustc's query depth limit.
+    type Connecting<'a> =
+        std::pin::Pin<Box<dyn Future<Output = Result<Arc<dyn Driver>>> + Send + 'a>>;
+    let connecting: Connecting<'_> = match url.scheme() {
+        "etcd" => Box::pin(etcd(url, false)),
+        "etcds" => Box::pin(etcd(url, true)),
+        "redis" | "rediss" => Box::pin(redis(url, Topology::Single)),
+        "redis+cluster" | "rediss+cluster" => Box::pin(redis(url, Topology::Cluster)),
+        "redis+sentinel" | "rediss+sentinel" => Box::pin(redis(url, Topology::Sentinel)),
+        _ => return unsupported(url),
+    };
+    connecting.await
+}
+
+fn unsupported(url: &StoreUrl) -> Result<Arc<dyn Driver>> {
     match url.scheme() {
-        "etcd" => etcd(url, false).await,
-        "etcds" => etcd(url, true).await,
-        "redis" | "rediss" => redis(url, Topology::Single).await,
-        "redis+cluster" | "rediss+cluster" => redis(url, Topology::Cluster).await,
-        "redis+sentinel" | "rediss+sentinel" => redis(url, Topology::Sentinel).await,
         "postgres" | "postgresql" => Err(not_built_in(url, "postgres")),
         other => Err(Error::invalid_config(
             "store",
