@@ -251,6 +251,20 @@ impl RedisDriver {
         let nodes = nodes
             .collect::<redis::RedisResult<Vec<Client>>>()
             .map_err(|err| Error::invalid_config("store", err.to_string()))?;
+        Self::cluster_builder_from(client, nodes)
+    }
+
+    /// A builder for a driver on a Redis Cluster through a cluster client of your own
+    /// (for its options: timeouts, a node address map, credentials providers), with
+    /// `pubsub_nodes`: the nodes that pub/sub may connect to, tried in turn.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] (`store`) if `pubsub_nodes` is empty.
+    pub fn cluster_builder_from(
+        client: ClusterClient,
+        nodes: Vec<Client>,
+    ) -> Result<RedisDriverBuilder> {
         if nodes.is_empty() {
             return Err(Error::invalid_config(
                 "store",

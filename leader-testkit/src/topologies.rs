@@ -93,18 +93,26 @@ impl RedisCluster {
             .trim()
             .parse()
             .map_err(io::Error::other)?;
-        let slots = redis_cli(self.nodes[0].addr().port(), &["cluster", "slots"])?;
-        // Lines: start, end, master ip, master port, id, then replicas; repeated.
-        let lines: Vec<&str> = slots.lines().map(str::trim).collect();
-        for chunk in lines.chunks(5) {
-            if let [start, end, _ip, port, _id] = chunk
-                && let (Ok(start), Ok(end), Ok(port)) = (
-                    start.parse::<u16>(),
-                    end.parse::<u16>(),
-                    port.parse::<u16>(),
+        // Lines: id, ip:port@bus-port, flags, master, ping, pong, epoch, link, slots…
+        let nodes = redis_cli(self.nodes[0].addr().port(), &["cluster", "nodes"])?;
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let Some(port) = fields
+                .get(1)
+                .and_then(|addr| addr.split('@').next())
+                .and_then(|addr| addr.rsplit_once(':'))
+                .and_then(|(_, port)| port.parse::<u16>().ok())
+            else {
+                continue;
+            };
+            let serves = fields.iter().skip(8).any(|range| {
+                let (start, end) = range.split_once('-').unwrap_or((range, range));
+                matches!(
+                    (start.parse::<u16>(), end.parse::<u16>()),
+                    (Ok(start), Ok(end)) if (start..=end).contains(&slot)
                 )
-                && (start..=end).contains(&slot)
-            {
+            });
+            if serves {
                 return self
                     .nodes
                     .iter()

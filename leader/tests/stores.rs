@@ -139,3 +139,41 @@ async fn an_unknown_store_is_named() {
         "{err:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_and_sentinel_urls_elect() {
+    use leader_testkit::{RedisCluster, RedisSentinel};
+    let (cluster, sentinel) = tokio::task::spawn_blocking(|| {
+        (
+            RedisCluster::start(3).expect("a Redis Cluster starts"),
+            RedisSentinel::start().expect("Sentinel starts"),
+        )
+    })
+    .await
+    .expect("start task");
+    let name = unique("topology");
+    for url in [
+        cluster.url(),
+        format!("{}?prefix=svc:", cluster.url()),
+        sentinel.url(),
+        format!("{}?replicas=1&replicasTimeout=1s", sentinel.url()),
+    ] {
+        let on = config(&format!(
+            r#"{{"store":"{url}","name":"{name}","ttl":"2s","value":"10.0.0.7:8080"}}"#
+        ));
+        assert!(elect_and_resign(&on).await > 0, "{url}");
+    }
+    for bad in [
+        format!("{}?replicas=1", cluster.url()),
+        format!("{}/3", cluster.url()),
+        sentinel.url().replace("/mymaster", ""),
+        format!("{}?replicas=x", sentinel.url()),
+        format!("{}?ca=/x.pem", sentinel.url()),
+    ] {
+        let err = leader::connect(&bad).await.err().expect(&bad);
+        assert!(
+            matches!(err, Error::InvalidConfig { name: "store", .. }),
+            "{bad}: {err:?}"
+        );
+    }
+}
