@@ -7,6 +7,7 @@ declare -A PACKAGE_OF=(
   [etcdctl]=etcd-client
   [redis-server]=redis-server
   [redis-cli]=redis-tools
+  [openssl]=openssl
 )
 
 step() {
