@@ -10,6 +10,7 @@ mod driver;
 mod election;
 mod error;
 mod event;
+mod lead;
 mod machinery;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -24,6 +25,8 @@ pub use event::{Event, EventStream, LossReason};
 pub use machinery::ErrorChain;
 pub use tokio_util::sync::CancellationToken;
 
+#[cfg(all(test, feature = "testing"))]
+mod lead_tests;
 #[cfg(all(test, feature = "testing"))]
 mod safety_tests;
 #[cfg(all(test, feature = "testing"))]
