@@ -355,7 +355,9 @@ impl Election {
 
     /// Who leads this election now, as the store says.
     pub async fn leader(&self) -> Result<Option<LeaderInfo>> {
-        self.core().driver.leader(self.name()).await
+        let leader = self.core().driver.leader(self.name()).await;
+        crate::telemetry::store_result(self.name(), "leader", &leader);
+        leader
     }
 
     /// The leader of this election: the current one first, then each change, including

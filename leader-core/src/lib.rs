@@ -12,6 +12,7 @@ mod error;
 mod event;
 mod lead;
 mod machinery;
+mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 
