@@ -16,6 +16,7 @@ use crate::backoff::Backoff;
 use crate::builder::ElectionBuilder;
 use crate::driver::{Driver, LeaderInfo};
 use crate::event::EventStream;
+use crate::lead::Held;
 use crate::machinery::{Core, ErrorChain, Shared, TermState};
 use crate::{Error, Result};
 
@@ -100,10 +101,9 @@ impl Election {
     /// The term this candidate holds now, if any.
     pub fn term(&self) -> Option<Term> {
         let core = self.core();
-        core.shared.valid_term().map(|state| Term {
-            state,
-            core: Arc::clone(core),
-        })
+        core.shared
+            .valid_term()
+            .map(|state| Term::new(state, Arc::clone(core)))
     }
 
     /// Every change of this candidate's leadership from now on, in order, never coalesced.
@@ -134,7 +134,7 @@ impl Election {
     /// candidate that gave up never blocks the others.
     pub async fn campaign(&self) -> Result<Term> {
         let (state, core) = Arc::clone(self.core()).campaign().await?;
-        Ok(Term { state, core })
+        Ok(Term::new(state, core))
     }
 
     /// Steps down and deletes this candidate's term from the store, so that a waiting
@@ -167,6 +167,37 @@ impl Election {
     /// followed by a new campaign after a backoff delay (this candidate then queues behind
     /// the others).
     ///
+    /// `run` resigns the moment `shutdown` resolves, whatever leader-only work of yours
+    /// still runs: if your work must stop before the next leader starts, hand it to
+    /// [`lead`](Self::lead) instead, or stop it yourself before resolving `shutdown`.
+    ///
+    /// # Examples
+    ///
+    /// A loop of your own that checks [`Status::is_leader`] beside `run`:
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use leader_core::{CancellationToken, Election, testing::MemoryDriver};
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> leader_core::Result<()> {
+    /// let election = Election::builder(MemoryDriver::new(), "reports-cron").build()?;
+    /// let status = election.status();
+    /// let shutdown = CancellationToken::new();
+    /// let ticker = tokio::spawn(async move {
+    ///     loop {
+    ///         tokio::time::sleep(Duration::from_secs(1)).await;
+    ///         if status.is_leader() {
+    ///             // the leader's work, one tick of it
+    ///         }
+    ///     }
+    /// });
+    /// # let stop = shutdown.clone();
+    /// # tokio::spawn(async move { tokio::time::sleep(Duration::from_secs(5)).await; stop.cancel() });
+    /// election.run(shutdown.cancelled()).await?;
+    /// ticker.abort();
+    /// # Ok(()) }
+    /// ```
+    ///
     /// # Errors
     ///
     /// Returns `Ok(())` after a clean shutdown, the error of the final resignation, or at
@@ -182,6 +213,98 @@ impl Election {
     where
         F: Future<Output = ()>,
     {
+        self.campaign_loop(shutdown, None::<fn(Term) -> std::future::Ready<()>>)
+            .await
+    }
+
+    /// [`run`](Self::run) with the leader's work inside: on each term, starts `work(term)`
+    /// as a task, and stops it before anyone else can be elected.
+    ///
+    /// * When the term ends (lost, or resigned elsewhere), the term's
+    ///   [`cancellation_token`](Term::cancellation_token) is cancelled and `lead` waits for
+    ///   the work to return before it campaigns again (after the backoff delay).
+    /// * When `shutdown` resolves, `lead` cancels the token, waits for the work to return,
+    ///   and only then resigns: the next leader is elected after this one's work stopped.
+    /// * `lead` never waits for the work past the term's [deadline](Term::deadline) (as it
+    ///   was when the work was asked to stop): then it aborts the task, and waits until the
+    ///   task is gone.
+    /// * A work that returns while the term holds ends the term with a resignation; a work
+    ///   that panics too (the panic is caught and logged). Either way `lead` campaigns
+    ///   again after the backoff delay.
+    ///
+    /// # The safety margin is the work's time to stop
+    ///
+    /// A term ends at its deadline when it cannot be renewed: the
+    /// [safety margin](crate::ElectionBuilder::safety_margin) before the store could elect
+    /// anyone else. That is the time the work has to be gone once its token is cancelled
+    /// or its task aborted at the deadline. With a 10 s TTL and a 2 s margin, a leader cut
+    /// off from the store ends its term 8 s after its last confirmed renewal; the work is
+    /// cancelled then and aborted at once, and it has 2 s to reach an `.await` (where the
+    /// abort takes effect) and drop what it holds, before another candidate can be
+    /// elected. Choose the margin above the longest stretch your work runs without an
+    /// `.await`; the default (2% of the TTL) suits work that awaits often. A task that
+    /// blocks its thread cannot be aborted: keep blocking calls in
+    /// `tokio::task::spawn_blocking` and stop them yourself on the token. At shutdown the
+    /// work has until the deadline (at least about two thirds of the TTL, minus the
+    /// margin, while renewals succeed).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use leader_core::{CancellationToken, Election, testing::MemoryDriver};
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> leader_core::Result<()> {
+    /// let election = Election::builder(MemoryDriver::new(), "reports-cron")
+    ///     .ttl(Duration::from_secs(10))
+    ///     .safety_margin(Duration::from_secs(2))   // the work's time to stop
+    ///     .build()?;
+    /// let shutdown = CancellationToken::new();
+    /// # let stop = shutdown.clone();
+    /// # tokio::spawn(async move { tokio::time::sleep(Duration::from_secs(5)).await; stop.cancel() });
+    /// election
+    ///     .lead(shutdown.cancelled(), |term| async move {
+    ///         let stop = term.cancellation_token();
+    ///         let mut tick = tokio::time::interval(Duration::from_secs(1));
+    ///         loop {
+    ///             tokio::select! {
+    ///                 () = stop.cancelled() => return,
+    ///                 _ = tick.tick() => {
+    ///                     // one step of the leader's work, fenced with term.fencing_token()
+    ///                 }
+    ///             }
+    ///         }
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`run`](Self::run): `Ok(())` after a clean shutdown, the error of the final
+    /// resignation, or an error that retrying cannot fix.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future cancels the work's token and aborts its task; otherwise as
+    /// [`run`](Self::run): a held term is not resigned. Resolve `shutdown` to stop the work
+    /// and resign in order.
+    pub async fn lead<F, W, Fut>(&self, shutdown: F, work: W) -> Result<()>
+    where
+        F: Future<Output = ()>,
+        W: FnMut(Term) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.campaign_loop(shutdown, Some(work)).await
+    }
+
+    /// The one loop behind [`run`](Self::run) (no work) and [`lead`](Self::lead).
+    async fn campaign_loop<F, W, Fut>(&self, shutdown: F, mut work: Option<W>) -> Result<()>
+    where
+        F: Future<Output = ()>,
+        W: FnMut(Term) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         let core = self.core();
         let mut shutdown = std::pin::pin!(shutdown);
         let mut backoff = Backoff::new(core.settings.retry_min, core.settings.retry_max);
@@ -193,10 +316,16 @@ impl Election {
             };
             match campaigned {
                 Ok(term) => {
-                    tokio::select! {
-                        biased;
-                        () = &mut shutdown => break,
-                        () = term.ended() => {}
+                    let held = match work.as_mut() {
+                        None => tokio::select! {
+                            biased;
+                            () = &mut shutdown => Held::Shutdown,
+                            () = term.ended() => Held::Ended,
+                        },
+                        Some(work) => crate::lead::hold(&term, work, shutdown.as_mut()).await,
+                    };
+                    if held == Held::Shutdown {
+                        break;
                     }
                     if term.state.elected_at.elapsed() >= self.ttl() {
                         backoff.reset();
@@ -226,7 +355,9 @@ impl Election {
 
     /// Who leads this election now, as the store says.
     pub async fn leader(&self) -> Result<Option<LeaderInfo>> {
-        self.core().driver.leader(self.name()).await
+        let leader = self.core().driver.leader(self.name()).await;
+        crate::telemetry::store_result(self.name(), "leader", &leader);
+        leader
     }
 
     /// The leader of this election: the current one first, then each change, including
@@ -319,9 +450,18 @@ impl fmt::Debug for Status {
 pub struct Term {
     pub(crate) state: Arc<TermState>,
     pub(crate) core: Arc<Core>,
+    /// What [`cancellation_token`](Self::cancellation_token) returns: the term's own token,
+    /// or (for the work of [`Election::lead`]) a child of it that `lead` also cancels at
+    /// shutdown.
+    pub(crate) stop: CancellationToken,
 }
 
 impl Term {
+    pub(crate) fn new(state: Arc<TermState>, core: Arc<Core>) -> Self {
+        let stop = state.ended.clone();
+        Term { state, core, stop }
+    }
+
     /// Strictly greater than the token of every earlier term of this election. Pass it to
     /// the storage your leader writes to, so that it can reject a deposed leader's writes.
     pub fn fencing_token(&self) -> u64 {
@@ -355,11 +495,18 @@ impl Term {
     /// Cancelled when the term ends, for any reason; at the latest at the deadline (unless
     /// the process is paused then: [`Status::is_leader`] is the check that never lags).
     /// Hand it to leader-only work so that it stops with the term.
+    ///
+    /// The term that [`Election::lead`] hands to its work has a token that is also cancelled
+    /// when `lead` shuts down, before it resigns: the work's signal to stop.
     pub fn cancellation_token(&self) -> CancellationToken {
-        self.state.ended.clone()
+        self.stop.clone()
     }
 
     /// Resolves when the term ends: lost or resigned.
+    ///
+    /// In the work of [`Election::lead`], wait for
+    /// [`cancellation_token`](Self::cancellation_token) instead: at shutdown `lead` asks the
+    /// work to stop *before* the term ends (it resigns once the work has returned).
     pub async fn ended(&self) {
         self.state.ended.cancelled().await;
     }

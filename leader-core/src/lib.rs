@@ -10,7 +10,9 @@ mod driver;
 mod election;
 mod error;
 mod event;
+mod lead;
 mod machinery;
+mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -24,6 +26,8 @@ pub use event::{Event, EventStream, LossReason};
 pub use machinery::ErrorChain;
 pub use tokio_util::sync::CancellationToken;
 
+#[cfg(all(test, feature = "testing"))]
+mod lead_tests;
 #[cfg(all(test, feature = "testing"))]
 mod safety_tests;
 #[cfg(all(test, feature = "testing"))]

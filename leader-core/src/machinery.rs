@@ -19,13 +19,14 @@ use std::time::Duration;
 use tokio::sync::{OwnedMutexGuard, mpsc, oneshot};
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, Span, debug, debug_span, field, info, info_span, warn};
 
 use crate::backoff::Backoff;
 use crate::builder::Settings;
 use crate::clock::SuspendOffset;
 use crate::driver::{Candidate, Driver, Grant};
 use crate::event::{Event, LossReason};
+use crate::telemetry;
 use crate::{Error, Result};
 
 /// Takes a std mutex whether or not a panic poisoned it: the data under these locks is
@@ -52,6 +53,8 @@ pub(crate) struct Shared {
 
 #[derive(Default)]
 struct State {
+    /// The election's name, for metrics.
+    name: String,
     term: Option<Arc<TermState>>,
     /// What this candidate may still have in the store although it holds no term.
     leftover: Option<Leftover>,
@@ -93,6 +96,7 @@ impl Leftover {
 
 impl State {
     fn emit(&mut self, event: Event) {
+        telemetry::transition(&self.name, &event);
         self.subscribers.retain(|tx| tx.send(event.clone()).is_ok());
     }
 
@@ -116,9 +120,12 @@ impl State {
 }
 
 impl Shared {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(name: &str) -> Self {
         Shared {
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                name: name.to_owned(),
+                ..State::default()
+            }),
         }
     }
 
@@ -257,11 +264,12 @@ impl TermState {
 
 impl Core {
     pub(crate) fn new(driver: Arc<dyn Driver>, candidate: Candidate, settings: Settings) -> Self {
+        let shared = Arc::new(Shared::new(&candidate.election));
         Core {
             driver,
             candidate,
             settings,
-            shared: Arc::new(Shared::new()),
+            shared,
             campaign_lock: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
@@ -317,6 +325,13 @@ impl Core {
                 let _ = core.resign(Some(&term)).await;
             }
         };
+        let span = info_span!(
+            "campaign",
+            election = %self.candidate.election,
+            candidate = %self.candidate.id,
+            fencing_token = field::Empty,
+        );
+        let campaign = campaign.instrument(span);
         let _withdraw_if_dropped = withdrawn.clone().drop_guard();
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
@@ -368,22 +383,45 @@ impl Core {
         self.withdraw_leftover().await?;
         debug!(election = %self.name(), id = %self.candidate.id, "campaigning");
         let confirmed = Reading::now();
-        let grant = self.driver.campaign(&self.candidate).await?;
+        let granted = self.driver.campaign(&self.candidate).await;
+        telemetry::store_result(self.name(), "campaign", &granted);
+        let grant = granted?;
         if self.holds(&grant, confirmed) {
             return Ok((grant, confirmed));
         }
         // Elected after a long wait on a stale confirmation: confirm once more.
         let confirmed = Reading::now();
         let limit = self.candidate.ttl;
-        let grant = match timeout(limit, self.driver.renew(&self.candidate, &grant)).await {
-            Ok(renewed) => renewed?,
-            Err(_) => return Err(Error::Timeout(limit)),
-        };
+        let renewed = self
+            .renew(&grant, limit)
+            .instrument(self.renewal_span(grant.fencing_token))
+            .await;
+        let grant = renewed?;
         if self.holds(&grant, confirmed) {
             Ok((grant, confirmed))
         } else {
             Err(Error::Timeout(limit))
         }
+    }
+
+    /// One renewal request, given up after `limit`: timed and counted for the metrics.
+    async fn renew(&self, grant: &Grant, limit: Duration) -> Result<Grant> {
+        let started = Instant::now();
+        let renewed = timeout(limit, self.driver.renew(&self.candidate, grant))
+            .await
+            .unwrap_or(Err(Error::Timeout(limit)));
+        telemetry::renewal(self.name(), started.elapsed());
+        telemetry::store_result(self.name(), "renew", &renewed);
+        renewed
+    }
+
+    fn renewal_span(&self, fencing_token: u64) -> Span {
+        debug_span!(
+            "renew",
+            election = %self.candidate.election,
+            candidate = %self.candidate.id,
+            fencing_token,
+        )
     }
 
     fn holds(&self, grant: &Grant, confirmed: Reading) -> bool {
@@ -418,6 +456,7 @@ impl Core {
             });
             term
         };
+        Span::current().record("fencing_token", grant.fencing_token);
         info!(election = %self.name(), fencing_token = grant.fencing_token, "elected");
         tokio::spawn(Arc::clone(self).hold(Arc::clone(&term), grant));
         Ok(term)
@@ -478,8 +517,11 @@ impl Core {
             let renewal = async {
                 sleep_until(next_renewal).await;
                 let reading = Reading::now();
-                let renewed = timeout(cap, self.driver.renew(&self.candidate, &grant)).await;
-                (reading, renewed.unwrap_or(Err(Error::Timeout(cap))))
+                let renewed = self
+                    .renew(&grant, cap)
+                    .instrument(self.renewal_span(term.fencing_token))
+                    .await;
+                (reading, renewed)
             };
             let (reading, renewed) = tokio::select! {
                 biased;
@@ -528,6 +570,19 @@ impl Core {
 
     /// Steps down (from `only`, or from whatever term is current) and deletes the key.
     pub(crate) async fn resign(self: &Arc<Self>, only: Option<&Arc<TermState>>) -> Result<()> {
+        let span = info_span!(
+            "resign",
+            election = %self.candidate.election,
+            candidate = %self.candidate.id,
+            fencing_token = field::Empty,
+        );
+        if let Some(term) = only {
+            span.record("fencing_token", term.fencing_token);
+        }
+        self.resign_in_span(only).instrument(span).await
+    }
+
+    async fn resign_in_span(self: &Arc<Self>, only: Option<&Arc<TermState>>) -> Result<()> {
         let started = {
             let st = self.shared.state();
             let nothing_to_do = match only {
@@ -562,6 +617,7 @@ impl Core {
             // Step down before the store is asked, so that this candidate never believes it
             // leads once someone else could be elected.
             if let Some(term) = &term {
+                Span::current().record("fencing_token", term.fencing_token);
                 st.term = None;
                 term.end();
                 st.leftover = Some(Leftover::and(
@@ -604,6 +660,7 @@ impl Core {
             }
             result
         };
+        let finish = finish.instrument(Span::current());
         let result = match tokio::runtime::Handle::try_current() {
             Ok(runtime) => runtime
                 .spawn(finish)
@@ -633,6 +690,7 @@ impl Core {
             Ok(result) => result,
             Err(_) => Err(Error::Timeout(limit)),
         };
+        telemetry::store_result(self.name(), "resign", &result);
         if result.is_ok() {
             let mut st = self.shared.state();
             if st.leftover == Some(leftover) {

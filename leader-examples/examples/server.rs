@@ -1,4 +1,6 @@
-//! The seed's server: an HTTP server whose `/` says whether this replica leads. A
+//! The seed's server: an HTTP server whose `/` says whether this replica leads, with the
+//! leader probe `GET /leader` (`leader::http::router`: 200 and the fencing token on the
+//! leader, 503 elsewhere) for a load balancer or a readiness probe. A
 //! subscriber prints each status change (`true` when elected, `false` when the term ends).
 //! It serves for one second once elected, then shuts down gracefully, resigning: its whole
 //! output is `true` then `false`.
@@ -58,7 +60,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     tracing::info!(addr = %listener.local_addr()?, "serving");
     let app = Router::new()
         .route("/", get(whoami))
-        .with_state(election.status());
+        .with_state(election.status())
+        .merge(leader::http::router(election.status()));
 
     let stop = CancellationToken::new();
     let campaign = tokio::spawn({

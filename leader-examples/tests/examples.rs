@@ -83,16 +83,22 @@ impl Running {
 
 /// `GET /` on `port`, returning the body.
 async fn get(port: u16) -> Option<String> {
+    get_path(port, "/").await.map(|(_, body)| body)
+}
+
+/// `GET path` on `port`, returning the status line and the body.
+async fn get_path(port: u16, path: &str) -> Option<(String, String)> {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .ok()?;
     stream
-        .write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
         .await
         .ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).await.ok()?;
-    response.split("\r\n\r\n").nth(1).map(str::to_owned)
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    Some((head.lines().next()?.to_owned(), body.to_owned()))
 }
 
 async fn server_prints_true_then_false(backend: &str) {
@@ -114,6 +120,13 @@ async fn server_prints_true_then_false(backend: &str) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(answered.as_deref(), Some("I am leader"));
+    // The leader probe says so too, with the term's fencing token.
+    let (status_line, body) = get_path(port, "/leader").await.expect("the probe answers");
+    assert!(status_line.contains(" 200 "), "{status_line}");
+    assert!(
+        body.starts_with(r#"{"leader":true,"fencingToken":"#),
+        "{body}"
+    );
     server.exit_ok(Duration::from_secs(20)).await;
     let mut output = Vec::new();
     while let Some(line) = server.next_line(Duration::from_secs(1)).await {
@@ -133,16 +146,20 @@ async fn server_example_on_redis() {
 }
 
 async fn cronjob_works_on_the_leader_only(backend: &str) {
+    cron_example_works_on_the_leader_only(backend, "cronjob").await;
+}
+
+async fn cron_example_works_on_the_leader_only(backend: &str, example: &str) {
     let store = Store::start(backend).await;
-    let election = format!("cronjob-{:08x}", rand_suffix());
-    let mut first = store.command("cronjob");
+    let election = format!("{example}-{:08x}", rand_suffix());
+    let mut first = store.command(example);
     first.env("LEADER_ELECTION", &election);
     let mut a = Running::spawn(first);
     assert_eq!(
         a.next_line(Duration::from_secs(15)).await.as_deref(),
         Some("do work as leader")
     );
-    let mut second = store.command("cronjob");
+    let mut second = store.command(example);
     second.env("LEADER_ELECTION", &election);
     let mut b = Running::spawn(second);
     // Every firing while both run: the leader works, the follower never does (checked at
@@ -188,6 +205,11 @@ async fn cronjob_example_on_etcd() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cronjob_example_on_redis() {
     cronjob_works_on_the_leader_only("redis").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cronjob_own_loop_example_on_redis() {
+    cron_example_works_on_the_leader_only("redis", "cronjob_own_loop").await;
 }
 
 async fn failover_demo_runs(backend: &str) {

@@ -3,6 +3,8 @@
 #![warn(clippy::unwrap_used)]
 
 mod config;
+#[cfg(feature = "axum")]
+pub mod http;
 mod stores;
 mod url;
 

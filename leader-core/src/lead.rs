@@ -1,0 +1,149 @@
+//! The leader's work inside [`Election::lead`](crate::Election::lead): one task per term,
+//! asked to stop when the term ends or at shutdown, and aborted at the term's deadline.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::task::{JoinError, JoinHandle};
+use tokio::time::{Instant, timeout_at};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::Error;
+use crate::election::Term;
+use crate::machinery::ErrorChain;
+
+/// How the holding of one term ended, for the campaign loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Held {
+    /// `shutdown` resolved, and the work (if any) has stopped: resign now.
+    Shutdown,
+    /// The term ended, or the work returned and the term was resigned: campaign again.
+    Ended,
+}
+
+/// Why the work was asked to stop, or that it did not wait to be asked.
+enum Why {
+    Shutdown,
+    TermEnded,
+    Returned(Result<(), JoinError>),
+}
+
+/// Holds `term` with `work(term)` running in a task until the term ends, `shutdown`
+/// resolves or the work returns; returns once the work's task is gone.
+pub(crate) async fn hold<W, Fut>(
+    term: &Term,
+    work: &mut W,
+    shutdown: Pin<&mut impl Future<Output = ()>>,
+) -> Held
+where
+    W: FnMut(Term) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    if !term.is_valid() {
+        // Ended before the work could start: nothing to start.
+        return Held::Ended;
+    }
+    let election = term.core.candidate.election.as_str();
+    let fencing_token = term.fencing_token();
+    let stop = term.state.ended.child_token();
+    let handed = Term {
+        state: Arc::clone(&term.state),
+        core: Arc::clone(&term.core),
+        stop: stop.clone(),
+    };
+    let mut task = WorkTask {
+        handle: tokio::spawn(work(handed)),
+        stop,
+    };
+    let why = tokio::select! {
+        biased;
+        () = shutdown => Why::Shutdown,
+        () = term.ended() => Why::TermEnded,
+        joined = &mut task.handle => Why::Returned(joined),
+    };
+    let (held, stopped) = match why {
+        Why::Returned(joined) => (None, Stopped::Returned(joined)),
+        Why::Shutdown => (Some(Held::Shutdown), task.stop(term.state.deadline()).await),
+        Why::TermEnded => (Some(Held::Ended), task.stop(term.state.deadline()).await),
+    };
+    match stopped {
+        Stopped::Returned(Ok(())) if held.is_none() => {
+            info!(%election, fencing_token, "the leader's work returned; resigning");
+        }
+        Stopped::Returned(Ok(())) => {
+            debug!(%election, fencing_token, "the leader's work stopped");
+        }
+        Stopped::Returned(Err(err)) => log_failure(election, fencing_token, err),
+        Stopped::Aborted => warn!(
+            %election,
+            fencing_token,
+            "the leader's work did not stop by the term's deadline; aborted"
+        ),
+    }
+    if let Some(held) = held {
+        return held;
+    }
+    match term.resign().await {
+        Ok(()) | Err(Error::NotALeader) => {}
+        Err(err) => warn!(
+            %election,
+            fencing_token,
+            error = %ErrorChain(&err),
+            "could not resign after the leader's work ended; retrying in the background"
+        ),
+    }
+    Held::Ended
+}
+
+fn log_failure(election: &str, fencing_token: u64, err: JoinError) {
+    if err.is_panic() {
+        let payload = err.into_panic();
+        let message = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(not a string)");
+        error!(%election, fencing_token, panic = message, "the leader's work panicked; its term ends");
+    } else {
+        warn!(%election, fencing_token, error = %err, "the leader's work was cancelled");
+    }
+}
+
+/// How a work asked to stop ended.
+enum Stopped {
+    Returned(Result<(), JoinError>),
+    Aborted,
+}
+
+/// The work's task: asked to stop and aborted if the future holding it is dropped.
+struct WorkTask {
+    handle: JoinHandle<()>,
+    stop: CancellationToken,
+}
+
+impl WorkTask {
+    /// Cancels the work's token and waits for it to return, until `deadline`; then aborts
+    /// it and waits until the task is gone.
+    async fn stop(&mut self, deadline: Instant) -> Stopped {
+        self.stop.cancel();
+        if let Ok(joined) = timeout_at(deadline, &mut self.handle).await {
+            return Stopped::Returned(joined);
+        }
+        self.handle.abort();
+        match (&mut self.handle).await {
+            // It returned (or panicked) just as it was aborted.
+            Ok(()) => Stopped::Returned(Ok(())),
+            Err(err) if err.is_panic() => Stopped::Returned(Err(err)),
+            Err(_) => Stopped::Aborted,
+        }
+    }
+}
+
+impl Drop for WorkTask {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.handle.abort();
+    }
+}
