@@ -372,8 +372,10 @@ impl EtcdDriver {
             None => (inner.own_revision(&key).await?, None),
         };
         if let Some(revision) = revision {
-            inner.delete_own(&key.key, revision).await?;
+            // Stop watching the term first: the core stepped down before it asked, and the
+            // delete's own event is no news (it would be logged as a term gone).
             inner.release_term(revision);
+            inner.delete_own(&key.key, revision).await?;
         }
         lock(&inner.keys).forget(&candidate.id, &key.key, only);
         Ok(())
