@@ -12,15 +12,15 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use leader_core::{Candidate, Driver, Error, Grant, LeaderInfo, Result};
 use rand::Rng;
+use redis::Client;
 use redis::cluster::ClusterClient;
-use redis::{Client, Script};
 use tokio::time::{Instant, sleep, timeout};
 use tracing::{debug, warn};
 
 pub use redis;
 
 use subscriber::Subscriber;
-use topology::{Call, Connection, Source, needs_new_connection};
+use topology::{Call, Connection, Lua, Source, needs_new_connection};
 
 /// The default for [`RedisDriverBuilder::request_timeout`].
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -91,15 +91,16 @@ pub struct RedisDriver {
 
 struct Inner {
     source: Source,
-    connection: tokio::sync::Mutex<Option<Connection>>,
+    /// The shared connection and its generation (counting the connections made).
+    connection: tokio::sync::Mutex<(u64, Option<Connection>)>,
     prefix: String,
     request_timeout: Duration,
     replicas: Option<(usize, Duration)>,
     subscriber: Subscriber,
-    acquire: Script,
-    renew: Script,
-    resign: Script,
-    leader: Script,
+    acquire: Lua,
+    renew: Lua,
+    resign: Lua,
+    leader: Lua,
 }
 
 /// Builds a [`RedisDriver`] with options.
@@ -155,20 +156,29 @@ impl RedisDriverBuilder {
                 warn!("Redis Cluster: the replicas option is not supported there and is ignored");
                 None
             }
+            (Source::Sentinel(_), None) => {
+                warn!(
+                    "Redis Sentinel without the replicas option: a master partitioned from \
+                     the sentinels goes on accepting its leader's renewals while the new \
+                     master elects another; set replicas (WAIT) to 1 or more, or \
+                     min-replicas-to-write on the servers (see leader-redis's README)"
+                );
+                None
+            }
             (_, replicas) => replicas,
         };
         RedisDriver {
             inner: Arc::new(Inner {
                 subscriber: Subscriber::new(self.source.clone()),
                 source: self.source,
-                connection: tokio::sync::Mutex::new(None),
+                connection: tokio::sync::Mutex::new((0, None)),
                 prefix: self.prefix,
                 request_timeout: self.request_timeout,
                 replicas,
-                acquire: Script::new(ACQUIRE),
-                renew: Script::new(RENEW),
-                resign: Script::new(RESIGN),
-                leader: Script::new(LEADER),
+                acquire: Lua::new(ACQUIRE),
+                renew: Lua::new(RENEW),
+                resign: Lua::new(RESIGN),
+                leader: Lua::new(LEADER),
             }),
         }
     }
@@ -178,7 +188,7 @@ impl RedisDriverBuilder {
     /// leader's key, if this user may read it.
     pub async fn connect(self) -> Result<RedisDriver> {
         let driver = self.build();
-        let mut connection = driver.inner.connection().await?;
+        let (_, mut connection) = driver.inner.connection().await?;
         match connection.eviction_policy().await {
             Some(policy) if policy != "noeviction" => warn!(
                 %policy,
@@ -346,8 +356,8 @@ fn check_name(election: &str) -> Result<()> {
 
 /// The commands the driver sends (its scripts' included): the least-privilege ACL of its
 /// user is `~PREFIX* &PREFIX*` and these (see the README, "Production").
-pub const ACL_COMMANDS: &str = "+evalsha +eval +script|load +ping +subscribe +unsubscribe \
-    +hget +hmget +hset +del +incr +pexpire +pttl +publish +wait +config|get +cluster|slots";
+pub const ACL_COMMANDS: &str = "+evalsha +eval +ping +subscribe +unsubscribe +hget +hmget \
+    +hset +del +incr +pexpire +pttl +publish +wait +config|get +cluster|slots +role +info";
 
 /// A Redis error as this crate's [`Error`]: a refused login or a missing ACL permission is
 /// [`Error::Denied`] (retrying cannot fix it), anything else [`Error::Store`].
@@ -401,23 +411,22 @@ fn millis(duration: Duration) -> u64 {
 }
 
 impl Inner {
-    /// The shared connection, made on first use (and again after [`discard`](Self::discard)).
-    async fn connection(&self) -> Result<Connection> {
+    /// The shared connection and its generation, made on first use (and again after
+    /// [`discard`](Self::discard)).
+    async fn connection(&self) -> Result<(u64, Connection)> {
         let mut slot = self.connection.lock().await;
-        if let Some(connection) = slot.as_ref() {
-            return Ok(connection.clone());
+        if let (generation, Some(connection)) = &*slot {
+            return Ok((*generation, connection.clone()));
         }
-        let connection = match timeout(
-            self.request_timeout * 2,
-            self.source.connect(self.request_timeout),
-        )
-        .await
-        {
+        // Requests with a `WAIT` may take its timeout on top of the request timeout.
+        let limit = self.request_timeout + self.replicas.map_or(Duration::ZERO, |(_, wait)| wait);
+        let connection = match timeout(self.request_timeout * 2, self.source.connect(limit)).await {
             Ok(result) => result.map_err(|err| self.explain(redis_error(err)))?,
             Err(_) => return Err(Error::Timeout(self.request_timeout * 2)),
         };
-        *slot = Some(connection.clone());
-        Ok(connection)
+        slot.0 += 1;
+        slot.1 = Some(connection.clone());
+        Ok((slot.0, connection))
     }
 
     /// `err`, with a refusal ([`Error::Denied`]) explained.
@@ -431,12 +440,14 @@ impl Inner {
         }
     }
 
-    /// Drops the shared connection after a request failed in a way a new connection may
-    /// fix: the connection manager reconnects when a socket closes, but not when it merely
-    /// goes silent (half-open), and not to another server when this one became a replica
-    /// (a Sentinel failover); the next request opens a new one.
-    async fn discard(&self) {
-        if self.connection.lock().await.take().is_some() {
+    /// Drops the shared connection of `generation` after a request on it failed in a way
+    /// a new connection may fix: the connection manager reconnects when a socket closes,
+    /// but not when it merely goes silent (half-open), and not to another server when this
+    /// one became a replica (a Sentinel failover); the next request opens a new one. A
+    /// newer connection (made after another request's failure) is kept.
+    async fn discard(&self, generation: u64) {
+        let mut slot = self.connection.lock().await;
+        if slot.0 == generation && slot.1.take().is_some() {
             debug!("Redis request failed; opening a new connection for the next one");
         }
     }
@@ -444,7 +455,7 @@ impl Inner {
     /// Runs a script; `writes` scripts wait for the replicas if the driver has that
     /// option.
     async fn run<T: redis::FromRedisValue>(&self, call: Call<'_>, writes: bool) -> Result<T> {
-        let mut connection = self.connection().await?;
+        let (generation, mut connection) = self.connection().await?;
         let wait = self.replicas.filter(|_| writes);
         let result = timeout(
             self.request_timeout + wait.map_or(Duration::ZERO, |(_, wait)| wait),
@@ -461,12 +472,12 @@ impl Inner {
             },
             Ok(Err(err)) => {
                 if needs_new_connection(&err) {
-                    self.discard().await;
+                    self.discard(generation).await;
                 }
                 Err(self.explain(redis_error(err)))
             }
             Err(_) => {
-                self.discard().await;
+                self.discard(generation).await;
                 Err(Error::Timeout(self.request_timeout))
             }
         }

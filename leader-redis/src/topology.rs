@@ -56,7 +56,8 @@ impl Source {
         }
     }
 
-    /// A new command connection.
+    /// A new command connection, whose requests may take `request_timeout` (a `WAIT`
+    /// included).
     pub(crate) async fn connect(&self, request_timeout: Duration) -> RedisResult<Connection> {
         match self {
             Source::Cluster { client, .. } => {
@@ -99,14 +100,6 @@ impl Connection {
         }
     }
 
-    async fn load(&mut self, script: &Script) -> RedisResult<()> {
-        let _hash: String = match self {
-            Connection::Single(connection) => script.load_async(connection).await,
-            Connection::Cluster(connection) => script.load_async(connection).await,
-        }?;
-        Ok(())
-    }
-
     /// The connection's `maxmemory-policy`, if this user may read it.
     pub(crate) async fn eviction_policy(&mut self) -> Option<String> {
         let mut cmd = redis::cmd("CONFIG");
@@ -116,16 +109,34 @@ impl Connection {
     }
 }
 
-/// One call of a script: its keys and arguments, sent as `EVALSHA` (loading the script if
-/// the server does not have it), optionally followed on the same connection by a `WAIT`.
+/// A Lua script: its source, and its SHA1 for `EVALSHA`.
+pub(crate) struct Lua {
+    source: &'static str,
+    hash: String,
+}
+
+impl Lua {
+    pub(crate) fn new(source: &'static str) -> Self {
+        Lua {
+            source,
+            hash: Script::new(source).get_hash().to_owned(),
+        }
+    }
+}
+
+/// One call of a script: its keys and arguments, sent as `EVALSHA`, or as `EVAL` (which
+/// also caches it) when the server does not have the script, optionally followed on the
+/// same connection by a `WAIT`. `EVAL` rather than `SCRIPT LOAD`: it is routed by its key
+/// on a Cluster (`SCRIPT LOAD` goes to every node and fails if one is down), and the user
+/// needs no `SCRIPT` permission.
 pub(crate) struct Call<'a> {
-    script: &'a Script,
+    script: &'a Lua,
     keys: Vec<&'a str>,
     args: Vec<Vec<u8>>,
 }
 
 impl<'a> Call<'a> {
-    pub(crate) fn new(script: &'a Script, keys: &[&'a str]) -> Self {
+    pub(crate) fn new(script: &'a Lua, keys: &[&'a str]) -> Self {
         Call {
             script,
             keys: keys.to_vec(),
@@ -138,12 +149,17 @@ impl<'a> Call<'a> {
         self
     }
 
-    fn evalsha(&self) -> Cmd {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.script.get_hash())
-            .arg(self.keys.len())
-            .arg(&self.keys)
-            .arg(&self.args);
+    fn command(&self, cached: bool) -> Cmd {
+        let mut cmd = if cached {
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(&self.script.hash);
+            cmd
+        } else {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(self.script.source);
+            cmd
+        };
+        cmd.arg(self.keys.len()).arg(&self.keys).arg(&self.args);
         cmd
     }
 
@@ -155,12 +171,11 @@ impl<'a> Call<'a> {
         connection: &mut Connection,
         wait: Option<(usize, Duration)>,
     ) -> RedisResult<(T, Option<usize>)> {
-        match self.once(connection, wait).await {
+        match self.once(connection, wait, true).await {
             Err(err)
                 if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
             {
-                connection.load(self.script).await?;
-                self.once(connection, wait).await
+                self.once(connection, wait, false).await
             }
             other => other,
         }
@@ -170,15 +185,16 @@ impl<'a> Call<'a> {
         &self,
         connection: &mut Connection,
         wait: Option<(usize, Duration)>,
+        cached: bool,
     ) -> RedisResult<(T, Option<usize>)> {
         match wait {
             None => connection
-                .query::<T>(&self.evalsha())
+                .query::<T>(&self.command(cached))
                 .await
                 .map(|value| (value, None)),
             Some((replicas, timeout)) => {
                 let mut pipe = redis::pipe();
-                pipe.add_command(self.evalsha())
+                pipe.add_command(self.command(cached))
                     .cmd("WAIT")
                     .arg(replicas)
                     .arg(

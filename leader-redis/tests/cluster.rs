@@ -222,10 +222,12 @@ async fn a_master_killed_under_a_leader_ends_that_term_only() {
     tokio::time::timeout(ttl * 2, victim_term.ended())
         .await
         .expect("the term on the dead master ends");
-    // `is_valid()` turns false at the deadline itself; the holder task that records the end
-    // runs on a timer at the deadline, a scheduling delay later.
+    // `is_valid()` turns false at the deadline itself (the safety property, checked
+    // exactly elsewhere); the holder task that records the end runs on a timer at the
+    // deadline, a scheduling delay later.
     let ended_at = victim_term.ended_at().expect("ended");
-    assert!(ended_at <= victim_term.deadline() + Duration::from_millis(100));
+    assert!(!victim_term.is_valid());
+    assert!(ended_at <= victim_term.deadline() + Duration::from_secs(1));
     assert!(killed_at.elapsed() < ttl * 2);
     // The other masters' terms renew on: hold them past two TTLs.
     let until = Instant::now() + ttl * 2;

@@ -17,6 +17,7 @@ async fn sentinel() -> RedisSentinel {
 }
 
 fn driver(setup: &RedisSentinel, replicas: usize) -> RedisDriver {
+    // Generous timeouts: a loaded machine must not turn a slow answer into a failure.
     let addrs = setup
         .sentinels
         .iter()
@@ -26,8 +27,8 @@ fn driver(setup: &RedisSentinel, replicas: usize) -> RedisDriver {
         .build()
         .expect("sentinel client");
     RedisDriver::sentinel_builder(client)
-        .request_timeout(Duration::from_millis(500))
-        .replicas(replicas, Duration::from_millis(500))
+        .request_timeout(Duration::from_secs(2))
+        .replicas(replicas, Duration::from_secs(2))
         .build()
 }
 
@@ -67,9 +68,18 @@ async fn elections_go_on_after_the_master_is_killed() {
         .ttl(ttl)
         .build()
         .expect("valid");
+    // Right after the failover requests may fail (a refused connection, READONLY from
+    // the demoted master): campaign again on those, as `run` would.
     let campaign = tokio::spawn(async move {
-        let term = second.campaign().await;
-        (second, term)
+        loop {
+            match second.campaign().await {
+                Ok(term) => return (second, term),
+                Err(err) if err.is_transient() => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(err) => panic!("campaign: {err:?}"),
+            }
+        }
     });
     let deadline = Instant::now() + ttl * 5;
     let key = driver.keys(&name).leader;
@@ -83,16 +93,19 @@ async fn elections_go_on_after_the_master_is_killed() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    if term.is_valid() {
-        // The first term lives on: hand over on the new master.
-        first.resign().await.expect("resign on the new master");
+    // If the first term lives on, hand over on the new master (it may end meanwhile).
+    // A transient failure leaves the key to expire, which the second's wait covers.
+    match first.resign().await {
+        Ok(()) | Err(leader_core::Error::NotALeader) => {}
+        Err(err) if err.is_transient() => {}
+        Err(err) => panic!("resign on the new master: {err:?}"),
     }
-    let (second, elected) = tokio::time::timeout(ttl * 5, campaign)
+    let (second, _elected) = tokio::time::timeout(ttl * 5, campaign)
         .await
         .expect("the second candidate is elected on the new master")
         .expect("campaign task");
-    let elected = elected.expect("elected");
-    assert!(elected.fencing_token() > term.fencing_token());
+    // No fencing-token comparison: without `replicas`, the failover may have lost the
+    // counter's last increment (leader-redis's README, "Sentinel").
     second.resign().await.expect("resign");
 }
 

@@ -59,7 +59,8 @@ impl RedisCluster {
                 config: vec![
                     "cluster-enabled yes".to_owned(),
                     "cluster-config-file nodes.conf".to_owned(),
-                    "cluster-node-timeout 1000".to_owned(),
+                    // Long enough that a loaded machine does not mark a node as failing.
+                    "cluster-node-timeout 3000".to_owned(),
                     // A slot whose master is down must not stop the others.
                     "cluster-require-full-coverage no".to_owned(),
                 ],
@@ -125,7 +126,7 @@ impl RedisCluster {
 }
 
 /// A master, one replica, and three Sentinels watching the master as `mymaster`
-/// (down after 1 s, quorum 2).
+/// (down after 2 s, quorum 2).
 #[derive(Debug)]
 pub struct RedisSentinel {
     /// The master, then the replica (their roles swap on a failover).
@@ -141,11 +142,22 @@ impl RedisSentinel {
     /// Starts them, and waits until the master has its replica in sync and every
     /// sentinel knows the replica and the other sentinels.
     pub fn start() -> io::Result<Self> {
+        Self::start_with(Vec::new())
+    }
+
+    /// [`start`](Self::start), with more `redis.conf` lines for the master and the replica
+    /// (ACL users, say; the default user must stay on for replication and the sentinels).
+    pub fn start_with(config: Vec<String>) -> io::Result<Self> {
         require_binary("redis-cli", "redis-tools")?;
-        let master = RedisServer::start()?;
+        let master = RedisServer::start_with(RedisOptions {
+            config: config.clone(),
+            ..RedisOptions::default()
+        })?;
         let port = master.addr().port();
+        let mut replica_config = config;
+        replica_config.push(format!("replicaof 127.0.0.1 {port}"));
         let replica = RedisServer::start_with(RedisOptions {
-            config: vec![format!("replicaof 127.0.0.1 {port}")],
+            config: replica_config,
             ..RedisOptions::default()
         })?;
         settle("the replica in sync", || {
@@ -158,7 +170,8 @@ impl RedisSentinel {
                 sentinel: true,
                 config: vec![
                     format!("sentinel monitor {MASTER_NAME} 127.0.0.1 {port} 2"),
-                    format!("sentinel down-after-milliseconds {MASTER_NAME} 1000"),
+                    // Long enough that a loaded machine does not fail over by mistake.
+                    format!("sentinel down-after-milliseconds {MASTER_NAME} 2000"),
                     format!("sentinel failover-timeout {MASTER_NAME} 5000"),
                     format!("sentinel parallel-syncs {MASTER_NAME} 1"),
                 ],

@@ -241,7 +241,11 @@ async fn redis(url: &StoreUrl, topology: Topology) -> Result<Arc<dyn Driver>> {
             "a Redis URL takes one host:port; a Cluster is redis+cluster://, Sentinel redis+sentinel://",
         ));
     }
-    let credentials = credentials(url)?;
+    // A password alone is Redis's `requirepass` (`AUTH password`, the default user).
+    let credentials = match (url.user(), url.password()) {
+        (None, Some(password)) => Some(("default", password)),
+        _ => credentials(url)?,
+    };
     let node = |host: &str| -> Result<ConnectionInfo> {
         let (name, port) = host
             .rsplit_once(':')

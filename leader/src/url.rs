@@ -167,20 +167,44 @@ impl fmt::Debug for StoreUrl {
     }
 }
 
-/// `url` with the password of its user info (if any) replaced by `***`. The user info
-/// runs to the last `@`, whatever it contains.
+/// `url` with the password of its user info (if any) replaced by `***`, and the values of
+/// query parameters that look secret (`password`, `pass`, `secret`, `token`, `key` in
+/// their names, except the `key=` of a client key's path) too. The user info runs to the
+/// last `@`, whatever it contains.
 pub(crate) fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         // Not a URL: it might be a password pasted by mistake, so show none of it.
         return REDACTED.to_owned();
     };
-    match rest.rsplit_once('@') {
+    let rest = match rest.rsplit_once('@') {
         Some((userinfo, hosts)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:{REDACTED}@{hosts}"),
-            None => format!("{scheme}://{userinfo}@{hosts}"),
+            Some((user, _)) => format!("{user}:{REDACTED}@{hosts}"),
+            None => format!("{userinfo}@{hosts}"),
         },
-        None => url.to_owned(),
-    }
+        None => rest.to_owned(),
+    };
+    let rest = match rest.split_once('?') {
+        Some((before, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((key, _)) if looks_secret(key) => format!("{key}={REDACTED}"),
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            format!("{before}?{}", query.join("&"))
+        }
+        None => rest,
+    };
+    format!("{scheme}://{rest}")
+}
+
+fn looks_secret(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    key != "key"
+        && ["pass", "secret", "token", "key"]
+            .iter()
+            .any(|s| key.contains(s))
 }
 
 /// `text` with every URL's password in it replaced by `***`: for messages that quote
@@ -241,6 +265,12 @@ mod tests {
             assert!(parsed.password().is_some_and(|p| p.contains("ss")), "{url}");
             assert!(!parsed.to_string().contains("pa"), "{parsed}");
         }
+        let said =
+            redact("redis://h:1/?password=hunter2&ca=/ca.pem&key=/k.pem&sslpassword=hunter2");
+        assert_eq!(
+            said,
+            "redis://h:1/?password=***&ca=/ca.pem&key=/k.pem&sslpassword=***"
+        );
         let said = redact_urls("unexpected argument 'redis://u:hunter2@h:1' found");
         assert!(!said.contains("hunter2"), "{said}");
         assert!(said.contains("redis://u:***@h:1"), "{said}");

@@ -146,7 +146,11 @@ async fn cluster_and_sentinel_urls_elect() {
     let (cluster, sentinel) = tokio::task::spawn_blocking(|| {
         (
             RedisCluster::start(3).expect("a Redis Cluster starts"),
-            RedisSentinel::start().expect("Sentinel starts"),
+            RedisSentinel::start_with(vec![format!(
+                "user app on >app-pw resetkeys resetchannels ~leader:* ~svc:* &leader:* -@all {}",
+                leader::redis::ACL_COMMANDS
+            )])
+            .expect("Sentinel starts"),
         )
     })
     .await
@@ -156,6 +160,8 @@ async fn cluster_and_sentinel_urls_elect() {
         cluster.url(),
         format!("{}?prefix=svc:", cluster.url()),
         sentinel.url(),
+        // The documented least-privilege user, through Sentinel's master lookup (ROLE).
+        sentinel.url().replace("://", "://app:app-pw@"),
         format!("{}?replicas=1&replicasTimeout=1s", sentinel.url()),
     ] {
         let on = config(&format!(
