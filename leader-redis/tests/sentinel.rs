@@ -57,7 +57,7 @@ async fn elections_go_on_after_the_master_is_killed() {
         .ttl(ttl)
         .build()
         .expect("valid");
-    let term = first.campaign().await.expect("elected on the first master");
+    first.campaign().await.expect("elected on the first master");
     let old = setup.master().expect("a master");
     tokio::task::block_in_place(|| setup.servers[old].kill());
     let new = tokio::task::block_in_place(|| setup.wait_for_failover(old)).expect("failover");
