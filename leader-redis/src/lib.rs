@@ -1,6 +1,8 @@
 #![doc = include_str!("../README.md")]
 #![warn(clippy::unwrap_used)]
 
+mod renewals;
+mod scripts;
 mod subscriber;
 mod topology;
 
@@ -19,58 +21,13 @@ use tracing::{debug, warn};
 
 pub use redis;
 
+use renewals::{Cached, Renewals};
+use scripts::{ACQUIRE, LEADER, RENEW, RESIGN};
 use subscriber::Subscriber;
 use topology::{Call, Connection, Lua, Source, needs_new_connection};
 
 /// The default for [`RedisDriverBuilder::request_timeout`].
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Takes the lead if the key is free (or already this candidate's, from an ended term),
-/// with a fresh fencing token; otherwise returns the holder's remaining PTTL.
-/// KEYS: leader, fence. ARGV: owner token, value, ttl in ms, channel.
-const ACQUIRE: &str = r"
-local owner = redis.call('HGET', KEYS[1], 'owner')
-if owner and owner ~= ARGV[1] then
-  return {0, redis.call('PTTL', KEYS[1])}
-end
-local token = redis.call('INCR', KEYS[2])
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'value', ARGV[2], 'token', token)
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PUBLISH', ARGV[4], 'elected')
-return {1, token}
-";
-
-/// Extends the lease only if this candidate still owns this term.
-/// KEYS: leader. ARGV: owner token, fencing token, ttl in ms.
-const RENEW: &str = r"
-local held = redis.call('HMGET', KEYS[1], 'owner', 'token')
-if held[1] == ARGV[1] and held[2] == ARGV[2] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[3])
-end
-return 0
-";
-
-/// Deletes the key only if this candidate owns it in the given term, and tells the
-/// waiters. KEYS: leader. ARGV: owner token, channel, fencing token.
-const RESIGN: &str = r"
-local held = redis.call('HMGET', KEYS[1], 'owner', 'token')
-if held[1] == ARGV[1] and held[2] == ARGV[3] then
-  redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', ARGV[2], 'resigned')
-  return 1
-end
-return 0
-";
-
-/// The leader and the remaining lease, read at one instant. KEYS: leader.
-const LEADER: &str = r"
-local held = redis.call('HMGET', KEYS[1], 'owner', 'value', 'token')
-if not held[1] then
-  return {}
-end
-return {held[1], held[2], held[3], redis.call('PTTL', KEYS[1])}
-";
 
 /// A [`Driver`] for Redis: one server, a Redis Cluster, or the master that Sentinel names.
 ///
@@ -97,6 +54,7 @@ struct Inner {
     request_timeout: Duration,
     replicas: Option<(usize, Duration)>,
     subscriber: Subscriber,
+    renewals: Renewals,
     acquire: Lua,
     renew: Lua,
     resign: Lua,
@@ -170,6 +128,7 @@ impl RedisDriverBuilder {
         RedisDriver {
             inner: Arc::new(Inner {
                 subscriber: Subscriber::new(self.source.clone()),
+                renewals: Renewals::default(),
                 source: self.source,
                 connection: tokio::sync::Mutex::new((0, None)),
                 prefix: self.prefix,
@@ -312,13 +271,36 @@ impl RedisDriver {
         Self::builder(client).connect().await
     }
 
-    /// The keys and channel of `election`.
+    /// Sends the rest of a renewal batch (more terms than one call takes): their own
+    /// renewals would otherwise each send a call.
+    async fn finish_batches(&self, rest: &[renewals::Due]) {
+        for batch in rest.chunks(renewals::BATCH) {
+            let sent_at = Instant::now();
+            match self
+                .inner
+                .run::<Vec<i64>>(renew_call(&self.inner.renew, batch), true)
+                .await
+            {
+                Ok(values) => {
+                    let flags: Vec<bool> = values.iter().map(|v| *v == 1).collect();
+                    self.inner.renewals.record(batch, &flags, sent_at);
+                }
+                // Their own renewals will try again.
+                Err(err) => debug!(error = %leader_core::ErrorChain(&err), "renewal batch failed"),
+            }
+        }
+    }
+
+    /// The keys and channels of `election`.
     pub fn keys(&self, election: &str) -> ElectionKeys {
         let tag = format!("{}{{{election}}}", self.inner.prefix);
         ElectionKeys {
             leader: format!("{tag}:leader"),
             fence: format!("{tag}:fence"),
             channel: format!("{tag}:events"),
+            line: format!("{tag}:line"),
+            line_expiries: format!("{tag}:line-expiries"),
+            wake_prefix: format!("{tag}:wake:"),
         }
     }
 }
@@ -340,8 +322,22 @@ pub struct ElectionKeys {
     pub leader: String,
     /// The counter the fencing tokens come from.
     pub fence: String,
-    /// The channel that announces `elected` and `resigned`.
+    /// The channel that announces `elected` and `resigned` (to observers).
     pub channel: String,
+    /// The line of waiting candidates: a sorted set of owner tokens by arrival.
+    pub line: String,
+    /// When each waiting candidate's place in line expires (server time in ms), a hash.
+    pub line_expiries: String,
+    /// The prefix of each waiting candidate's own channel: a resignation wakes only the
+    /// head of the line, on `wake_prefix` + its owner token.
+    pub wake_prefix: String,
+}
+
+impl ElectionKeys {
+    /// The channel that wakes the waiting candidate `owner`.
+    pub fn wake(&self, owner: &str) -> String {
+        format!("{}{owner}", self.wake_prefix)
+    }
 }
 
 fn check_name(election: &str) -> Result<()> {
@@ -357,7 +353,8 @@ fn check_name(election: &str) -> Result<()> {
 /// The commands the driver sends (its scripts' included): the least-privilege ACL of its
 /// user is `~PREFIX* &PREFIX*` and these (see the README, "Production").
 pub const ACL_COMMANDS: &str = "+evalsha +eval +ping +subscribe +unsubscribe +hget +hmget \
-    +hset +del +incr +pexpire +pttl +publish +wait +config|get +cluster|slots +role +info";
+    +hset +hdel +del +incr +pexpire +pttl +publish +zadd +zrem +zrange +time +wait \
+    +config|get +cluster|slots +role +info";
 
 /// A Redis error as this crate's [`Error`]: a refused login or a missing ACL permission is
 /// [`Error::Denied`] (retrying cannot fix it), anything else [`Error::Store`].
@@ -402,6 +399,16 @@ impl std::error::Error for Refusal {}
 fn is_denied(err: &redis::RedisError) -> bool {
     err.kind() == redis::ErrorKind::AuthenticationFailed
         || matches!(err.code(), Some("NOPERM" | "WRONGPASS" | "NOAUTH"))
+}
+
+/// The renewal script's call for `batch`.
+fn renew_call<'a>(script: &'a Lua, batch: &'a [renewals::Due]) -> Call<'a> {
+    let keys: Vec<&str> = batch.iter().map(|due| due.key.as_str()).collect();
+    let mut call = Call::new(script, &keys);
+    for due in batch {
+        call = call.arg(&due.owner).arg(due.token).arg(millis(due.ttl));
+    }
+    call
 }
 
 fn millis(duration: Duration) -> u64 {
@@ -490,16 +497,21 @@ impl Inner {
         candidate: &Candidate,
     ) -> Result<std::result::Result<Grant, i64>> {
         let sent_at = Instant::now();
-        let call = Call::new(&self.acquire, &[&keys.leader, &keys.fence])
-            .arg(&candidate.id)
-            .arg(&candidate.value)
-            .arg(millis(candidate.ttl))
-            .arg(&keys.channel);
+        let call = Call::new(
+            &self.acquire,
+            &[&keys.leader, &keys.fence, &keys.line, &keys.line_expiries],
+        )
+        .arg(&candidate.id)
+        .arg(&candidate.value)
+        .arg(millis(candidate.ttl))
+        .arg(&keys.channel);
         let (won, value): (i64, i64) = self.run(call, true).await?;
         if won == 1 {
             let token = u64::try_from(value).map_err(|_| {
                 Error::store(std::io::Error::other(format!("fence counter at {value}")))
             })?;
+            self.renewals
+                .hold(&keys.leader, &candidate.id, token, candidate.ttl, sent_at);
             Ok(Ok(Grant::new(token, sent_at, candidate.ttl)))
         } else {
             Ok(Err(value))
@@ -544,9 +556,14 @@ impl Driver for RedisDriver {
     async fn campaign(&self, candidate: &Candidate) -> Result<Grant> {
         check_name(&candidate.election)?;
         let keys = self.keys(&candidate.election);
-        // Subscribe first, so that a resignation between our attempt and our wait is
-        // not missed.
-        let mut notices = self.inner.subscriber.subscribe(&keys.channel).await;
+        // Subscribe first, so that a resignation between our attempt and our wait is not
+        // missed. To this candidate's own channel: a resignation wakes the head of the
+        // line only, not every waiter.
+        let mut notices = self
+            .inner
+            .subscriber
+            .subscribe(&keys.wake(&candidate.id))
+            .await;
         loop {
             notices.mark_seen();
             match self.inner.try_acquire(&keys, candidate).await? {
@@ -565,36 +582,82 @@ impl Driver for RedisDriver {
 
     async fn renew(&self, candidate: &Candidate, grant: &Grant) -> Result<Grant> {
         let keys = self.keys(&candidate.election);
-        let sent_at = Instant::now();
-        let call = Call::new(&self.inner.renew, &[&keys.leader])
-            .arg(&candidate.id)
-            .arg(grant.fencing_token)
-            .arg(millis(candidate.ttl));
-        let renewed: i64 = self.inner.run(call, true).await?;
-        if renewed == 1 {
-            Ok(Grant::new(grant.fencing_token, sent_at, candidate.ttl))
-        } else {
-            Err(Error::TermGone)
+        let inner = &self.inner;
+        let token = grant.fencing_token;
+        let renewed = |at: Instant| Grant::new(token, at, candidate.ttl);
+        let cluster = matches!(inner.source, Source::Cluster { .. });
+        // A Cluster keeps elections in different slots, which one script cannot touch
+        // together: one call per renewal there.
+        let mut _batch = None;
+        if !cluster {
+            let ask = || {
+                inner.renewals.ask(
+                    &keys.leader,
+                    &candidate.id,
+                    token,
+                    candidate.ttl,
+                    grant.confirmed_at,
+                )
+            };
+            match ask() {
+                Cached::Renewed(at) => return Ok(renewed(at)),
+                Cached::Gone => return Err(Error::TermGone),
+                Cached::Miss => {}
+            }
+            // Held until this renewal's batch is recorded: renewals asking meanwhile then
+            // find theirs in it.
+            _batch = Some(inner.renewals.batch.lock().await);
+            match ask() {
+                Cached::Renewed(at) => return Ok(renewed(at)),
+                Cached::Gone => return Err(Error::TermGone),
+                Cached::Miss => {}
+            }
         }
+        let due = if cluster {
+            vec![renewals::Due {
+                key: keys.leader.clone(),
+                owner: candidate.id.clone(),
+                token,
+                ttl: candidate.ttl,
+            }]
+        } else {
+            inner.renewals.due(&keys.leader)
+        };
+        // This renewal's own term is first: the first call answers it.
+        let (first, rest) = due.split_at(due.len().min(renewals::BATCH));
+        let sent_at = Instant::now();
+        let values: Vec<i64> = inner.run(renew_call(&inner.renew, first), true).await?;
+        let flags: Vec<bool> = values.iter().map(|v| *v == 1).collect();
+        inner.renewals.record(first, &flags, sent_at);
+        if !flags.first().copied().unwrap_or(false) {
+            return Err(Error::TermGone);
+        }
+        self.finish_batches(rest).await;
+        Ok(renewed(sent_at))
     }
 
     async fn resign(&self, candidate: &Candidate, fencing_token: Option<u64>) -> Result<()> {
         let keys = self.keys(&candidate.election);
         // Deletes by exact token only: this request may land late, after this candidate's
         // next term began, and must not delete that one. Without a token (a campaign whose
-        // answer never came), read it first.
+        // answer never came), read it first; if another leads, only leave the line.
         let token = match fencing_token {
-            Some(token) => token,
+            Some(token) => token.to_string(),
             None => match self.inner.leader_with_pttl(&keys).await? {
-                Some((leader, _)) if leader.id == candidate.id => leader.fencing_token,
-                _ => return Ok(()),
+                Some((leader, _)) if leader.id == candidate.id => leader.fencing_token.to_string(),
+                _ => "-".to_owned(),
             },
         };
-        let call = Call::new(&self.inner.resign, &[&keys.leader])
-            .arg(&candidate.id)
-            .arg(&keys.channel)
-            .arg(token);
+        let call = Call::new(
+            &self.inner.resign,
+            &[&keys.leader, &keys.line, &keys.line_expiries],
+        )
+        .arg(&candidate.id)
+        .arg(&keys.channel)
+        .arg(&token)
+        .arg(&keys.wake_prefix);
         let _deleted: i64 = self.inner.run(call, true).await?;
+        self.inner.renewals.release(&keys.leader, &candidate.id);
         Ok(())
     }
 

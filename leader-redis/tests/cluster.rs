@@ -162,13 +162,14 @@ async fn elections_on_every_master_elect_hand_over_and_wake_waiters() {
             .build()
             .expect("valid");
         let term = first.campaign().await.expect("elected");
+        // The waiter's own channel: a resignation wakes the head of the line there.
+        let channel = driver.keys(&name).wake(second.id());
         let waiting = tokio::spawn(async move {
             let term = second.campaign().await;
             (second, term)
         });
         // The waiter subscribes before its first attempt: once its subscription shows on
         // some node, it waits in line (or won already, which the resignation would not).
-        let channel = driver.keys(&name).channel;
         let deadline = Instant::now() + Duration::from_secs(5);
         while subscribers(&h.cluster, &channel).await == 0 {
             assert!(

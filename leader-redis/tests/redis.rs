@@ -251,8 +251,8 @@ async fn lost_pubsub_still_fails_over_at_expiry() {
     a.campaign().await.expect("a elected");
     let waiter = spawn_campaign(&b);
     let mut admin = h.admin().await;
-    let channel = b_keys.channel.clone();
-    wait_subscribed(&mut admin, &channel).await;
+    // b waits in line on its own channel.
+    wait_subscribed(&mut admin, &b_keys.wake(b.id())).await;
     let killed: i64 = redis::cmd("CLIENT")
         .arg(&["KILL", "TYPE", "pubsub"])
         .query_async(&mut admin)
@@ -279,7 +279,7 @@ async fn lost_pubsub_still_fails_over_at_expiry() {
     // Pub/sub is back: a resignation hands over promptly again.
     let c = election(h.driver_at(&url).await, &name, TTL);
     let waiter = spawn_campaign(&c);
-    wait_subscribed(&mut admin, &channel).await;
+    wait_subscribed(&mut admin, &b_keys.wake(c.id())).await;
     let resigned_at = Instant::now();
     b.resign().await.expect("resign");
     within("c's campaign", TTL * 2, waiter)
@@ -364,4 +364,118 @@ async fn observe_recovers_from_a_half_open_pubsub_connection() {
     )
     .await;
     assert_eq!(seen.fencing_token, term.fencing_token());
+}
+
+/// Waits until `id` stands in `election`'s line.
+async fn wait_in_line(
+    admin: &mut redis::aio::MultiplexedConnection,
+    keys: &leader_redis::ElectionKeys,
+    id: &str,
+) {
+    within(&format!("{id} in line"), TTL * 5, async {
+        loop {
+            let rank: Option<i64> = admin.zrank(&keys.line, id).await.expect("ZRANK");
+            if rank.is_some() {
+                return;
+            }
+            sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+/// Commands of `name` the server ran so far (`INFO commandstats`).
+async fn calls(admin: &mut redis::aio::MultiplexedConnection, name: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(admin)
+        .await
+        .expect("INFO");
+    info.lines()
+        .find_map(|line| line.strip_prefix(&format!("cmdstat_{name}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waiters queue in arrival order; a resignation wakes the head of the line only (a few
+/// script calls per handoff, not one per waiter), and a head whose place expired (a waiter
+/// gone without a word) is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resignation_wakes_the_head_of_the_line_only() {
+    let h = harness().await;
+    let name = unique("line");
+    // Long TTL: no expiry timer fires during the test, so only wakeups elect.
+    let ttl = Duration::from_secs(30);
+    let driver = h.driver_at(&h.server.url()).await;
+    let keys = driver.keys(&name);
+    let mut admin = h.admin().await;
+    let leader = election(driver.clone(), &name, ttl);
+    leader.campaign().await.expect("elected");
+    let mut waiters = Vec::new();
+    for _ in 0..20 {
+        let waiter = election(h.driver_at(&h.server.url()).await, &name, ttl);
+        let campaign = spawn_campaign(&waiter);
+        wait_in_line(&mut admin, &keys, waiter.id()).await;
+        waiters.push((waiter, campaign));
+    }
+    // A ghost at the head of the line, whose place expired: skipped.
+    let _: () = redis::pipe()
+        .zadd(&keys.line, "ghost", 0)
+        .hset(&keys.line_expiries, "ghost", 1)
+        .query_async(&mut admin)
+        .await
+        .expect("a ghost in line");
+    let mut previous = leader;
+    for (i, (waiter, campaign)) in waiters.into_iter().take(3).enumerate() {
+        let before = calls(&mut admin, "evalsha").await + calls(&mut admin, "eval").await;
+        let resigned_at = Instant::now();
+        previous.resign().await.expect("resign");
+        within(&format!("waiter {i} elected"), ttl / 10, campaign)
+            .await
+            .expect("campaign task")
+            .expect("elected in arrival order");
+        assert!(resigned_at.elapsed() < ttl / 10);
+        let after = calls(&mut admin, "evalsha").await + calls(&mut admin, "eval").await;
+        // The resignation and the head's acquisition (and a read or two): not 20.
+        assert!(
+            after - before <= 4,
+            "handoff {i} ran {} scripts with 17+ waiting",
+            after - before
+        );
+        previous = waiter;
+    }
+    let ghost: Option<i64> = admin.zrank(&keys.line, "ghost").await.expect("ZRANK");
+    assert_eq!(ghost, None, "the expired place was removed");
+}
+
+/// One process holding many elections renews them in a few calls per third of a TTL,
+/// not one per election.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_are_per_process_not_per_election() {
+    let h = harness().await;
+    let driver = h.driver_at(&h.server.url()).await;
+    let mut admin = h.admin().await;
+    let ttl = Duration::from_secs(1);
+    let mut held = Vec::new();
+    for i in 0..50 {
+        let election = election(driver.clone(), &unique(&format!("many{i}")), ttl);
+        let term = election.campaign().await.expect("elected");
+        held.push((election, term));
+    }
+    let before = calls(&mut admin, "evalsha").await;
+    let started = Instant::now();
+    let window = ttl * 3;
+    // Terms renew every third of the TTL: per election that would be 9 calls each (450).
+    sleep(window).await;
+    let scripts = calls(&mut admin, "evalsha").await - before;
+    println!("{scripts} renewal calls for 50 elections over {window:?}");
+    for (_, term) in &held {
+        assert!(term.is_valid(), "every term renewed");
+        assert!(term.deadline() > (started + window / 2).into_std());
+    }
+    assert!(
+        scripts <= 20,
+        "{scripts} renewal calls for 50 elections over {window:?}"
+    );
 }
