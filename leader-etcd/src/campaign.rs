@@ -29,6 +29,35 @@ pub(crate) struct CandidateKey {
     pub(crate) gone: CancellationToken,
 }
 
+/// What a waiter's watch message means, events in revision order.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    /// Nothing that matters: keep waiting.
+    Wait,
+    /// The predecessor was deleted at this revision, and the waiter's own key was not
+    /// touched before it.
+    Lead(i64),
+    /// The waiter's own key was deleted or written: the wait proves nothing about it.
+    Look,
+}
+
+/// `events`: (deleted, key, revision), in revision order.
+fn step<'a>(
+    events: impl IntoIterator<Item = (bool, &'a [u8], i64)>,
+    predecessor: &[u8],
+    own: &[u8],
+) -> Step {
+    for (deleted, key, revision) in events {
+        if key == own {
+            return Step::Look;
+        }
+        if key == predecessor && deleted {
+            return Step::Lead(revision);
+        }
+    }
+    Step::Wait
+}
+
 /// The key of each candidate that has one, and the index of the key names in use, so that
 /// naming a key costs O(1) however many candidates the driver has.
 #[derive(Default)]
@@ -231,43 +260,76 @@ impl Inner {
             .map(|kv| kv.create_revision()))
     }
 
-    /// Waits until no key of the election has a create revision below `revision`,
-    /// watching only the predecessor's deletion. Fails if lease `lease` of `slot` is lost
-    /// meanwhile.
+    /// Waits until no key of the election has a create revision below `revision` (the
+    /// create revision of `own`), watching only the predecessor's deletion. Fails if lease
+    /// `lease` of `slot` is lost meanwhile.
+    ///
+    /// Returns the revision at which `own` is known to exist unchanged, when the wait
+    /// proved it: keys below a waiter can only disappear (every new key gets a higher
+    /// create revision), so when the predecessor was the only key below, its deletion at
+    /// revision R leaves none, and the same watch (over both keys, in revision order) shows
+    /// `own` neither deleted nor overwritten up to R. The caller then needs no read to
+    /// confirm its key. `None` when the last step was a read (several keys were below).
     pub(crate) async fn wait_for_predecessors(
         &self,
         prefix: &str,
+        own: &str,
         revision: i64,
         slot: &LeaseSlot,
         lease: i64,
-    ) -> Result<()> {
+    ) -> Result<Option<i64>> {
         let mut lease_changes = slot.subscribe();
         loop {
             if *lease_changes.borrow_and_update() != lease {
                 return Err(Error::TermGone);
             }
+            // Two at most: enough to tell "the only one below" from "one of several".
             let options = GetOptions::new()
                 .with_prefix()
                 .with_max_create_revision(revision - 1)
                 .with_sort(SortTarget::Create, SortOrder::Descend)
-                .with_limit(1);
+                .with_limit(2);
             let response = self
                 .request(self.client.clone().get(prefix, Some(options)))
                 .await?;
             let Some(predecessor) = response.kvs().first() else {
-                return Ok(());
+                return Ok(None);
             };
+            let sole = response.kvs().len() == 1 && !response.more();
             let predecessor = predecessor.key().to_vec();
             let from = response.header().map_or(0, |h| h.revision()) + 1;
             debug!(
                 predecessor = %String::from_utf8_lossy(&predecessor),
+                sole,
                 "waiting for the predecessor's deletion"
             );
-            let options = WatchOptions::new()
-                .with_start_revision(from)
-                .with_filters([WatchFilterType::NoPut]);
+            // The predecessor alone; or, when it is the only key below, the range from one
+            // of the two keys to the other, to see both in one ordered stream.
+            let own = own.as_bytes();
+            let (start, options) = if sole {
+                let (low, high) = if predecessor.as_slice() < own {
+                    (predecessor.clone(), own.to_vec())
+                } else {
+                    (own.to_vec(), predecessor.clone())
+                };
+                let mut end = high;
+                end.push(0);
+                (
+                    low,
+                    WatchOptions::new()
+                        .with_start_revision(from)
+                        .with_range(end),
+                )
+            } else {
+                (
+                    predecessor.clone(),
+                    WatchOptions::new()
+                        .with_start_revision(from)
+                        .with_filters([WatchFilterType::NoPut]),
+                )
+            };
             let mut watch = self
-                .request(self.client.clone().watch(predecessor, Some(options)))
+                .request(self.client.clone().watch(start, Some(options)))
                 .await?;
             loop {
                 let message = tokio::select! {
@@ -295,15 +357,36 @@ impl Inner {
                     // for the caller to retry with backoff, not a reason to look again now.
                     return Err(watch_cancelled(message.cancel_reason()));
                 }
-                if message
-                    .events()
-                    .iter()
-                    .any(|event| event.event_type() == EventType::Delete)
-                {
-                    break;
+                let events = message.events().iter().filter_map(|event| {
+                    let kv = event.kv()?;
+                    let deleted = event.event_type() == EventType::Delete;
+                    Some((deleted, kv.key(), kv.mod_revision()))
+                });
+                match step(events, &predecessor, own) {
+                    Step::Wait => {}
+                    // Ours was deleted or written: unless it is still this term's key,
+                    // the term is gone; else look again.
+                    Step::Look => {
+                        if !self.key_is_ours_by_name(own, revision, lease).await? {
+                            return Err(Error::TermGone);
+                        }
+                        break;
+                    }
+                    Step::Lead(at) if sole => return Ok(Some(at)),
+                    Step::Lead(_) => break,
                 }
             }
         }
+    }
+
+    /// Whether `own` exists with create revision `revision` on lease `lease` now (a
+    /// linearizable read).
+    async fn key_is_ours_by_name(&self, own: &[u8], revision: i64, lease: i64) -> Result<bool> {
+        let response = self.request(self.client.clone().get(own, None)).await?;
+        Ok(response
+            .kvs()
+            .first()
+            .is_some_and(|kv| kv.create_revision() == revision && kv.lease() == lease))
     }
 
     /// The revision at which `key` exists with `revision` and its lease, or `None` if it
@@ -355,6 +438,35 @@ fn free_name(used: &HashSet<String>, base: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_waiter_leads_on_its_predecessors_deletion_unless_its_own_key_changed_first() {
+        let (pred, own) = (b"e/a".as_slice(), b"e/b".as_slice());
+        let e =
+            |deleted: bool, key: &'static str, revision: i64| (deleted, key.as_bytes(), revision);
+        assert_eq!(step([e(true, "e/a", 9)], pred, own), Step::Lead(9));
+        assert_eq!(step([e(false, "e/a", 9)], pred, own), Step::Wait);
+        assert_eq!(
+            step([e(false, "e/ab", 8), e(true, "e/ab", 9)], pred, own),
+            Step::Wait,
+            "other keys in the watched range do not matter"
+        );
+        assert_eq!(
+            step([e(true, "e/b", 8), e(true, "e/a", 9)], pred, own),
+            Step::Look,
+            "ours went first"
+        );
+        assert_eq!(
+            step([e(false, "e/b", 8), e(true, "e/a", 9)], pred, own),
+            Step::Look,
+            "ours was overwritten first"
+        );
+        assert_eq!(
+            step([e(true, "e/a", 9), e(true, "e/b", 10)], pred, own),
+            Step::Lead(9),
+            "ours went after: the watch of held keys reports it"
+        );
+    }
 
     fn key(name: &str, revision: i64) -> CandidateKey {
         CandidateKey {

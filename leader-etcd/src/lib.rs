@@ -298,18 +298,27 @@ impl EtcdDriver {
             ..key
         };
         let prefix = self.election_prefix(&candidate.election);
-        inner
-            .wait_for_predecessors(&prefix, revision, &slot, lease)
+        let proven = inner
+            .wait_for_predecessors(&prefix, &key.key, revision, &slot, lease)
             .await?;
         let ttl = candidate.ttl.min(lease_ttl);
         // A keep-alive sent after this call began (the background one usually is, after a
         // wait in line), so the grant is no older than the campaign.
         let confirmed_at = inner.keep_alive(&slot, lease, began).await?;
-        // After the keep-alive: the term's key exists at a revision after it.
-        let Some(verified_at) = inner.key_is_ours(&key, revision).await? else {
-            warn!(key = %key.key, "campaign key vanished while waiting (lease expired?)");
-            key.gone.cancel();
-            return Err(Error::TermGone);
+        let verified_at = match proven {
+            // The wait's own watch showed the key there, unchanged, when the last key below
+            // went: the lease was alive then or later (the keep-alive), and the watch of
+            // held keys (from that revision on) reports any later change.
+            Some(at) => at,
+            // After the keep-alive: the term's key exists at a revision after it.
+            None => match inner.key_is_ours(&key, revision).await? {
+                Some(at) => at,
+                None => {
+                    warn!(key = %key.key, "campaign key vanished while waiting (lease expired?)");
+                    key.gone.cancel();
+                    return Err(Error::TermGone);
+                }
+            },
         };
         inner.hold_term(&key, verified_at);
         Ok(Grant::new(

@@ -839,3 +839,73 @@ async fn refusals_by_etcd_auth_are_denied_and_run_returns_them() {
         .expect("no panic");
     assert!(matches!(ran, Err(Error::Denied(_))), "{ran:?}");
 }
+
+/// A waiter whose own key is deleted, or overwritten without its lease, while it waits
+/// behind the only key below it never leads on that key when the predecessor goes: the
+/// watch that proves the handoff without a read sees its own key's change first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiters_own_key_changed_while_it_waits_is_never_led_on() {
+    let h = harness().await;
+    let driver = h.driver_at(h.server.endpoints()[0].clone()).await;
+    let waiting_driver = h.driver_at(h.server.endpoints()[0].clone()).await;
+    let mut admin = driver.client().clone();
+    for overwrite in [false, true] {
+        let name = unique("own-key");
+        let ttl = Duration::from_secs(10);
+        let leader = Candidate::new(&name, format!("leader-{overwrite}"), "v", ttl);
+        let waiter = Candidate::new(&name, format!("waiter-{overwrite}"), "v", ttl);
+        let grant = driver.campaign(&leader).await.expect("elected");
+        let waiting = {
+            let driver = waiting_driver.clone();
+            let waiter = waiter.clone();
+            tokio::spawn(async move { driver.campaign(&waiter).await })
+        };
+        let prefix = format!("{name}/");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let own = loop {
+            let keys = keys_under(&mut admin, prefix.clone()).await;
+            if let Some(kv) = keys
+                .kvs()
+                .iter()
+                .find(|kv| kv.create_revision() > grant.fencing_token as i64)
+            {
+                break kv.key().to_vec();
+            }
+            assert!(Instant::now() < deadline, "the waiter's key never appeared");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        if overwrite {
+            admin.put(own.clone(), "by hand", None).await.expect("put");
+        } else {
+            admin.delete(own.clone(), None).await.expect("delete");
+        }
+        driver
+            .resign(&leader, Some(grant.fencing_token))
+            .await
+            .expect("resign");
+        let outcome = within("the waiter's campaign", Duration::from_secs(5), waiting)
+            .await
+            .expect("no panic");
+        match outcome {
+            Err(Error::TermGone) => {}
+            Ok(won) => {
+                // Only on a key of its own, made after the change, on its lease.
+                let keys = keys_under(&mut admin, prefix.clone()).await;
+                let kv = keys
+                    .kvs()
+                    .iter()
+                    .find(|kv| kv.create_revision() == won.fencing_token as i64)
+                    .expect("the won term's key exists");
+                assert_ne!(kv.value(), b"by hand", "led on a key it does not own");
+                assert!(kv.lease() != 0, "led on a key without its lease");
+            }
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+        let _ = admin
+            .delete(
+                prefix,
+                Some(etcd_client::DeleteOptions::new().with_prefix()),
+            )
+            .await;
+    }
+}
