@@ -407,21 +407,6 @@ impl Inner {
             .is_some_and(|kv| kv.create_revision() == revision && kv.lease() == key.lease);
         Ok(ours.then(|| response.header().map_or(0, |h| h.revision())))
     }
-
-    /// Confirms, after a keep-alive, that `key`'s term still exists: a linearizable read
-    /// finds the key with the term's create revision and lease. [`Error::TermGone`] if it
-    /// does not; then the term's token is cancelled too. Renewals never take the watch of
-    /// held keys for this: it can report a deletion, never that there was none.
-    pub(crate) async fn confirm_key(&self, key: &CandidateKey) -> Result<()> {
-        let token = key.create_revision;
-        if self.key_is_ours(key, token).await?.is_some() {
-            return Ok(());
-        }
-        warn!(key = %key.key, fencing_token = token, "the key of a held term is gone");
-        self.end_term(token);
-        key.gone.cancel();
-        Err(Error::TermGone)
-    }
 }
 
 /// `base`, or the first of `base_1`, `base_2`, … that is not in `used`.

@@ -154,8 +154,17 @@ impl Inner {
         }
     }
 
+    /// Every held term: its token, key and lease.
+    pub(crate) fn held_terms(&self) -> Vec<(i64, String, i64)> {
+        lock(&self.held.terms)
+            .iter()
+            .map(|(token, term)| (*token, term.key.clone(), term.lease))
+            .collect()
+    }
+
     /// Stops watching term `token` (resigned: its end is no news).
     pub(crate) fn release_term(&self, token: i64) {
+        self.forget_reads(token);
         let released = lock(&self.held.terms).remove(&token).is_some();
         if released {
             self.held.send(Command::Unwatch(token));
@@ -164,6 +173,7 @@ impl Inner {
 
     /// Ends term `token` as gone, if it is held: etcd says its key is.
     pub(crate) fn end_term(&self, token: i64) {
+        self.forget_reads(token);
         self.held.gone(token);
     }
 

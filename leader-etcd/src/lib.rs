@@ -2,6 +2,7 @@
 #![warn(clippy::unwrap_used)]
 
 mod campaign;
+mod confirm;
 mod error;
 mod held;
 mod lease;
@@ -60,6 +61,7 @@ struct Inner {
     /// cancelled campaign can always be withdrawn.
     keys: Mutex<Keys>,
     held: HeldKeys,
+    reads: confirm::Reads,
 }
 
 /// Builds an [`EtcdDriver`] with options.
@@ -108,6 +110,7 @@ impl EtcdDriverBuilder {
                 leases: Leases::new(),
                 keys: Mutex::new(Keys::default()),
                 held: HeldKeys::new(),
+                reads: confirm::Reads::default(),
             }),
         }
     }
@@ -347,7 +350,7 @@ impl EtcdDriver {
             // The lease lives until at least `confirmed_at` + its TTL; a linearizable read
             // after that shows the term's key still on it (the watch of held keys only
             // ever says that it is gone, never that it is not).
-            inner.confirm_key(&key).await?;
+            inner.confirm_key(&key, confirmed_at).await?;
             Ok(Grant::new(grant.fencing_token, confirmed_at, grant.ttl))
         };
         tokio::select! {

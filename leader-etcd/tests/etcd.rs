@@ -909,3 +909,49 @@ async fn a_waiters_own_key_changed_while_it_waits_is_never_led_on() {
             .await;
     }
 }
+
+/// The sum of etcd's `metric` samples, from its `/metrics` page.
+async fn etcd_metric(addr: std::net::SocketAddr, metric: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .expect("request");
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.expect("response");
+    body.lines()
+        .filter(|line| line.starts_with(metric))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// One process holding many elections renews them with a keep-alive and a few batched
+/// reads per third of a TTL, not a read per election.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_read_per_process_not_per_election() {
+    let h = harness().await;
+    let driver = h.driver_at(h.server.endpoints()[0].clone()).await;
+    let mut held = Vec::new();
+    for i in 0..50 {
+        let election = election(driver.clone(), &unique(&format!("many{i}")), "v");
+        let term = election.campaign().await.expect("elected");
+        held.push((election, term));
+    }
+    let metric = "grpc_server_msg_received_total";
+    let before = etcd_metric(h.server.client_addr(0), metric).await;
+    let started = Instant::now();
+    let window = TTL * 3;
+    // Terms renew every third of the TTL: a read each would be 450 requests.
+    tokio::time::sleep(window).await;
+    let requests = etcd_metric(h.server.client_addr(0), metric).await - before;
+    println!("{requests} requests to renew 50 elections over {window:?}");
+    for (_, term) in &held {
+        assert!(term.is_valid(), "every term renewed");
+        assert!(term.deadline() > (started + window / 2).into_std());
+    }
+    assert!(
+        requests <= 60.0,
+        "{requests} requests to renew 50 elections over {window:?}"
+    );
+}
