@@ -41,21 +41,24 @@ enum Step {
     Look,
 }
 
-/// `events`: (deleted, key, revision), in revision order.
+/// `events`: (deleted, key, revision), in revision order, every event of a revision in one
+/// message. Any change of `own` at or before the predecessor's deletion (at the same
+/// revision too: a prefix delete, a lease revoked) spoils the proof.
 fn step<'a>(
     events: impl IntoIterator<Item = (bool, &'a [u8], i64)>,
     predecessor: &[u8],
     own: &[u8],
 ) -> Step {
+    let mut lead = None;
     for (deleted, key, revision) in events {
-        if key == own {
+        if key == own && lead.is_none_or(|at| revision <= at) {
             return Step::Look;
         }
-        if key == predecessor && deleted {
-            return Step::Lead(revision);
+        if key == predecessor && deleted && lead.is_none() {
+            lead = Some(revision);
         }
     }
-    Step::Wait
+    lead.map_or(Step::Wait, Step::Lead)
 }
 
 /// The key of each candidate that has one, and the index of the key names in use, so that
@@ -264,12 +267,14 @@ impl Inner {
     /// create revision of `own`), watching only the predecessor's deletion. Fails if lease
     /// `lease` of `slot` is lost meanwhile.
     ///
-    /// Returns the revision at which `own` is known to exist unchanged, when the wait
-    /// proved it: keys below a waiter can only disappear (every new key gets a higher
-    /// create revision), so when the predecessor was the only key below, its deletion at
-    /// revision R leaves none, and the same watch (over both keys, in revision order) shows
-    /// `own` neither deleted nor overwritten up to R. The caller then needs no read to
-    /// confirm its key. `None` when the last step was a read (several keys were below).
+    /// Returns the revision at which `own` is known to exist with this term's create
+    /// revision and lease, and no key below it. Each read (a transaction) reads the keys
+    /// below and `own` at one revision. Keys below a waiter can only disappear (every new
+    /// key gets a higher create revision), so when the predecessor was the only key below,
+    /// its deletion at revision R leaves none, and the same watch (over both keys, in
+    /// revision order, every event of R included) shows `own` neither deleted nor
+    /// overwritten up to R: no read is needed after it. With several below, it reads again
+    /// once its predecessor goes.
     pub(crate) async fn wait_for_predecessors(
         &self,
         prefix: &str,
@@ -277,27 +282,44 @@ impl Inner {
         revision: i64,
         slot: &LeaseSlot,
         lease: i64,
-    ) -> Result<Option<i64>> {
+    ) -> Result<i64> {
         let mut lease_changes = slot.subscribe();
         loop {
             if *lease_changes.borrow_and_update() != lease {
                 return Err(Error::TermGone);
             }
-            // Two at most: enough to tell "the only one below" from "one of several".
+            // Two at most: enough to tell "the only one below" from "one of several"; and
+            // this candidate's own key, at the same revision.
             let options = GetOptions::new()
                 .with_prefix()
                 .with_max_create_revision(revision - 1)
                 .with_sort(SortTarget::Create, SortOrder::Descend)
                 .with_limit(2);
-            let response = self
-                .request(self.client.clone().get(prefix, Some(options)))
-                .await?;
-            let Some(predecessor) = response.kvs().first() else {
-                return Ok(None);
+            let read =
+                Txn::new().and_then([TxnOp::get(prefix, Some(options)), TxnOp::get(own, None)]);
+            let response = self.request(self.client.clone().txn(read)).await?;
+            let at = response.header().map_or(0, |h| h.revision());
+            let (below, mine) = match response.op_responses().as_slice() {
+                [TxnOpResponse::Get(below), TxnOpResponse::Get(mine)] => {
+                    (below.clone(), mine.clone())
+                }
+                _ => return Err(unexpected("etcd answered a read with other operations")),
             };
-            let sole = response.kvs().len() == 1 && !response.more();
+            let ours = mine
+                .kvs()
+                .first()
+                .is_some_and(|kv| kv.create_revision() == revision && kv.lease() == lease);
+            if !ours {
+                warn!(key = %own, "campaign key vanished while waiting (deleted, or the lease expired?)");
+                return Err(Error::TermGone);
+            }
+            let Some(predecessor) = below.kvs().first() else {
+                // None below, and ours there, at one revision.
+                return Ok(at);
+            };
+            let sole = below.kvs().len() == 1 && !below.more();
             let predecessor = predecessor.key().to_vec();
-            let from = response.header().map_or(0, |h| h.revision()) + 1;
+            let from = at + 1;
             debug!(
                 predecessor = %String::from_utf8_lossy(&predecessor),
                 sole,
@@ -372,7 +394,7 @@ impl Inner {
                         }
                         break;
                     }
-                    Step::Lead(at) if sole => return Ok(Some(at)),
+                    Step::Lead(at) if sole => return Ok(at),
                     Step::Lead(_) => break,
                 }
             }
@@ -387,25 +409,6 @@ impl Inner {
             .kvs()
             .first()
             .is_some_and(|kv| kv.create_revision() == revision && kv.lease() == lease))
-    }
-
-    /// The revision at which `key` exists with `revision` and its lease, or `None` if it
-    /// does not (etcd-io/etcd#11051: a campaign whose lease expired while it waited must
-    /// not report success). A linearizable read (etcd's default): it sees every change
-    /// that etcd committed before it was sent, whichever member answers.
-    pub(crate) async fn key_is_ours(
-        &self,
-        key: &CandidateKey,
-        revision: i64,
-    ) -> Result<Option<i64>> {
-        let response = self
-            .request(self.client.clone().get(key.key.as_str(), None))
-            .await?;
-        let ours = response
-            .kvs()
-            .first()
-            .is_some_and(|kv| kv.create_revision() == revision && kv.lease() == key.lease);
-        Ok(ours.then(|| response.header().map_or(0, |h| h.revision())))
     }
 }
 
@@ -450,6 +453,11 @@ mod tests {
             step([e(true, "e/a", 9), e(true, "e/b", 10)], pred, own),
             Step::Lead(9),
             "ours went after: the watch of held keys reports it"
+        );
+        assert_eq!(
+            step([e(true, "e/a", 9), e(true, "e/b", 9)], pred, own),
+            Step::Look,
+            "ours went in the same revision (a prefix delete, a revoked lease)"
         );
     }
 

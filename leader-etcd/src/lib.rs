@@ -301,28 +301,25 @@ impl EtcdDriver {
             ..key
         };
         let prefix = self.election_prefix(&candidate.election);
-        let proven = inner
+        let verified_at = match inner
             .wait_for_predecessors(&prefix, &key.key, revision, &slot, lease)
-            .await?;
+            .await
+        {
+            Ok(at) => at,
+            Err(err) => {
+                if matches!(err, Error::TermGone) {
+                    key.gone.cancel();
+                }
+                return Err(err);
+            }
+        };
         let ttl = candidate.ttl.min(lease_ttl);
         // A keep-alive sent after this call began (the background one usually is, after a
-        // wait in line), so the grant is no older than the campaign.
+        // wait in line), so the grant is no older than the campaign. The wait showed the
+        // key on the lease, with nothing below it, at `verified_at`: the lease lives until
+        // the keep-alive's confirmation + TTL at least, and the watch of held keys (from
+        // that revision on) reports any change to the key since.
         let confirmed_at = inner.keep_alive(&slot, lease, began).await?;
-        let verified_at = match proven {
-            // The wait's own watch showed the key there, unchanged, when the last key below
-            // went: the lease was alive then or later (the keep-alive), and the watch of
-            // held keys (from that revision on) reports any later change.
-            Some(at) => at,
-            // After the keep-alive: the term's key exists at a revision after it.
-            None => match inner.key_is_ours(&key, revision).await? {
-                Some(at) => at,
-                None => {
-                    warn!(key = %key.key, "campaign key vanished while waiting (lease expired?)");
-                    key.gone.cancel();
-                    return Err(Error::TermGone);
-                }
-            },
-        };
         inner.hold_term(&key, verified_at);
         Ok(Grant::new(
             u64::try_from(revision).unwrap_or(0),
