@@ -271,26 +271,6 @@ impl RedisDriver {
         Self::builder(client).connect().await
     }
 
-    /// Sends the rest of a renewal batch (more terms than one call takes): their own
-    /// renewals would otherwise each send a call.
-    async fn finish_batches(&self, rest: &[renewals::Due]) {
-        for batch in rest.chunks(renewals::BATCH) {
-            let sent_at = Instant::now();
-            match self
-                .inner
-                .run::<Vec<i64>>(renew_call(&self.inner.renew, batch), true)
-                .await
-            {
-                Ok(values) => {
-                    let flags: Vec<bool> = values.iter().map(|v| *v == 1).collect();
-                    self.inner.renewals.record(batch, &flags, sent_at);
-                }
-                // Their own renewals will try again.
-                Err(err) => debug!(error = %leader_core::ErrorChain(&err), "renewal batch failed"),
-            }
-        }
-    }
-
     /// The keys and channels of `election`.
     pub fn keys(&self, election: &str) -> ElectionKeys {
         let tag = format!("{}{{{election}}}", self.inner.prefix);
@@ -613,27 +593,28 @@ impl Driver for RedisDriver {
                 Cached::Miss => {}
             }
         }
-        let due = if cluster {
-            vec![renewals::Due {
-                key: keys.leader.clone(),
-                owner: candidate.id.clone(),
-                token,
-                ttl: candidate.ttl,
-            }]
-        } else {
-            inner.renewals.due(&keys.leader)
+        // This renewal's own term first, from its own arguments; then (one server or
+        // Sentinel) the other held terms due, up to one call's worth: the rest renew in
+        // their own terms' calls.
+        let own = renewals::Due {
+            key: keys.leader.clone(),
+            owner: candidate.id.clone(),
+            token,
+            ttl: candidate.ttl,
         };
-        // This renewal's own term is first: the first call answers it.
-        let (first, rest) = due.split_at(due.len().min(renewals::BATCH));
-        let sent_at = Instant::now();
-        let values: Vec<i64> = inner.run(renew_call(&inner.renew, first), true).await?;
-        let flags: Vec<bool> = values.iter().map(|v| *v == 1).collect();
-        inner.renewals.record(first, &flags, sent_at);
-        if !flags.first().copied().unwrap_or(false) {
-            return Err(Error::TermGone);
+        let mut batch = vec![own];
+        if !cluster {
+            batch.extend(inner.renewals.due(&keys.leader, renewals::BATCH - 1));
         }
-        self.finish_batches(rest).await;
-        Ok(renewed(sent_at))
+        let sent_at = Instant::now();
+        let values: Vec<i64> = inner.run(renew_call(&inner.renew, &batch), true).await?;
+        let flags: Vec<bool> = values.iter().map(|v| *v == 1).collect();
+        inner.renewals.record(&batch, &flags, sent_at);
+        if flags.first().copied().unwrap_or(false) {
+            Ok(renewed(sent_at))
+        } else {
+            Err(Error::TermGone)
+        }
     }
 
     async fn resign(&self, candidate: &Candidate, fencing_token: Option<u64>) -> Result<()> {
@@ -657,7 +638,9 @@ impl Driver for RedisDriver {
         .arg(&token)
         .arg(&keys.wake_prefix);
         let _deleted: i64 = self.inner.run(call, true).await?;
-        self.inner.renewals.release(&keys.leader, &candidate.id);
+        self.inner
+            .renewals
+            .release(&keys.leader, &candidate.id, fencing_token);
         Ok(())
     }
 

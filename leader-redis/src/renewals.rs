@@ -11,8 +11,8 @@
 //! sends about one call per third of a TTL, however many elections it holds.
 //!
 //! A term that its election stopped asking to renew (it ended without a resignation
-//! reaching the store yet) is left out after a TTL, so the driver never keeps alive a
-//! term nobody holds.
+//! reaching the store yet) is left out of other terms' calls half a TTL after its last
+//! request: its key then expires at most one and a half TTLs after that, instead of one.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
@@ -93,10 +93,14 @@ impl Renewals {
         );
     }
 
-    /// `owner` no longer holds a term on `key` (it resigned, or withdrew).
-    pub(crate) fn release(&self, key: &str, owner: &str) {
+    /// `owner` no longer holds term `token` (any term, if `None`) on `key`: it resigned,
+    /// or withdrew.
+    pub(crate) fn release(&self, key: &str, owner: &str, token: Option<u64>) {
         let mut terms = self.terms();
-        if terms.get(key).is_some_and(|held| held.owner == owner) {
+        if terms
+            .get(key)
+            .is_some_and(|held| held.owner == owner && token.is_none_or(|t| t == held.token))
+        {
             terms.remove(key);
         }
     }
@@ -136,30 +140,29 @@ impl Renewals {
         }
     }
 
-    /// The terms a batch sent now renews: `key`'s, and every held term still asked for
-    /// whose confirmation is older than a sixth of its TTL; first `key`'s.
-    pub(crate) fn due(&self, key: &str) -> Vec<Due> {
+    /// The other terms a call sent now renews besides `key`'s (at most `limit`): every
+    /// held term whose election asks for renewals (it did within half a TTL: it asks every
+    /// third of one) and whose confirmation is older than a sixth of its TTL.
+    pub(crate) fn due(&self, key: &str, limit: usize) -> Vec<Due> {
         let now = Instant::now();
         let mut terms = self.terms();
         // Forget terms nobody asked about for two TTLs: their elections ended them.
         terms.retain(|_, held| now.saturating_duration_since(held.asked) < held.ttl * 2);
-        let mut due = Vec::new();
-        for (held_key, held) in terms.iter() {
-            let stale = now.saturating_duration_since(held.confirmed) > held.ttl / 6;
-            let asked = now.saturating_duration_since(held.asked) < held.ttl;
-            if held_key == key || (stale && asked && !held.gone) {
-                due.push(Due {
-                    key: held_key.clone(),
-                    owner: held.owner.clone(),
-                    token: held.token,
-                    ttl: held.ttl,
-                });
-            }
-        }
-        if let Some(at) = due.iter().position(|d| d.key == key) {
-            due.swap(0, at);
-        }
-        due
+        terms
+            .iter()
+            .filter(|(held_key, held)| {
+                let stale = now.saturating_duration_since(held.confirmed) > held.ttl / 6;
+                let asking = now.saturating_duration_since(held.asked) < held.ttl / 2;
+                held_key.as_str() != key && stale && asking && !held.gone
+            })
+            .take(limit)
+            .map(|(held_key, held)| Due {
+                key: held_key.clone(),
+                owner: held.owner.clone(),
+                token: held.token,
+                ttl: held.ttl,
+            })
+            .collect()
     }
 
     /// A batch sent at `sent_at` renewed the terms of `batch` where `renewed` says so.
@@ -193,9 +196,16 @@ mod tests {
         renewals.hold("b", "me", 9, ttl, granted);
         tokio::time::advance(Duration::from_secs(1)).await;
         assert_eq!(renewals.ask("a", "me", 7, ttl, granted), Cached::Miss);
-        let due = renewals.due("a");
+        // b asked too (it would soon): as stale, it goes in the same call.
+        assert_eq!(renewals.ask("b", "me", 9, ttl, granted), Cached::Miss);
+        let mut due = vec![Due {
+            key: "a".into(),
+            owner: "me".into(),
+            token: 7,
+            ttl,
+        }];
+        due.extend(renewals.due("a", 10));
         assert_eq!(due.len(), 2, "b is as stale: renewed in the same call");
-        assert_eq!(due[0].key, "a");
         let sent = Instant::now();
         renewals.record(&due, &[true, true], sent);
         tokio::time::advance(Duration::from_millis(100)).await;
@@ -225,20 +235,29 @@ mod tests {
         renewals.hold("a", "me", 7, ttl, granted);
         renewals.hold("b", "me", 9, ttl, granted);
         tokio::time::advance(Duration::from_secs(1)).await;
-        let due = renewals.due("a");
-        let renewed: Vec<bool> = due.iter().map(|d| d.key == "a").collect();
-        renewals.record(&due, &renewed, Instant::now());
+        assert_eq!(renewals.ask("b", "me", 9, ttl, granted), Cached::Miss);
+        let due = renewals.due("a", 10);
+        assert_eq!(due.len(), 1);
+        renewals.record(&due, &[false], Instant::now());
         assert_eq!(renewals.ask("b", "me", 9, ttl, granted), Cached::Gone);
         // A newer term of another candidate on the same key replaces ours.
         renewals.hold("a", "you", 8, ttl, Instant::now());
         assert_eq!(renewals.ask("a", "me", 7, ttl, granted), Cached::Gone);
-        // "b" is no longer asked about: after a TTL it is left out, after two forgotten.
-        tokio::time::advance(ttl + Duration::from_millis(1)).await;
+        // "a" (you) is no longer asked about: after half a TTL it is left out.
+        tokio::time::advance(ttl / 2 + Duration::from_millis(1)).await;
         renewals.hold("c", "me", 11, ttl, Instant::now());
         tokio::time::advance(Duration::from_secs(1)).await;
-        let due: Vec<String> = renewals.due("c").into_iter().map(|d| d.key).collect();
-        assert_eq!(due, ["c"], "only the asked-for term");
-        renewals.release("c", "me");
+        assert!(
+            renewals.due("c", 10).is_empty(),
+            "nothing else is asked for"
+        );
+        renewals.release("c", "me", Some(10));
+        assert_eq!(
+            renewals.ask("c", "me", 11, ttl, Instant::now()),
+            Cached::Miss,
+            "a release of another term leaves this one"
+        );
+        renewals.release("c", "me", Some(11));
         assert_eq!(
             renewals.ask("c", "me", 11, ttl, Instant::now()),
             Cached::Miss,

@@ -2,10 +2,13 @@
 //! compares the owner's unique token (and the term's fencing token) before it touches a
 //! term.
 
-/// The server's time in milliseconds, as a Lua expression's prelude (`now`).
+/// The server's time in milliseconds, as a Lua expression's prelude (`now`). Scripts that
+/// read the clock and then write are replicated by their effects: the default since Redis
+/// 5, asked for explicitly for older servers.
 macro_rules! now_ms {
     () => {
-        "local clock = redis.call('TIME')\n\
+        "redis.replicate_commands()\n\
+         local clock = redis.call('TIME')\n\
          local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)\n"
     };
 }
@@ -62,9 +65,10 @@ end
 return renewed
 ";
 
-/// Leaves the line; and if this candidate owns the key in the given term, deletes it,
-/// announces it, and wakes the head of the line only (skipping entries that expired: a
-/// waiter gone without a word).
+/// Leaves the line; and if this candidate owns the key in the given term, deletes it and
+/// announces it. Then, if nobody leads, wakes the head of the line only (skipping entries
+/// that expired: a waiter gone without a word), so that a woken waiter that leaves instead
+/// of taking the lead passes the wakeup on.
 /// KEYS: leader, line, line entries' expiries. ARGV: owner token, events channel, fencing
 /// token (`-` to leave the line only), wake channel prefix.
 pub(crate) const RESIGN: &str = concat!(
@@ -73,11 +77,17 @@ pub(crate) const RESIGN: &str = concat!(
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
 local held = redis.call('HMGET', KEYS[1], 'owner', 'token')
-if held[1] ~= ARGV[1] or held[2] ~= ARGV[3] then
+local resigned = 0
+if held[1] == ARGV[1] and held[2] == ARGV[3] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], 'resigned')
+  resigned = 1
+elseif held[1] then
+  -- Someone else leads: nothing to hand over.
   return 0
 end
-redis.call('DEL', KEYS[1])
-redis.call('PUBLISH', ARGV[2], 'resigned')
+-- No leader now (this one resigned, or a waiter woken for a free key left the line
+-- instead): wake the next in line.
 for i = 1, 64 do
   local head = redis.call('ZRANGE', KEYS[2], 0, 0)
   if #head == 0 then
@@ -91,7 +101,7 @@ for i = 1, 64 do
   redis.call('ZREM', KEYS[2], head[1])
   redis.call('HDEL', KEYS[3], head[1])
 end
-return 1
+return resigned
 "
 );
 
