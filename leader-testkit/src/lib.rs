@@ -46,6 +46,26 @@ pub fn require_binary(binary: &str, package: &str) -> io::Result<PathBuf> {
         })
 }
 
+/// `start`, again (up to five times) while it fails because a port that was free when
+/// chosen was taken before the server bound it.
+fn retry_taken_ports<T>(mut start: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    let mut attempt = 1;
+    loop {
+        match start() {
+            Err(err)
+                if attempt < 5
+                    && err
+                        .to_string()
+                        .to_ascii_lowercase()
+                        .contains("address already in use") =>
+            {
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Waits until something accepts TCP connections on `addr`, or `child` exits.
 fn wait_for_port(addr: SocketAddr, child: &mut Child, what: &str, log: &Path) -> io::Result<()> {
     let start = Instant::now();
@@ -184,12 +204,17 @@ impl EtcdServer {
         Self::start_with(size, Vec::new(), "http")
     }
 
-    /// Starts `size` members with `extra` arguments, serving clients with `scheme`.
+    /// Starts `size` members with `extra` arguments, serving clients with `scheme`; on
+    /// free ports chosen again if another process took one first.
     pub(crate) fn start_with(
         size: usize,
         extra: Vec<String>,
         scheme: &'static str,
     ) -> io::Result<Self> {
+        retry_taken_ports(|| Self::start_once(size, extra.clone(), scheme))
+    }
+
+    fn start_once(size: usize, extra: Vec<String>, scheme: &'static str) -> io::Result<Self> {
         require_binary("etcd", "etcd-server")?;
         let dir = tempfile::Builder::new().prefix("leader-etcd-").tempdir()?;
         let mut specs = Vec::new();
@@ -358,8 +383,13 @@ impl RedisServer {
         })
     }
 
-    /// Starts `redis-server` (or a Sentinel) with `options`, and waits until it listens.
+    /// Starts `redis-server` (or a Sentinel) with `options`, and waits until it listens;
+    /// on a free port chosen again if another process took it first.
     pub fn start_with(options: RedisOptions) -> io::Result<Self> {
+        retry_taken_ports(|| Self::start_once(options.clone()))
+    }
+
+    fn start_once(options: RedisOptions) -> io::Result<Self> {
         require_binary("redis-server", "redis-server")?;
         let dir = tempfile::Builder::new().prefix("leader-redis-").tempdir()?;
         let addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();

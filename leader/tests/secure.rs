@@ -30,6 +30,45 @@ async fn within<T>(what: &str, limit: Duration, future: impl Future<Output = T>)
         .unwrap_or_else(|_| panic!("{what} did not happen within {limit:?}"))
 }
 
+/// The second of two candidates, waiting in line.
+type Waiting = tokio::task::JoinHandle<(Election, leader::Result<leader::Term>)>;
+
+/// Two candidates of election `name` on `url`: the first elected, the second waiting.
+async fn two_in_line(url: &str, name: &str, ttl: Duration) -> (Election, leader::Term, Waiting) {
+    let first = election(url, name, ttl).await;
+    let second = election(url, name, ttl).await;
+    let term = within(
+        "the first election",
+        Duration::from_secs(10),
+        first.campaign(),
+    )
+    .await
+    .expect("elected");
+    let waiting = tokio::spawn(async move {
+        let term = second.campaign().await;
+        (second, term)
+    });
+    (first, term, waiting)
+}
+
+/// `first` resigns `term`; the waiting candidate is elected in a fraction of the TTL (woken,
+/// not by the key's expiry), with a greater fencing token, and resigns.
+async fn hand_over(first: Election, term: &leader::Term, waiting: Waiting, ttl: Duration) {
+    let resigned_at = Instant::now();
+    first.resign().await.expect("resign");
+    let (second, elected) = within("the handover", ttl / 2, waiting)
+        .await
+        .expect("campaign task");
+    let elected = elected.expect("the second candidate is elected");
+    assert!(elected.fencing_token() > term.fencing_token());
+    assert!(
+        resigned_at.elapsed() < ttl / 4,
+        "woken by the resignation, not by the key's expiry: {:?}",
+        resigned_at.elapsed()
+    );
+    second.resign().await.expect("resign");
+}
+
 /// `run` on a refused client returns a non-transient error at once (no campaigning
 /// again), and it says what is missing.
 async fn refused_run(url: &str, name: &str) -> Error {
@@ -54,19 +93,7 @@ async fn etcd_with_tls_and_auth_elects_hands_over_and_renews_past_the_token_ttl(
     let url = etcd.url("app", "app-pw", "app/");
     let name = unique("secure");
     let ttl = Duration::from_secs(6);
-    let first = election(&url, &name, ttl).await;
-    let second = election(&url, &name, ttl).await;
-    let term = within(
-        "the first election",
-        Duration::from_secs(10),
-        first.campaign(),
-    )
-    .await
-    .expect("elected over TLS with a password");
-    let waiting = tokio::spawn(async move {
-        let term = second.campaign().await;
-        (second, term)
-    });
+    let (first, term, waiting) = two_in_line(&url, &name, ttl).await;
 
     // Hold past several token expiries: the term must stay valid all along.
     let hold_until = Instant::now() + ttl + Duration::from_secs(2);
@@ -87,15 +114,7 @@ async fn etcd_with_tls_and_auth_elects_hands_over_and_renews_past_the_token_ttl(
         "{listed}"
     );
 
-    let resigned_at = Instant::now();
-    first.resign().await.expect("resign");
-    let (second, elected) = within("the handover", Duration::from_secs(3), waiting)
-        .await
-        .expect("campaign task");
-    let elected = elected.expect("the second candidate is elected");
-    assert!(elected.fencing_token() > term.fencing_token());
-    assert!(resigned_at.elapsed() < ttl / 2, "woken, not expired");
-    second.resign().await.expect("resign");
+    hand_over(first, &term, waiting, ttl).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,19 +200,7 @@ async fn redis_with_tls_and_the_documented_acl_elects_and_hands_over() {
     let url = redis_url(&server, &certs, "app", "app-pw");
     let name = unique("acl");
     let ttl = Duration::from_secs(10);
-    let first = election(&url, &name, ttl).await;
-    let second = election(&url, &name, ttl).await;
-    let term = within(
-        "the first election",
-        Duration::from_secs(5),
-        first.campaign(),
-    )
-    .await
-    .expect("elected with the least-privilege user");
-    let waiting = tokio::spawn(async move {
-        let term = second.campaign().await;
-        (second, term)
-    });
+    let (first, term, waiting) = two_in_line(&url, &name, ttl).await;
     // The waiter is subscribed when its first attempt has failed: wait for the second
     // attempt's absence to be certain is impossible, so look at the server's clients.
     within("the waiter's subscription", Duration::from_secs(5), async {
@@ -206,19 +213,7 @@ async fn redis_with_tls_and_the_documented_acl_elects_and_hands_over() {
         }
     })
     .await;
-    let resigned_at = Instant::now();
-    first.resign().await.expect("resign");
-    let (second, elected) = within("the handover", Duration::from_secs(5), waiting)
-        .await
-        .expect("campaign task");
-    let elected = elected.expect("elected");
-    assert!(elected.fencing_token() > term.fencing_token());
-    assert!(
-        resigned_at.elapsed() < ttl / 4,
-        "woken by the resignation (channel permission), not by the key's expiry: {:?}",
-        resigned_at.elapsed()
-    );
-    second.resign().await.expect("resign");
+    hand_over(first, &term, waiting, ttl).await;
 
     // A user limited to other keys: refused at once, saying what is missing.
     let err = refused_run(&redis_url(&server, &certs, "other", "other-pw"), &name).await;
