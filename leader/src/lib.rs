@@ -18,6 +18,9 @@ pub use url::{StoreUrl, redact_urls};
 /// The etcd driver crate, with the `etcd` feature.
 #[cfg(feature = "etcd")]
 pub use leader_etcd as etcd;
+/// The PostgreSQL driver crate, with the `postgres` feature.
+#[cfg(feature = "postgres")]
+pub use leader_postgres as postgres;
 /// The Redis driver crate, with the `redis` feature.
 #[cfg(feature = "redis")]
 pub use leader_redis as redis;
@@ -31,13 +34,18 @@ fn available() -> String {
     if cfg!(feature = "redis") {
         schemes.push("redis://");
     }
+    if cfg!(feature = "postgres") {
+        schemes.push("postgres://");
+        schemes.push("postgresql://");
+    }
     if schemes.is_empty() {
-        "none (enable the `etcd` or `redis` feature of the `leader` crate)".to_owned()
+        "none (enable the `etcd`, `redis` or `postgres` feature of the `leader` crate)".to_owned()
     } else {
         schemes.join(", ")
     }
 }
 
+#[cfg_attr(all(feature = "etcd", feature = "redis", feature = "postgres"), allow(dead_code))]
 fn not_built_in(url: &StoreUrl, feature: &str) -> Error {
     Error::invalid_config(
         "store",
@@ -56,9 +64,10 @@ fn not_built_in(url: &StoreUrl, feature: &str) -> Error {
 /// |---|---|
 /// | `etcd://[user:password@]host:port[,host:port…][/prefix/]` | etcd (feature `etcd`); the path is the key prefix: none gives the keys of `etcdctl elect NAME` |
 /// | `redis://[user:password@]host:port[/db]` | Redis (feature `redis`) |
+/// | `postgres://[user[:password]@][host[:port]][/dbname][?param=value…]`, `postgresql://…` | PostgreSQL (feature `postgres`): libpq's URL form as `tokio-postgres` reads it; the table is `leader_elections` |
 ///
-/// TLS (`etcds://`, `rediss://`), Redis Cluster and Sentinel (`redis+cluster://`,
-/// `redis+sentinel://`) and PostgreSQL (`postgres://`) are recognised and answered with an
+/// TLS (`etcds://`, `rediss://`, and `sslmode=require` on PostgreSQL), Redis Cluster and
+/// Sentinel (`redis+cluster://`, `redis+sentinel://`) are recognised and answered with an
 /// error saying that this build does not support them yet.
 ///
 /// ```no_run
@@ -104,7 +113,7 @@ pub async fn connect_to(url: &StoreUrl) -> Result<Arc<dyn Driver>> {
                 available()
             ),
         )),
-        "postgres" | "postgresql" => Err(not_built_in(url, "postgres")),
+        "postgres" | "postgresql" => connect_postgres(url).await,
         other => Err(Error::invalid_config(
             "store",
             format!(
@@ -178,6 +187,30 @@ async fn connect_redis(url: &StoreUrl) -> Result<Arc<dyn Driver>> {
     Err(not_built_in(url, "redis"))
 }
 
+#[cfg(feature = "postgres")]
+async fn connect_postgres(url: &StoreUrl) -> Result<Arc<dyn Driver>> {
+    if let Some(mode) = url.param("sslmode")
+        && !matches!(mode, "disable" | "prefer")
+    {
+        return Err(Error::invalid_config(
+            "store",
+            format!(
+                "`sslmode={mode}`: TLS to PostgreSQL is not supported by this version yet; \
+                 available: {} without TLS (in `{url}`)",
+                available()
+            ),
+        ));
+    }
+    Ok(Arc::new(
+        leader_postgres::PostgresDriver::connect(url.as_given()).await?,
+    ))
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn connect_postgres(url: &StoreUrl) -> Result<Arc<dyn Driver>> {
+    Err(not_built_in(url, "postgres"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,7 +219,10 @@ mod tests {
     async fn unknown_and_unsupported_schemes_name_the_available_ones() {
         for url in [
             "zookeeper://127.0.0.1:2181",
+            #[cfg(not(feature = "postgres"))]
             "postgres://u:pw@127.0.0.1:5432/db",
+            #[cfg(feature = "postgres")]
+            "postgres://u:pw@127.0.0.1:5432/db?sslmode=require",
             "etcds://127.0.0.1:2379",
             "redis+cluster://127.0.0.1:7000",
         ] {
