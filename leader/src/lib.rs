@@ -45,7 +45,10 @@ fn available() -> String {
     }
 }
 
-#[cfg_attr(all(feature = "etcd", feature = "redis", feature = "postgres"), allow(dead_code))]
+#[cfg_attr(
+    all(feature = "etcd", feature = "redis", feature = "postgres"),
+    allow(dead_code)
+)]
 fn not_built_in(url: &StoreUrl, feature: &str) -> Error {
     Error::invalid_config(
         "store",
