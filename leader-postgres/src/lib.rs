@@ -134,10 +134,14 @@ impl PostgresDriverBuilder {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(self.connect_timeout);
         }
+        // The LISTEN connection is `<application_name>-listen`, for DBAs (and tests) to
+        // tell the two apart in pg_stat_activity.
         let mut listen_config = config.clone();
-        if listen_config.get_application_name() == Some(APPLICATION_NAME) {
-            listen_config.application_name(format!("{APPLICATION_NAME}-listen"));
-        }
+        let listen_name = format!(
+            "{}-listen",
+            config.get_application_name().unwrap_or(APPLICATION_NAME)
+        );
+        listen_config.application_name(listen_name);
         Ok(PostgresDriver {
             inner: Arc::new(Inner {
                 listener: Listener::new(listen_config, self.connect_timeout),
@@ -306,6 +310,9 @@ fn token_of(value: i64) -> Result<u64> {
 fn expiry_wait(remaining_ms: Option<f64>, ttl: Duration) -> Duration {
     let base = match remaining_ms {
         Some(ms) if ms.is_finite() => Duration::from_secs_f64((ms.max(0.0) / 1000.0).min(3600.0)),
+        // A row set by hand to never expire: look again a TTL later.
+        Some(ms) if ms > 0.0 => ttl,
+        Some(_) => Duration::ZERO,
         // The row was not visible to the statement's snapshot (inserted concurrently):
         // look again soon.
         _ => ttl / 20,
@@ -646,7 +653,7 @@ impl Driver for PostgresDriver {
                     Ok(()) => match driver.inner.leader_with_remaining(&election).await {
                         Ok(Some((info, remaining))) => (
                             Ok(Some(info)),
-                            Some(expiry_wait(Some(remaining), Duration::from_millis(100))),
+                            Some(expiry_wait(Some(remaining), Duration::from_secs(1))),
                         ),
                         // No leader: wait for an announcement (or a LISTEN reconnection).
                         Ok(None) => (Ok(None), Some(Duration::from_secs(3600))),
@@ -700,6 +707,7 @@ mod tests {
         assert!(wait > Duration::from_millis(400) && wait <= Duration::from_millis(450));
         assert!(expiry_wait(Some(-5.0), ttl) <= Duration::from_millis(50));
         assert!(expiry_wait(None, ttl) <= Duration::from_millis(100));
-        assert!(expiry_wait(Some(f64::INFINITY), ttl) <= Duration::from_millis(100));
+        assert!(expiry_wait(Some(f64::INFINITY), ttl) > ttl);
+        assert!(expiry_wait(Some(f64::NEG_INFINITY), ttl) <= Duration::from_millis(50));
     }
 }

@@ -94,8 +94,8 @@ impl Table {
     SELECT fencing_token, pg_notify($5::text, 'elected') AS notified FROM acquired
 )
 SELECT (SELECT fencing_token FROM announced),
-       (SELECT ceil(extract(epoch FROM h.expires_at - clock_timestamp()) * 1000)::float8
-          FROM {t} AS h WHERE h.name = $1 AND h.holder IS NOT NULL)",
+       (SELECT {remaining} FROM {t} AS h WHERE h.name = $1 AND h.holder IS NOT NULL)",
+            remaining = remaining("h.expires_at"),
             t = self.quoted
         )
     }
@@ -131,13 +131,24 @@ SELECT pg_notify($4::text, 'resigned')::text FROM released",
     /// $1 name.
     pub(crate) fn leader(&self) -> String {
         format!(
-            "SELECT holder, value, fencing_token,
-       ceil(extract(epoch FROM expires_at - clock_timestamp()) * 1000)::float8
+            "SELECT holder, value, fencing_token, {remaining}
     FROM {t}
     WHERE name = $1 AND holder IS NOT NULL AND expires_at > clock_timestamp()",
-            t = self.quoted
+            t = self.quoted,
+            remaining = remaining("expires_at"),
         )
     }
+}
+
+/// The milliseconds from now (server time) to `column`, rounded up; +/-infinity for a row
+/// set to never (or always) expire by hand, which PostgreSQL 15 cannot subtract.
+fn remaining(column: &str) -> String {
+    format!(
+        "CASE WHEN isfinite({column}) \
+         THEN ceil(extract(epoch FROM {column} - clock_timestamp()) * 1000)::float8 \
+         WHEN {column} > clock_timestamp() THEN 'infinity'::float8 \
+         ELSE '-infinity'::float8 END"
+    )
 }
 
 /// The `LISTEN` channel of `election` in `table`: a hash, since channel names are
