@@ -74,13 +74,18 @@ impl Table {
     /// (an ended term), with the next fencing token, and announces it; otherwise returns
     /// the holder's remaining lease in milliseconds (server time). One statement.
     ///
+    /// A new row's first token is the server's clock in microseconds since 1970, so that
+    /// tokens keep increasing even when an operator deletes the row (a row gains one token
+    /// per term, far fewer than a microsecond's worth).
+    ///
     /// $1 name, $2 holder, $3 value, $4 TTL in ms, $5 channel.
     /// Returns (fencing token or NULL, remaining ms of the holder or NULL).
     pub(crate) fn acquire(&self) -> String {
         format!(
             "WITH acquired AS (
     INSERT INTO {t} AS e (name, holder, value, fencing_token, expires_at)
-    VALUES ($1, $2, $3, 1, clock_timestamp() + $4::float8 * interval '1 millisecond')
+    VALUES ($1, $2, $3, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint,
+            clock_timestamp() + $4::float8 * interval '1 millisecond')
     ON CONFLICT (name) DO UPDATE
         SET holder = excluded.holder,
             value = excluded.value,

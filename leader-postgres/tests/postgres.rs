@@ -157,7 +157,8 @@ async fn a_resignation_wakes_the_waiter_by_notify_long_before_the_ttl() {
     b.resign().await.expect("resign");
 }
 
-/// An operator deletes the leader's row: the leader notices at its next renewal.
+/// An operator deletes the leader's row: the leader notices at its next renewal, and the
+/// fencing tokens of the row made anew are still higher.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_deleted_behind_the_leaders_back_ends_the_term() {
     let h = harness().await;
@@ -180,6 +181,17 @@ async fn a_row_deleted_behind_the_leaders_back_ends_the_term() {
         }
     );
     assert!(!a.status().is_leader());
+    // The next term, on a new row, still has a higher token: tokens never go back.
+    let next = within("the next campaign", TTL * 3, a.campaign())
+        .await
+        .expect("elected again");
+    assert!(
+        next.fencing_token() > term.fencing_token(),
+        "the token went back after a DELETE: {} then {}",
+        term.fencing_token(),
+        next.fencing_token()
+    );
+    a.resign().await.expect("resign");
 }
 
 /// Another holder takes the row behind the leader's back: the old leader steps down and
