@@ -127,6 +127,11 @@ impl PostgresDriverBuilder {
                 "and connect_timeout must be more than zero",
             ));
         }
+        Ok(self.assemble(table))
+    }
+
+    /// The driver on options already checked.
+    fn assemble(self, table: Table) -> PostgresDriver {
         let mut config = self.config;
         if config.get_application_name().is_none() {
             config.application_name(APPLICATION_NAME);
@@ -142,7 +147,7 @@ impl PostgresDriverBuilder {
             config.get_application_name().unwrap_or(APPLICATION_NAME)
         );
         listen_config.application_name(listen_name);
-        Ok(PostgresDriver {
+        PostgresDriver {
             inner: Arc::new(Inner {
                 listener: Listener::new(listen_config, self.connect_timeout),
                 config,
@@ -152,18 +157,14 @@ impl PostgresDriverBuilder {
                 create_table: self.create_table,
                 connection: tokio::sync::Mutex::new(None),
             }),
-        })
+        }
     }
 }
 
 impl PostgresDriver {
     /// A driver on `config`, with the default options. It connects on first use.
     pub fn new(config: Config) -> Self {
-        // The default table name is valid and the default timeouts are not zero.
-        match Self::builder(config.clone()).build() {
-            Ok(driver) => driver,
-            Err(err) => unreachable!("the default options are valid: {err}"),
-        }
+        Self::builder(config).assemble(Table::default())
     }
 
     /// A builder for a driver on `config`.

@@ -18,6 +18,16 @@ pub(crate) struct Table {
     pub(crate) quoted: String,
 }
 
+impl Default for Table {
+    /// [`DEFAULT_TABLE`].
+    fn default() -> Self {
+        Table {
+            name: DEFAULT_TABLE.to_owned(),
+            quoted: format!("\"{DEFAULT_TABLE}\""),
+        }
+    }
+}
+
 impl Table {
     pub(crate) fn parse(name: &str) -> Result<Self> {
         let parts: Vec<&str> = name.split('.').collect();
@@ -183,6 +193,7 @@ mod tests {
     fn table_names_are_checked_and_quoted() {
         let plain = Table::parse("leader_elections").expect("valid");
         assert_eq!(plain.quoted, "\"leader_elections\"");
+        assert_eq!(plain, Table::default());
         let qualified = Table::parse("ops.leases_2").expect("valid");
         assert_eq!(qualified.quoted, "\"ops\".\"leases_2\"");
         for bad in [

@@ -475,12 +475,20 @@ pub struct PostgresServer {
     addr: SocketAddr,
     dir: tempfile::TempDir,
     log: PathBuf,
+    settings: Vec<String>,
     process: Process,
 }
 
 impl PostgresServer {
     /// Runs `initdb` and starts `postgres`; returns once it accepts connections.
     pub fn start() -> io::Result<Self> {
+        Self::start_with(&[])
+    }
+
+    /// [`start`](Self::start), with extra server settings (`name=value`, each passed as
+    /// `-c`), e.g. `shared_preload_libraries=pg_stat_statements`.
+    pub fn start_with(settings: &[&str]) -> io::Result<Self> {
+        let settings: Vec<String> = settings.iter().map(|s| (*s).to_owned()).collect();
         let initdb = postgres_binary("initdb")?;
         postgres_binary("postgres")?;
         let dir = tempfile::Builder::new().prefix("leader-pg-").tempdir()?;
@@ -504,18 +512,19 @@ impl PostgresServer {
             return Err(io::Error::other(format!("initdb failed ({status}): {err}")));
         }
         let addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
-        let process = Self::spawn(addr, dir.path(), &log)?;
+        let process = Self::spawn(addr, dir.path(), &log, &settings)?;
         let mut server = PostgresServer {
             addr,
             dir,
             log,
+            settings,
             process,
         };
         server.wait(0)?;
         Ok(server)
     }
 
-    fn spawn(addr: SocketAddr, dir: &Path, log: &Path) -> io::Result<Process> {
+    fn spawn(addr: SocketAddr, dir: &Path, log: &Path, settings: &[String]) -> io::Result<Process> {
         use std::os::unix::process::CommandExt;
         let postgres = postgres_binary("postgres")?;
         let mut command = as_postgres_user(&postgres)?;
@@ -529,6 +538,9 @@ impl PostgresServer {
             .args(["-c", "shared_buffers=16MB", "-c", "max_connections=100"])
             .args(["-c", "fsync=off", "-c", "log_min_messages=warning"])
             .process_group(0);
+        for setting in settings {
+            command.arg("-c").arg(setting);
+        }
         // Appends, so that the log of every run stays.
         let log_file = std::fs::OpenOptions::new()
             .create(true)
@@ -636,7 +648,7 @@ impl PostgresServer {
         let from = std::fs::metadata(&self.log).map_or(0, |m| m.len() as usize);
         let start = Instant::now();
         loop {
-            self.process = Self::spawn(self.addr, self.dir.path(), &self.log)?;
+            self.process = Self::spawn(self.addr, self.dir.path(), &self.log, &self.settings)?;
             match self.wait(from) {
                 Ok(()) => return Ok(()),
                 // The old backends may still hold the shared memory or the port for a moment.
