@@ -114,9 +114,7 @@ pub enum Fault {
     WaiterKill,
     /// Partition a waiting candidate from the store for 2 × TTL.
     WaiterPartition,
-    /// Delete the leader's key in the store, as an operator might (PostgreSQL: evict the
-    /// leader from its row, `SET holder = NULL`, which keeps the fencing counter; see the
-    /// leader-postgres README on deleting rows).
+    /// Delete the leader's key in the store, as an operator might (PostgreSQL: its row).
     DeleteKey,
     /// etcd only: revoke the leader's lease.
     RevokeLease,
@@ -190,7 +188,7 @@ impl Fault {
         };
         match self {
             Fault::Term | Fault::RevokeLease => second,
-            // Redis does not announce a DEL, nor PostgreSQL an UPDATE by hand: the
+            // Redis does not announce a DEL, nor PostgreSQL a DELETE by hand: the
             // waiters' timers are set to the key's expiry, up to a TTL away.
             Fault::DeleteKey => match backend {
                 StoreKind::Etcd => second,
@@ -412,8 +410,7 @@ impl Store {
                 let driving = tokio::spawn(connection);
                 client
                     .execute(
-                        "UPDATE leader_elections SET holder = NULL, expires_at = '-infinity' \
-                         WHERE name = $1",
+                        "DELETE FROM leader_elections WHERE name = $1",
                         &[&election],
                     )
                     .await?;
