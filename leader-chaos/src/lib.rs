@@ -409,10 +409,7 @@ impl Store {
                     tokio_postgres::connect(&server.url(), tokio_postgres::NoTls).await?;
                 let driving = tokio::spawn(connection);
                 client
-                    .execute(
-                        "DELETE FROM leader_elections WHERE name = $1",
-                        &[&election],
-                    )
+                    .execute("DELETE FROM leader_elections WHERE name = $1", &[&election])
                     .await?;
                 drop(client);
                 let _ = driving.await;
