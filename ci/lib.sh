@@ -8,16 +8,23 @@ declare -A PACKAGE_OF=(
   [redis-server]=redis-server
   [redis-cli]=redis-tools
   [openssl]=openssl
+  [initdb]=postgresql
 )
 
 step() {
   printf '\n==> %s\n' "$*"
 }
 
+# Debian puts the PostgreSQL server binaries in /usr/lib/postgresql/<version>/bin, off the
+# PATH; leader-testkit looks there too.
+have_postgres_binary() {
+  compgen -G "/usr/lib/postgresql/*/bin/$1" >/dev/null
+}
+
 ensure_packages() {
   local missing=() cmd
   for cmd in "${!PACKAGE_OF[@]}"; do
-    command -v "$cmd" >/dev/null 2>&1 || missing+=("${PACKAGE_OF[$cmd]}")
+    command -v "$cmd" >/dev/null 2>&1 || have_postgres_binary "$cmd" || missing+=("${PACKAGE_OF[$cmd]}")
   done
   # protoc alone lacks the well-known types etcd-client's protos import
   # (google/protobuf/descriptor.proto): they come with libprotobuf-dev.

@@ -1,6 +1,6 @@
-//! `leader-bench`: handoff, failover, idle cost and scale of the election on etcd and
-//! Redis, with `etcdctl elect` and the stores' own round trip measured in the same run for
-//! context. Starts its own etcd and redis-server on free loopback ports. Run it through
+//! `leader-bench`: handoff, failover, idle cost and scale of the election on etcd, Redis
+//! and PostgreSQL, with `etcdctl elect` and the stores' own round trip measured in the same
+//! run for context. Starts its own etcd, redis-server and postgres on free loopback ports. Run it through
 //! `ci/bench`, which builds it and the `chaos-candidate` process it drives.
 
 use std::collections::VecDeque;
@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use hdrhistogram::Histogram;
+use leader::postgres::tokio_postgres;
 use leader_core::{Driver, Election};
-use leader_testkit::{EtcdServer, LineProcess, RedisServer};
+use leader_testkit::{EtcdServer, LineProcess, PostgresServer, RedisServer};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tokio::sync::mpsc;
@@ -29,6 +30,7 @@ const SETTLE: Duration = Duration::from_millis(150);
 enum StoreKind {
     Etcd,
     Redis,
+    Postgres,
 }
 
 impl StoreKind {
@@ -36,6 +38,7 @@ impl StoreKind {
         match self {
             StoreKind::Etcd => "etcd",
             StoreKind::Redis => "redis",
+            StoreKind::Postgres => "postgres",
         }
     }
 }
@@ -46,6 +49,11 @@ struct Stores {
     /// A second Redis with `appendonly yes` + `appendfsync always`, as the README asks
     /// for safety: handoffs are measured on both.
     redis_fsync: RedisServer,
+    /// PostgreSQL with its durable defaults (`fsync = on`, `synchronous_commit = on`) and
+    /// `pg_stat_statements`, which counts every statement.
+    postgres: PostgresServer,
+    /// A connection for reading `pg_stat_statements`.
+    postgres_admin: tokio_postgres::Client,
 }
 
 impl Stores {
@@ -53,6 +61,7 @@ impl Stores {
         match backend {
             StoreKind::Etcd => self.etcd.endpoints()[0].clone(),
             StoreKind::Redis => self.redis.url(),
+            StoreKind::Postgres => self.postgres.url(),
         }
     }
 
@@ -61,6 +70,7 @@ impl Stores {
         match backend {
             StoreKind::Etcd => format!("etcd://{}", self.etcd.client_addr(0)),
             StoreKind::Redis => self.redis.url(),
+            StoreKind::Postgres => self.postgres.url(),
         }
     }
 
@@ -87,6 +97,19 @@ impl Stores {
                     .find(|(name, _)| name == "info")
                     .map_or(0, |(_, calls)| *calls);
                 Ok(all.saturating_sub(info))
+            }
+            StoreKind::Postgres => {
+                // Every statement of every connection (utility ones, LISTEN, included),
+                // less this measurement's own.
+                let row = self
+                    .postgres_admin
+                    .query_one(
+                        "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements \
+                         WHERE query NOT LIKE '%pg_stat_statements%'",
+                        &[],
+                    )
+                    .await?;
+                Ok(u64::try_from(row.try_get::<_, i64>(0)?)?)
             }
         }
     }
@@ -309,7 +332,7 @@ fn etcdctl(endpoint: String, election: String) -> Contender {
 /// not the commands inside scripts).
 async fn rate(stores: &Stores, backend: StoreKind, window: Duration) -> BoxResult<f64> {
     let requests = match backend {
-        StoreKind::Etcd => {
+        StoreKind::Etcd | StoreKind::Postgres => {
             let before = stores.requests(backend).await?;
             sleep(window).await;
             stores.requests(backend).await?.saturating_sub(before)
@@ -464,6 +487,12 @@ async fn scale_handoffs(
             let (h, requests, in_scripts) = redis_monitored(stores.redis.addr(), measure).await?;
             (h, (per(requests), per(in_scripts)))
         }
+        StoreKind::Postgres => {
+            let before = stores.requests(backend).await?;
+            let h = measure.await?;
+            let requests = stores.requests(backend).await?.saturating_sub(before);
+            (h, (per(requests), 0.0))
+        }
     };
     stop.cancel();
     for task in tasks {
@@ -504,15 +533,34 @@ async fn floor(stores: &Stores, backend: StoreKind, n: usize) -> BoxResult<Histo
                 record(&mut h, started.elapsed());
             }
         }
+        StoreKind::Postgres => {
+            let client = &stores.postgres_admin;
+            client
+                .batch_execute(
+                    "CREATE TABLE IF NOT EXISTS bench_floor (id int PRIMARY KEY, v bigint)",
+                )
+                .await?;
+            let upsert = client
+                .prepare(
+                    "INSERT INTO bench_floor VALUES (1, $1) \
+                     ON CONFLICT (id) DO UPDATE SET v = excluded.v",
+                )
+                .await?;
+            for i in 0..n {
+                let started = Instant::now();
+                client.execute(&upsert, &[&i64::try_from(i)?]).await?;
+                record(&mut h, started.elapsed());
+            }
+        }
     }
     Ok(h)
 }
 
-/// `leader-bench hold etcd|redis STORE_URL N`: holds N elections on one driver, then
+/// `leader-bench hold etcd|redis|postgres STORE_URL N`: holds N elections on one driver, then
 /// prints `ready <RSS added in KiB>` and waits to be killed.
 async fn hold(args: &[String]) -> BoxResult<()> {
     let [backend, endpoint, n] = args else {
-        return Err("usage: leader-bench hold etcd|redis ENDPOINT N".into());
+        return Err("usage: leader-bench hold etcd|redis|postgres ENDPOINT N".into());
     };
     let n: usize = n.parse()?;
     let before = rss_kib();
@@ -562,22 +610,45 @@ async fn main() {
 async fn run() -> BoxResult<()> {
     let candidate = candidate_binary()?;
     leader_testkit::require_binary("etcdctl", "etcd-client")?;
-    let stores = tokio::task::spawn_blocking(|| -> std::io::Result<Stores> {
-        Ok(Stores {
-            etcd: EtcdServer::start()?,
-            redis: RedisServer::start()?,
-            redis_fsync: RedisServer::start_persistent()?,
-        })
+    let (etcd, redis, redis_fsync, postgres) = tokio::task::spawn_blocking(|| {
+        Ok::<_, std::io::Error>((
+            EtcdServer::start()?,
+            RedisServer::start()?,
+            RedisServer::start_persistent()?,
+            PostgresServer::start_with(&[
+                "fsync=on",
+                "shared_preload_libraries=pg_stat_statements",
+                "pg_stat_statements.track_utility=on",
+            ])?,
+        ))
     })
     .await??;
+    let (postgres_admin, connection) =
+        tokio_postgres::connect(&postgres.url(), tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    postgres_admin
+        .batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .await?;
+    let stores = Stores {
+        etcd,
+        redis,
+        redis_fsync,
+        postgres,
+        postgres_admin,
+    };
     let pid = std::process::id();
     let mut report = String::new();
     let mut goals = Vec::new();
-    let backends = [StoreKind::Etcd, StoreKind::Redis];
+    let backends = [StoreKind::Etcd, StoreKind::Redis, StoreKind::Postgres];
 
     eprintln!("[1/5] store round trip (floor)");
-    writeln!(report, "| measurement | etcd | redis |\n|---|---|---|")?;
-    let mut row = String::from("| floor: one write (etcd put / redis SET), p50 / p99 |");
+    writeln!(
+        report,
+        "| measurement | etcd | redis | postgres |\n|---|---|---|---|"
+    )?;
+    let mut row = String::from(
+        "| floor: one write (etcd put / redis SET / postgres upsert, fsync on), p50 / p99 |",
+    );
     for backend in backends {
         let h = floor(&stores, backend, 1000).await?;
         write!(
@@ -591,8 +662,8 @@ async fn run() -> BoxResult<()> {
 
     eprintln!("[2/5] graceful handoff between processes ({HANDOFFS} each)");
     let ttl = Duration::from_secs(5);
-    let mut signal_p50 = [0u64; 2];
-    let mut internal_p50 = [0u64; 2];
+    let mut signal_p50 = [0u64; 3];
+    let mut internal_p50 = [0u64; 3];
     let mut signal_row = format!(
         "| graceful handoff, SIGTERM to new leader's line, separate processes, p50 / p99 (n={HANDOFFS}) |"
     );
@@ -629,7 +700,7 @@ async fn run() -> BoxResult<()> {
     let ratio = signal_p50[0] as f64 / baseline as f64;
     writeln!(
         report,
-        "| `etcdctl elect` handoff, SIGINT to new leader's line, same etcd, p50 / p99 (ours / etcdctl) | {} / {} ({ratio:.2}) | |",
+        "| `etcdctl elect` handoff, SIGINT to new leader's line, same etcd, p50 / p99 (ours / etcdctl) | {} / {} ({ratio:.2}) | | |",
         ms(baseline),
         ms(h.value_at_quantile(0.99))
     )?;
@@ -643,7 +714,7 @@ async fn run() -> BoxResult<()> {
     let (_, fsync) = handoffs(&c, "TERM", HANDOFFS, |_| Duration::ZERO).await?;
     writeln!(
         report,
-        "| graceful handoff on Redis with `appendfsync always` (as the README asks), resign() to Elected, p50 / p99 | | {} / {} |",
+        "| graceful handoff on Redis with `appendfsync always` (as the README asks), resign() to Elected, p50 / p99 | | {} / {} | |",
         ms(fsync.value_at_quantile(0.5)),
         ms(fsync.value_at_quantile(0.99))
     )?;
@@ -755,7 +826,7 @@ async fn run() -> BoxResult<()> {
     eprintln!("[5/5] scale: waiting candidates, and 10,000 elections in one process");
     for waiting in [1usize, 10, 100, 1000] {
         let mut row = format!(
-            "| handoff p50 with {waiting} waiting (etcd: requests, watch messages sent; redis: commands, commands inside scripts; per handoff) |"
+            "| handoff p50 with {waiting} waiting (etcd: requests, watch messages sent; redis: commands, commands inside scripts; postgres: statements, -; per handoff) |"
         );
         for backend in backends {
             let (h, per) = scale_handoffs(&stores, backend, waiting, 30).await?;

@@ -24,7 +24,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use leader_core::testing::FaultProxy;
-use leader_testkit::{EtcdServer, RedisServer};
+use leader_testkit::{EtcdServer, PostgresServer, RedisServer};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -68,21 +68,25 @@ pub fn to_monotonic_ns(instant: std::time::Instant) -> u64 {
 /// `leader::connect`).
 ///
 /// In a chaos [`run`], etcd is a 3-member cluster (candidate `i` talks to member `i`) and
-/// Redis is one redis-server with `appendonly yes` + `appendfsync always`.
+/// Redis is one redis-server with `appendonly yes` + `appendfsync always`; PostgreSQL one
+/// server (`fsync=off`: a killed server keeps what the OS has, which is every commit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreKind {
     /// etcd, through `leader-etcd`.
     Etcd,
     /// Redis, through `leader-redis`.
     Redis,
+    /// PostgreSQL, through `leader-postgres`.
+    Postgres,
 }
 
 impl StoreKind {
-    /// `etcd` or `redis`.
+    /// `etcd`, `redis` or `postgres`.
     pub fn name(self) -> &'static str {
         match self {
             StoreKind::Etcd => "etcd",
             StoreKind::Redis => "redis",
+            StoreKind::Postgres => "postgres",
         }
     }
 }
@@ -110,7 +114,7 @@ pub enum Fault {
     WaiterKill,
     /// Partition a waiting candidate from the store for 2 × TTL.
     WaiterPartition,
-    /// Delete the leader's key in the store, as an operator might.
+    /// Delete the leader's key in the store, as an operator might (PostgreSQL: its row).
     DeleteKey,
     /// etcd only: revoke the leader's lease.
     RevokeLease,
@@ -180,15 +184,15 @@ impl Fault {
         let second = Duration::from_secs(1);
         let sweep = match backend {
             StoreKind::Etcd => Duration::from_millis(500),
-            StoreKind::Redis => Duration::from_millis(100),
+            StoreKind::Redis | StoreKind::Postgres => Duration::from_millis(100),
         };
         match self {
             Fault::Term | Fault::RevokeLease => second,
-            // Redis does not announce a DEL: the waiters' timers are set to the key's
-            // expiry, up to a TTL away.
+            // Redis does not announce a DEL, nor PostgreSQL a DELETE by hand: the
+            // waiters' timers are set to the key's expiry, up to a TTL away.
             Fault::DeleteKey => match backend {
                 StoreKind::Etcd => second,
-                StoreKind::Redis => ttl + second,
+                StoreKind::Redis | StoreKind::Postgres => ttl + second,
             },
             Fault::Kill | Fault::Stop | Fault::Partition | Fault::MemberLoss => {
                 ttl + sweep + second
@@ -354,6 +358,7 @@ type BoxResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 enum Store {
     Etcd(EtcdServer),
     Redis(RedisServer),
+    Postgres(PostgresServer),
 }
 
 impl Store {
@@ -361,6 +366,7 @@ impl Store {
         match self {
             Store::Etcd(server) => server.client_addr(slot % 3),
             Store::Redis(server) => server.addr(),
+            Store::Postgres(server) => server.addr(),
         }
     }
 
@@ -396,6 +402,17 @@ impl Store {
                     .arg(&key)
                     .query_async(&mut connection)
                     .await?;
+            }
+            Store::Postgres(server) => {
+                use leader_postgres::tokio_postgres;
+                let (client, connection) =
+                    tokio_postgres::connect(&server.url(), tokio_postgres::NoTls).await?;
+                let driving = tokio::spawn(connection);
+                client
+                    .execute("DELETE FROM leader_elections WHERE name = $1", &[&election])
+                    .await?;
+                drop(client);
+                let _ = driving.await;
             }
         }
         Ok(())
@@ -433,7 +450,10 @@ struct Run {
 
 impl Run {
     fn endpoint(&self, proxy: SocketAddr) -> String {
-        format!("{}://{proxy}", self.config.backend.name())
+        match self.config.backend {
+            StoreKind::Postgres => format!("postgres://postgres@{proxy}/postgres"),
+            backend => format!("{}://{proxy}", backend.name()),
+        }
     }
 
     fn spawn(&mut self, slot: usize) -> BoxResult<()> {
@@ -670,6 +690,7 @@ pub async fn run(config: Config) -> BoxResult<Report> {
         Ok(match backend {
             StoreKind::Etcd => Store::Etcd(EtcdServer::start_cluster(3)?),
             StoreKind::Redis => Store::Redis(RedisServer::start_persistent()?),
+            StoreKind::Postgres => Store::Postgres(PostgresServer::start()?),
         })
     })
     .await??;
@@ -712,6 +733,7 @@ pub async fn run(config: Config) -> BoxResult<Report> {
                 .join(",")
         ),
         Store::Redis(server) => server.url(),
+        Store::Postgres(server) => server.url(),
     };
     let mut observer = Command::new(&run.config.observer)
         .arg(observer_url)
@@ -844,6 +866,10 @@ pub async fn run(config: Config) -> BoxResult<Report> {
                             }
                         }
                         Store::Redis(server) => {
+                            server.kill();
+                            server.restart()?;
+                        }
+                        Store::Postgres(server) => {
                             server.kill();
                             server.restart()?;
                         }

@@ -31,6 +31,11 @@ async fn chaos_redis() {
     chaos(StoreKind::Redis).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_postgres() {
+    chaos(StoreKind::Postgres).await;
+}
+
 /// Candidates that claim leases ten times longer than the store's keep believing they lead
 /// through a partition while another is elected: the exact checker must say so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

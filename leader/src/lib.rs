@@ -21,6 +21,9 @@ pub use url::{StoreUrl, redact_urls};
 /// The etcd driver crate, with the `etcd` feature.
 #[cfg(feature = "etcd")]
 pub use leader_etcd as etcd;
+/// The PostgreSQL driver crate, with the `postgres` feature.
+#[cfg(feature = "postgres")]
+pub use leader_postgres as postgres;
 /// The Redis driver crate, with the `redis` feature.
 #[cfg(feature = "redis")]
 pub use leader_redis as redis;
@@ -34,7 +37,7 @@ pub use leader_redis as redis;
 /// | `redis://[user:password@]host:port[/db]`, `rediss://…[?ca=PATH&cert=PATH&key=PATH]` | Redis (feature `redis`; `rediss` also `tls`) |
 /// | `redis+cluster://[user:password@]host:port[,host:port…]`, `rediss+cluster://…` | Redis Cluster |
 /// | `redis+sentinel://[user:password@]host:port[,host:port…]/MASTER` | Redis via Sentinel: the sentinels' addresses and the master's name; the user and password are the master's |
-/// | `postgres://…`, `postgresql://…` | PostgreSQL (feature `postgres`) |
+/// | `postgres://[user[:password]@][host[:port]][/dbname][?param=value…]`, `postgresql://…` | PostgreSQL (feature `postgres`): libpq's URL form as `tokio-postgres` reads it; the table is `leader_elections`; no TLS yet (`sslmode=require` is refused) |
 ///
 /// Every Redis form also takes `prefix=` (the key prefix, default `leader:`); the Redis and
 /// Sentinel forms `replicas=N` (and `replicasTimeout=`, default `500ms`): see
@@ -76,7 +79,10 @@ mod tests {
     async fn unknown_and_unsupported_schemes_name_the_available_ones() {
         for url in [
             "zookeeper://127.0.0.1:2181",
+            #[cfg(not(feature = "postgres"))]
             "postgres://u:pw@127.0.0.1:5432/db",
+            #[cfg(feature = "postgres")]
+            "postgres://u:pw@127.0.0.1:5432/db?sslmode=require",
         ] {
             let err = match connect(url).await {
                 Err(err) => err,

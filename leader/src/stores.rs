@@ -23,13 +23,25 @@ fn available() -> String {
             schemes.extend(["rediss://", "rediss+cluster://", "rediss+sentinel://"]);
         }
     }
+    if cfg!(feature = "postgres") {
+        schemes.extend(["postgres://", "postgresql://"]);
+    }
     if schemes.is_empty() {
-        "none (enable the `etcd` or `redis` feature of the `leader` crate)".to_owned()
+        "none (enable the `etcd`, `redis` or `postgres` feature of the `leader` crate)".to_owned()
     } else {
         schemes.join(", ")
     }
 }
 
+#[cfg_attr(
+    all(
+        feature = "etcd",
+        feature = "redis",
+        feature = "postgres",
+        feature = "tls"
+    ),
+    allow(dead_code)
+)]
 fn not_built_in(url: &StoreUrl, feature: &str) -> Error {
     Error::invalid_config(
         "store",
@@ -120,22 +132,21 @@ pub(crate) async fn connect(url: &StoreUrl) -> Result<Arc<dyn Driver>> {
         "redis" | "rediss" => Box::pin(redis(url, Topology::Single)),
         "redis+cluster" | "rediss+cluster" => Box::pin(redis(url, Topology::Cluster)),
         "redis+sentinel" | "rediss+sentinel" => Box::pin(redis(url, Topology::Sentinel)),
+        "postgres" | "postgresql" => Box::pin(postgres(url)),
         _ => return unsupported(url),
     };
     connecting.await
 }
 
 fn unsupported(url: &StoreUrl) -> Result<Arc<dyn Driver>> {
-    match url.scheme() {
-        "postgres" | "postgresql" => Err(not_built_in(url, "postgres")),
-        other => Err(Error::invalid_config(
-            "store",
-            format!(
-                "unknown scheme `{other}://` in `{url}`; available: {}",
-                available()
-            ),
-        )),
-    }
+    Err(Error::invalid_config(
+        "store",
+        format!(
+            "unknown scheme `{}://` in `{url}`; available: {}",
+            url.scheme(),
+            available()
+        ),
+    ))
 }
 
 #[cfg(feature = "etcd")]
@@ -367,4 +378,28 @@ async fn redis(url: &StoreUrl, topology: Topology) -> Result<Arc<dyn Driver>> {
 #[cfg(not(feature = "redis"))]
 async fn redis(url: &StoreUrl, _topology: Topology) -> Result<Arc<dyn Driver>> {
     Err(not_built_in(url, "redis"))
+}
+
+#[cfg(feature = "postgres")]
+async fn postgres(url: &StoreUrl) -> Result<Arc<dyn Driver>> {
+    if let Some(mode) = url.param("sslmode")
+        && !matches!(mode, "disable" | "prefer")
+    {
+        return Err(Error::invalid_config(
+            "store",
+            format!(
+                "`sslmode={mode}`: TLS to PostgreSQL is not supported by this version yet; \
+                 available: {} without TLS (in `{url}`)",
+                available()
+            ),
+        ));
+    }
+    Ok(Arc::new(
+        leader_postgres::PostgresDriver::connect(url.as_given()).await?,
+    ))
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn postgres(url: &StoreUrl) -> Result<Arc<dyn Driver>> {
+    Err(not_built_in(url, "postgres"))
 }

@@ -21,7 +21,7 @@ pub struct StoreUrl {
     hosts: Vec<String>,
     path: String,
     query: Vec<(String, String)>,
-    /// The URL as given, shown redacted.
+    /// The URL as given (shown redacted; given to clients that parse URLs themselves).
     raw: String,
 }
 
@@ -77,10 +77,16 @@ impl StoreUrl {
             .filter(|h| !h.is_empty())
             .map(str::to_owned)
             .collect();
-        if hosts.is_empty() {
+        // libpq's URLs may leave out the port (5432) and even the host (a unix socket,
+        // or `?host=`): tokio-postgres checks them.
+        let libpq = matches!(
+            scheme.to_ascii_lowercase().as_str(),
+            "postgres" | "postgresql"
+        );
+        if hosts.is_empty() && !libpq {
             return Err(bad("has no host"));
         }
-        for host in &hosts {
+        for host in hosts.iter().filter(|_| !libpq) {
             let port = host.rsplit_once(':');
             match port {
                 Some((name, port))
@@ -144,6 +150,12 @@ impl StoreUrl {
     /// Every query parameter, in order.
     pub fn params(&self) -> impl Iterator<Item = (&str, &str)> {
         self.query.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// The URL as given (with its password): for store clients that parse URLs themselves.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn as_given(&self) -> &str {
+        &self.raw
     }
 }
 
@@ -274,6 +286,19 @@ mod tests {
         let said = redact_urls("unexpected argument 'redis://u:hunter2@h:1' found");
         assert!(!said.contains("hunter2"), "{said}");
         assert!(said.contains("redis://u:***@h:1"), "{said}");
+    }
+
+    #[test]
+    fn postgres_urls_may_leave_out_the_port_and_host() {
+        for url in [
+            "postgres://app:pw@db.internal/app",
+            "postgresql:///app?host=/var/run/postgresql",
+            "postgres://127.0.0.1:5432,127.0.0.2:5432/app?target_session_attrs=read-write",
+        ] {
+            let parsed = StoreUrl::parse(url).expect(url);
+            assert!(!parsed.to_string().contains(":pw@"), "{parsed}");
+        }
+        assert!(StoreUrl::parse("redis://db.internal/0").is_err());
     }
 
     #[test]

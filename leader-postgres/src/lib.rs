@@ -1,0 +1,714 @@
+#![doc = include_str!("../README.md")]
+#![warn(clippy::unwrap_used)]
+
+mod listener;
+mod sql;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use leader_core::{Candidate, Driver, Error, Grant, LeaderInfo, Result};
+use rand::Rng;
+use tokio::time::{Instant, sleep, timeout};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Config, NoTls, Row, Statement};
+use tracing::{debug, warn};
+
+pub use tokio_postgres;
+
+use listener::{Interest, Listener};
+pub use sql::DEFAULT_TABLE;
+use sql::Table;
+
+/// The default for [`PostgresDriverBuilder::request_timeout`].
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The default for [`PostgresDriverBuilder::connect_timeout`].
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The `application_name` of the driver's connections, unless the config sets one.
+const APPLICATION_NAME: &str = "leader-postgres";
+
+/// A [`Driver`] for PostgreSQL.
+///
+/// Each election is one row of a table (default [`DEFAULT_TABLE`]): `name`, `holder` (the
+/// candidate's unique id, `NULL` when nobody leads), `value`, `fencing_token` and
+/// `expires_at`, computed by the server with `clock_timestamp()`. Taking the lead, renewing
+/// and resigning are single statements that compare the holder **and** the fencing token;
+/// the token is incremented by the statement that takes the lead, and a resignation keeps
+/// the row (and so the counter). A resignation and an election `NOTIFY` the election's
+/// channel, on which waiting candidates `LISTEN`; a timer at the row's expiry is their
+/// fallback.
+///
+/// Cheap to clone: clones share one connection for the statements (reopened when it
+/// breaks) and one connection for `LISTEN`; each election built on it is a distinct
+/// candidate.
+#[derive(Clone)]
+pub struct PostgresDriver {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    table: Table,
+    request_timeout: Duration,
+    connect_timeout: Duration,
+    create_table: bool,
+    connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    listener: Listener,
+}
+
+/// One open connection and the driver's statements, prepared on it.
+struct Connection {
+    client: Client,
+    acquire: Statement,
+    renew: Statement,
+    resign: Statement,
+    leader: Statement,
+}
+
+/// Builds a [`PostgresDriver`] with options.
+#[derive(Debug, Clone)]
+#[must_use = "a PostgresDriverBuilder does nothing until build() is called"]
+pub struct PostgresDriverBuilder {
+    config: Config,
+    table: String,
+    request_timeout: Duration,
+    connect_timeout: Duration,
+    create_table: bool,
+}
+
+impl PostgresDriverBuilder {
+    /// The table that holds the elections: `table` or `schema.table`, lower-case ASCII
+    /// letters, digits and `_` only. Defaults to [`DEFAULT_TABLE`].
+    pub fn table(mut self, table: impl Into<String>) -> Self {
+        self.table = table.into();
+        self
+    }
+
+    /// The longest wait for one statement; the server's `statement_timeout` for the
+    /// driver's connection too. Defaults to [`DEFAULT_REQUEST_TIMEOUT`].
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// The longest wait for a new connection (and its setup). Defaults to
+    /// [`DEFAULT_CONNECT_TIMEOUT`].
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Whether the driver runs `CREATE TABLE IF NOT EXISTS` when the table is missing.
+    /// Turn it off when a DBA creates the table (see the README for the SQL and grants).
+    /// Defaults to `true`.
+    pub fn create_table(mut self, create: bool) -> Self {
+        self.create_table = create;
+        self
+    }
+
+    /// The driver. It connects on first use.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] (`table`) for a table name that is not `table` or
+    /// `schema.table` of lower-case identifiers; (`request_timeout`) for a zero timeout.
+    pub fn build(self) -> Result<PostgresDriver> {
+        let table = Table::parse(&self.table)?;
+        if self.request_timeout.is_zero() || self.connect_timeout.is_zero() {
+            return Err(Error::invalid_config(
+                "request_timeout",
+                "and connect_timeout must be more than zero",
+            ));
+        }
+        Ok(self.assemble(table))
+    }
+
+    /// The driver on options already checked.
+    fn assemble(self, table: Table) -> PostgresDriver {
+        let mut config = self.config;
+        if config.get_application_name().is_none() {
+            config.application_name(APPLICATION_NAME);
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(self.connect_timeout);
+        }
+        // The LISTEN connection is `<application_name>-listen`, for DBAs (and tests) to
+        // tell the two apart in pg_stat_activity.
+        let mut listen_config = config.clone();
+        let listen_name = format!(
+            "{}-listen",
+            config.get_application_name().unwrap_or(APPLICATION_NAME)
+        );
+        listen_config.application_name(listen_name);
+        PostgresDriver {
+            inner: Arc::new(Inner {
+                listener: Listener::new(listen_config, self.connect_timeout),
+                config,
+                table,
+                request_timeout: self.request_timeout,
+                connect_timeout: self.connect_timeout,
+                create_table: self.create_table,
+                connection: tokio::sync::Mutex::new(None),
+            }),
+        }
+    }
+}
+
+impl PostgresDriver {
+    /// A driver on `config`, with the default options. It connects on first use.
+    pub fn new(config: Config) -> Self {
+        Self::builder(config).assemble(Table::default())
+    }
+
+    /// A builder for a driver on `config`.
+    pub fn builder(config: Config) -> PostgresDriverBuilder {
+        PostgresDriverBuilder {
+            config,
+            table: DEFAULT_TABLE.to_owned(),
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            create_table: true,
+        }
+    }
+
+    /// Connects to `url` (`postgres://user:password@host:5432/db`, or the libpq
+    /// `key=value` form), creates the table if it is missing, and returns a driver with the
+    /// default options; fails if PostgreSQL cannot be reached now.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] (`store`) for a URL `tokio-postgres` cannot parse;
+    /// [`Error::Denied`] for refused credentials or missing privileges;
+    /// [`Error::Store`] or [`Error::Timeout`] when the server cannot be reached.
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_builder(Self::parse_url(url)?).await
+    }
+
+    /// Connects with the options of `builder` (see [`connect`](Self::connect)).
+    ///
+    /// # Errors
+    ///
+    /// As [`connect`](Self::connect), and as [`PostgresDriverBuilder::build`].
+    pub async fn connect_builder(builder: PostgresDriverBuilder) -> Result<Self> {
+        let driver = builder.build()?;
+        driver.inner.connection().await?;
+        Ok(driver)
+    }
+
+    /// Parses a connection URL into a builder with the default options. The password
+    /// never appears in the error.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] (`store`) for a URL `tokio-postgres` cannot parse.
+    pub fn parse_url(url: &str) -> Result<PostgresDriverBuilder> {
+        let config: Config = url.parse().map_err(|err: tokio_postgres::Error| {
+            // tokio-postgres's message names the bad parameter, never the URL's password.
+            Error::invalid_config("store", format!("is not a PostgreSQL URL: {err}"))
+        })?;
+        Ok(Self::builder(config))
+    }
+
+    /// The table, as configured (`leader_elections`, `schema.table`).
+    pub fn table(&self) -> &str {
+        &self.inner.table.name
+    }
+
+    /// The `LISTEN` channel of `election`: `leader_` and 16 hex digits, a hash of the
+    /// table and the election name.
+    pub fn channel(&self, election: &str) -> String {
+        sql::channel(&self.inner.table, election)
+    }
+
+    /// The `CREATE TABLE` statement the driver runs when the table is missing.
+    pub fn create_table_sql(&self) -> String {
+        self.inner.table.create()
+    }
+}
+
+impl std::fmt::Debug for PostgresDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // tokio_postgres::Config's Debug shows the password as `_`.
+        f.debug_struct("PostgresDriver")
+            .field("config", &self.inner.config)
+            .field("table", &self.inner.table.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A PostgreSQL refusal, with what the client lacks spelled out.
+#[derive(Debug)]
+struct Refused {
+    what: String,
+    source: tokio_postgres::Error,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.what)
+    }
+}
+
+impl std::error::Error for Refused {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// A PostgreSQL error as this crate's [`Error`]: refused credentials and missing
+/// privileges are [`Error::Denied`] (retrying cannot fix them), anything else
+/// [`Error::Store`].
+fn pg_error(table: &Table, err: tokio_postgres::Error) -> Error {
+    let what = match err.code() {
+        Some(code) if *code == SqlState::INSUFFICIENT_PRIVILEGE => format!(
+            "PostgreSQL denied a privilege: the driver needs SELECT, INSERT and UPDATE on \
+             table `{}` (and CREATE on its schema only if it is to create the table)",
+            table.name
+        ),
+        Some(code)
+            if *code == SqlState::INVALID_PASSWORD
+                || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION =>
+        {
+            "PostgreSQL refused the login: check the user and password (and pg_hba.conf)".to_owned()
+        }
+        _ => return Error::store(err),
+    };
+    Error::denied(Refused { what, source: err })
+}
+
+fn ttl_millis(ttl: Duration) -> f64 {
+    ttl.as_secs_f64() * 1000.0
+}
+
+fn check_name(election: &str) -> Result<()> {
+    if election.contains('\0') {
+        return Err(Error::invalid_config(
+            "name",
+            "must not contain NUL bytes with PostgreSQL (text cannot hold them)",
+        ));
+    }
+    Ok(())
+}
+
+fn token_of(value: i64) -> Result<u64> {
+    u64::try_from(value).map_err(|_| {
+        Error::store(std::io::Error::other(format!(
+            "fencing token {value} in the table is negative"
+        )))
+    })
+}
+
+/// How long a waiter sleeps on a holder's remaining lease (server time, as a duration):
+/// that plus a little jitter, so waiters that saw the same expiry do not all ask at the
+/// same millisecond.
+fn expiry_wait(remaining_ms: Option<f64>, ttl: Duration) -> Duration {
+    let base = match remaining_ms {
+        Some(ms) if ms.is_finite() => Duration::from_secs_f64((ms.max(0.0) / 1000.0).min(3600.0)),
+        // A row set by hand to never expire: look again a TTL later.
+        Some(ms) if ms > 0.0 => ttl,
+        Some(_) => Duration::ZERO,
+        // The row was not visible to the statement's snapshot (inserted concurrently):
+        // look again soon.
+        _ => ttl / 20,
+    };
+    let spread = u64::try_from((ttl / 20).as_millis())
+        .unwrap_or(50)
+        .clamp(1, 50);
+    base + Duration::from_millis(rand::rng().random_range(1..=spread))
+}
+
+impl Inner {
+    /// The shared connection, opened on first use and again after it broke.
+    async fn connection(&self) -> Result<Arc<Connection>> {
+        let mut slot = self.connection.lock().await;
+        if let Some(connection) = slot.as_ref()
+            && !connection.client.is_closed()
+        {
+            return Ok(Arc::clone(connection));
+        }
+        *slot = None;
+        let limit = self.connect_timeout;
+        let connection = match timeout(limit, self.open()).await {
+            Ok(result) => Arc::new(result?),
+            Err(_) => return Err(Error::Timeout(limit)),
+        };
+        *slot = Some(Arc::clone(&connection));
+        Ok(connection)
+    }
+
+    async fn open(&self) -> Result<Connection> {
+        let error = |err| pg_error(&self.table, err);
+        let (client, connection) = self.config.connect(NoTls).await.map_err(error)?;
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                debug!(error = %err, "PostgreSQL connection closed");
+            }
+        });
+        let statement_timeout = self.request_timeout.as_millis().max(1);
+        client
+            .batch_execute(&format!("SET statement_timeout = {statement_timeout}"))
+            .await
+            .map_err(error)?;
+        self.ensure_table(&client).await?;
+        Ok(Connection {
+            acquire: client.prepare(&self.table.acquire()).await.map_err(error)?,
+            renew: client.prepare(&self.table.renew()).await.map_err(error)?,
+            resign: client.prepare(&self.table.resign()).await.map_err(error)?,
+            leader: client.prepare(&self.table.leader()).await.map_err(error)?,
+            client,
+        })
+    }
+
+    /// Creates the table if it is missing and the driver may. Checks first, so that a
+    /// user without CREATE on the schema works on a table a DBA made.
+    async fn ensure_table(&self, client: &Client) -> Result<()> {
+        let error = |err| pg_error(&self.table, err);
+        let exists: Option<String> = client
+            .query_one("SELECT to_regclass($1)::text", &[&self.table.quoted])
+            .await
+            .map_err(error)?
+            .try_get(0)
+            .map_err(Error::store)?;
+        if exists.is_some() {
+            return Ok(());
+        }
+        if !self.create_table {
+            return Err(Error::invalid_config(
+                "table",
+                format!(
+                    "`{}` does not exist and creating it is turned off; create it with the \
+                     SQL in the leader-postgres README",
+                    self.table.name
+                ),
+            ));
+        }
+        debug!(table = %self.table.name, "creating the elections table");
+        match client.batch_execute(&self.table.create()).await {
+            Ok(()) => Ok(()),
+            Err(err) if err.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+                Err(Error::denied(Refused {
+                    what: format!(
+                        "table `{}` does not exist and this user may not create it: have a \
+                         DBA run the CREATE TABLE in the leader-postgres README, or grant \
+                         CREATE on the schema",
+                        self.table.name
+                    ),
+                    source: err,
+                }))
+            }
+            // Created concurrently by another driver.
+            Err(err) if err.code() == Some(&SqlState::UNIQUE_VIOLATION) => Ok(()),
+            Err(err) => Err(error(err)),
+        }
+    }
+
+    /// Drops `connection` (if still the shared one) after a statement got no answer: the
+    /// next statement opens a new one rather than wait behind a silent socket.
+    async fn discard(&self, connection: &Arc<Connection>) {
+        let mut slot = self.connection.lock().await;
+        if slot
+            .as_ref()
+            .is_some_and(|held| Arc::ptr_eq(held, connection))
+        {
+            debug!("PostgreSQL statement timed out; opening a new connection for the next one");
+            *slot = None;
+        }
+    }
+
+    /// Runs one prepared statement, within the request timeout.
+    async fn query(
+        &self,
+        which: fn(&Connection) -> &Statement,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>> {
+        let connection = self.connection().await?;
+        let answer = timeout(
+            self.request_timeout,
+            connection.client.query(which(&connection), params),
+        )
+        .await;
+        match answer {
+            Ok(Ok(rows)) => Ok(rows),
+            Ok(Err(err)) => {
+                if connection.client.is_closed() || err.code() == Some(&SqlState::QUERY_CANCELED) {
+                    self.discard(&connection).await;
+                }
+                Err(pg_error(&self.table, err))
+            }
+            Err(_) => {
+                self.discard(&connection).await;
+                Err(Error::Timeout(self.request_timeout))
+            }
+        }
+    }
+
+    /// `Ok(Ok(grant))` when elected, `Ok(Err(remaining ms))` with the holder's lease.
+    async fn try_acquire(
+        &self,
+        candidate: &Candidate,
+        channel: &str,
+    ) -> Result<std::result::Result<Grant, Option<f64>>> {
+        let ttl = ttl_millis(candidate.ttl);
+        // Taken before the statement is sent: the server's expiry is later than this plus
+        // the TTL.
+        let sent_at = Instant::now();
+        let rows = self
+            .query(
+                |c| &c.acquire,
+                &[
+                    &candidate.election,
+                    &candidate.id,
+                    &candidate.value,
+                    &ttl,
+                    &channel,
+                ],
+            )
+            .await?;
+        let row = rows.first().ok_or_else(|| {
+            Error::store(std::io::Error::other(
+                "the acquire statement returned no row",
+            ))
+        })?;
+        let token: Option<i64> = row.try_get(0).map_err(Error::store)?;
+        let remaining: Option<f64> = row.try_get(1).map_err(Error::store)?;
+        match token {
+            Some(token) => Ok(Ok(Grant::new(token_of(token)?, sent_at, candidate.ttl))),
+            None => Ok(Err(remaining)),
+        }
+    }
+
+    /// The leader and its remaining lease in milliseconds.
+    async fn leader_with_remaining(&self, election: &str) -> Result<Option<(LeaderInfo, f64)>> {
+        let rows = self.query(|c| &c.leader, &[&election]).await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let holder: String = row.try_get(0).map_err(Error::store)?;
+        let value: Vec<u8> = row.try_get(1).map_err(Error::store)?;
+        let token: i64 = row.try_get(2).map_err(Error::store)?;
+        let remaining: f64 = row.try_get(3).map_err(Error::store)?;
+        Ok(Some((
+            LeaderInfo::new(holder, value, token_of(token)?),
+            remaining,
+        )))
+    }
+
+    async fn resign_exactly(&self, candidate: &Candidate, token: u64, channel: &str) -> Result<()> {
+        let token = i64::try_from(token).map_err(|_| {
+            Error::store(std::io::Error::other(format!(
+                "fencing token {token} does not fit the table's bigint"
+            )))
+        })?;
+        let released = self
+            .query(
+                |c| &c.resign,
+                &[&candidate.election, &candidate.id, &token, &channel],
+            )
+            .await?;
+        debug!(election = %candidate.election, released = released.len(), "resigned");
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Driver for PostgresDriver {
+    async fn campaign(&self, candidate: &Candidate) -> Result<Grant> {
+        check_name(&candidate.election)?;
+        let channel = self.channel(&candidate.election);
+        // Listen first, so that a resignation between our attempt and our wait is not
+        // missed.
+        let mut notices = self.inner.listener.listen(&channel, Interest::Freed).await;
+        loop {
+            notices.mark_seen();
+            match self.inner.try_acquire(candidate, &channel).await? {
+                Ok(grant) => return Ok(grant),
+                Err(remaining) => {
+                    let wait = expiry_wait(remaining, candidate.ttl);
+                    debug!(election = %candidate.election, ?wait, "waiting for the leader's row");
+                    tokio::select! {
+                        () = notices.changed() => {}
+                        () = sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn renew(&self, candidate: &Candidate, grant: &Grant) -> Result<Grant> {
+        let token = i64::try_from(grant.fencing_token).map_err(|_| Error::TermGone)?;
+        let ttl = ttl_millis(candidate.ttl);
+        let sent_at = Instant::now();
+        let connection = self.inner.connection().await?;
+        let answer = timeout(
+            self.inner.request_timeout,
+            connection.client.execute(
+                &connection.renew,
+                &[&candidate.election, &candidate.id, &token, &ttl],
+            ),
+        )
+        .await;
+        match answer {
+            Ok(Ok(1)) => Ok(Grant::new(grant.fencing_token, sent_at, candidate.ttl)),
+            Ok(Ok(_)) => Err(Error::TermGone),
+            Ok(Err(err)) => {
+                if connection.client.is_closed() || err.code() == Some(&SqlState::QUERY_CANCELED) {
+                    self.inner.discard(&connection).await;
+                }
+                Err(pg_error(&self.inner.table, err))
+            }
+            Err(_) => {
+                self.inner.discard(&connection).await;
+                Err(Error::Timeout(self.inner.request_timeout))
+            }
+        }
+    }
+
+    async fn resign(&self, candidate: &Candidate, fencing_token: Option<u64>) -> Result<()> {
+        let channel = self.channel(&candidate.election);
+        // Releases by exact token only: this request may land late, after this
+        // candidate's next term began, and must not end that one. Without a token (a
+        // campaign whose answer never came), read it first.
+        let token = match fencing_token {
+            Some(token) => token,
+            None => match self
+                .inner
+                .leader_with_remaining(&candidate.election)
+                .await?
+            {
+                Some((leader, _)) if leader.id == candidate.id => leader.fencing_token,
+                _ => return Ok(()),
+            },
+        };
+        self.inner.resign_exactly(candidate, token, &channel).await
+    }
+
+    async fn leader(&self, election: &str) -> Result<Option<LeaderInfo>> {
+        check_name(election)?;
+        Ok(self
+            .inner
+            .leader_with_remaining(election)
+            .await?
+            .map(|(info, _)| info))
+    }
+
+    fn check_name(&self, election: &str) -> Result<()> {
+        check_name(election)
+    }
+
+    fn term_gone(&self, candidate: &Candidate, fencing_token: u64) -> BoxFuture<'static, ()> {
+        // Another candidate's election (after an expiry) is announced on the channel:
+        // look at the row then, and on every LISTEN reconnection. A row changed by hand
+        // is not announced; the next renewal notices that.
+        let driver = self.clone();
+        let candidate = candidate.clone();
+        Box::pin(async move {
+            let channel = driver.channel(&candidate.election);
+            let mut notices = driver.inner.listener.listen(&channel, Interest::Any).await;
+            loop {
+                notices.changed().await;
+                match driver
+                    .inner
+                    .leader_with_remaining(&candidate.election)
+                    .await
+                {
+                    Ok(Some((leader, _)))
+                        if leader.id == candidate.id && leader.fencing_token == fencing_token => {}
+                    Ok(_) => {
+                        warn!(election = %candidate.election, fencing_token, "the row no longer holds this term");
+                        return;
+                    }
+                    // The renewal loop deals with store errors.
+                    Err(_) => {}
+                }
+            }
+        })
+    }
+
+    fn observe(&self, election: &str) -> BoxStream<'static, Result<Option<LeaderInfo>>> {
+        let driver = self.clone();
+        let election = election.to_owned();
+        futures::stream::unfold(
+            (driver, election, None, None),
+            |(driver, election, mut notices, next_check)| async move {
+                if notices.is_none() {
+                    let channel = driver.channel(&election);
+                    notices = Some(driver.inner.listener.listen(&channel, Interest::Any).await);
+                }
+                let notices_ref = notices.as_mut()?;
+                if let Some(wait) = next_check {
+                    tokio::select! {
+                        () = notices_ref.changed() => {}
+                        () = sleep(wait) => {}
+                    }
+                }
+                notices_ref.mark_seen();
+                let (item, next) = match check_name(&election) {
+                    Err(err) => (Err(err), Some(Duration::from_secs(3600))),
+                    Ok(()) => match driver.inner.leader_with_remaining(&election).await {
+                        Ok(Some((info, remaining))) => (
+                            Ok(Some(info)),
+                            Some(expiry_wait(Some(remaining), Duration::from_secs(1))),
+                        ),
+                        // No leader: wait for an announcement (or a LISTEN reconnection).
+                        Ok(None) => (Ok(None), Some(Duration::from_secs(3600))),
+                        Err(err) => (Err(err), Some(Duration::from_millis(500))),
+                    },
+                };
+                Some((item, (driver, election, notices, next)))
+            },
+        )
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_password_never_shows_in_debug_or_errors() {
+        let driver = PostgresDriver::parse_url("postgres://app:hunter2@127.0.0.1:5432/db")
+            .expect("valid url")
+            .build()
+            .expect("valid options");
+        let shown = format!("{driver:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("leader_elections"), "{shown}");
+        let err = PostgresDriver::parse_url("postgres://app:hunter2@127.0.0.1:notaport/db")
+            .expect_err("bad port");
+        assert!(!format!("{err} {err:?}").contains("hunter2"), "{err:?}");
+    }
+
+    #[test]
+    fn bad_options_are_invalid_config() {
+        let config: Config = "host=localhost".parse().expect("valid");
+        let err = PostgresDriver::builder(config.clone())
+            .table("x; DROP TABLE y")
+            .build()
+            .expect_err("bad table");
+        assert!(matches!(err, Error::InvalidConfig { name: "table", .. }));
+        let err = PostgresDriver::builder(config)
+            .request_timeout(Duration::ZERO)
+            .build()
+            .expect_err("zero timeout");
+        assert!(matches!(err, Error::InvalidConfig { .. }));
+    }
+
+    #[test]
+    fn waits_follow_the_servers_remaining_lease() {
+        let ttl = Duration::from_secs(1);
+        let wait = expiry_wait(Some(400.0), ttl);
+        assert!(wait > Duration::from_millis(400) && wait <= Duration::from_millis(450));
+        assert!(expiry_wait(Some(-5.0), ttl) <= Duration::from_millis(50));
+        assert!(expiry_wait(None, ttl) <= Duration::from_millis(100));
+        assert!(expiry_wait(Some(f64::INFINITY), ttl) > ttl);
+        assert!(expiry_wait(Some(f64::NEG_INFINITY), ttl) <= Duration::from_millis(50));
+    }
+}
