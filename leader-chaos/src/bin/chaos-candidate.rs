@@ -91,7 +91,20 @@ fn stdout_line(line: &str) {
 
 async fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     let ttl = Duration::from_millis(args[3].parse()?);
-    let mut driver = leader::connect(&args[1]).await?;
+    // A candidate started while the store restarts (after a fault) waits for it, as a
+    // service would; only a refusal or a bad URL ends it.
+    let mut delay = Duration::from_millis(50);
+    let mut driver = loop {
+        match leader::connect(&args[1]).await {
+            Ok(driver) => break driver,
+            Err(err) if err.is_transient() => {
+                eprintln!("chaos-candidate: connecting: {err}; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            Err(err) => return Err(err.into()),
+        }
+    };
     if args.get(5).is_some_and(|flag| flag == "--unsafe") {
         driver = Arc::new(Unsafe(driver));
     }
