@@ -209,8 +209,20 @@ async fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
                 };
                 if shutdown {
                     stdout_line("resigning");
-                    let resigned = term.resign().await;
+                    let mut resigned = term.resign().await;
                     log_end(&log, &term)?;
+                    // The term ended locally either way; a deletion that failed (a store
+                    // request lost to an earlier fault's broken connection, say) is tried
+                    // again at once by `Election::resign`, for up to two TTLs.
+                    let until = tokio::time::Instant::now() + ttl * 2;
+                    while let Err(err) = &resigned {
+                        if !err.is_transient() || tokio::time::Instant::now() >= until {
+                            break;
+                        }
+                        eprintln!("chaos-candidate: resigning: {err}; trying again");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        resigned = election.resign().await;
+                    }
                     break resigned.or_else(|err| match err {
                         leader_core::Error::NotALeader => Ok(()),
                         err => Err(err),
