@@ -3,6 +3,8 @@
 //! run for context. Starts its own etcd, redis-server and postgres on free loopback ports. Run it through
 //! `ci/bench`, which builds it and the `chaos-candidate` process it drives.
 
+mod charts;
+
 use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};

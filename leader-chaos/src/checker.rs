@@ -153,6 +153,27 @@ pub fn read_log(process: usize, path: &Path, torn_tail_ok: bool) -> io::Result<P
     Ok(log)
 }
 
+/// Two consecutive terms whose beliefs overlapped, as instants (for the timeline; the
+/// [`Check`] lists say the same in words).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Overlap {
+    /// The earlier term's token.
+    pub earlier: u64,
+    /// The process that held it.
+    pub earlier_process: usize,
+    /// The later term's token.
+    pub later: u64,
+    /// The process that held it.
+    pub later_process: usize,
+    /// When the later term began (the overlap's start).
+    pub from_ns: u64,
+    /// The earlier term's last instant of belief (the overlap's end).
+    pub to_ns: u64,
+    /// Whether the orchestrator had deleted the earlier term's key or revoked its lease
+    /// (reported, not failed).
+    pub after_tampering: bool,
+}
+
 /// What the checker found.
 #[derive(Debug, Default)]
 pub struct Check {
@@ -160,6 +181,8 @@ pub struct Check {
     pub terms: usize,
     /// Consecutive terms whose beliefs overlapped: a safety violation.
     pub overlaps: Vec<String>,
+    /// Every exact overlap, after tampering or not, as instants.
+    pub overlap_spans: Vec<Overlap>,
     /// Overlaps right after the orchestrator deleted the leader's key or revoked its lease
     /// (tampering takes away the lease the guarantee rests on): reported, not failed.
     pub overlaps_after_tampering: Vec<String>,
@@ -317,7 +340,17 @@ pub fn check(logs: &[ProcessLog], pauses: &[(usize, u64, u64)], tampered: &[u64]
                 a.token,
                 a.process
             );
-            if tampered.contains(&a.token) {
+            let after_tampering = tampered.contains(&a.token);
+            result.overlap_spans.push(Overlap {
+                earlier: a.token,
+                earlier_process: a.process,
+                later: b.token,
+                later_process: b.process,
+                from_ns: b_elected,
+                to_ns: a_end,
+                after_tampering,
+            });
+            if after_tampering {
                 result.overlaps_after_tampering.push(what);
             } else {
                 result.overlaps.push(what);
@@ -475,6 +508,18 @@ mod tests {
         let b = log_of(1, "e 2 8000 20000\n");
         let result = check(&[a, b], &[], &[]);
         assert_eq!(result.overlaps.len(), 1, "{result:?}");
+        assert_eq!(
+            result.overlap_spans,
+            vec![Overlap {
+                earlier: 1,
+                earlier_process: 0,
+                later: 2,
+                later_process: 1,
+                from_ns: 8000,
+                to_ns: 9000,
+                after_tampering: false,
+            }]
+        );
         let tampered = check(
             &[
                 log_of(0, "e 1 1000 5000\nd 1 9000\n"),
@@ -485,6 +530,7 @@ mod tests {
         );
         assert!(tampered.overlaps.is_empty());
         assert_eq!(tampered.overlaps_after_tampering.len(), 1);
+        assert!(tampered.overlap_spans[0].after_tampering);
     }
 
     #[test]

@@ -13,8 +13,12 @@
 //! fencing tokens that go backwards or are reused, candidates that exited badly, and rounds
 //! after which no leader came back within the bound or a healed candidate did not campaign
 //! again.
+//!
+//! The [`Report`] also keeps a [`timeline::Timeline`] of the run (each candidate's
+//! processes and terms, and the faults' windows), which [`timeline::write_svg`] draws.
 
 pub mod checker;
+pub mod timeline;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -143,6 +147,25 @@ impl Fault {
         }
     }
 
+    /// A few letters, for the timeline's fault marks.
+    fn short(self) -> &'static str {
+        match self {
+            Fault::Kill => "kill",
+            Fault::Term => "term",
+            Fault::Stop => "stop",
+            Fault::ShortPause => "pause",
+            Fault::Partition => "part",
+            Fault::LostAnswers => "lost",
+            Fault::Latency => "slow",
+            Fault::WaiterKill => "w-kill",
+            Fault::WaiterPartition => "w-part",
+            Fault::DeleteKey => "del",
+            Fault::RevokeLease => "revoke",
+            Fault::StoreRestart => "restart",
+            Fault::MemberLoss => "member",
+        }
+    }
+
     fn all(backend: StoreKind) -> Vec<Fault> {
         let mut faults = vec![
             Fault::Kill,
@@ -260,6 +283,8 @@ pub struct Report {
     pub terms_per_fault: BTreeMap<Fault, usize>,
     /// The observer's view, compared with the candidates'.
     pub observed: checker::Observed,
+    /// What happened when, for a picture of the run ([`timeline::write_svg`]).
+    pub timeline: timeline::Timeline,
 }
 
 impl Report {
@@ -446,6 +471,8 @@ struct Run {
     bad_exits: Vec<String>,
     pauses: Vec<(usize, u64, u64)>,
     tampered: Vec<u64>,
+    /// Per process (generation): its slot, when it started and when it was reaped.
+    processes: Vec<timeline::ProcessSpan>,
 }
 
 impl Run {
@@ -485,6 +512,13 @@ impl Run {
         });
         self.files.push(file);
         self.killed.push(false);
+        self.processes.push(timeline::ProcessSpan {
+            process: generation,
+            lane: slot,
+            started_ns: monotonic_ns(),
+            exited_ns: None,
+            killed: false,
+        });
         let s = &mut self.slots[slot];
         s.child = Some(child);
         s.generation = generation;
@@ -620,7 +654,13 @@ impl Run {
         let Some(mut child) = self.slots[slot].child.take() else {
             return;
         };
-        let status = match timeout(Duration::from_secs(10), child.wait()).await {
+        let waited = timeout(Duration::from_secs(10), child.wait()).await;
+        let generation = self.slots[slot].generation;
+        if let Some(span) = self.processes.get_mut(generation) {
+            span.exited_ns = Some(monotonic_ns());
+            span.killed = self.killed[generation];
+        }
+        let status = match waited {
             Ok(Ok(status)) => Some(status),
             _ => {
                 let _ = child.kill().await;
@@ -684,6 +724,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 /// Starts the store and three candidates, injects `config.rounds` faults, stops
 /// everything, and checks what the candidates logged.
 pub async fn run(config: Config) -> BoxResult<Report> {
+    let run_started_ns = monotonic_ns();
     let backend = config.backend;
     let ttl = config.ttl;
     let mut store = blocking(move || -> io::Result<Store> {
@@ -719,6 +760,7 @@ pub async fn run(config: Config) -> BoxResult<Report> {
         bad_exits: Vec::new(),
         pauses: Vec::new(),
         tampered: Vec::new(),
+        processes: Vec::new(),
     };
     for slot in 0..3 {
         run.spawn(slot)?;
@@ -751,6 +793,7 @@ pub async fn run(config: Config) -> BoxResult<Report> {
     let mut failovers: BTreeMap<Fault, (Vec<Duration>, Duration)> = BTreeMap::new();
     let mut liveness_failures = Vec::new();
     let mut rounds: Vec<(Fault, u64, u64)> = Vec::new();
+    let mut fault_spans: Vec<timeline::FaultSpan> = Vec::new();
     for round in 0..run.config.rounds {
         let fault = faults[round % faults.len()];
         let Some(leader) = run.leader(Duration::from_secs(30)).await else {
@@ -896,9 +939,22 @@ pub async fn run(config: Config) -> BoxResult<Report> {
                     Ok(store)
                 })
                 .await??;
+                // A fault that fails over is measured from its start: this end is only
+                // drawn.
+                fault_over = Some(Instant::now());
                 elected
             }
         };
+        fault_spans.push(timeline::FaultSpan {
+            fault,
+            lane: match fault {
+                Fault::StoreRestart => None,
+                Fault::WaiterKill | Fault::WaiterPartition => Some(waiter),
+                _ => Some(leader),
+            },
+            from_ns: started_ns,
+            to_ns: fault_over.map_or(started_ns, |at| to_monotonic_ns(at.into_std())),
+        });
         // A fault that needs no new leader is measured from its end: how long until a
         // leader was there again.
         let measured_from = if fault.fails_over() {
@@ -982,6 +1038,14 @@ pub async fn run(config: Config) -> BoxResult<Report> {
             *terms_per_fault.entry(*fault).or_default() += 1;
         }
     }
+    let timeline = timeline::Timeline::new(
+        run_started_ns,
+        monotonic_ns(),
+        run.slots.len(),
+        run.processes.clone(),
+        fault_spans,
+        &logs,
+    );
     Ok(Report {
         terms_per_fault,
         backend,
@@ -991,6 +1055,7 @@ pub async fn run(config: Config) -> BoxResult<Report> {
         bad_exits: run.bad_exits.clone(),
         observed: checker::compare_observer(&observed_log, &logs),
         check: checker::check(&logs, &run.pauses, &run.tampered),
+        timeline,
     })
 }
 

@@ -1,10 +1,26 @@
 //! The chaos suite's short mode: every fault kind about once on each backend.
 //! `CHAOS_ROUNDS` sets the number of faults (`ci/soak` runs hundreds). And the proof that
 //! the checker bites: candidates whose deadlines ignore their lease are caught.
+//!
+//! Each run's timeline is written to `target/chaos/<name>-timeline.svg` (`CHAOS_SVG_DIR`
+//! to write elsewhere).
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use leader_chaos::{Config, Fault, StoreKind, rounds_from_env, run};
+use leader_chaos::{Config, Fault, Report, StoreKind, rounds_from_env, run, timeline};
+
+/// Writes the run's timeline and prints where.
+fn picture(report: &Report, name: &str) -> PathBuf {
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("the target folder")
+        .join("chaos");
+    let path = timeline::dir_from_env(target).join(format!("{name}-timeline.svg"));
+    timeline::write_svg(report, &path).expect("the timeline is written");
+    println!("timeline: {}", path.display());
+    path
+}
 
 async fn chaos(backend: StoreKind) {
     let config = Config {
@@ -18,6 +34,7 @@ async fn chaos(backend: StoreKind) {
     };
     let report = run(config).await.expect("the chaos run completes");
     println!("{}", report.table());
+    picture(&report, backend.name());
     assert!(report.passed(), "{}", report.table());
 }
 
@@ -51,6 +68,7 @@ async fn the_checker_catches_candidates_whose_deadlines_ignore_the_lease() {
     };
     let report = run(config).await.expect("the chaos run completes");
     println!("{}", report.table());
+    picture(&report, "redis-unsafe");
     assert!(
         !report.passed(),
         "the unsafe candidates passed:\n{}",

@@ -1,0 +1,569 @@
+//! SVG charts of the bench's figures, drawn from plain data: handoff latency
+//! distributions, crash failover as a multiple of the TTL, and store requests per handoff
+//! against the number of waiting candidates.
+//!
+//! Each function writes one SVG file (creating its folder); [`out_dir`] says where
+//! `ci/bench` puts them.
+
+// Until `run()` in main.rs calls them (only the tests do so far): remove once it does.
+#![allow(dead_code)]
+
+use std::error::Error;
+use std::path::{Path, PathBuf};
+
+use hdrhistogram::Histogram;
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+
+/// Errors from drawing or writing a chart (the cause is kept as the source).
+pub(crate) type ChartResult = Result<(), Box<dyn Error + Send + Sync>>;
+
+/// The handoff chart's file name.
+pub(crate) const HANDOFF_SVG: &str = "bench-handoff.svg";
+/// The failover chart's file name.
+pub(crate) const FAILOVER_SVG: &str = "bench-failover.svg";
+/// The requests-per-handoff chart's file name.
+pub(crate) const REQUESTS_SVG: &str = "bench-requests-per-handoff.svg";
+
+const SIZE: (u32, u32) = (900, 520);
+const FONT: &str = "sans-serif";
+
+/// Where the charts go: `BENCH_SVG_DIR` if set, else `docs` (the README shows
+/// `docs/*.svg`; `ci/bench` runs from the repository's root).
+pub(crate) fn out_dir() -> PathBuf {
+    std::env::var_os("BENCH_SVG_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("docs"))
+}
+
+/// Every sample of a bench histogram (recorded in microseconds), in milliseconds.
+pub(crate) fn histogram_ms(h: &Histogram<u64>) -> Vec<f64> {
+    h.iter_recorded()
+        .flat_map(|v| {
+            let ms = h.lowest_equivalent(v.value_iterated_to()) as f64 / 1000.0;
+            std::iter::repeat_n(ms, usize::try_from(v.count_at_value()).unwrap_or(0))
+        })
+        .collect()
+}
+
+/// Draws into a string, then writes it to `path`.
+fn write(
+    path: &Path,
+    draw: impl FnOnce(&DrawingArea<SVGBackend<'_>, Shift>) -> ChartResult,
+) -> ChartResult {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
+        root.fill(&WHITE)?;
+        draw(&root)?;
+        root.present()?;
+    }
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, svg)?;
+    Ok(())
+}
+
+/// Series colours, told apart with colour blindness too (no red: red is for goals).
+const PALETTE: [RGBColor; 8] = [
+    RGBColor(0x00, 0x72, 0xB2),
+    RGBColor(0xE6, 0x9F, 0x00),
+    RGBColor(0x00, 0x9E, 0x73),
+    RGBColor(0xCC, 0x79, 0xA7),
+    RGBColor(0x56, 0xB4, 0xE9),
+    RGBColor(0x94, 0x67, 0xBD),
+    RGBColor(0x8C, 0x56, 0x4B),
+    RGBColor(0x17, 0xBE, 0xCF),
+];
+
+fn colour(index: usize) -> RGBColor {
+    PALETTE[index % PALETTE.len()]
+}
+
+/// The value at quantile `q` of sorted samples (nearest rank).
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn sorted(samples: &[f64]) -> Vec<f64> {
+    let mut sorted: Vec<f64> = samples.iter().copied().filter(|v| v.is_finite()).collect();
+    sorted.sort_by(f64::total_cmp);
+    sorted
+}
+
+/// Handoff latencies (milliseconds), one series per contender (ours on etcd, `etcdctl
+/// elect`, ours on Redis, ...), as cumulative distributions: the fraction of handoffs done
+/// within x ms.
+pub(crate) fn handoff_distributions(path: &Path, series: &[(&str, Vec<f64>)]) -> ChartResult {
+    let curves: Vec<Curve> = series
+        .iter()
+        .map(|(name, samples)| {
+            let sorted = sorted(samples);
+            let n = sorted.len();
+            // A step up at each sample.
+            let mut points = Vec::with_capacity(2 * n);
+            for (i, &ms) in sorted.iter().enumerate() {
+                points.push((ms, i as f64 / n as f64));
+                points.push((ms, (i + 1) as f64 / n as f64));
+            }
+            let label = format!(
+                "{name}: p50 {:.2} ms, p99 {:.2} ms (n={n})",
+                quantile(&sorted, 0.5),
+                quantile(&sorted, 0.99)
+            );
+            Curve {
+                label,
+                points,
+                marked: false,
+            }
+        })
+        .collect();
+    cdf(path, "graceful handoff latency", &curves)
+}
+
+/// The same chart from percentiles only: per series, (quantile, milliseconds) points, such
+/// as a table's p50 and p99, joined by straight lines and marked.
+pub(crate) fn handoff_quantiles(path: &Path, series: &[(&str, Vec<(f64, f64)>)]) -> ChartResult {
+    let curves: Vec<Curve> = series
+        .iter()
+        .map(|(name, points)| {
+            let mut points: Vec<(f64, f64)> = points.iter().map(|&(q, ms)| (ms, q)).collect();
+            points.sort_by(|a, b| a.1.total_cmp(&b.1));
+            let label = points
+                .iter()
+                .map(|(ms, q)| format!("p{} {ms:.2} ms", (q * 100.0).round()))
+                .collect::<Vec<_>>()
+                .join(", ");
+            Curve {
+                label: format!("{name}: {label}"),
+                points,
+                marked: true,
+            }
+        })
+        .collect();
+    cdf(path, "graceful handoff latency (percentiles)", &curves)
+}
+
+/// One cumulative distribution.
+struct Curve {
+    label: String,
+    /// (milliseconds, fraction done).
+    points: Vec<(f64, f64)>,
+    /// Whether to mark each point (the points are percentiles, not steps).
+    marked: bool,
+}
+
+/// Cumulative distributions.
+fn cdf(path: &Path, title: &str, curves: &[Curve]) -> ChartResult {
+    let max_ms = curves
+        .iter()
+        .flat_map(|curve| curve.points.iter().map(|p| p.0))
+        .fold(0.0f64, f64::max);
+    let x_max = if max_ms > 0.0 { max_ms * 1.1 } else { 1.0 };
+    write(path, |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption(title, (FONT, 20))
+            .margin(14)
+            .x_label_area_size(42)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0.0..x_max, 0.0..1.0)?;
+        chart
+            .configure_mesh()
+            .x_desc("milliseconds from the leader's signal to the new leader")
+            .y_desc("fraction of handoffs done")
+            .axis_desc_style((FONT, 14))
+            .draw()?;
+        for (
+            index,
+            Curve {
+                label,
+                points,
+                marked,
+            },
+        ) in curves.iter().enumerate()
+        {
+            let c = colour(index);
+            chart
+                .draw_series(LineSeries::new(points.iter().copied(), c.stroke_width(2)))?
+                .label(label.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
+                });
+            if *marked {
+                chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, c.filled())))?;
+            }
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .label_font((FONT, 13))
+            .background_style(WHITE.mix(0.9))
+            .border_style(BLACK.mix(0.4))
+            .draw()?;
+        Ok(())
+    })
+}
+
+/// One store at one TTL: the crash failover times as multiples of the TTL.
+struct Failover<'a> {
+    store: &'a str,
+    ttl_secs: f64,
+    median: f64,
+    max: f64,
+    samples: &'a [f64],
+}
+
+/// Crash failover as a multiple of the TTL: per (store, TTL in seconds, multiples), every
+/// kill as a dot, the median and the worst joined across TTLs, and the TTL and the goal
+/// (TTL + 10 %) as reference lines.
+pub(crate) fn failover_multiples(path: &Path, points: &[(&str, f64, Vec<f64>)]) -> ChartResult {
+    let sorted: Vec<Vec<f64>> = points.iter().map(|(_, _, m)| sorted(m)).collect();
+    let failovers: Vec<Failover<'_>> = points
+        .iter()
+        .zip(&sorted)
+        .map(|((store, ttl_secs, _), sorted)| Failover {
+            store,
+            ttl_secs: *ttl_secs,
+            median: quantile(sorted, 0.5),
+            max: sorted.last().copied().unwrap_or(0.0),
+            samples: sorted,
+        })
+        .collect();
+    failover_chart(path, "crash failover as a multiple of the TTL", &failovers)
+}
+
+/// The same chart from a table's median and worst per (store, TTL in seconds, median,
+/// max), without the dots.
+pub(crate) fn failover_summary(path: &Path, points: &[(&str, f64, f64, f64)]) -> ChartResult {
+    let failovers: Vec<Failover<'_>> = points
+        .iter()
+        .map(|&(store, ttl_secs, median, max)| Failover {
+            store,
+            ttl_secs,
+            median,
+            max,
+            samples: &[],
+        })
+        .collect();
+    failover_chart(
+        path,
+        "crash failover as a multiple of the TTL (median, worst)",
+        &failovers,
+    )
+}
+
+fn failover_chart(path: &Path, title: &str, failovers: &[Failover<'_>]) -> ChartResult {
+    let mut stores: Vec<&str> = Vec::new();
+    for f in failovers {
+        if !stores.contains(&f.store) {
+            stores.push(f.store);
+        }
+    }
+    let ttl_max = failovers.iter().map(|f| f.ttl_secs).fold(1.0f64, f64::max);
+    let y_max = failovers
+        .iter()
+        .flat_map(|f| f.samples.iter().copied().chain([f.max]))
+        .fold(1.2f64, f64::max)
+        * 1.1;
+    write(path, |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption(title, (FONT, 20))
+            .margin(14)
+            .x_label_area_size(42)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0.0..ttl_max * 1.1, 0.0..y_max)?;
+        chart
+            .configure_mesh()
+            .x_desc("TTL (seconds)")
+            .y_desc("time to a new leader / TTL")
+            .axis_desc_style((FONT, 14))
+            .draw()?;
+        for (y, label, style) in [
+            (1.0, "TTL", BLACK.mix(0.6).stroke_width(1)),
+            (1.1, "goal: TTL + 10 %", RED.mix(0.6).stroke_width(1)),
+        ] {
+            chart.draw_series(std::iter::once(PathElement::new(
+                vec![(0.0, y), (ttl_max * 1.1, y)],
+                style,
+            )))?;
+            chart.draw_series(std::iter::once(Text::new(
+                label,
+                (ttl_max * 0.02, y + y_max * 0.035),
+                (FONT, 12),
+            )))?;
+        }
+        // Stores side by side at each TTL.
+        let nudge =
+            |index: usize| (index as f64 - (stores.len() as f64 - 1.0) / 2.0) * ttl_max * 0.012;
+        for (index, store) in stores.iter().enumerate() {
+            let c = colour(index);
+            let mut own: Vec<&Failover<'_>> =
+                failovers.iter().filter(|f| f.store == *store).collect();
+            own.sort_by(|a, b| a.ttl_secs.total_cmp(&b.ttl_secs));
+            let at = |f: &Failover<'_>| f.ttl_secs + nudge(index);
+            chart.draw_series(own.iter().flat_map(|f| {
+                f.samples
+                    .iter()
+                    .map(move |&m| Circle::new((at(f), m), 2, c.mix(0.4).filled()))
+            }))?;
+            chart
+                .draw_series(LineSeries::new(
+                    own.iter().map(|f| (at(f), f.median)),
+                    c.stroke_width(2),
+                ))?
+                .label(format!("{store}: median"))
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
+                });
+            chart.draw_series(
+                own.iter()
+                    .map(|f| Circle::new((at(f), f.median), 4, c.filled())),
+            )?;
+            chart
+                .draw_series(DashedLineSeries::new(
+                    own.iter().map(|f| (at(f), f.max)),
+                    6,
+                    4,
+                    c.stroke_width(1),
+                ))?
+                .label(format!("{store}: worst"))
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(1))
+                });
+            chart.draw_series(
+                own.iter()
+                    .map(|f| TriangleMarker::new((at(f), f.max), 5, c.filled())),
+            )?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .label_font((FONT, 13))
+            .background_style(WHITE.mix(0.9))
+            .border_style(BLACK.mix(0.4))
+            .draw()?;
+        Ok(())
+    })
+}
+
+/// Store requests per handoff against the number of waiting candidates, both axes
+/// logarithmic: per series (such as "redis: commands"), (waiters, requests per handoff)
+/// points.
+pub(crate) fn requests_per_handoff(
+    path: &Path,
+    series: &[(&str, Vec<(usize, f64)>)],
+) -> ChartResult {
+    let points: Vec<Vec<(f64, f64)>> = series
+        .iter()
+        .map(|(_, points)| {
+            let mut points: Vec<(f64, f64)> = points
+                .iter()
+                .map(|&(waiters, requests)| (waiters as f64, requests))
+                .filter(|&(w, r)| w > 0.0 && r > 0.0 && r.is_finite())
+                .collect();
+            points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            points
+        })
+        .collect();
+    let all = || points.iter().flatten();
+    let x_max = all().map(|p| p.0).fold(10.0f64, f64::max) * 1.5;
+    let y_min = all().map(|p| p.1).fold(f64::MAX, f64::min).min(1.0) / 1.5;
+    let y_max = all().map(|p| p.1).fold(10.0f64, f64::max) * 2.0;
+    write(path, |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption("store requests per handoff", (FONT, 20))
+            .margin(14)
+            .x_label_area_size(42)
+            .y_label_area_size(64)
+            .build_cartesian_2d((0.7..x_max).log_scale(), (y_min..y_max).log_scale())?;
+        chart
+            .configure_mesh()
+            .x_desc("candidates waiting (log scale)")
+            .y_desc("requests per handoff (log scale)")
+            .axis_desc_style((FONT, 14))
+            .x_label_formatter(&|v| format!("{v}"))
+            .y_label_formatter(&|v| format!("{v}"))
+            .draw()?;
+        for (index, ((name, _), points)) in series.iter().zip(&points).enumerate() {
+            let c = colour(index);
+            chart
+                .draw_series(LineSeries::new(points.iter().copied(), c.stroke_width(2)))?
+                .label(*name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
+                });
+            chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, c.filled())))?;
+            chart.draw_series(points.iter().map(|&(w, r)| {
+                Text::new(
+                    format!("{r:.1}"),
+                    (w * 1.1, r),
+                    TextStyle::from((FONT, 11).into_font()).pos(Pos::new(HPos::Left, VPos::Center)),
+                )
+            }))?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .label_font((FONT, 13))
+            .background_style(WHITE.mix(0.9))
+            .border_style(BLACK.mix(0.4))
+            .draw()?;
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_svg(path: &Path, names: &[&str]) {
+        let svg = std::fs::read_to_string(path).expect("written");
+        assert!(svg.starts_with("<svg"), "{}", &svg[..80.min(svg.len())]);
+        assert!(svg.trim_end().ends_with("</svg>"), "not closed");
+        assert_eq!(
+            svg.matches("<svg").count(),
+            svg.matches("</svg>").count(),
+            "unbalanced"
+        );
+        for name in names {
+            assert!(
+                svg.contains(name),
+                "{} does not name {name:?}",
+                path.display()
+            );
+        }
+    }
+
+    #[test]
+    fn handoff_distributions_draw_every_series() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("nested").join(HANDOFF_SVG);
+        let ours: Vec<f64> = (0..50).map(|i| 3.0 + f64::from(i) * 0.04).collect();
+        let etcdctl: Vec<f64> = (0..50).map(|i| 3.5 + f64::from(i) * 0.07).collect();
+        handoff_distributions(
+            &path,
+            &[
+                ("ours on etcd", ours),
+                ("etcdctl elect", etcdctl),
+                ("ours on redis", vec![1.9, 2.0, 2.1]),
+                ("nothing measured", Vec::new()),
+            ],
+        )
+        .expect("drawn");
+        assert_svg(
+            &path,
+            &[
+                "ours on etcd",
+                "etcdctl elect",
+                "ours on redis",
+                "p50 3.96 ms",
+            ],
+        );
+        let path = dir.path().join("quantiles.svg");
+        handoff_quantiles(&path, &[("ours on etcd", vec![(0.5, 3.59), (0.99, 4.93)])])
+            .expect("drawn");
+        assert_svg(&path, &["ours on etcd", "p50 3.59 ms", "p99 4.93 ms"]);
+    }
+
+    #[test]
+    fn failover_multiples_draw_every_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(FAILOVER_SVG);
+        failover_multiples(
+            &path,
+            &[
+                ("etcd", 1.0, vec![1.1, 1.2, 1.45]),
+                ("etcd", 2.0, vec![1.0, 1.25]),
+                ("redis", 1.0, vec![0.85, 1.03]),
+                ("redis", 5.0, Vec::new()),
+            ],
+        )
+        .expect("drawn");
+        assert_svg(&path, &["etcd: median", "redis: worst", "TTL + 10 %"]);
+        let path = dir.path().join("summary.svg");
+        failover_summary(&path, &[("etcd", 1.0, 1.12, 1.45)]).expect("drawn");
+        assert_svg(&path, &["etcd: median", "etcd: worst"]);
+    }
+
+    #[test]
+    fn requests_per_handoff_draw_every_series_on_log_axes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(REQUESTS_SVG);
+        requests_per_handoff(
+            &path,
+            &[
+                ("etcd: requests", vec![(1, 8.9), (10, 8.8), (1000, 8.1)]),
+                ("redis: commands", vec![(1, 6.0), (1000, 1311.8)]),
+                ("zero is left out", vec![(0, 1.0), (10, 0.0)]),
+            ],
+        )
+        .expect("drawn");
+        assert_svg(&path, &["etcd: requests", "redis: commands", "1311.8"]);
+    }
+
+    #[test]
+    fn histograms_give_their_samples_in_milliseconds() {
+        let mut h = Histogram::<u64>::new(3).expect("histogram");
+        h.record_n(2000, 3).expect("recorded");
+        h.record(5000).expect("recorded");
+        assert_eq!(histogram_ms(&h), vec![2.0, 2.0, 2.0, 5.0]);
+    }
+
+    /// The figures of leader-bench/README.md's table (2026-11-27), drawn into
+    /// `BENCH_README_SVG_DIR` when set (that is how docs/ got its sample charts), else into
+    /// a temporary folder.
+    #[test]
+    fn the_readme_figures_draw() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let dir = std::env::var_os("BENCH_README_SVG_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| temp.path().to_owned());
+        handoff_quantiles(
+            &dir.join(HANDOFF_SVG),
+            &[
+                ("ours on etcd", vec![(0.5, 3.59), (0.99, 4.93)]),
+                ("etcdctl elect", vec![(0.5, 3.94), (0.99, 6.81)]),
+                ("ours on redis", vec![(0.5, 1.95), (0.99, 2.55)]),
+            ],
+        )
+        .expect("drawn");
+        failover_summary(
+            &dir.join(FAILOVER_SVG),
+            &[
+                ("etcd", 1.0, 1.12, 1.45),
+                ("etcd", 2.0, 1.03, 1.25),
+                ("etcd", 5.0, 0.86, 1.04),
+                ("redis", 1.0, 0.85, 1.03),
+                ("redis", 2.0, 0.84, 1.02),
+                ("redis", 5.0, 0.83, 1.00),
+            ],
+        )
+        .expect("drawn");
+        let waiting = [1, 10, 100, 1000];
+        let row = |values: [f64; 4]| waiting.into_iter().zip(values).collect::<Vec<_>>();
+        requests_per_handoff(
+            &dir.join(REQUESTS_SVG),
+            &[
+                ("etcd: requests", row([8.9, 8.8, 8.3, 8.1])),
+                ("etcd: watch messages sent", row([5.0, 5.0, 5.0, 4.9])),
+                ("redis: commands", row([6.0, 22.4, 195.9, 1311.8])),
+                (
+                    "redis: commands inside scripts",
+                    row([13.2, 46.1, 395.3, 2627.2]),
+                ),
+            ],
+        )
+        .expect("drawn");
+        assert_svg(&dir.join(HANDOFF_SVG), &["etcdctl elect"]);
+        assert_svg(&dir.join(FAILOVER_SVG), &["redis: median"]);
+        assert_svg(&dir.join(REQUESTS_SVG), &["redis: commands"]);
+    }
+}
