@@ -6,7 +6,6 @@
 //! `ci/bench` puts them.
 
 // Until `run()` in main.rs calls them (only the tests do so far): remove once it does.
-#![allow(dead_code)]
 
 use std::error::Error;
 use std::path::{Path, PathBuf};
@@ -131,6 +130,7 @@ pub(crate) fn handoff_distributions(path: &Path, series: &[(&str, Vec<f64>)]) ->
 
 /// The same chart from percentiles only: per series, (quantile, milliseconds) points, such
 /// as a table's p50 and p99, joined by straight lines and marked.
+#[cfg(test)]
 pub(crate) fn handoff_quantiles(path: &Path, series: &[(&str, Vec<(f64, f64)>)]) -> ChartResult {
     let curves: Vec<Curve> = series
         .iter()
@@ -242,6 +242,7 @@ pub(crate) fn failover_multiples(path: &Path, points: &[(&str, f64, Vec<f64>)]) 
 
 /// The same chart from a table's median and worst per (store, TTL in seconds, median,
 /// max), without the dots.
+#[cfg(test)]
 pub(crate) fn failover_summary(path: &Path, points: &[(&str, f64, f64, f64)]) -> ChartResult {
     let failovers: Vec<Failover<'_>> = points
         .iter()
