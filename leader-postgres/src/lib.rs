@@ -3,6 +3,7 @@
 
 mod listener;
 mod sql;
+mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +17,9 @@ use rand::Rng;
 use tokio::time::{Instant, sleep, timeout};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Config, NoTls, Row, Statement};
+use tokio_postgres::{Client, Config, Row, Statement};
+
+use crate::tls::Tls;
 use tracing::{debug, warn};
 
 pub use tokio_postgres;
@@ -55,6 +58,7 @@ pub struct PostgresDriver {
 
 struct Inner {
     config: Config,
+    tls: Tls,
     table: Table,
     request_timeout: Duration,
     connect_timeout: Duration,
@@ -77,6 +81,7 @@ struct Connection {
 #[must_use = "a PostgresDriverBuilder does nothing until build() is called"]
 pub struct PostgresDriverBuilder {
     config: Config,
+    tls: Tls,
     table: String,
     request_timeout: Duration,
     connect_timeout: Duration,
@@ -102,6 +107,18 @@ impl PostgresDriverBuilder {
     /// [`DEFAULT_CONNECT_TIMEOUT`].
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
+        self
+    }
+
+    /// TLS for every connection (feature `tls`), with `config` (rustls; your roots, a
+    /// client certificate). The server's certificate and name are verified (libpq's
+    /// `verify-full`); the connection's `sslmode` is set to `require`, so it never falls
+    /// back to plain text.
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, config: rustls::ClientConfig) -> Self {
+        self.config
+            .ssl_mode(tokio_postgres::config::SslMode::Require);
+        self.tls = Tls::On(tokio_postgres_rustls::MakeRustlsConnect::new(config));
         self
     }
 
@@ -149,8 +166,9 @@ impl PostgresDriverBuilder {
         listen_config.application_name(listen_name);
         PostgresDriver {
             inner: Arc::new(Inner {
-                listener: Listener::new(listen_config, self.connect_timeout),
+                listener: Listener::new(listen_config, self.tls.clone(), self.connect_timeout),
                 config,
+                tls: self.tls,
                 table,
                 request_timeout: self.request_timeout,
                 connect_timeout: self.connect_timeout,
@@ -171,6 +189,7 @@ impl PostgresDriver {
     pub fn builder(config: Config) -> PostgresDriverBuilder {
         PostgresDriverBuilder {
             config,
+            tls: Tls::Off,
             table: DEFAULT_TABLE.to_owned(),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
@@ -209,11 +228,27 @@ impl PostgresDriver {
     ///
     /// [`Error::InvalidConfig`] (`store`) for a URL `tokio-postgres` cannot parse.
     pub fn parse_url(url: &str) -> Result<PostgresDriverBuilder> {
+        let (url, tls) = tls::split_url(url);
         let config: Config = url.parse().map_err(|err: tokio_postgres::Error| {
             // tokio-postgres's message names the bad parameter, never the URL's password.
             Error::invalid_config("store", format!("is not a PostgreSQL URL: {err}"))
         })?;
-        Ok(Self::builder(config))
+        let builder = Self::builder(config);
+        if !tls.required && tls.root_cert.is_none() {
+            return Ok(builder);
+        }
+        #[cfg(feature = "tls")]
+        {
+            Ok(builder.tls(tls::from_url(&tls)?))
+        }
+        #[cfg(not(feature = "tls"))]
+        {
+            Err(Error::invalid_config(
+                "store",
+                "TLS to PostgreSQL (sslmode=require, sslrootcert=) needs the `tls` feature of \
+                 leader-postgres (and of leader)",
+            ))
+        }
     }
 
     /// The table, as configured (`leader_elections`, `schema.table`).
@@ -238,6 +273,7 @@ impl std::fmt::Debug for PostgresDriver {
         // tokio_postgres::Config's Debug shows the password as `_`.
         f.debug_struct("PostgresDriver")
             .field("config", &self.inner.config)
+            .field("tls", &self.inner.tls.is_on())
             .field("table", &self.inner.table.name)
             .finish_non_exhaustive()
     }
@@ -345,10 +381,14 @@ impl Inner {
 
     async fn open(&self) -> Result<Connection> {
         let error = |err| pg_error(&self.table, err);
-        let (client, connection) = self.config.connect(NoTls).await.map_err(error)?;
+        let (client, mut messages) = self.tls.connect(&self.config).await.map_err(error)?;
         tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                debug!(error = %err, "PostgreSQL connection closed");
+            use futures::StreamExt;
+            while let Some(message) = messages.next().await {
+                if let Err(err) = message {
+                    debug!(error = %err, "PostgreSQL connection closed");
+                    break;
+                }
             }
         });
         let statement_timeout = self.request_timeout.as_millis().max(1);

@@ -8,7 +8,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::timeout;
-use tokio_postgres::{AsyncMessage, Config, NoTls};
+use tokio_postgres::{AsyncMessage, Config};
+
+use crate::tls::Tls;
 use tracing::{debug, warn};
 
 /// How often an idle `LISTEN` connection is checked with a query: a half-open socket would
@@ -31,6 +33,7 @@ pub(crate) struct Listener {
 
 struct Idle {
     config: Config,
+    tls: Tls,
     timeout: Duration,
     commands: mpsc::UnboundedReceiver<Command>,
 }
@@ -148,7 +151,7 @@ impl Shared {
 }
 
 impl Listener {
-    pub(crate) fn new(config: Config, timeout: Duration) -> Self {
+    pub(crate) fn new(config: Config, tls: Tls, timeout: Duration) -> Self {
         let (commands, rx) = mpsc::unbounded_channel();
         Listener {
             shared: Arc::new(Shared {
@@ -157,6 +160,7 @@ impl Listener {
             commands,
             idle: Mutex::new(Some(Idle {
                 config,
+                tls,
                 timeout,
                 commands: rx,
             })),
@@ -212,7 +216,15 @@ impl Listener {
 async fn run(mut idle: Idle, shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(50);
     loop {
-        match connected(&idle.config, idle.timeout, &shared, &mut idle.commands).await {
+        match connected(
+            &idle.config,
+            &idle.tls,
+            idle.timeout,
+            &shared,
+            &mut idle.commands,
+        )
+        .await
+        {
             Ended::DriverGone => return,
             Ended::Disconnected { was_up } => {
                 if was_up {
@@ -255,12 +267,13 @@ fn listen_sql(verb: &str, channels: &[String]) -> String {
 
 async fn connected(
     config: &Config,
+    tls: &Tls,
     limit: Duration,
     shared: &Shared,
     commands: &mut mpsc::UnboundedReceiver<Command>,
 ) -> Ended {
     let down = Ended::Disconnected { was_up: false };
-    let (client, mut connection) = match timeout(limit, config.connect(NoTls)).await {
+    let (client, mut connection) = match timeout(limit, tls.connect(config)).await {
         Ok(Ok(pair)) => pair,
         Ok(Err(err)) => {
             warn!(error = %err, "PostgreSQL LISTEN connection failed; waiters fall back to expiry timers");
@@ -275,8 +288,7 @@ async fn connected(
     // notifications; it ends when the connection does.
     let (tx, mut messages) = mpsc::unbounded_channel();
     let driving = tokio::spawn(async move {
-        let mut stream = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(message) = stream.next().await {
+        while let Some(message) = connection.next().await {
             match message {
                 Ok(AsyncMessage::Notification(n)) => {
                     if tx

@@ -605,10 +605,38 @@ impl PostgresServer {
     /// [`start`](Self::start), with extra server settings (`name=value`, each passed as
     /// `-c`), e.g. `shared_preload_libraries=pg_stat_statements`.
     pub fn start_with(settings: &[&str]) -> io::Result<Self> {
-        let settings: Vec<String> = settings.iter().map(|s| (*s).to_owned()).collect();
+        Self::start_full(settings, None)
+    }
+
+    /// [`start`](Self::start) with TLS on (`ssl=on`, the server certificate of `certs`);
+    /// clients may still connect without it.
+    pub fn start_tls(certs: &Certificates) -> io::Result<Self> {
+        Self::start_full(&[], Some(certs))
+    }
+
+    fn start_full(settings: &[&str], tls: Option<&Certificates>) -> io::Result<Self> {
+        let mut settings: Vec<String> = settings.iter().map(|s| (*s).to_owned()).collect();
         let initdb = postgres_binary("initdb")?;
         postgres_binary("postgres")?;
         let dir = tempfile::Builder::new().prefix("leader-pg-").tempdir()?;
+        if let Some(certs) = tls {
+            // PostgreSQL wants its key readable by its own user only.
+            let cert = dir.path().join("server.pem");
+            let key = dir.path().join("server.key");
+            std::fs::copy(certs.server_cert(), &cert)?;
+            std::fs::copy(certs.server_key(), &key)?;
+            let mut permissions = std::fs::metadata(&key)?.permissions();
+            std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o600);
+            std::fs::set_permissions(&key, permissions)?;
+            if is_root() {
+                let (uid, gid) = system_user("postgres")?;
+                std::os::unix::fs::chown(&cert, Some(uid), Some(gid))?;
+                std::os::unix::fs::chown(&key, Some(uid), Some(gid))?;
+            }
+            settings.push("ssl=on".to_owned());
+            settings.push(format!("ssl_cert_file={}", cert.display()));
+            settings.push(format!("ssl_key_file={}", key.display()));
+        }
         if is_root() {
             let (uid, gid) = system_user("postgres")?;
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))?;

@@ -37,7 +37,7 @@ pub use leader_redis as redis;
 /// | `redis://[user:password@]host:port[/db]`, `rediss://…[?ca=PATH&cert=PATH&key=PATH]` | Redis (feature `redis`; `rediss` also `tls`) |
 /// | `redis+cluster://[user:password@]host:port[,host:port…]`, `rediss+cluster://…` | Redis Cluster |
 /// | `redis+sentinel://[user:password@]host:port[,host:port…]/MASTER` | Redis via Sentinel: the sentinels' addresses and the master's name; the user and password are the master's |
-/// | `postgres://[user[:password]@][host[:port]][/dbname][?param=value…]`, `postgresql://…` | PostgreSQL (feature `postgres`): libpq's URL form as `tokio-postgres` reads it; the table is `leader_elections`; no TLS yet (`sslmode=require` is refused) |
+/// | `postgres://[user[:password]@][host[:port]][/dbname][?param=value…]`, `postgresql://…` | PostgreSQL (feature `postgres`): libpq's URL form as `tokio-postgres` reads it; the table is `leader_elections`; TLS (feature `tls`) with `sslmode=require` or `verify-full` and `sslrootcert=PATH` (`sslcert=`, `sslkey=` for a client certificate) |
 ///
 /// Every Redis form also takes `prefix=` (the key prefix, default `leader:`); the Redis and
 /// Sentinel forms `replicas=N` (and `replicasTimeout=`, default `500ms`): see
@@ -81,7 +81,7 @@ mod tests {
             "zookeeper://127.0.0.1:2181",
             #[cfg(not(feature = "postgres"))]
             "postgres://u:pw@127.0.0.1:5432/db",
-            #[cfg(feature = "postgres")]
+            #[cfg(all(feature = "postgres", not(feature = "tls")))]
             "postgres://u:pw@127.0.0.1:5432/db?sslmode=require",
         ] {
             let err = match connect(url).await {

@@ -80,13 +80,13 @@ fn only_params(url: &StoreUrl, allowed: &[&str]) -> Result<()> {
 }
 
 /// The TLS files of a URL: `ca`, and `cert` with `key`, each read now.
-#[cfg(feature = "tls")]
+#[cfg(all(feature = "tls", any(feature = "etcd", feature = "redis")))]
 struct TlsFiles {
     ca: Option<Vec<u8>>,
     identity: Option<(Vec<u8>, Vec<u8>)>,
 }
 
-#[cfg(feature = "tls")]
+#[cfg(all(feature = "tls", any(feature = "etcd", feature = "redis")))]
 impl TlsFiles {
     fn read(url: &StoreUrl) -> Result<Self> {
         let read = |what: &str, key: &str| -> Result<Option<Vec<u8>>> {
@@ -382,18 +382,8 @@ async fn redis(url: &StoreUrl, _topology: Topology) -> Result<Arc<dyn Driver>> {
 
 #[cfg(feature = "postgres")]
 async fn postgres(url: &StoreUrl) -> Result<Arc<dyn Driver>> {
-    if let Some(mode) = url.param("sslmode")
-        && !matches!(mode, "disable" | "prefer")
-    {
-        return Err(Error::invalid_config(
-            "store",
-            format!(
-                "`sslmode={mode}`: TLS to PostgreSQL is not supported by this version yet; \
-                 available: {} without TLS (in `{url}`)",
-                available()
-            ),
-        ));
-    }
+    // TLS (`sslmode=require`/`verify-full`, `sslrootcert=`) needs leader-postgres's `tls`
+    // feature, which the `tls` feature turns on; without it the driver says so.
     Ok(Arc::new(
         leader_postgres::PostgresDriver::connect(url.as_given()).await?,
     ))
