@@ -252,7 +252,8 @@ async fn handoffs(
     let mut first = spawn(contender, 0)?;
     first
         .wait_for_line(Duration::from_secs(20), |l| (contender.elected)(l, 0))
-        .await?;
+        .await
+        .map_err(|err| format!("the first candidate was not elected: {err}"))?;
     procs.push_back((0, first));
     procs.push_back((1, spawn(contender, 1)?));
     sleep(SETTLE).await;
@@ -285,8 +286,10 @@ async fn handoffs(
         procs.push_back((next, spawn(contender, next)?));
         sleep(SETTLE).await;
     }
-    for (_, p) in &procs {
-        let _ = p.signal("TERM");
+    // Gone before the next measurement: a candidate still in line would be led first.
+    for (_, p) in &mut procs {
+        let _ = p.signal(signal);
+        let _ = p.wait(Duration::from_secs(10)).await;
     }
     Ok((h, internal))
 }
@@ -674,6 +677,7 @@ async fn run() -> BoxResult<()> {
         "| graceful handoff, resign() call to the next candidate's Elected event (CLOCK_MONOTONIC), p50 / p99 |",
     );
     for (i, backend) in backends.into_iter().enumerate() {
+        eprintln!("  {}", backend.name());
         let c = ours(
             &candidate,
             stores.url(backend),
@@ -703,25 +707,28 @@ async fn run() -> BoxResult<()> {
     writeln!(report, "{signal_row}")?;
     // Ours on etcd and `etcdctl elect`, interleaved in blocks on the same etcd, so that
     // the machine's drift over the run weighs on both alike.
-    let ours_etcd = ours(
-        &candidate,
-        stores.url(StoreKind::Etcd),
-        ttl,
-        format!("handoff-side-{pid}"),
-    );
-    let theirs = etcdctl(stores.endpoint(StoreKind::Etcd), format!("etcdctl-{pid}"));
     let (mut side_ours, mut side_theirs) = (histogram(), histogram());
-    for _ in 0..5 {
-        side_ours.add(
-            handoffs(&ours_etcd, "TERM", HANDOFFS / 5, |_| Duration::ZERO)
-                .await?
-                .0,
-        )?;
-        side_theirs.add(
-            handoffs(&theirs, "INT", HANDOFFS / 5, |_| Duration::ZERO)
-                .await?
-                .0,
-        )?;
+    eprintln!("  etcd beside etcdctl elect, interleaved");
+    for block in 0..5 {
+        // An election of its own per block: nothing left of one block can lead the next.
+        let ours_etcd = ours(
+            &candidate,
+            stores.url(StoreKind::Etcd),
+            ttl,
+            format!("handoff-side-{pid}-{block}"),
+        );
+        let ours_block = handoffs(&ours_etcd, "TERM", HANDOFFS / 5, |_| Duration::ZERO)
+            .await
+            .map_err(|err| format!("ours on etcd, block {block}: {err}"))?;
+        side_ours.add(ours_block.0)?;
+        let theirs = etcdctl(
+            stores.endpoint(StoreKind::Etcd),
+            format!("etcdctl-{pid}-{block}"),
+        );
+        let theirs_block = handoffs(&theirs, "INT", HANDOFFS / 5, |_| Duration::ZERO)
+            .await
+            .map_err(|err| format!("etcdctl elect, block {block}: {err}"))?;
+        side_theirs.add(theirs_block.0)?;
     }
     let baseline = side_theirs.value_at_quantile(0.5);
     let ratio = side_ours.value_at_quantile(0.5) as f64 / baseline as f64;
