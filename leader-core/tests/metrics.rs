@@ -27,6 +27,11 @@ fn snapshotter() -> &'static Snapshotter {
 /// debugging recorder's counters and histograms, so they are added up here.
 type Seen = std::collections::BTreeMap<(String, String, Vec<(String, String)>), DebugValue>;
 
+/// One test at a time: a snapshot taken by another test between a gauge's change and this
+/// test's look at it could be what this test reads (seen once: a gauge read 0 right after
+/// the election that set it to 1).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn seen() -> std::sync::MutexGuard<'static, Seen> {
     static SEEN: std::sync::Mutex<Seen> = std::sync::Mutex::new(Seen::new());
     let mut seen = SEEN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -122,6 +127,7 @@ fn renewals(name: &str) -> usize {
 
 #[tokio::test(start_paused = true)]
 async fn gauge_goes_to_one_then_zero_and_each_transition_is_counted() {
+    let _serial = SERIAL.lock().await;
     snapshotter(); // installs the recorder
     let store = MemoryStore::new();
     let driver = store.driver();
@@ -200,6 +206,7 @@ async fn gauge_goes_to_one_then_zero_and_each_transition_is_counted() {
 
 #[tokio::test(start_paused = true)]
 async fn store_errors_are_counted_by_operation() {
+    let _serial = SERIAL.lock().await;
     snapshotter(); // installs the recorder
     let store = MemoryStore::new();
     let name = "metrics-errors";
