@@ -23,6 +23,7 @@ pub const MAX_NAME_LEN: usize = 512;
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
     pub(crate) name: String,
+    pub(crate) on_deadline: Option<DeadlineHook>,
     pub(crate) value: Option<Vec<u8>>,
     pub(crate) ttl: Duration,
     pub(crate) safety_margin: Option<Duration>,
@@ -34,6 +35,7 @@ impl From<&Config> for Settings {
     fn from(config: &Config) -> Self {
         Settings {
             name: config.name.clone(),
+            on_deadline: None,
             value: config.value.as_ref().map(|v| v.as_bytes().to_vec()),
             ttl: config.ttl,
             safety_margin: config.safety_margin,
@@ -110,6 +112,16 @@ impl Settings {
 }
 
 /// Builds an [`Election`]; see [`Election::builder`].
+/// The hook of [`ElectionBuilder::on_deadline`].
+#[derive(Clone)]
+pub(crate) struct DeadlineHook(pub(crate) Arc<dyn Fn(u64, std::time::Instant) + Send + Sync>);
+
+impl fmt::Debug for DeadlineHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DeadlineHook")
+    }
+}
+
 #[must_use = "an ElectionBuilder does nothing until build() is called"]
 pub struct ElectionBuilder {
     driver: Arc<dyn Driver>,
@@ -125,7 +137,9 @@ impl ElectionBuilder {
 
     /// Takes every setting from `config`, including the election name.
     pub fn config(mut self, config: &Config) -> Self {
+        let on_deadline = self.settings.on_deadline.take();
         self.settings = Settings::from(config);
+        self.settings.on_deadline = on_deadline;
         self
     }
 
@@ -169,6 +183,20 @@ impl ElectionBuilder {
     /// overlong name, a name the driver's store cannot hold, a TTL outside
     /// [`MIN_TTL`]..=[`MAX_TTL`], a safety margin of half the TTL or more, a retry range
     /// that is empty or starts at zero, a value over [`MAX_VALUE_LEN`].
+    /// Calls `hook(fencing_token, deadline)` each time a term of this candidate gets its
+    /// deadline, or moves it: synchronously, before [`Status::is_leader`](crate::Status::is_leader)
+    /// can rely on the new deadline. So a log written by the hook holds every deadline the
+    /// candidate ever acted on, even if the process is killed right after (an audit trail;
+    /// the chaos suite's exact checker reads it). Keep the hook short: it runs with the
+    /// term's clock locked. Defaults to none.
+    pub fn on_deadline(
+        mut self,
+        hook: impl Fn(u64, std::time::Instant) + Send + Sync + 'static,
+    ) -> Self {
+        self.settings.on_deadline = Some(DeadlineHook(Arc::new(hook)));
+        self
+    }
+
     pub fn build(self) -> Result<Election> {
         let ElectionBuilder { driver, settings } = self;
         settings.check(driver.as_ref())?;

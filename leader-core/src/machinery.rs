@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, debug_span, field, info, info_span, warn};
 
 use crate::backoff::Backoff;
-use crate::builder::Settings;
+use crate::builder::{DeadlineHook, Settings};
 use crate::clock::SuspendOffset;
 use crate::driver::{Candidate, Driver, Grant};
 use crate::event::{Event, LossReason};
@@ -166,6 +166,7 @@ pub(crate) struct TermState {
     ended_at: Mutex<Option<Instant>>,
     clock: Mutex<TermClock>,
     pub(crate) ended: CancellationToken,
+    on_deadline: Option<DeadlineHook>,
 }
 
 /// A reading of the suspend offset, with the instant it was taken.
@@ -204,7 +205,16 @@ impl TermClock {
 }
 
 impl TermState {
-    fn new(fencing_token: u64, seq: u64, deadline: Instant, confirmed: Reading) -> Self {
+    fn new(
+        fencing_token: u64,
+        seq: u64,
+        deadline: Instant,
+        confirmed: Reading,
+        on_deadline: Option<DeadlineHook>,
+    ) -> Self {
+        if let Some(hook) = &on_deadline {
+            (hook.0)(fencing_token, deadline.into_std());
+        }
         TermState {
             fencing_token,
             seq,
@@ -216,6 +226,7 @@ impl TermState {
                 passed: false,
             }),
             ended: CancellationToken::new(),
+            on_deadline,
         }
     }
 
@@ -253,6 +264,9 @@ impl TermState {
             return false;
         }
         if deadline > clock.deadline {
+            if let Some(hook) = &self.on_deadline {
+                (hook.0)(self.fencing_token, deadline.into_std());
+            }
             clock.deadline = deadline;
             if reading.at <= confirmed_at {
                 clock.confirmed = reading;
@@ -447,6 +461,7 @@ impl Core {
                 st.started,
                 self.deadline_of(&grant),
                 confirmed,
+                self.settings.on_deadline.clone(),
             ));
             // The driver's campaign replaced whatever this candidate had in the store.
             st.leftover = None;

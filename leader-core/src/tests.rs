@@ -288,3 +288,27 @@ async fn a_follower_resigning_while_its_run_loop_waits_gets_not_a_leader_at_once
         "the follower's shutdown left the leader alone"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_deadline_hook_sees_every_deadline_before_it_is_used() {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = Arc::clone(&seen);
+    let e = Election::builder(MemoryDriver::new(), "hooked")
+        .ttl(TTL)
+        .on_deadline(move |token, deadline| {
+            log.lock().expect("not poisoned").push((token, deadline));
+        })
+        .build()
+        .expect("valid settings");
+    let term = e.campaign().await.expect("elected");
+    let first = term.deadline();
+    assert_eq!(*seen.lock().expect("not poisoned"), vec![(1, first)]);
+    sleep(TTL / 3 + Duration::from_millis(10)).await;
+    let second = term.deadline();
+    assert!(second > first, "renewed");
+    assert_eq!(
+        *seen.lock().expect("not poisoned"),
+        vec![(1, first), (1, second)],
+        "each deadline the term used, in order"
+    );
+}
