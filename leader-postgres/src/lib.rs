@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
-use leader_core::{Candidate, Driver, Error, Grant, LeaderInfo, Result};
+use leader_core::{Candidate, CandidateInfo, Driver, Error, Grant, LeaderInfo, Result};
 use rand::Rng;
 use tokio::time::{Instant, sleep, timeout};
 use tokio_postgres::error::SqlState;
@@ -919,6 +919,60 @@ impl Driver for PostgresDriver {
             .leader_with_remaining(election)
             .await?
             .map(|(info, _)| info))
+    }
+
+    async fn candidates(&self, election: &str) -> Result<Vec<CandidateInfo>> {
+        check_name(election)?;
+        Ok(self
+            .inner
+            .candidates(election)
+            .await?
+            .into_iter()
+            .map(|(id, value, is_leader)| CandidateInfo::new(id, value, is_leader))
+            .collect())
+    }
+
+    async fn hand_over(
+        &self,
+        candidate: &Candidate,
+        fencing_token: u64,
+        nominee: &str,
+    ) -> Result<()> {
+        let channel = self.channel(&candidate.election);
+        match self
+            .inner
+            .hand_over(candidate, fencing_token, nominee, &channel)
+            .await?
+        {
+            HandedOver::Done => {
+                self.inner
+                    .renewals
+                    .release(&candidate.id, Some(fencing_token));
+                Ok(())
+            }
+            HandedOver::TermGone => Err(Error::TermGone),
+            HandedOver::NotWaiting => Err(Error::NotWaiting {
+                id: nominee.to_owned(),
+            }),
+        }
+    }
+
+    async fn proclaim(
+        &self,
+        candidate: &Candidate,
+        fencing_token: u64,
+        value: &[u8],
+    ) -> Result<()> {
+        let channel = self.channel(&candidate.election);
+        if self
+            .inner
+            .proclaim(candidate, fencing_token, value, &channel)
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(Error::TermGone)
+        }
     }
 
     fn check_name(&self, election: &str) -> Result<()> {
