@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![warn(clippy::unwrap_used)]
 
+mod fence;
 mod listener;
 mod renewals;
 mod sql;
@@ -25,6 +26,8 @@ use crate::tls::Tls;
 use tracing::{debug, warn};
 
 pub use tokio_postgres;
+
+pub use fence::{DEFAULT_FENCE_TABLE, Fence};
 
 use listener::Listener;
 use renewals::{Cached, Due, Renewals};
