@@ -785,3 +785,96 @@ async fn withdrawn_and_dead_waiters_leave_the_line() {
     }
     a.resign().await.expect("resign");
 }
+
+/// A nominee that withdraws ends its nomination at once: the first in line is woken and
+/// elected long before the nomination (one TTL of 30 s) would have expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nominee_that_withdraws_lets_the_line_resume_at_once() {
+    let h = harness().await;
+    let admin = h.admin().await;
+    let ttl = Duration::from_secs(30);
+    let name = unique("nominee-withdraws");
+    let driver = h.driver_at(&h.server.url()).await;
+    let a = election(driver.clone(), &name, ttl);
+    let b = election(h.driver_at(&h.server.url()).await, &name, ttl);
+    let term = within("a's campaign", ttl, a.campaign())
+        .await
+        .expect("a elected");
+    // The nominee: a waiter that takes its time (its place written as its driver would,
+    // first in line), so that it withdraws before its turn.
+    admin
+        .execute(
+            "INSERT INTO leader_elections_waiters (name, candidate, value, channel, position, \
+             expires_at) VALUES ($1, 'slow', '', 'leader_d_0', 0, clock_timestamp() + \
+             interval '1 minute')",
+            &[&name],
+        )
+        .await
+        .expect("the nominee's place");
+    let b_waits = spawn_campaign(&b);
+    wait_for_line(&admin, &name, 2).await;
+    term.hand_over("slow").await.expect("hand over");
+    let candidates = b.candidates().await.expect("candidates");
+    let line: Vec<&str> = candidates.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(line, ["slow", b.id()], "the nominee first, no leader");
+    assert!(!b_waits.is_finished(), "the nomination keeps b out");
+    // The nominee withdraws, through the driver as its election would.
+    let slow = leader_core::Candidate::new(name.as_str(), "slow", "", ttl);
+    let withdrawn_at = Instant::now();
+    leader_core::Driver::resign(&driver, &slow, None)
+        .await
+        .expect("the nominee withdraws");
+    within("b's campaign", ttl / 3, b_waits)
+        .await
+        .expect("campaign task")
+        .expect("b is elected once the nominee withdrew");
+    assert!(
+        withdrawn_at.elapsed() < ttl / 20,
+        "b was elected {:?} after the nominee withdrew",
+        withdrawn_at.elapsed()
+    );
+    b.resign().await.expect("resign");
+}
+
+/// A nominee that never takes its turn (its process is gone): nobody else is elected while
+/// the nomination lasts (one TTL, by the server's clock), and the line resumes after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_nominee_holds_the_election_for_one_ttl_then_the_line_resumes() {
+    let h = harness().await;
+    let admin = h.admin().await;
+    let ttl = Duration::from_secs(2);
+    let name = unique("nominee-dead");
+    let a = election(h.driver_at(&h.server.url()).await, &name, ttl);
+    let b = election(h.driver_at(&h.server.url()).await, &name, ttl);
+    let term = within("a's campaign", ttl, a.campaign())
+        .await
+        .expect("a elected");
+    // The place of a waiter whose process is gone (nobody listens on its channel), as its
+    // driver wrote it before dying: it expires within a TTL.
+    admin
+        .execute(
+            "INSERT INTO leader_elections_waiters (name, candidate, value, channel, position, \
+             expires_at) VALUES ($1, 'ghost', '', 'leader_d_0', 0, clock_timestamp() + \
+             interval '1 second')",
+            &[&name],
+        )
+        .await
+        .expect("the ghost's place");
+    let b_waits = spawn_campaign(&b);
+    wait_for_line(&admin, &name, 2).await;
+    let handed_at = Instant::now();
+    term.hand_over("ghost")
+        .await
+        .expect("hand over to the ghost");
+    let b_term = within("b's campaign", ttl * 3, b_waits)
+        .await
+        .expect("campaign task")
+        .expect("the line resumes after the nomination");
+    let after = handed_at.elapsed();
+    assert!(
+        after >= ttl - Duration::from_millis(100),
+        "b was elected {after:?} after a nomination of {ttl:?}"
+    );
+    assert!(b_term.fencing_token() > term.fencing_token());
+    b.resign().await.expect("resign");
+}
