@@ -513,6 +513,34 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_shows_the_schema_the_driver_creates() {
+        let readme = include_str!("../README.md");
+        let schema = Table::default().create();
+        assert!(
+            readme.contains(&schema),
+            "the README's SQL differs from:\n{schema}"
+        );
+        let fence = crate::Fence::new("x")
+            .create_table_sql()
+            .expect("valid table");
+        assert!(
+            readme.contains(&fence),
+            "the README's SQL differs from:\n{fence}"
+        );
+    }
+
+    #[test]
+    fn long_table_names_leave_room_for_the_waiters_table() {
+        assert!(Table::parse(&"a".repeat(55)).is_ok());
+        assert!(Table::parse(&"a".repeat(56)).is_err());
+        assert!(Table::parse(&format!("{}.{}", "s".repeat(63), "a".repeat(55))).is_ok());
+        let t = Table::parse("ops.leases").expect("valid");
+        assert_eq!(t.waiters, "\"ops\".\"leases_waiters\"");
+        assert_eq!(t.waiters_name, "ops.leases_waiters");
+        assert_eq!(t.trigger, "leases_gone");
+    }
+
+    #[test]
     fn channels_are_short_identifiers_per_table_and_election() {
         let t = Table::parse("leader_elections").expect("valid");
         let u = Table::parse("other").expect("valid");
