@@ -987,26 +987,24 @@ impl Driver for PostgresDriver {
         // the term (a DELETE, another holder or token, an earlier expiry). A LISTEN lost on
         // a reconnection may have lost that notice: after each reconnection, look at the
         // row once.
-        let registered = self.inner.listener.hold(&candidate.id, fencing_token);
-        let driver = self.clone();
-        let candidate = candidate.clone();
+        // Kept small while it waits (it lives as long as the term, one per election): the
+        // look at the row is boxed, not part of this future's state.
+        let term = self.inner.listener.hold(&candidate.id, fencing_token);
+        let inner = Arc::clone(&self.inner);
+        let election: Arc<str> = candidate.election.as_str().into();
         Box::pin(async move {
-            let term = registered;
             loop {
                 term.watch.wake.notified().await;
                 if term.watch.gone.load(Ordering::SeqCst) {
-                    warn!(election = %candidate.election, fencing_token, "the row no longer holds this term (ended by someone else)");
+                    warn!(%election, fencing_token, "the row no longer holds this term (ended by someone else)");
                     return;
                 }
-                match driver
-                    .inner
-                    .leader_with_remaining(&candidate.election)
-                    .await
-                {
+                let look: BoxFuture<'_, _> = Box::pin(inner.leader_with_remaining(&election));
+                match look.await {
                     Ok(Some((leader, _)))
-                        if leader.id == candidate.id && leader.fencing_token == fencing_token => {}
+                        if leader.id == term.id() && leader.fencing_token == fencing_token => {}
                     Ok(_) => {
-                        warn!(election = %candidate.election, fencing_token, "the row no longer holds this term");
+                        warn!(%election, fencing_token, "the row no longer holds this term");
                         return;
                     }
                     // The renewal loop deals with store errors.

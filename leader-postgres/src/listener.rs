@@ -162,6 +162,13 @@ pub(crate) struct TermGuard {
     shared: Arc<Shared>,
 }
 
+impl TermGuard {
+    /// The leader's candidate id.
+    pub(crate) fn id(&self) -> &str {
+        &self.id
+    }
+}
+
 impl Drop for TermGuard {
     fn drop(&mut self) {
         let mut routes = self.shared.lock();
