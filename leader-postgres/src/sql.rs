@@ -554,5 +554,14 @@ mod tests {
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         );
         assert_eq!(channel(&t, &"x".repeat(512)).len(), a.len());
+        // What identifiers would fold or cut stays apart: case, bytes past 63, separators.
+        assert_ne!(channel(&t, "Jobs"), channel(&t, "jobs"));
+        let long = "y".repeat(63);
+        assert_ne!(
+            channel(&t, &format!("{long}a")),
+            channel(&t, &format!("{long}b"))
+        );
+        assert_ne!(channel(&t, "svc/x"), channel(&t, "svc"));
+        assert_ne!(channel(&t, "svc.x"), channel(&t, "svc_x"));
     }
 }
