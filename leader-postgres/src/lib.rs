@@ -46,13 +46,16 @@ const APPLICATION_NAME: &str = "leader-postgres";
 /// A [`Driver`] for PostgreSQL.
 ///
 /// Each election is one row of a table (default [`DEFAULT_TABLE`]): `name`, `holder` (the
-/// candidate's unique id, `NULL` when nobody leads), `value`, `fencing_token` and
-/// `expires_at`, computed by the server with `clock_timestamp()`. Taking the lead, renewing
-/// and resigning are single statements that compare the holder **and** the fencing token;
-/// the token is incremented by the statement that takes the lead, and a resignation keeps
-/// the row (and so the counter). A resignation and an election `NOTIFY` the election's
-/// channel, on which waiting candidates `LISTEN`; a timer at the row's expiry is their
-/// fallback.
+/// candidate's unique id, `NULL` when nobody leads), `value`, `fencing_token`,
+/// `expires_at` (computed by the server with `clock_timestamp()`), the holder's driver's
+/// channel and a handover's nomination. Its waiting candidates stand in a line, rows of
+/// `<table>_waiters` with a server-side expiry. Taking the lead, renewing, resigning,
+/// handing over and proclaiming are single statements that compare the holder **and** the
+/// fencing token; the token is incremented by the statement that takes the lead, and a
+/// resignation keeps the row (and so the counter). A resignation `NOTIFY`s only the next
+/// waiter, on its driver's channel; a trigger `NOTIFY`s a holder whose term anyone else
+/// ends. One statement renews every term a driver holds, one refreshes every place in line
+/// it has. See the crate's README for the SQL and the grants.
 ///
 /// Cheap to clone: clones share one connection for the statements (reopened when it
 /// breaks) and one connection for `LISTEN`; each election built on it is a distinct
