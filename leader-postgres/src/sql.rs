@@ -233,8 +233,11 @@ CREATE OR REPLACE TRIGGER \"{trigger}\" AFTER UPDATE OR DELETE ON {t}
             expires_at = excluded.expires_at
 ), swept AS (
     DELETE FROM {w}
-    WHERE name = $1 AND candidate <> $2
-      AND expires_at <= clock_timestamp() - interval '1 second'
+    WHERE (name, candidate) IN (
+        SELECT name, candidate FROM {w}
+        WHERE name = $1 AND candidate <> $2
+          AND expires_at <= clock_timestamp() - interval '1 second'
+        FOR UPDATE SKIP LOCKED)
 ), announced AS MATERIALIZED (
     SELECT fencing_token, pg_notify($5::text, 'elected') AS notified FROM acquired
 )
@@ -267,7 +270,8 @@ SELECT (SELECT fencing_token FROM announced),
         )
     }
 
-    /// Refreshes a batch of waiters' places in line, sweeps long-expired places, and tells
+    /// Refreshes a batch of waiters' places in line, sweeps long-expired places (skipping
+    /// any another statement holds, so that sweeps never wait for each other), and tells
     /// which of the refreshed waiters are first in line (or nominated), and whether their
     /// election is free for them now.
     /// $1 names, $2 candidates, $3 TTLs in ms. Returns (candidate, first or nominated,
@@ -282,10 +286,13 @@ SELECT (SELECT fencing_token FROM announced),
     WHERE w.name = b.name AND w.candidate = b.candidate
     RETURNING w.name, w.candidate, w.position
 ), swept AS (
-    DELETE FROM {w} AS w
-    WHERE w.expires_at <= clock_timestamp() - interval '1 second'
-      AND NOT EXISTS (SELECT 1 FROM batch AS b
-                      WHERE b.name = w.name AND b.candidate = w.candidate)
+    DELETE FROM {w}
+    WHERE (name, candidate) IN (
+        SELECT w.name, w.candidate FROM {w} AS w
+        WHERE w.expires_at <= clock_timestamp() - interval '1 second'
+          AND NOT EXISTS (SELECT 1 FROM batch AS b
+                          WHERE b.name = w.name AND b.candidate = w.candidate)
+        FOR UPDATE SKIP LOCKED)
 )
 SELECT r.candidate,
        NOT EXISTS (
