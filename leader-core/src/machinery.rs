@@ -1048,6 +1048,10 @@ impl Drop for Withdrawal {
     }
 }
 
+#[cfg(all(test, feature = "testing"))]
+#[path = "term_tests.rs"]
+mod term_tests;
+
 /// Displays an error with its chain of sources (`outer: cause: root cause`), for logs and
 /// one-line messages: `tracing::warn!(error = %ErrorChain(&err), "…")`.
 pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
