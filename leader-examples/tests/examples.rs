@@ -259,6 +259,7 @@ async fn fenced_writes_refuses_the_stale_leaders_write_on_postgres() {
     }
     demo.exit_ok(Duration::from_secs(10)).await;
     let said = output.join("\n");
+    println!("{said}");
     let a_token = output
         .iter()
         .find_map(|l| l.strip_prefix("A: elected with fencing token "))
