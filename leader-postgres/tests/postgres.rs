@@ -878,3 +878,87 @@ async fn a_dead_nominee_holds_the_election_for_one_ttl_then_the_line_resumes() {
     assert!(b_term.fencing_token() > term.fencing_token());
     b.resign().await.expect("resign");
 }
+
+/// `hand_over` and `proclaim` act on exactly the given term: with an ended term's token
+/// they are `TermGone` and write nothing; `hand_over` to a candidate that is not in line
+/// is `NotWaiting`, the term kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hand_over_and_proclaim_compare_holder_and_token() {
+    use leader_core::{Candidate, Driver};
+    let h = harness().await;
+    let admin = h.admin().await;
+    let driver = h.driver_at(&h.server.url()).await;
+    let name = unique("exact");
+    let ttl = Duration::from_secs(5);
+    let a = Candidate::new(name.as_str(), "a", "a-value", ttl);
+    let b = Candidate::new(name.as_str(), "b", "b-value", ttl);
+    let old = driver.campaign(&a).await.expect("a elected");
+    driver
+        .resign(&a, Some(old.fencing_token))
+        .await
+        .expect("resign");
+    let current = driver.campaign(&a).await.expect("a elected again");
+    assert!(current.fencing_token > old.fencing_token);
+    let waiting = tokio::spawn({
+        let (driver, b) = (driver.clone(), b.clone());
+        async move { driver.campaign(&b).await }
+    });
+    wait_for_line(&admin, &name, 1).await;
+    let stale = old.fencing_token;
+    assert!(matches!(
+        driver.proclaim(&a, stale, b"stale").await,
+        Err(Error::TermGone)
+    ));
+    assert!(matches!(
+        driver.hand_over(&a, stale, "b").await,
+        Err(Error::TermGone)
+    ));
+    assert!(matches!(
+        driver.hand_over(&a, current.fencing_token, "nobody").await,
+        Err(Error::NotWaiting { id }) if id == "nobody"
+    ));
+    let leader = driver
+        .leader(&name)
+        .await
+        .expect("leader")
+        .expect("a leads");
+    assert_eq!(
+        (
+            leader.id.as_str(),
+            leader.value.as_slice(),
+            leader.fencing_token
+        ),
+        ("a", &b"a-value"[..], current.fencing_token),
+        "nothing was written"
+    );
+    driver
+        .proclaim(&a, current.fencing_token, b"a-new")
+        .await
+        .expect("proclaim");
+    let line = driver.candidates(&name).await.expect("candidates");
+    let seen: Vec<(&str, &[u8], bool)> = line
+        .iter()
+        .map(|c| (c.id.as_str(), c.value.as_slice(), c.is_leader))
+        .collect();
+    assert_eq!(
+        seen,
+        [("a", &b"a-new"[..], true), ("b", &b"b-value"[..], false)]
+    );
+    driver
+        .hand_over(&a, current.fencing_token, "b")
+        .await
+        .expect("hand over");
+    let b_term = within("b's campaign", ttl, waiting)
+        .await
+        .expect("task")
+        .expect("b elected");
+    assert!(b_term.fencing_token > current.fencing_token);
+    assert!(matches!(
+        driver.proclaim(&a, current.fencing_token, b"late").await,
+        Err(Error::TermGone)
+    ));
+    driver
+        .resign(&b, Some(b_term.fencing_token))
+        .await
+        .expect("resign");
+}
