@@ -115,6 +115,18 @@ impl Settings {
 #[derive(Clone)]
 pub(crate) struct DeadlineHook(pub(crate) Arc<dyn Fn(u64, std::time::Instant) + Send + Sync>);
 
+impl DeadlineHook {
+    /// Calls the hook; a panic in it is caught, logged and returned as `Err`.
+    pub(crate) fn call(&self, fencing_token: u64, deadline: std::time::Instant) -> Result<(), ()> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            (self.0)(fencing_token, deadline);
+        }))
+        .map_err(|_| {
+            tracing::error!(fencing_token, "the on_deadline hook panicked");
+        })
+    }
+}
+
 impl fmt::Debug for DeadlineHook {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("DeadlineHook")
@@ -178,8 +190,10 @@ impl ElectionBuilder {
     /// deadline, or moves it: synchronously, before [`Status::is_leader`](crate::Status::is_leader)
     /// can rely on the new deadline. So a log written by the hook holds every deadline the
     /// candidate ever acted on, even if the process is killed right after (an audit trail;
-    /// the chaos suite's exact checker reads it). Keep the hook short: it runs with the
-    /// term's clock locked. Defaults to none.
+    /// the chaos suite's exact checker reads it). Keep the hook short, and do not call
+    /// into the election from it (its status, terms or events): it runs with the term's
+    /// locks held. If it panics when a renewal would move the deadline, the deadline stays
+    /// where it was (the term ends there). Defaults to none.
     pub fn on_deadline(
         mut self,
         hook: impl Fn(u64, std::time::Instant) + Send + Sync + 'static,

@@ -11,7 +11,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::Error;
 use crate::election::Term;
-use crate::machinery::{ErrorChain, TermState};
+use crate::machinery::{ErrorChain, TermState, Work};
 
 /// How the holding of one term ended, for the campaign loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,10 +52,27 @@ where
         core: Arc::clone(&term.core),
         stop: stop.clone(),
     };
+    // `gone` is cancelled when the task is gone, however it ends (its future dropped).
+    let gone = CancellationToken::new();
+    let running = work(handed);
     let mut task = WorkTask {
-        handle: tokio::spawn(work(handed)),
-        stop,
+        handle: tokio::spawn({
+            let gone = gone.clone();
+            async move {
+                let _gone = gone.drop_guard();
+                running.await;
+            }
+        }),
+        stop: stop.clone(),
     };
+    // A resign() or hand_over() of this term asks the work to stop through this record and
+    // waits until it is gone before the store is asked.
+    term.core.shared.set_work(Some(Work {
+        term: Arc::clone(&term.state),
+        stop,
+        gone,
+    }));
+    let _forget = ForgetWork(term);
     let why = tokio::select! {
         biased;
         () = shutdown => Why::Shutdown,
@@ -63,6 +80,11 @@ where
         joined = &mut task.handle => Why::Returned(joined),
     };
     let (held, stopped) = match why {
+        // Asked to stop by a resign() or hand_over() of this term, which ends it next.
+        Why::Returned(joined) if task.stop.is_cancelled() => {
+            term.ended().await;
+            (Some(Held::Ended), Stopped::Returned(joined))
+        }
         Why::Returned(joined) => (None, Stopped::Returned(joined)),
         Why::Shutdown => (Some(Held::Shutdown), task.stop(&term.state).await),
         Why::TermEnded => (Some(Held::Ended), task.stop(&term.state).await),
@@ -111,6 +133,15 @@ fn log_failure(election: &str, fencing_token: u64, err: JoinError) {
 }
 
 /// How a work asked to stop ended.
+/// Forgets the work's record when `hold` returns.
+struct ForgetWork<'a>(&'a Term);
+
+impl Drop for ForgetWork<'_> {
+    fn drop(&mut self) {
+        self.0.core.shared.clear_work(&self.0.state);
+    }
+}
+
 enum Stopped {
     Returned(Result<(), JoinError>),
     Aborted,

@@ -503,3 +503,70 @@ async fn after_a_suspension_past_the_deadline_the_work_is_aborted_at_once() {
         .expect("task")
         .expect("clean shutdown");
 }
+
+/// A resign() or hand_over() of the term lead() holds (a rolling deploy's handover) stops
+/// the work before the store is asked: the nominee starts after the old work is gone.
+#[tokio::test(start_paused = true)]
+async fn a_handover_stops_the_work_before_the_nominee_is_elected() {
+    for handover in [true, false] {
+        let store = MemoryStore::new();
+        let name = if handover {
+            "lead-hand-over"
+        } else {
+            "lead-resign"
+        };
+        let (a, b) = (
+            election(&store.driver(), name),
+            election(&store.driver(), name),
+        );
+        let log = Log::default();
+        let mut a_events = a.subscribe();
+        let a_stop = CancellationToken::new();
+        let a_lead = spawn_lead(
+            &a,
+            &a_stop,
+            polite_work("a", &log, Duration::from_secs(1), Some(b.status())),
+        );
+        wait_until("a leads", WAIT, || a.status().is_leader()).await;
+        let _b_elected = log_elections("b", &b, &log);
+        let b_waits = crate::testing::conformance::spawn_campaign(&b);
+        wait_until("b waits", WAIT, || {
+            futures::FutureExt::now_or_never(a.candidates())
+                .and_then(Result::ok)
+                .is_some_and(|line| line.len() == 2)
+        })
+        .await;
+        if handover {
+            within("hand_over", WAIT, a.hand_over(b.id()))
+                .await
+                .expect("hand over to b");
+        } else {
+            within("resign", WAIT, a.resign()).await.expect("resign");
+        }
+        within("b's campaign", WAIT, b_waits)
+            .await
+            .expect("task")
+            .expect("b is elected");
+        assert_eq!(
+            log.entries(),
+            ["a started 1", "a stopped 1", "a gone", "b elected 2"],
+            "a's work stopped before b was elected (handover: {handover})"
+        );
+        assert_eq!(
+            next_event("a elected", WAIT, &mut a_events).await,
+            Event::Elected { fencing_token: 1 }
+        );
+        assert_eq!(
+            next_event("a's end", WAIT, &mut a_events).await,
+            Event::Resigned { fencing_token: 1 }
+        );
+        // lead() goes on: it campaigns again, behind b.
+        assert!(!a_lead.is_finished());
+        a_stop.cancel();
+        within("a's lead returns", WAIT, a_lead)
+            .await
+            .expect("task")
+            .expect("clean shutdown");
+        b.resign().await.expect("resign b");
+    }
+}

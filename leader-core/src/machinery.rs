@@ -45,6 +45,8 @@ pub(crate) struct Core {
     /// Serialises every call that creates or deletes this candidate's key in the store
     /// (campaign, resign, withdrawal), so a late withdrawal can never delete a newer term.
     campaign_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Woken each time a campaign registers, for `withdraw_campaigns`.
+    registered: tokio::sync::Notify,
 }
 
 pub(crate) struct Shared {
@@ -65,7 +67,20 @@ struct State {
     started: u64,
     /// Whether the background withdrawer runs.
     withdrawer: bool,
+    /// The work `lead()` runs for the current term, if any.
+    work: Option<Work>,
     subscribers: Vec<mpsc::UnboundedSender<Event>>,
+}
+
+/// The work [`Election::lead`](crate::Election::lead) runs for a term: a resign() or
+/// hand_over() of that term asks it to stop, and waits until it is gone, before the store
+/// is asked.
+pub(crate) struct Work {
+    pub(crate) term: Arc<TermState>,
+    /// The work's token: cancelled to ask it to stop.
+    pub(crate) stop: CancellationToken,
+    /// Cancelled once the work's task is gone (returned, panicked or aborted).
+    pub(crate) gone: CancellationToken,
 }
 
 /// How [`Core::end_term`] ends a term in the store.
@@ -154,6 +169,19 @@ impl Shared {
         self.state().subscribers.len()
     }
 
+    /// Records the work `lead()` runs for a term (or none).
+    pub(crate) fn set_work(&self, work: Option<Work>) {
+        self.state().work = work;
+    }
+
+    /// Forgets the work of `term`, if it is the one recorded.
+    pub(crate) fn clear_work(&self, term: &Arc<TermState>) {
+        let mut st = self.state();
+        if st.work.as_ref().is_some_and(|w| Arc::ptr_eq(&w.term, term)) {
+            st.work = None;
+        }
+    }
+
     pub(crate) fn subscribe(&self) -> mpsc::UnboundedReceiver<Event> {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut st = self.state();
@@ -200,6 +228,8 @@ struct TermClock {
     confirmed: Reading,
     /// Set the first time the deadline is seen passed: the term never becomes valid again.
     passed: bool,
+    /// Set when the term ends: its deadline never moves again.
+    ended: bool,
 }
 
 impl TermClock {
@@ -221,7 +251,9 @@ impl TermState {
         on_deadline: Option<DeadlineHook>,
     ) -> Self {
         if let Some(hook) = &on_deadline {
-            (hook.0)(fencing_token, deadline.into_std());
+            // A hook that panics at the first deadline only loses its log line: the term
+            // holds as the store granted it.
+            let _ = hook.call(fencing_token, deadline.into_std());
         }
         TermState {
             fencing_token,
@@ -232,6 +264,7 @@ impl TermState {
                 deadline,
                 confirmed,
                 passed: false,
+                ended: false,
             }),
             ended: CancellationToken::new(),
             on_deadline,
@@ -272,6 +305,7 @@ impl TermState {
     /// lock held, as the term leaves `State::term`.
     fn end(&self) {
         lock(&self.ended_at).get_or_insert_with(Instant::now);
+        lock(&self.clock).ended = true;
         self.ended.cancel();
     }
 
@@ -294,12 +328,16 @@ impl TermState {
     /// The old reference predates the old confirmation, hence the new one too.
     fn extend(&self, deadline: Instant, confirmed_at: Instant, reading: Reading) -> bool {
         let mut clock = lock(&self.clock);
-        if !clock.holds() {
+        if clock.ended || !clock.holds() {
             return false;
         }
         if deadline > clock.deadline {
-            if let Some(hook) = &self.on_deadline {
-                (hook.0)(self.fencing_token, deadline.into_std());
+            if let Some(hook) = &self.on_deadline
+                && hook.call(self.fencing_token, deadline.into_std()).is_err()
+            {
+                // The deadline cannot be logged: not moving it keeps the log complete;
+                // the term ends at its current deadline.
+                return false;
             }
             clock.deadline = deadline;
             if reading.at <= confirmed_at {
@@ -319,6 +357,7 @@ impl Core {
             settings,
             shared,
             campaign_lock: Arc::new(tokio::sync::Mutex::new(())),
+            registered: tokio::sync::Notify::new(),
         }
     }
 
@@ -353,6 +392,7 @@ impl Core {
             st.campaigns.push((id, withdrawn.clone()));
             id
         };
+        self.registered.notify_waiters();
         // Unlisted when the campaign ends, or when its task is dropped without running.
         let registered = Registered {
             core: Arc::clone(&self),
@@ -663,16 +703,16 @@ impl Core {
             if self.current_term(only).is_none() {
                 return Err(Error::NotALeader);
             }
-            match self.driver.candidates(self.name()).await {
-                Ok(line) => {
-                    if !line.iter().any(|c| c.id == nominee && !c.is_leader) {
-                        return Err(Error::NotWaiting {
-                            id: nominee.to_owned(),
-                        });
-                    }
-                }
-                Err(Error::Unsupported { .. }) => {}
-                Err(err) => return Err(err),
+            // A driver that cannot list the line cannot promise "no change" either:
+            // refuse before anything changes (Error::Unsupported).
+            let limit = self.resign_limit();
+            let line = timeout(limit, self.driver.candidates(self.name()))
+                .await
+                .unwrap_or(Err(Error::Timeout(limit)))?;
+            if !line.iter().any(|c| c.id == nominee && !c.is_leader) {
+                return Err(Error::NotWaiting {
+                    id: nominee.to_owned(),
+                });
             }
             self.end_term(only, Ending::HandOver(nominee.to_owned()))
                 .await
@@ -714,47 +754,69 @@ impl Core {
             if nothing_to_do || (st.term.is_none() && matches!(ending, Ending::HandOver(_))) {
                 return Err(Error::NotALeader);
             }
-            st.started
+            (st.started, st.term.clone())
         };
-        let guard = Arc::clone(&self.campaign_lock).lock_owned().await;
-        let (term, leftover) = {
-            let mut st = self.shared.state();
-            // A term started after this call (a campaign that took the lock first) is not
-            // this call's to end.
-            let current = st.term.clone().filter(|term| term.seq <= started);
-            let term = match (current, only) {
-                (Some(current), Some(only)) if !Arc::ptr_eq(&current, only) => {
-                    return Err(Error::NotALeader);
-                }
-                (None, Some(_)) => return Err(Error::NotALeader),
-                (None, None) if matches!(ending, Ending::HandOver(_)) => {
-                    return Err(Error::NotALeader);
-                }
-                (current, _) => current,
-            };
-            // Step down before the store is asked, so that this candidate never believes it
-            // leads once someone else could be elected.
-            if let Some(term) = &term {
-                Span::current().record("fencing_token", term.fencing_token);
-                st.term = None;
-                term.end();
-                st.leftover = Some(Leftover::and(
-                    st.leftover,
-                    Leftover::Term(term.fencing_token),
-                ));
-            }
-            let Some(leftover) = st.leftover else {
-                return Err(Error::NotALeader);
-            };
-            (term, leftover)
+        let (started, seen) = started;
+        // The lock may be held by a campaign that ends the term seen here itself (it had
+        // expired) and then waits in line: then there is nothing left for this call.
+        let guard = match &seen {
+            Some(term) => tokio::select! {
+                biased;
+                guard = Arc::clone(&self.campaign_lock).lock_owned() => guard,
+                () = term.ended.cancelled() => return Err(Error::NotALeader),
+            },
+            None => Arc::clone(&self.campaign_lock).lock_owned().await,
         };
-        // Without a term, only a withdrawn campaign's place is deleted: this candidate did
-        // not lead. (A leftover term is the retry of a failed resignation.)
-        let follower = term.is_none() && leftover == Leftover::Unknown;
-        // The store call and the end event run in a task of their own, so that cancelling
-        // this future cannot lose the event: every Elected gets exactly one end.
+        // From here on the call runs to its end in a task of its own, so that cancelling
+        // this future cannot lose an end event (every Elected gets exactly one end) or
+        // leave lead()'s work asked to stop with nobody ending its term.
         let core = Arc::clone(self);
-        let finish = async move {
+        let only = only.cloned();
+        let body = async move {
+            let current = core
+                .shared
+                .state()
+                .term
+                .clone()
+                .filter(|term| term.seq <= started);
+            if let Some(term) = &current {
+                // lead()'s work stops before the store can elect anyone else.
+                core.stop_work(term).await;
+            }
+            let (term, leftover) = {
+                let mut st = core.shared.state();
+                // A term started after this call (a campaign that took the lock first) is
+                // not this call's to end.
+                let current = st.term.clone().filter(|term| term.seq <= started);
+                let term = match (current, &only) {
+                    (Some(current), Some(only)) if !Arc::ptr_eq(&current, only) => {
+                        return (Err(Error::NotALeader), false);
+                    }
+                    (None, Some(_)) => return (Err(Error::NotALeader), false),
+                    (None, None) if matches!(ending, Ending::HandOver(_)) => {
+                        return (Err(Error::NotALeader), false);
+                    }
+                    (current, _) => current,
+                };
+                // Step down before the store is asked, so that this candidate never
+                // believes it leads once someone else could be elected.
+                if let Some(term) = &term {
+                    Span::current().record("fencing_token", term.fencing_token);
+                    st.term = None;
+                    term.end();
+                    st.leftover = Some(Leftover::and(
+                        st.leftover,
+                        Leftover::Term(term.fencing_token),
+                    ));
+                }
+                let Some(leftover) = st.leftover else {
+                    return (Err(Error::NotALeader), false);
+                };
+                (term, leftover)
+            };
+            // Without a term, only a withdrawn campaign's place is deleted: this candidate
+            // did not lead. (A leftover term is the retry of a failed resignation.)
+            let follower = term.is_none() && leftover == Leftover::Unknown;
             let result = match (&term, ending) {
                 (Some(term), Ending::HandOver(nominee)) => {
                     core.hand_over_in_store(term.fencing_token, leftover, &nominee)
@@ -764,7 +826,7 @@ impl Core {
             };
             if let Some(term) = &term {
                 let event = match &result {
-                    Ok(()) | Err(Error::NotWaiting { .. }) => {
+                    Ok(()) | Err(Error::NotWaiting { .. } | Error::Unsupported { .. }) => {
                         info!(election = %core.name(), fencing_token = term.fencing_token, "resigned");
                         Event::Resigned {
                             fencing_token: term.fencing_token,
@@ -787,20 +849,42 @@ impl Core {
             if result.is_err() {
                 core.ensure_withdrawer();
             }
-            result
+            (result, follower)
         };
-        let finish = finish.instrument(Span::current());
-        let result = match tokio::runtime::Handle::try_current() {
+        let body = body.instrument(Span::current());
+        let (result, follower) = match tokio::runtime::Handle::try_current() {
             Ok(runtime) => runtime
-                .spawn(finish)
+                .spawn(body)
                 .await
-                .unwrap_or_else(|err| Err(Error::store(err))),
-            Err(_) => finish.await,
+                .unwrap_or_else(|err| (Err(Error::store(err)), false)),
+            Err(_) => body.await,
         };
         match result {
             Err(Error::TermGone) => Err(Error::NotALeader),
             Ok(()) if follower => Err(Error::NotALeader),
             result => result,
+        }
+    }
+
+    /// Asks lead()'s work on `term`, if one runs, to stop, and waits until it is gone, but
+    /// never past the term's deadline (as it is now); lead() aborts it by then.
+    async fn stop_work(&self, term: &Arc<TermState>) {
+        let work = self
+            .shared
+            .state()
+            .work
+            .as_ref()
+            .filter(|work| Arc::ptr_eq(&work.term, term))
+            .map(|work| (work.stop.clone(), work.gone.clone()));
+        let Some((stop, gone)) = work else {
+            return;
+        };
+        stop.cancel();
+        let deadline = term.deadline();
+        tokio::select! {
+            biased;
+            () = gone.cancelled() => {}
+            () = term.expired(Some(deadline)) => {}
         }
     }
 
@@ -823,17 +907,24 @@ impl Core {
         .unwrap_or(Err(Error::Timeout(limit)));
         telemetry::store_result(self.name(), "hand_over", &result);
         match result {
-            Ok(()) | Err(Error::TermGone) => {
+            Ok(()) => {
                 let mut st = self.shared.state();
-                if st.leftover == Some(leftover) {
+                if st.leftover == Some(Leftover::Term(fencing_token)) {
                     st.leftover = None;
                 }
-                drop(st);
-                result
+                Ok(())
             }
-            Err(Error::NotWaiting { id }) => {
+            Err(Error::TermGone) => {
+                // As for every other lost term: a campaign answer lost earlier may have
+                // landed late and left a newer key of this candidate. Read, then delete.
+                self.shared.state().leftover = Some(Leftover::Unknown);
+                Err(Error::TermGone)
+            }
+            // The nominee left meanwhile, or the driver lists candidates but cannot hand
+            // over: the term ended already, so resign it.
+            Err(err @ (Error::NotWaiting { .. } | Error::Unsupported { .. })) => {
                 self.withdraw(leftover).await?;
-                Err(Error::NotWaiting { id })
+                Err(err)
             }
             Err(err) => Err(err),
         }
@@ -869,27 +960,24 @@ impl Core {
     /// Withdraws this candidate's campaigns in flight and waits until their places in line
     /// are gone from the store. A term held already is left alone.
     pub(crate) async fn withdraw_campaigns(self: &Arc<Self>) -> Result<()> {
-        let started = {
-            let st = self.shared.state();
-            for (_, campaign) in &st.campaigns {
+        let guard = loop {
+            // Listening before cancelling: a campaign registered after the cancel (another
+            // thread may queue it on the lock ahead of this call) is cancelled too, rather
+            // than waited for through its whole wait in line.
+            let registered = self.registered.notified();
+            let mut registered = std::pin::pin!(registered);
+            registered.as_mut().enable();
+            for (_, campaign) in &self.shared.state().campaigns {
                 campaign.cancel();
             }
-            st.started
+            tokio::select! {
+                biased;
+                guard = self.campaign_lock.lock() => break guard,
+                () = &mut registered => {}
+            }
         };
-        let result = {
-            let _guard = self.campaign_lock.lock().await;
-            // A campaign elected while this was called took its term: it was withdrawn
-            // first (start_term checks), so only a term that began before the call can be
-            // current.
-            debug_assert!(
-                self.shared
-                    .state()
-                    .term
-                    .as_ref()
-                    .is_none_or(|term| term.seq <= started)
-            );
-            self.withdraw_leftover().await
-        };
+        let result = self.withdraw_leftover().await;
+        drop(guard);
         if result.is_err() {
             self.ensure_withdrawer();
         }
