@@ -1,6 +1,8 @@
 #![doc = include_str!("../README.md")]
 #![warn(clippy::unwrap_used)]
 
+mod keyspace;
+mod line;
 mod renewals;
 mod scripts;
 mod subscriber;
@@ -11,6 +13,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use leader_core::{Candidate, Driver, Error, Grant, LeaderInfo, Result};
 use rand::Rng;
@@ -21,8 +24,9 @@ use tracing::{debug, warn};
 
 pub use redis;
 
+use line::{Lines, News};
 use renewals::{Cached, Renewals};
-use scripts::{ACQUIRE, LEADER, RENEW, RESIGN};
+use scripts::{ACQUIRE, CANDIDATES, HAND_OVER, HOLDS, LEADER, PROCLAIM, REFRESH, RENEW, RESIGN};
 use subscriber::Subscriber;
 use topology::{Call, Connection, Lua, Source, needs_new_connection};
 
@@ -55,10 +59,23 @@ struct Inner {
     replicas: Option<(usize, Duration)>,
     subscriber: Subscriber,
     renewals: Renewals,
+    lines: Lines,
+    /// The keyspace-notification channel prefix (`__keyspace@<db>__:`) when the server
+    /// publishes the events a held term needs (see [`keyspace`]); `None` otherwise.
+    keyspace: std::sync::Mutex<Option<String>>,
     acquire: Lua,
     renew: Lua,
     resign: Lua,
     leader: Lua,
+    refresh: Lua,
+    // Used by candidates(), hand_over() and proclaim() (#22).
+    #[allow(dead_code)]
+    candidates: Lua,
+    #[allow(dead_code)]
+    hand_over: Lua,
+    #[allow(dead_code)]
+    proclaim: Lua,
+    holds: Lua,
 }
 
 /// Builds a [`RedisDriver`] with options.
@@ -129,6 +146,8 @@ impl RedisDriverBuilder {
             inner: Arc::new(Inner {
                 subscriber: Subscriber::new(self.source.clone()),
                 renewals: Renewals::default(),
+                lines: Lines::default(),
+                keyspace: std::sync::Mutex::new(None),
                 source: self.source,
                 connection: tokio::sync::Mutex::new((0, None)),
                 prefix: self.prefix,
@@ -138,6 +157,11 @@ impl RedisDriverBuilder {
                 renew: Lua::new(RENEW),
                 resign: Lua::new(RESIGN),
                 leader: Lua::new(LEADER),
+                refresh: Lua::new(REFRESH),
+                candidates: Lua::new(CANDIDATES),
+                hand_over: Lua::new(HAND_OVER),
+                proclaim: Lua::new(PROCLAIM),
+                holds: Lua::new(HOLDS),
             }),
         }
     }
@@ -279,8 +303,62 @@ impl RedisDriver {
             fence: format!("{tag}:fence"),
             channel: format!("{tag}:events"),
             line: format!("{tag}:line"),
-            line_expiries: format!("{tag}:line-expiries"),
+            line_until: format!("{tag}:line-until"),
             wake_prefix: format!("{tag}:wake:"),
+        }
+    }
+}
+
+impl RedisDriver {
+    /// Whether `election` can be held under this driver's prefix (see [`check_name`]).
+    fn check(&self, election: &str) -> Result<()> {
+        check_name(&self.inner.prefix, election)
+    }
+
+    /// Resolves when Redis says that `candidate`'s term `fencing_token` is gone: its key
+    /// deleted, expired, evicted or overwritten (by an operator, by another candidate).
+    /// Only where the server publishes keyspace notifications (`notify-keyspace-events`
+    /// with `K` and `g` and `x`, or `KA`; read at each connection, not on a Cluster): an
+    /// event on the key is a reason to read it, and this resolves only if the key no longer
+    /// holds the term. Elsewhere it never resolves, and the next renewal (within a third of
+    /// the TTL) notices instead.
+    pub fn term_gone(
+        &self,
+        candidate: &Candidate,
+        fencing_token: u64,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let driver = self.clone();
+        let candidate = candidate.clone();
+        async move {
+            let Some(prefix) = driver.inner.keyspace() else {
+                return std::future::pending().await;
+            };
+            let keys = driver.keys(&candidate.election);
+            let channel = format!("{prefix}{}", keys.leader);
+            let mut notices = match driver.inner.subscriber.subscribe_checked(&channel).await {
+                Ok(notices) => notices,
+                Err(_) => {
+                    debug!(%channel, "keyspace channel refused (ACL): the renewals notice a lost term");
+                    return std::future::pending().await;
+                }
+            };
+            let token = fencing_token.to_string();
+            loop {
+                notices.mark_seen();
+                let call = Call::new(&driver.inner.holds, &[&keys.leader])
+                    .arg(&candidate.id)
+                    .arg(&token);
+                match driver.inner.run::<i64>(call, false).await {
+                    Ok(1) => {}
+                    Ok(_) => {
+                        warn!(election = %candidate.election, fencing_token, "the leader key no longer holds this term");
+                        return;
+                    }
+                    // The renewals deal with store errors.
+                    Err(_) => {}
+                }
+                notices.changed().await;
+            }
         }
     }
 }
@@ -298,16 +376,19 @@ impl std::fmt::Debug for RedisDriver {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ElectionKeys {
-    /// The hash holding the leader's `owner`, `value` and `token`, with the lease as expiry.
+    /// The leader's term, a string `L\n<token>\n<owner>\n<value>` with the lease as
+    /// expiry (or `N\n<nominee>` while a handover's nomination lasts).
     pub leader: String,
     /// The counter the fencing tokens come from.
     pub fence: String,
     /// The channel that announces `elected` and `resigned` (to observers).
     pub channel: String,
-    /// The line of waiting candidates: a sorted set of owner tokens by arrival.
+    /// The line of waiting candidates: a sorted set of places (`<owner>\n<value>`) by
+    /// arrival (server time in ms).
     pub line: String,
-    /// When each waiting candidate's place in line expires (server time in ms), a hash.
-    pub line_expiries: String,
+    /// When each place in line expires unless its driver refreshes it (server time in
+    /// ms), a sorted set.
+    pub line_until: String,
     /// The prefix of each waiting candidate's own channel: a resignation wakes only the
     /// head of the line, on `wake_prefix` + its owner token.
     pub wake_prefix: String,
@@ -320,11 +401,25 @@ impl ElectionKeys {
     }
 }
 
-fn check_name(election: &str) -> Result<()> {
+/// Whether `election` (under `prefix`) has keys of its own: the name sits between `{` and
+/// `}` (the hash tag), so it must contain neither (else two names could share keys, or an
+/// election's keys could land in different Cluster slots); the prefix, shared by every
+/// election of the driver, neither, for the same reason. Names are case-sensitive (as
+/// Redis keys are): `Jobs` and `jobs` are two elections; `:` and `/` are ordinary
+/// characters inside the tag, so `a` and `a:b` never nest.
+fn check_name(prefix: &str, election: &str) -> Result<()> {
     if election.contains(['{', '}']) {
         return Err(Error::invalid_config(
             "name",
-            "must not contain `{` or `}` with Redis (they delimit the cluster hash tag)",
+            "must not contain `{` or `}` with Redis (they delimit the election's hash tag, so \
+             such a name could share keys with another election or split its own across \
+             Cluster slots)",
+        ));
+    }
+    if prefix.contains(['{', '}']) {
+        return Err(Error::invalid_config(
+            "prefix",
+            "must not contain `{` or `}` with Redis (the election name is the hash tag)",
         ));
     }
     Ok(())
@@ -332,9 +427,9 @@ fn check_name(election: &str) -> Result<()> {
 
 /// The commands the driver sends (its scripts' included): the least-privilege ACL of its
 /// user is `~PREFIX* &PREFIX*` and these (see the README, "Production").
-pub const ACL_COMMANDS: &str = "+evalsha +eval +ping +subscribe +unsubscribe +hget +hmget \
-    +hset +hdel +del +incr +pexpire +pttl +publish +zadd +zrem +zrange +time +wait \
-    +config|get +cluster|slots +role +info";
+pub const ACL_COMMANDS: &str = "+evalsha +eval +ping +subscribe +unsubscribe +get +set \
+    +del +incr +pexpire +pttl +publish +zadd +zrem +zrange +zrangebyscore +zmscore +zscore \
+    +zpopmin +time +wait +config|get +cluster|slots +role +info";
 
 /// A Redis error as this crate's [`Error`]: a refused login or a missing ACL permission is
 /// [`Error::Denied`] (retrying cannot fix it), anything else [`Error::Store`].
@@ -407,10 +502,30 @@ impl Inner {
         }
         // Requests with a `WAIT` may take its timeout on top of the request timeout.
         let limit = self.request_timeout + self.replicas.map_or(Duration::ZERO, |(_, wait)| wait);
-        let connection = match timeout(self.request_timeout * 2, self.source.connect(limit)).await {
-            Ok(result) => result.map_err(|err| self.explain(redis_error(err)))?,
-            Err(_) => return Err(Error::Timeout(self.request_timeout * 2)),
+        let (mut connection, db) =
+            match timeout(self.request_timeout * 2, self.source.connect(limit)).await {
+                Ok(result) => result.map_err(|err| self.explain(redis_error(err)))?,
+                Err(_) => return Err(Error::Timeout(self.request_timeout * 2)),
+            };
+        // Keyspace notifications are node-local on a Cluster (db is None there): not used.
+        let keyspace = match db {
+            Some(db) => {
+                let flags = timeout(
+                    self.request_timeout,
+                    connection.config("notify-keyspace-events"),
+                )
+                .await
+                .ok()
+                .flatten();
+                keyspace::channel_prefix(db, flags.as_deref())
+            }
+            None => None,
         };
+        debug!(?keyspace, "keyspace notifications for held terms");
+        *self
+            .keyspace
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = keyspace;
         slot.0 += 1;
         slot.1 = Some(connection.clone());
         Ok((slot.0, connection))
@@ -470,32 +585,44 @@ impl Inner {
         }
     }
 
-    /// `Ok(Ok(grant))` when elected, `Ok(Err(pttl))` with the holder's remaining lease.
+    /// `Some(grant)` when elected, `None` when standing in line. `in_line`: this
+    /// candidate's place may still be in line (it was not popped by a wakeup), so an
+    /// election removes it.
     async fn try_acquire(
         &self,
         keys: &ElectionKeys,
         candidate: &Candidate,
-    ) -> Result<std::result::Result<Grant, i64>> {
+        in_line: bool,
+    ) -> Result<Option<Grant>> {
         let sent_at = Instant::now();
-        let call = Call::new(
-            &self.acquire,
-            &[&keys.leader, &keys.fence, &keys.line, &keys.line_expiries],
-        )
-        .arg(&candidate.id)
-        .arg(&candidate.value)
-        .arg(millis(candidate.ttl))
-        .arg(&keys.channel);
-        let (won, value): (i64, i64) = self.run(call, true).await?;
-        if won == 1 {
-            let token = u64::try_from(value).map_err(|_| {
-                Error::store(std::io::Error::other(format!("fence counter at {value}")))
-            })?;
-            self.renewals
-                .hold(&keys.leader, &candidate.id, token, candidate.ttl, sent_at);
-            Ok(Ok(Grant::new(token, sent_at, candidate.ttl)))
-        } else {
-            Ok(Err(value))
+        let call = Call::new(&self.acquire, &[&keys.leader, &keys.fence, &keys.line])
+            .arg(&candidate.id)
+            .arg(&candidate.value)
+            .arg(millis(candidate.ttl))
+            .arg(&keys.channel)
+            .arg(place(candidate))
+            .arg(if in_line { "1" } else { "0" });
+        let answer: Vec<i64> = self.run(call, true).await?;
+        match answer.as_slice() {
+            [1, token] => {
+                let token = u64::try_from(*token).map_err(|_| {
+                    Error::store(std::io::Error::other(format!("fence counter at {token}")))
+                })?;
+                self.renewals
+                    .hold(&keys.leader, &candidate.id, token, candidate.ttl, sent_at);
+                Ok(Some(Grant::new(token, sent_at, candidate.ttl)))
+            }
+            _ => Ok(None),
         }
+    }
+
+    /// The connection's keyspace channel prefix if the server publishes the events a held
+    /// term needs; `None` otherwise (or for a Cluster, where they are node-local).
+    fn keyspace(&self) -> Option<String> {
+        self.keyspace
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     /// The leader and its remaining lease in milliseconds.
@@ -518,6 +645,99 @@ impl Inner {
     }
 }
 
+/// A candidate's place in line: `<owner>\n<value>` (the line lists values too, for
+/// [`Driver::candidates`]).
+fn place(candidate: &Candidate) -> Vec<u8> {
+    let mut place = Vec::with_capacity(candidate.id.len() + 1 + candidate.value.len());
+    place.extend_from_slice(candidate.id.as_bytes());
+    place.push(b'\n');
+    place.extend_from_slice(&candidate.value);
+    place
+}
+
+/// How long a place in line lives without a refresh: one and a half of the shortest TTL
+/// among its driver's waiters, refreshed every half TTL. A place left behind (a campaign
+/// that landed after its withdrawal) is pruned by the next refresh after that: within two
+/// TTLs.
+fn keep(ttl: Duration) -> Duration {
+    ttl * 3 / 2
+}
+
+/// Refreshes the places of this driver's candidates waiting in one election, every half
+/// of their shortest TTL, until none waits; tells each its news.
+async fn refresher(driver: RedisDriver, keys: ElectionKeys, line: Arc<line::Line>) {
+    loop {
+        let Some((places, owners, ttl)) = line.snapshot() else {
+            if driver.inner.lines.leave_if_empty(&keys.line, &line) {
+                return;
+            }
+            continue;
+        };
+        let keep = keep(ttl);
+        let sent_at = Instant::now();
+        let mut head = None;
+        let mut failed = false;
+        for (chunk, chunk_owners) in places.chunks(500).zip(owners.chunks(500)) {
+            let mut call = Call::new(
+                &driver.inner.refresh,
+                &[&keys.leader, &keys.line, &keys.line_until],
+            )
+            .arg(millis(keep))
+            .arg(millis(ttl))
+            .arg(&keys.wake_prefix);
+            for place in chunk {
+                call = call.arg(place.as_slice());
+            }
+            match driver
+                .inner
+                .run::<(Vec<usize>, Vec<u8>, i64)>(call, true)
+                .await
+            {
+                Ok((missing, first, pttl)) => {
+                    for i in missing {
+                        if let Some(owner) = chunk_owners.get(i) {
+                            line.tell(owner, News::Missing);
+                        }
+                    }
+                    let first = first
+                        .split(|b| *b == b'\n')
+                        .next()
+                        .map(|owner| String::from_utf8_lossy(owner).into_owned());
+                    let expiry = u64::try_from(pttl)
+                        .ok()
+                        .map(|ms| sent_at + Duration::from_millis(ms) + expiry_jitter(ttl));
+                    head = first.filter(|f| !f.is_empty()).map(|f| (f, expiry));
+                }
+                Err(err) => {
+                    debug!(error = %leader_core::ErrorChain(&err), "refreshing places in line failed");
+                    failed = true;
+                }
+            }
+        }
+        if !failed {
+            line.behind_except(head.as_ref().map(|(owner, _)| owner.as_str()));
+            if let Some((owner, expiry)) = &head {
+                line.tell(owner, News::Head(*expiry));
+            }
+        }
+        let pause = if failed {
+            (ttl / 10).max(Duration::from_millis(50))
+        } else {
+            ttl / 2
+        };
+        tokio::select! {
+            () = sleep(pause) => {}
+            () = line.now.notified() => {}
+        }
+    }
+}
+
+/// A few milliseconds, so that waiters of several drivers do not all ask at once.
+fn expiry_jitter(ttl: Duration) -> Duration {
+    let spread = millis(ttl / 20).min(50);
+    Duration::from_millis(rand::rng().random_range(1..=spread.max(1)))
+}
+
 /// How long a waiter sleeps on a holder's remaining lease: the PTTL plus a little jitter,
 /// so waiters that saw the same expiry do not all ask at the same millisecond.
 fn expiry_wait(pttl: i64, ttl: Duration) -> Duration {
@@ -534,7 +754,7 @@ fn expiry_wait(pttl: i64, ttl: Duration) -> Duration {
 #[async_trait]
 impl Driver for RedisDriver {
     async fn campaign(&self, candidate: &Candidate) -> Result<Grant> {
-        check_name(&candidate.election)?;
+        self.check(&candidate.election)?;
         let keys = self.keys(&candidate.election);
         // Subscribe first, so that a resignation between our attempt and our wait is not
         // missed. To this candidate's own channel: a resignation wakes the head of the
@@ -544,17 +764,64 @@ impl Driver for RedisDriver {
             .subscriber
             .subscribe(&keys.wake(&candidate.id))
             .await;
+        // Whether this candidate's place may still be in line (not popped by a wakeup).
+        let mut in_line = false;
+        let mut waiting: Option<line::Waiting> = None;
         loop {
             notices.mark_seen();
-            match self.inner.try_acquire(&keys, candidate).await? {
-                Ok(grant) => return Ok(grant),
-                Err(pttl) => {
-                    let wait = expiry_wait(pttl, candidate.ttl);
-                    debug!(election = %candidate.election, ?wait, "waiting for the leader's key");
-                    tokio::select! {
-                        () = notices.changed() => {}
-                        () = sleep(wait) => {}
+            if let Some(grant) = self.inner.try_acquire(&keys, candidate, in_line).await? {
+                return Ok(grant);
+            }
+            in_line = true;
+            let waiting = match &mut waiting {
+                Some(waiting) => waiting,
+                None => {
+                    let (joined, new_line) = self.inner.lines.join(
+                        &keys.line,
+                        &candidate.id,
+                        place(candidate),
+                        candidate.ttl,
+                    );
+                    if let Some(line) = new_line {
+                        tokio::spawn(refresher(self.clone(), keys.clone(), line));
                     }
+                    waiting.insert(joined)
+                }
+            };
+            // Only the head of the line keeps a timer (at the lease it waits behind);
+            // the others wait for a wakeup or for their driver's refresh.
+            let mut expiry = match *waiting.news.borrow_and_update() {
+                News::Head(Some(at)) => Some(at),
+                _ => None,
+            };
+            debug!(election = %candidate.election, "waiting in line");
+            loop {
+                let timer = async {
+                    match expiry {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    () = notices.changed() => {
+                        // Popped from the line by the wakeup (or pub/sub reconnected).
+                        in_line = false;
+                        break;
+                    }
+                    changed = waiting.news.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        match *waiting.news.borrow_and_update() {
+                            News::Missing => {
+                                in_line = false;
+                                break;
+                            }
+                            News::Head(at) => expiry = at,
+                            News::Behind | News::None => expiry = None,
+                        }
+                    }
+                    () = timer => break,
                 }
             }
         }
@@ -631,13 +898,14 @@ impl Driver for RedisDriver {
         };
         let call = Call::new(
             &self.inner.resign,
-            &[&keys.leader, &keys.line, &keys.line_expiries],
+            &[&keys.leader, &keys.line, &keys.line_until],
         )
         .arg(&candidate.id)
-        .arg(&keys.channel)
+        .arg(place(candidate))
         .arg(&token)
+        .arg(&keys.channel)
         .arg(&keys.wake_prefix);
-        let _deleted: i64 = self.inner.run(call, true).await?;
+        let _removed: i64 = self.inner.run(call, true).await?;
         self.inner
             .renewals
             .release(&keys.leader, &candidate.id, fencing_token);
@@ -645,7 +913,7 @@ impl Driver for RedisDriver {
     }
 
     async fn leader(&self, election: &str) -> Result<Option<LeaderInfo>> {
-        check_name(election)?;
+        self.check(election)?;
         let keys = self.keys(election);
         Ok(self
             .inner
@@ -655,7 +923,11 @@ impl Driver for RedisDriver {
     }
 
     fn check_name(&self, election: &str) -> Result<()> {
-        check_name(election)
+        self.check(election)
+    }
+
+    fn term_gone(&self, candidate: &Candidate, fencing_token: u64) -> BoxFuture<'static, ()> {
+        Box::pin(RedisDriver::term_gone(self, candidate, fencing_token))
     }
 
     fn observe(&self, election: &str) -> BoxStream<'static, Result<Option<LeaderInfo>>> {
@@ -677,7 +949,7 @@ impl Driver for RedisDriver {
                 }
                 notices_ref.mark_seen();
                 let keys = driver.keys(&election);
-                let (item, next) = match check_name(&election) {
+                let (item, next) = match driver.check(&election) {
                     Err(err) => (Err(err), Some(Duration::from_secs(3600))),
                     Ok(()) => match driver.inner.leader_with_pttl(&keys).await {
                         Ok(Some((info, pttl))) => (
