@@ -304,6 +304,7 @@ impl RedisDriver {
             channel: format!("{tag}:events"),
             line: format!("{tag}:line"),
             line_until: format!("{tag}:line-until"),
+            line_maintained: format!("{tag}:line-maintained"),
             wake_prefix: format!("{tag}:wake:"),
         }
     }
@@ -389,6 +390,8 @@ pub struct ElectionKeys {
     /// When each place in line expires unless its driver refreshes it (server time in
     /// ms), a sorted set.
     pub line_until: String,
+    /// A marker that one driver pruned the line this refresh period (`PX` the period).
+    pub line_maintained: String,
     /// The prefix of each waiting candidate's own channel: a resignation wakes only the
     /// head of the line, on `wake_prefix` + its owner token.
     pub wake_prefix: String,
@@ -655,12 +658,17 @@ fn place(candidate: &Candidate) -> Vec<u8> {
     place
 }
 
-/// How long a place in line lives without a refresh: one and a half of the shortest TTL
-/// among its driver's waiters, refreshed every half TTL. A place left behind (a campaign
-/// that landed after its withdrawal) is pruned by the next refresh after that: within two
-/// TTLs.
+/// How long a place in line lives without a refresh: 1.25 of the shortest TTL among its
+/// driver's waiters, refreshed every [`period`]. A place left behind (a campaign that
+/// landed after its withdrawal) is pruned at the first maintenance after that (one per
+/// period and election): within 1.25 + 2/3 < 2 TTLs.
 fn keep(ttl: Duration) -> Duration {
-    ttl * 3 / 2
+    ttl * 5 / 4
+}
+
+/// How often a driver refreshes its waiters' places: two thirds of their shortest TTL.
+fn period(ttl: Duration) -> Duration {
+    ttl * 2 / 3
 }
 
 /// Refreshes the places of this driver's candidates waiting in one election, every half
@@ -680,10 +688,15 @@ async fn refresher(driver: RedisDriver, keys: ElectionKeys, line: Arc<line::Line
         for (chunk, chunk_owners) in places.chunks(500).zip(owners.chunks(500)) {
             let mut call = Call::new(
                 &driver.inner.refresh,
-                &[&keys.leader, &keys.line, &keys.line_until],
+                &[
+                    &keys.leader,
+                    &keys.line,
+                    &keys.line_until,
+                    &keys.line_maintained,
+                ],
             )
             .arg(millis(keep))
-            .arg(millis(ttl))
+            .arg(millis(period(ttl)))
             .arg(&keys.wake_prefix);
             for place in chunk {
                 call = call.arg(place.as_slice());
@@ -723,7 +736,7 @@ async fn refresher(driver: RedisDriver, keys: ElectionKeys, line: Arc<line::Line
         let pause = if failed {
             (ttl / 10).max(Duration::from_millis(50))
         } else {
-            ttl / 2
+            period(ttl)
         };
         tokio::select! {
             () = sleep(pause) => {}

@@ -1,5 +1,5 @@
 //! The places in line of a driver's waiting candidates, refreshed per election in one call
-//! every half TTL (however many of its candidates wait there), and the news that call
+//! every two thirds of a TTL (however many of its candidates wait there), and the news that call
 //! brings each of them: its place is gone (campaign again), or it heads the line and the
 //! lease it waits behind expires at a given instant (only the head keeps that timer, so
 //! waiters do not poll).

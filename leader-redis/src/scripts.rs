@@ -9,7 +9,7 @@
 //!
 //! A place in line is the member `<owner>\n<value>` of the line (scored by arrival, server
 //! time in ms) and, once its driver refreshed it, of `line-until` (scored by when it
-//! expires). Each driver refreshes the places of its waiting candidates every half TTL (one
+//! expires). Each driver refreshes the places of its waiting candidates every two thirds of a TTL (one
 //! call per election, whatever their number); places not refreshed are pruned, so nothing
 //! of a candidate outlives its withdrawal by more than two TTLs.
 //!
@@ -146,19 +146,21 @@ return removed
 );
 
 /// A driver's periodic call for the candidates it has waiting in one election: refreshes
-/// their places (those still in line; the others are reported missing), prunes places
-/// whose waiters stopped refreshing them, keeps the line's keys alive, and reports the
+/// their places (those still in line; the others are reported missing) and reports the
 /// head of the line and the remaining lease it waits behind (so that only the head keeps
-/// a timer at the leader's expiry). When nobody leads, wakes the head (popping it).
-/// KEYS: leader, line, line-until. ARGV: keep (ms), age window (ms, 0: skip the search of
-/// places never refreshed), wake channel prefix, then the places.
+/// a timer at the leader's expiry). When nobody leads, wakes the head (popping it). Once
+/// per refresh period and election, whichever driver comes first (the `line-maintained`
+/// marker), also prunes places whose waiters stopped refreshing them and places never
+/// refreshed that are older than keep, and keeps the line's keys alive.
+/// KEYS: leader, line, line-until, line-maintained. ARGV: keep (ms), period (ms), wake
+/// channel prefix, then the places.
 /// Returns `{missing indexes (0-based), head place or '', leader pttl}`.
 pub(crate) const REFRESH: &str = concat!(
     prelude!(),
     r"
 local now = now_ms()
 local keep = tonumber(ARGV[1])
-local window = tonumber(ARGV[2])
+local period = tonumber(ARGV[2])
 local missing = {}
 local places = {}
 for i = 4, #ARGV do
@@ -179,16 +181,16 @@ if #places > 0 then
     redis.call('ZADD', KEYS[3], unpack(refresh))
   end
 end
--- Places whose waiters stopped refreshing them.
-local stale = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 64)
-if #stale > 0 then
-  redis.call('ZREM', KEYS[2], unpack(stale))
-  redis.call('ZREM', KEYS[3], unpack(stale))
-end
--- Places never refreshed (a campaign that landed after its withdrawal, a driver gone
--- before its first refresh): older than keep, with no expiry of their own.
-if window > 0 then
-  local old = redis.call('ZRANGEBYSCORE', KEYS[2], now - keep - window, now - keep, 'LIMIT', 0, 64)
+if redis.call('SET', KEYS[4], '1', 'PX', period, 'NX') then
+  -- Places whose waiters stopped refreshing them.
+  local stale = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 64)
+  if #stale > 0 then
+    redis.call('ZREM', KEYS[2], unpack(stale))
+    redis.call('ZREM', KEYS[3], unpack(stale))
+  end
+  -- Places never refreshed (a campaign that landed after its withdrawal, a driver gone
+  -- before its first refresh): older than keep, with no expiry of their own.
+  local old = redis.call('ZRANGEBYSCORE', KEYS[2], now - keep - 2 * period, now - keep, 'LIMIT', 0, 64)
   if #old > 0 then
     local until_ = redis.call('ZMSCORE', KEYS[3], unpack(old))
     local gone = {}
@@ -201,10 +203,10 @@ if window > 0 then
       redis.call('ZREM', KEYS[2], unpack(gone))
     end
   end
-end
-if redis.call('PTTL', KEYS[2]) < keep then
-  redis.call('PEXPIRE', KEYS[2], keep)
-  redis.call('PEXPIRE', KEYS[3], keep)
+  if redis.call('PTTL', KEYS[2]) < keep then
+    redis.call('PEXPIRE', KEYS[2], keep)
+    redis.call('PEXPIRE', KEYS[3], keep)
+  end
 end
 local pttl = redis.call('PTTL', KEYS[1])
 if pttl == -2 then
