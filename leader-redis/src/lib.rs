@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![warn(clippy::unwrap_used)]
 
+mod fence;
 mod keyspace;
 mod line;
 mod renewals;
@@ -15,13 +16,14 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
-use leader_core::{Candidate, Driver, Error, Grant, LeaderInfo, Result};
+use leader_core::{Candidate, CandidateInfo, Driver, Error, Grant, LeaderInfo, Result};
 use rand::Rng;
 use redis::Client;
 use redis::cluster::ClusterClient;
 use tokio::time::{Instant, sleep, timeout};
 use tracing::{debug, warn};
 
+pub use fence::Fence;
 pub use redis;
 
 use line::{Lines, News};
@@ -68,12 +70,8 @@ struct Inner {
     resign: Lua,
     leader: Lua,
     refresh: Lua,
-    // Used by candidates(), hand_over() and proclaim() (#22).
-    #[allow(dead_code)]
     candidates: Lua,
-    #[allow(dead_code)]
     hand_over: Lua,
-    #[allow(dead_code)]
     proclaim: Lua,
     holds: Lua,
 }
@@ -436,7 +434,7 @@ pub const ACL_COMMANDS: &str = "+evalsha +eval +ping +subscribe +unsubscribe +ge
 
 /// A Redis error as this crate's [`Error`]: a refused login or a missing ACL permission is
 /// [`Error::Denied`] (retrying cannot fix it), anything else [`Error::Store`].
-fn redis_error(err: redis::RedisError) -> Error {
+pub(crate) fn redis_error(err: redis::RedisError) -> Error {
     if is_denied(&err) {
         Error::denied(err)
     } else {
@@ -937,6 +935,80 @@ impl Driver for RedisDriver {
 
     fn check_name(&self, election: &str) -> Result<()> {
         self.check(election)
+    }
+
+    async fn candidates(&self, election: &str) -> Result<Vec<CandidateInfo>> {
+        self.check(election)?;
+        let keys = self.keys(election);
+        // Places not yet refreshed count as live here: the refresh prunes them if stale.
+        let call = Call::new(
+            &self.inner.candidates,
+            &[&keys.leader, &keys.line, &keys.line_until],
+        )
+        .arg(1_000_000_000_000_000_u64);
+        let flat: Vec<Vec<u8>> = self.inner.run(call, false).await?;
+        let mut out = Vec::with_capacity(flat.len() / 2);
+        for (i, pair) in flat.chunks_exact(2).enumerate() {
+            if i == 0 && pair[0] == b"-" {
+                continue;
+            }
+            let id = String::from_utf8_lossy(&pair[0]).into_owned();
+            out.push(CandidateInfo::new(id, pair[1].clone(), i == 0));
+        }
+        Ok(out)
+    }
+
+    async fn hand_over(
+        &self,
+        candidate: &Candidate,
+        fencing_token: u64,
+        nominee: &str,
+    ) -> Result<()> {
+        let keys = self.keys(&candidate.election);
+        let call = Call::new(
+            &self.inner.hand_over,
+            &[&keys.leader, &keys.line, &keys.line_until],
+        )
+        .arg(&candidate.id)
+        .arg(fencing_token.to_string())
+        .arg(nominee)
+        .arg(millis(candidate.ttl))
+        .arg(&keys.wake_prefix)
+        .arg(&keys.channel);
+        let answer: String = self.inner.run(call, true).await?;
+        match answer.as_str() {
+            "ok" => {
+                self.inner
+                    .renewals
+                    .release(&keys.leader, &candidate.id, Some(fencing_token));
+                Ok(())
+            }
+            "gone" => Err(Error::TermGone),
+            "absent" => Err(Error::NotWaiting {
+                id: nominee.to_owned(),
+            }),
+            other => Err(Error::store(std::io::Error::other(format!(
+                "unexpected answer from the handover script: {other}"
+            )))),
+        }
+    }
+
+    async fn proclaim(
+        &self,
+        candidate: &Candidate,
+        fencing_token: u64,
+        value: &[u8],
+    ) -> Result<()> {
+        let keys = self.keys(&candidate.election);
+        let call = Call::new(&self.inner.proclaim, &[&keys.leader])
+            .arg(&candidate.id)
+            .arg(fencing_token.to_string())
+            .arg(value)
+            .arg(&keys.channel);
+        match self.inner.run::<i64>(call, true).await? {
+            1 => Ok(()),
+            _ => Err(Error::TermGone),
+        }
     }
 
     fn term_gone(&self, candidate: &Candidate, fencing_token: u64) -> BoxFuture<'static, ()> {

@@ -355,7 +355,6 @@ return 0
 /// The fence: runs one command if `token` is at least the highest seen for the resource.
 /// KEYS: the fence key (then the command's keys, for the record). ARGV: token, then the
 /// command and its arguments. A lower token is refused with `FENCED <highest seen>`.
-#[allow(dead_code)] // leader_redis::Fence (#22)
 pub(crate) const FENCE: &str = r"
 local seen = redis.call('GET', KEYS[1])
 local token = tonumber(ARGV[1])
