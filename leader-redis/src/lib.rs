@@ -383,7 +383,7 @@ pub struct ElectionKeys {
     /// The channel that announces `elected` and `resigned` (to observers).
     pub channel: String,
     /// The line of waiting candidates: a sorted set of places (`<owner>\n<value>`) by
-    /// arrival (server time in ms).
+    /// arrival (server time in µs).
     pub line: String,
     /// When each place in line expires unless its driver refreshes it (server time in
     /// ms), a sorted set.
@@ -594,6 +594,7 @@ impl Inner {
         keys: &ElectionKeys,
         candidate: &Candidate,
         in_line: bool,
+        stand: bool,
     ) -> Result<Option<Grant>> {
         let sent_at = Instant::now();
         let call = Call::new(&self.acquire, &[&keys.leader, &keys.fence, &keys.line])
@@ -602,7 +603,8 @@ impl Inner {
             .arg(millis(candidate.ttl))
             .arg(&keys.channel)
             .arg(place(candidate))
-            .arg(if in_line { "1" } else { "0" });
+            .arg(if in_line { "1" } else { "0" })
+            .arg(if stand { "1" } else { "0" });
         let answer: Vec<i64> = self.run(call, true).await?;
         match answer.as_slice() {
             [1, token] => {
@@ -767,22 +769,32 @@ impl Driver for RedisDriver {
     async fn campaign(&self, candidate: &Candidate) -> Result<Grant> {
         self.check(&candidate.election)?;
         let keys = self.keys(&candidate.election);
-        // Subscribe first, so that a resignation between our attempt and our wait is not
-        // missed. To this candidate's own channel: a resignation wakes the head of the
-        // line only, not every waiter.
-        let mut notices = self
-            .inner
-            .subscriber
-            .subscribe(&keys.wake(&candidate.id))
-            .await;
+        // This candidate's own channel: a resignation wakes the head of the line only, not
+        // every waiter. A candidate stands in line only once subscribed, so that no wakeup
+        // meant for it is missed: at once if the channel still is (a candidate that waited
+        // and campaigns again costs no SUBSCRIBE), else after a first try that only
+        // peeks, so a candidate elected at once subscribes to nothing.
+        let wake = keys.wake(&candidate.id);
+        let mut notices = self.inner.subscriber.existing(&wake);
         // Whether this candidate's place may still be in line (not popped by a wakeup).
         let mut in_line = false;
         let mut waiting: Option<line::Waiting> = None;
         loop {
-            notices.mark_seen();
-            if let Some(grant) = self.inner.try_acquire(&keys, candidate, in_line).await? {
+            if let Some(notices) = &mut notices {
+                notices.mark_seen();
+            }
+            let stand = notices.is_some();
+            if let Some(grant) = self
+                .inner
+                .try_acquire(&keys, candidate, in_line, stand)
+                .await?
+            {
                 return Ok(grant);
             }
+            let Some(notices) = &mut notices else {
+                notices = Some(self.inner.subscriber.subscribe(&wake).await);
+                continue;
+            };
             in_line = true;
             let waiting = match &mut waiting {
                 Some(waiting) => waiting,
@@ -1012,6 +1024,10 @@ impl Driver for RedisDriver {
     }
 
     fn term_gone(&self, candidate: &Candidate, fencing_token: u64) -> BoxFuture<'static, ()> {
+        if self.inner.keyspace().is_none() {
+            // Nothing to hold per term: the renewals notice.
+            return Box::pin(std::future::pending());
+        }
         Box::pin(RedisDriver::term_gone(self, candidate, fencing_token))
     }
 

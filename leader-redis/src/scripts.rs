@@ -8,7 +8,7 @@
 //! Anything else there (a key set by hand, of any type) counts as held by someone else.
 //!
 //! A place in line is the member `<owner>\n<value>` of the line (scored by arrival, server
-//! time in ms) and, once its driver refreshed it, of `line-until` (scored by when it
+//! time in µs) and, once its driver refreshed it, of `line-until` (scored by when it
 //! expires). Each driver refreshes the places of its waiting candidates every two thirds of a TTL (one
 //! call per election, whatever their number); places not refreshed are pruned, so nothing
 //! of a candidate outlives its withdrawal by more than two TTLs.
@@ -52,9 +52,12 @@ local function owner_of(entry)
   end
   return entry
 end
-local function now_ms()
+local function now_us()
   local clock = redis.call('TIME')
-  return tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+  return tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+end
+local function now_ms()
+  return math.floor(now_us() / 1000)
 end
 "
     };
@@ -62,17 +65,21 @@ end
 
 /// Takes the lead if the key is free, holds this candidate's own ended term, or names it
 /// as nominee: a fresh fencing token, and `elected` announced. Otherwise stands in line
-/// (the place of the first arrival kept) and returns `{0}`.
+/// (the place of the first arrival kept; not with `peek`) and returns `{0}`.
 /// KEYS: leader, fence, line. ARGV: owner, value, ttl in ms, events channel, this
 /// candidate's place (`owner\nvalue`), `1` if the place may still be in line (the
-/// candidate was not woken by a pop).
+/// candidate was not woken by a pop), `1` to stand in line (`0`: peek, for a candidate
+/// not yet subscribed to its wake channel).
 /// Returns `{1, token}` when elected, `{0}` when in line.
 pub(crate) const ACQUIRE: &str = concat!(
     prelude!(),
     r"
 local kind, _, owner = parse(redis.pcall('GET', KEYS[1]))
 if kind and owner ~= ARGV[1] then
-  redis.call('ZADD', KEYS[3], 'NX', now_ms(), ARGV[5])
+  if ARGV[7] == '1' then
+    -- Arrival in microseconds: candidates arriving within one millisecond keep their order.
+    redis.call('ZADD', KEYS[3], 'NX', now_us(), ARGV[5])
+  end
   return {0}
 end
 local token = redis.call('INCR', KEYS[2])
@@ -190,7 +197,7 @@ if redis.call('SET', KEYS[4], '1', 'PX', period, 'NX') then
   end
   -- Places never refreshed (a campaign that landed after its withdrawal, a driver gone
   -- before its first refresh): older than keep, with no expiry of their own.
-  local old = redis.call('ZRANGEBYSCORE', KEYS[2], now - keep - 2 * period, now - keep, 'LIMIT', 0, 64)
+  local old = redis.call('ZRANGEBYSCORE', KEYS[2], (now - keep - 2 * period) * 1000, (now - keep) * 1000, 'LIMIT', 0, 64)
   if #old > 0 then
     local until_ = redis.call('ZMSCORE', KEYS[3], unpack(old))
     local gone = {}
@@ -261,7 +268,7 @@ if #line > 0 then
   end
   local until_ = redis.call('ZMSCORE', KEYS[3], unpack(places))
   for i = 1, #places do
-    local arrived = tonumber(line[2 * i])
+    local arrived = tonumber(line[2 * i]) / 1000
     local live
     if until_[i] then
       live = tonumber(until_[i]) > now

@@ -144,6 +144,20 @@ impl Subscriber {
         }
     }
 
+    /// A watcher of `channel` if it is subscribed already (watched, or lingering after its
+    /// last watcher), without a `SUBSCRIBE`; `None` otherwise.
+    pub(crate) fn existing(&self, channel: &str) -> Option<Notices> {
+        let mut channels = self.shared.lock();
+        let entry = channels.get_mut(channel)?;
+        entry.idle_since = None;
+        entry.watchers += 1;
+        Some(Notices {
+            channel: channel.to_owned(),
+            rx: entry.notices.subscribe(),
+            shared: Arc::downgrade(&self.shared),
+        })
+    }
+
     /// As [`subscribe`](Self::subscribe), but `Err` (with a watcher that only wakes at
     /// reconnections) if Redis refused the channel.
     pub(crate) async fn subscribe_checked(

@@ -23,10 +23,10 @@ fn election(driver: RedisDriver, name: &str, ttl: Duration) -> Election {
         .expect("valid settings")
 }
 
-/// The server's time in milliseconds (a place's arrival).
-async fn server_ms(admin: &mut redis::aio::MultiplexedConnection) -> u64 {
+/// The server's time in microseconds (a place's arrival).
+async fn server_us(admin: &mut redis::aio::MultiplexedConnection) -> u64 {
     let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(admin).await.expect("TIME");
-    secs * 1000 + micros / 1000
+    secs * 1_000_000 + micros
 }
 
 /// A stale token is refused and its command not run; the same token may write again; a
@@ -151,7 +151,7 @@ async fn a_nomination_blocks_others_until_it_expires() {
     let b = election(h.driver_at(&h.server.url()).await, &name, ttl);
     let b_waits = spawn_campaign(&b);
     // A nominee in line that will never campaign (its process is gone).
-    let arrived = server_ms(&mut admin).await;
+    let arrived = server_us(&mut admin).await;
     let _: () = admin
         .zadd(&keys.line, "ghost\nv", arrived)
         .await
@@ -198,7 +198,7 @@ async fn a_nominee_that_withdraws_lets_the_line_resume_at_once() {
     let b_waits = spawn_campaign(&b);
     // The nominee: a candidate driven by hand, standing in line.
     let nominee = Candidate::new(&name, "nominee", "v", ttl);
-    let arrived = server_ms(&mut admin).await;
+    let arrived = server_us(&mut admin).await;
     let _: () = admin
         .zadd(&keys.line, "nominee\nv", arrived)
         .await
