@@ -702,11 +702,14 @@ impl Core {
     ) -> Result<()> {
         let started = {
             let st = self.shared.state();
+            // A campaign whose future was dropped is being withdrawn: wait for that below
+            // (under the lock) and delete what it left. A campaign still in line is left
+            // alone, and so is a leftover then (that campaign clears it before it waits).
+            let live = st.campaigns.iter().any(|(_, token)| !token.is_cancelled());
+            let dropped = st.campaigns.iter().any(|(_, token)| token.is_cancelled());
             let nothing_to_do = match only {
                 Some(term) => !st.term.as_ref().is_some_and(|t| Arc::ptr_eq(t, term)),
-                // A leftover with a campaign in flight is that campaign's to clear (it
-                // holds the lock while it waits in line): nothing to do here either.
-                None => st.term.is_none() && (st.leftover.is_none() || !st.campaigns.is_empty()),
+                None => st.term.is_none() && (live || (st.leftover.is_none() && !dropped)),
             };
             if nothing_to_do || (st.term.is_none() && matches!(ending, Ending::HandOver(_))) {
                 return Err(Error::NotALeader);
@@ -1047,6 +1050,10 @@ impl Drop for Withdrawal {
         core.ensure_withdrawer();
     }
 }
+
+#[cfg(all(test, feature = "testing"))]
+#[path = "term_tests.rs"]
+mod term_tests;
 
 /// Displays an error with its chain of sources (`outer: cause: root cause`), for logs and
 /// one-line messages: `tracing::warn!(error = %ErrorChain(&err), "…")`.
