@@ -586,16 +586,19 @@ impl Inner {
         }
     }
 
-    /// `Some(grant)` when elected, `None` when standing in line. `in_line`: this
-    /// candidate's place may still be in line (it was not popped by a wakeup), so an
-    /// election removes it.
+    /// Takes the lead or stands in line. `in_line`: this candidate's place may still be
+    /// in line (it was not popped by a wakeup), so an election removes it. `stand`: stand
+    /// in line if the key is held (else only look). `ask`: report when the lease it waits
+    /// behind ends.
     async fn try_acquire(
         &self,
         keys: &ElectionKeys,
         candidate: &Candidate,
         in_line: bool,
         stand: bool,
-    ) -> Result<Option<Grant>> {
+        ask: bool,
+    ) -> Result<Acquired> {
+        let flag = |on: bool| if on { "1" } else { "0" };
         let sent_at = Instant::now();
         let call = Call::new(&self.acquire, &[&keys.leader, &keys.fence, &keys.line])
             .arg(&candidate.id)
@@ -603,8 +606,9 @@ impl Inner {
             .arg(millis(candidate.ttl))
             .arg(&keys.channel)
             .arg(place(candidate))
-            .arg(if in_line { "1" } else { "0" })
-            .arg(if stand { "1" } else { "0" });
+            .arg(flag(in_line))
+            .arg(flag(stand))
+            .arg(flag(ask));
         let answer: Vec<i64> = self.run(call, true).await?;
         match answer.as_slice() {
             [1, token] => {
@@ -613,9 +617,12 @@ impl Inner {
                 })?;
                 self.renewals
                     .hold(&keys.leader, &candidate.id, token, candidate.ttl, sent_at);
-                Ok(Some(Grant::new(token, sent_at, candidate.ttl)))
+                Ok(Acquired::Won(Grant::new(token, sent_at, candidate.ttl)))
             }
-            _ => Ok(None),
+            [0, pttl] => Ok(Acquired::Waiting(u64::try_from(*pttl).ok().map(|ms| {
+                sent_at + Duration::from_millis(ms) + expiry_jitter(candidate.ttl)
+            }))),
+            _ => Ok(Acquired::Waiting(None)),
         }
     }
 
@@ -646,6 +653,14 @@ impl Inner {
             (LeaderInfo::new(id, value, fencing_token), pttl)
         }))
     }
+}
+
+/// What an acquisition attempt did.
+enum Acquired {
+    /// Elected.
+    Won(Grant),
+    /// In line (or looked only); when the lease it waits behind ends, if asked.
+    Waiting(Option<Instant>),
 }
 
 /// A candidate's place in line: `<owner>\n<value>` (the line lists values too, for
@@ -738,10 +753,7 @@ async fn refresher(driver: RedisDriver, keys: ElectionKeys, line: Arc<line::Line
         } else {
             period(ttl)
         };
-        tokio::select! {
-            () = sleep(pause) => {}
-            () = line.now.notified() => {}
-        }
+        sleep(pause).await;
     }
 }
 
@@ -779,18 +791,21 @@ impl Driver for RedisDriver {
         // Whether this candidate's place may still be in line (not popped by a wakeup).
         let mut in_line = false;
         let mut waiting: Option<line::Waiting> = None;
+        // The head's timer fired: the next try asks when the lease ends now.
+        let mut timer_fired = false;
         loop {
             if let Some(notices) = &mut notices {
                 notices.mark_seen();
             }
             let stand = notices.is_some();
-            if let Some(grant) = self
+            let lease_end = match self
                 .inner
-                .try_acquire(&keys, candidate, in_line, stand)
+                .try_acquire(&keys, candidate, in_line, stand, timer_fired)
                 .await?
             {
-                return Ok(grant);
-            }
+                Acquired::Won(grant) => return Ok(grant),
+                Acquired::Waiting(lease_end) => lease_end,
+            };
             let Some(notices) = &mut notices else {
                 notices = Some(self.inner.subscriber.subscribe(&wake).await);
                 continue;
@@ -813,10 +828,19 @@ impl Driver for RedisDriver {
             };
             // Only the head of the line keeps a timer (at the lease it waits behind);
             // the others wait for a wakeup or for their driver's refresh.
+            // A lease end already passed is not waited for again (the lease was renewed
+            // since that refresh): the next refresh says when it ends now.
+            let upcoming = |at: Option<Instant>| at.filter(|at| *at > Instant::now());
             let mut expiry = match *waiting.news.borrow_and_update() {
-                News::Head(Some(at)) => Some(at),
+                News::Head(at) => upcoming(at),
                 _ => None,
             };
+            if timer_fired {
+                // Still the head (as far as this driver knows): wait for the lease as it is
+                // now, not for the next refresh.
+                expiry = upcoming(lease_end).or(expiry);
+                timer_fired = false;
+            }
             debug!(election = %candidate.election, "waiting in line");
             loop {
                 let timer = async {
@@ -840,11 +864,14 @@ impl Driver for RedisDriver {
                                 in_line = false;
                                 break;
                             }
-                            News::Head(at) => expiry = at,
+                            News::Head(at) => expiry = upcoming(at),
                             News::Behind | News::None => expiry = None,
                         }
                     }
-                    () = timer => break,
+                    () = timer => {
+                        timer_fired = true;
+                        break;
+                    }
                 }
             }
         }

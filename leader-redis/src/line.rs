@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 /// What a waiting candidate learns from its driver's refresh.
@@ -33,8 +33,6 @@ struct Waiter {
 /// One election's waiting candidates on this driver.
 pub(crate) struct Line {
     waiters: Mutex<HashMap<String, Waiter>>,
-    /// Wakes the refresher at once (a first waiter).
-    pub(crate) now: Notify,
 }
 
 impl Line {
@@ -123,7 +121,6 @@ impl Lines {
             None => {
                 let line = Arc::new(Line {
                     waiters: Mutex::new(HashMap::new()),
-                    now: Notify::new(),
                 });
                 lines.insert(key.to_owned(), Arc::clone(&line));
                 (Arc::clone(&line), Some(line))

@@ -69,8 +69,9 @@ end
 /// KEYS: leader, fence, line. ARGV: owner, value, ttl in ms, events channel, this
 /// candidate's place (`owner\nvalue`), `1` if the place may still be in line (the
 /// candidate was not woken by a pop), `1` to stand in line (`0`: peek, for a candidate
-/// not yet subscribed to its wake channel).
-/// Returns `{1, token}` when elected, `{0}` when in line.
+/// not yet subscribed to its wake channel), `1` to learn the key's remaining lease (a
+/// head whose timer fired early).
+/// Returns `{1, token}` when elected, `{0}` (or `{0, pttl}` when asked) when in line.
 pub(crate) const ACQUIRE: &str = concat!(
     prelude!(),
     r"
@@ -79,6 +80,9 @@ if kind and owner ~= ARGV[1] then
   if ARGV[7] == '1' then
     -- Arrival in microseconds: candidates arriving within one millisecond keep their order.
     redis.call('ZADD', KEYS[3], 'NX', now_us(), ARGV[5])
+  end
+  if ARGV[8] == '1' then
+    return {0, redis.call('PTTL', KEYS[1])}
   end
   return {0}
 end
