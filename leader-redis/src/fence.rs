@@ -21,7 +21,9 @@ static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(FENCE));
 /// The fence key is `<prefix>fence:{<resource>}` (prefix `leader:` by default): the
 /// resource is its hash tag. **On a Redis Cluster the command's keys must carry the same
 /// hash tag** (`{reports}:rows`, `jobs:{reports}`…), so that they live in the fence key's
-/// slot: the script runs on that slot's node. One server or Sentinel has no such rule.
+/// slot: the script runs on that slot's node, and Redis does not check the command's keys
+/// for you (the script declares the fence key only). One server or Sentinel has no such
+/// rule.
 /// Resource names must not contain `{` or `}`.
 ///
 /// ```rust,no_run
