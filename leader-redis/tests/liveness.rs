@@ -384,3 +384,48 @@ async fn a_handoff_with_1000_waiting_costs_at_most_15_commands() {
         "{per:.1} commands per handoff with 1,000 waiting"
     );
 }
+
+/// Notifications on, but an ACL without the keyspace channels: the refused subscription
+/// falls back to renewals and leaves the driver's pub/sub connection working (a waiter on
+/// the same driver is still woken at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_keyspace_subscription_falls_back_and_breaks_nothing() {
+    fn acl_server() -> std::io::Result<RedisServer> {
+        RedisServer::start_with(RedisOptions {
+            config: vec![
+                "notify-keyspace-events Kgx".to_owned(),
+                format!(
+                    "user app on >secret resetkeys resetchannels ~leader:* &leader:* -@all {}",
+                    leader_redis::ACL_COMMANDS
+                ),
+            ],
+            ..RedisOptions::default()
+        })
+    }
+    let h = start(acl_server).await;
+    let ttl = Duration::from_secs(30);
+    let url = h.server.url().replace("redis://", "redis://app:secret@");
+    let driver = h.driver_at(&url).await;
+    let name = unique("acl-keyspace");
+    let a = election(driver.clone(), &name, ttl);
+    let b = election(driver.clone(), &name, ttl);
+    a.campaign().await.expect("a elected");
+    let mut admin = h.admin().await;
+    // Give the term's (refused) keyspace subscription time to be tried: b waits in line.
+    let b_waits = spawn_campaign(&b);
+    within("b in line", ttl, async {
+        while a.candidates().await.expect("candidates").len() < 2 {
+            sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(keyspace_channels(&mut admin).await.is_empty());
+    let resigned = Instant::now();
+    a.resign().await.expect("resign");
+    within("b woken", Duration::from_secs(2), b_waits)
+        .await
+        .expect("task")
+        .expect("b elected");
+    assert!(resigned.elapsed() < Duration::from_secs(2));
+    b.resign().await.expect("resign");
+}
