@@ -748,6 +748,9 @@ impl Core {
             };
             (term, leftover)
         };
+        // Without a term, only a withdrawn campaign's place is deleted: this candidate did
+        // not lead. (A leftover term is the retry of a failed resignation.)
+        let follower = term.is_none() && leftover == Leftover::Unknown;
         // The store call and the end event run in a task of their own, so that cancelling
         // this future cannot lose the event: every Elected gets exactly one end.
         let core = Arc::clone(self);
@@ -796,8 +799,7 @@ impl Core {
         };
         match result {
             Err(Error::TermGone) => Err(Error::NotALeader),
-            // Without a term, what an ended term left was deleted: the retry of a failed
-            // resignation, which succeeded.
+            Ok(()) if follower => Err(Error::NotALeader),
             result => result,
         }
     }

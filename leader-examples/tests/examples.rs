@@ -4,7 +4,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use leader_testkit::{EtcdServer, LineProcess, RedisServer, free_port};
+use leader_testkit::{EtcdServer, LineProcess, PostgresServer, RedisServer, free_port};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tokio::time::Instant;
@@ -13,6 +13,7 @@ use tokio::time::Instant;
 enum Store {
     Etcd(EtcdServer),
     Redis(RedisServer),
+    Postgres(PostgresServer),
 }
 
 impl Store {
@@ -20,6 +21,7 @@ impl Store {
         let backend = backend.to_owned();
         tokio::task::spawn_blocking(move || match backend.as_str() {
             "etcd" => Store::Etcd(EtcdServer::start().expect("etcd starts")),
+            "postgres" => Store::Postgres(PostgresServer::start().expect("postgres starts")),
             _ => Store::Redis(RedisServer::start().expect("redis-server starts")),
         })
         .await
@@ -46,6 +48,7 @@ impl Store {
                 command.env("LEADER_STORE", format!("etcd://{}", server.client_addr(0)))
             }
             Store::Redis(server) => command.env("LEADER_STORE", server.url()),
+            Store::Postgres(server) => command.env("LEADER_STORE", server.url()),
         };
         command
     }
@@ -242,4 +245,45 @@ async fn failover_demo_on_etcd() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_demo_on_redis() {
     failover_demo_runs("redis").await;
+}
+
+/// A leader frozen with SIGSTOP past its deadline, then resumed: its write is refused by
+/// the PostgreSQL fence, the new leader's lands, and only that one is in the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fenced_writes_refuses_the_stale_leaders_write_on_postgres() {
+    let store = Store::start("postgres").await;
+    let mut demo = Running::spawn(store.command("fenced_writes"));
+    let mut output = Vec::new();
+    while let Some(line) = demo.next_line(Duration::from_secs(30)).await {
+        output.push(line);
+    }
+    demo.exit_ok(Duration::from_secs(10)).await;
+    let said = output.join("\n");
+    println!("{said}");
+    let a_token = output
+        .iter()
+        .find_map(|l| l.strip_prefix("A: elected with fencing token "))
+        .unwrap_or_else(|| panic!("A was never elected:\n{said}"));
+    let b_token = output
+        .iter()
+        .find_map(|l| l.strip_prefix("B: elected with fencing token "))
+        .unwrap_or_else(|| panic!("B was never elected:\n{said}"));
+    assert!(
+        a_token.parse::<u64>().expect("a token") < b_token.parse::<u64>().expect("a token"),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!("B: write with token {b_token} landed")),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!("A: write with token {a_token} refused: fenced")),
+        "{said}"
+    );
+    assert!(
+        output
+            .last()
+            .is_some_and(|l| l == &format!("writes in the table: B (token {b_token})")),
+        "{said}"
+    );
 }

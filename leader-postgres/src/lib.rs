@@ -1,18 +1,21 @@
 #![doc = include_str!("../README.md")]
 #![warn(clippy::unwrap_used)]
 
+mod fence;
 mod listener;
+mod renewals;
 mod sql;
 mod tls;
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
-use leader_core::{Candidate, Driver, Error, Grant, LeaderInfo, Result};
+use leader_core::{Candidate, CandidateInfo, Driver, Error, Grant, LeaderInfo, Result};
 use rand::Rng;
 use tokio::time::{Instant, sleep, timeout};
 use tokio_postgres::error::SqlState;
@@ -24,7 +27,10 @@ use tracing::{debug, warn};
 
 pub use tokio_postgres;
 
-use listener::{Interest, Listener};
+pub use fence::{DEFAULT_FENCE_TABLE, Fence};
+
+use listener::Listener;
+use renewals::{Cached, Due, Renewals};
 pub use sql::DEFAULT_TABLE;
 use sql::Table;
 
@@ -40,13 +46,16 @@ const APPLICATION_NAME: &str = "leader-postgres";
 /// A [`Driver`] for PostgreSQL.
 ///
 /// Each election is one row of a table (default [`DEFAULT_TABLE`]): `name`, `holder` (the
-/// candidate's unique id, `NULL` when nobody leads), `value`, `fencing_token` and
-/// `expires_at`, computed by the server with `clock_timestamp()`. Taking the lead, renewing
-/// and resigning are single statements that compare the holder **and** the fencing token;
-/// the token is incremented by the statement that takes the lead, and a resignation keeps
-/// the row (and so the counter). A resignation and an election `NOTIFY` the election's
-/// channel, on which waiting candidates `LISTEN`; a timer at the row's expiry is their
-/// fallback.
+/// candidate's unique id, `NULL` when nobody leads), `value`, `fencing_token`,
+/// `expires_at` (computed by the server with `clock_timestamp()`), the holder's driver's
+/// channel and a handover's nomination. Its waiting candidates stand in a line, rows of
+/// `<table>_waiters` with a server-side expiry. Taking the lead, renewing, resigning,
+/// handing over and proclaiming are single statements that compare the holder **and** the
+/// fencing token; the token is incremented by the statement that takes the lead, and a
+/// resignation keeps the row (and so the counter). A resignation `NOTIFY`s only the next
+/// waiter, on its driver's channel; a trigger `NOTIFY`s a holder whose term anyone else
+/// ends. One statement renews every term a driver holds, one refreshes every place in line
+/// it has. See the crate's README for the SQL and the grants.
 ///
 /// Cheap to clone: clones share one connection for the statements (reopened when it
 /// breaks) and one connection for `LISTEN`; each election built on it is a distinct
@@ -65,6 +74,9 @@ struct Inner {
     create_table: bool,
     connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
     listener: Listener,
+    renewals: Renewals,
+    /// Statements sent, for [`PostgresDriver::statements_sent`].
+    sent: AtomicU64,
 }
 
 /// One open connection and the driver's statements, prepared on it.
@@ -72,7 +84,11 @@ struct Connection {
     client: Client,
     acquire: Statement,
     renew: Statement,
+    keep: Statement,
     resign: Statement,
+    hand_over: Statement,
+    proclaim: Statement,
+    candidates: Statement,
     leader: Statement,
 }
 
@@ -164,9 +180,19 @@ impl PostgresDriverBuilder {
             config.get_application_name().unwrap_or(APPLICATION_NAME)
         );
         listen_config.application_name(listen_name);
+        // The driver's own channel: PostgreSQL wakes this driver's waiters and tells its
+        // leaders about lost terms on it.
+        let channel = format!("leader_d_{:016x}", rand::random::<u64>());
         PostgresDriver {
             inner: Arc::new(Inner {
-                listener: Listener::new(listen_config, self.tls.clone(), self.connect_timeout),
+                listener: Listener::new(
+                    listen_config,
+                    self.tls.clone(),
+                    self.connect_timeout,
+                    channel,
+                ),
+                renewals: Renewals::default(),
+                sent: AtomicU64::new(0),
                 config,
                 tls: self.tls,
                 table,
@@ -262,9 +288,17 @@ impl PostgresDriver {
         sql::channel(&self.inner.table, election)
     }
 
-    /// The `CREATE TABLE` statement the driver runs when the table is missing.
+    /// The schema the driver creates when it is missing or incomplete (idempotent): the
+    /// elections table, its waiters' table (`<table>_waiters`) and the trigger that tells a
+    /// leader at once when someone else ends its term. As in the README.
     pub fn create_table_sql(&self) -> String {
         self.inner.table.create()
+    }
+
+    /// How many statements this driver has sent to PostgreSQL (not counting `LISTEN`s,
+    /// health checks and connection set-up): a diagnostic for load and for tests.
+    pub fn statements_sent(&self) -> u64 {
+        self.inner.sent.load(Ordering::Relaxed)
     }
 }
 
@@ -305,8 +339,9 @@ fn pg_error(table: &Table, err: tokio_postgres::Error) -> Error {
     let what = match err.code() {
         Some(code) if *code == SqlState::INSUFFICIENT_PRIVILEGE => format!(
             "PostgreSQL denied a privilege: the driver needs SELECT, INSERT and UPDATE on \
-             table `{}` (and CREATE on its schema only if it is to create the table)",
-            table.name
+             table `{}`, SELECT, INSERT, UPDATE and DELETE on `{}` (and CREATE on its schema \
+             only if it is to create the tables)",
+            table.name, table.waiters_name
         ),
         Some(code)
             if *code == SqlState::INVALID_PASSWORD
@@ -396,56 +431,69 @@ impl Inner {
             .batch_execute(&format!("SET statement_timeout = {statement_timeout}"))
             .await
             .map_err(error)?;
-        self.ensure_table(&client).await?;
+        self.ensure_schema(&client).await?;
+        let table = &self.table;
         Ok(Connection {
-            acquire: client.prepare(&self.table.acquire()).await.map_err(error)?,
-            renew: client.prepare(&self.table.renew()).await.map_err(error)?,
-            resign: client.prepare(&self.table.resign()).await.map_err(error)?,
-            leader: client.prepare(&self.table.leader()).await.map_err(error)?,
+            acquire: client.prepare(&table.acquire()).await.map_err(error)?,
+            renew: client.prepare(&table.renew()).await.map_err(error)?,
+            keep: client.prepare(&table.keep()).await.map_err(error)?,
+            resign: client.prepare(&table.resign()).await.map_err(error)?,
+            hand_over: client.prepare(&table.hand_over()).await.map_err(error)?,
+            proclaim: client.prepare(&table.proclaim()).await.map_err(error)?,
+            candidates: client.prepare(&table.candidates()).await.map_err(error)?,
+            leader: client.prepare(&table.leader()).await.map_err(error)?,
             client,
         })
     }
 
-    /// Creates the table if it is missing and the driver may. Checks first, so that a
-    /// user without CREATE on the schema works on a table a DBA made.
-    async fn ensure_table(&self, client: &Client) -> Result<()> {
+    /// Creates the schema (or completes one of an earlier version) if anything is missing
+    /// and the driver may. Checks first, so that a user without CREATE on the schema works
+    /// on tables a DBA made.
+    async fn ensure_schema(&self, client: &Client) -> Result<()> {
         let error = |err| pg_error(&self.table, err);
-        let exists: Option<String> = client
-            .query_one("SELECT to_regclass($1)::text", &[&self.table.quoted])
+        let complete: bool = client
+            .query_one(
+                Table::complete(),
+                &[&self.table.quoted, &self.table.waiters, &self.table.trigger],
+            )
             .await
             .map_err(error)?
             .try_get(0)
             .map_err(Error::store)?;
-        if exists.is_some() {
+        if complete {
             return Ok(());
         }
         if !self.create_table {
             return Err(Error::invalid_config(
                 "table",
                 format!(
-                    "`{}` does not exist and creating it is turned off; create it with the \
-                     SQL in the leader-postgres README",
-                    self.table.name
+                    "`{}` (with `{}` and its trigger) does not exist or is of an earlier \
+                     version, and creating it is turned off; create it with the SQL in the \
+                     leader-postgres README",
+                    self.table.name, self.table.waiters_name
                 ),
             ));
         }
-        debug!(table = %self.table.name, "creating the elections table");
-        match client.batch_execute(&self.table.create()).await {
+        debug!(table = %self.table.name, "creating the elections tables");
+        match client.batch_execute(&self.table.setup()).await {
             Ok(()) => Ok(()),
-            Err(err) if err.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
-                Err(Error::denied(Refused {
-                    what: format!(
-                        "table `{}` does not exist and this user may not create it: have a \
-                         DBA run the CREATE TABLE in the leader-postgres README, or grant \
-                         CREATE on the schema",
-                        self.table.name
-                    ),
-                    source: err,
-                }))
+            Err(err) => {
+                // Leave no transaction open on the connection.
+                let _ = client.batch_execute("ROLLBACK").await;
+                if err.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
+                    Err(Error::denied(Refused {
+                        what: format!(
+                            "table `{}` (or `{}`, or its trigger) does not exist and this user \
+                             may not create it: have a DBA run the SQL in the leader-postgres \
+                             README, or grant CREATE on the schema",
+                            self.table.name, self.table.waiters_name
+                        ),
+                        source: err,
+                    }))
+                } else {
+                    Err(error(err))
+                }
             }
-            // Created concurrently by another driver.
-            Err(err) if err.code() == Some(&SqlState::UNIQUE_VIOLATION) => Ok(()),
-            Err(err) => Err(error(err)),
         }
     }
 
@@ -469,6 +517,7 @@ impl Inner {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>> {
         let connection = self.connection().await?;
+        self.sent.fetch_add(1, Ordering::Relaxed);
         let answer = timeout(
             self.request_timeout,
             connection.client.query(which(&connection), params),
@@ -489,18 +538,28 @@ impl Inner {
         }
     }
 
-    /// `Ok(Ok(grant))` when elected, `Ok(Err(remaining ms))` with the holder's lease.
-    async fn try_acquire(
+    /// Runs one prepared statement that returns one row.
+    async fn query_one(
         &self,
-        candidate: &Candidate,
-        channel: &str,
-    ) -> Result<std::result::Result<Grant, Option<f64>>> {
+        which: fn(&Connection) -> &Statement,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row> {
+        self.query(which, params)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::store(std::io::Error::other("a statement returned no row")))
+    }
+
+    /// One attempt to take the lead; joins the line (or refreshes this candidate's place)
+    /// otherwise.
+    async fn try_acquire(&self, candidate: &Candidate, channel: &str) -> Result<Attempt> {
         let ttl = ttl_millis(candidate.ttl);
         // Taken before the statement is sent: the server's expiry is later than this plus
         // the TTL.
         let sent_at = Instant::now();
-        let rows = self
-            .query(
+        let row = self
+            .query_one(
                 |c| &c.acquire,
                 &[
                     &candidate.election,
@@ -508,19 +567,23 @@ impl Inner {
                     &candidate.value,
                     &ttl,
                     &channel,
+                    &self.listener.shared().channel,
                 ],
             )
             .await?;
-        let row = rows.first().ok_or_else(|| {
-            Error::store(std::io::Error::other(
-                "the acquire statement returned no row",
-            ))
-        })?;
         let token: Option<i64> = row.try_get(0).map_err(Error::store)?;
-        let remaining: Option<f64> = row.try_get(1).map_err(Error::store)?;
+        let first: Option<bool> = row.try_get(1).map_err(Error::store)?;
+        let remaining: Option<f64> = row.try_get(2).map_err(Error::store)?;
         match token {
-            Some(token) => Ok(Ok(Grant::new(token_of(token)?, sent_at, candidate.ttl))),
-            None => Ok(Err(remaining)),
+            Some(token) => Ok(Attempt::Elected(Grant::new(
+                token_of(token)?,
+                sent_at,
+                candidate.ttl,
+            ))),
+            None => Ok(Attempt::Wait {
+                first: first.unwrap_or(false),
+                remaining,
+            }),
         }
     }
 
@@ -540,21 +603,243 @@ impl Inner {
         )))
     }
 
-    async fn resign_exactly(&self, candidate: &Candidate, token: u64, channel: &str) -> Result<()> {
-        let token = i64::try_from(token).map_err(|_| {
-            Error::store(std::io::Error::other(format!(
-                "fencing token {token} does not fit the table's bigint"
-            )))
-        })?;
-        let released = self
-            .query(
+    /// Ends the term `token` (if any) of `candidate`, removes a nomination naming it and
+    /// its place in line, and wakes the one waiter whose turn it now is.
+    async fn resign_exactly(
+        &self,
+        candidate: &Candidate,
+        token: Option<u64>,
+        channel: &str,
+    ) -> Result<()> {
+        let token = token.map(bigint).transpose()?;
+        let row = self
+            .query_one(
                 |c| &c.resign,
                 &[&candidate.election, &candidate.id, &token, &channel],
             )
             .await?;
-        debug!(election = %candidate.election, released = released.len(), "resigned");
+        let released: i64 = row.try_get(0).map_err(Error::store)?;
+        let woken: i64 = row.try_get(1).map_err(Error::store)?;
+        debug!(election = %candidate.election, released, woken, "resigned");
         Ok(())
     }
+
+    /// Renews the term of `grant`, in a batch with every other term of this driver that is
+    /// due, or answers from a batch that just renewed it.
+    async fn renew(&self, candidate: &Candidate, grant: &Grant) -> Result<Grant> {
+        let (id, token, ttl) = (&candidate.id, grant.fencing_token, candidate.ttl);
+        let cached =
+            || match self
+                .renewals
+                .ask(&candidate.election, id, token, ttl, grant.confirmed_at)
+            {
+                Cached::Renewed(at) => Some(Ok(Grant::new(token, at, ttl))),
+                Cached::Gone => Some(Err(Error::TermGone)),
+                Cached::Miss => None,
+            };
+        if let Some(answer) = cached() {
+            return answer;
+        }
+        let _batch = self.renewals.batch.lock().await;
+        // A batch that ran while this one waited may have renewed it.
+        if let Some(answer) = cached() {
+            return answer;
+        }
+        let mut batch = vec![Due {
+            election: candidate.election.clone(),
+            holder: id.clone(),
+            token,
+            ttl,
+        }];
+        batch.extend(self.renewals.due(id, renewals::BATCH - 1));
+        let names: Vec<&str> = batch.iter().map(|d| d.election.as_str()).collect();
+        let holders: Vec<&str> = batch.iter().map(|d| d.holder.as_str()).collect();
+        let tokens = batch
+            .iter()
+            .map(|d| bigint(d.token))
+            .collect::<Result<Vec<i64>>>()?;
+        let ttls: Vec<f64> = batch.iter().map(|d| ttl_millis(d.ttl)).collect();
+        let sent_at = Instant::now();
+        let rows = self
+            .query(|c| &c.renew, &[&names, &holders, &tokens, &ttls])
+            .await?;
+        let renewed = rows
+            .iter()
+            .map(|row| row.try_get::<_, String>(0))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(Error::store)?;
+        debug!(
+            terms = batch.len(),
+            renewed = renewed.len(),
+            "renewed a batch"
+        );
+        self.renewals.record(&batch, &renewed, sent_at);
+        if renewed.contains(id) {
+            Ok(Grant::new(token, sent_at, ttl))
+        } else {
+            Err(Error::TermGone)
+        }
+    }
+
+    /// Ends the term `token` of `candidate` and nominates `nominee` for one TTL, in one
+    /// statement.
+    async fn hand_over(
+        &self,
+        candidate: &Candidate,
+        token: u64,
+        nominee: &str,
+        channel: &str,
+    ) -> Result<HandedOver> {
+        let token = bigint(token)?;
+        let ttl = ttl_millis(candidate.ttl);
+        let row = self
+            .query_one(
+                |c| &c.hand_over,
+                &[
+                    &candidate.election,
+                    &candidate.id,
+                    &token,
+                    &nominee,
+                    &ttl,
+                    &channel,
+                ],
+            )
+            .await?;
+        let handed: bool = row.try_get(0).map_err(Error::store)?;
+        let held: bool = row.try_get(1).map_err(Error::store)?;
+        let waiting: bool = row.try_get(2).map_err(Error::store)?;
+        Ok(if handed {
+            HandedOver::Done
+        } else if !held {
+            HandedOver::TermGone
+        } else if !waiting {
+            HandedOver::NotWaiting
+        } else {
+            // Both held in the statement's snapshot, yet the update found neither: the
+            // term ended meanwhile.
+            HandedOver::TermGone
+        })
+    }
+
+    /// Sets the value of the term `token` of `candidate`; whether it was still held.
+    async fn proclaim(
+        &self,
+        candidate: &Candidate,
+        token: u64,
+        value: &[u8],
+        channel: &str,
+    ) -> Result<bool> {
+        let token = bigint(token)?;
+        let row = self
+            .query_one(
+                |c| &c.proclaim,
+                &[&candidate.election, &candidate.id, &token, &value, &channel],
+            )
+            .await?;
+        row.try_get(0).map_err(Error::store)
+    }
+
+    /// The leader (`true`), then the waiters in the order they would lead.
+    async fn candidates(&self, election: &str) -> Result<Vec<(String, Vec<u8>, bool)>> {
+        let rows = self.query(|c| &c.candidates, &[&election]).await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
+            .collect::<std::result::Result<Vec<_>, tokio_postgres::Error>>()
+            .map_err(Error::store)
+    }
+
+    /// Starts the keeper task: while this driver has waiters, it refreshes their places in
+    /// line every third of their TTL (one statement for all of them) and wakes those whose
+    /// turn came without a notice (a holder, waiter or nominee that died).
+    fn start_keeper(self: &Arc<Self>, first_round: Duration) {
+        let inner = Arc::downgrade(self);
+        tokio::spawn(keeper(inner, first_round));
+    }
+
+    /// One round of the keeper. Returns the period until the next, or `None` when no
+    /// waiter is left.
+    async fn keep(&self) -> Option<Duration> {
+        let waiters = self.listener.shared().waiters_for_keeper();
+        let period = waiters.iter().map(|(_, w)| w.ttl).min()? / 3;
+        let names: Vec<&str> = waiters.iter().map(|(_, w)| w.election.as_str()).collect();
+        let ids: Vec<&str> = waiters.iter().map(|(id, _)| id.as_str()).collect();
+        let ttls: Vec<f64> = waiters.iter().map(|(_, w)| ttl_millis(w.ttl)).collect();
+        match self.query(|c| &c.keep, &[&names, &ids, &ttls]).await {
+            Ok(rows) => {
+                let mut refreshed = std::collections::HashSet::with_capacity(rows.len());
+                for row in &rows {
+                    let (Ok(id), Ok(first), Ok(free)) = (
+                        row.try_get::<_, String>(0),
+                        row.try_get::<_, bool>(1),
+                        row.try_get::<_, bool>(2),
+                    ) else {
+                        continue;
+                    };
+                    if let Some(waiter) = self.listener.shared().waiter(&id)
+                        && first
+                        && (free || !waiter.armed.load(Ordering::SeqCst))
+                    {
+                        waiter.wake.notify_one();
+                    }
+                    refreshed.insert(id);
+                }
+                // A place that is gone (swept, deleted by hand): its waiter joins again.
+                for (id, waiter) in &waiters {
+                    if !refreshed.contains(id.as_str()) {
+                        waiter.wake.notify_one();
+                    }
+                }
+            }
+            Err(err) => {
+                warn!(error = %leader_core::ErrorChain(&err), "refreshing the waiters' places failed; retrying");
+                return Some(period.min(Duration::from_secs(1)));
+            }
+        }
+        Some(period)
+    }
+}
+
+/// The keeper task of a driver (see [`Inner::start_keeper`]).
+async fn keeper(inner: Weak<Inner>, first_round: Duration) {
+    let mut period = first_round;
+    loop {
+        sleep(period).await;
+        let Some(driver) = inner.upgrade() else {
+            return;
+        };
+        match driver.keep().await {
+            Some(next) => period = next.max(Duration::from_millis(10)),
+            None => return,
+        }
+    }
+}
+
+/// The outcome of a handover.
+#[derive(Debug, PartialEq, Eq)]
+enum HandedOver {
+    Done,
+    TermGone,
+    NotWaiting,
+}
+
+/// The outcome of one attempt to take the lead.
+enum Attempt {
+    Elected(Grant),
+    /// Not elected; in line. `first`: first in line or nominated (then `remaining` is the
+    /// time in ms until the holder's lease, or a nomination, ends).
+    Wait {
+        first: bool,
+        remaining: Option<f64>,
+    },
+}
+
+/// A fencing token as the table's bigint.
+fn bigint(token: u64) -> Result<i64> {
+    i64::try_from(token).map_err(|_| {
+        Error::store(std::io::Error::other(format!(
+            "fencing token {token} does not fit the table's bigint"
+        )))
+    })
 }
 
 #[async_trait]
@@ -562,19 +847,43 @@ impl Driver for PostgresDriver {
     async fn campaign(&self, candidate: &Candidate) -> Result<Grant> {
         check_name(&candidate.election)?;
         let channel = self.channel(&candidate.election);
-        // Listen first, so that a resignation between our attempt and our wait is not
-        // missed.
-        let mut notices = self.inner.listener.listen(&channel, Interest::Freed).await;
+        // Listen first, so that a wake-up between our attempt and our wait is not missed;
+        // the registration keeps a wake-up that comes before the wait.
+        self.inner.listener.ensure().await;
+        let (place, start_keeper) =
+            self.inner
+                .listener
+                .wait(&candidate.id, &candidate.election, candidate.ttl);
+        if start_keeper {
+            self.inner.start_keeper(candidate.ttl / 3);
+        }
         loop {
-            notices.mark_seen();
             match self.inner.try_acquire(candidate, &channel).await? {
-                Ok(grant) => return Ok(grant),
-                Err(remaining) => {
-                    let wait = expiry_wait(remaining, candidate.ttl);
-                    debug!(election = %candidate.election, ?wait, "waiting for the leader's row");
-                    tokio::select! {
-                        () = notices.changed() => {}
-                        () = sleep(wait) => {}
+                Attempt::Elected(grant) => {
+                    self.inner.renewals.hold(
+                        &candidate.election,
+                        &candidate.id,
+                        grant.fencing_token,
+                        candidate.ttl,
+                        grant.confirmed_at,
+                    );
+                    return Ok(grant);
+                }
+                Attempt::Wait { first, remaining } => {
+                    place.waiter.armed.store(first, Ordering::SeqCst);
+                    if first {
+                        // First in line: a timer at the end of the holder's lease (or of a
+                        // nomination) in case nobody says it ended.
+                        let wait = expiry_wait(remaining, candidate.ttl);
+                        debug!(election = %candidate.election, ?wait, "first in line");
+                        tokio::select! {
+                            () = place.waiter.wake.notified() => {}
+                            () = sleep(wait) => {}
+                        }
+                    } else {
+                        // Behind others: woken by a notice, or by the keeper.
+                        debug!(election = %candidate.election, "waiting in line");
+                        place.waiter.wake.notified().await;
                     }
                 }
             }
@@ -582,50 +891,30 @@ impl Driver for PostgresDriver {
     }
 
     async fn renew(&self, candidate: &Candidate, grant: &Grant) -> Result<Grant> {
-        let token = i64::try_from(grant.fencing_token).map_err(|_| Error::TermGone)?;
-        let ttl = ttl_millis(candidate.ttl);
-        let sent_at = Instant::now();
-        let connection = self.inner.connection().await?;
-        let answer = timeout(
-            self.inner.request_timeout,
-            connection.client.execute(
-                &connection.renew,
-                &[&candidate.election, &candidate.id, &token, &ttl],
-            ),
-        )
-        .await;
-        match answer {
-            Ok(Ok(1)) => Ok(Grant::new(grant.fencing_token, sent_at, candidate.ttl)),
-            Ok(Ok(_)) => Err(Error::TermGone),
-            Ok(Err(err)) => {
-                if connection.client.is_closed() || err.code() == Some(&SqlState::QUERY_CANCELED) {
-                    self.inner.discard(&connection).await;
-                }
-                Err(pg_error(&self.inner.table, err))
-            }
-            Err(_) => {
-                self.inner.discard(&connection).await;
-                Err(Error::Timeout(self.inner.request_timeout))
-            }
+        if i64::try_from(grant.fencing_token).is_err() {
+            return Err(Error::TermGone);
         }
+        self.inner.renew(candidate, grant).await
     }
 
     async fn resign(&self, candidate: &Candidate, fencing_token: Option<u64>) -> Result<()> {
         let channel = self.channel(&candidate.election);
         // Releases by exact token only: this request may land late, after this
         // candidate's next term began, and must not end that one. Without a token (a
-        // campaign whose answer never came), read it first.
+        // campaign whose answer never came), read it first; the place in line and a
+        // nomination naming this candidate go either way.
         let token = match fencing_token {
-            Some(token) => token,
+            Some(token) => Some(token),
             None => match self
                 .inner
                 .leader_with_remaining(&candidate.election)
                 .await?
             {
-                Some((leader, _)) if leader.id == candidate.id => leader.fencing_token,
-                _ => return Ok(()),
+                Some((leader, _)) if leader.id == candidate.id => Some(leader.fencing_token),
+                _ => None,
             },
         };
+        self.inner.renewals.release(&candidate.id, token);
         self.inner.resign_exactly(candidate, token, &channel).await
     }
 
@@ -638,30 +927,87 @@ impl Driver for PostgresDriver {
             .map(|(info, _)| info))
     }
 
+    async fn candidates(&self, election: &str) -> Result<Vec<CandidateInfo>> {
+        check_name(election)?;
+        Ok(self
+            .inner
+            .candidates(election)
+            .await?
+            .into_iter()
+            .map(|(id, value, is_leader)| CandidateInfo::new(id, value, is_leader))
+            .collect())
+    }
+
+    async fn hand_over(
+        &self,
+        candidate: &Candidate,
+        fencing_token: u64,
+        nominee: &str,
+    ) -> Result<()> {
+        let channel = self.channel(&candidate.election);
+        match self
+            .inner
+            .hand_over(candidate, fencing_token, nominee, &channel)
+            .await?
+        {
+            HandedOver::Done => {
+                self.inner
+                    .renewals
+                    .release(&candidate.id, Some(fencing_token));
+                Ok(())
+            }
+            HandedOver::TermGone => Err(Error::TermGone),
+            HandedOver::NotWaiting => Err(Error::NotWaiting {
+                id: nominee.to_owned(),
+            }),
+        }
+    }
+
+    async fn proclaim(
+        &self,
+        candidate: &Candidate,
+        fencing_token: u64,
+        value: &[u8],
+    ) -> Result<()> {
+        let channel = self.channel(&candidate.election);
+        if self
+            .inner
+            .proclaim(candidate, fencing_token, value, &channel)
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(Error::TermGone)
+        }
+    }
+
     fn check_name(&self, election: &str) -> Result<()> {
         check_name(election)
     }
 
     fn term_gone(&self, candidate: &Candidate, fencing_token: u64) -> BoxFuture<'static, ()> {
-        // Another candidate's election (after an expiry) is announced on the channel:
-        // look at the row then, and on every LISTEN reconnection. A row changed by hand
-        // is not announced; the next renewal notices that.
-        let driver = self.clone();
-        let candidate = candidate.clone();
+        // The table's trigger tells this driver's channel when anyone but the holder ends
+        // the term (a DELETE, another holder or token, an earlier expiry). A LISTEN lost on
+        // a reconnection may have lost that notice: after each reconnection, look at the
+        // row once.
+        // Kept small while it waits (it lives as long as the term, one per election): the
+        // look at the row is boxed, not part of this future's state.
+        let term = self.inner.listener.hold(&candidate.id, fencing_token);
+        let inner = Arc::clone(&self.inner);
+        let election: Arc<str> = candidate.election.as_str().into();
         Box::pin(async move {
-            let channel = driver.channel(&candidate.election);
-            let mut notices = driver.inner.listener.listen(&channel, Interest::Any).await;
             loop {
-                notices.changed().await;
-                match driver
-                    .inner
-                    .leader_with_remaining(&candidate.election)
-                    .await
-                {
+                term.watch.wake.notified().await;
+                if term.watch.gone.load(Ordering::SeqCst) {
+                    warn!(%election, fencing_token, "the row no longer holds this term (ended by someone else)");
+                    return;
+                }
+                let look: BoxFuture<'_, _> = Box::pin(inner.leader_with_remaining(&election));
+                match look.await {
                     Ok(Some((leader, _)))
-                        if leader.id == candidate.id && leader.fencing_token == fencing_token => {}
+                        if leader.id == term.id() && leader.fencing_token == fencing_token => {}
                     Ok(_) => {
-                        warn!(election = %candidate.election, fencing_token, "the row no longer holds this term");
+                        warn!(%election, fencing_token, "the row no longer holds this term");
                         return;
                     }
                     // The renewal loop deals with store errors.
@@ -679,7 +1025,7 @@ impl Driver for PostgresDriver {
             |(driver, election, mut notices, next_check)| async move {
                 if notices.is_none() {
                     let channel = driver.channel(&election);
-                    notices = Some(driver.inner.listener.listen(&channel, Interest::Any).await);
+                    notices = Some(driver.inner.listener.listen(&channel).await);
                 }
                 let notices_ref = notices.as_mut()?;
                 if let Some(wait) = next_check {

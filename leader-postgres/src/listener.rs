@@ -1,12 +1,19 @@
 //! One `LISTEN` connection per driver, shared by every waiting candidate, observer and
 //! leader of the driver.
+//!
+//! Two kinds of channels: each election's channel (`leader_<hash>`), on which observers
+//! hear elections, resignations and proclamations; and the driver's own channel
+//! (`leader_d_<random>`), on which PostgreSQL wakes one waiter of this driver by its
+//! candidate id (`w<id>`: its turn may have come) or tells a leader of this driver that
+//! someone else ended its term (`g<token>:<id>`, sent by the table's trigger).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use futures::StreamExt;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::timeout;
 use tokio_postgres::{AsyncMessage, Config};
 
@@ -17,18 +24,19 @@ use tracing::{debug, warn};
 /// otherwise leave waiters waiting on notifications that never come.
 const HEALTH_CHECK_EVERY: Duration = Duration::from_secs(5);
 
-/// The payload of the notification sent by the resign statement.
-pub(crate) const RESIGNED: &str = "resigned";
+/// How many recent "term gone" notices are kept for leaders that register after them.
+const RECENT_GONE: usize = 256;
 
-/// Routes the notifications of the driver's `LISTEN` connection to each channel's
-/// watchers, and reconnects when the connection drops. Each (re)connection wakes every
-/// watcher, since notifications may have been missed meanwhile. The connection task starts
-/// on the first subscription (inside the caller's runtime) and ends when the driver and
-/// every watcher are gone.
+/// Routes the notifications of the driver's `LISTEN` connection, and reconnects when the
+/// connection drops. Each (re)connection wakes every watcher, waiter and leader, since
+/// notifications may have been missed meanwhile. The connection task starts on the first
+/// use (inside the caller's runtime) and ends when the driver and every watcher are gone.
 pub(crate) struct Listener {
     shared: Arc<Shared>,
     commands: mpsc::UnboundedSender<Command>,
     idle: Mutex<Option<Idle>>,
+    /// The driver's channel is listened on (or the connection was down when asked).
+    ready: AtomicBool,
 }
 
 struct Idle {
@@ -38,19 +46,28 @@ struct Idle {
     commands: mpsc::UnboundedReceiver<Command>,
 }
 
-struct Shared {
-    channels: Mutex<HashMap<String, Channel>>,
+pub(crate) struct Shared {
+    /// The driver's own channel.
+    pub(crate) channel: String,
+    routes: Mutex<Routes>,
 }
 
-/// What a channel has seen: every notification, and the ones that free the election.
-#[derive(Debug, Clone, Copy, Default)]
-struct Seen {
-    any: u64,
-    freed: u64,
+#[derive(Default)]
+struct Routes {
+    /// Election channels and their watchers (observers).
+    channels: HashMap<String, Channel>,
+    /// This driver's waiting candidates, by candidate id.
+    waiters: HashMap<String, Arc<Waiter>>,
+    /// This driver's leaders, by candidate id: the term they hold and its watch.
+    terms: HashMap<String, (u64, Arc<TermWatch>)>,
+    /// The last "term gone" notices, for a leader that registers after its notice came.
+    recent_gone: VecDeque<(String, u64)>,
+    /// The keeper task (refreshing waiters' places) runs.
+    pub(crate) keeper: bool,
 }
 
 struct Channel {
-    notices: watch::Sender<Seen>,
+    notices: watch::Sender<u64>,
     watchers: usize,
 }
 
@@ -59,22 +76,30 @@ enum Command {
     Unlisten(String),
 }
 
-/// Which notifications wake a watcher.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Interest {
-    /// Every notification on the channel (observers, leaders).
-    Any,
-    /// Only a resignation (waiting candidates: an election only frees up by resignation,
-    /// or by expiry, which they time themselves).
-    Freed,
+/// A waiting candidate of this driver.
+pub(crate) struct Waiter {
+    pub(crate) election: String,
+    pub(crate) ttl: Duration,
+    /// Woken when its turn may have come (a permit is kept if it is not waiting yet).
+    pub(crate) wake: Notify,
+    /// It knows it is first in line (or nominated) and keeps a timer at the expiry of
+    /// whatever holds the election: the keeper need not wake it to say so.
+    pub(crate) armed: AtomicBool,
 }
 
-/// A watcher of one channel; the channel is unlistened when its last watcher drops.
+/// A leader of this driver, told when its term is ended by someone else.
+#[derive(Default)]
+pub(crate) struct TermWatch {
+    pub(crate) wake: Notify,
+    /// The trigger said the term is gone; otherwise a wake means "look at the row".
+    pub(crate) gone: AtomicBool,
+}
+
+/// A watcher of one election channel; the channel is unlistened when its last watcher
+/// drops.
 pub(crate) struct Notices {
     channel: String,
-    interest: Interest,
-    rx: watch::Receiver<Seen>,
-    seen: Seen,
+    rx: watch::Receiver<u64>,
     shared: Weak<Shared>,
     commands: mpsc::UnboundedSender<Command>,
 }
@@ -82,25 +107,14 @@ pub(crate) struct Notices {
 impl Notices {
     /// Forgets the notices received so far.
     pub(crate) fn mark_seen(&mut self) {
-        self.seen = *self.rx.borrow_and_update();
+        self.rx.borrow_and_update();
     }
 
-    /// Resolves at the next notice of interest: a notification on the channel, or a
-    /// reconnection of the `LISTEN` connection (which wakes everyone).
+    /// Resolves at the next notification on the channel, or a reconnection of the
+    /// `LISTEN` connection (which wakes everyone).
     pub(crate) async fn changed(&mut self) {
-        loop {
-            let now = *self.rx.borrow_and_update();
-            let woken = match self.interest {
-                Interest::Any => now.any != self.seen.any,
-                Interest::Freed => now.freed != self.seen.freed,
-            };
-            if woken {
-                self.seen = now;
-                return;
-            }
-            if self.rx.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
+        if self.rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
         }
     }
 }
@@ -110,52 +124,144 @@ impl Drop for Notices {
         let Some(shared) = self.shared.upgrade() else {
             return;
         };
-        let mut channels = shared.lock();
-        if let Some(channel) = channels.get_mut(&self.channel) {
+        let mut routes = shared.lock();
+        if let Some(channel) = routes.channels.get_mut(&self.channel) {
             channel.watchers = channel.watchers.saturating_sub(1);
             if channel.watchers == 0 {
-                channels.remove(&self.channel);
+                routes.channels.remove(&self.channel);
                 let _ = self.commands.send(Command::Unlisten(self.channel.clone()));
             }
         }
     }
 }
 
+/// A waiter's registration; removed when dropped.
+pub(crate) struct WaiterGuard {
+    pub(crate) waiter: Arc<Waiter>,
+    id: String,
+    shared: Arc<Shared>,
+}
+
+impl Drop for WaiterGuard {
+    fn drop(&mut self) {
+        let mut routes = self.shared.lock();
+        if routes
+            .waiters
+            .get(&self.id)
+            .is_some_and(|held| Arc::ptr_eq(held, &self.waiter))
+        {
+            routes.waiters.remove(&self.id);
+        }
+    }
+}
+
+/// A leader's registration; removed when dropped.
+pub(crate) struct TermGuard {
+    pub(crate) watch: Arc<TermWatch>,
+    id: String,
+    shared: Arc<Shared>,
+}
+
+impl TermGuard {
+    /// The leader's candidate id.
+    pub(crate) fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Drop for TermGuard {
+    fn drop(&mut self) {
+        let mut routes = self.shared.lock();
+        if routes
+            .terms
+            .get(&self.id)
+            .is_some_and(|(_, held)| Arc::ptr_eq(held, &self.watch))
+        {
+            routes.terms.remove(&self.id);
+        }
+    }
+}
+
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Channel>> {
-        self.channels
+    fn lock(&self) -> MutexGuard<'_, Routes> {
+        self.routes
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn notify(&self, channel: &str, payload: &str) {
-        if let Some(channel) = self.lock().get(channel) {
-            let freed = payload == RESIGNED;
-            channel.notices.send_modify(|seen| {
-                seen.any = seen.any.wrapping_add(1);
-                if freed {
-                    seen.freed = seen.freed.wrapping_add(1);
-                }
-            });
+        let mut routes = self.lock();
+        if channel != self.channel {
+            if let Some(channel) = routes.channels.get(channel) {
+                channel
+                    .notices
+                    .send_modify(|seen| *seen = seen.wrapping_add(1));
+            }
+            return;
+        }
+        if let Some(id) = payload.strip_prefix('w') {
+            if let Some(waiter) = routes.waiters.get(id) {
+                waiter.wake.notify_one();
+            }
+        } else if let Some((token, id)) = payload
+            .strip_prefix('g')
+            .and_then(|rest| rest.split_once(':'))
+            && let Ok(token) = token.parse::<u64>()
+        {
+            if let Some((held, watch)) = routes.terms.get(id)
+                && *held == token
+            {
+                watch.gone.store(true, Ordering::SeqCst);
+                watch.wake.notify_one();
+            }
+            if routes.recent_gone.len() >= RECENT_GONE {
+                routes.recent_gone.pop_front();
+            }
+            routes.recent_gone.push_back((id.to_owned(), token));
         }
     }
 
+    /// Wakes everyone: notifications may have been missed.
     fn notify_all(&self) {
-        for channel in self.lock().values() {
-            channel.notices.send_modify(|seen| {
-                seen.any = seen.any.wrapping_add(1);
-                seen.freed = seen.freed.wrapping_add(1);
-            });
+        let routes = self.lock();
+        for channel in routes.channels.values() {
+            channel
+                .notices
+                .send_modify(|seen| *seen = seen.wrapping_add(1));
         }
+        for waiter in routes.waiters.values() {
+            waiter.wake.notify_one();
+        }
+        for (_, watch) in routes.terms.values() {
+            watch.wake.notify_one();
+        }
+    }
+
+    /// The waiters of this driver, for the keeper; marks the keeper as running, or as
+    /// stopped when there are none.
+    pub(crate) fn waiters_for_keeper(&self) -> Vec<(String, Arc<Waiter>)> {
+        let mut routes = self.lock();
+        routes.keeper = !routes.waiters.is_empty();
+        routes
+            .waiters
+            .iter()
+            .map(|(id, waiter)| (id.clone(), Arc::clone(waiter)))
+            .collect()
+    }
+
+    /// The waiter `id`, if it still waits.
+    pub(crate) fn waiter(&self, id: &str) -> Option<Arc<Waiter>> {
+        self.lock().waiters.get(id).cloned()
     }
 }
 
 impl Listener {
-    pub(crate) fn new(config: Config, tls: Tls, timeout: Duration) -> Self {
+    pub(crate) fn new(config: Config, tls: Tls, timeout: Duration, channel: String) -> Self {
         let (commands, rx) = mpsc::unbounded_channel();
         Listener {
             shared: Arc::new(Shared {
-                channels: Mutex::new(HashMap::new()),
+                channel,
+                routes: Mutex::new(Routes::default()),
             }),
             commands,
             idle: Mutex::new(Some(Idle {
@@ -164,13 +270,16 @@ impl Listener {
                 timeout,
                 commands: rx,
             })),
+            ready: AtomicBool::new(false),
         }
     }
 
-    /// Listens on `channel` and returns its watcher. Waits for PostgreSQL to confirm the
-    /// `LISTEN` when the connection is up (so nothing notified afterwards is missed); when
-    /// it is down, returns at once: waiters then rely on the row's expiry timer.
-    pub(crate) async fn listen(&self, channel: &str, interest: Interest) -> Notices {
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Starts the connection task if it is not running yet.
+    fn start(&self) {
         let idle = self
             .idle
             .lock()
@@ -179,17 +288,13 @@ impl Listener {
         if let Some(idle) = idle {
             tokio::spawn(run(idle, Arc::clone(&self.shared)));
         }
-        let rx = {
-            let mut channels = self.shared.lock();
-            let entry = channels
-                .entry(channel.to_owned())
-                .or_insert_with(|| Channel {
-                    notices: watch::Sender::new(Seen::default()),
-                    watchers: 0,
-                });
-            entry.watchers += 1;
-            entry.notices.subscribe()
-        };
+    }
+
+    /// Sends a `LISTEN` for `channel` and waits for PostgreSQL to confirm it when the
+    /// connection is up (so nothing notified afterwards is missed); when it is down,
+    /// returns at once: everyone is woken when it comes back.
+    async fn confirm(&self, channel: &str) {
+        self.start();
         let (confirmed, confirmation) = oneshot::channel();
         if self
             .commands
@@ -198,11 +303,85 @@ impl Listener {
         {
             let _ = timeout(Duration::from_secs(5), confirmation).await;
         }
+    }
+
+    /// Makes sure the driver's channel is listened on (once per driver; the connection
+    /// task listens on it again after each reconnection).
+    pub(crate) async fn ensure(&self) {
+        if self.ready.load(Ordering::SeqCst) {
+            return;
+        }
+        let channel = self.shared.channel.clone();
+        self.confirm(&channel).await;
+        self.ready.store(true, Ordering::SeqCst);
+    }
+
+    /// Registers a waiting candidate `id` of this driver. Returns whether the keeper task
+    /// must be started (it was not running).
+    pub(crate) fn wait(&self, id: &str, election: &str, ttl: Duration) -> (WaiterGuard, bool) {
+        let waiter = Arc::new(Waiter {
+            election: election.to_owned(),
+            ttl,
+            wake: Notify::new(),
+            armed: AtomicBool::new(false),
+        });
+        let mut routes = self.shared.lock();
+        routes.waiters.insert(id.to_owned(), Arc::clone(&waiter));
+        let start_keeper = !routes.keeper;
+        routes.keeper = true;
+        drop(routes);
+        (
+            WaiterGuard {
+                waiter,
+                id: id.to_owned(),
+                shared: Arc::clone(&self.shared),
+            },
+            start_keeper,
+        )
+    }
+
+    /// Registers the term `token` of leader `id` of this driver; its watch is already
+    /// marked gone if the trigger's notice came before.
+    pub(crate) fn hold(&self, id: &str, token: u64) -> TermGuard {
+        let watch = Arc::new(TermWatch::default());
+        let mut routes = self.shared.lock();
+        if routes
+            .recent_gone
+            .iter()
+            .any(|(gone, held)| gone == id && *held == token)
+        {
+            watch.gone.store(true, Ordering::SeqCst);
+            watch.wake.notify_one();
+        }
+        routes
+            .terms
+            .insert(id.to_owned(), (token, Arc::clone(&watch)));
+        drop(routes);
+        TermGuard {
+            watch,
+            id: id.to_owned(),
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Listens on the election channel `channel` and returns its watcher.
+    pub(crate) async fn listen(&self, channel: &str) -> Notices {
+        let rx = {
+            let mut routes = self.shared.lock();
+            let entry = routes
+                .channels
+                .entry(channel.to_owned())
+                .or_insert_with(|| Channel {
+                    notices: watch::Sender::new(0),
+                    watchers: 0,
+                });
+            entry.watchers += 1;
+            entry.notices.subscribe()
+        };
+        self.confirm(channel).await;
         let mut notices = Notices {
             channel: channel.to_owned(),
-            interest,
             rx,
-            seen: Seen::default(),
             shared: Arc::downgrade(&self.shared),
             commands: self.commands.clone(),
         };
@@ -307,7 +486,8 @@ async fn connected(
         }
     });
     let _abort = AbortOnDrop(driving);
-    let channels: Vec<String> = shared.lock().keys().cloned().collect();
+    let mut channels: Vec<String> = shared.lock().channels.keys().cloned().collect();
+    channels.push(shared.channel.clone());
     if !channels.is_empty()
         && !matches!(
             timeout(
@@ -346,7 +526,7 @@ async fn connected(
                     }
                 }
                 Some(Command::Unlisten(channel)) => {
-                    if shared.lock().contains_key(&channel) {
+                    if shared.lock().channels.contains_key(&channel) {
                         continue; // watched again meanwhile
                     }
                     let unlistened = timeout(limit, client.batch_execute(&listen_sql("UNLISTEN", std::slice::from_ref(&channel)))).await;

@@ -8,27 +8,65 @@ pub const DEFAULT_TABLE: &str = "leader_elections";
 /// PostgreSQL truncates identifiers longer than this (NAMEDATALEN - 1).
 const MAX_IDENTIFIER_LEN: usize = 63;
 
+/// The longest table name part: the waiters' table is `<table>_waiters`, which must fit.
+const MAX_TABLE_LEN: usize = MAX_IDENTIFIER_LEN - WAITERS_SUFFIX.len();
+
+/// The waiters' table is the elections table's name with this suffix.
+const WAITERS_SUFFIX: &str = "_waiters";
+
+/// The key of the advisory lock that serialises concurrent schema set-ups.
+const SETUP_LOCK: i64 = 0x6c65_6164_6572_7067; // "leaderpg"
+
 /// A table name, `table` or `schema.table`, each part a lower-case identifier, so that
-/// quoting it cannot change its meaning and nothing else can reach the SQL.
+/// quoting it cannot change its meaning and nothing else can reach the SQL. Names the
+/// objects that go with it: the waiters' table, its index, the trigger and its function.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Table {
     /// As given: `leader_elections`, `ops.leader_elections`.
     pub(crate) name: String,
     /// Quoted for SQL: `"ops"."leader_elections"`.
     pub(crate) quoted: String,
+    /// The waiters' table, as named: `ops.leader_elections_waiters`.
+    pub(crate) waiters_name: String,
+    /// The waiters' table, quoted.
+    pub(crate) waiters: String,
+    /// The trigger's name (unqualified: triggers belong to their table).
+    pub(crate) trigger: String,
+    /// The trigger's function, quoted (in the table's schema).
+    function: String,
+    /// The waiters' line index (unqualified: it goes in its table's schema).
+    index: String,
 }
 
 impl Default for Table {
     /// [`DEFAULT_TABLE`].
     fn default() -> Self {
-        Table {
-            name: DEFAULT_TABLE.to_owned(),
-            quoted: format!("\"{DEFAULT_TABLE}\""),
-        }
+        Table::of(None, DEFAULT_TABLE)
     }
 }
 
 impl Table {
+    fn of(schema: Option<&str>, table: &str) -> Self {
+        let qualify = |name: &str| match schema {
+            Some(schema) => format!("\"{schema}\".\"{name}\""),
+            None => format!("\"{name}\""),
+        };
+        let named = |name: &str| match schema {
+            Some(schema) => format!("{schema}.{name}"),
+            None => name.to_owned(),
+        };
+        let waiters = format!("{table}{WAITERS_SUFFIX}");
+        Table {
+            name: named(table),
+            quoted: qualify(table),
+            waiters_name: named(&waiters),
+            waiters: qualify(&waiters),
+            trigger: format!("{table}_gone"),
+            function: qualify(&format!("{table}_gone")),
+            index: format!("{table}_line"),
+        }
+    }
+
     pub(crate) fn parse(name: &str) -> Result<Self> {
         let parts: Vec<&str> = name.split('.').collect();
         if parts.len() > 2 {
@@ -37,108 +75,362 @@ impl Table {
                 format!("`{name}` has more than one `.`: expected `table` or `schema.table`"),
             ));
         }
-        for part in &parts {
-            let valid_start = part
-                .chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
-            let valid_rest = part
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-            if !valid_start || !valid_rest || part.len() > MAX_IDENTIFIER_LEN {
+        for (i, part) in parts.iter().enumerate() {
+            let max = if i + 1 == parts.len() {
+                MAX_TABLE_LEN
+            } else {
+                MAX_IDENTIFIER_LEN
+            };
+            if !is_identifier(part) || part.len() > max {
                 return Err(Error::invalid_config(
                     "table",
                     format!(
-                        "`{name}`: each part must be 1 to {MAX_IDENTIFIER_LEN} lower-case ASCII \
-                         letters, digits or `_`, not starting with a digit"
+                        "`{name}`: each part must be lower-case ASCII letters, digits or `_`, \
+                         not starting with a digit, at most {MAX_IDENTIFIER_LEN} bytes for the \
+                         schema and {MAX_TABLE_LEN} for the table (its waiters' table adds \
+                         `{WAITERS_SUFFIX}`)"
                     ),
                 ));
             }
         }
-        let quoted = parts
-            .iter()
-            .map(|part| format!("\"{part}\""))
-            .collect::<Vec<_>>()
-            .join(".");
-        Ok(Table {
-            name: name.to_owned(),
-            quoted,
+        Ok(match parts.as_slice() {
+            [schema, table] => Table::of(Some(schema), table),
+            _ => Table::of(None, name),
         })
     }
 
-    /// `CREATE TABLE IF NOT EXISTS`, as in the README.
+    /// Whether the tables, the columns of this version and the trigger are all there.
+    /// $1 the table (quoted), $2 the waiters' table (quoted), $3 the trigger's name.
+    pub(crate) fn complete() -> &'static str {
+        "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL
+            AND EXISTS (SELECT 1 FROM pg_attribute
+                        WHERE attrelid = to_regclass($1) AND attname = 'nominated_until')
+            AND EXISTS (SELECT 1 FROM pg_trigger
+                        WHERE tgrelid = to_regclass($1) AND tgname = $3)"
+    }
+
+    /// The schema: both tables, the columns a table of an earlier version lacks, the
+    /// waiters' index, and the trigger that tells a holder its term was ended by someone
+    /// else. Idempotent; as in the README.
     pub(crate) fn create(&self) -> String {
         format!(
             "CREATE TABLE IF NOT EXISTS {t} (
-    name          text        PRIMARY KEY,
-    holder        text,
-    value         bytea       NOT NULL DEFAULT '',
-    fencing_token bigint      NOT NULL DEFAULT 0,
-    expires_at    timestamptz NOT NULL DEFAULT '-infinity'
-)",
-            t = self.quoted
+    name            text        PRIMARY KEY,
+    holder          text,
+    value           bytea       NOT NULL DEFAULT '',
+    fencing_token   bigint      NOT NULL DEFAULT 0,
+    expires_at      timestamptz NOT NULL DEFAULT '-infinity',
+    channel         text,
+    nominee         text,
+    nominated_until timestamptz NOT NULL DEFAULT '-infinity'
+);
+ALTER TABLE {t}
+    ADD COLUMN IF NOT EXISTS channel         text,
+    ADD COLUMN IF NOT EXISTS nominee         text,
+    ADD COLUMN IF NOT EXISTS nominated_until timestamptz NOT NULL DEFAULT '-infinity';
+CREATE TABLE IF NOT EXISTS {w} (
+    name       text        NOT NULL,
+    candidate  text        NOT NULL,
+    value      bytea       NOT NULL DEFAULT '',
+    channel    text        NOT NULL,
+    position   bigint      NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (name, candidate)
+);
+CREATE INDEX IF NOT EXISTS \"{index}\" ON {w} (name, position);
+CREATE OR REPLACE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF OLD.holder IS NOT NULL AND OLD.channel IS NOT NULL AND (
+        TG_OP = 'DELETE'
+        OR NEW.holder IS DISTINCT FROM OLD.holder
+        OR NEW.fencing_token IS DISTINCT FROM OLD.fencing_token
+        OR NEW.expires_at < OLD.expires_at) THEN
+        PERFORM pg_notify(OLD.channel, 'g' || OLD.fencing_token || ':' || OLD.holder);
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+CREATE OR REPLACE TRIGGER \"{trigger}\" AFTER UPDATE OR DELETE ON {t}
+    FOR EACH ROW EXECUTE FUNCTION {f}();",
+            t = self.quoted,
+            w = self.waiters,
+            f = self.function,
+            index = self.index,
+            trigger = self.trigger,
+        )
+    }
+
+    /// [`create`](Self::create) in a transaction that holds an advisory lock, so that
+    /// drivers starting together do not trip over each other's DDL.
+    pub(crate) fn setup(&self) -> String {
+        format!(
+            "BEGIN;\nSELECT pg_advisory_xact_lock({SETUP_LOCK});\n{};\nCOMMIT;",
+            self.create()
         )
     }
 
     /// Takes the lead if the row is free (no holder), expired, or this candidate's own
-    /// (an ended term), with the next fencing token, and announces it; otherwise returns
-    /// the holder's remaining lease in milliseconds (server time). One statement.
+    /// (an ended term), no live nomination names someone else, and no live waiter stands
+    /// before this candidate in line (the nominee skips the line); with the next fencing
+    /// token, announcing it to observers, and leaving the line. Otherwise joins the line (or
+    /// refreshes this candidate's place) and says whether this candidate is first in line
+    /// (or nominated), with the time until the row can free up without a notice: the
+    /// holder's expiry, or a nomination's. Also sweeps the election's long-expired waiters.
+    /// One statement.
     ///
     /// A new row's first token is the server's clock in microseconds since 1970, so that
     /// tokens keep increasing even when an operator deletes the row (a row gains one token
     /// per term, far fewer than a microsecond's worth).
     ///
-    /// $1 name, $2 holder, $3 value, $4 TTL in ms, $5 channel.
-    /// Returns (fencing token or NULL, remaining ms of the holder or NULL).
+    /// $1 name, $2 candidate, $3 value, $4 TTL in ms, $5 the election's channel, $6 the
+    /// driver's channel. Returns (fencing token or NULL, first in line or nominated,
+    /// remaining ms or NULL).
     pub(crate) fn acquire(&self) -> String {
         format!(
-            "WITH acquired AS (
-    INSERT INTO {t} AS e (name, holder, value, fencing_token, expires_at)
-    VALUES ($1, $2, $3, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint,
-            clock_timestamp() + $4::float8 * interval '1 millisecond')
+            "WITH me AS (
+    SELECT coalesce(
+        (SELECT position FROM {w} WHERE name = $1 AND candidate = $2),
+        (extract(epoch FROM clock_timestamp()) * 1000000)::bigint) AS position
+), line AS (
+    SELECT NOT EXISTS (
+        SELECT 1 FROM {w} AS o, me
+        WHERE o.name = $1 AND o.candidate <> $2 AND o.expires_at > clock_timestamp()
+          AND (o.position, o.candidate) < (me.position, $2)) AS first
+), nominated AS (
+    SELECT nominee FROM {t}
+    WHERE name = $1 AND nominee IS NOT NULL AND nominated_until > clock_timestamp()
+), allowed AS (
+    SELECT CASE WHEN EXISTS (SELECT 1 FROM nominated)
+                THEN EXISTS (SELECT 1 FROM nominated WHERE nominee = $2)
+                ELSE (SELECT first FROM line) END AS ok
+), acquired AS (
+    INSERT INTO {t} AS e (name, holder, value, fencing_token, expires_at, channel)
+    SELECT $1, $2, $3, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint,
+           clock_timestamp() + $4::float8 * interval '1 millisecond', $6
+    FROM allowed WHERE allowed.ok
     ON CONFLICT (name) DO UPDATE
         SET holder = excluded.holder,
             value = excluded.value,
             fencing_token = e.fencing_token + 1,
-            expires_at = clock_timestamp() + $4::float8 * interval '1 millisecond'
-        WHERE e.holder IS NULL
-           OR e.holder = excluded.holder
-           OR e.expires_at <= clock_timestamp()
+            expires_at = clock_timestamp() + $4::float8 * interval '1 millisecond',
+            channel = excluded.channel,
+            nominee = NULL,
+            nominated_until = '-infinity'
+        WHERE (e.holder IS NULL OR e.holder = excluded.holder
+               OR e.expires_at <= clock_timestamp())
+          AND (e.nominee IS NULL OR e.nominee = excluded.holder
+               OR e.nominated_until <= clock_timestamp())
     RETURNING e.fencing_token
+), left_line AS (
+    DELETE FROM {w} WHERE name = $1 AND candidate = $2 AND EXISTS (SELECT 1 FROM acquired)
+), joined AS (
+    INSERT INTO {w} (name, candidate, value, channel, position, expires_at)
+    SELECT $1, $2, $3, $6, me.position,
+           clock_timestamp() + $4::float8 * interval '1 millisecond'
+    FROM me WHERE NOT EXISTS (SELECT 1 FROM acquired)
+    ON CONFLICT (name, candidate) DO UPDATE
+        SET value = excluded.value, channel = excluded.channel,
+            expires_at = excluded.expires_at
+), swept AS (
+    DELETE FROM {w}
+    WHERE (name, candidate) IN (
+        SELECT name, candidate FROM {w}
+        WHERE name = $1 AND candidate <> $2
+          AND expires_at <= clock_timestamp() - interval '1 second'
+        FOR UPDATE SKIP LOCKED)
 ), announced AS MATERIALIZED (
     SELECT fencing_token, pg_notify($5::text, 'elected') AS notified FROM acquired
 )
 SELECT (SELECT fencing_token FROM announced),
-       (SELECT {remaining} FROM {t} AS h WHERE h.name = $1 AND h.holder IS NOT NULL)",
-            remaining = remaining("h.expires_at"),
-            t = self.quoted
+       (SELECT first FROM line) OR EXISTS (SELECT 1 FROM nominated WHERE nominee = $2),
+       (SELECT greatest(
+            CASE WHEN h.holder IS NOT NULL THEN {held} END,
+            CASE WHEN h.nominee IS NOT NULL AND h.nominee <> $2 THEN {nominated} END)
+        FROM {t} AS h WHERE h.name = $1)",
+            held = remaining("h.expires_at"),
+            nominated = remaining("h.nominated_until"),
+            t = self.quoted,
+            w = self.waiters,
         )
     }
 
-    /// Extends the lease of exactly this term, if it has not expired.
-    /// $1 name, $2 holder, $3 fencing token, $4 TTL in ms. One row updated when renewed.
+    /// Extends the leases of a batch of terms, each only if it is exactly that term
+    /// (holder and token) and has not expired.
+    /// $1 names, $2 holders, $3 fencing tokens, $4 TTLs in ms (arrays of one length).
+    /// Returns the holder of each renewed term.
     pub(crate) fn renew(&self) -> String {
         format!(
-            "UPDATE {t}
-    SET expires_at = clock_timestamp() + $4::float8 * interval '1 millisecond'
-    WHERE name = $1 AND holder = $2 AND fencing_token = $3
-      AND expires_at > clock_timestamp()",
+            "UPDATE {t} AS e
+    SET expires_at = clock_timestamp() + b.ttl * interval '1 millisecond'
+    FROM unnest($1::text[], $2::text[], $3::int8[], $4::float8[]) AS b(name, holder, token, ttl)
+    WHERE e.name = b.name AND e.holder = b.holder AND e.fencing_token = b.token
+      AND e.expires_at > clock_timestamp()
+    RETURNING e.holder",
             t = self.quoted
         )
     }
 
-    /// Ends exactly this term, keeping the row and its counter, and wakes the waiters.
-    /// $1 name, $2 holder, $3 fencing token, $4 channel. One row when released.
+    /// Refreshes a batch of waiters' places in line, sweeps long-expired places (skipping
+    /// any another statement holds, so that sweeps never wait for each other), and tells
+    /// which of the refreshed waiters are first in line (or nominated), and whether their
+    /// election is free for them now.
+    /// $1 names, $2 candidates, $3 TTLs in ms. Returns (candidate, first or nominated,
+    /// free for it).
+    pub(crate) fn keep(&self) -> String {
+        format!(
+            "WITH batch AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::float8[]) AS b(name, candidate, ttl)
+), refreshed AS (
+    UPDATE {w} AS w SET expires_at = clock_timestamp() + b.ttl * interval '1 millisecond'
+    FROM batch AS b
+    WHERE w.name = b.name AND w.candidate = b.candidate
+    RETURNING w.name, w.candidate, w.position
+), swept AS (
+    DELETE FROM {w}
+    WHERE (name, candidate) IN (
+        SELECT w.name, w.candidate FROM {w} AS w
+        WHERE w.expires_at <= clock_timestamp() - interval '1 second'
+          AND NOT EXISTS (SELECT 1 FROM batch AS b
+                          WHERE b.name = w.name AND b.candidate = w.candidate)
+        FOR UPDATE SKIP LOCKED)
+)
+SELECT r.candidate,
+       NOT EXISTS (
+           SELECT 1 FROM {w} AS o
+           WHERE o.name = r.name AND o.candidate <> r.candidate
+             AND o.expires_at > clock_timestamp()
+             AND (o.position, o.candidate) < (r.position, r.candidate))
+       OR EXISTS (
+           SELECT 1 FROM {t} AS e
+           WHERE e.name = r.name AND e.nominee = r.candidate
+             AND e.nominated_until > clock_timestamp()),
+       NOT EXISTS (
+           SELECT 1 FROM {t} AS e
+           WHERE e.name = r.name
+             AND ((e.holder IS NOT NULL AND e.expires_at > clock_timestamp())
+                  OR (e.nominee IS NOT NULL AND e.nominee <> r.candidate
+                      AND e.nominated_until > clock_timestamp())))
+FROM refreshed AS r",
+            t = self.quoted,
+            w = self.waiters,
+        )
+    }
+
+    /// Ends exactly this term (if $3 is not NULL), removes a nomination naming this
+    /// candidate and its place in line, and then wakes one waiter: the nominee of a live
+    /// nomination, or the first in line; and announces a released term to observers. The
+    /// row and its counter stay. One statement.
+    /// $1 name, $2 candidate, $3 fencing token or NULL, $4 the election's channel.
+    /// Returns (terms released, waiters woken).
     pub(crate) fn resign(&self) -> String {
         format!(
             "WITH released AS (
-    UPDATE {t}
-        SET holder = NULL, value = '', expires_at = '-infinity'
-        WHERE name = $1 AND holder = $2 AND fencing_token = $3
-    RETURNING name
+    UPDATE {t} SET
+        holder = CASE WHEN holder = $2 AND fencing_token = $3 THEN NULL ELSE holder END,
+        value = CASE WHEN holder = $2 AND fencing_token = $3 THEN ''::bytea ELSE value END,
+        channel = CASE WHEN holder = $2 AND fencing_token = $3 THEN NULL ELSE channel END,
+        expires_at = CASE WHEN holder = $2 AND fencing_token = $3
+                          THEN '-infinity'::timestamptz ELSE expires_at END,
+        nominee = CASE WHEN nominee = $2 THEN NULL ELSE nominee END,
+        nominated_until = CASE WHEN nominee = $2
+                               THEN '-infinity'::timestamptz ELSE nominated_until END
+    WHERE name = $1 AND ((holder = $2 AND fencing_token = $3) OR nominee = $2)
+    RETURNING holder IS NULL AS freed,
+              CASE WHEN nominee IS NOT NULL AND nominated_until > clock_timestamp()
+                   THEN nominee END AS nominee
+), left_line AS (
+    DELETE FROM {w} WHERE name = $1 AND candidate = $2 RETURNING candidate
+), next AS (
+    SELECT w.channel, w.candidate FROM {w} AS w
+    WHERE w.name = $1 AND w.candidate <> $2 AND w.expires_at > clock_timestamp()
+      AND (w.candidate = (SELECT nominee FROM released)
+           OR NOT EXISTS (SELECT 1 FROM released WHERE nominee IS NOT NULL))
+    ORDER BY w.position, w.candidate
+    LIMIT 1
+), woken AS MATERIALIZED (
+    SELECT pg_notify(next.channel, 'w' || next.candidate) AS notified FROM next
+    WHERE EXISTS (SELECT 1 FROM released) OR EXISTS (SELECT 1 FROM left_line)
+), announced AS MATERIALIZED (
+    SELECT pg_notify($4::text, 'resigned') AS notified FROM released WHERE freed
 )
-SELECT pg_notify($4::text, 'resigned')::text FROM released",
+SELECT (SELECT count(*) FROM announced), (SELECT count(*) FROM woken)",
+            t = self.quoted,
+            w = self.waiters,
+        )
+    }
+
+    /// Ends exactly this unexpired term and nominates a live waiter for one TTL (server
+    /// time), waking it; announces the release to observers. Nothing changes unless both
+    /// hold. One statement.
+    /// $1 name, $2 holder, $3 fencing token, $4 nominee, $5 TTL in ms, $6 the election's
+    /// channel. Returns (handed over, the term was held, the nominee waits).
+    pub(crate) fn hand_over(&self) -> String {
+        format!(
+            "WITH target AS (
+    SELECT channel, candidate FROM {w}
+    WHERE name = $1 AND candidate = $4 AND candidate <> $2
+      AND expires_at > clock_timestamp()
+), held AS (
+    SELECT 1 FROM {t}
+    WHERE name = $1 AND holder = $2 AND fencing_token = $3 AND expires_at > clock_timestamp()
+), handed AS (
+    UPDATE {t} SET holder = NULL, value = '', channel = NULL, expires_at = '-infinity',
+        nominee = $4,
+        nominated_until = clock_timestamp() + $5::float8 * interval '1 millisecond'
+    WHERE name = $1 AND holder = $2 AND fencing_token = $3
+      AND expires_at > clock_timestamp() AND EXISTS (SELECT 1 FROM target)
+    RETURNING name
+), woken AS MATERIALIZED (
+    SELECT pg_notify(target.channel, 'w' || target.candidate) AS woke,
+           pg_notify($6::text, 'resigned') AS announced
+    FROM target, handed
+)
+SELECT (SELECT count(*) FROM woken) > 0, EXISTS (SELECT 1 FROM held),
+       EXISTS (SELECT 1 FROM target)",
+            t = self.quoted,
+            w = self.waiters,
+        )
+    }
+
+    /// Sets the value of exactly this unexpired term, and tells observers.
+    /// $1 name, $2 holder, $3 fencing token, $4 value, $5 the election's channel.
+    /// Returns whether it was set.
+    pub(crate) fn proclaim(&self) -> String {
+        format!(
+            "WITH proclaimed AS (
+    UPDATE {t} SET value = $4
+    WHERE name = $1 AND holder = $2 AND fencing_token = $3 AND expires_at > clock_timestamp()
+    RETURNING name
+), announced AS MATERIALIZED (
+    SELECT pg_notify($5::text, 'proclaimed') AS notified FROM proclaimed
+)
+SELECT (SELECT count(*) FROM announced) > 0",
             t = self.quoted
+        )
+    }
+
+    /// The leader, then the live waiters in the order they would lead (a nominee first).
+    /// $1 name. Returns (id, value, is leader).
+    pub(crate) fn candidates(&self) -> String {
+        format!(
+            "WITH leader AS (
+    SELECT holder, value FROM {t}
+    WHERE name = $1 AND holder IS NOT NULL AND expires_at > clock_timestamp()
+), nominated AS (
+    SELECT nominee FROM {t}
+    WHERE name = $1 AND nominee IS NOT NULL AND nominated_until > clock_timestamp()
+)
+SELECT holder, value, true, 0, 0::bigint FROM leader
+UNION ALL
+SELECT w.candidate, w.value, false,
+       CASE WHEN w.candidate IN (SELECT nominee FROM nominated) THEN 1 ELSE 2 END,
+       w.position
+FROM {w} AS w
+WHERE w.name = $1 AND w.expires_at > clock_timestamp()
+  AND w.candidate NOT IN (SELECT holder FROM leader)
+ORDER BY 4, 5, 1",
+            t = self.quoted,
+            w = self.waiters,
         )
     }
 
@@ -153,6 +445,17 @@ SELECT pg_notify($4::text, 'resigned')::text FROM released",
             remaining = remaining("expires_at"),
         )
     }
+}
+
+/// Whether `part` is an identifier that needs no quoting and means the same quoted.
+pub(crate) fn is_identifier(part: &str) -> bool {
+    part.chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && part
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && part.len() <= MAX_IDENTIFIER_LEN
 }
 
 /// The milliseconds from now (server time) to `column`, rounded up; +/-infinity for a row
@@ -217,6 +520,34 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_shows_the_schema_the_driver_creates() {
+        let readme = include_str!("../README.md");
+        let schema = Table::default().create();
+        assert!(
+            readme.contains(&schema),
+            "the README's SQL differs from:\n{schema}"
+        );
+        let fence = crate::Fence::new("x")
+            .create_table_sql()
+            .expect("valid table");
+        assert!(
+            readme.contains(&fence),
+            "the README's SQL differs from:\n{fence}"
+        );
+    }
+
+    #[test]
+    fn long_table_names_leave_room_for_the_waiters_table() {
+        assert!(Table::parse(&"a".repeat(55)).is_ok());
+        assert!(Table::parse(&"a".repeat(56)).is_err());
+        assert!(Table::parse(&format!("{}.{}", "s".repeat(63), "a".repeat(55))).is_ok());
+        let t = Table::parse("ops.leases").expect("valid");
+        assert_eq!(t.waiters, "\"ops\".\"leases_waiters\"");
+        assert_eq!(t.waiters_name, "ops.leases_waiters");
+        assert_eq!(t.trigger, "leases_gone");
+    }
+
+    #[test]
     fn channels_are_short_identifiers_per_table_and_election() {
         let t = Table::parse("leader_elections").expect("valid");
         let u = Table::parse("other").expect("valid");
@@ -230,5 +561,14 @@ mod tests {
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         );
         assert_eq!(channel(&t, &"x".repeat(512)).len(), a.len());
+        // What identifiers would fold or cut stays apart: case, bytes past 63, separators.
+        assert_ne!(channel(&t, "Jobs"), channel(&t, "jobs"));
+        let long = "y".repeat(63);
+        assert_ne!(
+            channel(&t, &format!("{long}a")),
+            channel(&t, &format!("{long}b"))
+        );
+        assert_ne!(channel(&t, "svc/x"), channel(&t, "svc"));
+        assert_ne!(channel(&t, "svc.x"), channel(&t, "svc_x"));
     }
 }

@@ -368,19 +368,22 @@ async fn a_killed_listen_connection_wakes_everyone_and_comes_back() {
 async fn least_privilege_works_and_missing_grants_are_denied() {
     let h = harness().await;
     let admin = h.admin().await;
+    let schema = PostgresDriver::builder("host=localhost".parse().expect("config"))
+        .table("ops.leases")
+        .build()
+        .expect("valid")
+        .create_table_sql();
     admin
-        .batch_execute(
+        .batch_execute(&format!(
             "CREATE SCHEMA ops;
-             CREATE TABLE ops.leases (
-                 name text PRIMARY KEY, holder text, value bytea NOT NULL DEFAULT '',
-                 fencing_token bigint NOT NULL DEFAULT 0,
-                 expires_at timestamptz NOT NULL DEFAULT '-infinity');
+             {schema};
              CREATE ROLE elector LOGIN;
              GRANT USAGE ON SCHEMA ops TO elector;
              GRANT SELECT, INSERT, UPDATE ON ops.leases TO elector;
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ops.leases_waiters TO elector;
              CREATE ROLE nobody LOGIN;
-             GRANT USAGE ON SCHEMA ops TO nobody;",
-        )
+             GRANT USAGE ON SCHEMA ops TO nobody;"
+        ))
         .await
         .expect("roles and table");
     let url = |user: &str| format!("postgres://{user}@{}/postgres", h.server.addr());
@@ -424,4 +427,538 @@ async fn least_privilege_works_and_missing_grants_are_denied() {
         leader_core::ErrorChain(&err).to_string().contains("README"),
         "{err}"
     );
+}
+
+/// Waits until `election`'s line (the waiters' table) has `n` live waiters.
+async fn wait_for_line(admin: &Client, election: &str, n: i64) {
+    let start = Instant::now();
+    loop {
+        let count: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM leader_elections_waiters \
+                 WHERE name = $1 AND expires_at > clock_timestamp()",
+                &[&election],
+            )
+            .await
+            .expect("count the line")
+            .get(0);
+        if count == n {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{election}: {count} waiting, not {n}"
+        );
+        sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The table's trigger tells the holder at once when anyone else ends its term: a DELETE,
+/// another holder, another token, an earlier expiry. With a TTL of 30 s (renewals 10 s
+/// apart) and no other candidate around, each ends the term within a round trip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_changed_by_hand_ends_the_term_within_a_round_trip() {
+    let h = harness().await;
+    let admin = h.admin().await;
+    let ttl = Duration::from_secs(30);
+    let name = unique("tampered");
+    let e = election(h.driver_at(&h.server.url()).await, &name, ttl);
+    let mut events = e.subscribe();
+    for tamper in [
+        "DELETE FROM leader_elections WHERE name = $1",
+        "UPDATE leader_elections SET holder = 'intruder' WHERE name = $1",
+        "UPDATE leader_elections SET fencing_token = fencing_token + 10 WHERE name = $1",
+        "UPDATE leader_elections SET expires_at = clock_timestamp() + interval '1 second' \
+         WHERE name = $1",
+        "UPDATE leader_elections SET holder = NULL, expires_at = '-infinity' WHERE name = $1",
+    ] {
+        let term = within("the campaign", ttl * 2, e.campaign())
+            .await
+            .expect("elected");
+        next_event("Elected", ttl, &mut events).await;
+        let tampered_at = Instant::now();
+        admin.execute(tamper, &[&name]).await.expect(tamper);
+        within(tamper, Duration::from_secs(2), term.ended()).await;
+        assert!(
+            tampered_at.elapsed() < ttl / 15,
+            "{tamper}: the term ended {:?} later",
+            tampered_at.elapsed()
+        );
+        let lost = next_event("the loss", ttl, &mut events).await;
+        assert_eq!(
+            lost,
+            Event::Lost {
+                fencing_token: term.fencing_token(),
+                reason: LossReason::Gone
+            },
+            "{tamper}"
+        );
+        // Free the row for the next round (the intruder and the shortened lease).
+        admin
+            .execute(
+                "UPDATE leader_elections SET holder = NULL, expires_at = '-infinity' \
+                 WHERE name = $1",
+                &[&name],
+            )
+            .await
+            .expect("free the row");
+    }
+    // The holder's own renewals, proclamations and resignation are no loss.
+    let term = within("the campaign", ttl * 2, e.campaign())
+        .await
+        .expect("elected");
+    e.resign().await.expect("resign");
+    assert!(matches!(
+        next_event("Elected", ttl, &mut events).await,
+        Event::Elected { .. }
+    ));
+    assert_eq!(
+        next_event("Resigned", ttl, &mut events).await,
+        Event::Resigned {
+            fencing_token: term.fencing_token()
+        }
+    );
+}
+
+/// The notice of a DELETE is lost with the LISTEN connection (killed at the same moment):
+/// the leader looks at its row once the connection is back, and its term still ends long
+/// before the next renewal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_listen_connection_does_not_lose_the_notice_of_a_lost_term() {
+    let h = harness().await;
+    let admin = h.admin().await;
+    let ttl = Duration::from_secs(30);
+    let name = unique("tampered-unheard");
+    let app = unique("leader");
+    let e = election(named_driver(&h.server.url(), &app).await, &name, ttl);
+    let term = within("the campaign", ttl, e.campaign())
+        .await
+        .expect("elected");
+    let pid = listen_backend(&admin, &app, None).await;
+    let tampered_at = Instant::now();
+    admin
+        .batch_execute(&format!(
+            "SELECT pg_terminate_backend({pid}); \
+             DELETE FROM leader_elections WHERE name = '{name}'"
+        ))
+        .await
+        .expect("kill and delete");
+    within("the term's end", Duration::from_secs(5), term.ended()).await;
+    assert!(
+        tampered_at.elapsed() < ttl / 6,
+        "the term ended {:?} after the DELETE",
+        tampered_at.elapsed()
+    );
+}
+
+/// Election names are the rows' exact keys: names that differ only in case, past the 63
+/// bytes of an identifier, or by separators (`/`, `.`, `:`) are distinct elections, each
+/// with its own leader; a NUL byte is refused when the election is built.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_never_collide_nor_nest() {
+    let h = harness().await;
+    let driver = h.driver_at(&h.server.url()).await;
+    let base = unique("names");
+    let long = format!("{base}-{}", "x".repeat(70));
+    let names = [
+        base.clone(),
+        base.to_uppercase(),
+        format!("{base}/x"),
+        format!("{base}/"),
+        format!("{base}.x"),
+        format!("{base}:x"),
+        format!("{long}a"),
+        format!("{long}b"),
+        format!("\"{base}\""),
+        format!("{base} "),
+    ];
+    let mut terms = Vec::new();
+    for name in &names {
+        let e = election(driver.clone(), name, TTL * 5);
+        let term = within(name, TTL * 5, e.campaign())
+            .await
+            .unwrap_or_else(|err| panic!("{name}: {err}"));
+        terms.push((e, term));
+    }
+    for (name, (e, term)) in names.iter().zip(&terms) {
+        assert!(
+            e.status().is_leader(),
+            "{name} lost its lead to a look-alike"
+        );
+        let leader = leader_core::Driver::leader(&driver, name)
+            .await
+            .expect("leader")
+            .expect("a leader");
+        assert_eq!(leader.id, e.id(), "{name}");
+        assert_eq!(leader.fencing_token, term.fencing_token(), "{name}");
+    }
+    for (e, _) in &terms {
+        e.resign().await.expect("resign");
+    }
+    let err = Election::builder(driver, format!("{base}\0x"))
+        .build()
+        .expect_err("a NUL byte");
+    assert!(matches!(err, Error::InvalidConfig { .. }), "{err:?}");
+}
+
+/// Waiters stand in a line: a resignation wakes only the first of them, which is elected;
+/// the handoff costs a bounded number of statements however many wait, and the line is
+/// kept in join order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resignation_wakes_only_the_next_waiter_in_a_few_statements() {
+    const WAITING: usize = 30;
+    let h = harness().await;
+    let admin = h.admin().await;
+    let ttl = Duration::from_secs(30);
+    let name = unique("line");
+    let leader_driver = h.driver_at(&h.server.url()).await;
+    let a = election(leader_driver.clone(), &name, ttl);
+    within("a's campaign", ttl, a.campaign())
+        .await
+        .expect("a elected");
+    // The waiters on three drivers, joining one after the other.
+    let drivers = [
+        h.driver_at(&h.server.url()).await,
+        h.driver_at(&h.server.url()).await,
+        h.driver_at(&h.server.url()).await,
+    ];
+    let mut waiters = Vec::new();
+    for i in 0..WAITING {
+        let e = election(drivers[i % drivers.len()].clone(), &name, ttl);
+        let campaign = spawn_campaign(&e);
+        wait_for_line(&admin, &name, i64::try_from(i + 1).expect("small")).await;
+        waiters.push((e, campaign));
+    }
+    let sent = || {
+        drivers
+            .iter()
+            .chain([&leader_driver])
+            .map(PostgresDriver::statements_sent)
+            .sum::<u64>()
+    };
+    let before = sent();
+    let resigned_at = Instant::now();
+    a.resign().await.expect("resign");
+    let (first, campaign) = waiters.remove(0);
+    within("the first waiter's campaign", ttl / 3, campaign)
+        .await
+        .expect("campaign task")
+        .expect("the first in line is elected");
+    let handoff = resigned_at.elapsed();
+    assert!(first.status().is_leader());
+    assert!(handoff < ttl / 20, "the handoff took {handoff:?}");
+    wait_for_line(&admin, &name, i64::try_from(WAITING - 1).expect("small")).await;
+    let statements = sent() - before;
+    assert!(
+        statements <= 4,
+        "a handoff with {WAITING} waiting took {statements} statements (a herd?)"
+    );
+    for (e, campaign) in &waiters {
+        assert!(!campaign.is_finished());
+        assert!(!e.status().is_leader());
+    }
+    // The next resignation goes to the next in join order.
+    first.resign().await.expect("resign");
+    let (second, campaign) = waiters.remove(0);
+    within("the second waiter's campaign", ttl / 3, campaign)
+        .await
+        .expect("campaign task")
+        .expect("the second in line is elected");
+    second.resign().await.expect("resign");
+    let (third, campaign) = waiters.remove(0);
+    within("the third waiter's campaign", ttl / 3, campaign)
+        .await
+        .expect("campaign task")
+        .expect("the third in line is elected");
+    third.resign().await.expect("resign");
+    for (_, campaign) in waiters {
+        campaign.abort();
+    }
+}
+
+/// 50 elections held by one driver renew in about one statement per third of a TTL, not
+/// one per election.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_elections_on_one_driver_renew_in_a_few_statements() {
+    const ELECTIONS: usize = 50;
+    let h = harness().await;
+    let ttl = Duration::from_secs(3);
+    let driver = h.driver_at(&h.server.url()).await;
+    let base = unique("many");
+    let mut elections = Vec::new();
+    for i in 0..ELECTIONS {
+        let e = election(driver.clone(), &format!("{base}-{i}"), ttl);
+        within("a campaign", ttl, e.campaign())
+            .await
+            .expect("elected");
+        elections.push(e);
+    }
+    let before = driver.statements_sent();
+    let window = ttl * 2;
+    let start = Instant::now();
+    while start.elapsed() < window {
+        assert!(
+            elections.iter().all(|e| e.status().is_leader()),
+            "a term was lost"
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
+    let statements = driver.statements_sent() - before;
+    // Six renewal periods of a third of a TTL: 50 x 6 = 300 statements one by one.
+    assert!(
+        statements <= 30,
+        "{ELECTIONS} elections renewed in {statements} statements over {window:?}"
+    );
+    for e in &elections {
+        e.resign().await.expect("resign");
+    }
+}
+
+/// A waiter whose campaign is dropped leaves the line at once (its withdrawal), and a
+/// place nobody refreshes (its driver died) stops counting at its expiry and is swept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn withdrawn_and_dead_waiters_leave_the_line() {
+    let h = harness().await;
+    let admin = h.admin().await;
+    let ttl = Duration::from_secs(2);
+    let name = unique("withdrawn");
+    let a = election(h.driver_at(&h.server.url()).await, &name, ttl);
+    within("a's campaign", ttl, a.campaign())
+        .await
+        .expect("a elected");
+    let b = election(h.driver_at(&h.server.url()).await, &name, ttl);
+    let campaign = spawn_campaign(&b);
+    wait_for_line(&admin, &name, 1).await;
+    let dropped_at = Instant::now();
+    campaign.abort();
+    let _ = campaign.await;
+    // Dropping the campaign withdraws it: its place is deleted, not left to expire.
+    let places = |id: String| {
+        let (admin, name) = (&admin, name.clone());
+        async move {
+            admin
+                .query_one(
+                    "SELECT count(*) FROM leader_elections_waiters \
+                     WHERE name = $1 AND candidate = $2",
+                    &[&name, &id],
+                )
+                .await
+                .expect("count")
+                .get::<_, i64>(0)
+        }
+    };
+    let start = Instant::now();
+    while places(b.id().to_owned()).await > 0 {
+        assert!(start.elapsed() < ttl, "b's place outlived its withdrawal");
+        sleep(Duration::from_millis(10)).await;
+    }
+    assert!(dropped_at.elapsed() < ttl);
+    // A place left by a driver that died (written as it would have): it stops counting at
+    // its expiry, and a statement on the election sweeps it soon after.
+    admin
+        .execute(
+            "INSERT INTO leader_elections_waiters (name, candidate, value, channel, position, \
+             expires_at) VALUES ($1, 'dead', '', 'leader_d_0', 0, clock_timestamp() + \
+             interval '1 second')",
+            &[&name],
+        )
+        .await
+        .expect("a dead waiter's place");
+    let line = leader_core::Driver::leader(&h.driver_at(&h.server.url()).await, &name)
+        .await
+        .expect("leader");
+    assert!(line.is_some());
+    let start = Instant::now();
+    loop {
+        a.resign().await.expect("resign");
+        within("a's campaign", ttl * 2, a.campaign())
+            .await
+            .expect("a elected again (the dead waiter's place expired)");
+        if places("dead".to_owned()).await == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < ttl * 2,
+            "the dead waiter's place was not swept"
+        );
+        sleep(Duration::from_millis(100)).await;
+    }
+    a.resign().await.expect("resign");
+}
+
+/// A nominee that withdraws ends its nomination at once: the first in line is woken and
+/// elected long before the nomination (one TTL of 30 s) would have expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nominee_that_withdraws_lets_the_line_resume_at_once() {
+    let h = harness().await;
+    let admin = h.admin().await;
+    let ttl = Duration::from_secs(30);
+    let name = unique("nominee-withdraws");
+    let driver = h.driver_at(&h.server.url()).await;
+    let a = election(driver.clone(), &name, ttl);
+    let b = election(h.driver_at(&h.server.url()).await, &name, ttl);
+    let term = within("a's campaign", ttl, a.campaign())
+        .await
+        .expect("a elected");
+    // The nominee: a waiter that takes its time (its place written as its driver would,
+    // first in line), so that it withdraws before its turn.
+    admin
+        .execute(
+            "INSERT INTO leader_elections_waiters (name, candidate, value, channel, position, \
+             expires_at) VALUES ($1, 'slow', '', 'leader_d_0', 0, clock_timestamp() + \
+             interval '1 minute')",
+            &[&name],
+        )
+        .await
+        .expect("the nominee's place");
+    let b_waits = spawn_campaign(&b);
+    wait_for_line(&admin, &name, 2).await;
+    term.hand_over("slow").await.expect("hand over");
+    let candidates = b.candidates().await.expect("candidates");
+    let line: Vec<&str> = candidates.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(line, ["slow", b.id()], "the nominee first, no leader");
+    assert!(!b_waits.is_finished(), "the nomination keeps b out");
+    // The nominee withdraws, through the driver as its election would.
+    let slow = leader_core::Candidate::new(name.as_str(), "slow", "", ttl);
+    let withdrawn_at = Instant::now();
+    leader_core::Driver::resign(&driver, &slow, None)
+        .await
+        .expect("the nominee withdraws");
+    within("b's campaign", ttl / 3, b_waits)
+        .await
+        .expect("campaign task")
+        .expect("b is elected once the nominee withdrew");
+    assert!(
+        withdrawn_at.elapsed() < ttl / 20,
+        "b was elected {:?} after the nominee withdrew",
+        withdrawn_at.elapsed()
+    );
+    b.resign().await.expect("resign");
+}
+
+/// A nominee that never takes its turn (its process is gone): nobody else is elected while
+/// the nomination lasts (one TTL, by the server's clock), and the line resumes after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_nominee_holds_the_election_for_one_ttl_then_the_line_resumes() {
+    let h = harness().await;
+    let admin = h.admin().await;
+    let ttl = Duration::from_secs(2);
+    let name = unique("nominee-dead");
+    let a = election(h.driver_at(&h.server.url()).await, &name, ttl);
+    let b = election(h.driver_at(&h.server.url()).await, &name, ttl);
+    let term = within("a's campaign", ttl, a.campaign())
+        .await
+        .expect("a elected");
+    // The place of a waiter whose process is gone (nobody listens on its channel), as its
+    // driver wrote it before dying: it expires within a TTL.
+    admin
+        .execute(
+            "INSERT INTO leader_elections_waiters (name, candidate, value, channel, position, \
+             expires_at) VALUES ($1, 'ghost', '', 'leader_d_0', 0, clock_timestamp() + \
+             interval '1 second')",
+            &[&name],
+        )
+        .await
+        .expect("the ghost's place");
+    let b_waits = spawn_campaign(&b);
+    wait_for_line(&admin, &name, 2).await;
+    let handed_at = Instant::now();
+    term.hand_over("ghost")
+        .await
+        .expect("hand over to the ghost");
+    let b_term = within("b's campaign", ttl * 3, b_waits)
+        .await
+        .expect("campaign task")
+        .expect("the line resumes after the nomination");
+    let after = handed_at.elapsed();
+    assert!(
+        after >= ttl - Duration::from_millis(100),
+        "b was elected {after:?} after a nomination of {ttl:?}"
+    );
+    assert!(b_term.fencing_token() > term.fencing_token());
+    b.resign().await.expect("resign");
+}
+
+/// `hand_over` and `proclaim` act on exactly the given term: with an ended term's token
+/// they are `TermGone` and write nothing; `hand_over` to a candidate that is not in line
+/// is `NotWaiting`, the term kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hand_over_and_proclaim_compare_holder_and_token() {
+    use leader_core::{Candidate, Driver};
+    let h = harness().await;
+    let admin = h.admin().await;
+    let driver = h.driver_at(&h.server.url()).await;
+    let name = unique("exact");
+    let ttl = Duration::from_secs(5);
+    let a = Candidate::new(name.as_str(), "a", "a-value", ttl);
+    let b = Candidate::new(name.as_str(), "b", "b-value", ttl);
+    let old = driver.campaign(&a).await.expect("a elected");
+    driver
+        .resign(&a, Some(old.fencing_token))
+        .await
+        .expect("resign");
+    let current = driver.campaign(&a).await.expect("a elected again");
+    assert!(current.fencing_token > old.fencing_token);
+    let waiting = tokio::spawn({
+        let (driver, b) = (driver.clone(), b.clone());
+        async move { driver.campaign(&b).await }
+    });
+    wait_for_line(&admin, &name, 1).await;
+    let stale = old.fencing_token;
+    assert!(matches!(
+        driver.proclaim(&a, stale, b"stale").await,
+        Err(Error::TermGone)
+    ));
+    assert!(matches!(
+        driver.hand_over(&a, stale, "b").await,
+        Err(Error::TermGone)
+    ));
+    assert!(matches!(
+        driver.hand_over(&a, current.fencing_token, "nobody").await,
+        Err(Error::NotWaiting { id }) if id == "nobody"
+    ));
+    let leader = driver
+        .leader(&name)
+        .await
+        .expect("leader")
+        .expect("a leads");
+    assert_eq!(
+        (
+            leader.id.as_str(),
+            leader.value.as_slice(),
+            leader.fencing_token
+        ),
+        ("a", &b"a-value"[..], current.fencing_token),
+        "nothing was written"
+    );
+    driver
+        .proclaim(&a, current.fencing_token, b"a-new")
+        .await
+        .expect("proclaim");
+    let line = driver.candidates(&name).await.expect("candidates");
+    let seen: Vec<(&str, &[u8], bool)> = line
+        .iter()
+        .map(|c| (c.id.as_str(), c.value.as_slice(), c.is_leader))
+        .collect();
+    assert_eq!(
+        seen,
+        [("a", &b"a-new"[..], true), ("b", &b"b-value"[..], false)]
+    );
+    driver
+        .hand_over(&a, current.fencing_token, "b")
+        .await
+        .expect("hand over");
+    let b_term = within("b's campaign", ttl, waiting)
+        .await
+        .expect("task")
+        .expect("b elected");
+    assert!(b_term.fencing_token > current.fencing_token);
+    assert!(matches!(
+        driver.proclaim(&a, current.fencing_token, b"late").await,
+        Err(Error::TermGone)
+    ));
+    driver
+        .resign(&b, Some(b_term.fencing_token))
+        .await
+        .expect("resign");
 }

@@ -595,13 +595,19 @@ impl World {
                         last_term = Some(term);
                     }
                 }
-                22..=35 => {
+                22..=30 => {
                     let cancel_after = self.draw(|rng| {
                         rng.random_bool(0.3)
                             .then(|| Duration::from_millis(rng.random_range(0..60)))
                     });
                     self.checked_resign(slot, &election, None, cancel_after)
                         .await;
+                }
+                31..=35 => {
+                    // Leaves the line (a campaign in the background, if any); a held term
+                    // stays.
+                    let limit = self.draw(|rng| Duration::from_millis(rng.random_range(0..500)));
+                    let _ = timeout(limit, election.withdraw()).await;
                 }
                 36..=43 => {
                     if let Some(term) = last_term.clone() {
