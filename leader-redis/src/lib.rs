@@ -626,6 +626,24 @@ impl Inner {
         }
     }
 
+    /// The resignation script for `candidate` with `token` (`-`: leave the line only).
+    async fn resign_call(
+        &self,
+        keys: &ElectionKeys,
+        candidate: &Candidate,
+        token: &str,
+    ) -> Result<()> {
+        let call = Call::new(&self.resign, &[&keys.leader, &keys.line, &keys.line_until])
+            .arg(&candidate.id)
+            .arg(place(candidate))
+            .arg(token)
+            .arg(&keys.channel)
+            .arg(&keys.wake_prefix)
+            .arg(millis(keep(candidate.ttl)));
+        let _removed: i64 = self.run(call, true).await?;
+        Ok(())
+    }
+
     /// The connection's keyspace channel prefix if the server publishes the events a held
     /// term needs; `None` otherwise (or for a Cluster, where they are node-local).
     fn keyspace(&self) -> Option<String> {
@@ -946,19 +964,29 @@ impl Driver for RedisDriver {
                 _ => "-".to_owned(),
             },
         };
-        let call = Call::new(
-            &self.inner.resign,
-            &[&keys.leader, &keys.line, &keys.line_until],
-        )
-        .arg(&candidate.id)
-        .arg(place(candidate))
-        .arg(&token)
-        .arg(&keys.channel)
-        .arg(&keys.wake_prefix);
-        let _removed: i64 = self.inner.run(call, true).await?;
+        self.inner.resign_call(&keys, candidate, &token).await?;
         self.inner
             .renewals
             .release(&keys.leader, &candidate.id, fencing_token);
+        if fencing_token.is_none() {
+            // A withdrawal: the campaign it ends may have sent a request that lands after
+            // this one (a stalled server, a connection replaced after a timeout). Leave
+            // the line again three times over the next 1.5 TTL, unless the candidate
+            // waits again meanwhile: whatever such a request left is gone within 2 TTLs.
+            let driver = self.clone();
+            let candidate = candidate.clone();
+            tokio::spawn(async move {
+                for _ in 0..3 {
+                    sleep(candidate.ttl / 2).await;
+                    if driver.inner.lines.waits(&keys.line, &candidate.id) {
+                        return;
+                    }
+                    if let Err(err) = driver.inner.resign_call(&keys, &candidate, "-").await {
+                        debug!(error = %leader_core::ErrorChain(&err), "leaving the line again failed");
+                    }
+                }
+            });
+        }
         Ok(())
     }
 

@@ -139,6 +139,13 @@ impl Lines {
         )
     }
 
+    /// Whether `owner` waits in the line `key` on this driver now.
+    pub(crate) fn waits(&self, key: &str, owner: &str) -> bool {
+        self.lines()
+            .get(key)
+            .is_some_and(|line| line.waiters().contains_key(owner))
+    }
+
     /// The refresher of `key` ends if nobody waits there any more: true if it must end.
     pub(crate) fn leave_if_empty(&self, key: &str, line: &Arc<Line>) -> bool {
         let mut lines = self.lines();

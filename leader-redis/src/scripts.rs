@@ -120,8 +120,10 @@ return renewed
 /// Ends this candidate's term (if it holds the given one) or its nomination, or leaves the
 /// line. When that leaves the key free, wakes the head of the line (popping it: it is
 /// about to take the lead), or announces `resigned` when nobody waits.
+/// Leaving the line also gives the line's keys an expiry if they have none (a place that
+/// a campaign left after its withdrawal, in a line nobody refreshes, must not stay).
 /// KEYS: leader, line, line-until. ARGV: owner, this candidate's place, fencing token
-/// (`-`: none known), events channel, wake channel prefix.
+/// (`-`: none known), events channel, wake channel prefix, keep (ms).
 /// Returns 1 if a term or nomination was removed, else 0.
 pub(crate) const RESIGN: &str = concat!(
     prelude!(),
@@ -140,6 +142,10 @@ elseif kind == 'N' and owner == ARGV[1] then
 else
   if redis.call('ZREM', KEYS[2], ARGV[2]) == 1 then
     redis.call('ZREM', KEYS[3], ARGV[2])
+  end
+  if redis.call('PTTL', KEYS[2]) == -1 then
+    redis.call('PEXPIRE', KEYS[2], ARGV[6])
+    redis.call('PEXPIRE', KEYS[3], ARGV[6])
   end
   -- A waiter woken for a free key that leaves instead passes the wakeup on.
   free = not kind

@@ -429,3 +429,42 @@ async fn a_refused_keyspace_subscription_falls_back_and_breaks_nothing() {
     assert!(resigned.elapsed() < Duration::from_secs(2));
     b.resign().await.expect("resign");
 }
+
+/// A withdrawal whose campaign's request lands after it (simulated: the place appears in
+/// an empty line right after the withdrawal, with nobody else waiting to prune it) leaves
+/// nothing within two TTLs while the driver lives: the driver leaves the line again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_landing_after_its_withdrawal_leaves_nothing_within_two_ttls() {
+    use leader_core::{Candidate, Driver};
+    let h = harness().await;
+    let ttl = Duration::from_secs(1);
+    let name = unique("late-landing");
+    let driver = h.driver_at(&h.server.url()).await;
+    let keys = driver.keys(&name);
+    let mut admin = h.admin().await;
+    let leader = election(driver.clone(), &name, ttl);
+    leader.campaign().await.expect("a leader");
+    let late = Candidate::new(&name, "late", "v", ttl);
+    driver.resign(&late, None).await.expect("the withdrawal");
+    let withdrawn = Instant::now();
+    let (secs, micros): (u64, u64) = redis::cmd("TIME")
+        .query_async(&mut admin)
+        .await
+        .expect("TIME");
+    let _: () = admin
+        .zadd(&keys.line, "late\nv", secs * 1_000_000 + micros)
+        .await
+        .expect("the late campaign's place");
+    within("the late place gone", ttl * 2, async {
+        loop {
+            let n: u64 = admin.exists(&keys.line).await.expect("EXISTS");
+            if n == 0 {
+                return;
+            }
+            sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    println!("gone {:?} after the withdrawal", withdrawn.elapsed());
+    assert!(leader.status().is_leader());
+}
