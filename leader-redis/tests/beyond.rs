@@ -227,3 +227,53 @@ async fn a_nominee_that_withdraws_lets_the_line_resume_at_once() {
         .expect("b elected");
     assert!(withdrew.elapsed() < ttl / 5);
 }
+
+/// On the driver, hand_over and proclaim act on exactly the given term: a stale token is
+/// TermGone, a nominee not in line NotWaiting, and nothing is written either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hand_over_and_proclaim_touch_exactly_the_given_term() {
+    let h = harness().await;
+    let ttl = Duration::from_secs(5);
+    let name = unique("exact-term");
+    let driver = h.driver_at(&h.server.url()).await;
+    let keys = driver.keys(&name);
+    let mut admin = h.admin().await;
+    let a = Candidate::new(&name, "a", "a-value", ttl);
+    let grant = driver.campaign(&a).await.expect("a elected");
+    let token = grant.fencing_token;
+    let before: String = admin.get(&keys.leader).await.expect("GET");
+    let stale = token - 1;
+    assert!(matches!(
+        driver.proclaim(&a, stale, b"x").await,
+        Err(Error::TermGone)
+    ));
+    assert!(matches!(
+        driver.hand_over(&a, stale, "b").await,
+        Err(Error::TermGone)
+    ));
+    let err = driver
+        .hand_over(&a, token, "b")
+        .await
+        .expect_err("b waits nowhere");
+    assert!(
+        matches!(&err, Error::NotWaiting { id } if id == "b"),
+        "{err:?}"
+    );
+    let after: String = admin.get(&keys.leader).await.expect("GET");
+    assert_eq!(before, after, "nothing written");
+    driver.proclaim(&a, token, b"new").await.expect("proclaim");
+    let info = driver
+        .leader(&name)
+        .await
+        .expect("leader")
+        .expect("a leads");
+    assert_eq!(
+        (info.value.as_slice(), info.fencing_token),
+        (&b"new"[..], token)
+    );
+    let line = driver.candidates(&name).await.expect("candidates");
+    assert_eq!(line.len(), 1);
+    assert_eq!((line[0].id.as_str(), line[0].is_leader), ("a", true));
+    assert_eq!(line[0].value, b"new");
+    driver.resign(&a, Some(token)).await.expect("resign");
+}
