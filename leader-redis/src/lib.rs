@@ -1,6 +1,9 @@
 #![doc = include_str!("../README.md")]
 #![warn(clippy::unwrap_used)]
 
+mod fence;
+mod keyspace;
+mod line;
 mod renewals;
 mod scripts;
 mod subscriber;
@@ -11,18 +14,21 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use futures::stream::BoxStream;
-use leader_core::{Candidate, Driver, Error, Grant, LeaderInfo, Result};
+use leader_core::{Candidate, CandidateInfo, Driver, Error, Grant, LeaderInfo, Result};
 use rand::Rng;
 use redis::Client;
 use redis::cluster::ClusterClient;
 use tokio::time::{Instant, sleep, timeout};
 use tracing::{debug, warn};
 
+pub use fence::Fence;
 pub use redis;
 
+use line::{Lines, News};
 use renewals::{Cached, Renewals};
-use scripts::{ACQUIRE, LEADER, RENEW, RESIGN};
+use scripts::{ACQUIRE, CANDIDATES, HAND_OVER, HOLDS, LEADER, PROCLAIM, REFRESH, RENEW, RESIGN};
 use subscriber::Subscriber;
 use topology::{Call, Connection, Lua, Source, needs_new_connection};
 
@@ -55,10 +61,19 @@ struct Inner {
     replicas: Option<(usize, Duration)>,
     subscriber: Subscriber,
     renewals: Renewals,
+    lines: Lines,
+    /// The keyspace-notification channel prefix (`__keyspace@<db>__:`) when the server
+    /// publishes the events a held term needs (see [`keyspace`]); `None` otherwise.
+    keyspace: std::sync::Mutex<Option<String>>,
     acquire: Lua,
     renew: Lua,
     resign: Lua,
     leader: Lua,
+    refresh: Lua,
+    candidates: Lua,
+    hand_over: Lua,
+    proclaim: Lua,
+    holds: Lua,
 }
 
 /// Builds a [`RedisDriver`] with options.
@@ -129,6 +144,8 @@ impl RedisDriverBuilder {
             inner: Arc::new(Inner {
                 subscriber: Subscriber::new(self.source.clone()),
                 renewals: Renewals::default(),
+                lines: Lines::default(),
+                keyspace: std::sync::Mutex::new(None),
                 source: self.source,
                 connection: tokio::sync::Mutex::new((0, None)),
                 prefix: self.prefix,
@@ -138,6 +155,11 @@ impl RedisDriverBuilder {
                 renew: Lua::new(RENEW),
                 resign: Lua::new(RESIGN),
                 leader: Lua::new(LEADER),
+                refresh: Lua::new(REFRESH),
+                candidates: Lua::new(CANDIDATES),
+                hand_over: Lua::new(HAND_OVER),
+                proclaim: Lua::new(PROCLAIM),
+                holds: Lua::new(HOLDS),
             }),
         }
     }
@@ -279,8 +301,63 @@ impl RedisDriver {
             fence: format!("{tag}:fence"),
             channel: format!("{tag}:events"),
             line: format!("{tag}:line"),
-            line_expiries: format!("{tag}:line-expiries"),
+            line_until: format!("{tag}:line-until"),
+            line_maintained: format!("{tag}:line-maintained"),
             wake_prefix: format!("{tag}:wake:"),
+        }
+    }
+}
+
+impl RedisDriver {
+    /// Whether `election` can be held under this driver's prefix (see [`check_name`]).
+    fn check(&self, election: &str) -> Result<()> {
+        check_name(&self.inner.prefix, election)
+    }
+
+    /// Resolves when Redis says that `candidate`'s term `fencing_token` is gone: its key
+    /// deleted, expired, evicted or overwritten (by an operator, by another candidate).
+    /// Only where the server publishes keyspace notifications (`notify-keyspace-events`
+    /// with `K` and `g` and `x`, or `KA`; read at each connection, not on a Cluster): an
+    /// event on the key is a reason to read it, and this resolves only if the key no longer
+    /// holds the term. Elsewhere it never resolves, and the next renewal (within a third of
+    /// the TTL) notices instead.
+    pub fn term_gone(
+        &self,
+        candidate: &Candidate,
+        fencing_token: u64,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let driver = self.clone();
+        let candidate = candidate.clone();
+        async move {
+            let Some(prefix) = driver.inner.keyspace() else {
+                return std::future::pending().await;
+            };
+            let keys = driver.keys(&candidate.election);
+            let channel = format!("{prefix}{}", keys.leader);
+            let mut notices = match driver.inner.subscriber.subscribe_checked(&channel).await {
+                Ok(notices) => notices,
+                Err(_) => {
+                    debug!(%channel, "keyspace channel refused (ACL): the renewals notice a lost term");
+                    return std::future::pending().await;
+                }
+            };
+            let token = fencing_token.to_string();
+            loop {
+                notices.mark_seen();
+                let call = Call::new(&driver.inner.holds, &[&keys.leader])
+                    .arg(&candidate.id)
+                    .arg(&token);
+                match driver.inner.run::<i64>(call, false).await {
+                    Ok(1) => {}
+                    Ok(_) => {
+                        warn!(election = %candidate.election, fencing_token, "the leader key no longer holds this term");
+                        return;
+                    }
+                    // The renewals deal with store errors.
+                    Err(_) => {}
+                }
+                notices.changed().await;
+            }
         }
     }
 }
@@ -298,16 +375,21 @@ impl std::fmt::Debug for RedisDriver {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ElectionKeys {
-    /// The hash holding the leader's `owner`, `value` and `token`, with the lease as expiry.
+    /// The leader's term, a string `L\n<token>\n<owner>\n<value>` with the lease as
+    /// expiry (or `N\n<nominee>` while a handover's nomination lasts).
     pub leader: String,
     /// The counter the fencing tokens come from.
     pub fence: String,
     /// The channel that announces `elected` and `resigned` (to observers).
     pub channel: String,
-    /// The line of waiting candidates: a sorted set of owner tokens by arrival.
+    /// The line of waiting candidates: a sorted set of places (`<owner>\n<value>`) by
+    /// arrival (server time in µs).
     pub line: String,
-    /// When each waiting candidate's place in line expires (server time in ms), a hash.
-    pub line_expiries: String,
+    /// When each place in line expires unless its driver refreshes it (server time in
+    /// ms), a sorted set.
+    pub line_until: String,
+    /// A marker that one driver pruned the line this refresh period (`PX` the period).
+    pub line_maintained: String,
     /// The prefix of each waiting candidate's own channel: a resignation wakes only the
     /// head of the line, on `wake_prefix` + its owner token.
     pub wake_prefix: String,
@@ -320,11 +402,25 @@ impl ElectionKeys {
     }
 }
 
-fn check_name(election: &str) -> Result<()> {
+/// Whether `election` (under `prefix`) has keys of its own: the name sits between `{` and
+/// `}` (the hash tag), so it must contain neither (else two names could share keys, or an
+/// election's keys could land in different Cluster slots); the prefix, shared by every
+/// election of the driver, neither, for the same reason. Names are case-sensitive (as
+/// Redis keys are): `Jobs` and `jobs` are two elections; `:` and `/` are ordinary
+/// characters inside the tag, so `a` and `a:b` never nest.
+fn check_name(prefix: &str, election: &str) -> Result<()> {
     if election.contains(['{', '}']) {
         return Err(Error::invalid_config(
             "name",
-            "must not contain `{` or `}` with Redis (they delimit the cluster hash tag)",
+            "must not contain `{` or `}` with Redis (they delimit the election's hash tag, so \
+             such a name could share keys with another election or split its own across \
+             Cluster slots)",
+        ));
+    }
+    if prefix.contains(['{', '}']) {
+        return Err(Error::invalid_config(
+            "prefix",
+            "must not contain `{` or `}` with Redis (the election name is the hash tag)",
         ));
     }
     Ok(())
@@ -332,13 +428,13 @@ fn check_name(election: &str) -> Result<()> {
 
 /// The commands the driver sends (its scripts' included): the least-privilege ACL of its
 /// user is `~PREFIX* &PREFIX*` and these (see the README, "Production").
-pub const ACL_COMMANDS: &str = "+evalsha +eval +ping +subscribe +unsubscribe +hget +hmget \
-    +hset +hdel +del +incr +pexpire +pttl +publish +zadd +zrem +zrange +time +wait \
-    +config|get +cluster|slots +role +info";
+pub const ACL_COMMANDS: &str = "+evalsha +eval +ping +subscribe +unsubscribe +get +set \
+    +del +incr +pexpire +pttl +publish +zadd +zrem +zrange +zrangebyscore +zmscore +zscore \
+    +zpopmin +time +wait +config|get +cluster|slots +role +info";
 
 /// A Redis error as this crate's [`Error`]: a refused login or a missing ACL permission is
 /// [`Error::Denied`] (retrying cannot fix it), anything else [`Error::Store`].
-fn redis_error(err: redis::RedisError) -> Error {
+pub(crate) fn redis_error(err: redis::RedisError) -> Error {
     if is_denied(&err) {
         Error::denied(err)
     } else {
@@ -407,10 +503,30 @@ impl Inner {
         }
         // Requests with a `WAIT` may take its timeout on top of the request timeout.
         let limit = self.request_timeout + self.replicas.map_or(Duration::ZERO, |(_, wait)| wait);
-        let connection = match timeout(self.request_timeout * 2, self.source.connect(limit)).await {
-            Ok(result) => result.map_err(|err| self.explain(redis_error(err)))?,
-            Err(_) => return Err(Error::Timeout(self.request_timeout * 2)),
+        let (mut connection, db) =
+            match timeout(self.request_timeout * 2, self.source.connect(limit)).await {
+                Ok(result) => result.map_err(|err| self.explain(redis_error(err)))?,
+                Err(_) => return Err(Error::Timeout(self.request_timeout * 2)),
+            };
+        // Keyspace notifications are node-local on a Cluster (db is None there): not used.
+        let keyspace = match db {
+            Some(db) => {
+                let flags = timeout(
+                    self.request_timeout,
+                    connection.config("notify-keyspace-events"),
+                )
+                .await
+                .ok()
+                .flatten();
+                keyspace::channel_prefix(db, flags.as_deref())
+            }
+            None => None,
         };
+        debug!(?keyspace, "keyspace notifications for held terms");
+        *self
+            .keyspace
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = keyspace;
         slot.0 += 1;
         slot.1 = Some(connection.clone());
         Ok((slot.0, connection))
@@ -470,32 +586,71 @@ impl Inner {
         }
     }
 
-    /// `Ok(Ok(grant))` when elected, `Ok(Err(pttl))` with the holder's remaining lease.
+    /// Takes the lead or stands in line. `in_line`: this candidate's place may still be
+    /// in line (it was not popped by a wakeup), so an election removes it. `stand`: stand
+    /// in line if the key is held (else only look). `ask`: report when the lease it waits
+    /// behind ends.
     async fn try_acquire(
         &self,
         keys: &ElectionKeys,
         candidate: &Candidate,
-    ) -> Result<std::result::Result<Grant, i64>> {
+        in_line: bool,
+        stand: bool,
+        ask: bool,
+    ) -> Result<Acquired> {
+        let flag = |on: bool| if on { "1" } else { "0" };
         let sent_at = Instant::now();
-        let call = Call::new(
-            &self.acquire,
-            &[&keys.leader, &keys.fence, &keys.line, &keys.line_expiries],
-        )
-        .arg(&candidate.id)
-        .arg(&candidate.value)
-        .arg(millis(candidate.ttl))
-        .arg(&keys.channel);
-        let (won, value): (i64, i64) = self.run(call, true).await?;
-        if won == 1 {
-            let token = u64::try_from(value).map_err(|_| {
-                Error::store(std::io::Error::other(format!("fence counter at {value}")))
-            })?;
-            self.renewals
-                .hold(&keys.leader, &candidate.id, token, candidate.ttl, sent_at);
-            Ok(Ok(Grant::new(token, sent_at, candidate.ttl)))
-        } else {
-            Ok(Err(value))
+        let call = Call::new(&self.acquire, &[&keys.leader, &keys.fence, &keys.line])
+            .arg(&candidate.id)
+            .arg(&candidate.value)
+            .arg(millis(candidate.ttl))
+            .arg(&keys.channel)
+            .arg(place(candidate))
+            .arg(flag(in_line))
+            .arg(flag(stand))
+            .arg(flag(ask));
+        let answer: Vec<i64> = self.run(call, true).await?;
+        match answer.as_slice() {
+            [1, token] => {
+                let token = u64::try_from(*token).map_err(|_| {
+                    Error::store(std::io::Error::other(format!("fence counter at {token}")))
+                })?;
+                self.renewals
+                    .hold(&keys.leader, &candidate.id, token, candidate.ttl, sent_at);
+                Ok(Acquired::Won(Grant::new(token, sent_at, candidate.ttl)))
+            }
+            [0, pttl] => Ok(Acquired::Waiting(u64::try_from(*pttl).ok().map(|ms| {
+                sent_at + Duration::from_millis(ms) + expiry_jitter(candidate.ttl)
+            }))),
+            _ => Ok(Acquired::Waiting(None)),
         }
+    }
+
+    /// The resignation script for `candidate` with `token` (`-`: leave the line only).
+    async fn resign_call(
+        &self,
+        keys: &ElectionKeys,
+        candidate: &Candidate,
+        token: &str,
+    ) -> Result<()> {
+        let call = Call::new(&self.resign, &[&keys.leader, &keys.line, &keys.line_until])
+            .arg(&candidate.id)
+            .arg(place(candidate))
+            .arg(token)
+            .arg(&keys.channel)
+            .arg(&keys.wake_prefix)
+            .arg(millis(keep(candidate.ttl)));
+        let _removed: i64 = self.run(call, true).await?;
+        Ok(())
+    }
+
+    /// The connection's keyspace channel prefix if the server publishes the events a held
+    /// term needs; `None` otherwise (or for a Cluster, where they are node-local).
+    fn keyspace(&self) -> Option<String> {
+        self.keyspace
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     /// The leader and its remaining lease in milliseconds.
@@ -518,6 +673,114 @@ impl Inner {
     }
 }
 
+/// What an acquisition attempt did.
+enum Acquired {
+    /// Elected.
+    Won(Grant),
+    /// In line (or looked only); when the lease it waits behind ends, if asked.
+    Waiting(Option<Instant>),
+}
+
+/// A candidate's place in line: `<owner>\n<value>` (the line lists values too, for
+/// [`Driver::candidates`]).
+fn place(candidate: &Candidate) -> Vec<u8> {
+    let mut place = Vec::with_capacity(candidate.id.len() + 1 + candidate.value.len());
+    place.extend_from_slice(candidate.id.as_bytes());
+    place.push(b'\n');
+    place.extend_from_slice(&candidate.value);
+    place
+}
+
+/// How long a place in line lives without a refresh: 1.25 of the shortest TTL among its
+/// driver's waiters, refreshed every [`period`]. A place left behind (a campaign that
+/// landed after its withdrawal) is pruned at the first maintenance after that (one per
+/// period and election): within 1.25 + 2/3 < 2 TTLs.
+fn keep(ttl: Duration) -> Duration {
+    ttl * 5 / 4
+}
+
+/// How often a driver refreshes its waiters' places: two thirds of their shortest TTL.
+fn period(ttl: Duration) -> Duration {
+    ttl * 2 / 3
+}
+
+/// Refreshes the places of this driver's candidates waiting in one election, every half
+/// of their shortest TTL, until none waits; tells each its news.
+async fn refresher(driver: RedisDriver, keys: ElectionKeys, line: Arc<line::Line>) {
+    loop {
+        let Some((places, owners, ttl)) = line.snapshot() else {
+            if driver.inner.lines.leave_if_empty(&keys.line, &line) {
+                return;
+            }
+            continue;
+        };
+        let keep = keep(ttl);
+        let sent_at = Instant::now();
+        let mut head = None;
+        let mut failed = false;
+        for (chunk, chunk_owners) in places.chunks(500).zip(owners.chunks(500)) {
+            let mut call = Call::new(
+                &driver.inner.refresh,
+                &[
+                    &keys.leader,
+                    &keys.line,
+                    &keys.line_until,
+                    &keys.line_maintained,
+                ],
+            )
+            .arg(millis(keep))
+            .arg(millis(period(ttl)))
+            .arg(&keys.wake_prefix);
+            for place in chunk {
+                call = call.arg(place.as_slice());
+            }
+            match driver
+                .inner
+                .run::<(Vec<usize>, Vec<u8>, i64)>(call, true)
+                .await
+            {
+                Ok((missing, first, pttl)) => {
+                    for i in missing {
+                        if let Some(owner) = chunk_owners.get(i) {
+                            line.tell(owner, News::Missing);
+                        }
+                    }
+                    let first = first
+                        .split(|b| *b == b'\n')
+                        .next()
+                        .map(|owner| String::from_utf8_lossy(owner).into_owned());
+                    let expiry = u64::try_from(pttl)
+                        .ok()
+                        .map(|ms| sent_at + Duration::from_millis(ms) + expiry_jitter(ttl));
+                    head = first.filter(|f| !f.is_empty()).map(|f| (f, expiry));
+                }
+                Err(err) => {
+                    debug!(error = %leader_core::ErrorChain(&err), "refreshing places in line failed");
+                    failed = true;
+                }
+            }
+        }
+        if !failed {
+            line.behind_except(head.as_ref().map(|(owner, _)| owner.as_str()));
+            if let Some((owner, expiry)) = &head {
+                line.tell(owner, News::Head(*expiry));
+            }
+        }
+        let pause = if failed {
+            (ttl / 10).max(Duration::from_millis(50))
+        } else {
+            period(ttl)
+        };
+        sleep(pause).await;
+    }
+}
+
+/// A few milliseconds, so that waiters of several drivers do not all ask at once.
+fn expiry_jitter(ttl: Duration) -> Duration {
+    let spread = millis(ttl / 20).min(50);
+    Duration::from_millis(rand::rng().random_range(1..=spread.max(1)))
+}
+
 /// How long a waiter sleeps on a holder's remaining lease: the PTTL plus a little jitter,
 /// so waiters that saw the same expiry do not all ask at the same millisecond.
 fn expiry_wait(pttl: i64, ttl: Duration) -> Duration {
@@ -534,26 +797,98 @@ fn expiry_wait(pttl: i64, ttl: Duration) -> Duration {
 #[async_trait]
 impl Driver for RedisDriver {
     async fn campaign(&self, candidate: &Candidate) -> Result<Grant> {
-        check_name(&candidate.election)?;
+        self.check(&candidate.election)?;
         let keys = self.keys(&candidate.election);
-        // Subscribe first, so that a resignation between our attempt and our wait is not
-        // missed. To this candidate's own channel: a resignation wakes the head of the
-        // line only, not every waiter.
-        let mut notices = self
-            .inner
-            .subscriber
-            .subscribe(&keys.wake(&candidate.id))
-            .await;
+        // This candidate's own channel: a resignation wakes the head of the line only, not
+        // every waiter. A candidate stands in line only once subscribed, so that no wakeup
+        // meant for it is missed: at once if the channel still is (a candidate that waited
+        // and campaigns again costs no SUBSCRIBE), else after a first try that only
+        // peeks, so a candidate elected at once subscribes to nothing.
+        let wake = keys.wake(&candidate.id);
+        let mut notices = self.inner.subscriber.existing(&wake);
+        // Whether this candidate's place may still be in line (not popped by a wakeup).
+        let mut in_line = false;
+        let mut waiting: Option<line::Waiting> = None;
+        // The head's timer fired: the next try asks when the lease ends now.
+        let mut timer_fired = false;
         loop {
-            notices.mark_seen();
-            match self.inner.try_acquire(&keys, candidate).await? {
-                Ok(grant) => return Ok(grant),
-                Err(pttl) => {
-                    let wait = expiry_wait(pttl, candidate.ttl);
-                    debug!(election = %candidate.election, ?wait, "waiting for the leader's key");
-                    tokio::select! {
-                        () = notices.changed() => {}
-                        () = sleep(wait) => {}
+            if let Some(notices) = &mut notices {
+                notices.mark_seen();
+            }
+            let stand = notices.is_some();
+            let lease_end = match self
+                .inner
+                .try_acquire(&keys, candidate, in_line, stand, timer_fired)
+                .await?
+            {
+                Acquired::Won(grant) => return Ok(grant),
+                Acquired::Waiting(lease_end) => lease_end,
+            };
+            let Some(notices) = &mut notices else {
+                notices = Some(self.inner.subscriber.subscribe(&wake).await);
+                continue;
+            };
+            in_line = true;
+            let waiting = match &mut waiting {
+                Some(waiting) => waiting,
+                None => {
+                    let (joined, new_line) = self.inner.lines.join(
+                        &keys.line,
+                        &candidate.id,
+                        place(candidate),
+                        candidate.ttl,
+                    );
+                    if let Some(line) = new_line {
+                        tokio::spawn(refresher(self.clone(), keys.clone(), line));
+                    }
+                    waiting.insert(joined)
+                }
+            };
+            // Only the head of the line keeps a timer (at the lease it waits behind);
+            // the others wait for a wakeup or for their driver's refresh.
+            // A lease end already passed is not waited for again (the lease was renewed
+            // since that refresh): the next refresh says when it ends now.
+            let upcoming = |at: Option<Instant>| at.filter(|at| *at > Instant::now());
+            let mut expiry = match *waiting.news.borrow_and_update() {
+                News::Head(at) => upcoming(at),
+                _ => None,
+            };
+            if timer_fired {
+                // Still the head (as far as this driver knows): wait for the lease as it is
+                // now, not for the next refresh.
+                expiry = upcoming(lease_end).or(expiry);
+                timer_fired = false;
+            }
+            debug!(election = %candidate.election, "waiting in line");
+            loop {
+                let timer = async {
+                    match expiry {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    () = notices.changed() => {
+                        // Popped from the line by the wakeup (or pub/sub reconnected).
+                        in_line = false;
+                        break;
+                    }
+                    changed = waiting.news.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        match *waiting.news.borrow_and_update() {
+                            News::Missing => {
+                                in_line = false;
+                                break;
+                            }
+                            News::Head(at) => expiry = upcoming(at),
+                            News::Behind | News::None => expiry = None,
+                        }
+                    }
+                    () = timer => {
+                        timer_fired = true;
+                        break;
                     }
                 }
             }
@@ -629,23 +964,34 @@ impl Driver for RedisDriver {
                 _ => "-".to_owned(),
             },
         };
-        let call = Call::new(
-            &self.inner.resign,
-            &[&keys.leader, &keys.line, &keys.line_expiries],
-        )
-        .arg(&candidate.id)
-        .arg(&keys.channel)
-        .arg(&token)
-        .arg(&keys.wake_prefix);
-        let _deleted: i64 = self.inner.run(call, true).await?;
+        self.inner.resign_call(&keys, candidate, &token).await?;
         self.inner
             .renewals
             .release(&keys.leader, &candidate.id, fencing_token);
+        if fencing_token.is_none() {
+            // A withdrawal: the campaign it ends may have sent a request that lands after
+            // this one (a stalled server, a connection replaced after a timeout). Leave
+            // the line again three times over the next 1.5 TTL, unless the candidate
+            // waits again meanwhile: whatever such a request left is gone within 2 TTLs.
+            let driver = self.clone();
+            let candidate = candidate.clone();
+            tokio::spawn(async move {
+                for _ in 0..3 {
+                    sleep(candidate.ttl / 2).await;
+                    if driver.inner.lines.waits(&keys.line, &candidate.id) {
+                        return;
+                    }
+                    if let Err(err) = driver.inner.resign_call(&keys, &candidate, "-").await {
+                        debug!(error = %leader_core::ErrorChain(&err), "leaving the line again failed");
+                    }
+                }
+            });
+        }
         Ok(())
     }
 
     async fn leader(&self, election: &str) -> Result<Option<LeaderInfo>> {
-        check_name(election)?;
+        self.check(election)?;
         let keys = self.keys(election);
         Ok(self
             .inner
@@ -655,7 +1001,89 @@ impl Driver for RedisDriver {
     }
 
     fn check_name(&self, election: &str) -> Result<()> {
-        check_name(election)
+        self.check(election)
+    }
+
+    async fn candidates(&self, election: &str) -> Result<Vec<CandidateInfo>> {
+        self.check(election)?;
+        let keys = self.keys(election);
+        // Places not yet refreshed count as live here: the refresh prunes them if stale.
+        let call = Call::new(
+            &self.inner.candidates,
+            &[&keys.leader, &keys.line, &keys.line_until],
+        )
+        .arg(1_000_000_000_000_000_u64);
+        let flat: Vec<Vec<u8>> = self.inner.run(call, false).await?;
+        let mut out = Vec::with_capacity(flat.len() / 2);
+        for (i, pair) in flat.chunks_exact(2).enumerate() {
+            if i == 0 && pair[0] == b"-" {
+                continue;
+            }
+            let id = String::from_utf8_lossy(&pair[0]).into_owned();
+            out.push(CandidateInfo::new(id, pair[1].clone(), i == 0));
+        }
+        Ok(out)
+    }
+
+    async fn hand_over(
+        &self,
+        candidate: &Candidate,
+        fencing_token: u64,
+        nominee: &str,
+    ) -> Result<()> {
+        let keys = self.keys(&candidate.election);
+        let call = Call::new(
+            &self.inner.hand_over,
+            &[&keys.leader, &keys.line, &keys.line_until],
+        )
+        .arg(&candidate.id)
+        .arg(fencing_token.to_string())
+        .arg(nominee)
+        .arg(millis(candidate.ttl))
+        .arg(&keys.wake_prefix)
+        .arg(&keys.channel);
+        let answer: String = self.inner.run(call, true).await?;
+        match answer.as_str() {
+            "ok" => {
+                self.inner
+                    .renewals
+                    .release(&keys.leader, &candidate.id, Some(fencing_token));
+                Ok(())
+            }
+            "gone" => Err(Error::TermGone),
+            "absent" => Err(Error::NotWaiting {
+                id: nominee.to_owned(),
+            }),
+            other => Err(Error::store(std::io::Error::other(format!(
+                "unexpected answer from the handover script: {other}"
+            )))),
+        }
+    }
+
+    async fn proclaim(
+        &self,
+        candidate: &Candidate,
+        fencing_token: u64,
+        value: &[u8],
+    ) -> Result<()> {
+        let keys = self.keys(&candidate.election);
+        let call = Call::new(&self.inner.proclaim, &[&keys.leader])
+            .arg(&candidate.id)
+            .arg(fencing_token.to_string())
+            .arg(value)
+            .arg(&keys.channel);
+        match self.inner.run::<i64>(call, true).await? {
+            1 => Ok(()),
+            _ => Err(Error::TermGone),
+        }
+    }
+
+    fn term_gone(&self, candidate: &Candidate, fencing_token: u64) -> BoxFuture<'static, ()> {
+        if self.inner.keyspace().is_none() {
+            // Nothing to hold per term: the renewals notice.
+            return Box::pin(std::future::pending());
+        }
+        Box::pin(RedisDriver::term_gone(self, candidate, fencing_token))
     }
 
     fn observe(&self, election: &str) -> BoxStream<'static, Result<Option<LeaderInfo>>> {
@@ -677,7 +1105,7 @@ impl Driver for RedisDriver {
                 }
                 notices_ref.mark_seen();
                 let keys = driver.keys(&election);
-                let (item, next) = match check_name(&election) {
+                let (item, next) = match driver.check(&election) {
                     Err(err) => (Err(err), Some(Duration::from_secs(3600))),
                     Ok(()) => match driver.inner.leader_with_pttl(&keys).await {
                         Ok(Some((info, pttl))) => (

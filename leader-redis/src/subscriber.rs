@@ -19,6 +19,11 @@ const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// waiting on messages that never come.
 const HEALTH_CHECK_EVERY: Duration = Duration::from_secs(5);
 
+/// How long a channel nobody watches stays subscribed: a candidate that resigns and
+/// campaigns again (or an observer restarted) then sends no `UNSUBSCRIBE` and
+/// `SUBSCRIBE`.
+const LINGER: Duration = Duration::from_secs(20);
+
 /// Routes the messages of the driver's one pub/sub connection to each channel's watchers,
 /// and reconnects when the connection drops. Each (re)connection wakes every watcher, since
 /// messages may have been missed meanwhile. The connection task starts on the first
@@ -37,11 +42,13 @@ struct Shared {
 struct Channel {
     notices: watch::Sender<u64>,
     watchers: usize,
+    /// Since when nobody watches it (it stays subscribed for [`LINGER`]).
+    idle_since: Option<tokio::time::Instant>,
 }
 
 enum Command {
-    Subscribe(String, oneshot::Sender<()>),
-    Unsubscribe(String),
+    /// Subscribe; answers false if Redis refused the channel (an ACL without it).
+    Subscribe(String, oneshot::Sender<bool>),
 }
 
 /// A watcher of one channel; the channel is unsubscribed when its last watcher drops.
@@ -49,7 +56,6 @@ pub(crate) struct Notices {
     channel: String,
     rx: watch::Receiver<u64>,
     shared: Weak<Shared>,
-    commands: mpsc::UnboundedSender<Command>,
 }
 
 impl Notices {
@@ -75,10 +81,8 @@ impl Drop for Notices {
         if let Some(channel) = channels.get_mut(&self.channel) {
             channel.watchers = channel.watchers.saturating_sub(1);
             if channel.watchers == 0 {
-                channels.remove(&self.channel);
-                let _ = self
-                    .commands
-                    .send(Command::Unsubscribe(self.channel.clone()));
+                // Unsubscribed by the connection task once it has lingered.
+                channel.idle_since = Some(tokio::time::Instant::now());
             }
         }
     }
@@ -95,6 +99,21 @@ impl Shared {
         if let Some(channel) = self.lock().get(channel) {
             channel.notices.send_modify(|n| *n = n.wrapping_add(1));
         }
+    }
+
+    /// Forgets the channels that nobody has watched for [`LINGER`], and returns them.
+    fn lingered(&self) -> Vec<String> {
+        let now = tokio::time::Instant::now();
+        let mut channels = self.lock();
+        let old: Vec<String> = channels
+            .iter()
+            .filter(|(_, c)| c.idle_since.is_some_and(|at| now - at >= LINGER))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &old {
+            channels.remove(name);
+        }
+        old
     }
 
     fn notify_all(&self) {
@@ -120,6 +139,31 @@ impl Subscriber {
     /// subscription when pub/sub is up (so nothing published afterwards is missed); when it
     /// is down, returns at once: waiters then rely on the key's expiry timer.
     pub(crate) async fn subscribe(&self, channel: &str) -> Notices {
+        match self.subscribe_checked(channel).await {
+            Ok(notices) | Err(notices) => notices,
+        }
+    }
+
+    /// A watcher of `channel` if it is subscribed already (watched, or lingering after its
+    /// last watcher), without a `SUBSCRIBE`; `None` otherwise.
+    pub(crate) fn existing(&self, channel: &str) -> Option<Notices> {
+        let mut channels = self.shared.lock();
+        let entry = channels.get_mut(channel)?;
+        entry.idle_since = None;
+        entry.watchers += 1;
+        Some(Notices {
+            channel: channel.to_owned(),
+            rx: entry.notices.subscribe(),
+            shared: Arc::downgrade(&self.shared),
+        })
+    }
+
+    /// As [`subscribe`](Self::subscribe), but `Err` (with a watcher that only wakes at
+    /// reconnections) if Redis refused the channel.
+    pub(crate) async fn subscribe_checked(
+        &self,
+        channel: &str,
+    ) -> std::result::Result<Notices, Notices> {
         let idle = self
             .idle
             .lock()
@@ -128,31 +172,38 @@ impl Subscriber {
         if let Some((source, rx)) = idle {
             tokio::spawn(run(source, Arc::clone(&self.shared), rx));
         }
-        let rx = {
+        let (rx, lingering) = {
             let mut channels = self.shared.lock();
             let entry = channels
                 .entry(channel.to_owned())
                 .or_insert_with(|| Channel {
                     notices: watch::Sender::new(0),
                     watchers: 0,
+                    idle_since: None,
                 });
+            let lingering = entry.watchers == 0 && entry.idle_since.take().is_some();
             entry.watchers += 1;
-            entry.notices.subscribe()
+            (entry.notices.subscribe(), lingering)
         };
+        let notices = Notices {
+            channel: channel.to_owned(),
+            rx,
+            shared: Arc::downgrade(&self.shared),
+        };
+        if lingering {
+            // Still subscribed from its last watcher.
+            return Ok(notices);
+        }
         let (confirmed, confirmation) = oneshot::channel();
         if self
             .commands
             .send(Command::Subscribe(channel.to_owned(), confirmed))
             .is_ok()
+            && let Ok(Ok(false)) = timeout(SUBSCRIBE_TIMEOUT * 2, confirmation).await
         {
-            let _ = timeout(SUBSCRIBE_TIMEOUT * 2, confirmation).await;
+            return Err(notices);
         }
-        Notices {
-            channel: channel.to_owned(),
-            rx,
-            shared: Arc::downgrade(&self.shared),
-            commands: self.commands.clone(),
-        }
+        Ok(notices)
     }
 }
 
@@ -192,9 +243,8 @@ async fn run(source: Source, shared: Arc<Shared>, mut commands: mpsc::UnboundedR
                 command = commands.recv() => match command {
                     None => return,
                     Some(Command::Subscribe(_, confirmed)) => {
-                        let _ = confirmed.send(());
+                        let _ = confirmed.send(true);
                     }
-                    Some(Command::Unsubscribe(_)) => {}
                 },
             }
         }
@@ -240,6 +290,12 @@ async fn connected(
     loop {
         tokio::select! {
             _ = health.tick() => {
+                for channel in shared.lingered() {
+                    let unsubscribed = timeout(SUBSCRIBE_TIMEOUT, sink.unsubscribe(&channel)).await;
+                    if !matches!(unsubscribed, Ok(Ok(()))) {
+                        return Ended::Disconnected;
+                    }
+                }
                 let pong = timeout(SUBSCRIBE_TIMEOUT, sink.ping::<redis::Value>()).await;
                 if !matches!(pong, Ok(Ok(_))) {
                     warn!("Redis pub/sub connection failed its health check; reconnecting");
@@ -250,24 +306,31 @@ async fn connected(
                 None => return Ended::DriverGone,
                 Some(Command::Subscribe(channel, confirmed)) => {
                     let subscribed = timeout(SUBSCRIBE_TIMEOUT, sink.subscribe(&channel)).await;
-                    let _ = confirmed.send(());
-                    if !matches!(subscribed, Ok(Ok(()))) {
-                        warn!(%channel, "Redis SUBSCRIBE failed; reconnecting pub/sub");
-                        return Ended::Disconnected;
-                    }
-                }
-                Some(Command::Unsubscribe(channel)) => {
-                    if shared.lock().contains_key(&channel) {
-                        continue; // watched again meanwhile
-                    }
-                    let unsubscribed = timeout(SUBSCRIBE_TIMEOUT, sink.unsubscribe(&channel)).await;
-                    if !matches!(unsubscribed, Ok(Ok(()))) {
-                        return Ended::Disconnected;
+                    match subscribed {
+                        Ok(Ok(())) => {
+                            let _ = confirmed.send(true);
+                        }
+                        // Refused (an ACL without this channel): the connection is fine.
+                        Ok(Err(err)) if err.code().is_some() => {
+                            debug!(%channel, error = %err, "Redis refused a subscription");
+                            shared.lock().remove(&channel);
+                            let _ = confirmed.send(false);
+                        }
+                        _ => {
+                            let _ = confirmed.send(true);
+                            warn!(%channel, "Redis SUBSCRIBE failed; reconnecting pub/sub");
+                            return Ended::Disconnected;
+                        }
                     }
                 }
             },
             message = stream.next() => match message {
-                Some(message) => shared.notify(message.get_channel_name()),
+                Some(message) => {
+                    let channel = message.get_channel_name();
+                    if crate::keyspace::worth_a_look(channel, message.get_payload_bytes()) {
+                        shared.notify(channel);
+                    }
+                }
                 None => {
                     warn!("Redis pub/sub connection lost; reconnecting");
                     return Ended::Disconnected;

@@ -57,12 +57,16 @@ impl Source {
     }
 
     /// A new command connection, whose requests may take `request_timeout` (a `WAIT`
-    /// included).
-    pub(crate) async fn connect(&self, request_timeout: Duration) -> RedisResult<Connection> {
+    /// included), and the database it uses (`None` for a Cluster).
+    pub(crate) async fn connect(
+        &self,
+        request_timeout: Duration,
+    ) -> RedisResult<(Connection, Option<i64>)> {
         match self {
-            Source::Cluster { client, .. } => {
-                Ok(Connection::Cluster(client.get_async_connection().await?))
-            }
+            Source::Cluster { client, .. } => Ok((
+                Connection::Cluster(client.get_async_connection().await?),
+                None,
+            )),
             Source::Single(_) | Source::Sentinel(_) => {
                 let client = self.node(0).await?;
                 let config = ConnectionManagerConfig::new()
@@ -70,8 +74,10 @@ impl Source {
                     .set_connection_timeout(Some(request_timeout))
                     .set_number_of_retries(1)
                     .set_max_delay(Duration::from_secs(1));
-                Ok(Connection::Single(
-                    ConnectionManager::new_with_config(client, config).await?,
+                let db = client.get_connection_info().redis_settings().db();
+                Ok((
+                    Connection::Single(ConnectionManager::new_with_config(client, config).await?),
+                    Some(db),
                 ))
             }
         }
@@ -102,8 +108,13 @@ impl Connection {
 
     /// The connection's `maxmemory-policy`, if this user may read it.
     pub(crate) async fn eviction_policy(&mut self) -> Option<String> {
+        self.config("maxmemory-policy").await
+    }
+
+    /// A server setting, if this user may read it (`CONFIG GET`).
+    pub(crate) async fn config(&mut self, name: &str) -> Option<String> {
         let mut cmd = redis::cmd("CONFIG");
-        cmd.arg("GET").arg("maxmemory-policy");
+        cmd.arg("GET").arg(name);
         let pair: Vec<String> = self.query(&cmd).await.ok()?;
         pair.into_iter().nth(1)
     }

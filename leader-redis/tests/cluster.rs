@@ -242,3 +242,47 @@ async fn a_master_killed_under_a_leader_ends_that_term_only() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The fence on a Cluster: resources on every master, each command's keys under the
+/// resource's hash tag; a stale token is refused there as on one server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fence_works_on_every_master_with_the_resource_as_hash_tag() {
+    use leader_core::Error;
+    use leader_redis::Fence;
+    let h = harness().await;
+    let client = ClusterClient::new(node_urls(&h.cluster)).expect("cluster client");
+    let mut conn = client
+        .get_async_connection()
+        .await
+        .expect("cluster connection");
+    for i in 0..12 {
+        let fence = Fence::new(unique(&format!("res{i}")));
+        let target = format!("{}:rows", fence.hash_tag());
+        let mut cmd = leader_redis::redis::cmd("SET");
+        cmd.arg(&target).arg("new");
+        let _: () = fence.run(&mut conn, 5, &cmd).await.expect("a fresh token");
+        let mut stale = leader_redis::redis::cmd("SET");
+        stale.arg(&target).arg("stale");
+        let err = fence
+            .run::<(), _>(&mut conn, 4, &stale)
+            .await
+            .expect_err("stale");
+        assert!(
+            matches!(
+                err,
+                Error::Fenced {
+                    token: 4,
+                    newer: Some(5),
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let value: String = leader_redis::redis::cmd("GET")
+            .arg(&target)
+            .query_async(&mut conn)
+            .await
+            .expect("GET");
+        assert_eq!(value, "new");
+    }
+}

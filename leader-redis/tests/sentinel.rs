@@ -39,12 +39,13 @@ async fn owner_on(setup: &RedisSentinel, i: usize, key: &str) -> Option<String> 
         .get_multiplexed_async_connection()
         .await
         .expect("connection");
-    leader_redis::redis::cmd("HGET")
+    // The leader key: `L\n<token>\n<owner>\n<value>`.
+    let raw: Option<String> = leader_redis::redis::cmd("GET")
         .arg(key)
-        .arg("owner")
         .query_async(&mut connection)
         .await
-        .expect("HGET")
+        .expect("GET");
+    raw.and_then(|raw| raw.split('\n').nth(2).map(str::to_owned))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

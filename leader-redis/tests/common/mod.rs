@@ -46,7 +46,12 @@ impl RedisHarness {
     pub async fn admin(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(self.server.url())
             .expect("url")
-            .get_multiplexed_async_connection()
+            // A long response timeout: the tests' own queries must not fail on a busy
+            // machine while the server serves a thousand candidates.
+            .get_multiplexed_async_connection_with_config(
+                &redis::AsyncConnectionConfig::new()
+                    .set_response_timeout(Some(std::time::Duration::from_secs(20))),
+            )
             .await
             .expect("admin connection")
     }
