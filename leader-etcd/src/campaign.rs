@@ -11,7 +11,7 @@ use etcd_client::{
 use leader_core::{CancellationToken, Candidate, Error, Result};
 use tracing::{debug, warn};
 
-use crate::error::{from_etcd, unexpected, watch_cancelled};
+use crate::error::{from_etcd, says_lease_not_found, unexpected, watch_cancelled};
 use crate::lease::LeaseSlot;
 use crate::{Inner, lock};
 
@@ -27,7 +27,33 @@ pub(crate) struct CandidateKey {
     pub(crate) create_revision: i64,
     /// Cancelled when etcd says the term `create_revision` is gone.
     pub(crate) gone: CancellationToken,
+    /// The attempt lease of the last create sent whose outcome is unknown (0: none): what a
+    /// withdrawal revokes before it reads the key.
+    pub(crate) attempt: i64,
 }
+
+/// What a side key of a candidate's key holds.
+#[derive(Clone, Copy)]
+pub(crate) enum Side {
+    /// The candidate's id (on the key's lease), for `candidates()`.
+    Id,
+    /// The guard of the last create, on the attempt lease.
+    Guard,
+}
+
+/// The side key `kind` of the candidate key `key` (`<prefix><election>/<suffix>`):
+/// `<prefix><election>\0id\0<suffix>` or `…\0try\0<suffix>`. Outside every election's
+/// range (`<prefix><name>/`): election names hold no `/`, and neither does the rest. Still
+/// under `<prefix><election>`, so one permission on that prefix covers both.
+pub(crate) fn side_key(key: &str, kind: Side) -> String {
+    let (election, suffix) = key.rsplit_once('/').unwrap_or((key, ""));
+    let kind = match kind {
+        Side::Id => "id",
+        Side::Guard => "try",
+    };
+    format!("{election}\0{kind}\0{suffix}")
+}
+
 
 /// What a waiter's watch message means, events in revision order.
 #[derive(Debug, PartialEq, Eq)]
@@ -95,13 +121,15 @@ impl Keys {
         }
     }
 
-    /// Records the create revision of `candidate`'s key `name` (0: unknown from now on);
-    /// returns the token that is cancelled when that term is gone.
+    /// Records the create revision of `candidate`'s key `name` (0: unknown from now on,
+    /// a create on attempt lease `attempt` may land, or none if 0); returns the token that
+    /// is cancelled when that term is gone.
     fn set_create_revision(
         &mut self,
         candidate: &str,
         name: &str,
         revision: i64,
+        attempt: i64,
     ) -> Option<CancellationToken> {
         let entry = self.by_candidate.get_mut(candidate)?;
         if entry.key != name {
@@ -111,6 +139,7 @@ impl Keys {
             entry.create_revision = revision;
             entry.gone = CancellationToken::new();
         }
+        entry.attempt = attempt;
         Some(entry.gone.clone())
     }
 
@@ -147,6 +176,7 @@ impl Inner {
             slot: Arc::clone(slot),
             create_revision: 0,
             gone: CancellationToken::new(),
+            attempt: 0,
         };
         keys.insert(candidate.id.clone(), entry.clone());
         entry
@@ -172,38 +202,72 @@ impl Inner {
     /// candidate), deletes that term's key (by its create revision) and creates it again,
     /// so that each term gets a new create revision. Returns the create revision and the
     /// token cancelled when the term is gone.
+    ///
+    /// The create also puts the key's id side key (on the same lease) and its guard key on
+    /// the slot's attempt lease, all in one transaction: see [`crate::lease`]. Until its
+    /// answer comes, the candidate's key records the attempt lease, which a withdrawal
+    /// revokes before it reads the key.
     pub(crate) async fn create_key(
         &self,
         candidate: &Candidate,
         key: &CandidateKey,
     ) -> Result<(i64, CancellationToken)> {
-        for _ in 0..2 {
+        for _ in 0..4 {
+            let attempt = self.attempt_lease(&key.slot).await?;
             // From here until the answer, the key may exist with a revision we do not know:
-            // a withdrawal reads it first.
-            lock(&self.keys).set_create_revision(&candidate.id, &key.key, 0);
+            // a withdrawal revokes the attempt lease, then reads it.
+            lock(&self.keys).set_create_revision(&candidate.id, &key.key, 0, attempt);
             let txn = Txn::new()
                 .when([Compare::create_revision(
                     key.key.as_str(),
                     CompareOp::Equal,
                     0,
                 )])
-                .and_then([TxnOp::put(
-                    key.key.as_str(),
-                    candidate.value.as_slice(),
-                    Some(PutOptions::new().with_lease(key.lease)),
-                )])
+                .and_then([
+                    TxnOp::put(
+                        key.key.as_str(),
+                        candidate.value.as_slice(),
+                        Some(PutOptions::new().with_lease(key.lease)),
+                    ),
+                    TxnOp::put(
+                        side_key(&key.key, Side::Id),
+                        candidate.id.as_str(),
+                        Some(PutOptions::new().with_lease(key.lease)),
+                    ),
+                    TxnOp::put(
+                        side_key(&key.key, Side::Guard),
+                        "",
+                        Some(PutOptions::new().with_lease(attempt)),
+                    ),
+                ])
                 .or_else([TxnOp::get(key.key.as_str(), None)]);
-            let response = self.request(self.client.clone().txn(txn)).await?;
+            let response = match self.request(self.client.clone().txn(txn)).await {
+                Ok(response) => response,
+                Err(err) if says_lease_not_found(&err) => {
+                    // Nothing was written. Which lease: the attempt lease (revoked by a
+                    // withdrawal of another create, or expired), or the candidate's?
+                    lock(&self.keys).set_create_revision(&candidate.id, &key.key, 0, 0);
+                    if self.lease_lives(key.lease).await? {
+                        debug!(attempt = %format!("{attempt:x}"), "the attempt lease is gone; taking a new one");
+                        self.attempt_gone(&key.slot, attempt).await;
+                        continue;
+                    }
+                    return Err(err);
+                }
+                Err(err) => return Err(err),
+            };
             if response.succeeded() {
                 let revision = response.header().map_or(0, |h| h.revision());
                 if revision <= 0 {
                     return Err(unexpected("etcd answered a transaction without a revision"));
                 }
                 let gone = lock(&self.keys)
-                    .set_create_revision(&candidate.id, &key.key, revision)
+                    .set_create_revision(&candidate.id, &key.key, revision, 0)
                     .unwrap_or_default();
                 return Ok((revision, gone));
             }
+            // Nothing was written.
+            lock(&self.keys).set_create_revision(&candidate.id, &key.key, 0, 0);
             let existing = response.op_responses().into_iter().find_map(|op| match op {
                 TxnOpResponse::Get(get) => get
                     .kvs()
@@ -234,18 +298,48 @@ impl Inner {
             }
         }
         Err(unexpected(format!(
-            "etcd key {} keeps existing after deletion",
+            "etcd key {} could not be created (it kept existing, or the attempt lease kept vanishing)",
             key.key
         )))
     }
 
     /// Deletes `key` only if it is the term with create revision `revision`: never anyone
     /// else's key, never a newer term of the same candidate, even if the request lands late.
+    /// Its side keys go with it; if the key is gone already, they go if no other term has
+    /// taken the key's name since.
     pub(crate) async fn delete_own(&self, key: &str, revision: i64) -> Result<()> {
+        let sides = |deletes: &mut Vec<TxnOp>| {
+            deletes.push(TxnOp::delete(side_key(key, Side::Id), None));
+            deletes.push(TxnOp::delete(side_key(key, Side::Guard), None));
+        };
+        let mut then = vec![TxnOp::delete(key, None)];
+        sides(&mut then);
         let delete = Txn::new()
             .when([Compare::create_revision(key, CompareOp::Equal, revision)])
-            .and_then([TxnOp::delete(key, None)]);
-        self.request(self.client.clone().txn(delete)).await?;
+            .and_then(then);
+        let response = self.request(self.client.clone().txn(delete)).await?;
+        if !response.succeeded() {
+            let mut then = Vec::new();
+            sides(&mut then);
+            let leftovers = Txn::new()
+                .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+                .and_then(then);
+            self.request(self.client.clone().txn(leftovers)).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the side keys of `key` if the key itself does not exist (a withdrawal that
+    /// found no key: a create that failed may still have left nothing, but a guard of an
+    /// earlier create may be there).
+    pub(crate) async fn delete_sides_if_absent(&self, key: &str) -> Result<()> {
+        let leftovers = Txn::new()
+            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+            .and_then([
+                TxnOp::delete(side_key(key, Side::Id), None),
+                TxnOp::delete(side_key(key, Side::Guard), None),
+            ]);
+        self.request(self.client.clone().txn(leftovers)).await?;
         Ok(())
     }
 
@@ -468,6 +562,7 @@ mod tests {
             slot: crate::lease::Leases::new().slot(1),
             create_revision: revision,
             gone: CancellationToken::new(),
+            attempt: 0,
         }
     }
 
@@ -493,7 +588,7 @@ mod tests {
         assert_eq!(keys.len(), (2, 2));
         assert!(!keys.names.contains("e/1"));
         // A forget for another term of b keeps it; one for its name and term removes it.
-        keys.set_create_revision("b", "e/1_1", 7);
+        keys.set_create_revision("b", "e/1_1", 7, 0);
         keys.forget("b", "e/1_1", Some(6));
         assert_eq!(keys.len(), (2, 2));
         keys.forget("b", "e/1_1", Some(7));
@@ -506,12 +601,12 @@ mod tests {
     fn a_new_create_revision_gets_a_new_gone_token() {
         let mut keys = Keys::default();
         keys.insert("a".into(), key("e/1", 0));
-        let first = keys.set_create_revision("a", "e/1", 5).expect("a's key");
+        let first = keys.set_create_revision("a", "e/1", 5, 0).expect("a's key");
         first.cancel();
-        let unknown = keys.set_create_revision("a", "e/1", 0).expect("a's key");
+        let unknown = keys.set_create_revision("a", "e/1", 0, 3).expect("a's key");
         assert!(!unknown.is_cancelled());
-        let second = keys.set_create_revision("a", "e/1", 9).expect("a's key");
+        let second = keys.set_create_revision("a", "e/1", 9, 0).expect("a's key");
         assert!(!second.is_cancelled());
-        assert!(keys.set_create_revision("a", "e/other", 9).is_none());
+        assert!(keys.set_create_revision("a", "e/other", 9, 0).is_none());
     }
 }

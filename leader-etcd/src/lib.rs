@@ -250,6 +250,29 @@ impl std::fmt::Debug for EtcdDriver {
     }
 }
 
+/// Refuses election names that etcd cannot keep apart: a name with a `/` would nest (the
+/// keys of election `svc/x` are under `svc/x/`, inside the range `svc/` of election `svc`,
+/// whose leader would then be `svc/x`'s), and the empty name's keys would be the prefix's.
+fn check_election_name(election: &str) -> Result<()> {
+    if election.is_empty() {
+        return Err(Error::invalid_config(
+            "name",
+            "an etcd election needs a non-empty name",
+        ));
+    }
+    if election.contains('/') {
+        return Err(Error::invalid_config(
+            "name",
+            format!(
+                "etcd election names cannot contain `/`: the keys of election `{election}` \
+                 would lie inside the key range of election `{}`, and the two would mix",
+                election.split('/').next().unwrap_or_default()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A failed connection's error: a refusal says to check the credentials.
 fn refused_at_connect(err: etcd_client::Error) -> Error {
     match from_etcd(err) {
@@ -362,10 +385,28 @@ impl EtcdDriver {
         let Some(key) = inner.candidate_key(&candidate.id) else {
             return Ok(());
         };
+        let began = Instant::now();
+        let result = self.withdraw_key(candidate, &key, fencing_token).await;
+        match &result {
+            Ok(()) => key.slot.withdrawn(&key.key),
+            // Bounded: see `LeaseSlot::withdrawal_failed`.
+            Err(_) => key.slot.withdrawal_failed(&key.key, key.lease, began),
+        }
+        result
+    }
+
+    async fn withdraw_key(
+        &self,
+        candidate: &Candidate,
+        key: &CandidateKey,
+        fencing_token: Option<u64>,
+    ) -> Result<()> {
+        let inner = &self.inner;
         // The term to delete, by its create revision: the one asked for, or else the one
         // this candidate is known to hold, or else (a create whose answer never came) the
-        // one etcd shows on this candidate's key and lease. Never by the key alone, so that
-        // a late request cannot delete a term begun after it.
+        // one etcd shows on this candidate's key and lease once no create can land any
+        // more. Never by the key alone, so that a late request cannot delete a term begun
+        // after it.
         let (revision, only) = match fencing_token {
             Some(token) => match i64::try_from(token) {
                 Ok(revision) if revision > 0 => (Some(revision), Some(revision)),
@@ -378,7 +419,19 @@ impl EtcdDriver {
                 }
             },
             None if key.create_revision > 0 => (Some(key.create_revision), None),
-            None => (inner.own_revision(&key).await?, None),
+            None => {
+                // A create may be in flight: etcd may apply it after any read. Revoke its
+                // attempt lease first; etcd orders that with the create, which either
+                // landed before (the read below sees it) or fails as a whole.
+                if key.attempt != 0 {
+                    inner.revoke_attempt(&key.slot, key.attempt).await?;
+                }
+                let revision = inner.own_revision(key).await?;
+                if revision.is_none() {
+                    inner.delete_sides_if_absent(&key.key).await?;
+                }
+                (revision, None)
+            }
         };
         if let Some(revision) = revision {
             // Stop watching the term first: the core stepped down before it asked, and the
@@ -394,9 +447,10 @@ impl EtcdDriver {
     /// for `election`.
     fn explain(&self, election: &str, err: Error) -> Error {
         match err {
-            Error::Denied(source) => {
-                Error::denied(error::Refusal::new(source, self.election_prefix(election)))
-            }
+            Error::Denied(source) => Error::denied(error::Refusal::new(
+                source,
+                format!("{}{election}", self.inner.prefix),
+            )),
             other => other,
         }
     }
@@ -405,6 +459,7 @@ impl EtcdDriver {
 #[async_trait]
 impl Driver for EtcdDriver {
     async fn campaign(&self, candidate: &Candidate) -> Result<Grant> {
+        check_election_name(&candidate.election)?;
         self.campaign_term(candidate)
             .await
             .map_err(|err| self.explain(&candidate.election, err))
@@ -423,6 +478,7 @@ impl Driver for EtcdDriver {
     }
 
     async fn leader(&self, election: &str) -> Result<Option<LeaderInfo>> {
+        check_election_name(election)?;
         let prefix = self.election_prefix(election);
         match self.inner.leader_of(&prefix).await {
             Ok((leader, _)) => Ok(leader),
@@ -431,6 +487,11 @@ impl Driver for EtcdDriver {
     }
 
     fn observe(&self, election: &str) -> BoxStream<'static, Result<Option<LeaderInfo>>> {
+        if let Err(err) = check_election_name(election) {
+            return futures::stream::once(async move { Err(err) })
+                .chain(futures::stream::pending())
+                .boxed();
+        }
         let driver = self.clone();
         let election = election.to_owned();
         observe::observe(Arc::clone(&self.inner), self.election_prefix(&election))
@@ -440,5 +501,9 @@ impl Driver for EtcdDriver {
 
     fn term_gone(&self, candidate: &Candidate, fencing_token: u64) -> BoxFuture<'static, ()> {
         Box::pin(EtcdDriver::term_gone(self, candidate, fencing_token))
+    }
+
+    fn check_name(&self, election: &str) -> Result<()> {
+        check_election_name(election)
     }
 }
