@@ -295,10 +295,10 @@ async fn a_cancelled_resign_still_reports_the_end_of_the_term() {
     );
 }
 
-/// Defect 8: resign() while this candidate's campaign holds the campaign lock withdraws
+/// Defect 8: withdraw() while this candidate's campaign holds the campaign lock withdraws
 /// that campaign; it never waits for it to be elected and then resigns the new term.
 #[tokio::test(start_paused = true)]
-async fn resign_withdraws_a_waiting_campaign_instead_of_resigning_its_term() {
+async fn withdraw_withdraws_a_waiting_campaign_instead_of_letting_it_be_elected() {
     let store = MemoryStore::new();
     let driver = store.driver();
     let script = Script {
@@ -330,7 +330,7 @@ async fn resign_withdraws_a_waiting_campaign_instead_of_resigning_its_term() {
     sleep(Duration::from_millis(50)).await;
     let resign = tokio::spawn({
         let b = b.clone();
-        async move { b.resign().await }
+        async move { b.withdraw().await }
     });
     sleep(Duration::from_secs(1)).await;
     timeout(WAIT, other_campaign)
@@ -345,7 +345,7 @@ async fn resign_withdraws_a_waiting_campaign_instead_of_resigning_its_term() {
         .expect("no panic");
     assert!(
         matches!(campaigned, Err(Error::Withdrawn)),
-        "withdrawn by resign(), not elected: {campaigned:?}"
+        "withdrawn by withdraw(), not elected: {campaigned:?}"
     );
     let _ = timeout(WAIT, resign).await.expect("resign returns");
     let seen = delivered(&mut events);
