@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![warn(clippy::unwrap_used)]
 
+mod beyond;
 mod campaign;
 mod confirm;
 mod error;
@@ -17,11 +18,11 @@ use etcd_client::{Client, ConnectOptions};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
-use leader_core::{Candidate, Driver, Error, Grant, LeaderInfo, Result};
+use leader_core::{Candidate, CandidateInfo, Driver, Error, Grant, LeaderInfo, Result, Term};
 use tokio::time::{Instant, timeout};
 use tracing::{debug, warn};
 
-use crate::campaign::{CandidateKey, Keys};
+use crate::campaign::{CandidateKey, Keys, Waited};
 use crate::error::{from_etcd, says_lease_not_found};
 use crate::held::HeldKeys;
 use crate::lease::Leases;
@@ -234,6 +235,38 @@ impl EtcdDriver {
     }
 }
 
+impl EtcdDriver {
+    /// Runs the etcd operations `ops` in one transaction, only while `term`'s key stands in
+    /// etcd with its create revision (the term's fencing token): a compare in the same
+    /// transaction, so a leader whose term has ended (its key deleted, its lease expired, a
+    /// newer term elected) writes nothing, however late its request arrives.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Fenced`] (with the key as `resource`, and nothing written) when the term's
+    /// key no longer stands, or when this driver does not hold the term (it ended here,
+    /// or it is another driver's); a store error otherwise (then, as with any request, the
+    /// transaction may or may not have been applied: it applied only if the term stood).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn example(driver: leader_etcd::EtcdDriver, term: leader_core::Term) -> leader_core::Result<()> {
+    /// use leader_etcd::etcd_client::TxnOp;
+    /// driver
+    ///     .txn_if_leader(&term, vec![TxnOp::put("reports/last-run", "2026-12-03", None)])
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn txn_if_leader(
+        &self,
+        term: &Term,
+        ops: Vec<etcd_client::TxnOp>,
+    ) -> Result<etcd_client::TxnResponse> {
+        self.inner.txn_if_held(term.fencing_token(), ops).await
+    }
+}
+
 impl std::fmt::Debug for EtcdDriver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let leases: Vec<String> = self
@@ -309,31 +342,40 @@ impl EtcdDriver {
         let slot = inner.leases.slot(inner.lease_seconds(candidate.ttl));
         let (lease, lease_ttl) = inner.ensure_lease(&slot).await?;
         let key = inner.allocate_key(candidate, lease, &slot);
-        let (revision, gone) = match inner.create_key(candidate, &key).await {
-            Ok(created) => created,
-            Err(err) => {
-                if says_lease_not_found(&err) {
-                    inner.lease_lost(&slot, lease).await;
-                }
-                return Err(err);
-            }
-        };
-        let key = CandidateKey {
-            create_revision: revision,
-            gone,
-            ..key
-        };
         let prefix = self.election_prefix(&candidate.election);
-        let verified_at = match inner
-            .wait_for_predecessors(&prefix, &key.key, revision, &slot, lease)
-            .await
-        {
-            Ok(at) => at,
-            Err(err) => {
-                if matches!(err, Error::TermGone) {
-                    key.gone.cancel();
+        // Twice at most: a key passed over by a handover is created once more, and then
+        // its create revision is above every term's.
+        let mut recreated = false;
+        let (key, revision, verified_at) = loop {
+            let (revision, gone) = match inner.create_key(candidate, &key).await {
+                Ok(created) => created,
+                Err(err) => {
+                    if says_lease_not_found(&err) {
+                        inner.lease_lost(&slot, lease).await;
+                    }
+                    return Err(err);
                 }
-                return Err(err);
+            };
+            let key = CandidateKey {
+                create_revision: revision,
+                gone,
+                ..key.clone()
+            };
+            match inner
+                .wait_for_predecessors(&prefix, &key.key, revision, &slot, lease)
+                .await
+            {
+                Ok(Waited::Lead(at)) => break (key, revision, at),
+                Ok(Waited::Recreate) if !recreated => recreated = true,
+                Ok(Waited::Recreate) => {
+                    return Err(campaign::unexpected_recreate(&key.key));
+                }
+                Err(err) => {
+                    if matches!(err, Error::TermGone) {
+                        key.gone.cancel();
+                    }
+                    return Err(err);
+                }
             }
         };
         let ttl = candidate.ttl.min(lease_ttl);
@@ -437,7 +479,7 @@ impl EtcdDriver {
             // Stop watching the term first: the core stepped down before it asked, and the
             // delete's own event is no news (it would be logged as a term gone).
             inner.release_term(revision);
-            inner.delete_own(&key.key, revision).await?;
+            inner.delete_own(&key.key, revision, true).await?;
         }
         lock(&inner.keys).forget(&candidate.id, &key.key, only);
         Ok(())
@@ -505,5 +547,43 @@ impl Driver for EtcdDriver {
 
     fn check_name(&self, election: &str) -> Result<()> {
         check_election_name(election)
+    }
+
+    async fn candidates(&self, election: &str) -> Result<Vec<CandidateInfo>> {
+        check_election_name(election)?;
+        self.inner
+            .candidates_of(&self.election_prefix(election))
+            .await
+            .map_err(|err| self.explain(election, err))
+    }
+
+    async fn hand_over(
+        &self,
+        candidate: &Candidate,
+        fencing_token: u64,
+        nominee: &str,
+    ) -> Result<()> {
+        self.inner
+            .hand_over_term(
+                &candidate.id,
+                fencing_token,
+                nominee,
+                &self.election_prefix(&candidate.election),
+                candidate.ttl,
+            )
+            .await
+            .map_err(|err| self.explain(&candidate.election, err))
+    }
+
+    async fn proclaim(
+        &self,
+        candidate: &Candidate,
+        fencing_token: u64,
+        value: &[u8],
+    ) -> Result<()> {
+        self.inner
+            .proclaim_value(&candidate.id, fencing_token, value)
+            .await
+            .map_err(|err| self.explain(&candidate.election, err))
     }
 }

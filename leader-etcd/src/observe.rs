@@ -1,9 +1,9 @@
-//! Who leads an election: the key with the lowest create revision, once or as a stream.
+//! Who leads an election, as a stream (see `Inner::leader_of`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{GetOptions, SortOrder, SortTarget, WatchOptions};
+use etcd_client::WatchOptions;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use leader_core::{LeaderInfo, Result};
@@ -15,29 +15,6 @@ use crate::error::{from_etcd, unexpected};
 
 /// Pause after an error of the observe stream before it looks again.
 const OBSERVE_RETRY: Duration = Duration::from_millis(500);
-
-impl Inner {
-    /// The leader of the election whose keys start with `prefix`, and the revision of the
-    /// answer.
-    pub(crate) async fn leader_of(&self, prefix: &str) -> Result<(Option<LeaderInfo>, i64)> {
-        let options = GetOptions::new()
-            .with_prefix()
-            .with_sort(SortTarget::Create, SortOrder::Ascend)
-            .with_limit(1);
-        let response = self
-            .request(self.client.clone().get(prefix, Some(options)))
-            .await?;
-        let revision = response.header().map_or(0, |h| h.revision());
-        let leader = response.kvs().first().map(|kv| {
-            LeaderInfo::new(
-                String::from_utf8_lossy(&kv.key()[prefix.len().min(kv.key().len())..]),
-                kv.value(),
-                u64::try_from(kv.create_revision()).unwrap_or(0),
-            )
-        });
-        Ok((leader, revision))
-    }
-}
 
 /// A stream of the leader of the election whose keys start with `prefix`, fed by a task
 /// that ends when the stream is dropped.
@@ -64,11 +41,19 @@ async fn observe_loop(inner: &Inner, prefix: &str, tx: &mpsc::Sender<Result<Opti
             if tx.send(Ok(leader)).await.is_err() {
                 return Ok(());
             }
+            // The election's keys (`<election>/…`) and its nomination and marker
+            // (`<election>\0…`): from `<election>\0` up to `<election>0` ('/' + 1).
+            let election = prefix.strip_suffix('/').unwrap_or(prefix);
             let options = WatchOptions::new()
-                .with_prefix()
+                .with_range(format!("{election}0"))
                 .with_start_revision(revision + 1);
             let mut watch = inner
-                .request(inner.client.clone().watch(prefix, Some(options)))
+                .request(
+                    inner
+                        .client
+                        .clone()
+                        .watch(format!("{election}\0"), Some(options)),
+                )
                 .await?;
             loop {
                 let Some(message) = watch.message().await.map_err(from_etcd)? else {
