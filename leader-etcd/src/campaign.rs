@@ -11,7 +11,7 @@ use etcd_client::{
 use leader_core::{CancellationToken, Candidate, Error, Result};
 use tracing::{debug, warn};
 
-use crate::error::{from_etcd, says_lease_not_found, unexpected, watch_cancelled};
+use crate::error::{says_lease_not_found, unexpected, watch_cancelled};
 use crate::lease::LeaseSlot;
 use crate::{Inner, lock};
 
@@ -594,33 +594,30 @@ impl Inner {
                 let options = WatchOptions::new()
                     .with_start_revision(from)
                     .with_range(end);
-                self.request(
-                    self.client
-                        .clone()
-                        .watch(nomination.as_str(), Some(options)),
+                self.watches.subscribe(
+                    &self.client,
+                    self.request_timeout,
+                    vec![(nomination.clone().into_bytes(), options)],
                 )
-                .await?
             } else {
                 let options = WatchOptions::new()
                     .with_start_revision(from)
                     .with_filters([WatchFilterType::NoPut]);
-                let mut watch = self
-                    .request(
-                        self.client
-                            .clone()
-                            .watch(predecessor.clone(), Some(options)),
-                    )
-                    .await?;
-                self.request(watch.watch(
-                    nomination.as_str(),
-                    Some(WatchOptions::new().with_start_revision(from)),
-                ))
-                .await?;
-                watch
+                self.watches.subscribe(
+                    &self.client,
+                    self.request_timeout,
+                    vec![
+                        (predecessor.clone(), options),
+                        (
+                            nomination.clone().into_bytes(),
+                            WatchOptions::new().with_start_revision(from),
+                        ),
+                    ],
+                )
             };
             loop {
                 let message = tokio::select! {
-                    message = watch.message() => message.map_err(from_etcd)?,
+                    message = watch.message() => message?,
                     changed = lease_changes.changed() => {
                         if changed.is_err() || *lease_changes.borrow_and_update() != lease {
                             return Err(Error::TermGone);
@@ -696,12 +693,14 @@ impl Inner {
         lease: i64,
     ) -> Result<()> {
         let options = WatchOptions::new().with_start_revision(from);
-        let mut watch = self
-            .request(self.client.clone().watch(key, Some(options)))
-            .await?;
+        let mut watch = self.watches.subscribe(
+            &self.client,
+            self.request_timeout,
+            vec![(key.as_bytes().to_vec(), options)],
+        );
         loop {
             let message = tokio::select! {
-                message = watch.message() => message.map_err(from_etcd)?,
+                message = watch.message() => message?,
                 changed = lease_changes.changed() => {
                     if changed.is_err() || *lease_changes.borrow_and_update() != lease {
                         return Err(Error::TermGone);

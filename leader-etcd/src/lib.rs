@@ -8,6 +8,7 @@ mod error;
 mod held;
 mod lease;
 mod observe;
+mod watches;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -63,6 +64,8 @@ struct Inner {
     keys: Mutex<Keys>,
     held: HeldKeys,
     reads: confirm::Reads,
+    /// The watches of waiting candidates, on one stream.
+    watches: watches::Watches,
 }
 
 /// Builds an [`EtcdDriver`] with options.
@@ -112,6 +115,7 @@ impl EtcdDriverBuilder {
                 keys: Mutex::new(Keys::default()),
                 held: HeldKeys::new(),
                 reads: confirm::Reads::default(),
+                watches: watches::Watches::new(),
             }),
         }
     }
