@@ -242,6 +242,32 @@ impl TermState {
         lock(&self.clock).deadline
     }
 
+    /// Resolves once the term's deadline has passed, counting a suspension of the machine,
+    /// within milliseconds of the process running again (Tokio's timers alone would wait out
+    /// the time the machine slept). With `fixed`, that deadline instead of the current one.
+    pub(crate) async fn expired(&self, fixed: Option<Instant>) {
+        let mut suspensions = crate::clock::suspensions();
+        loop {
+            let due = {
+                let mut clock = lock(&self.clock);
+                let deadline = fixed.unwrap_or(clock.deadline);
+                let suspended = clock.confirmed.offset.suspended_since();
+                if !clock.holds() || Instant::now() + suspended >= deadline {
+                    return;
+                }
+                deadline - suspended
+            };
+            tokio::select! {
+                () = sleep_until(due) => {}
+                changed = suspensions.changed() => {
+                    if changed.is_err() {
+                        sleep_until(due).await;
+                    }
+                }
+            }
+        }
+    }
+
     /// Steps down: records the instant, then cancels the token. Call it with the state
     /// lock held, as the term leaves `State::term`.
     fn end(&self) {
@@ -543,9 +569,8 @@ impl Core {
                 self.lose(&term, LossReason::Expired);
                 return;
             }
-            let deadline = term.deadline();
             // Wait for the renewal time, then renew; the term's end, the store saying it is
-            // gone and the deadline win over both.
+            // gone and the deadline (counting a suspension) win over both.
             let renewal = async {
                 sleep_until(next_renewal).await;
                 let reading = Reading::now();
@@ -562,7 +587,7 @@ impl Core {
                     self.lose(&term, LossReason::Gone);
                     return;
                 }
-                () = sleep_until(deadline) => {
+                () = term.expired(None) => {
                     self.lose(&term, LossReason::Expired);
                     return;
                 }
@@ -1022,6 +1047,10 @@ impl Drop for Withdrawal {
         core.ensure_withdrawer();
     }
 }
+
+#[cfg(all(test, feature = "testing"))]
+#[path = "term_tests.rs"]
+mod term_tests;
 
 /// Displays an error with its chain of sources (`outer: cause: root cause`), for logs and
 /// one-line messages: `tracing::warn!(error = %ErrorChain(&err), "…")`.

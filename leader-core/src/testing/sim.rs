@@ -2,8 +2,13 @@
 //! simulated store, on Tokio's paused clock, with a schedule drawn from one seed.
 //!
 //! Each store request may be delayed, fail, lose its answer (the effect lands, the caller
-//! times out), or land late (after the caller gave up); leases expire in the store;
-//! drivers are partitioned and the store goes away. Candidates, some sharing a driver,
+//! times out), land late (after the caller gave up), or be answered later than the safety
+//! margin (campaigns: up to several TTLs); leases expire in the store, on a clock of its
+//! own that runs up to 1.5% faster or slower than the candidates'; the candidates' machine
+//! is suspended (their monotonic clock stands still, the store's runs on, the boot clock
+//! they read counts it); renewals may answer with an earlier, shared confirmation; the
+//! store pushes the end of a term (`term_gone`) after a delay; drivers are partitioned and
+//! the store goes away. Candidates, some sharing a driver,
 //! campaign, resign, run, drop futures and whole elections, cancel calls midway and call
 //! the API concurrently. At every instant the runtime reaches, and at every `Elected`, a
 //! checker asserts:
@@ -26,6 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use rand::rngs::StdRng;
@@ -44,6 +50,8 @@ const ELECTION: &str = "sim";
 const TTL: Duration = Duration::from_secs(1);
 /// How long a simulated client waits for an answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(300);
+/// How long a simulated client waits for the answer to a campaign request: several TTLs.
+const CAMPAIGN_TIMEOUT: Duration = Duration::from_millis(2500);
 /// The latest a late effect lands after its request was sent.
 const MAX_LATE: Duration = Duration::from_millis(1000);
 /// How long candidates act and faults happen.
@@ -90,6 +98,10 @@ pub struct Report {
     pub failures: u64,
     /// Partitions and store outages.
     pub outages: u64,
+    /// Suspensions of the candidates' machine.
+    pub suspensions: u64,
+    /// Renewals answered with an earlier, shared confirmation.
+    pub shared_confirmations: u64,
     /// API calls made by the candidates.
     pub calls: u64,
 }
@@ -102,6 +114,8 @@ impl std::ops::AddAssign for Report {
         self.late_effects += other.late_effects;
         self.failures += other.failures;
         self.outages += other.outages;
+        self.suspensions += other.suspensions;
+        self.shared_confirmations += other.shared_confirmations;
         self.calls += other.calls;
     }
 }
@@ -166,11 +180,26 @@ struct World {
     outage: Mutex<bool>,
     /// The store keeps a lease this many times the candidate's TTL (as etcd may).
     lease_factor: u32,
+    /// The store's clock: `rate` times as fast as the candidates' (within the safety
+    /// margin's assumption), and ahead of it by the time the candidates' machine spent
+    /// suspended.
+    store_clock: Mutex<StoreClock>,
+    /// Renewals may answer with an earlier confirmation of the same term (as a driver
+    /// sharing one keep-alive between elections does), when this is true.
+    shared_confirmations: bool,
     checker: Mutex<Checker>,
     report: Mutex<Report>,
     /// Each slot's current election.
     current: Mutex<Vec<Option<Election>>>,
     tracing: bool,
+}
+
+/// The store's clock against the candidates' (Tokio's paused clock).
+struct StoreClock {
+    epoch: Option<Instant>,
+    rate: f64,
+    /// How long the candidates' machine was suspended: the store's clock ran on meanwhile.
+    skew: Duration,
 }
 
 /// The event-checking tasks of every election made.
@@ -204,6 +233,9 @@ impl World {
     fn new(seed: u64) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
         let lease_factor = if rng.random_bool(0.5) { 1 } else { 10 };
+        // Up to 1.5% apart: within the default safety margin (2% of the TTL).
+        let rate = 1.0 + rng.random_range(-0.015..=0.015);
+        let shared_confirmations = rng.random_bool(0.5);
         World {
             rng: Mutex::new(rng),
             store: Mutex::new(Store::default()),
@@ -211,6 +243,12 @@ impl World {
             chaos: Mutex::new(true),
             outage: Mutex::new(false),
             lease_factor,
+            store_clock: Mutex::new(StoreClock {
+                epoch: None,
+                rate,
+                skew: Duration::ZERO,
+            }),
+            shared_confirmations,
             checker: Mutex::new(Checker::default()),
             report: Mutex::new(Report::default()),
             current: Mutex::new(Vec::new()),
@@ -220,6 +258,34 @@ impl World {
 
     fn draw<T>(&self, f: impl FnOnce(&mut StdRng) -> T) -> T {
         f(&mut lock(&self.rng))
+    }
+
+    /// The store's clock now.
+    fn store_now(&self) -> Instant {
+        let clock = lock(&self.store_clock);
+        let now = Instant::now();
+        let Some(epoch) = clock.epoch else {
+            return now;
+        };
+        epoch + now.duration_since(epoch).mul_f64(clock.rate) + clock.skew
+    }
+
+    /// The candidates' instant at which the store's clock reads `at` (or now, if it has).
+    fn client_at(&self, at: Instant) -> Instant {
+        let clock = lock(&self.store_clock);
+        let Some(epoch) = clock.epoch else {
+            return at;
+        };
+        let store_elapsed = at.saturating_duration_since(epoch);
+        epoch + store_elapsed.saturating_sub(clock.skew).div_f64(clock.rate)
+    }
+
+    /// The candidates' machine sleeps for `duration`: their monotonic clock (Tokio's)
+    /// stands still, the store's runs on, and the boot clock they read counts it.
+    fn suspend(&self, duration: Duration) {
+        lock(&self.store_clock).skew += duration;
+        crate::clock::simulate_suspension(duration);
+        self.trace(|| format!("the candidates' machine was suspended for {duration:?}"));
     }
 
     fn chaos(&self) -> bool {
@@ -236,11 +302,13 @@ impl World {
 
     async fn simulate(self: Arc<Self>) -> std::result::Result<(), String> {
         lock(&self.checker).start = Some(Instant::now());
+        lock(&self.store_clock).epoch = Some(Instant::now());
         let slots = self.draw(|rng| rng.random_range(2..=5usize));
         let drivers: Vec<SimDriver> = (0..self.draw(|rng| rng.random_range(1..=slots)))
             .map(|_| SimDriver {
                 world: Arc::clone(&self),
                 partition: Arc::new(Mutex::new(None)),
+                confirmations: Arc::default(),
             })
             .collect();
         *lock(&self.current) = vec![None; slots];
@@ -298,14 +366,16 @@ impl World {
             }
             let elected = lock(&self.checker).elected.clone();
             let holder = {
-                let now = Instant::now();
+                let now = self.store_now();
                 lock(&self.store).live(now).cloned()
             };
             match holder {
                 // A late campaign effect made a candidate the holder without its knowing:
                 // it blocks the election until the store's lease ends, as a real store's
                 // would. Wait for that.
-                Some(h) if !elected.contains(&h.token) => due = h.expires_at + 2 * TTL,
+                Some(h) if !elected.contains(&h.token) => {
+                    due = self.client_at(h.expires_at) + 2 * TTL;
+                }
                 Some(h) => {
                     return Err(format!(
                         "no leader {:?} after faults stopped: the store still holds term {} \
@@ -320,9 +390,9 @@ impl World {
                     let expired = lock(&self.store).expired.clone();
                     if let Some(h) = expired
                         && !elected.contains(&h.token)
-                        && h.expires_at + 2 * TTL > due
+                        && self.client_at(h.expires_at) + 2 * TTL > due
                     {
-                        due = h.expires_at + 2 * TTL;
+                        due = self.client_at(h.expires_at) + 2 * TTL;
                         continue;
                     }
                     return Err(format!(
@@ -333,10 +403,10 @@ impl World {
             }
         }
         let ended = lock(&self.checker).ended.clone();
-        let now = Instant::now();
+        let now = self.store_now();
         if let Some(h) = lock(&self.store).live(now).cloned()
             && ended.contains(&h.token)
-            && h.expires_at > quiet + MAX_LATE + LIVENESS + TTL
+            && self.client_at(h.expires_at) > quiet + MAX_LATE + LIVENESS + TTL
         {
             return Err(format!(
                 "term {} ended, yet the store still holds it after faults stopped",
@@ -368,7 +438,7 @@ impl World {
             }
         }
         sleep(2 * TTL).await;
-        let now = Instant::now();
+        let now = self.store_now();
         if let Some(h) = lock(&self.store).live(now).cloned()
             && lock(&self.checker).elected.contains(&h.token)
         {
@@ -592,6 +662,13 @@ impl World {
             let pause = self.draw(|rng| Duration::from_millis(rng.random_range(0..3000)));
             sleep(pause).await;
             let lasts = self.draw(|rng| Duration::from_millis(rng.random_range(0..3000)));
+            if self.draw(|rng| rng.random_bool(0.15)) {
+                // The candidates' machine is suspended (a laptop lid, a VM paused).
+                let duration = self.draw(|rng| Duration::from_millis(rng.random_range(1..2500)));
+                self.count(|r| r.suspensions += 1);
+                self.suspend(duration);
+                continue;
+            }
             let which = self.draw(|rng| rng.random_range(0..=drivers.len()));
             self.count(|r| r.outages += 1);
             if which == drivers.len() {
@@ -707,6 +784,8 @@ enum Partition {
 struct SimDriver {
     world: Arc<World>,
     partition: Arc<Mutex<Option<Partition>>>,
+    /// The send time of the latest request that extended each (candidate, term).
+    confirmations: Arc<Mutex<std::collections::HashMap<(String, u64), Instant>>>,
 }
 
 /// The random end of a candidate id, to tell candidates apart in traces.
@@ -729,6 +808,16 @@ impl SimDriver {
         label: String,
         op: impl FnOnce(&mut Store, Instant) -> (T, bool) + Send + 'static,
     ) -> Result<T> {
+        self.request_within(REQUEST_TIMEOUT, label, op).await
+    }
+
+    /// [`request`](Self::request), waiting up to `limit` for the answer.
+    async fn request_within<T: Send + fmt::Debug + 'static>(
+        &self,
+        limit: Duration,
+        label: String,
+        op: impl FnOnce(&mut Store, Instant) -> (T, bool) + Send + 'static,
+    ) -> Result<T> {
         let world = &self.world;
         world.count(|r| r.requests += 1);
         let partition = *lock(&self.partition);
@@ -738,8 +827,8 @@ impl SimDriver {
         match partition {
             Some(Partition::Refuse) => return Err(unreachable_store()),
             Some(Partition::Hang) => {
-                sleep(REQUEST_TIMEOUT).await;
-                return Err(Error::Timeout(REQUEST_TIMEOUT));
+                sleep(limit).await;
+                return Err(Error::Timeout(limit));
             }
             None => {}
         }
@@ -756,7 +845,15 @@ impl SimDriver {
             } else {
                 Duration::from_millis(rng.random_range(0..=20))
             };
-            let answer_after = (!lost).then(|| Duration::from_millis(rng.random_range(0..=20)));
+            // Most answers come at once; some later than the safety margin, up to the
+            // caller's limit (several TTLs for a campaign), as real networks do.
+            let answer_after = (!lost).then(|| {
+                if chaos && rng.random_bool(0.2) {
+                    Duration::from_millis(rng.random_range(20..=limit.as_millis() as u64))
+                } else {
+                    Duration::from_millis(rng.random_range(0..=20))
+                }
+            });
             (fail, effect_after, answer_after)
         });
         if fail {
@@ -764,9 +861,9 @@ impl SimDriver {
             sleep(effect_after.min(REQUEST_TIMEOUT)).await;
             return Err(unreachable_store());
         }
-        if effect_after + answer_after.unwrap_or(MAX_LATE) >= REQUEST_TIMEOUT {
+        if effect_after + answer_after.unwrap_or(MAX_LATE) >= limit {
             world.count(|r| {
-                if effect_after >= REQUEST_TIMEOUT {
+                if effect_after >= limit {
                     r.late_effects += 1;
                 } else {
                     r.lost_answers += 1;
@@ -778,7 +875,7 @@ impl SimDriver {
         tokio::spawn(async move {
             sleep(effect_after).await;
             let (out, changed) = {
-                let now = Instant::now();
+                let now = effect_world.store_now();
                 op(&mut lock(&effect_world.store), now)
             };
             effect_world.trace(|| format!("{label} -> {out:?} (answer {answer_after:?})"));
@@ -799,13 +896,35 @@ impl SimDriver {
                 Err(_) => std::future::pending().await,
             }
         };
-        timeout(REQUEST_TIMEOUT, answer)
+        timeout(limit, answer)
             .await
-            .map_err(|_| Error::Timeout(REQUEST_TIMEOUT))
+            .map_err(|_| Error::Timeout(limit))
     }
 
     fn lease(&self, candidate: &Candidate) -> Duration {
         candidate.ttl * self.world.lease_factor
+    }
+
+    /// Records that the store extended term `token` of `id` by a request sent at `at`.
+    fn confirmed(&self, id: &str, token: u64, at: Instant) {
+        let mut confirmations = lock(&self.confirmations);
+        let last = confirmations.entry((id.to_owned(), token)).or_insert(at);
+        *last = (*last).max(at);
+    }
+
+    /// An earlier confirmation of the same term, recent enough to answer a renewal with
+    /// (as one keep-alive shared by every election on a lease does), sometimes.
+    fn shared_confirmation(&self, candidate: &Candidate, grant: &Grant) -> Option<Grant> {
+        if !self.world.shared_confirmations {
+            return None;
+        }
+        let at = *lock(&self.confirmations).get(&(candidate.id.clone(), grant.fencing_token))?;
+        let recent = at + candidate.ttl / 3 > Instant::now();
+        if !recent || at < grant.confirmed_at || !self.world.draw(|rng| rng.random_bool(0.5)) {
+            return None;
+        }
+        self.world.count(|r| r.shared_confirmations += 1);
+        Some(Grant::new(grant.fencing_token, at, candidate.ttl))
     }
 }
 
@@ -820,7 +939,8 @@ impl Driver for SimDriver {
             let lease = self.lease(candidate);
             let world = Arc::clone(&self.world);
             let acquired = self
-                .request(
+                .request_within(
+                    CAMPAIGN_TIMEOUT,
                     format!("acquire {}", short(&candidate.id)),
                     move |store, now| {
                         if let Some(holder) = store.live(now)
@@ -843,8 +963,12 @@ impl Driver for SimDriver {
                 )
                 .await?;
             match acquired {
-                Ok(token) => return Ok(Grant::new(token, sent_at, candidate.ttl)),
+                Ok(token) => {
+                    self.confirmed(&candidate.id, token, sent_at);
+                    return Ok(Grant::new(token, sent_at, candidate.ttl));
+                }
                 Err(expires_at) => {
+                    let expires_at = self.world.client_at(expires_at);
                     tokio::select! {
                         biased;
                         changed = changes.changed() => {
@@ -860,6 +984,9 @@ impl Driver for SimDriver {
     }
 
     async fn renew(&self, candidate: &Candidate, grant: &Grant) -> Result<Grant> {
+        if let Some(shared) = self.shared_confirmation(candidate, grant) {
+            return Ok(shared);
+        }
         let sent_at = Instant::now();
         let id = candidate.id.clone();
         let token = grant.fencing_token;
@@ -877,6 +1004,7 @@ impl Driver for SimDriver {
             )
             .await?;
         if renewed {
+            self.confirmed(&candidate.id, token, sent_at);
             Ok(Grant::new(token, sent_at, candidate.ttl))
         } else {
             Err(Error::TermGone)
@@ -936,5 +1064,40 @@ impl Driver for SimDriver {
         let driver = self.clone();
         let election = election.to_owned();
         futures::stream::once(async move { driver.leader(&election).await }).boxed()
+    }
+
+    /// The store pushes the end of a term (its lease expired, or it was deleted), after
+    /// a delay of its own, as etcd's watch does.
+    fn term_gone(&self, candidate: &Candidate, fencing_token: u64) -> BoxFuture<'static, ()> {
+        let world = Arc::clone(&self.world);
+        let id = candidate.id.clone();
+        let delay = world.draw(|rng| Duration::from_millis(rng.random_range(0..=50)));
+        Box::pin(async move {
+            let mut changes = world.changes.subscribe();
+            loop {
+                changes.borrow_and_update();
+                let expires_at = {
+                    let now = world.store_now();
+                    match lock(&world.store).live(now) {
+                        Some(h) if h.id == id && h.token == fencing_token => Some(h.expires_at),
+                        _ => None,
+                    }
+                };
+                let Some(expires_at) = expires_at else {
+                    break;
+                };
+                let expires_at = world.client_at(expires_at);
+                tokio::select! {
+                    changed = changes.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                    }
+                    () = sleep_until(expires_at) => {}
+                }
+            }
+            sleep(delay).await;
+            world.trace(|| format!("pushed: term {fencing_token} of {} is gone", short(&id)));
+        })
     }
 }
