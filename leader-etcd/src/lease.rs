@@ -252,36 +252,41 @@ impl Inner {
         }
         let limit = attempt_limit(self.request_timeout, lease.ttl);
         let sent_at = Instant::now();
-        let answer = match lease.keeper.as_mut() {
-            None => {
-                // The first keep-alive is sent and answered inside `lease_keep_alive`.
-                match timeout(limit, self.client.clone().lease_keep_alive(id)).await {
-                    Ok(Ok(keeper)) => {
-                        lease.keeper = Some(keeper);
-                        Ok(1)
+        // Boxed: the request's futures take room only while one is sent. The many renewals
+        // that wait for the lock above stay small (10,000 elections renew on one lease).
+        let answer = Box::pin(async {
+            match lease.keeper.as_mut() {
+                None => {
+                    // The first keep-alive is sent and answered inside `lease_keep_alive`.
+                    match timeout(limit, self.client.clone().lease_keep_alive(id)).await {
+                        Ok(Ok(keeper)) => {
+                            lease.keeper = Some(keeper);
+                            Ok(1)
+                        }
+                        Ok(Err(err)) if is_lease_not_found(&err) => Ok(0),
+                        Ok(Err(err)) => Err(from_etcd(err)),
+                        Err(_) => Err(Error::Timeout(limit)),
                     }
-                    Ok(Err(err)) if is_lease_not_found(&err) => Ok(0),
-                    Ok(Err(err)) => Err(from_etcd(err)),
-                    Err(_) => Err(Error::Timeout(limit)),
+                }
+                Some((keeper, stream)) => {
+                    // Stays set if this future is dropped before the answer: see above.
+                    lease.in_flight = true;
+                    let answered = timeout(limit, async {
+                        keeper.keep_alive().await?;
+                        stream.message().await
+                    })
+                    .await;
+                    lease.in_flight = false;
+                    match answered {
+                        Ok(Ok(Some(response))) => Ok(response.ttl()),
+                        Ok(Ok(None)) => Err(unexpected("etcd closed the keep-alive stream")),
+                        Ok(Err(err)) => Err(from_etcd(err)),
+                        Err(_) => Err(Error::Timeout(limit)),
+                    }
                 }
             }
-            Some((keeper, stream)) => {
-                // Stays set if this future is dropped before the answer: see above.
-                lease.in_flight = true;
-                let answered = timeout(limit, async {
-                    keeper.keep_alive().await?;
-                    stream.message().await
-                })
-                .await;
-                lease.in_flight = false;
-                match answered {
-                    Ok(Ok(Some(response))) => Ok(response.ttl()),
-                    Ok(Ok(None)) => Err(unexpected("etcd closed the keep-alive stream")),
-                    Ok(Err(err)) => Err(from_etcd(err)),
-                    Err(_) => Err(Error::Timeout(limit)),
-                }
-            }
-        };
+        })
+        .await;
         match answer {
             Ok(ttl) if ttl > 0 => {
                 lease.confirmed_at = sent_at;
