@@ -64,7 +64,7 @@ struct Inner {
     keys: Mutex<Keys>,
     held: HeldKeys,
     reads: confirm::Reads,
-    /// The watches of waiting candidates, on one stream.
+    /// The watches of waiting candidates and observers, on one stream.
     watches: watches::Watches,
 }
 

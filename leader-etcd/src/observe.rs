@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio::time::sleep;
 
 use crate::Inner;
-use crate::error::{from_etcd, unexpected};
+use crate::error::unexpected;
 
 /// Pause after an error of the observe stream before it looks again.
 const OBSERVE_RETRY: Duration = Duration::from_millis(500);
@@ -42,21 +42,25 @@ async fn observe_loop(inner: &Inner, prefix: &str, tx: &mpsc::Sender<Result<Opti
                 return Ok(());
             }
             // The election's keys (`<election>/…`) and its nomination and marker
-            // (`<election>\0…`): from `<election>\0` up to `<election>0` ('/' + 1).
+            // (`<election>\0…`), on the driver's shared watch stream.
             let election = prefix.strip_suffix('/').unwrap_or(prefix);
-            let options = WatchOptions::new()
-                .with_range(format!("{election}0"))
-                .with_start_revision(revision + 1);
-            let mut watch = inner
-                .request(
-                    inner
-                        .client
-                        .clone()
-                        .watch(format!("{election}\0"), Some(options)),
-                )
-                .await?;
+            let from = revision + 1;
+            let mut watch = inner.watches.subscribe(
+                &inner.client,
+                inner.request_timeout,
+                vec![
+                    (
+                        prefix.as_bytes().to_vec(),
+                        WatchOptions::new().with_prefix().with_start_revision(from),
+                    ),
+                    (
+                        format!("{election}\0").into_bytes(),
+                        WatchOptions::new().with_prefix().with_start_revision(from),
+                    ),
+                ],
+            );
             loop {
-                let Some(message) = watch.message().await.map_err(from_etcd)? else {
+                let Some(message) = watch.message().await? else {
                     return Err(unexpected("etcd closed the watch stream"));
                 };
                 if message.canceled() {

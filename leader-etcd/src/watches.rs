@@ -1,5 +1,6 @@
-//! The watches of waiting candidates, multiplexed on one etcd watch stream per driver
-//! (etcd's Watch API carries many watchers per stream), instead of a stream per waiter.
+//! The watches of waiting candidates and of observers, multiplexed on one etcd watch stream
+//! per driver (etcd's Watch API carries many watchers per stream), instead of a stream per
+//! waiter or observer.
 //!
 //! A waiter subscribes to one or more watches (its predecessor's key, the nomination); the
 //! task that owns the stream gives each watch an id of its own (chosen by the client, which
