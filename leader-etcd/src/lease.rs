@@ -386,13 +386,15 @@ impl Inner {
         }
     }
 
-    /// Whether etcd says lease `id` exists with time to live.
+    /// Whether etcd still has lease `id`. etcd answers -1 for a lease it does not have, and
+    /// otherwise the remaining time truncated to whole seconds, so a live lease with less
+    /// than a second left (always, for a one-second lease) reads 0: that is a lease.
     pub(crate) async fn lease_lives(&self, id: i64) -> Result<bool> {
         match self
             .request(self.client.clone().lease_time_to_live(id, None))
             .await
         {
-            Ok(answer) => Ok(answer.ttl() > 0),
+            Ok(answer) => Ok(answer.ttl() >= 0),
             Err(err) if says_lease_not_found(&err) => Ok(false),
             Err(err) => Err(err),
         }

@@ -83,6 +83,12 @@ async fn a_create_in_flight_when_its_campaign_is_withdrawn_leaves_nothing_behind
     let c = Candidate::new(&name, "orphan-1", "withdrawn", TTL);
     // The lease and the attempt lease exist: the next campaign's first request is its create.
     let grant = driver.campaign(&c).await.expect("elected");
+    let ours = keys_of(&mut admin, &name).await;
+    let suffix = ours
+        .iter()
+        .find_map(|key| key.strip_prefix(&format!("{name}/")))
+        .expect("the candidate's key")
+        .to_owned();
     driver
         .resign(&c, Some(grant.fencing_token))
         .await
@@ -121,6 +127,13 @@ async fn a_create_in_flight_when_its_campaign_is_withdrawn_leaves_nothing_behind
         });
         let grant = grant.expect("elected");
         assert!(started.elapsed() <= TTL * 2);
+        // Nothing of the withdrawn candidate (key, id or guard) is left.
+        let theirs: Vec<String> = keys_of(&mut admin, &name)
+            .await
+            .into_iter()
+            .filter(|key| key.ends_with(&suffix))
+            .collect();
+        assert!(theirs.is_empty(), "try {attempt}: left behind: {theirs:?}");
         other
             .resign(&waiter, Some(grant.fencing_token))
             .await
@@ -245,4 +258,64 @@ async fn a_resignation_that_keeps_failing_leaves_no_key_after_two_ttls() {
         "the key outlived its failing resignation by {:?}",
         started.elapsed()
     );
+}
+
+/// A create that fails because its attempt lease is gone (revoked by another withdrawal,
+/// here by hand) is not taken for the loss of the candidate's lease: the driver asks etcd
+/// which lease is gone and sends the create again on a new attempt lease; the term held on
+/// the shared lease goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_attempt_lease_is_not_mistaken_for_the_candidates_lease() {
+    let h = harness().await;
+    let endpoint = h.server.endpoints()[0].clone();
+    let driver = h.driver_at(endpoint.clone()).await;
+    let mut admin = Client::connect([endpoint.as_str()], None)
+        .await
+        .expect("connect");
+    let name = unique("attempt");
+    let a = Candidate::new(&name, "attempt-a", "a", TTL);
+    let held = driver.campaign(&a).await.expect("a elected");
+    let guard = admin
+        .get(
+            format!("{name}\0try\0"),
+            Some(GetOptions::new().with_prefix()),
+        )
+        .await
+        .expect("get")
+        .kvs()
+        .first()
+        .map(|kv| kv.lease())
+        .expect("a guard key on the attempt lease");
+    admin
+        .lease_revoke(guard)
+        .await
+        .expect("revoke the attempt lease");
+    let b = Candidate::new(&name, "attempt-b", "b", TTL);
+    let waiting = {
+        let driver = driver.clone();
+        let b = b.clone();
+        tokio::spawn(async move { driver.campaign(&b).await })
+    };
+    within("b in line", Duration::from_secs(5), async {
+        while driver.candidates(&name).await.expect("candidates()").len() < 2 {
+            sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    driver
+        .renew(&a, &held)
+        .await
+        .expect("a's term on the shared lease goes on");
+    driver
+        .resign(&a, Some(held.fencing_token))
+        .await
+        .expect("resign");
+    let grant = within("b's election", Duration::from_secs(5), waiting)
+        .await
+        .expect("task")
+        .expect("b elected");
+    driver
+        .resign(&b, Some(grant.fencing_token))
+        .await
+        .expect("resign");
 }
