@@ -121,6 +121,12 @@ impl LeaseSlot {
     pub(crate) fn withdrawal_failed(&self, key: &str, lease: i64, since: Instant) {
         lock(&self.failing)
             .entry(key.to_owned())
+            .and_modify(|entry| {
+                if entry.0 != lease {
+                    // The same key name on a newer lease: a new withdrawal.
+                    *entry = (lease, since);
+                }
+            })
             .or_insert((lease, since));
     }
 

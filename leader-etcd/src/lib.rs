@@ -431,12 +431,13 @@ impl EtcdDriver {
         let Some(key) = inner.candidate_key(&candidate.id) else {
             return Ok(());
         };
-        let began = Instant::now();
+        // Recorded as failing until it succeeds, so that an attempt whose future is dropped
+        // (the core's timeout) counts too; bounded: see `LeaseSlot::withdrawal_failed`.
+        key.slot
+            .withdrawal_failed(&key.key, key.lease, Instant::now());
         let result = self.withdraw_key(candidate, &key, fencing_token).await;
-        match &result {
-            Ok(()) => key.slot.withdrawn(&key.key),
-            // Bounded: see `LeaseSlot::withdrawal_failed`.
-            Err(_) => key.slot.withdrawal_failed(&key.key, key.lease, began),
+        if result.is_ok() {
+            key.slot.withdrawn(&key.key);
         }
         result
     }

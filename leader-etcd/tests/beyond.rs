@@ -135,11 +135,22 @@ async fn a_handover_passes_the_line_and_tokens_keep_increasing() {
         (info.value.as_slice(), info.fencing_token),
         (&b"c"[..], c_term.fencing_token())
     );
-    // b, passed over, creates its key again (behind c) before it could lead.
-    wait_until_waiting(&a, 1).await;
-    let line = a.candidates().await.expect("candidates()");
-    let seen: Vec<(&str, bool)> = line.iter().map(|x| (x.id.as_str(), x.is_leader)).collect();
-    assert_eq!(seen, vec![(c.id(), true), (b.id(), false)]);
+    // b, passed over, creates its key again (behind c) before it could lead: the line is c
+    // (leading), then b, once b's new key is there.
+    let expected = vec![(c.id().to_owned(), true), (b.id().to_owned(), false)];
+    let mut seen = Vec::new();
+    let started = Instant::now();
+    while seen != expected && started.elapsed() < Duration::from_secs(5) {
+        seen = a
+            .candidates()
+            .await
+            .expect("candidates()")
+            .into_iter()
+            .map(|x| (x.id, x.is_leader))
+            .collect();
+        sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(seen, expected);
     assert!(!b_waits.is_finished() && !b.status().is_leader());
     c.resign().await.expect("resign");
     let b_term = within("b's election", TTL * 2, b_waits)
