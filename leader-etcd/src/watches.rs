@@ -10,6 +10,8 @@
 //! next subscription opens a new stream. The stream is closed when no watch is left.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -123,89 +125,126 @@ impl Watches {
     }
 }
 
-/// The task that owns the stream: runs until no watch is left (or the driver is gone).
+/// A request to the stream, forwarded by a future of its own so that the task never waits
+/// on a full request channel while etcd waits for it to read responses.
+enum Request {
+    Watch(Vec<u8>, WatchOptions),
+    Cancel(i64),
+}
+
+/// An open stream: the queue of requests to it, its responses, and the future that
+/// forwards the requests.
+struct Open {
+    requests: mpsc::UnboundedSender<Request>,
+    responses: WatchResponseStream,
+    forward: Pin<Box<dyn Future<Output = Result<()>> + Send>>,
+}
+
+impl Open {
+    fn new(sender: WatchRequestSender, responses: WatchResponseStream) -> Self {
+        let (requests, mut queued) = mpsc::unbounded_channel::<Request>();
+        let mut sender = sender;
+        let forward = Box::pin(async move {
+            while let Some(request) = queued.recv().await {
+                match request {
+                    Request::Watch(key, options) => sender.watch(key, Some(options)).await,
+                    Request::Cancel(id) => sender.cancel(id).await,
+                }
+                .map_err(from_etcd)?;
+            }
+            Ok(())
+        });
+        Open {
+            requests,
+            responses,
+            forward,
+        }
+    }
+}
+
+/// What the task waits for next.
+enum Next {
+    Command(Option<Command>),
+    Response(std::result::Result<Option<WatchResponse>, etcd_client::Error>),
+    Forwarded(Result<()>),
+}
+
+/// The task that owns the stream: runs as long as a subscription or the driver can send it
+/// commands; the stream is closed when no watch is left.
 async fn run(
     client: Client,
     request_timeout: Duration,
     mut commands: mpsc::UnboundedReceiver<Command>,
 ) {
     let mut routes: HashMap<i64, mpsc::UnboundedSender<Delivery>> = HashMap::new();
-    let mut stream: Option<(WatchRequestSender, WatchResponseStream)> = None;
+    let mut stream: Option<Open> = None;
     loop {
-        let response = async {
-            match stream.as_mut() {
-                Some((_, responses)) => responses.message().await,
-                None => std::future::pending().await,
-            }
+        let next = match stream.as_mut() {
+            Some(open) => tokio::select! {
+                command = commands.recv() => Next::Command(command),
+                response = open.responses.message() => Next::Response(response),
+                forwarded = &mut open.forward => Next::Forwarded(forwarded),
+            },
+            None => Next::Command(commands.recv().await),
         };
-        tokio::select! {
-            command = commands.recv() => {
-                let Some(command) = command else { return };
-                match command {
-                    Command::Watch { id, key, options, deliver } => {
-                        let options = options.with_watch_id(id);
-                        let Some((sender, _)) = stream.as_mut() else {
-                            // The first watch opens the stream.
-                            match open(&client, request_timeout, key, options).await {
-                                Ok(opened) => {
-                                    stream = Some(opened);
-                                    routes.insert(id, deliver);
-                                }
-                                Err(err) => {
-                                    let _ = deliver.send(Err(err));
-                                }
-                            }
-                            continue;
-                        };
-                        match sender.watch(key, Some(options)).await {
-                            Ok(()) => {
-                                routes.insert(id, deliver);
-                            }
-                            Err(err) => {
-                                let err = from_etcd(err);
-                                let _ = deliver.send(Err(copy(&err)));
-                                fail_all(&mut routes, &err);
-                                stream = None;
-                            }
-                        }
+        let failure = match next {
+            Next::Command(None) => return,
+            Next::Command(Some(Command::Watch {
+                id,
+                key,
+                options,
+                deliver,
+            })) => {
+                let options = options.with_watch_id(id);
+                match stream.as_ref() {
+                    Some(open) => {
+                        let _ = open.requests.send(Request::Watch(key, options));
+                        routes.insert(id, deliver);
                     }
-                    Command::Cancel(id) => {
-                        if routes.remove(&id).is_some()
-                            && let Some((sender, _)) = stream.as_mut()
-                            && let Err(err) = sender.cancel(id).await
-                        {
-                            let err = from_etcd(err);
-                            fail_all(&mut routes, &err);
-                            stream = None;
+                    // The first watch opens the stream.
+                    None => match open(&client, request_timeout, key, options).await {
+                        Ok((sender, responses)) => {
+                            stream = Some(Open::new(sender, responses));
+                            routes.insert(id, deliver);
                         }
-                        if routes.is_empty() && stream.is_some() {
-                            debug!("no waiter's watch left: closing the shared watch stream");
-                            stream = None;
+                        Err(err) => {
+                            let _ = deliver.send(Err(err));
                         }
-                    }
+                    },
                 }
+                continue;
             }
-            response = response => {
-                let failure = match response {
-                    Ok(Some(response)) => {
-                        let id = response.watch_id();
-                        let done = response.canceled();
-                        if let Some(deliver) = routes.get(&id) {
-                            let _ = deliver.send(Ok(response));
-                        }
-                        if done {
-                            routes.remove(&id);
-                        }
-                        continue;
-                    }
-                    Ok(None) => unexpected("etcd closed the shared watch stream"),
-                    Err(err) => from_etcd(err),
-                };
-                debug!(error = %ErrorChain(&failure), watches = routes.len(), "the shared watch stream failed");
-                fail_all(&mut routes, &failure);
-                stream = None;
+            Next::Command(Some(Command::Cancel(id))) => {
+                if routes.remove(&id).is_some()
+                    && let Some(open) = stream.as_ref()
+                {
+                    let _ = open.requests.send(Request::Cancel(id));
+                }
+                if routes.is_empty() && stream.is_some() {
+                    debug!("no watch left: closing the shared watch stream");
+                    stream = None;
+                }
+                continue;
             }
-        }
+            Next::Response(Ok(Some(response))) => {
+                let id = response.watch_id();
+                let done = response.canceled();
+                if let Some(deliver) = routes.get(&id) {
+                    let _ = deliver.send(Ok(response));
+                }
+                if done {
+                    routes.remove(&id);
+                }
+                continue;
+            }
+            Next::Response(Ok(None)) => unexpected("etcd closed the shared watch stream"),
+            Next::Response(Err(err)) => from_etcd(err),
+            Next::Forwarded(Ok(())) => unexpected("the shared watch stream's requests ended"),
+            Next::Forwarded(Err(err)) => err,
+        };
+        debug!(error = %ErrorChain(&failure), watches = routes.len(), "the shared watch stream failed");
+        fail_all(&mut routes, &failure);
+        stream = None;
     }
 }
 

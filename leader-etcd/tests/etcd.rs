@@ -1069,3 +1069,53 @@ async fn waiters_of_one_driver_share_one_watch_stream() {
     }
     drop(held);
 }
+
+/// 100 candidates of one election wait on one driver (one shared watch stream); each leads
+/// in turn when the one before it resigns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_waiters_on_one_stream_lead_in_turn() {
+    let h = harness().await;
+    let endpoint = h.server.endpoints()[0].clone();
+    let leaders = h.driver_at(endpoint.clone()).await;
+    let waiters = h.driver_at(endpoint.clone()).await;
+    let name = unique("hundred");
+    let first = election(leaders, &name, "first");
+    first.campaign().await.expect("elected");
+    let mut line = Vec::new();
+    for _ in 0..100 {
+        let e = election(waiters.clone(), &name, "waiter");
+        line.push((spawn_campaign(&e), e));
+    }
+    within("every waiter in line", Duration::from_secs(20), async {
+        while first.candidates().await.expect("candidates()").len() < 101 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    first.resign().await.expect("resign");
+    let mut elected = 0;
+    let started = Instant::now();
+    while !line.is_empty() {
+        let (index, term) = within("the next election", Duration::from_secs(5), async {
+            loop {
+                if let Some(index) = line.iter().position(|(task, _)| task.is_finished()) {
+                    let (task, e) = line.swap_remove(index);
+                    let term = task.await.expect("task").expect("elected");
+                    return (e, term);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await;
+        assert!(index.status().is_leader());
+        assert_eq!(
+            line.iter().filter(|(task, _)| task.is_finished()).count(),
+            0,
+            "one leader at a time"
+        );
+        drop(term);
+        index.resign().await.expect("resign");
+        elected += 1;
+    }
+    assert_eq!(elected, 100, "in {:?}", started.elapsed());
+}
