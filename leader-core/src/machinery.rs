@@ -702,11 +702,14 @@ impl Core {
     ) -> Result<()> {
         let started = {
             let st = self.shared.state();
+            // A campaign whose future was dropped is being withdrawn: wait for that below
+            // (under the lock) and delete what it left. A campaign still in line is left
+            // alone, and so is a leftover then (that campaign clears it before it waits).
+            let live = st.campaigns.iter().any(|(_, token)| !token.is_cancelled());
+            let dropped = st.campaigns.iter().any(|(_, token)| token.is_cancelled());
             let nothing_to_do = match only {
                 Some(term) => !st.term.as_ref().is_some_and(|t| Arc::ptr_eq(t, term)),
-                // A leftover with a campaign in flight is that campaign's to clear (it
-                // holds the lock while it waits in line): nothing to do here either.
-                None => st.term.is_none() && (st.leftover.is_none() || !st.campaigns.is_empty()),
+                None => st.term.is_none() && (live || (st.leftover.is_none() && !dropped)),
             };
             if nothing_to_do || (st.term.is_none() && matches!(ending, Ending::HandOver(_))) {
                 return Err(Error::NotALeader);
@@ -745,6 +748,9 @@ impl Core {
             };
             (term, leftover)
         };
+        // Without a term, only a withdrawn campaign's place is deleted: this candidate did
+        // not lead. (A leftover term is the retry of a failed resignation.)
+        let follower = term.is_none() && leftover == Leftover::Unknown;
         // The store call and the end event run in a task of their own, so that cancelling
         // this future cannot lose the event: every Elected gets exactly one end.
         let core = Arc::clone(self);
@@ -793,8 +799,7 @@ impl Core {
         };
         match result {
             Err(Error::TermGone) => Err(Error::NotALeader),
-            // Without a term, what an ended term left was deleted: the retry of a failed
-            // resignation, which succeeded.
+            Ok(()) if follower => Err(Error::NotALeader),
             result => result,
         }
     }

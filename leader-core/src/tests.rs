@@ -312,3 +312,29 @@ async fn the_deadline_hook_sees_every_deadline_before_it_is_used() {
         "each deadline the term used, in order"
     );
 }
+
+/// The `leader` command's "withdraw and exit": dropping a waiting campaign, then resign(),
+/// returns only once the dropped campaign's place in line is gone (resign() leaves a
+/// campaign still in line alone, but not one that is being withdrawn).
+#[tokio::test(start_paused = true)]
+async fn resign_after_dropping_a_waiting_campaign_waits_for_its_withdrawal() {
+    let store = MemoryStore::new();
+    let a = election(&store.driver(), "dropped-then-resign");
+    let b = election(&store.driver(), "dropped-then-resign");
+    a.campaign().await.expect("a leads");
+    let waiting = b.campaign();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), waiting)
+            .await
+            .is_err(),
+        "b waits in line"
+    );
+    // The timeout dropped b's campaign; resign at once, before its task could run.
+    let resigned = b.resign().await;
+    assert!(
+        matches!(resigned, Ok(()) | Err(Error::NotALeader)),
+        "{resigned:?}"
+    );
+    let line = a.candidates().await.expect("candidates()");
+    assert_eq!(line.len(), 1, "b's place is gone: {line:?}");
+}

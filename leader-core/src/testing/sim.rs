@@ -44,8 +44,13 @@ use crate::machinery::lock;
 use crate::{Candidate, Driver, Election, Error, Event, Grant, LeaderInfo, LossReason, Result};
 use crate::{Status, Term};
 
-/// The election every simulated candidate runs for.
+/// The names of the simulated elections start with this.
 const ELECTION: &str = "sim";
+
+/// The election of candidate slot `slot` when a run has `elections` of them.
+fn election_of(slot: usize, elections: usize) -> String {
+    format!("{ELECTION}-{}", slot % elections)
+}
 /// The candidates' TTL.
 const TTL: Duration = Duration::from_secs(1);
 /// How long a simulated client waits for an answer.
@@ -191,6 +196,9 @@ struct World {
     report: Mutex<Report>,
     /// Each slot's current election.
     current: Mutex<Vec<Option<Election>>>,
+    /// How many elections the candidates run for (slot `i` in election `i % elections`),
+    /// so that drivers hold several at once.
+    elections: usize,
     tracing: bool,
 }
 
@@ -205,12 +213,19 @@ struct StoreClock {
 /// The event-checking tasks of every election made.
 type Instances = Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>;
 
+/// Every election's state in the store. The fence counter is shared, so tokens are unique
+/// across elections (and increase in each).
 #[derive(Default)]
 struct Store {
+    elections: std::collections::BTreeMap<String, ElectionStore>,
+    fence: u64,
+}
+
+#[derive(Default)]
+struct ElectionStore {
     holder: Option<Holder>,
     /// The last holder whose lease ran out.
     expired: Option<Holder>,
-    fence: u64,
 }
 
 #[derive(Clone)]
@@ -221,11 +236,20 @@ struct Holder {
 }
 
 impl Store {
-    fn live(&mut self, now: Instant) -> Option<&mut Holder> {
-        if self.holder.as_ref().is_some_and(|h| h.expires_at <= now) {
-            self.expired = self.holder.take();
+    fn election(&mut self, name: &str) -> &mut ElectionStore {
+        self.elections.entry(name.to_owned()).or_default()
+    }
+
+    fn live(&mut self, name: &str, now: Instant) -> Option<&mut Holder> {
+        let election = self.election(name);
+        if election
+            .holder
+            .as_ref()
+            .is_some_and(|h| h.expires_at <= now)
+        {
+            election.expired = election.holder.take();
         }
-        self.holder.as_mut()
+        election.holder.as_mut()
     }
 }
 
@@ -236,6 +260,7 @@ impl World {
         // Up to 1.5% apart: within the default safety margin (2% of the TTL).
         let rate = 1.0 + rng.random_range(-0.015..=0.015);
         let shared_confirmations = rng.random_bool(0.5);
+        let elections = rng.random_range(1..=2usize);
         World {
             rng: Mutex::new(rng),
             store: Mutex::new(Store::default()),
@@ -249,6 +274,7 @@ impl World {
                 skew: Duration::ZERO,
             }),
             shared_confirmations,
+            elections,
             checker: Mutex::new(Checker::default()),
             report: Mutex::new(Report::default()),
             current: Mutex::new(Vec::new()),
@@ -303,7 +329,8 @@ impl World {
     async fn simulate(self: Arc<Self>) -> std::result::Result<(), String> {
         lock(&self.checker).start = Some(Instant::now());
         lock(&self.store_clock).epoch = Some(Instant::now());
-        let slots = self.draw(|rng| rng.random_range(2..=5usize));
+        // Each election gets two slots at least: slot 0 stays passive at the end.
+        let slots = self.draw(|rng| rng.random_range(2 * self.elections..=5usize));
         let drivers: Vec<SimDriver> = (0..self.draw(|rng| rng.random_range(1..=slots)))
             .map(|_| SimDriver {
                 world: Arc::clone(&self),
@@ -357,61 +384,13 @@ impl World {
             runs.spawn(async move { election.run(stop.cancelled_owned()).await });
         }
 
-        // Liveness: a leader once faults stopped, late effects landed and a bound passed.
-        let mut due = quiet + MAX_LATE + LIVENESS;
-        loop {
-            sleep_until(due).await;
-            if lock(&self.checker).first_leader_after_quiet.is_some() {
-                break;
-            }
-            let elected = lock(&self.checker).elected.clone();
-            let holder = {
-                let now = self.store_now();
-                lock(&self.store).live(now).cloned()
-            };
-            match holder {
-                // A late campaign effect made a candidate the holder without its knowing:
-                // it blocks the election until the store's lease ends, as a real store's
-                // would. Wait for that.
-                Some(h) if !elected.contains(&h.token) => {
-                    due = self.client_at(h.expires_at) + 2 * TTL;
-                }
-                Some(h) => {
-                    return Err(format!(
-                        "no leader {:?} after faults stopped: the store still holds term {} \
-                         of {}, which its candidate no longer leads",
-                        due - quiet,
-                        h.token,
-                        h.id
-                    ));
-                }
-                None => {
-                    // An orphan whose lease ran out just now: the waiters are on their way.
-                    let expired = lock(&self.store).expired.clone();
-                    if let Some(h) = expired
-                        && !elected.contains(&h.token)
-                        && self.client_at(h.expires_at) + 2 * TTL > due
-                    {
-                        due = self.client_at(h.expires_at) + 2 * TTL;
-                        continue;
-                    }
-                    return Err(format!(
-                        "no leader {:?} after faults stopped, and nobody holds the store",
-                        due - quiet
-                    ));
-                }
-            }
-        }
-        let ended = lock(&self.checker).ended.clone();
-        let now = self.store_now();
-        if let Some(h) = lock(&self.store).live(now).cloned()
-            && ended.contains(&h.token)
-            && self.client_at(h.expires_at) > quiet + MAX_LATE + LIVENESS + TTL
-        {
-            return Err(format!(
-                "term {} ended, yet the store still holds it after faults stopped",
-                h.token
-            ));
+        // Liveness: in each election, a leader once faults stopped, late effects landed
+        // and a bound passed.
+        let names: Vec<String> = (0..self.elections)
+            .map(|i| election_of(i, self.elections))
+            .collect();
+        for name in &names {
+            self.check_liveness(name, quiet).await?;
         }
 
         // Shut down: every run resigns, every election is dropped, every stream ends.
@@ -439,12 +418,76 @@ impl World {
         }
         sleep(2 * TTL).await;
         let now = self.store_now();
-        if let Some(h) = lock(&self.store).live(now).cloned()
-            && lock(&self.checker).elected.contains(&h.token)
+        for name in &names {
+            if let Some(h) = lock(&self.store).live(name, now).cloned()
+                && lock(&self.checker).elected.contains(&h.token)
+            {
+                return Err(format!(
+                    "every election was closed, yet the store still holds term {} of {} in {name}",
+                    h.token, h.id
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Once faults stopped (at `quiet`), election `name` gets a leader within the bound
+    /// (later only behind an orphan of a late effect, until its lease ends), and no term
+    /// whose candidate reported it ended is left in the store.
+    async fn check_liveness(&self, name: &str, quiet: Instant) -> std::result::Result<(), String> {
+        let mut due = quiet + MAX_LATE + LIVENESS;
+        loop {
+            sleep_until(due).await;
+            if lock(&self.checker).leaders_after_quiet.contains(name) {
+                break;
+            }
+            let elected = lock(&self.checker).elected.clone();
+            let holder = {
+                let now = self.store_now();
+                lock(&self.store).live(name, now).cloned()
+            };
+            match holder {
+                // A late campaign effect made a candidate the holder without its knowing:
+                // it blocks the election until the store's lease ends, as a real store's
+                // would. Wait for that.
+                Some(h) if !elected.contains(&h.token) => {
+                    due = self.client_at(h.expires_at) + 2 * TTL;
+                }
+                Some(h) => {
+                    return Err(format!(
+                        "no leader in {name} {:?} after faults stopped: the store still holds \
+                         term {} of {}, which its candidate no longer leads",
+                        due - quiet,
+                        h.token,
+                        h.id
+                    ));
+                }
+                None => {
+                    // An orphan whose lease ran out just now: the waiters are on their way.
+                    let expired = lock(&self.store).election(name).expired.clone();
+                    if let Some(h) = expired
+                        && !elected.contains(&h.token)
+                        && self.client_at(h.expires_at) + 2 * TTL > due
+                    {
+                        due = self.client_at(h.expires_at) + 2 * TTL;
+                        continue;
+                    }
+                    return Err(format!(
+                        "no leader in {name} {:?} after faults stopped, and nobody holds the store",
+                        due - quiet
+                    ));
+                }
+            }
+        }
+        let ended = lock(&self.checker).ended.clone();
+        let now = self.store_now();
+        if let Some(h) = lock(&self.store).live(name, now).cloned()
+            && ended.contains(&h.token)
+            && self.client_at(h.expires_at) > quiet + MAX_LATE + LIVENESS + TTL
         {
             return Err(format!(
-                "every election was closed, yet the store still holds term {} of {}",
-                h.token, h.id
+                "term {} of {name} ended, yet the store still holds it after faults stopped",
+                h.token
             ));
         }
         Ok(())
@@ -459,14 +502,18 @@ impl World {
         instances: &Instances,
     ) -> Election {
         let retry_min = TTL / 10;
-        let election = Election::builder(driver.clone(), ELECTION)
+        let name = election_of(slot, self.elections);
+        let election = Election::builder(driver.clone(), name.as_str())
             .ttl(TTL)
             .retry(retry_min, TTL)
             .build()
             .unwrap_or_else(|err| panic!("the simulation's settings are valid: {err}"));
-        lock(&self.checker)
-            .statuses
-            .push((slot, election.id().to_owned(), election.status()));
+        lock(&self.checker).statuses.push(Believer {
+            slot,
+            id: election.id().to_owned(),
+            election: name.clone(),
+            status: election.status(),
+        });
         let replaced = lock(&self.current)[slot].replace(election.clone());
         drop(replaced);
         let mut events = election.subscribe();
@@ -474,7 +521,7 @@ impl World {
         lock(instances).push(tokio::spawn(async move {
             let mut open: Option<u64> = None;
             while let Some(event) = events.next().await {
-                world.on_event(slot, &mut open, &event);
+                world.on_event(slot, &name, &mut open, &event);
             }
             if let Some(token) = open {
                 world.violation(format!(
@@ -485,7 +532,7 @@ impl World {
         election
     }
 
-    fn on_event(&self, slot: usize, open: &mut Option<u64>, event: &Event) {
+    fn on_event(&self, slot: usize, name: &str, open: &mut Option<u64>, event: &Event) {
         self.trace(|| format!("slot {slot}: {event:?}"));
         let mut checker = lock(&self.checker);
         match *event {
@@ -496,13 +543,15 @@ impl World {
                         "slot {slot}: term {fencing_token} elected before term {previous} ended"
                     ));
                 }
-                if let Some(&last) = checker.elected.last()
+                if let Some(&last) = checker.last_elected.get(name)
                     && fencing_token <= last
                 {
                     checker.violation(format!(
-                        "slot {slot}: fencing token {fencing_token} after {last}: not increasing"
+                        "slot {slot}: fencing token {fencing_token} after {last} in {name}: \
+                         not increasing"
                     ));
                 }
+                checker.last_elected.insert(name.to_owned(), fencing_token);
                 checker.elected.insert(fencing_token);
             }
             Event::Lost { fencing_token, .. } | Event::Resigned { fencing_token } => {
@@ -546,13 +595,19 @@ impl World {
                         last_term = Some(term);
                     }
                 }
-                22..=35 => {
+                22..=30 => {
                     let cancel_after = self.draw(|rng| {
                         rng.random_bool(0.3)
                             .then(|| Duration::from_millis(rng.random_range(0..60)))
                     });
                     self.checked_resign(slot, &election, None, cancel_after)
                         .await;
+                }
+                31..=35 => {
+                    // Leaves the line (a campaign in the background, if any); a held term
+                    // stays.
+                    let limit = self.draw(|rng| Duration::from_millis(rng.random_range(0..500)));
+                    let _ = timeout(limit, election.withdraw()).await;
                 }
                 36..=43 => {
                     if let Some(term) = last_term.clone() {
@@ -705,8 +760,10 @@ impl World {
 #[derive(Default)]
 struct Checker {
     start: Option<Instant>,
-    /// The status of every election made, with its slot.
-    statuses: Vec<(usize, String, Status)>,
+    /// The status of every candidate made.
+    statuses: Vec<Believer>,
+    /// The last token elected in each election.
+    last_elected: std::collections::BTreeMap<String, u64>,
     /// Tokens valid at the last sample.
     valid: BTreeSet<u64>,
     /// Tokens seen valid, then not: they must never be valid again.
@@ -714,8 +771,17 @@ struct Checker {
     elected: BTreeSet<u64>,
     ended: BTreeSet<u64>,
     quiet_at: Option<Instant>,
-    first_leader_after_quiet: Option<Instant>,
+    /// The elections that had a leader after faults stopped.
+    leaders_after_quiet: BTreeSet<String>,
     violations: Vec<(Duration, String)>,
+}
+
+/// One candidate the checker watches.
+struct Believer {
+    slot: usize,
+    id: String,
+    election: String,
+    status: Status,
 }
 
 impl Checker {
@@ -729,31 +795,50 @@ impl Checker {
         self.violations.push((at, what));
     }
 
-    /// The store just gave term `token` to candidate `id`.
-    fn granted(&mut self, id: &str, token: u64) {
+    /// The store just gave term `token` of `election` to candidate `id`.
+    fn granted(&mut self, id: &str, election: &str, token: u64) {
         let believers: Vec<(usize, u64)> = self
             .statuses
             .iter()
-            .filter(|(_, other, _)| other != id)
-            .filter_map(|(slot, _, status)| Some((*slot, status.fencing_token()?)))
+            .filter(|b| b.id != id && b.election == election)
+            .filter_map(|b| Some((b.slot, b.status.fencing_token()?)))
             .collect();
         if !believers.is_empty() {
             self.violation(format!(
-                "the store granted term {token} while (slot, term) {believers:?} still led"
+                "the store granted term {token} of {election} while (slot, term) \
+                 {believers:?} still led"
             ));
         }
     }
 
     fn sample(&mut self) {
-        let leaders: Vec<(usize, u64)> = self
-            .statuses
-            .iter()
-            .filter_map(|(slot, _, status)| Some((*slot, status.fencing_token()?)))
-            .collect();
-        if leaders.len() > 1 {
-            self.violation(format!("two leaders at once (slot, token): {leaders:?}"));
+        let mut leaders: std::collections::BTreeMap<&str, Vec<(usize, u64)>> =
+            std::collections::BTreeMap::new();
+        for b in &self.statuses {
+            if let Some(token) = b.status.fencing_token() {
+                leaders
+                    .entry(b.election.as_str())
+                    .or_default()
+                    .push((b.slot, token));
+            }
         }
-        let now_valid: BTreeSet<u64> = leaders.iter().map(|&(_, token)| token).collect();
+        let mut found = Vec::new();
+        for (election, leading) in &leaders {
+            if leading.len() > 1 {
+                found.push(format!(
+                    "two leaders at once in {election} (slot, token): {leading:?}"
+                ));
+            }
+        }
+        let now_valid: BTreeSet<u64> = leaders
+            .values()
+            .flatten()
+            .map(|&(_, token)| token)
+            .collect();
+        let with_leader: Vec<String> = leaders.keys().map(|name| (*name).to_owned()).collect();
+        for what in found {
+            self.violation(what);
+        }
         for token in &now_valid {
             if self.dead.contains(token) {
                 self.violation(format!(
@@ -764,9 +849,8 @@ impl Checker {
         let gone: Vec<u64> = self.valid.difference(&now_valid).copied().collect();
         self.dead.extend(gone);
         self.valid = now_valid;
-        if self.quiet_at.is_some() && self.first_leader_after_quiet.is_none() && !leaders.is_empty()
-        {
-            self.first_leader_after_quiet = Some(Instant::now());
+        if self.quiet_at.is_some() {
+            self.leaders_after_quiet.extend(with_leader);
         }
     }
 }
@@ -912,15 +996,15 @@ impl SimDriver {
         *last = (*last).max(at);
     }
 
-    /// An earlier confirmation of the same term, recent enough to answer a renewal with
-    /// (as one keep-alive shared by every election on a lease does), sometimes.
+    /// An earlier confirmation of the same term, no older than the grant being renewed, to
+    /// answer a renewal with (as one keep-alive shared by every election on a lease does),
+    /// sometimes.
     fn shared_confirmation(&self, candidate: &Candidate, grant: &Grant) -> Option<Grant> {
         if !self.world.shared_confirmations {
             return None;
         }
         let at = *lock(&self.confirmations).get(&(candidate.id.clone(), grant.fencing_token))?;
-        let recent = at + candidate.ttl / 3 > Instant::now();
-        if !recent || at < grant.confirmed_at || !self.world.draw(|rng| rng.random_bool(0.5)) {
+        if at < grant.confirmed_at || !self.world.draw(|rng| rng.random_bool(0.3)) {
             return None;
         }
         self.world.count(|r| r.shared_confirmations += 1);
@@ -938,12 +1022,13 @@ impl Driver for SimDriver {
             let id = candidate.id.clone();
             let lease = self.lease(candidate);
             let world = Arc::clone(&self.world);
+            let name = candidate.election.clone();
             let acquired = self
                 .request_within(
                     CAMPAIGN_TIMEOUT,
-                    format!("acquire {}", short(&candidate.id)),
+                    format!("acquire {} in {name}", short(&candidate.id)),
                     move |store, now| {
-                        if let Some(holder) = store.live(now)
+                        if let Some(holder) = store.live(&name, now)
                             && holder.id != id
                         {
                             return (Err(holder.expires_at), false);
@@ -952,8 +1037,8 @@ impl Driver for SimDriver {
                         let token = store.fence;
                         // The exact instant an overlap could begin: nobody else may still
                         // believe it leads when the store hands the election over.
-                        lock(&world.checker).granted(&id, token);
-                        store.holder = Some(Holder {
+                        lock(&world.checker).granted(&id, &name, token);
+                        store.election(&name).holder = Some(Holder {
                             id,
                             token,
                             expires_at: now + lease,
@@ -991,10 +1076,11 @@ impl Driver for SimDriver {
         let id = candidate.id.clone();
         let token = grant.fencing_token;
         let lease = self.lease(candidate);
+        let name = candidate.election.clone();
         let renewed = self
             .request(
                 format!("renew {} {token}", short(&candidate.id)),
-                move |store, now| match store.live(now) {
+                move |store, now| match store.live(&name, now) {
                     Some(holder) if holder.id == id && holder.token == token => {
                         holder.expires_at = now + lease;
                         (true, false)
@@ -1018,10 +1104,12 @@ impl Driver for SimDriver {
             Some(token) => token,
             None => {
                 let id = candidate.id.clone();
+                let name = candidate.election.clone();
                 let label = format!("read own {}", short(&candidate.id));
                 let held = self
                     .request(label, move |store, _now| {
                         let token = store
+                            .election(&name)
                             .holder
                             .as_ref()
                             .filter(|h| h.id == id)
@@ -1036,24 +1124,27 @@ impl Driver for SimDriver {
             }
         };
         let id = candidate.id.clone();
+        let name = candidate.election.clone();
         let label = format!("resign {} {token}", short(&candidate.id));
         self.request(label, move |store, _now| {
-            let ours = store
+            let election = store.election(&name);
+            let ours = election
                 .holder
                 .as_ref()
                 .is_some_and(|h| h.id == id && h.token == token);
             if ours {
-                store.holder = None;
+                election.holder = None;
             }
             ((), ours)
         })
         .await
     }
 
-    async fn leader(&self, _election: &str) -> Result<Option<LeaderInfo>> {
-        self.request("leader".to_owned(), |store, now| {
+    async fn leader(&self, election: &str) -> Result<Option<LeaderInfo>> {
+        let name = election.to_owned();
+        self.request("leader".to_owned(), move |store, now| {
             let info = store
-                .live(now)
+                .live(&name, now)
                 .map(|h| LeaderInfo::new(h.id.clone(), h.id.clone(), h.token));
             (info, false)
         })
@@ -1071,6 +1162,7 @@ impl Driver for SimDriver {
     fn term_gone(&self, candidate: &Candidate, fencing_token: u64) -> BoxFuture<'static, ()> {
         let world = Arc::clone(&self.world);
         let id = candidate.id.clone();
+        let name = candidate.election.clone();
         let delay = world.draw(|rng| Duration::from_millis(rng.random_range(0..=50)));
         Box::pin(async move {
             let mut changes = world.changes.subscribe();
@@ -1078,7 +1170,7 @@ impl Driver for SimDriver {
                 changes.borrow_and_update();
                 let expires_at = {
                     let now = world.store_now();
-                    match lock(&world.store).live(now) {
+                    match lock(&world.store).live(&name, now) {
                         Some(h) if h.id == id && h.token == fencing_token => Some(h.expires_at),
                         _ => None,
                     }
