@@ -254,6 +254,18 @@ impl Inner {
         else {
             return Err(not_waiting());
         };
+        // A candidate of etcdctl or Go (a key without an id side key) ahead of the nominee
+        // knows nothing of nominations: it would lead by the lowest key beside the nominee.
+        let foreign_ahead = line.keys.iter().any(|kv| {
+            kv.create_revision() < target.create_revision()
+                && kv.key() != key.key.as_bytes()
+                && !line.ids.contains_key(kv.key())
+        });
+        if foreign_ahead {
+            return Err(Error::Unsupported {
+                operation: "hand_over past a candidate of etcdctl or Go's concurrency package",
+            });
+        }
         let target_key = String::from_utf8_lossy(target.key()).into_owned();
         let seconds = i64::try_from(whole_seconds(ttl)).unwrap_or(i64::MAX);
         let nomination_lease = self

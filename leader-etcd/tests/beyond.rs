@@ -99,7 +99,21 @@ async fn proclaim_is_etcds_own_and_candidates_include_etcdctls() {
         "a foreign key's id is its lease in hex: {}",
         line[1].id
     );
-    rust.resign().await.expect("resign");
+    // A handover past the etcdctl candidate (ahead of the nominee) is refused: it would not
+    // know of the nomination and would lead beside the nominee.
+    let behind = election(h.driver_at(endpoint.clone()).await, &name, "behind", TTL);
+    let behind_waits = spawn_campaign(&behind);
+    within("the Rust waiter in line", Duration::from_secs(5), async {
+        while rust.candidates().await.expect("candidates()").len() < 3 {
+            sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let err = rust
+        .hand_over(behind.id())
+        .await
+        .expect_err("past an etcdctl candidate");
+    assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
     contender
         .wait_for_line(Duration::from_secs(5), |line| line == "from-etcdctl")
         .await
@@ -107,6 +121,15 @@ async fn proclaim_is_etcds_own_and_candidates_include_etcdctls() {
     let err = term.proclaim("late").await.expect_err("the term ended");
     assert!(matches!(err, Error::NotALeader), "{err:?}");
     contender.signal("INT").expect("SIGINT");
+    within(
+        "the Rust waiter's election",
+        Duration::from_secs(5),
+        behind_waits,
+    )
+    .await
+    .expect("task")
+    .expect("elected after etcdctl");
+    behind.resign().await.expect("resign");
 }
 
 /// The nominee leads out of line; the waiter it passed creates its key again before it
