@@ -57,10 +57,12 @@ impl Inner {
         terms.retain(|(held, _, _)| *held != token);
         terms.insert(0, (token, key.key.clone(), key.lease));
         let (first, rest) = terms.split_at(terms.len().min(BATCH));
-        self.read_batch(first).await?;
+        // Boxed: the request's futures take room only while a batch is read, not in every
+        // renewal waiting for it.
+        Box::pin(self.read_batch(first)).await?;
         for batch in rest.chunks(BATCH) {
             // Their own renewals will try again if this fails.
-            let _ = self.read_batch(batch).await;
+            let _ = Box::pin(self.read_batch(batch)).await;
         }
         // Terms that ended since (the watch of held keys saw them go) are forgotten.
         let held: std::collections::HashSet<i64> = terms.iter().map(|(t, _, _)| *t).collect();

@@ -68,6 +68,8 @@ struct HeldTerm {
     /// the key, so that no event since goes unseen. 0 once that watch was requested: later
     /// ones (after the stream failed) start at the current revision.
     start: i64,
+    /// The value of a proclamation of this term sent and not yet seen: its put is ours.
+    proclaimed: Option<Vec<u8>>,
 }
 
 impl HeldTerm {
@@ -134,6 +136,7 @@ impl Inner {
                 lease: key.lease,
                 gone: key.gone.clone(),
                 start: if verified_at > 0 { verified_at + 1 } else { 0 },
+                proclaimed: None,
             },
         );
         let mut commands = lock(&self.held.commands);
@@ -151,6 +154,21 @@ impl Inner {
         }
         if let Some(commands) = commands.as_ref() {
             let _ = commands.send(Command::Watch(token));
+        }
+    }
+
+    /// The key of held term `token`, if held.
+    pub(crate) fn held_key(&self, token: i64) -> Option<String> {
+        lock(&self.held.terms)
+            .get(&token)
+            .map(|term| term.key.clone())
+    }
+
+    /// The next put of held term `token`'s key with `value`, on its lease and with its
+    /// create revision, is this driver's own (a proclamation), not news of a lost term.
+    pub(crate) fn expect_put(&self, token: i64, value: &[u8]) {
+        if let Some(term) = lock(&self.held.terms).get_mut(&token) {
+            term.proclaimed = Some(value.to_vec());
         }
     }
 
@@ -374,6 +392,18 @@ fn handle(
         // The confirmation of a watch's creation (or a progress notification): no news.
         return Ok(());
     };
+    if response.events().len() == 1
+        && event.event_type() == EventType::Put
+        && let Some(kv) = event.kv()
+        && let Some(term) = lock(terms).get_mut(&id)
+        && kv.create_revision() == id
+        && kv.lease() == term.lease
+        && term.proclaimed.as_deref() == Some(kv.value())
+    {
+        // This driver's own proclamation: same term, same lease, the value it sent.
+        term.proclaimed = None;
+        return Ok(());
+    }
     if active.remove(&id) {
         let _ = requests.send(Request::Cancel(id));
     }

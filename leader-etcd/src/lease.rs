@@ -1,6 +1,16 @@
 //! The driver's leases: one per distinct TTL (in whole seconds), granted when a candidate
 //! first needs it, kept alive by a task of its own, with keep-alives coalesced so that
 //! renewals of any number of terms on a lease cost one request per round.
+//!
+//! Beside each of them, an *attempt lease* that is never kept alive: every create of a
+//! candidate's key also puts a guard key on it, in the same transaction, so that once the
+//! attempt lease is revoked (or expired) a create still in flight can no longer land (etcd
+//! checks the lease of every put of a transaction before it applies any). Withdrawing a
+//! create whose answer never came revokes it first; after that, a read of the key is final.
+//!
+//! And the bound on a withdrawal that keeps failing: a key whose deletion has failed for a
+//! lease TTL makes the driver stop keeping that lease alive (see
+//! [`LeaseSlot::withdrawal_failed`]), so etcd deletes it within another TTL.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -12,7 +22,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, sleep, timeout};
 use tracing::{debug, warn};
 
-use crate::error::{ErrorChain, from_etcd, is_lease_not_found, unexpected};
+use crate::error::{ErrorChain, from_etcd, is_lease_not_found, says_lease_not_found, unexpected};
 use crate::{Inner, lock};
 
 /// The leases of one driver, by TTL in whole seconds.
@@ -26,6 +36,17 @@ pub(crate) struct LeaseSlot {
     state: tokio::sync::Mutex<Option<Lease>>,
     /// The id of the live lease, or 0; waiters watch it to notice the lease's loss.
     id: watch::Sender<i64>,
+    /// The attempt lease that creates use now, if any.
+    attempt: tokio::sync::Mutex<Option<Attempt>>,
+    /// Keys on this slot's leases whose deletion failed: key → (lease, first failure).
+    failing: Mutex<HashMap<String, (i64, Instant)>>,
+}
+
+/// A lease that is never kept alive, which every create also puts a guard key on.
+struct Attempt {
+    id: i64,
+    /// Creates use it until then (half its TTL after the grant was sent), then a new one.
+    usable_until: Instant,
 }
 
 struct Lease {
@@ -55,6 +76,8 @@ impl Leases {
                 seconds,
                 state: tokio::sync::Mutex::new(None),
                 id: watch::Sender::new(0),
+                attempt: tokio::sync::Mutex::new(None),
+                failing: Mutex::new(HashMap::new()),
             })
         }))
     }
@@ -76,6 +99,56 @@ impl LeaseSlot {
     /// Follows the id of the live lease (0 when there is none).
     pub(crate) fn subscribe(&self) -> watch::Receiver<i64> {
         self.id.subscribe()
+    }
+
+    /// The TTL of the attempt leases: twice the lease's. A create uses one during the
+    /// first half of its life (so one grant serves every create of a TTL), and a guard key
+    /// on it never outlives its create by more than 2 × TTL, even when the candidate's
+    /// resignation fails.
+    fn attempt_seconds(&self) -> u64 {
+        self.seconds.saturating_mul(2)
+    }
+
+    /// Records that deleting `key` (on lease `lease`) failed. Once that has lasted a lease
+    /// TTL, [`Inner::keep_alive`] stops keeping `lease` alive, so that the key cannot
+    /// outlive its candidate by more than twice the TTL: the last keep-alive was sent less
+    /// than a TTL after the first failure, and etcd deletes every key on the lease a TTL
+    /// after the last keep-alive (plus its expiry sweep of up to 500 ms, and unless an etcd
+    /// leader change renews every lease). The other terms on the lease end with it (their
+    /// renewals fail, their deadlines pass before the lease expires) and campaign again on
+    /// a new lease: a store that keeps refusing deletes while it accepts keep-alives for a
+    /// whole TTL is sick, and a key that stays forever would keep its election headless.
+    pub(crate) fn withdrawal_failed(&self, key: &str, lease: i64, since: Instant) {
+        lock(&self.failing)
+            .entry(key.to_owned())
+            .and_modify(|entry| {
+                if entry.0 != lease {
+                    // The same key name on a newer lease: a new withdrawal.
+                    *entry = (lease, since);
+                }
+            })
+            .or_insert((lease, since));
+    }
+
+    /// `key` is gone (deleted, or known to be absent): forget its failures.
+    pub(crate) fn withdrawn(&self, key: &str) {
+        let mut failing = lock(&self.failing);
+        if !failing.is_empty() {
+            failing.remove(key);
+        }
+    }
+
+    /// Whether a deletion of a key on `lease` has been failing for `ttl` or longer.
+    fn withdrawal_stuck(&self, lease: i64, ttl: Duration) -> bool {
+        let failing = lock(&self.failing);
+        failing
+            .values()
+            .any(|&(on, since)| on == lease && since.elapsed() >= ttl)
+    }
+
+    /// Forgets the failures of keys on `lease` (it is being given up).
+    fn forget_failures(&self, lease: i64) {
+        lock(&self.failing).retain(|_, (on, _)| *on != lease);
     }
 }
 
@@ -158,6 +231,23 @@ impl Inner {
             Some(lease) if lease.id == id && lease.alive => lease,
             _ => return Err(Error::TermGone),
         };
+        if slot.withdrawal_stuck(id, lease.ttl) {
+            // See `LeaseSlot::withdrawal_failed`. Not revoked: the terms on it step down by
+            // their deadlines, which pass before etcd lets the lease expire.
+            warn!(
+                lease = %format!("{id:x}"),
+                "deleting a key on this etcd lease has failed for a whole TTL; no longer \
+                 keeping the lease alive, so that etcd deletes the key (the other terms on \
+                 it end and campaign again on a new lease)"
+            );
+            lease.alive = false;
+            lease.keeper = None;
+            slot.id.send_replace(0);
+            drop(guard);
+            slot.forget_failures(id);
+            self.lease_gone(id);
+            return Err(Error::TermGone);
+        }
         if lease.confirmed_at >= not_before {
             return Ok(lease.confirmed_at);
         }
@@ -168,36 +258,41 @@ impl Inner {
         }
         let limit = attempt_limit(self.request_timeout, lease.ttl);
         let sent_at = Instant::now();
-        let answer = match lease.keeper.as_mut() {
-            None => {
-                // The first keep-alive is sent and answered inside `lease_keep_alive`.
-                match timeout(limit, self.client.clone().lease_keep_alive(id)).await {
-                    Ok(Ok(keeper)) => {
-                        lease.keeper = Some(keeper);
-                        Ok(1)
+        // Boxed: the request's futures take room only while one is sent. The many renewals
+        // that wait for the lock above stay small (10,000 elections renew on one lease).
+        let answer = Box::pin(async {
+            match lease.keeper.as_mut() {
+                None => {
+                    // The first keep-alive is sent and answered inside `lease_keep_alive`.
+                    match timeout(limit, self.client.clone().lease_keep_alive(id)).await {
+                        Ok(Ok(keeper)) => {
+                            lease.keeper = Some(keeper);
+                            Ok(1)
+                        }
+                        Ok(Err(err)) if is_lease_not_found(&err) => Ok(0),
+                        Ok(Err(err)) => Err(from_etcd(err)),
+                        Err(_) => Err(Error::Timeout(limit)),
                     }
-                    Ok(Err(err)) if is_lease_not_found(&err) => Ok(0),
-                    Ok(Err(err)) => Err(from_etcd(err)),
-                    Err(_) => Err(Error::Timeout(limit)),
+                }
+                Some((keeper, stream)) => {
+                    // Stays set if this future is dropped before the answer: see above.
+                    lease.in_flight = true;
+                    let answered = timeout(limit, async {
+                        keeper.keep_alive().await?;
+                        stream.message().await
+                    })
+                    .await;
+                    lease.in_flight = false;
+                    match answered {
+                        Ok(Ok(Some(response))) => Ok(response.ttl()),
+                        Ok(Ok(None)) => Err(unexpected("etcd closed the keep-alive stream")),
+                        Ok(Err(err)) => Err(from_etcd(err)),
+                        Err(_) => Err(Error::Timeout(limit)),
+                    }
                 }
             }
-            Some((keeper, stream)) => {
-                // Stays set if this future is dropped before the answer: see above.
-                lease.in_flight = true;
-                let answered = timeout(limit, async {
-                    keeper.keep_alive().await?;
-                    stream.message().await
-                })
-                .await;
-                lease.in_flight = false;
-                match answered {
-                    Ok(Ok(Some(response))) => Ok(response.ttl()),
-                    Ok(Ok(None)) => Err(unexpected("etcd closed the keep-alive stream")),
-                    Ok(Err(err)) => Err(from_etcd(err)),
-                    Err(_) => Err(Error::Timeout(limit)),
-                }
-            }
-        };
+        })
+        .await;
         match answer {
             Ok(ttl) if ttl > 0 => {
                 lease.confirmed_at = sent_at;
@@ -231,6 +326,84 @@ impl Inner {
         }
         drop(guard);
         self.lease_gone(id);
+    }
+}
+
+impl Inner {
+    /// The attempt lease for a create sent now on `slot`: the current one if it is in the
+    /// first half of its life, else a new one.
+    pub(crate) async fn attempt_lease(&self, slot: &LeaseSlot) -> Result<i64> {
+        let mut attempt = slot.attempt.lock().await;
+        if let Some(current) = attempt.as_ref()
+            && Instant::now() < current.usable_until
+        {
+            return Ok(current.id);
+        }
+        let seconds = slot.attempt_seconds();
+        let sent_at = Instant::now();
+        let granted = self
+            .request(
+                self.client
+                    .clone()
+                    .lease_grant(i64::try_from(seconds).unwrap_or(i64::MAX), None),
+            )
+            .await?;
+        let ttl = Duration::from_secs(u64::try_from(granted.ttl()).unwrap_or(0));
+        if ttl.is_zero() {
+            return Err(unexpected(format!(
+                "etcd granted attempt lease {:x} with TTL {}: {}",
+                granted.id(),
+                granted.ttl(),
+                granted.error()
+            )));
+        }
+        debug!(lease = %format!("{:x}", granted.id()), ?ttl, "granted an etcd attempt lease");
+        *attempt = Some(Attempt {
+            id: granted.id(),
+            usable_until: sent_at + ttl / 2,
+        });
+        Ok(granted.id())
+    }
+
+    /// Makes sure that no create on attempt lease `id` of `slot` can land any more: revokes
+    /// it (done too if etcd says it is gone already: expired, or revoked before). etcd
+    /// orders the revocation with the transactions, so a create on it either landed before
+    /// (and a read after this shows it) or fails as a whole.
+    pub(crate) async fn revoke_attempt(&self, slot: &LeaseSlot, id: i64) -> Result<()> {
+        {
+            let mut attempt = slot.attempt.lock().await;
+            if attempt.as_ref().is_some_and(|a| a.id == id) {
+                *attempt = None;
+            }
+        }
+        match self.request(self.client.clone().lease_revoke(id)).await {
+            Ok(_) => Ok(()),
+            Err(err) if says_lease_not_found(&err) => Ok(()),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Drops attempt lease `id` from `slot` (etcd said it is gone): the next create gets a
+    /// new one.
+    pub(crate) async fn attempt_gone(&self, slot: &LeaseSlot, id: i64) {
+        let mut attempt = slot.attempt.lock().await;
+        if attempt.as_ref().is_some_and(|a| a.id == id) {
+            *attempt = None;
+        }
+    }
+
+    /// Whether etcd still has lease `id`. etcd answers -1 for a lease it does not have, and
+    /// otherwise the remaining time truncated to whole seconds, so a live lease with less
+    /// than a second left (always, for a one-second lease) reads 0: that is a lease.
+    pub(crate) async fn lease_lives(&self, id: i64) -> Result<bool> {
+        match self
+            .request(self.client.clone().lease_time_to_live(id, None))
+            .await
+        {
+            Ok(answer) => Ok(answer.ttl() >= 0),
+            Err(err) if says_lease_not_found(&err) => Ok(false),
+            Err(err) => Err(err),
+        }
     }
 }
 

@@ -1,12 +1,14 @@
 #![doc = include_str!("../README.md")]
 #![warn(clippy::unwrap_used)]
 
+mod beyond;
 mod campaign;
 mod confirm;
 mod error;
 mod held;
 mod lease;
 mod observe;
+mod watches;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -17,11 +19,11 @@ use etcd_client::{Client, ConnectOptions};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
-use leader_core::{Candidate, Driver, Error, Grant, LeaderInfo, Result};
+use leader_core::{Candidate, CandidateInfo, Driver, Error, Grant, LeaderInfo, Result, Term};
 use tokio::time::{Instant, timeout};
 use tracing::{debug, warn};
 
-use crate::campaign::{CandidateKey, Keys};
+use crate::campaign::{CandidateKey, Keys, Waited};
 use crate::error::{from_etcd, says_lease_not_found};
 use crate::held::HeldKeys;
 use crate::lease::Leases;
@@ -62,6 +64,8 @@ struct Inner {
     keys: Mutex<Keys>,
     held: HeldKeys,
     reads: confirm::Reads,
+    /// The watches of waiting candidates and observers, on one stream.
+    watches: watches::Watches,
 }
 
 /// Builds an [`EtcdDriver`] with options.
@@ -111,6 +115,7 @@ impl EtcdDriverBuilder {
                 keys: Mutex::new(Keys::default()),
                 held: HeldKeys::new(),
                 reads: confirm::Reads::default(),
+                watches: watches::Watches::new(),
             }),
         }
     }
@@ -234,6 +239,38 @@ impl EtcdDriver {
     }
 }
 
+impl EtcdDriver {
+    /// Runs the etcd operations `ops` in one transaction, only while `term`'s key stands in
+    /// etcd with its create revision (the term's fencing token): a compare in the same
+    /// transaction, so a leader whose term has ended (its key deleted, its lease expired, a
+    /// newer term elected) writes nothing, however late its request arrives.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Fenced`] (with the key as `resource`, and nothing written) when the term's
+    /// key no longer stands, or when this driver does not hold the term (it ended here,
+    /// or it is another driver's); a store error otherwise (then, as with any request, the
+    /// transaction may or may not have been applied: it applied only if the term stood).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn example(driver: leader_etcd::EtcdDriver, term: leader_core::Term) -> leader_core::Result<()> {
+    /// use leader_etcd::etcd_client::TxnOp;
+    /// driver
+    ///     .txn_if_leader(&term, vec![TxnOp::put("reports/last-run", "2026-12-03", None)])
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn txn_if_leader(
+        &self,
+        term: &Term,
+        ops: Vec<etcd_client::TxnOp>,
+    ) -> Result<etcd_client::TxnResponse> {
+        self.inner.txn_if_held(term.fencing_token(), ops).await
+    }
+}
+
 impl std::fmt::Debug for EtcdDriver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let leases: Vec<String> = self
@@ -248,6 +285,29 @@ impl std::fmt::Debug for EtcdDriver {
             .field("leases", &leases)
             .finish_non_exhaustive()
     }
+}
+
+/// Refuses election names that etcd cannot keep apart: a name with a `/` would nest (the
+/// keys of election `svc/x` are under `svc/x/`, inside the range `svc/` of election `svc`,
+/// whose leader would then be `svc/x`'s), and the empty name's keys would be the prefix's.
+fn check_election_name(election: &str) -> Result<()> {
+    if election.is_empty() {
+        return Err(Error::invalid_config(
+            "name",
+            "an etcd election needs a non-empty name",
+        ));
+    }
+    if election.contains('/') {
+        return Err(Error::invalid_config(
+            "name",
+            format!(
+                "etcd election names cannot contain `/`: the keys of election `{election}` \
+                 would lie inside the key range of election `{}`, and the two would mix",
+                election.split('/').next().unwrap_or_default()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A failed connection's error: a refusal says to check the credentials.
@@ -286,31 +346,40 @@ impl EtcdDriver {
         let slot = inner.leases.slot(inner.lease_seconds(candidate.ttl));
         let (lease, lease_ttl) = inner.ensure_lease(&slot).await?;
         let key = inner.allocate_key(candidate, lease, &slot);
-        let (revision, gone) = match inner.create_key(candidate, &key).await {
-            Ok(created) => created,
-            Err(err) => {
-                if says_lease_not_found(&err) {
-                    inner.lease_lost(&slot, lease).await;
-                }
-                return Err(err);
-            }
-        };
-        let key = CandidateKey {
-            create_revision: revision,
-            gone,
-            ..key
-        };
         let prefix = self.election_prefix(&candidate.election);
-        let verified_at = match inner
-            .wait_for_predecessors(&prefix, &key.key, revision, &slot, lease)
-            .await
-        {
-            Ok(at) => at,
-            Err(err) => {
-                if matches!(err, Error::TermGone) {
-                    key.gone.cancel();
+        // Twice at most: a key passed over by a handover is created once more, and then
+        // its create revision is above every term's.
+        let mut recreated = false;
+        let (key, revision, verified_at) = loop {
+            let (revision, gone) = match inner.create_key(candidate, &key).await {
+                Ok(created) => created,
+                Err(err) => {
+                    if says_lease_not_found(&err) {
+                        inner.lease_lost(&slot, lease).await;
+                    }
+                    return Err(err);
                 }
-                return Err(err);
+            };
+            let key = CandidateKey {
+                create_revision: revision,
+                gone,
+                ..key.clone()
+            };
+            match inner
+                .wait_for_predecessors(&prefix, &key.key, revision, &slot, lease)
+                .await
+            {
+                Ok(Waited::Lead(at)) => break (key, revision, at),
+                Ok(Waited::Recreate) if !recreated => recreated = true,
+                Ok(Waited::Recreate) => {
+                    return Err(campaign::unexpected_recreate(&key.key));
+                }
+                Err(err) => {
+                    if matches!(err, Error::TermGone) {
+                        key.gone.cancel();
+                    }
+                    return Err(err);
+                }
             }
         };
         let ttl = candidate.ttl.min(lease_ttl);
@@ -362,10 +431,29 @@ impl EtcdDriver {
         let Some(key) = inner.candidate_key(&candidate.id) else {
             return Ok(());
         };
+        // Recorded as failing until it succeeds, so that an attempt whose future is dropped
+        // (the core's timeout) counts too; bounded: see `LeaseSlot::withdrawal_failed`.
+        key.slot
+            .withdrawal_failed(&key.key, key.lease, Instant::now());
+        let result = self.withdraw_key(candidate, &key, fencing_token).await;
+        if result.is_ok() {
+            key.slot.withdrawn(&key.key);
+        }
+        result
+    }
+
+    async fn withdraw_key(
+        &self,
+        candidate: &Candidate,
+        key: &CandidateKey,
+        fencing_token: Option<u64>,
+    ) -> Result<()> {
+        let inner = &self.inner;
         // The term to delete, by its create revision: the one asked for, or else the one
         // this candidate is known to hold, or else (a create whose answer never came) the
-        // one etcd shows on this candidate's key and lease. Never by the key alone, so that
-        // a late request cannot delete a term begun after it.
+        // one etcd shows on this candidate's key and lease once no create can land any
+        // more. Never by the key alone, so that a late request cannot delete a term begun
+        // after it.
         let (revision, only) = match fencing_token {
             Some(token) => match i64::try_from(token) {
                 Ok(revision) if revision > 0 => (Some(revision), Some(revision)),
@@ -378,13 +466,25 @@ impl EtcdDriver {
                 }
             },
             None if key.create_revision > 0 => (Some(key.create_revision), None),
-            None => (inner.own_revision(&key).await?, None),
+            None => {
+                // A create may be in flight: etcd may apply it after any read. Revoke its
+                // attempt lease first; etcd orders that with the create, which either
+                // landed before (the read below sees it) or fails as a whole.
+                if key.attempt != 0 {
+                    inner.revoke_attempt(&key.slot, key.attempt).await?;
+                }
+                let revision = inner.own_revision(key).await?;
+                if revision.is_none() {
+                    inner.delete_sides_if_absent(&key.key).await?;
+                }
+                (revision, None)
+            }
         };
         if let Some(revision) = revision {
             // Stop watching the term first: the core stepped down before it asked, and the
             // delete's own event is no news (it would be logged as a term gone).
             inner.release_term(revision);
-            inner.delete_own(&key.key, revision).await?;
+            inner.delete_own(&key.key, revision, true).await?;
         }
         lock(&inner.keys).forget(&candidate.id, &key.key, only);
         Ok(())
@@ -394,9 +494,10 @@ impl EtcdDriver {
     /// for `election`.
     fn explain(&self, election: &str, err: Error) -> Error {
         match err {
-            Error::Denied(source) => {
-                Error::denied(error::Refusal::new(source, self.election_prefix(election)))
-            }
+            Error::Denied(source) => Error::denied(error::Refusal::new(
+                source,
+                format!("{}{election}", self.inner.prefix),
+            )),
             other => other,
         }
     }
@@ -405,6 +506,7 @@ impl EtcdDriver {
 #[async_trait]
 impl Driver for EtcdDriver {
     async fn campaign(&self, candidate: &Candidate) -> Result<Grant> {
+        check_election_name(&candidate.election)?;
         self.campaign_term(candidate)
             .await
             .map_err(|err| self.explain(&candidate.election, err))
@@ -423,6 +525,7 @@ impl Driver for EtcdDriver {
     }
 
     async fn leader(&self, election: &str) -> Result<Option<LeaderInfo>> {
+        check_election_name(election)?;
         let prefix = self.election_prefix(election);
         match self.inner.leader_of(&prefix).await {
             Ok((leader, _)) => Ok(leader),
@@ -431,6 +534,11 @@ impl Driver for EtcdDriver {
     }
 
     fn observe(&self, election: &str) -> BoxStream<'static, Result<Option<LeaderInfo>>> {
+        if let Err(err) = check_election_name(election) {
+            return futures::stream::once(async move { Err(err) })
+                .chain(futures::stream::pending())
+                .boxed();
+        }
         let driver = self.clone();
         let election = election.to_owned();
         observe::observe(Arc::clone(&self.inner), self.election_prefix(&election))
@@ -440,5 +548,47 @@ impl Driver for EtcdDriver {
 
     fn term_gone(&self, candidate: &Candidate, fencing_token: u64) -> BoxFuture<'static, ()> {
         Box::pin(EtcdDriver::term_gone(self, candidate, fencing_token))
+    }
+
+    fn check_name(&self, election: &str) -> Result<()> {
+        check_election_name(election)
+    }
+
+    async fn candidates(&self, election: &str) -> Result<Vec<CandidateInfo>> {
+        check_election_name(election)?;
+        self.inner
+            .candidates_of(&self.election_prefix(election))
+            .await
+            .map_err(|err| self.explain(election, err))
+    }
+
+    async fn hand_over(
+        &self,
+        candidate: &Candidate,
+        fencing_token: u64,
+        nominee: &str,
+    ) -> Result<()> {
+        self.inner
+            .hand_over_term(
+                &candidate.id,
+                fencing_token,
+                nominee,
+                &self.election_prefix(&candidate.election),
+                candidate.ttl,
+            )
+            .await
+            .map_err(|err| self.explain(&candidate.election, err))
+    }
+
+    async fn proclaim(
+        &self,
+        candidate: &Candidate,
+        fencing_token: u64,
+        value: &[u8],
+    ) -> Result<()> {
+        self.inner
+            .proclaim_value(&candidate.id, fencing_token, value)
+            .await
+            .map_err(|err| self.explain(&candidate.election, err))
     }
 }

@@ -1,9 +1,9 @@
-//! Who leads an election: the key with the lowest create revision, once or as a stream.
+//! Who leads an election, as a stream (see `Inner::leader_of`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{GetOptions, SortOrder, SortTarget, WatchOptions};
+use etcd_client::WatchOptions;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use leader_core::{LeaderInfo, Result};
@@ -11,33 +11,10 @@ use tokio::sync::mpsc;
 use tokio::time::sleep;
 
 use crate::Inner;
-use crate::error::{from_etcd, unexpected};
+use crate::error::unexpected;
 
 /// Pause after an error of the observe stream before it looks again.
 const OBSERVE_RETRY: Duration = Duration::from_millis(500);
-
-impl Inner {
-    /// The leader of the election whose keys start with `prefix`, and the revision of the
-    /// answer.
-    pub(crate) async fn leader_of(&self, prefix: &str) -> Result<(Option<LeaderInfo>, i64)> {
-        let options = GetOptions::new()
-            .with_prefix()
-            .with_sort(SortTarget::Create, SortOrder::Ascend)
-            .with_limit(1);
-        let response = self
-            .request(self.client.clone().get(prefix, Some(options)))
-            .await?;
-        let revision = response.header().map_or(0, |h| h.revision());
-        let leader = response.kvs().first().map(|kv| {
-            LeaderInfo::new(
-                String::from_utf8_lossy(&kv.key()[prefix.len().min(kv.key().len())..]),
-                kv.value(),
-                u64::try_from(kv.create_revision()).unwrap_or(0),
-            )
-        });
-        Ok((leader, revision))
-    }
-}
 
 /// A stream of the leader of the election whose keys start with `prefix`, fed by a task
 /// that ends when the stream is dropped.
@@ -64,14 +41,26 @@ async fn observe_loop(inner: &Inner, prefix: &str, tx: &mpsc::Sender<Result<Opti
             if tx.send(Ok(leader)).await.is_err() {
                 return Ok(());
             }
-            let options = WatchOptions::new()
-                .with_prefix()
-                .with_start_revision(revision + 1);
-            let mut watch = inner
-                .request(inner.client.clone().watch(prefix, Some(options)))
-                .await?;
+            // The election's keys (`<election>/…`) and its nomination and marker
+            // (`<election>\0…`), on the driver's shared watch stream.
+            let election = prefix.strip_suffix('/').unwrap_or(prefix);
+            let from = revision + 1;
+            let mut watch = inner.watches.subscribe(
+                &inner.client,
+                inner.request_timeout,
+                vec![
+                    (
+                        prefix.as_bytes().to_vec(),
+                        WatchOptions::new().with_prefix().with_start_revision(from),
+                    ),
+                    (
+                        format!("{election}\0").into_bytes(),
+                        WatchOptions::new().with_prefix().with_start_revision(from),
+                    ),
+                ],
+            );
             loop {
-                let Some(message) = watch.message().await.map_err(from_etcd)? else {
+                let Some(message) = watch.message().await? else {
                     return Err(unexpected("etcd closed the watch stream"));
                 };
                 if message.canceled() {

@@ -955,3 +955,167 @@ async fn renewals_read_per_process_not_per_election() {
         "{requests} requests to renew 50 elections over {window:?}"
     );
 }
+
+/// Why a waiter does not revoke its predecessor's lease when `LeaseTimeToLive` reports 0
+/// (#24): etcd 3.4 truncates the remaining time to whole seconds, so 0 means "less than a
+/// second left", not "expired". The lease is still alive then: a keep-alive renews it, and
+/// a waiter that had revoked it would have ended a leader whose deadline had not passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_time_to_live_zero_is_not_expiry() {
+    let h = harness().await;
+    let mut admin = Client::connect([h.server.endpoints()[0].as_str()], None)
+        .await
+        .expect("connect");
+    let id = admin.lease_grant(3, None).await.expect("grant").id();
+    let granted = Instant::now();
+    within(
+        "LeaseTimeToLive to report 0",
+        Duration::from_secs(5),
+        async {
+            while admin
+                .lease_time_to_live(id, None)
+                .await
+                .expect("time to live")
+                .ttl()
+                > 0
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        },
+    )
+    .await;
+    assert!(
+        granted.elapsed() < Duration::from_millis(2500),
+        "0 reported {:?} into a 3 s lease",
+        granted.elapsed()
+    );
+    admin
+        .lease_keep_alive(id)
+        .await
+        .expect("a lease reported at 0 s left is still alive: the keep-alive renews it");
+    let renewed = admin
+        .lease_time_to_live(id, None)
+        .await
+        .expect("time to live")
+        .ttl();
+    assert!(renewed >= 1, "renewed: {renewed}");
+    admin.lease_revoke(id).await.expect("revoke");
+}
+
+/// The watches of all waiters of one driver share one etcd watch stream (#24): 30
+/// elections, each led through one driver and waited in through another, add two watch
+/// streams to etcd (the leaders' held keys, the waiters' line), not one per waiter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_of_one_driver_share_one_watch_stream() {
+    let h = harness().await;
+    let endpoint = h.server.endpoints()[0].clone();
+    let addr = h.server.client_addr(0);
+    let streams = || etcd_metric(addr, "etcd_debugging_mvcc_watch_stream_total");
+    let leaders = h.driver_at(endpoint.clone()).await;
+    let waiters = h.driver_at(endpoint.clone()).await;
+    let before = streams().await;
+    let base = unique("shared");
+    let mut held = Vec::new();
+    let mut waiting = Vec::new();
+    for i in 0..30 {
+        let name = format!("{base}-{i}");
+        let leader = election(leaders.clone(), &name, "leader");
+        held.push(leader.campaign().await.expect("elected"));
+        let waiter = election(waiters.clone(), &name, "waiter");
+        waiting.push((spawn_campaign(&waiter), waiter, leader));
+    }
+    let mut admin = leaders.client().clone();
+    within("every waiter in line", Duration::from_secs(10), async {
+        loop {
+            let mut all = true;
+            for i in 0..30 {
+                if keys_under(&mut admin, format!("{base}-{i}/"))
+                    .await
+                    .kvs()
+                    .len()
+                    < 2
+                {
+                    all = false;
+                }
+            }
+            if all {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // Each waiter's watch is requested right after its read: let them all be in place.
+    let mut added = streams().await - before;
+    for _ in 0..50 {
+        if added >= 2.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        added = streams().await - before;
+    }
+    assert!(
+        added <= 2.0,
+        "30 waiters and 30 leaders on two drivers added {added} watch streams"
+    );
+    // And the waiters still take over, each on its leader's resignation.
+    for (waits, waiter, leader) in waiting {
+        leader.resign().await.expect("resign");
+        within("the waiter's election", Duration::from_secs(5), waits)
+            .await
+            .expect("task")
+            .expect("elected");
+        waiter.resign().await.expect("resign");
+    }
+    drop(held);
+}
+
+/// 100 candidates of one election wait on one driver (one shared watch stream); each leads
+/// in turn when the one before it resigns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_waiters_on_one_stream_lead_in_turn() {
+    let h = harness().await;
+    let endpoint = h.server.endpoints()[0].clone();
+    let leaders = h.driver_at(endpoint.clone()).await;
+    let waiters = h.driver_at(endpoint.clone()).await;
+    let name = unique("hundred");
+    let first = election(leaders, &name, "first");
+    first.campaign().await.expect("elected");
+    let mut line = Vec::new();
+    for _ in 0..100 {
+        let e = election(waiters.clone(), &name, "waiter");
+        line.push((spawn_campaign(&e), e));
+    }
+    within("every waiter in line", Duration::from_secs(20), async {
+        while first.candidates().await.expect("candidates()").len() < 101 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    first.resign().await.expect("resign");
+    let mut elected = 0;
+    let started = Instant::now();
+    while !line.is_empty() {
+        let (index, term) = within("the next election", Duration::from_secs(5), async {
+            loop {
+                if let Some(index) = line.iter().position(|(task, _)| task.is_finished()) {
+                    let (task, e) = line.swap_remove(index);
+                    let term = task.await.expect("task").expect("elected");
+                    return (e, term);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await;
+        assert!(index.status().is_leader());
+        assert_eq!(
+            line.iter().filter(|(task, _)| task.is_finished()).count(),
+            0,
+            "one leader at a time"
+        );
+        drop(term);
+        index.resign().await.expect("resign");
+        elected += 1;
+    }
+    assert_eq!(elected, 100, "in {:?}", started.elapsed());
+}

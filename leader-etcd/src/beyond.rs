@@ -1,0 +1,356 @@
+//! Beyond election: the line of candidates, proclaim, planned handover, and writes fenced
+//! by the term (`txn_if_leader`).
+
+use std::collections::HashMap;
+
+use etcd_client::{
+    Compare, CompareOp, GetOptions, KeyValue, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
+    TxnOpResponse, TxnResponse,
+};
+use leader_core::{CandidateInfo, Error, LeaderInfo, Result};
+use tracing::{debug, info};
+
+use crate::campaign::{
+    Side, marker_key, nomination_key, nomination_value, parse_marker, parse_nomination, side_key,
+};
+use crate::error::{ErrorChain, unexpected};
+use crate::lease::whole_seconds;
+use crate::{Inner, lock};
+
+/// An election as etcd holds it, read at one revision.
+pub(crate) struct Line {
+    /// The keys of the election (`<prefix><election>/…`), by create revision.
+    keys: Vec<KeyValue>,
+    /// The id side keys' values, by key.
+    ids: HashMap<Vec<u8>, String>,
+    /// The nominee's key, while a nomination stands.
+    nominee: Option<String>,
+    /// The token of the last term elected out of line (0: none).
+    marker: i64,
+    prefix: String,
+}
+
+impl Line {
+    /// The key that leads: none while a nomination stands (its nominee is about to lead);
+    /// else the lowest key not passed over by a handover.
+    fn leader(&self) -> Option<&KeyValue> {
+        if self.nominee.is_some() {
+            return None;
+        }
+        self.keys
+            .iter()
+            .find(|kv| kv.create_revision() >= self.marker)
+    }
+
+    /// The keys in the order they would lead: the leader (or the nominee), then the keys
+    /// not passed over, then those passed over (they create their keys again in turn).
+    fn ordered(&self) -> Vec<(&KeyValue, bool)> {
+        let first = match &self.nominee {
+            Some(nominee) => self.keys.iter().find(|kv| kv.key() == nominee.as_bytes()),
+            None => self.leader(),
+        };
+        let is_leader = self.nominee.is_none();
+        let mut line: Vec<(&KeyValue, bool)> =
+            first.map(|kv| (kv, is_leader)).into_iter().collect();
+        let rest = |passed: bool| {
+            self.keys.iter().filter(move |kv| {
+                (kv.create_revision() < self.marker) == passed
+                    && first.is_none_or(|first| first.key() != kv.key())
+            })
+        };
+        line.extend(rest(false).map(|kv| (kv, false)));
+        line.extend(rest(true).map(|kv| (kv, false)));
+        line
+    }
+
+    /// The candidate id of `kv`: its id side key's value, or (a key without one, such as
+    /// `etcdctl elect`'s) the key's name after the election prefix (its lease in hex).
+    fn id(&self, kv: &KeyValue) -> String {
+        self.ids.get(kv.key()).cloned().unwrap_or_else(|| {
+            String::from_utf8_lossy(&kv.key()[self.prefix.len().min(kv.key().len())..]).into_owned()
+        })
+    }
+}
+
+/// The value of an id side key, by the candidate key it belongs to.
+fn ids_by_key(prefix: &str, sides: &[KeyValue]) -> HashMap<Vec<u8>, String> {
+    let id_prefix = side_key(prefix, Side::Id);
+    sides
+        .iter()
+        .filter_map(|kv| {
+            let suffix = kv.key().strip_prefix(id_prefix.as_bytes())?;
+            let mut key = prefix.as_bytes().to_vec();
+            key.extend_from_slice(suffix);
+            Some((key, String::from_utf8_lossy(kv.value()).into_owned()))
+        })
+        .collect()
+}
+
+impl Inner {
+    /// Every key of the election whose keys start with `prefix`, with the ids, the
+    /// nomination and the marker, at one revision.
+    pub(crate) async fn line(&self, prefix: &str) -> Result<Line> {
+        let keys = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend);
+        let read = Txn::new().and_then([
+            TxnOp::get(prefix, Some(keys)),
+            TxnOp::get(
+                side_key(prefix, Side::Id),
+                Some(GetOptions::new().with_prefix()),
+            ),
+            TxnOp::get(nomination_key(prefix), None),
+            TxnOp::get(marker_key(prefix), None),
+        ]);
+        let response = self.request(self.client.clone().txn(read)).await?;
+        match response.op_responses().as_slice() {
+            [
+                TxnOpResponse::Get(keys),
+                TxnOpResponse::Get(ids),
+                TxnOpResponse::Get(nomination),
+                TxnOpResponse::Get(marker),
+            ] => Ok(Line {
+                keys: keys.kvs().to_vec(),
+                ids: ids_by_key(prefix, ids.kvs()),
+                nominee: nomination
+                    .kvs()
+                    .first()
+                    .and_then(|kv| parse_nomination(kv.value()))
+                    .map(|(key, _)| key),
+                marker: marker
+                    .kvs()
+                    .first()
+                    .map_or(0, |kv| parse_marker(kv.value())),
+                prefix: prefix.to_owned(),
+            }),
+            _ => Err(unexpected("etcd answered a read with other operations")),
+        }
+    }
+
+    /// The leader of the election whose keys start with `prefix`, and the revision of the
+    /// answer: the lowest key not passed over by a handover; none while a nomination
+    /// stands.
+    pub(crate) async fn leader_of(&self, prefix: &str) -> Result<(Option<LeaderInfo>, i64)> {
+        let lowest = |min: i64| {
+            GetOptions::new()
+                .with_prefix()
+                .with_sort(SortTarget::Create, SortOrder::Ascend)
+                .with_min_create_revision(min)
+                .with_limit(1)
+        };
+        let read = Txn::new().and_then([
+            TxnOp::get(prefix, Some(lowest(0))),
+            TxnOp::get(nomination_key(prefix), None),
+            TxnOp::get(marker_key(prefix), None),
+        ]);
+        let response = self.request(self.client.clone().txn(read)).await?;
+        let revision = response.header().map_or(0, |h| h.revision());
+        let (first, nominated, marker) = match response.op_responses().as_slice() {
+            [
+                TxnOpResponse::Get(first),
+                TxnOpResponse::Get(nominated),
+                TxnOpResponse::Get(marker),
+            ] => (
+                first.kvs().first().cloned(),
+                !nominated.kvs().is_empty(),
+                marker
+                    .kvs()
+                    .first()
+                    .map_or(0, |kv| parse_marker(kv.value())),
+            ),
+            _ => return Err(unexpected("etcd answered a read with other operations")),
+        };
+        if nominated {
+            return Ok((None, revision));
+        }
+        let leader = match first {
+            Some(kv) if kv.create_revision() < marker => {
+                // Passed over by a handover: the leader is the lowest key after the marker's.
+                let response = self
+                    .request(self.client.clone().get(prefix, Some(lowest(marker))))
+                    .await?;
+                response.kvs().first().cloned()
+            }
+            other => other,
+        };
+        let leader = leader.map(|kv| {
+            LeaderInfo::new(
+                String::from_utf8_lossy(&kv.key()[prefix.len().min(kv.key().len())..]),
+                kv.value(),
+                u64::try_from(kv.create_revision()).unwrap_or(0),
+            )
+        });
+        Ok((leader, revision))
+    }
+
+    /// Every candidate of the election whose keys start with `prefix`, the leader first.
+    pub(crate) async fn candidates_of(&self, prefix: &str) -> Result<Vec<CandidateInfo>> {
+        let line = self.line(prefix).await?;
+        Ok(line
+            .ordered()
+            .into_iter()
+            .map(|(kv, is_leader)| CandidateInfo::new(line.id(kv), kv.value(), is_leader))
+            .collect())
+    }
+
+    /// etcd's Proclaim: puts `value` on the key of `candidate`'s term `token`, with its
+    /// lease, only while the key stands with that create revision.
+    pub(crate) async fn proclaim_value(
+        &self,
+        candidate: &str,
+        token: u64,
+        value: &[u8],
+    ) -> Result<()> {
+        let Some(key) = self.term_key(candidate, token) else {
+            return Err(Error::TermGone);
+        };
+        if key.gone.is_cancelled() {
+            return Err(Error::TermGone);
+        }
+        // The watch of held keys takes this put for ours, not an operator's.
+        self.expect_put(key.create_revision, value);
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(key.key.as_str(), CompareOp::Equal, key.create_revision),
+                Compare::lease(key.key.as_str(), CompareOp::Equal, key.lease),
+            ])
+            .and_then([TxnOp::put(
+                key.key.as_str(),
+                value,
+                Some(PutOptions::new().with_lease(key.lease)),
+            )]);
+        let response = self.request(self.client.clone().txn(txn)).await?;
+        if response.succeeded() {
+            Ok(())
+        } else {
+            Err(Error::TermGone)
+        }
+    }
+
+    /// Ends `candidate`'s term `token` and nominates the waiting candidate `nominee`, in
+    /// one transaction: deletes the term's key (and its side keys) and puts the
+    /// nomination, on a lease of its own of `ttl`, only while the term's key stands with
+    /// its create revision and the nominee's key with the create revision seen.
+    pub(crate) async fn hand_over_term(
+        &self,
+        candidate: &str,
+        token: u64,
+        nominee: &str,
+        prefix: &str,
+        ttl: std::time::Duration,
+    ) -> Result<()> {
+        let Some(key) = self.term_key(candidate, token) else {
+            return Err(Error::TermGone);
+        };
+        let not_waiting = || Error::NotWaiting {
+            id: nominee.to_owned(),
+        };
+        let line = self.line(prefix).await?;
+        let Some(target) = line
+            .keys
+            .iter()
+            .find(|kv| kv.key() != key.key.as_bytes() && line.id(kv) == nominee)
+            .cloned()
+        else {
+            return Err(not_waiting());
+        };
+        // A candidate of etcdctl or Go (a key without an id side key) ahead of the nominee
+        // knows nothing of nominations: it would lead by the lowest key beside the nominee.
+        let foreign_ahead = line.keys.iter().any(|kv| {
+            kv.create_revision() < target.create_revision()
+                && kv.key() != key.key.as_bytes()
+                && !line.ids.contains_key(kv.key())
+        });
+        if foreign_ahead {
+            return Err(Error::Unsupported {
+                operation: "hand_over past a candidate of etcdctl or Go's concurrency package",
+            });
+        }
+        let target_key = String::from_utf8_lossy(target.key()).into_owned();
+        let seconds = i64::try_from(whole_seconds(ttl)).unwrap_or(i64::MAX);
+        let nomination_lease = self
+            .request(self.client.clone().lease_grant(seconds, None))
+            .await?
+            .id();
+        // As for a resignation: the deletion below is no news to the watch of held keys.
+        self.release_term(key.create_revision);
+        let nomination = nomination_key(prefix);
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(key.key.as_str(), CompareOp::Equal, key.create_revision),
+                Compare::create_revision(
+                    target_key.as_str(),
+                    CompareOp::Equal,
+                    target.create_revision(),
+                ),
+            ])
+            .and_then([
+                TxnOp::delete(key.key.as_str(), None),
+                TxnOp::delete(side_key(&key.key, Side::Id), None),
+                TxnOp::delete(side_key(&key.key, Side::Guard), None),
+                TxnOp::put(
+                    nomination.as_str(),
+                    nomination_value(&target_key, key.create_revision),
+                    Some(PutOptions::new().with_lease(nomination_lease)),
+                ),
+            ])
+            .or_else([TxnOp::get(key.key.as_str(), None)]);
+        let response = self.request(self.client.clone().txn(txn)).await?;
+        if response.succeeded() {
+            info!(key = %key.key, nominee = %target_key, "handed over");
+            lock(&self.keys).forget(candidate, &key.key, Some(key.create_revision));
+            return Ok(());
+        }
+        if let Err(err) = self
+            .request(self.client.clone().lease_revoke(nomination_lease))
+            .await
+        {
+            debug!(error = %ErrorChain(&err), "could not revoke an unused nomination lease");
+        }
+        let stands = response.op_responses().into_iter().any(|op| match op {
+            TxnOpResponse::Get(get) => get
+                .kvs()
+                .first()
+                .is_some_and(|kv| kv.create_revision() == key.create_revision),
+            _ => false,
+        });
+        if stands {
+            Err(not_waiting())
+        } else {
+            Err(Error::TermGone)
+        }
+    }
+
+    /// Runs `ops` only while the key of the held term `token` stands with its create
+    /// revision.
+    pub(crate) async fn txn_if_held(&self, token: u64, ops: Vec<TxnOp>) -> Result<TxnResponse> {
+        let held = i64::try_from(token)
+            .ok()
+            .and_then(|revision| self.held_key(revision));
+        let Some(key) = held else {
+            return Err(Error::Fenced {
+                resource: format!("the etcd key of term {token}"),
+                token,
+                newer: None,
+            });
+        };
+        let revision = i64::try_from(token).unwrap_or(0);
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                key.as_str(),
+                CompareOp::Equal,
+                revision,
+            )])
+            .and_then(ops);
+        let response = self.request(self.client.clone().txn(txn)).await?;
+        if response.succeeded() {
+            Ok(response)
+        } else {
+            Err(Error::Fenced {
+                resource: key,
+                token,
+                newer: None,
+            })
+        }
+    }
+}
