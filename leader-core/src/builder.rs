@@ -111,7 +111,6 @@ impl Settings {
     }
 }
 
-/// Builds an [`Election`]; see [`Election::builder`].
 /// The hook of [`ElectionBuilder::on_deadline`].
 #[derive(Clone)]
 pub(crate) struct DeadlineHook(pub(crate) Arc<dyn Fn(u64, std::time::Instant) + Send + Sync>);
@@ -122,6 +121,7 @@ impl fmt::Debug for DeadlineHook {
     }
 }
 
+/// Builds an [`Election`]; see [`Election::builder`].
 #[must_use = "an ElectionBuilder does nothing until build() is called"]
 pub struct ElectionBuilder {
     driver: Arc<dyn Driver>,
@@ -174,15 +174,6 @@ impl ElectionBuilder {
         self
     }
 
-    /// Checks the settings and creates the candidate. Nothing is sent to the store until
-    /// it campaigns.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidConfig`] naming the first setting that makes no sense: an empty or
-    /// overlong name, a name the driver's store cannot hold, a TTL outside
-    /// [`MIN_TTL`]..=[`MAX_TTL`], a safety margin of half the TTL or more, a retry range
-    /// that is empty or starts at zero, a value over [`MAX_VALUE_LEN`].
     /// Calls `hook(fencing_token, deadline)` each time a term of this candidate gets its
     /// deadline, or moves it: synchronously, before [`Status::is_leader`](crate::Status::is_leader)
     /// can rely on the new deadline. So a log written by the hook holds every deadline the
@@ -197,6 +188,15 @@ impl ElectionBuilder {
         self
     }
 
+    /// Checks the settings and creates the candidate. Nothing is sent to the store until
+    /// it campaigns.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] naming the first setting that makes no sense: an empty or
+    /// overlong name, a name the driver's store cannot hold, a TTL outside
+    /// [`MIN_TTL`]..=[`MAX_TTL`], a safety margin of half the TTL or more, a retry range
+    /// that is empty or starts at zero, a value over [`MAX_VALUE_LEN`].
     pub fn build(self) -> Result<Election> {
         let ElectionBuilder { driver, settings } = self;
         settings.check(driver.as_ref())?;
