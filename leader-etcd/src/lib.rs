@@ -1,5 +1,4 @@
 #![doc = include_str!("../README.md")]
-#![warn(clippy::unwrap_used)]
 
 mod campaign;
 mod confirm;
@@ -7,6 +6,7 @@ mod error;
 mod held;
 mod lease;
 mod observe;
+mod url;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -19,7 +19,7 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use leader_core::{Candidate, Driver, Error, Grant, LeaderInfo, Result};
 use tokio::time::{Instant, timeout};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::campaign::{CandidateKey, Keys};
 use crate::error::{from_etcd, says_lease_not_found};
@@ -27,6 +27,7 @@ use crate::held::HeldKeys;
 use crate::lease::Leases;
 
 pub use etcd_client;
+pub use url::SCHEMES;
 
 /// The default for [`EtcdDriverBuilder::request_timeout`].
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);

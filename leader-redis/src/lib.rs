@@ -1,10 +1,10 @@
 #![doc = include_str!("../README.md")]
-#![warn(clippy::unwrap_used)]
 
 mod renewals;
 mod scripts;
 mod subscriber;
 mod topology;
+mod url;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +20,7 @@ use tokio::time::{Instant, sleep, timeout};
 use tracing::{debug, warn};
 
 pub use redis;
+pub use url::SCHEMES;
 
 use renewals::{Cached, Renewals};
 use scripts::{ACQUIRE, LEADER, RENEW, RESIGN};
