@@ -135,8 +135,23 @@ impl ElectionBuilder {
         ElectionBuilder { driver, settings }
     }
 
-    /// Takes every setting from `config`, including the election name.
+    /// Takes every setting from `config`, replacing what was set before.
+    ///
+    /// # The election's name
+    ///
+    /// `config.name` wins over the name given to [`Election::builder`]: the config file is
+    /// where an operator renames an election. When it replaces a different name that was
+    /// not empty, a `tracing` warning names both; pass `""` (or the config's name) to
+    /// `builder` to say the config decides. Settings set after `config()` (`.ttl(…)`, …)
+    /// override the config's.
     pub fn config(mut self, config: &Config) -> Self {
+        if !self.settings.name.is_empty() && self.settings.name != config.name {
+            tracing::warn!(
+                given = %self.settings.name,
+                config = %config.name,
+                "the election's name given to builder() is replaced by the config's name"
+            );
+        }
         let on_deadline = self.settings.on_deadline.take();
         self.settings = Settings::from(config);
         self.settings.on_deadline = on_deadline;
