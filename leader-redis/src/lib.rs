@@ -264,9 +264,11 @@ impl RedisDriver {
         }
     }
 
-    /// Connects to `url` (`redis://127.0.0.1:6379`, `rediss://` with the `tls` feature)
-    /// and returns a driver with the default options; fails if Redis cannot be reached or
-    /// refuses this client now.
+    /// Connects to `url` (`redis://127.0.0.1:6379`, `rediss://` with the `tls` feature),
+    /// as the `redis` crate reads URLs, and returns a driver with the default options;
+    /// fails if Redis cannot be reached or refuses this client now. For this workspace's
+    /// store URLs (Cluster, Sentinel, `prefix=`, `replicas=`, TLS files) use
+    /// [`connect_url`](Self::connect_url).
     pub async fn connect(url: &str) -> Result<Self> {
         let client = Client::open(url).map_err(redis_error)?;
         Self::builder(client).connect().await

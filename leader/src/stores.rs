@@ -134,6 +134,7 @@ fn connecting(store: Store, url: &str) -> Connecting<'_> {
         // Not reached: `connect` hands over built-in stores only.
         #[allow(unreachable_patterns)]
         _ => Box::pin(async move {
+            let _ = url;
             Err(Error::invalid_config(
                 "store",
                 format!("the `{}` store is not built in", store.feature()),
