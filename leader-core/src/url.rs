@@ -6,7 +6,7 @@ use std::fmt;
 
 use percent_encoding::percent_decode_str;
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// The password shown in place of the real one.
 const REDACTED: &str = "***";

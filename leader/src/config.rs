@@ -81,7 +81,7 @@ impl Config {
     /// [`ElectionBuilder::build`](crate::ElectionBuilder::build) for the settings (the bad
     /// key named).
     pub async fn election(&self) -> Result<Election> {
-        let driver = crate::connect(&self.store).await?;
+        let driver = crate::stores::connect(&self.store).await?;
         Election::builder(driver, self.election.name.clone())
             .config(&self.election)
             .build()
