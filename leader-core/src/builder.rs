@@ -33,14 +33,24 @@ pub(crate) struct Settings {
 
 impl From<&Config> for Settings {
     fn from(config: &Config) -> Self {
+        // Every field, by name: a field added to `Config` does not compile until it has a
+        // place here.
+        let Config {
+            name,
+            value,
+            ttl,
+            safety_margin,
+            retry_min,
+            retry_max,
+        } = config;
         Settings {
-            name: config.name.clone(),
+            name: name.clone(),
             on_deadline: None,
-            value: config.value.as_ref().map(|v| v.as_bytes().to_vec()),
-            ttl: config.ttl,
-            safety_margin: config.safety_margin,
-            retry_min: config.retry_min,
-            retry_max: config.retry_max,
+            value: value.as_ref().map(|v| v.as_bytes().to_vec()),
+            ttl: *ttl,
+            safety_margin: *safety_margin,
+            retry_min: *retry_min,
+            retry_max: *retry_max,
         }
     }
 }

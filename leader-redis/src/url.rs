@@ -62,7 +62,18 @@ impl RedisDriver {
     /// for credentials Redis refuses; [`Error::Store`](leader_core::Error::Store) if it
     /// cannot be reached. No message contains the password.
     pub async fn connect_url(url: &str) -> Result<Self> {
-        builder_for(&StoreUrl::parse(url)?)?.connect().await
+        Self::parse_url(url)?.connect().await
+    }
+
+    /// Parses a store URL (as [`connect_url`](Self::connect_url) takes) into a builder
+    /// with the URL's options, for more options before connecting
+    /// ([`RedisDriverBuilder::connect`]). Nothing is sent to Redis; TLS files are read now.
+    ///
+    /// # Errors
+    ///
+    /// As [`connect_url`](Self::connect_url), for the URL.
+    pub fn parse_url(url: &str) -> Result<RedisDriverBuilder> {
+        builder_for(&StoreUrl::parse(url)?)
     }
 }
 
