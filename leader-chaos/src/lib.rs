@@ -27,7 +27,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use leader_core::testing::FaultProxy;
+use leader_testkit::FaultProxy;
 use leader_testkit::{EtcdServer, PostgresServer, RedisServer};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;

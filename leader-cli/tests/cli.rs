@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use leader_core::testing::FaultProxy;
+use leader_testkit::FaultProxy;
 use leader_testkit::{LineProcess, etcd, redis, unique};
 use tokio::process::Command;
 use tokio::time::{Instant, sleep, timeout};

@@ -33,14 +33,24 @@ pub(crate) struct Settings {
 
 impl From<&Config> for Settings {
     fn from(config: &Config) -> Self {
+        // Every field, by name: a field added to `Config` does not compile until it has a
+        // place here.
+        let Config {
+            name,
+            value,
+            ttl,
+            safety_margin,
+            retry_min,
+            retry_max,
+        } = config;
         Settings {
-            name: config.name.clone(),
+            name: name.clone(),
             on_deadline: None,
-            value: config.value.as_ref().map(|v| v.as_bytes().to_vec()),
-            ttl: config.ttl,
-            safety_margin: config.safety_margin,
-            retry_min: config.retry_min,
-            retry_max: config.retry_max,
+            value: value.as_ref().map(|v| v.as_bytes().to_vec()),
+            ttl: *ttl,
+            safety_margin: *safety_margin,
+            retry_min: *retry_min,
+            retry_max: *retry_max,
         }
     }
 }
@@ -147,8 +157,23 @@ impl ElectionBuilder {
         ElectionBuilder { driver, settings }
     }
 
-    /// Takes every setting from `config`, including the election name.
+    /// Takes every setting from `config`, replacing what was set before.
+    ///
+    /// # The election's name
+    ///
+    /// `config.name` wins over the name given to [`Election::builder`]: the config file is
+    /// where an operator renames an election. When it replaces a different name that was
+    /// not empty, a `tracing` warning names both; pass `""` (or the config's name) to
+    /// `builder` to say the config decides. Settings set after `config()` (`.ttl(…)`, …)
+    /// override the config's.
     pub fn config(mut self, config: &Config) -> Self {
+        if !self.settings.name.is_empty() && self.settings.name != config.name {
+            tracing::warn!(
+                given = %self.settings.name,
+                config = %config.name,
+                "the election's name given to builder() is replaced by the config's name"
+            );
+        }
         let on_deadline = self.settings.on_deadline.take();
         self.settings = Settings::from(config);
         self.settings.on_deadline = on_deadline;

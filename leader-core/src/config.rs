@@ -18,7 +18,9 @@ use serde::{Deserialize, Serialize};
 /// ```
 ///
 /// Build an election from it with
-/// [`ElectionBuilder::config`](crate::ElectionBuilder::config), which validates it.
+/// [`ElectionBuilder::config`](crate::ElectionBuilder::config) (its `build()` validates
+/// it); the config's `name` is the election's, whatever name was given to
+/// [`Election::builder`](crate::Election::builder) (see `config`'s docs).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 #[non_exhaustive]
@@ -84,6 +86,50 @@ mod tests {
         let back = serde_json::to_value(&config).unwrap();
         assert_eq!(back["ttl"], "2s");
         assert_eq!(back["retryMin"], "1s");
+    }
+
+    #[cfg(feature = "testing")]
+    #[test]
+    fn the_config_name_wins_and_replacing_another_name_warns() {
+        use std::io::Write;
+        use std::sync::{Arc, Mutex};
+
+        #[derive(Clone, Default)]
+        struct Logged(Arc<Mutex<Vec<u8>>>);
+        impl Write for Logged {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().expect("not poisoned").extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+
+        let logged = Logged::default();
+        let writer = logged.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let config: Config = serde_json::from_str(r#"{"name":"from-config"}"#).unwrap();
+        let driver = crate::testing::MemoryDriver::new();
+        tracing::subscriber::with_default(subscriber, || {
+            for given in ["", "from-config", "from-code"] {
+                let election = crate::Election::builder(driver.clone(), given)
+                    .config(&config)
+                    .build()
+                    .unwrap();
+                assert_eq!(election.name(), "from-config", "given {given:?}");
+            }
+        });
+        let logged = String::from_utf8(logged.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(
+            logged.matches("replaced by the config's name").count(),
+            1,
+            "{logged}"
+        );
+        assert!(logged.contains("from-code"), "{logged}");
     }
 
     #[test]

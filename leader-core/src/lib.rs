@@ -1,6 +1,5 @@
 #![doc = include_str!("../README.md")]
 #![cfg_attr(docsrs, feature(doc_cfg))]
-#![warn(clippy::unwrap_used)]
 
 mod backoff;
 mod builder;
@@ -15,6 +14,7 @@ mod machinery;
 mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod url;
 
 pub use async_trait::async_trait;
 pub use builder::{ElectionBuilder, MAX_NAME_LEN, MAX_TTL, MAX_VALUE_LEN, MIN_TTL};
@@ -25,6 +25,7 @@ pub use error::{BoxError, Error, Result};
 pub use event::{Event, EventStream, LossReason};
 pub use machinery::ErrorChain;
 pub use tokio_util::sync::CancellationToken;
+pub use url::{StoreUrl, TlsFiles, redact_url, redact_urls};
 
 #[cfg(all(test, feature = "testing"))]
 mod lead_tests;

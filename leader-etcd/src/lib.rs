@@ -1,5 +1,4 @@
 #![doc = include_str!("../README.md")]
-#![warn(clippy::unwrap_used)]
 
 mod beyond;
 mod campaign;
@@ -9,6 +8,7 @@ mod held;
 mod lease;
 mod observe;
 mod watches;
+mod url;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -21,7 +21,7 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use leader_core::{Candidate, CandidateInfo, Driver, Error, Grant, LeaderInfo, Result, Term};
 use tokio::time::{Instant, timeout};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::campaign::{CandidateKey, Keys, Waited};
 use crate::error::{from_etcd, says_lease_not_found};
@@ -29,6 +29,7 @@ use crate::held::HeldKeys;
 use crate::lease::Leases;
 
 pub use etcd_client;
+pub use url::SCHEMES;
 
 /// The default for [`EtcdDriverBuilder::request_timeout`].
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);

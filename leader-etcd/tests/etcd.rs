@@ -10,12 +10,12 @@ use std::time::Duration;
 
 use common::{TTL, harness};
 use etcd_client::{Client, ConnectOptions, Permission};
-use leader_core::testing::FaultProxy;
 use leader_core::testing::conformance::{
     next_event, spawn_campaign, spawn_run, wait_until, within,
 };
 use leader_core::{CancellationToken, Candidate, Driver, Election, Error, Event, LossReason};
 use leader_etcd::EtcdDriver;
+use leader_testkit::FaultProxy;
 use leader_testkit::{EtcdServer, LineProcess};
 use tokio::process::Command;
 use tokio::time::Instant;

@@ -1,11 +1,11 @@
 #![doc = include_str!("../README.md")]
-#![warn(clippy::unwrap_used)]
 
 mod fence;
 mod listener;
 mod renewals;
 mod sql;
 mod tls;
+mod url;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -26,6 +26,7 @@ use crate::tls::Tls;
 use tracing::{debug, warn};
 
 pub use tokio_postgres;
+pub use url::SCHEMES;
 
 pub use fence::{DEFAULT_FENCE_TABLE, Fence};
 
@@ -245,36 +246,6 @@ impl PostgresDriver {
         let driver = builder.build()?;
         driver.inner.connection().await?;
         Ok(driver)
-    }
-
-    /// Parses a connection URL into a builder with the default options. The password
-    /// never appears in the error.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidConfig`] (`store`) for a URL `tokio-postgres` cannot parse.
-    pub fn parse_url(url: &str) -> Result<PostgresDriverBuilder> {
-        let (url, tls) = tls::split_url(url);
-        let config: Config = url.parse().map_err(|err: tokio_postgres::Error| {
-            // tokio-postgres's message names the bad parameter, never the URL's password.
-            Error::invalid_config("store", format!("is not a PostgreSQL URL: {err}"))
-        })?;
-        let builder = Self::builder(config);
-        if !tls.required && tls.root_cert.is_none() {
-            return Ok(builder);
-        }
-        #[cfg(feature = "tls")]
-        {
-            Ok(builder.tls(tls::from_url(&tls)?))
-        }
-        #[cfg(not(feature = "tls"))]
-        {
-            Err(Error::invalid_config(
-                "store",
-                "TLS to PostgreSQL (sslmode=require, sslrootcert=) needs the `tls` feature of \
-                 leader-postgres (and of leader)",
-            ))
-        }
     }
 
     /// The table, as configured (`leader_elections`, `schema.table`).

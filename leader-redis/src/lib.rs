@@ -1,5 +1,4 @@
 #![doc = include_str!("../README.md")]
-#![warn(clippy::unwrap_used)]
 
 mod fence;
 mod keyspace;
@@ -8,6 +7,7 @@ mod renewals;
 mod scripts;
 mod subscriber;
 mod topology;
+mod url;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +25,7 @@ use tracing::{debug, warn};
 
 pub use fence::Fence;
 pub use redis;
+pub use url::SCHEMES;
 
 use line::{Lines, News};
 use renewals::{Cached, Renewals};
@@ -285,9 +286,11 @@ impl RedisDriver {
         }
     }
 
-    /// Connects to `url` (`redis://127.0.0.1:6379`, `rediss://` with the `tls` feature)
-    /// and returns a driver with the default options; fails if Redis cannot be reached or
-    /// refuses this client now.
+    /// Connects to `url` (`redis://127.0.0.1:6379`, `rediss://` with the `tls` feature),
+    /// as the `redis` crate reads URLs, and returns a driver with the default options;
+    /// fails if Redis cannot be reached or refuses this client now. For this workspace's
+    /// store URLs (Cluster, Sentinel, `prefix=`, `replicas=`, TLS files) use
+    /// [`connect_url`](Self::connect_url).
     pub async fn connect(url: &str) -> Result<Self> {
         let client = Client::open(url).map_err(redis_error)?;
         Self::builder(client).connect().await

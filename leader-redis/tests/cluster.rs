@@ -6,11 +6,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use leader_core::testing::{Fault, FaultProxy, Harness, conformance_tests};
+use leader_core::testing::{Fault, Harness, conformance_tests};
 use leader_core::{Driver, Election};
 use leader_redis::RedisDriver;
 use leader_redis::redis::Client;
 use leader_redis::redis::cluster::{ClusterClient, NodeAddress};
+use leader_testkit::FaultProxy;
 use leader_testkit::{RedisCluster, unique};
 
 const TTL: Duration = Duration::from_secs(1);

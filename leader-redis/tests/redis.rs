@@ -6,12 +6,13 @@ mod common;
 use std::time::Duration;
 
 use common::{TTL, harness, start};
+use leader_core::testing::Fault;
 use leader_core::testing::conformance::{
     next_event, spawn_campaign, spawn_run, wait_until, within,
 };
-use leader_core::testing::{Fault, FaultProxy};
 use leader_core::{CancellationToken, Election, Event, LossReason};
 use leader_redis::RedisDriver;
+use leader_testkit::FaultProxy;
 use leader_testkit::RedisServer;
 use redis::AsyncCommands;
 use tokio::time::{Instant, sleep};

@@ -86,7 +86,7 @@ impl LineProcess {
         let pid = self
             .pid()
             .ok_or_else(|| io::Error::other("the process has exited"))?;
-        crate::signal(pid, signal)
+        crate::process::signal(pid, signal)
     }
 
     /// Waits up to `limit` for the process to exit.

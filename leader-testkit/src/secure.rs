@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
 
-use crate::{EtcdServer, require_binary};
+use crate::etcd::EtcdServer;
+use crate::process::require_binary;
 
 /// A CA, a server certificate for `127.0.0.1` and `localhost`, and a client certificate,
 /// made with the `openssl` command into a temporary directory (P-256 keys: fast to make).

@@ -4,7 +4,8 @@ use std::io;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::{RedisOptions, RedisServer, require_binary};
+use crate::process::require_binary;
+use crate::redis::{RedisOptions, RedisServer};
 
 /// How long a Cluster or a Sentinel setup may take to settle.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);

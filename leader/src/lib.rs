@@ -1,12 +1,10 @@
 #![doc = include_str!("../README.md")]
 #![cfg_attr(docsrs, feature(doc_cfg))]
-#![warn(clippy::unwrap_used)]
 
 mod config;
 #[cfg(feature = "axum")]
 pub mod http;
 mod stores;
-mod url;
 
 use std::sync::Arc;
 
@@ -14,9 +12,8 @@ pub use config::Config;
 pub use leader_core::{
     BoxError, CancellationToken, Candidate, Driver, Election, ElectionBuilder, Error, ErrorChain,
     Event, EventStream, Grant, LeaderInfo, LossReason, MAX_NAME_LEN, MAX_TTL, MAX_VALUE_LEN,
-    MIN_TTL, Result, Status, Term,
+    MIN_TTL, Result, Status, StoreUrl, Term, TlsFiles, redact_url, redact_urls,
 };
-pub use url::{StoreUrl, redact_urls};
 
 /// The etcd driver crate, with the `etcd` feature.
 #[cfg(feature = "etcd")]
@@ -28,7 +25,8 @@ pub use leader_postgres as postgres;
 #[cfg(feature = "redis")]
 pub use leader_redis as redis;
 
-/// Connects to the store `url` names, and returns its driver.
+/// Connects to the store `url` names, and returns its driver: the scheme picks the driver
+/// crate, whose `connect_url` parses the rest.
 ///
 /// | URL | store |
 /// |---|---|
@@ -41,7 +39,8 @@ pub use leader_redis as redis;
 ///
 /// Every Redis form also takes `prefix=` (the key prefix, default `leader:`); the Redis and
 /// Sentinel forms `replicas=N` (and `replicasTimeout=`, default `500ms`): see
-/// [`RedisDriverBuilder::replicas`](leader_redis::RedisDriverBuilder::replicas).
+/// `RedisDriver::connect_url` in `leader-redis`. Each driver crate documents its own URLs
+/// (`EtcdDriver::connect_url`, `RedisDriver::connect_url`, `PostgresDriver::connect_url`).
 ///
 /// ```no_run
 /// # async fn demo() -> leader::Result<()> {
@@ -58,17 +57,16 @@ pub use leader_redis as redis;
 /// store refuses; [`Error::Store`] if it cannot be reached. No error message contains the
 /// password.
 pub async fn connect(url: &str) -> Result<Arc<dyn Driver>> {
-    let url = StoreUrl::parse(url)?;
-    connect_to(&url).await
+    stores::connect(url).await
 }
 
-/// [`connect`], for a URL already parsed.
+/// [`connect`], for a URL already parsed (the driver parses it again from its text).
 ///
 /// # Errors
 ///
 /// As [`connect`].
 pub async fn connect_to(url: &StoreUrl) -> Result<Arc<dyn Driver>> {
-    stores::connect(url).await
+    stores::connect(url.as_given()).await
 }
 
 #[cfg(test)]

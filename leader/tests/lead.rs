@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use leader::{CancellationToken, Election, Event, Status, Term};
-use leader_core::testing::FaultProxy;
 use leader_core::testing::conformance::{next_event, wait_until, within};
+use leader_testkit::FaultProxy;
 use leader_testkit::{etcd, redis, unique};
 use tokio::task::JoinHandle;
 

@@ -1,5 +1,6 @@
-//! Test support, behind the `testing` feature: [`MemoryDriver`], the [`FaultProxy`], and
-//! the [conformance suite](conformance) that every driver passes.
+//! Test support, behind the `testing` feature: [`MemoryDriver`] and the [conformance
+//! suite](conformance) that every driver passes. (The TCP fault proxy for real stores is
+//! `leader-testkit`'s `FaultProxy`, a crate that is not published.)
 //!
 //! Users can unit-test their leader-only code on [`MemoryDriver`] with
 //! `tokio::time::pause()`, no server needed. Driver authors run the whole suite with one
@@ -19,7 +20,6 @@
 
 pub mod conformance;
 mod memory;
-mod proxy;
 pub mod sim;
 
 use std::sync::Arc;
@@ -29,7 +29,6 @@ use async_trait::async_trait;
 
 pub use crate::conformance_tests;
 pub use memory::{MemoryDriver, MemoryStore};
-pub use proxy::FaultProxy;
 
 use crate::Driver;
 
@@ -63,17 +62,6 @@ pub trait Fault: Send + Sync {
     async fn partition(&self);
     /// Traffic flows again.
     async fn heal(&self);
-}
-
-#[async_trait]
-impl Fault for FaultProxy {
-    async fn partition(&self) {
-        self.hold();
-    }
-
-    async fn heal(&self) {
-        self.pass();
-    }
 }
 
 /// A [`Harness`] over one [`MemoryStore`].

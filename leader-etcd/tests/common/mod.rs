@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use leader_core::Driver;
-use leader_core::testing::{Fault, FaultProxy, Harness};
+use leader_core::testing::{Fault, Harness};
 use leader_etcd::EtcdDriver;
 use leader_testkit::EtcdServer;
+use leader_testkit::FaultProxy;
 
 /// Election TTL for tests: etcd's lease unit is a second.
 pub const TTL: Duration = Duration::from_secs(1);

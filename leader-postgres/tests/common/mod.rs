@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use leader_core::Driver;
-use leader_core::testing::{Fault, FaultProxy, Harness};
+use leader_core::testing::{Fault, Harness};
 use leader_postgres::PostgresDriver;
 use leader_postgres::tokio_postgres::{self, NoTls};
+use leader_testkit::FaultProxy;
 use leader_testkit::PostgresServer;
 
 pub const TTL: Duration = Duration::from_secs(1);

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use leader_core::Driver;
-use leader_core::testing::{Fault, FaultProxy, Harness};
+use leader_core::testing::{Fault, Harness};
 use leader_redis::RedisDriver;
+use leader_testkit::FaultProxy;
 use leader_testkit::RedisServer;
 
 pub const TTL: Duration = Duration::from_secs(1);

@@ -1,5 +1,5 @@
 //! [`FaultProxy`]: a TCP proxy between a candidate and its store that can partition,
-//! heal and cut the connection.
+//! heal and cut the connection; the conformance suite's [`Fault`] for real stores.
 
 use std::io;
 use std::net::SocketAddr;
@@ -11,6 +11,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
+
+use leader_core::async_trait;
+use leader_core::testing::Fault;
 
 /// What the proxy does with traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,6 +139,17 @@ impl FaultProxy {
 struct Connections {
     generation: Arc<watch::Sender<CancellationToken>>,
     stalls: Arc<watch::Sender<CancellationToken>>,
+}
+
+#[async_trait]
+impl Fault for FaultProxy {
+    async fn partition(&self) {
+        self.hold();
+    }
+
+    async fn heal(&self) {
+        self.pass();
+    }
 }
 
 impl Drop for FaultProxy {

@@ -1,18 +1,24 @@
-//! [`StoreUrl`]: a store URL, parsed, with its password kept out of every printout.
+//! [`StoreUrl`]: a store URL, parsed, with its password kept out of every printout; what
+//! every driver's `connect_url` shares (the shape, credentials, parameters, TLS files).
+//! Which schemes, parameters and paths mean what is each driver's business.
 
 use std::fmt;
 
-use leader_core::{Error, Result};
 use percent_encoding::percent_decode_str;
+
+use crate::error::{Error, Result};
 
 /// The password shown in place of the real one.
 const REDACTED: &str = "***";
 
-/// A store URL, as in DESIGN.md: `scheme://[user[:password]@]host:port[,host:port…][/path][?query]`.
+/// A store URL: `scheme://[user[:password]@][host[:port][,host[:port]…]][/path][?query]`.
 ///
-/// Parsing checks the shape only; [`connect`](crate::connect) checks the rest for the
-/// scheme. `Display` and `Debug` show the URL with the password replaced by `***`: pass a
-/// `StoreUrl` to logs and errors, never the string it came from.
+/// Parsing checks the shape only: a scheme, user info, hosts, a path and query parameters,
+/// percent-decoded. Each driver's `connect_url` checks the rest for its schemes (the hosts'
+/// ports with [`require_host_ports`](Self::require_host_ports), the parameters it takes
+/// with [`only_params`](Self::only_params)). `Display` and `Debug` show the URL with the
+/// password replaced by `***`: pass a `StoreUrl` to logs and errors, never the string it
+/// came from.
 #[derive(Clone, PartialEq, Eq)]
 pub struct StoreUrl {
     scheme: String,
@@ -30,21 +36,12 @@ impl StoreUrl {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] (`store`) when it has no scheme, no host, or a host
-    /// without a port; the message never contains the password.
+    /// [`Error::InvalidConfig`] (`store`) when it has no scheme, or a user, password or
+    /// parameter that is not UTF-8 once decoded; the message never contains the password.
     pub fn parse(url: &str) -> Result<Self> {
         let bad =
             |why: &str| Error::invalid_config("store", format!("{why} (in `{}`)", redact(url)));
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or_else(|| bad("is not a URL: expected scheme://host:port"))?;
-        if scheme.is_empty()
-            || !scheme
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
-        {
-            return Err(bad("has no valid scheme"));
-        }
+        let (scheme, rest) = split_scheme(url)?;
         // The user info runs to the last `@`, so that a password with an unencoded `/`, `?`
         // or `@` still parses (and is still hidden).
         let (userinfo, rest) = match rest.rsplit_once('@') {
@@ -72,28 +69,13 @@ impl StoreUrl {
                 None => (Some(decode(info)?), None),
             },
         };
+        // Some stores' URLs may leave out the port and even the host (libpq's: a unix
+        // socket, or `?host=`): drivers that need them call `require_host_ports`.
         let hosts: Vec<String> = hosts
             .split(',')
             .filter(|h| !h.is_empty())
             .map(str::to_owned)
             .collect();
-        // libpq's URLs may leave out the port (5432) and even the host (a unix socket,
-        // or `?host=`): tokio-postgres checks them.
-        let libpq = matches!(
-            scheme.to_ascii_lowercase().as_str(),
-            "postgres" | "postgresql"
-        );
-        if hosts.is_empty() && !libpq {
-            return Err(bad("has no host"));
-        }
-        for host in hosts.iter().filter(|_| !libpq) {
-            let port = host.rsplit_once(':');
-            match port {
-                Some((name, port))
-                    if !name.is_empty() && !port.is_empty() && port.parse::<u16>().is_ok() => {}
-                _ => return Err(bad(&format!("needs host:port, not `{host}`"))),
-            }
-        }
         let mut pairs = Vec::new();
         for pair in query
             .into_iter()
@@ -152,11 +134,146 @@ impl StoreUrl {
         self.query.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
 
-    /// The URL as given (with its password): for store clients that parse URLs themselves.
-    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
-    pub(crate) fn as_given(&self) -> &str {
+    /// The URL as given, with its password: for store clients that parse URLs
+    /// themselves. Handle with care: never log it.
+    pub fn as_given(&self) -> &str {
         &self.raw
     }
+
+    /// The scheme of `url`, in lower case, without parsing the rest: for a caller that
+    /// picks a driver by scheme and hands the URL on.
+    ///
+    /// # Errors
+    ///
+    /// As [`parse`](Self::parse), for a string with no valid scheme.
+    pub fn scheme_of(url: &str) -> Result<String> {
+        split_scheme(url).map(|(scheme, _)| scheme.to_ascii_lowercase())
+    }
+
+    /// An [`Error::InvalidConfig`] (`store`) saying `why`, followed by this URL (its
+    /// password hidden).
+    pub fn invalid(&self, why: impl fmt::Display) -> Error {
+        Error::invalid_config("store", format!("{why} (in `{self}`)"))
+    }
+
+    /// Fails unless the URL has at least one host and each host is `host:port`, for the
+    /// stores that are always addressed so.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] (`store`): "has no host", or "needs host:port".
+    pub fn require_host_ports(&self) -> Result<()> {
+        if self.hosts.is_empty() {
+            return Err(self.invalid("has no host"));
+        }
+        for host in &self.hosts {
+            match host.rsplit_once(':') {
+                Some((name, port))
+                    if !name.is_empty() && !port.is_empty() && port.parse::<u16>().is_ok() => {}
+                _ => return Err(self.invalid(format!("needs host:port, not `{host}`"))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails on a query parameter not in `allowed`, naming it and the allowed ones.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] (`store`).
+    pub fn only_params(&self, allowed: &[&str]) -> Result<()> {
+        match self.params().find(|(key, _)| !allowed.contains(key)) {
+            None => Ok(()),
+            Some((key, _)) if allowed.is_empty() => {
+                Err(self.invalid(format!("`{}://` takes no parameter `{key}`", self.scheme)))
+            }
+            Some((key, _)) => Err(self.invalid(format!(
+                "`{}://` takes no parameter `{key}`; it takes {}",
+                self.scheme,
+                allowed.join(", ")
+            ))),
+        }
+    }
+
+    /// The user and password, both or neither.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] (`store`) for a user without a password or a password
+    /// without a user.
+    pub fn credentials(&self) -> Result<Option<(&str, &str)>> {
+        match (self.user(), self.password()) {
+            (Some(user), Some(password)) => Ok(Some((user, password))),
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(self.invalid("a user needs a password")),
+            (None, Some(_)) => Err(self.invalid("a password needs a user")),
+        }
+    }
+
+    /// The TLS files the URL names, each read now: `ca=PATH` (a CA certificate, PEM), and
+    /// `cert=PATH` with `key=PATH` (a client certificate and its key, PEM).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] (`store`) for a file that cannot be read, or `cert=`
+    /// without `key=` (or the reverse).
+    pub fn tls_files(&self) -> Result<TlsFiles> {
+        let read = |what: &str, key: &str| -> Result<Option<Vec<u8>>> {
+            self.param(key)
+                .map(|path| {
+                    std::fs::read(path).map_err(|err| {
+                        self.invalid(format!("cannot read the {what} `{path}`: {err}"))
+                    })
+                })
+                .transpose()
+        };
+        let ca = read("CA certificate (ca=)", "ca")?;
+        let identity = match (
+            read("client certificate (cert=)", "cert")?,
+            read("client key (key=)", "key")?,
+        ) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => return Err(self.invalid("`cert=` and `key=` go together")),
+        };
+        Ok(TlsFiles { ca, identity })
+    }
+}
+
+/// The TLS files a [`StoreUrl`] names ([`StoreUrl::tls_files`]), read. `Debug` shows which
+/// are there, not their contents.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TlsFiles {
+    /// The CA certificate (`ca=`), PEM.
+    pub ca: Option<Vec<u8>>,
+    /// The client certificate and its key (`cert=`, `key=`), PEM.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl fmt::Debug for TlsFiles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsFiles")
+            .field("ca", &self.ca.is_some())
+            .field("identity", &self.identity.is_some())
+            .finish()
+    }
+}
+
+/// `url`'s scheme (as written) and the rest, or the error of a URL without a valid one.
+fn split_scheme(url: &str) -> Result<(&str, &str)> {
+    let bad = |why: &str| Error::invalid_config("store", format!("{why} (in `{}`)", redact(url)));
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| bad("is not a URL: expected scheme://host:port"))?;
+    if scheme.is_empty()
+        || !scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    {
+        return Err(bad("has no valid scheme"));
+    }
+    Ok((scheme, rest))
 }
 
 impl std::str::FromStr for StoreUrl {
@@ -182,8 +299,13 @@ impl fmt::Debug for StoreUrl {
 /// `url` with the password of its user info (if any) replaced by `***`, and the values of
 /// query parameters that look secret (`password`, `pass`, `secret`, `token`, `key` in
 /// their names, except the `key=` of a client key's path) too. The user info runs to the
-/// last `@`, whatever it contains.
-pub(crate) fn redact(url: &str) -> String {
+/// last `@`, whatever it contains. A string that is not a URL is shown as `***` whole (it
+/// might be a password pasted by mistake).
+pub fn redact_url(url: &str) -> String {
+    redact(url)
+}
+
+fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         // Not a URL: it might be a password pasted by mistake, so show none of it.
         return REDACTED.to_owned();
@@ -262,7 +384,9 @@ mod tests {
             assert!(!shown.contains("s3cret"), "{shown}");
             assert!(shown.contains("admin:***@127.0.0.1:6379/2"), "{shown}");
         }
-        let err = StoreUrl::parse("redis://admin:s3cret@").expect_err("no host");
+        let err = StoreUrl::parse("redis://admin:s3cret@")
+            .and_then(|url| url.require_host_ports())
+            .expect_err("no host");
         assert!(!err.to_string().contains("s3cret"), "{err}");
         assert!(!format!("{err:?}").contains("s3cret"), "{err:?}");
         assert_eq!(redact("s3cret"), "***", "not a URL: nothing of it is shown");
@@ -289,7 +413,7 @@ mod tests {
     }
 
     #[test]
-    fn postgres_urls_may_leave_out_the_port_and_host() {
+    fn urls_may_leave_out_the_port_and_host_until_a_driver_requires_them() {
         for url in [
             "postgres://app:pw@db.internal/app",
             "postgresql:///app?host=/var/run/postgresql",
@@ -298,7 +422,14 @@ mod tests {
             let parsed = StoreUrl::parse(url).expect(url);
             assert!(!parsed.to_string().contains(":pw@"), "{parsed}");
         }
-        assert!(StoreUrl::parse("redis://db.internal/0").is_err());
+        let url = StoreUrl::parse("redis://db.internal/0").expect("the shape is right");
+        assert!(url.require_host_ports().is_err());
+        assert!(
+            StoreUrl::parse("etcd://a:1,b:2")
+                .expect("valid")
+                .require_host_ports()
+                .is_ok()
+        );
     }
 
     #[test]
@@ -311,11 +442,51 @@ mod tests {
             "etcd://",
             "etcd:///prefix",
         ] {
-            let err = StoreUrl::parse(bad).expect_err(bad);
+            let err = StoreUrl::parse(bad)
+                .and_then(|url| url.require_host_ports())
+                .expect_err(bad);
             assert!(
                 matches!(err, Error::InvalidConfig { name: "store", .. }),
                 "{bad}: {err:?}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod driver_helpers {
+    use super::*;
+
+    #[test]
+    fn helpers_name_the_problem_and_hide_the_password() {
+        let url = StoreUrl::parse("etcd://u:hunter2@h:1?ca=/no/such.pem&x=1").expect("valid");
+        for err in [
+            url.only_params(&["ca"]).expect_err("x is unknown"),
+            url.only_params(&[]).expect_err("no parameters"),
+            url.tls_files().expect_err("no such file"),
+        ] {
+            let text = err.to_string();
+            assert!(matches!(err, Error::InvalidConfig { name: "store", .. }));
+            assert!(!text.contains("hunter2"), "{text}");
+        }
+        assert_eq!(url.credentials().expect("both"), Some(("u", "hunter2")));
+        let alone = StoreUrl::parse("etcd://u@h:1").expect("valid");
+        assert!(alone.credentials().is_err());
+        let cert_only = StoreUrl::parse("etcds://h:1?cert=/c.pem").expect("valid");
+        assert!(cert_only.tls_files().is_err());
+        assert_eq!(
+            StoreUrl::scheme_of("Redis+Cluster://h:1").expect("valid"),
+            "redis+cluster"
+        );
+        assert!(StoreUrl::scheme_of("h:1").is_err());
+        assert_eq!(redact_url("s3cret"), "***");
+        let files = StoreUrl::parse("etcds://h:1")
+            .expect("valid")
+            .tls_files()
+            .expect("none");
+        assert_eq!(
+            format!("{files:?}"),
+            "TlsFiles { ca: false, identity: false }"
+        );
     }
 }
