@@ -25,8 +25,8 @@ pub enum Fault {
     /// late (a slow link: each chunk at its arrival plus the delay, in order).
     Latency,
     /// The store's answers to the leader arrive a fifth of the TTL late (ten times the
-    /// default safety margin) for long enough that a renewal is answered late, then the
-    /// leader is partitioned for 2 × TTL. A lease counted from the answer's arrival instead
+    /// default safety margin) until a renewal is answered late, then at once (before the
+    /// next renewal is sent) the leader is partitioned for 2 × TTL. A lease counted from the answer's arrival instead
     /// of the request's sending outlives the store's by the delay: this fault shows it.
     SlowAnswersThenPartition,
     /// SIGKILL a waiting candidate (then start a fresh one in its place).
@@ -203,9 +203,11 @@ pub fn target_phase(occurrence: usize) -> f64 {
     (bin as f64 + within) / PHASE_BINS as f64
 }
 
-/// The bin of a phase (a fraction of the renewal interval; past the interval: the last).
-pub fn phase_bin(phase: f64) -> usize {
-    ((phase.max(0.0) * PHASE_BINS as f64) as usize).min(PHASE_BINS - 1)
+/// The bin of a phase (a fraction of the renewal interval); none past the interval (a
+/// renewal overdue: the fault hit no bin of a regular interval).
+pub fn phase_bin(phase: f64) -> Option<usize> {
+    let bin = (phase.max(0.0) * PHASE_BINS as f64) as usize;
+    (bin < PHASE_BINS).then_some(bin)
 }
 
 #[cfg(test)]
@@ -214,8 +216,10 @@ mod tests {
 
     #[test]
     fn targets_cover_every_bin_in_turn() {
-        let bins: Vec<usize> = (0..10).map(|i| phase_bin(target_phase(i))).collect();
-        assert_eq!(bins, vec![0, 1, 2, 3, 4, 0, 1, 2, 3, 4]);
+        let bins: Vec<Option<usize>> = (0..10).map(|i| phase_bin(target_phase(i))).collect();
+        let expected: Vec<Option<usize>> = [0, 1, 2, 3, 4, 0, 1, 2, 3, 4].map(Some).to_vec();
+        assert_eq!(bins, expected);
+        assert_eq!(phase_bin(1.2), None);
         assert!((0..100).all(|i| (0.0..1.0).contains(&target_phase(i))));
         assert_eq!(
             Fault::SlowAnswersThenPartition.key(),

@@ -316,11 +316,16 @@ impl Run {
         }
     }
 
+    /// The last deadline the leader in `slot` logged for term `token`.
+    pub(crate) fn last_deadline(&self, slot: usize, token: u64) -> Option<u64> {
+        let file = self.files.get(self.slots[slot].generation)?;
+        crate::checker::last_deadline(file, token).ok()?
+    }
+
     /// How long ago the leader in `slot` (term `token`) last renewed: its last logged
     /// deadline less the lease it was counted from (TTL less the default safety margin).
     pub(crate) fn since_renewal(&self, slot: usize, token: u64) -> Option<Duration> {
-        let file = self.files.get(self.slots[slot].generation)?;
-        let deadline = crate::checker::last_deadline(file, token).ok()??;
+        let deadline = self.last_deadline(slot, token)?;
         let ttl = self.config.ttl;
         let margin = (ttl / 50).max(Duration::from_millis(2));
         let lease = u64::try_from((ttl - margin).as_nanos()).ok()?;

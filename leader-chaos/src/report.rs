@@ -108,7 +108,7 @@ impl Report {
             kind.rounds += 1;
             kind.recoveries.extend(round.recovery);
             kind.leaderless.push(round.leaderless);
-            kind.bins.extend(round.phase.map(phase_bin));
+            kind.bins.extend(round.phase.and_then(phase_bin));
         }
         for kind in kinds.values_mut() {
             kind.recoveries.sort();
@@ -363,7 +363,7 @@ impl Report {
                     "round": r.round,
                     "fault": r.fault.name(),
                     "phase": r.phase,
-                    "phase_bin": r.phase.map(phase_bin),
+                    "phase_bin": r.phase.and_then(phase_bin),
                     "phase_after_renewal_ms": r.phase_after_renewal.map(ms),
                     "started_ns": r.started_ns,
                     "lifted_ns": r.lifted_ns,

@@ -173,47 +173,67 @@ pub async fn run(config: Config) -> BoxResult<Report> {
 
 /// Waits for the fault's phase: a point of the leader's renewal interval (the bins in turn
 /// for successive faults of a kind), counted from the leader's last renewal as its log
-/// shows it. Returns the leader then and how long after its last renewal it is.
+/// shows it. Returns the leader then and how long after its last renewal it is (what the
+/// round records, whether or not the aim was met).
 async fn aim(run: &mut Run, leader: usize, occurrence: usize) -> (usize, Option<Duration>) {
     let interval = run.config.ttl / 3;
     let target = interval.mul_f64(target_phase(occurrence));
-    // Two tries: a renewal may land while waiting, which moves the phase.
-    for _ in 0..2 {
+    let give_up = Instant::now() + interval * 3;
+    let current = |run: &mut Run| {
         run.drain();
-        let Some((slot, token)) = run
-            .slots
+        run.slots
             .iter()
             .enumerate()
             .find_map(|(slot, s)| Some((slot, s.leading?)))
-        else {
+    };
+    loop {
+        let Some((slot, token)) = current(run) else {
             return (leader, None);
         };
-        let Some(since) = run.since_renewal(slot, token) else {
-            // No renewal logged yet: the fault lands at the phase the wait gives.
-            sleep(target).await;
-            return (slot, run.since_renewal(slot, token));
+        let since = run.since_renewal(slot, token);
+        let wait = match since {
+            // No renewal logged: a new term renews at the interval's end; aim anyway.
+            None => target,
+            // A renewal is due or under way (its answer not in yet): wait for it.
+            Some(since) if since >= interval => Duration::from_millis(5),
+            Some(since) if since <= target => target - since,
+            Some(since) => interval + target - since,
         };
-        // The next point at the target phase: this interval's, or the next one's.
-        let wait = if since <= target {
-            target - since
-        } else {
-            (interval + target).saturating_sub(since)
-        };
+        if Instant::now() + wait > give_up {
+            return (slot, since);
+        }
         sleep(wait).await;
+        let Some((slot, token)) = current(run) else {
+            return (leader, None);
+        };
         let now = run.since_renewal(slot, token);
-        if now.is_some_and(|now| now.abs_diff(target) < Duration::from_millis(5)) || wait.is_zero()
-        {
+        if now.is_none_or(|now| now.abs_diff(target) < Duration::from_millis(5)) {
             return (slot, now);
         }
     }
-    run.drain();
-    let slot = run
-        .slots
-        .iter()
-        .position(|s| s.leading.is_some())
-        .unwrap_or(leader);
+}
+
+/// Waits (up to `limit`) until the leader in `slot` logs a deadline from an answer that
+/// came more than 10 ms after `slowed` (so the proxy held it), then returns at once: the
+/// partition that follows must come before the next renewal is sent, so that the last
+/// request the store saw is the last one answered, late.
+async fn slowed_renewal(run: &mut Run, slot: usize, slowed: Instant, limit: Duration) {
     let token = run.slots[slot].leading;
-    (slot, token.and_then(|token| run.since_renewal(slot, token)))
+    let Some(token) = token else {
+        sleep(limit).await;
+        return;
+    };
+    let mut last = run.last_deadline(slot, token);
+    while slowed.elapsed() < limit {
+        sleep(Duration::from_millis(2)).await;
+        let now = run.last_deadline(slot, token);
+        if now != last {
+            if slowed.elapsed() > Duration::from_millis(10) {
+                return;
+            }
+            last = now;
+        }
+    }
 }
 
 /// Injects one fault and waits for what must follow it.
@@ -279,7 +299,7 @@ async fn inject(
                 _ => {
                     let (slow_for, delay) = Fault::slow_answers(ttl);
                     proxy.delay_answers(delay);
-                    sleep(slow_for).await;
+                    slowed_renewal(run, leader, started, slow_for).await;
                     run.slots[leader].proxy.hold();
                     partitioned = Instant::now();
                 }

@@ -63,6 +63,22 @@ async fn chaos_postgres() {
     chaos(StoreKind::Postgres).await;
 }
 
+/// The sharpest form of the slow-answer fault: one election per process (on Redis, a
+/// process with several elections also renews the slowed one in the other elections'
+/// batches, whose requests land after the slow answer, so the store's lease outlives even a
+/// belief counted from the answer). A correct library passes; one that counts a lease from
+/// the answer's arrival overlaps by about the delay here, in every round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_answers_then_a_partition_with_one_election_per_process() {
+    let mut config = config(StoreKind::Redis, 2);
+    config.faults = Some(vec![Fault::SlowAnswersThenPartition]);
+    config.elections = 1;
+    let report = run(config).await.expect("the chaos run completes");
+    println!("{}", report.table());
+    keep(&report, "redis-slow-answers");
+    assert!(report.passed(), "{}", report.table());
+}
+
 /// Runs broken candidates through `faults` and asserts that the exact check found an
 /// overlap.
 async fn caught(mode: UnsafeMode, faults: Vec<Fault>, rounds: usize, name: &str) {
