@@ -266,3 +266,76 @@ async fn pump(
         () = writer => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::time::Instant;
+
+    use super::FaultProxy;
+
+    /// An echo server; returns its address.
+    async fn echo() -> std::net::SocketAddr {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = socket.read(&mut buf).await {
+                        if n == 0 || socket.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// Sends a byte every 30 ms and returns when each echo came back, from the start.
+    async fn echoes(proxy: &FaultProxy) -> Vec<Duration> {
+        let mut client = TcpStream::connect(proxy.addr()).await.expect("connect");
+        client.set_nodelay(true).expect("nodelay");
+        let start = Instant::now();
+        let (mut read, mut write) = client.into_split();
+        let sender = tokio::spawn(async move {
+            for byte in [b'a', b'b', b'c'] {
+                write.write_all(&[byte]).await.expect("write");
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            write
+        });
+        let mut back = Vec::new();
+        let mut buf = [0u8; 1];
+        while back.len() < 3 {
+            read.read_exact(&mut buf).await.expect("echo");
+            back.push(start.elapsed());
+        }
+        drop(sender.await.expect("sender"));
+        back
+    }
+
+    #[tokio::test]
+    async fn a_delay_shifts_every_chunk_by_itself_in_order_without_throttling() {
+        let proxy = FaultProxy::start(echo().await).await.expect("proxy");
+        proxy.delay(Duration::from_millis(100));
+        // Each byte crosses the proxy twice: back 200 ms after it was sent (0, 30, 60 ms),
+        // not one chunk per delay (a throttle would return the third after 400 ms or more).
+        let back = echoes(&proxy).await;
+        for (i, at) in back.iter().enumerate() {
+            let sent = Duration::from_millis(30 * i as u64);
+            assert!(*at >= sent + Duration::from_millis(200), "{back:?}");
+        }
+        assert!(back[2] < Duration::from_millis(380), "throttled: {back:?}");
+
+        // Answers only: 100 ms.
+        proxy.delay_answers(Duration::from_millis(100));
+        let back = echoes(&proxy).await;
+        assert!(back[0] >= Duration::from_millis(100), "{back:?}");
+        assert!(back[2] < Duration::from_millis(280), "{back:?}");
+    }
+}
