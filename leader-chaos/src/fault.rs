@@ -41,6 +41,14 @@ pub enum Fault {
     StoreRestart,
     /// etcd only: kill the member the leader talks to, then start it again.
     MemberLoss,
+    /// Redis and PostgreSQL under libfaketime only: the store's wall clock steps forward
+    /// by TTL/2, then the leader is partitioned for 2 × TTL. Both stores expire leases by
+    /// wall clock: the lease ends TTL/2 early, and the next leader may be elected while the
+    /// old one still believes (a documented limit, measured, not failed).
+    ClockForwardPartition,
+    /// Redis and PostgreSQL under libfaketime only: the store's wall clock steps back by
+    /// TTL/2, then the leader is SIGKILLed: its lease outlives it by TTL/2 more.
+    ClockBackKill,
 }
 
 impl Fault {
@@ -61,7 +69,14 @@ impl Fault {
             Fault::RevokeLease => "revoke leader lease",
             Fault::StoreRestart => "store restart",
             Fault::MemberLoss => "etcd member loss",
+            Fault::ClockForwardPartition => "clock +TTL/2, partition",
+            Fault::ClockBackKill => "clock -TTL/2, sigkill",
         }
+    }
+
+    /// The store clock steps, in order (forward, then back to the true time).
+    pub fn clock_steps() -> Vec<Fault> {
+        vec![Fault::ClockForwardPartition, Fault::ClockBackKill]
     }
 
     /// A name without spaces, for the results' figure keys.
@@ -93,6 +108,8 @@ impl Fault {
             Fault::RevokeLease => "revoke",
             Fault::StoreRestart => "restart",
             Fault::MemberLoss => "member",
+            Fault::ClockForwardPartition => "clock+",
+            Fault::ClockBackKill => "clock-",
         }
     }
 
@@ -162,9 +179,12 @@ impl Fault {
                 StoreKind::Etcd => second,
                 StoreKind::Redis | StoreKind::Postgres => ttl + second,
             },
-            Fault::Kill | Fault::Stop | Fault::Partition | Fault::MemberLoss => {
-                ttl + sweep + second
-            }
+            Fault::Kill
+            | Fault::Stop
+            | Fault::Partition
+            | Fault::MemberLoss
+            | Fault::ClockForwardPartition => ttl + sweep + second,
+            Fault::ClockBackKill => ttl + ttl / 2 + sweep + second,
             Fault::SlowAnswersThenPartition => Self::slow_answers(ttl).0 + ttl + sweep + second,
             // The renewals that land keep the key alive until the leader's withdrawal, or
             // (Redis, whose withdrawal must read first) its expiry, lands.
@@ -186,6 +206,7 @@ impl Fault {
                 | Fault::LostAnswers
                 | Fault::Latency
                 | Fault::SlowAnswersThenPartition
+                | Fault::ClockForwardPartition
         )
     }
 }

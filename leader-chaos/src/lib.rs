@@ -76,6 +76,10 @@ pub struct Config {
     pub elections: usize,
     /// Runs broken candidates, to show that the checker catches them.
     pub unsafe_mode: Option<UnsafeMode>,
+    /// Starts Redis or PostgreSQL through this `chaos-store` binary under libfaketime, so
+    /// that [`Fault::ClockForwardPartition`] and [`Fault::ClockBackKill`] can step its wall
+    /// clock; `None`: the store runs on the true clock.
+    pub clock_store: Option<PathBuf>,
 }
 
 impl Config {
@@ -96,6 +100,7 @@ impl Config {
             faults: None,
             elections: 20,
             unsafe_mode: None,
+            clock_store: None,
         }
     }
 }

@@ -46,7 +46,11 @@ pub async fn run(config: Config) -> BoxResult<Report> {
     let run_started_ns = monotonic_ns();
     let backend = config.backend;
     let ttl = config.ttl;
-    let mut store = blocking(move || Store::start(backend)).await??;
+    let dir = tempfile::Builder::new().prefix("leader-chaos-").tempdir()?;
+    let mut store = match &config.clock_store {
+        Some(helper) => Store::start_faked(backend, helper, dir.path()).await?,
+        None => blocking(move || Store::start(backend)).await??,
+    };
     let (events_tx, events) = mpsc::unbounded_channel();
     let mut slots = Vec::new();
     for slot in 0..3 {
@@ -54,7 +58,7 @@ pub async fn run(config: Config) -> BoxResult<Report> {
     }
     let mut run = Run {
         election: format!("chaos-{}", std::process::id()),
-        dir: tempfile::Builder::new().prefix("leader-chaos-").tempdir()?,
+        dir,
         config,
         slots,
         files: Vec::new(),
@@ -318,6 +322,22 @@ async fn inject(
                 None => None,
             }
         }
+        Fault::ClockForwardPartition => {
+            store_out.step_clock(ttl / 2, false)?;
+            run.slots[leader].proxy.hold();
+            let elected = run.elected(exclude, bound).await;
+            sleep_until(started + ttl * 2).await;
+            run.slots[leader].proxy.pass();
+            lifted = Some(Instant::now());
+            elected
+        }
+        Fault::ClockBackKill => {
+            store_out.step_clock(ttl / 2, true)?;
+            run.signal(leader, Signal::SIGKILL)?;
+            let elected = run.elected(exclude, bound).await;
+            run.respawn(leader).await?;
+            elected
+        }
         Fault::WaiterKill => {
             run.signal(waiter, Signal::SIGKILL)?;
             run.respawn(waiter).await?;
@@ -415,7 +435,7 @@ async fn finish(
             .collect()
     })
     .await??;
-    drop(store);
+    store.stop().await;
     // Each term of the driven election counts for the round in which it began.
     let mut terms_per_fault: BTreeMap<Fault, usize> = BTreeMap::new();
     for term in logs.iter().flat_map(|log| log.terms_of(0)) {

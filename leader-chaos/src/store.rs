@@ -59,9 +59,95 @@ pub(crate) enum Store {
     Etcd(EtcdServer),
     Redis(RedisServer),
     Postgres(PostgresServer),
+    /// Redis or PostgreSQL started by a `chaos-store` process under libfaketime, its wall
+    /// clock offset by what `offset_file` says (moved by [`Store::step_clock`]).
+    Faked(Faked),
 }
 
+/// A store under libfaketime (see [`Store::Faked`]).
+pub(crate) struct Faked {
+    kind: StoreKind,
+    child: tokio::process::Child,
+    addr: SocketAddr,
+    url: String,
+    offset_file: std::path::PathBuf,
+    /// The offset now, in nanoseconds (negative: behind).
+    offset_ns: i128,
+}
+
+/// Where Debian's `faketime` package puts the library.
+pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
 impl Store {
+    /// Starts `kind` (Redis or PostgreSQL) through the `chaos-store` binary `helper`, under
+    /// libfaketime with its offset in a file of `dir` (readable by the postgres user).
+    pub(crate) async fn start_faked(
+        kind: StoreKind,
+        helper: &std::path::Path,
+        dir: &std::path::Path,
+    ) -> BoxResult<Store> {
+        use tokio::io::AsyncBufReadExt;
+        if !std::path::Path::new(LIBFAKETIME).is_file() {
+            return Err(format!(
+                "{LIBFAKETIME} is missing: install the faketime package (ci/lib.sh does)"
+            )
+            .into());
+        }
+        let offset_file = dir.join("faketime-offset");
+        std::fs::write(&offset_file, "+0\n")?;
+        let mut permissions = std::fs::metadata(dir)?.permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
+        std::fs::set_permissions(dir, permissions)?;
+        let mut child = tokio::process::Command::new(helper)
+            .arg(kind.name())
+            .env("LD_PRELOAD", LIBFAKETIME)
+            .env("FAKETIME_TIMESTAMP_FILE", &offset_file)
+            .env("FAKETIME_NO_CACHE", "1")
+            // The stores' timers and the candidates' clock stay true: only wall time moves.
+            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let line = tokio::io::BufReader::new(stdout)
+            .lines()
+            .next_line()
+            .await?
+            .ok_or("chaos-store exited before its store was up")?;
+        let (addr, url) = line.split_once(' ').ok_or("chaos-store: a bad line")?;
+        Ok(Store::Faked(Faked {
+            kind,
+            child,
+            addr: addr.parse()?,
+            url: url.to_owned(),
+            offset_file,
+            offset_ns: 0,
+        }))
+    }
+
+    /// Steps the faked store's wall clock by `delta` (back if `back`); an error for a
+    /// store not under libfaketime.
+    pub(crate) fn step_clock(&mut self, delta: std::time::Duration, back: bool) -> BoxResult<()> {
+        let Store::Faked(faked) = self else {
+            return Err("only a store under libfaketime can have its clock stepped".into());
+        };
+        let delta = i128::try_from(delta.as_nanos())?;
+        faked.offset_ns += if back { -delta } else { delta };
+        let seconds = faked.offset_ns as f64 / 1e9;
+        std::fs::write(&faked.offset_file, format!("{seconds:+.6}\n"))?;
+        Ok(())
+    }
+
+    /// Stops a `chaos-store` process (closing its stdin lets it stop its store).
+    pub(crate) async fn stop(self) {
+        if let Store::Faked(mut faked) = self {
+            drop(faked.child.stdin.take());
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(20), faked.child.wait()).await;
+        }
+    }
+
     /// Starts `kind` as a run uses it.
     pub(crate) fn start(kind: StoreKind) -> io::Result<Store> {
         Ok(match kind {
@@ -78,6 +164,7 @@ impl Store {
             Store::Etcd(server) => server.client_addr(slot % 3),
             Store::Redis(server) => server.addr(),
             Store::Postgres(server) => server.addr(),
+            Store::Faked(faked) => faked.addr,
         }
     }
 
@@ -93,6 +180,7 @@ impl Store {
             ),
             Store::Redis(server) => server.url(),
             Store::Postgres(server) => server.url(),
+            Store::Faked(faked) => faked.url.clone(),
         }
     }
 
@@ -114,6 +202,11 @@ impl Store {
             Store::Postgres(server) => {
                 server.kill();
                 server.restart()?;
+            }
+            Store::Faked(_) => {
+                return Err(io::Error::other(
+                    "a store under libfaketime is not restarted by the chaos suite",
+                ));
             }
         }
         Ok(())
@@ -147,8 +240,12 @@ impl Store {
                 }
                 answered = crate::monotonic_ns();
             }
-            Store::Redis(server) => {
-                let client = leader_redis::redis::Client::open(server.url())?;
+            Store::Redis(_)
+            | Store::Faked(Faked {
+                kind: StoreKind::Redis,
+                ..
+            }) => {
+                let client = leader_redis::redis::Client::open(self.url())?;
                 let mut connection = client.get_multiplexed_async_connection().await?;
                 let key = format!("leader:{{{election}}}:leader");
                 sent = crate::monotonic_ns();
@@ -158,10 +255,10 @@ impl Store {
                     .await?;
                 answered = crate::monotonic_ns();
             }
-            Store::Postgres(server) => {
+            Store::Postgres(_) | Store::Faked(_) => {
                 use leader_postgres::tokio_postgres;
                 let (client, connection) =
-                    tokio_postgres::connect(&server.url(), tokio_postgres::NoTls).await?;
+                    tokio_postgres::connect(&self.url(), tokio_postgres::NoTls).await?;
                 let driving = tokio::spawn(connection);
                 let statement = client
                     .prepare("DELETE FROM leader_elections WHERE name = $1")
