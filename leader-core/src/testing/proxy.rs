@@ -298,7 +298,7 @@ mod tests {
 
     /// Sends a byte every 30 ms and returns when each echo came back, from the start.
     async fn echoes(proxy: &FaultProxy) -> Vec<Duration> {
-        let mut client = TcpStream::connect(proxy.addr()).await.expect("connect");
+        let client = TcpStream::connect(proxy.addr()).await.expect("connect");
         client.set_nodelay(true).expect("nodelay");
         let start = Instant::now();
         let (mut read, mut write) = client.into_split();
