@@ -361,6 +361,7 @@ async fn inject(
                     token,
                     at_ns,
                     answered_ns,
+                    lease_of: (fault == Fault::RevokeLease).then_some(run.slots[leader].generation),
                 });
             }
             run.elected(exclude, bound).await

@@ -70,6 +70,9 @@ pub struct Tampering {
     pub at_ns: u64,
     /// When the store answered it (the tampering had taken effect).
     pub answered_ns: u64,
+    /// For a revoked lease: the process that held it. On etcd a process's elections share
+    /// its lease, so the revocation ends every term it held then, in every election.
+    pub lease_of: Option<usize>,
 }
 
 /// What came of one [`Tampering`].
@@ -319,10 +322,20 @@ pub fn check(
             );
             let tampering = (election == 0)
                 .then(|| tampered_at.get(&a.token).copied())
-                .flatten();
+                .flatten()
+                .or_else(|| {
+                    tampered
+                        .iter()
+                        .find(|t| {
+                            t.lease_of == Some(a.process) && (a_elected..=a_end).contains(&t.at_ns)
+                        })
+                        .map(|t| t.answered_ns)
+                });
             let excused = tampering.is_some_and(|at| a_end <= at.saturating_add(tamper_bound_ns));
             if let Some(at) = tampering {
-                tamper_overlaps.insert(a.token, (a_end - b_elected, excused));
+                if election == 0 {
+                    tamper_overlaps.insert(a.token, (a_end - b_elected, excused));
+                }
                 if !excused {
                     result.overlaps.push(format!(
                         "{what}: after tampering, but it ended {:.3} ms after the store \

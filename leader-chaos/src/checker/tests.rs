@@ -54,6 +54,7 @@ fn a_new_term_before_the_previous_deadline_is_an_overlap_without_any_sample() {
         token: 1,
         at_ns: 8400,
         answered_ns: 8500,
+        lease_of: None,
     }];
     let excused = check(&[a(), b()], &[], &tampering, 1000);
     assert!(excused.overlaps.is_empty());
@@ -237,4 +238,29 @@ fn the_last_deadline_is_read_from_the_tail() {
     .expect("write");
     assert_eq!(last_deadline(&path, 7).expect("read"), Some(200));
     assert_eq!(last_deadline(&path, 8).expect("read"), None);
+}
+
+#[test]
+fn a_revoked_lease_excuses_the_overlaps_of_every_election_of_its_process() {
+    // Process 0 holds term 1 of election 0 and term 7 of election 3; its lease is revoked
+    // at 8400 (answered 8500); both elections' next terms begin before it notices.
+    let a = || log_of(0, "e 0 1 1000 9000\ne 3 7 1000 9000\n");
+    let b = || log_of(1, "e 0 2 8600 20000\ne 3 8 8700 20000\n");
+    let revoked = [Tampering {
+        token: 1,
+        at_ns: 8400,
+        answered_ns: 8500,
+        lease_of: Some(0),
+    }];
+    let result = check(&[a(), b()], &[], &revoked, 1000);
+    assert!(result.overlaps.is_empty(), "{result:?}");
+    assert_eq!(result.overlaps_after_tampering.len(), 2);
+    // A deleted key is the driven election's alone: election 3's overlap is not excused.
+    let deleted = [Tampering {
+        lease_of: None,
+        ..revoked[0]
+    }];
+    let result = check(&[a(), b()], &[], &deleted, 1000);
+    assert_eq!(result.overlaps.len(), 1, "{result:?}");
+    assert!(result.overlaps[0].starts_with("election 3"));
 }
