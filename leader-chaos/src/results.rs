@@ -71,7 +71,8 @@ pub fn meta(command: &str) -> Value {
     })
 }
 
-/// Gathers the runs' JSON files in `runs` (one per store: [`Report::json`](crate::Report::json))
+/// Gathers the runs' JSON files in `runs` (one per run, [`Report::json`](crate::Report::json),
+/// its figures prefixed with the file's name)
 /// into `out/soak.json` and `out/soak.md`, with [`meta`] for `command`. `extra` are
 /// figures measured outside the chaos runs (the simulation's seeds and violations).
 ///
@@ -100,13 +101,15 @@ pub fn soak(
     let mut reports = Vec::new();
     for file in &files {
         let report: Value = serde_json::from_str(&std::fs::read_to_string(file)?)?;
-        let store = report["store"]
-            .as_str()
-            .ok_or("a run without its store")?
-            .to_owned();
+        // Named by the file: `etcd.json` gives `etcd.*`, `clock-postgres.json`
+        // `clock-postgres.*`.
+        let run = file
+            .file_stem()
+            .and_then(|stem| stem.to_str())
+            .ok_or("a run file without a name")?;
         if let Some(own) = report["figures"].as_object() {
             for (name, figure) in own {
-                figures.insert(format!("{store}.{name}"), figure.clone());
+                figures.insert(format!("{run}.{name}"), figure.clone());
             }
         }
         reports.push(report);
