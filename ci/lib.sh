@@ -9,6 +9,7 @@ declare -A PACKAGE_OF=(
   [redis-cli]=redis-tools
   [openssl]=openssl
   [initdb]=postgresql
+  [faketime]=faketime
 )
 
 step() {

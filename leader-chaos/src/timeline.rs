@@ -6,7 +6,6 @@
 //! [`run`](crate::run) records what the picture needs in [`Report::timeline`]; nothing is
 //! recomputed here except the layout.
 
-use std::error::Error;
 use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
@@ -15,8 +14,8 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 use crate::checker::ProcessLog;
 use crate::{Fault, Report};
 
-/// Errors from drawing or writing a picture (the cause is kept as the source).
-pub type DrawResult<T> = Result<T, Box<dyn Error + Send + Sync>>;
+pub use crate::svg::DrawResult;
+use crate::svg::{PALETTE, colour};
 
 /// One candidate process: the slot (lane) it ran in and its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,7 +95,7 @@ impl Timeline {
     ) -> Timeline {
         let mut terms: Vec<TermSpan> = logs
             .iter()
-            .flat_map(|log| log.terms.values())
+            .flat_map(|log| log.terms_of(0))
             .filter_map(|term| {
                 Some(TermSpan {
                     process: term.process,
@@ -136,11 +135,7 @@ pub fn dir_from_env(default: impl Into<PathBuf>) -> PathBuf {
 ///
 /// If drawing fails or the file cannot be written.
 pub fn write_svg(report: &Report, path: &Path) -> DrawResult<()> {
-    let svg = svg(report)?;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(path, svg)?;
+    crate::svg::write_file(path, &svg(report)?)?;
     Ok(())
 }
 
@@ -150,24 +145,13 @@ const LANE_PX: u32 = 64;
 const CHAR_PX: i32 = 7;
 const FONT: &str = "sans-serif";
 
-/// Fencing-token colours (no red: red is for overlaps).
-const PALETTE: [RGBColor; 8] = [
-    RGBColor(0x00, 0x72, 0xB2),
-    RGBColor(0xE6, 0x9F, 0x00),
-    RGBColor(0x00, 0x9E, 0x73),
-    RGBColor(0x94, 0x67, 0xBD),
-    RGBColor(0x56, 0xB4, 0xE9),
-    RGBColor(0xCC, 0x79, 0xA7),
-    RGBColor(0x8C, 0x56, 0x4B),
-    RGBColor(0x17, 0xBE, 0xCF),
-];
-const OVERLAP: RGBColor = RGBColor(0xD6, 0x00, 0x00);
+const OVERLAP: RGBColor = crate::svg::RED;
 const FAULT: RGBColor = RGBColor(0x40, 0x40, 0x40);
 const PROCESS: RGBColor = RGBColor(0xB0, 0xB0, 0xB0);
 
 /// The colour of a fencing token.
 fn token_colour(token: u64) -> RGBColor {
-    PALETTE[(token % PALETTE.len() as u64) as usize]
+    colour(usize::try_from(token % PALETTE.len() as u64).unwrap_or(0))
 }
 
 /// Left edges of labels already placed in one row; a label goes where it does not touch
@@ -221,11 +205,8 @@ pub fn svg(report: &Report) -> DrawResult<String> {
         }
     );
 
-    let mut out = String::new();
-    {
-        let root = SVGBackend::with_string(&mut out, (WIDTH, height)).into_drawing_area();
-        root.fill(&WHITE)?;
-        let mut chart = ChartBuilder::on(&root)
+    crate::svg::draw_svg((WIDTH, height), |root| {
+        let mut chart = ChartBuilder::on(root)
             .caption(title, (FONT, 18))
             .margin(12)
             .margin_bottom(34)
@@ -406,9 +387,8 @@ pub fn svg(report: &Report) -> DrawResult<String> {
             ))?;
             x += 20 + CHAR_PX * i32::try_from(text.len())? * 5 / 7 + 30;
         }
-        root.present()?;
-    }
-    Ok(out)
+        Ok(())
+    })
 }
 
 #[cfg(test)]
@@ -452,6 +432,7 @@ mod tests {
         }
         let check = Check {
             overlap_spans: vec![Overlap {
+                election: 0,
                 earlier: 1,
                 earlier_process: 0,
                 later: 2,
@@ -465,7 +446,8 @@ mod tests {
         Report {
             backend: StoreKind::Redis,
             ttl: Duration::from_secs(1),
-            failovers: BTreeMap::new(),
+            elections: 1,
+            rounds: Vec::new(),
             liveness_failures: Vec::new(),
             bad_exits: Vec::new(),
             check,

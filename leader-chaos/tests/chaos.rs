@@ -1,40 +1,50 @@
-//! The chaos suite's short mode: every fault kind about once on each backend.
-//! `CHAOS_ROUNDS` sets the number of faults (`ci/soak` runs hundreds). And the proof that
-//! the checker bites: candidates whose deadlines ignore their lease are caught.
+//! The chaos suite's short mode: every fault kind once on each backend (`CHAOS_ROUNDS` sets
+//! the number of faults; `ci/soak` runs hundreds), each candidate process holding 20
+//! elections. And the proof that the checker bites: candidates whose deadlines ignore their
+//! lease, and candidates that count their lease from the answer's arrival, are caught.
 //!
 //! Each run's timeline is written to `target/chaos/<name>-timeline.svg` (`CHAOS_SVG_DIR`
-//! to write elsewhere).
+//! to write elsewhere), and its report as JSON to `target/chaos/<name>.json`
+//! (`CHAOS_RESULTS_DIR` to write elsewhere: `ci/soak` gathers them).
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use leader_chaos::{Config, Fault, Report, StoreKind, rounds_from_env, run, timeline};
+use leader_chaos::{Config, Fault, Report, StoreKind, UnsafeMode, rounds_from_env, run, timeline};
 
-/// Writes the run's timeline and prints where.
-fn picture(report: &Report, name: &str) -> PathBuf {
-    let target = Path::new(env!("CARGO_TARGET_TMPDIR"))
+fn target() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
         .parent()
         .expect("the target folder")
-        .join("chaos");
-    let path = timeline::dir_from_env(target).join(format!("{name}-timeline.svg"));
+        .join("chaos")
+}
+
+/// Writes the run's timeline and JSON and prints where.
+fn keep(report: &Report, name: &str) {
+    let path = timeline::dir_from_env(target()).join(format!("{name}-timeline.svg"));
     timeline::write_svg(report, &path).expect("the timeline is written");
     println!("timeline: {}", path.display());
-    path
+    let dir = std::env::var_os("CHAOS_RESULTS_DIR").map_or_else(target, PathBuf::from);
+    std::fs::create_dir_all(&dir).expect("the results folder");
+    let path = dir.join(format!("{name}.json"));
+    let json = serde_json::to_string_pretty(&report.json()).expect("JSON");
+    std::fs::write(&path, json).expect("the report is written");
+    println!("report: {}", path.display());
+}
+
+fn config(backend: StoreKind, rounds: usize) -> Config {
+    Config::new(
+        backend,
+        rounds,
+        env!("CARGO_BIN_EXE_chaos-candidate"),
+        env!("CARGO_BIN_EXE_chaos-observer"),
+    )
 }
 
 async fn chaos(backend: StoreKind) {
-    let config = Config {
-        backend,
-        rounds: rounds_from_env(13),
-        ttl: Duration::from_secs(1),
-        candidate: env!("CARGO_BIN_EXE_chaos-candidate").into(),
-        observer: env!("CARGO_BIN_EXE_chaos-observer").into(),
-        faults: None,
-        unsafe_candidates: false,
-    };
+    let config = config(backend, rounds_from_env(Fault::all(backend).len()));
     let report = run(config).await.expect("the chaos run completes");
     println!("{}", report.table());
-    picture(&report, backend.name());
+    keep(&report, backend.name());
     assert!(report.passed(), "{}", report.table());
 }
 
@@ -53,22 +63,32 @@ async fn chaos_postgres() {
     chaos(StoreKind::Postgres).await;
 }
 
-/// Candidates that claim leases ten times longer than the store's keep believing they lead
-/// through a partition while another is elected: the exact checker must say so.
+/// The sharpest form of the slow-answer fault: one election per process (on Redis, a
+/// process with several elections also renews the slowed one in the other elections'
+/// batches, whose requests land after the slow answer, so the store's lease outlives even a
+/// belief counted from the answer). A correct library passes; one that counts a lease from
+/// the answer's arrival overlaps by about the delay here, in every round.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_checker_catches_candidates_whose_deadlines_ignore_the_lease() {
-    let config = Config {
-        backend: StoreKind::Redis,
-        rounds: 2,
-        ttl: Duration::from_secs(1),
-        candidate: env!("CARGO_BIN_EXE_chaos-candidate").into(),
-        observer: env!("CARGO_BIN_EXE_chaos-observer").into(),
-        faults: Some(vec![Fault::Partition]),
-        unsafe_candidates: true,
-    };
+async fn slow_answers_then_a_partition_with_one_election_per_process() {
+    let mut config = config(StoreKind::Redis, 2);
+    config.faults = Some(vec![Fault::SlowAnswersThenPartition]);
+    config.elections = 1;
     let report = run(config).await.expect("the chaos run completes");
     println!("{}", report.table());
-    picture(&report, "redis-unsafe");
+    keep(&report, "redis-slow-answers");
+    assert!(report.passed(), "{}", report.table());
+}
+
+/// Runs broken candidates through `faults` and asserts that the exact check found an
+/// overlap.
+async fn caught(mode: UnsafeMode, faults: Vec<Fault>, rounds: usize, name: &str) {
+    let mut config = config(StoreKind::Redis, rounds);
+    config.faults = Some(faults);
+    config.unsafe_mode = Some(mode);
+    config.elections = 1;
+    let report = run(config).await.expect("the chaos run completes");
+    println!("{}", report.table());
+    keep(&report, name);
     assert!(
         !report.passed(),
         "the unsafe candidates passed:\n{}",
@@ -79,4 +99,25 @@ async fn the_checker_catches_candidates_whose_deadlines_ignore_the_lease() {
         "the exact check found no overlap:\n{}",
         report.table()
     );
+}
+
+/// Candidates that claim leases ten times longer than the store's keep believing they lead
+/// through a partition while another is elected: the exact checker must say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checker_catches_candidates_whose_deadlines_ignore_the_lease() {
+    caught(UnsafeMode::Lease, vec![Fault::Partition], 2, "redis-unsafe").await;
+}
+
+/// Candidates that count each lease from the instant its answer arrived: answers slowed by
+/// a fifth of the TTL (ten times the safety margin), then a partition, and the old leader
+/// believes a fifth of a TTL past the store's expiry, while the next one leads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checker_catches_candidates_that_count_the_lease_from_the_answer() {
+    caught(
+        UnsafeMode::AnswerTime,
+        vec![Fault::SlowAnswersThenPartition],
+        2,
+        "redis-unsafe-answer-time",
+    )
+    .await;
 }

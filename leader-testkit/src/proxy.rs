@@ -9,6 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -26,8 +27,11 @@ enum Mode {
     /// Forward requests to the store but hold its answers: requests take effect, their
     /// answers are late (or, if the client gives up, lost).
     HoldAnswers,
-    /// Forward everything, each chunk after this delay.
+    /// Forward everything, each chunk at its arrival plus this delay (in order).
     Delay(std::time::Duration),
+    /// Forward everything; each answer at its arrival plus this delay (in order), requests
+    /// at once.
+    DelayAnswers(std::time::Duration),
 }
 
 /// Which way a pump copies.
@@ -42,9 +46,18 @@ enum Direction {
 impl Mode {
     fn flows(self, direction: Direction) -> bool {
         match self {
-            Mode::Pass | Mode::Delay(_) => true,
+            Mode::Pass | Mode::Delay(_) | Mode::DelayAnswers(_) => true,
             Mode::Hold => false,
             Mode::HoldAnswers => direction == Direction::Requests,
+        }
+    }
+
+    /// How late a chunk read now in `direction` is forwarded.
+    fn delay(self, direction: Direction) -> std::time::Duration {
+        match self {
+            Mode::Delay(latency) => latency,
+            Mode::DelayAnswers(latency) if direction == Direction::Answers => latency,
+            _ => std::time::Duration::ZERO,
         }
     }
 }
@@ -115,10 +128,19 @@ impl FaultProxy {
         self.mode.send_replace(Mode::HoldAnswers);
     }
 
-    /// Every chunk of traffic, both ways, is forwarded `latency` late, until
-    /// [`pass`](Self::pass).
+    /// Every chunk of traffic, both ways, is forwarded `latency` after it arrived, in
+    /// order (a slow link, not a throttle: chunks in flight overlap), until
+    /// [`pass`](Self::pass). Chunks that arrived before keep the delay they were given.
     pub fn delay(&self, latency: std::time::Duration) {
         self.mode.send_replace(Mode::Delay(latency));
+    }
+
+    /// Requests flow at once; every answer is forwarded `latency` after it arrived, in
+    /// order, until [`pass`](Self::pass) (or another mode). A driver that counts its lease
+    /// from an answer's arrival instead of its request's sending believes `latency` too
+    /// long.
+    pub fn delay_answers(&self, latency: std::time::Duration) {
+        self.mode.send_replace(Mode::DelayAnswers(latency));
     }
 
     /// Closes every open connection now; new connections are accepted as usual.
@@ -208,36 +230,126 @@ async fn accept_loop(
     }
 }
 
-/// Copies bytes from `from` to `to`, pausing while the mode holds this direction, and
-/// delaying each chunk while the mode says so.
+/// Copies bytes from `from` to `to`, pausing while the mode holds this direction. Each
+/// chunk is due at its arrival plus the delay the mode gives it then, and is written in
+/// order once due: a reader stamps and queues chunks, a writer sends them.
 async fn pump(
     from: &mut tokio::net::tcp::OwnedReadHalf,
     to: &mut tokio::net::tcp::OwnedWriteHalf,
-    mut mode: watch::Receiver<Mode>,
+    mode: watch::Receiver<Mode>,
     direction: Direction,
 ) {
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        if mode.wait_for(|m| m.flows(direction)).await.is_err() {
-            return;
+    let (queue, mut queued) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let mut reading = mode.clone();
+    let reader = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            if reading.wait_for(|m| m.flows(direction)).await.is_err() {
+                return;
+            }
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let due = Instant::now() + reading.borrow().delay(direction);
+            if queue.send((due, buf[..n].to_vec())).is_err() {
+                return;
+            }
         }
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        let delay = match *mode.borrow() {
-            Mode::Delay(latency) => Some(latency),
-            _ => None,
-        };
-        if let Some(latency) = delay {
-            tokio::time::sleep(latency).await;
+    };
+    let mut writing = mode;
+    let writer = async move {
+        while let Some((due, chunk)) = queued.recv().await {
+            tokio::time::sleep_until(due).await;
+            // A chunk read just before a partition waits for the partition to heal.
+            if writing.wait_for(|m| m.flows(direction)).await.is_err() {
+                return;
+            }
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
         }
-        // A chunk read just before a partition waits for the partition to heal.
-        if mode.wait_for(|m| m.flows(direction)).await.is_err() {
-            return;
+    };
+    // The reader's end (end of stream) lets the writer send what is queued, then stop;
+    // the writer's end (the peer is gone) ends the reader too.
+    tokio::select! {
+        () = async {
+            reader.await;
+            std::future::pending::<()>().await
+        } => {}
+        () = writer => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::time::Instant;
+
+    use super::FaultProxy;
+
+    /// An echo server; returns its address.
+    async fn echo() -> std::net::SocketAddr {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = socket.read(&mut buf).await {
+                        if n == 0 || socket.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// Sends a byte every 30 ms and returns when each echo came back, from the start.
+    async fn echoes(proxy: &FaultProxy) -> Vec<Duration> {
+        let client = TcpStream::connect(proxy.addr()).await.expect("connect");
+        client.set_nodelay(true).expect("nodelay");
+        let start = Instant::now();
+        let (mut read, mut write) = client.into_split();
+        let sender = tokio::spawn(async move {
+            for byte in [b'a', b'b', b'c'] {
+                write.write_all(&[byte]).await.expect("write");
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            write
+        });
+        let mut back = Vec::new();
+        let mut buf = [0u8; 1];
+        while back.len() < 3 {
+            read.read_exact(&mut buf).await.expect("echo");
+            back.push(start.elapsed());
         }
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
+        drop(sender.await.expect("sender"));
+        back
+    }
+
+    #[tokio::test]
+    async fn a_delay_shifts_every_chunk_by_itself_in_order_without_throttling() {
+        let proxy = FaultProxy::start(echo().await).await.expect("proxy");
+        proxy.delay(Duration::from_millis(100));
+        // Each byte crosses the proxy twice: back 200 ms after it was sent (0, 30, 60 ms),
+        // not one chunk per delay (a throttle would return the third after 400 ms or more).
+        let back = echoes(&proxy).await;
+        for (i, at) in back.iter().enumerate() {
+            let sent = Duration::from_millis(30 * i as u64);
+            assert!(*at >= sent + Duration::from_millis(200), "{back:?}");
         }
+        assert!(back[2] < Duration::from_millis(380), "throttled: {back:?}");
+
+        // Answers only: 100 ms.
+        proxy.delay_answers(Duration::from_millis(100));
+        let back = echoes(&proxy).await;
+        assert!(back[0] >= Duration::from_millis(100), "{back:?}");
+        assert!(back[2] < Duration::from_millis(280), "{back:?}");
     }
 }

@@ -11,30 +11,40 @@
 //! ```
 
 use std::io::Write;
+use std::path::PathBuf;
 
+use clap::Parser;
 use futures::StreamExt;
 use leader_chaos::monotonic_ns;
 
+/// Watches one election's leader and logs each change.
+#[derive(Debug, Parser)]
+#[command(name = "chaos-observer")]
+struct Args {
+    /// The store's URL, for `leader::connect`.
+    store_url: String,
+    /// The election to watch.
+    election: String,
+    /// The log file (appended to).
+    log_file: PathBuf,
+}
+
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.len() != 4 {
-        eprintln!("usage: chaos-observer STORE_URL ELECTION LOG_FILE");
-        std::process::exit(2);
-    }
+    let args = Args::parse();
     if let Err(err) = run(&args).await {
         eprintln!("chaos-observer: {err}");
         std::process::exit(1);
     }
 }
 
-async fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
-    let driver = leader::connect(&args[1]).await?;
+async fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    let driver = leader::connect(&args.store_url).await?;
     let mut log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(&args[3])?;
-    let mut leaders = driver.observe(&args[2]);
+        .open(&args.log_file)?;
+    let mut leaders = driver.observe(&args.election);
     let mut last: Option<Option<u64>> = None;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {

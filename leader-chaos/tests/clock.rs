@@ -1,0 +1,77 @@
+//! Store clock steps: PostgreSQL runs under libfaketime (`chaos-store`), and the
+//! orchestrator steps its wall clock forward by TTL/2 (then partitions the leader) and back
+//! by TTL/2 (then kills the leader). PostgreSQL expires leases by wall clock (`now()`), so a
+//! forward step can let the next leader in while the old one still believes it leads: the
+//! documented limit ("the safety margin covers clock-rate drift, not a store whose clock
+//! jumps"). The run measures what happens; it fails only if something other than a forward
+//! clock step breaks a property. etcd's leases run on its monotonic clock and are not
+//! stepped. Redis also expires keys by wall clock, but redis-server does not start under
+//! Debian's libfaketime 0.9.10 ("unexpected recursive calls to clock_gettime()", its
+//! jemalloc and libfaketime clash), so it is not measured here.
+//!
+//! The run's report goes to `target/chaos/clock-postgres.json` (`CHAOS_RESULTS_DIR`).
+
+use std::path::{Path, PathBuf};
+
+use leader_chaos::{Config, Fault, StoreKind, rounds_from_env, run, timeline};
+
+fn target() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("the target folder")
+        .join("chaos")
+}
+
+async fn clock_steps(backend: StoreKind) {
+    let name = format!("clock-{}", backend.name());
+    let mut config = Config::new(
+        backend,
+        rounds_from_env(2).max(2) / 2 * 2,
+        env!("CARGO_BIN_EXE_chaos-candidate"),
+        env!("CARGO_BIN_EXE_chaos-observer"),
+    );
+    config.faults = Some(Fault::clock_steps());
+    config.clock_store = Some(env!("CARGO_BIN_EXE_chaos-store").into());
+    let report = run(config).await.expect("the chaos run completes");
+    println!("{}", report.table());
+    let svg = timeline::dir_from_env(target()).join(format!("{name}-timeline.svg"));
+    timeline::write_svg(&report, &svg).expect("the timeline is written");
+    let dir = std::env::var_os("CHAOS_RESULTS_DIR").map_or_else(target, PathBuf::from);
+    std::fs::create_dir_all(&dir).expect("the results folder");
+    let json = serde_json::to_string_pretty(&report.json()).expect("JSON");
+    std::fs::write(dir.join(format!("{name}.json")), json).expect("the report is written");
+
+    // Every overlap must have begun in a round whose store clock stepped forward.
+    let forward: Vec<(u64, u64)> = report
+        .rounds
+        .iter()
+        .filter(|r| r.fault == Fault::ClockForwardPartition)
+        .map(|r| (r.started_ns, r.ended_ns))
+        .collect();
+    for overlap in &report.check.overlap_spans {
+        assert!(
+            forward
+                .iter()
+                .any(|(from, to)| (*from..*to).contains(&overlap.from_ns)),
+            "an overlap outside a forward clock step: {overlap:?}\n{}",
+            report.table()
+        );
+    }
+    let c = &report.check;
+    for other in [
+        &c.unlogged_deadlines,
+        &c.late_samples,
+        &c.flips,
+        &c.unreadable,
+        &c.token_violations,
+    ] {
+        assert!(other.is_empty(), "{other:?}\n{}", report.table());
+    }
+    assert!(report.observed.passed(), "{}", report.table());
+    assert!(report.bad_exits.is_empty(), "{}", report.table());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clock_steps_on_postgres() {
+    clock_steps(StoreKind::Postgres).await;
+}
