@@ -7,7 +7,6 @@ use leader::postgres::tokio_postgres;
 use leader_core::Driver;
 use leader_testkit::{EtcdServer, PostgresServer, RedisServer};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
-use tokio::time::sleep;
 
 use crate::BoxResult;
 
@@ -128,12 +127,12 @@ impl Stores {
     /// Every command the (non-fsync) Redis has run, from `INFO commandstats`: the
     /// commands clients sent and the `redis.call`s inside scripts alike (Redis counts
     /// both), nothing excluded by name, so that a regression that polls shows; less the
-    /// bench's own `INFO` and `MONITOR` calls.
+    /// bench's own `INFO`, `MONITOR` and `ECHO` (its markers) calls.
     pub(crate) async fn redis_store_work(&self) -> BoxResult<u64> {
         let stats = redis_commandstats(&self.redis.url()).await?;
         Ok(stats
             .iter()
-            .filter(|(name, _)| name != "info" && name != "monitor")
+            .filter(|(name, _)| !matches!(name.as_str(), "info" | "monitor" | "echo"))
             .map(|(_, calls)| calls)
             .sum())
     }
@@ -225,46 +224,64 @@ pub(crate) struct Monitored {
     pub(crate) in_scripts: u64,
 }
 
-/// Counts a Redis's commands with MONITOR while `work` runs. Exact, whatever the commands
-/// are named.
+/// Counts a Redis's commands with MONITOR while `work` runs: exactly those between two
+/// `ECHO` markers sent just before and just after it (MONITOR shows commands in the order
+/// the server ran them), whatever the commands are named.
 pub(crate) async fn redis_monitored<T>(
-    addr: std::net::SocketAddr,
+    server: &RedisServer,
     work: impl std::future::Future<Output = BoxResult<T>>,
 ) -> BoxResult<(T, Monitored)> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let mut stream = tokio::net::TcpStream::connect(server.addr()).await?;
     stream.write_all(b"MONITOR\r\n").await?;
     let (read, _write) = stream.into_split();
     let mut lines = tokio::io::BufReader::new(read).lines();
     // "+OK" first, then one line per command.
     lines.next_line().await?.ok_or("MONITOR refused")?;
-    let stop = leader_core::CancellationToken::new();
-    let counter = tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            let (mut requests, mut in_scripts) = (0u64, 0u64);
-            loop {
-                let line = tokio::select! {
-                    () = stop.cancelled() => break,
-                    line = lines.next_line() => line,
-                };
-                match line {
-                    Ok(Some(line)) if line.contains(" lua] ") => in_scripts += 1,
-                    Ok(Some(_)) => requests += 1,
-                    _ => break,
-                }
-            }
-            Monitored {
-                requests,
-                in_scripts,
+    let marker = format!("leader-bench-{}", std::process::id());
+    let (start, end) = (format!("\"{marker}-start\""), format!("\"{marker}-end\""));
+    let counter = tokio::spawn(async move {
+        let (mut requests, mut in_scripts) = (0u64, 0u64);
+        let mut counting = false;
+        while let Some(line) = lines.next_line().await? {
+            if line.ends_with(&start) {
+                counting = true;
+            } else if line.ends_with(&end) {
+                return Ok::<_, std::io::Error>(Monitored {
+                    requests,
+                    in_scripts,
+                });
+            } else if is_info(&line) {
+                // The bench's own commandstats reads.
+            } else if counting && line.contains(" lua] ") {
+                in_scripts += 1;
+            } else if counting {
+                requests += 1;
             }
         }
+        Err(std::io::Error::other("MONITOR ended before the end marker"))
     });
+    let client = redis::Client::open(server.url())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let mut mark = async |suffix: &str| -> BoxResult<()> {
+        let _: String = redis::cmd("ECHO")
+            .arg(format!("{marker}-{suffix}"))
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    };
+    mark("start").await?;
     let result = work.await;
-    // Let the last commands' lines arrive.
-    sleep(Duration::from_millis(200)).await;
-    stop.cancel();
-    let counted = counter.await?;
+    mark("end").await?;
+    let counted = tokio::time::timeout(Duration::from_secs(30), counter)
+        .await
+        .map_err(|_| "MONITOR did not show the end marker within 30s")???;
     Ok((result?, counted))
+}
+
+/// Whether a MONITOR line shows an `INFO` command.
+fn is_info(line: &str) -> bool {
+    line.split_once("] ")
+        .is_some_and(|(_, command)| command.to_ascii_lowercase().starts_with("\"info\""))
 }
 
 /// A plain HTTP/1.0 GET; the whole response, headers included.
@@ -281,6 +298,14 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> BoxResult<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn monitor_lines_of_info_are_recognised() {
+        assert!(is_info(
+            r#"1700000000.1 [0 127.0.0.1:5555] "INFO" "commandstats""#
+        ));
+        assert!(!is_info(r#"1700000000.1 [0 lua] "get" "info""#));
+    }
 
     #[test]
     fn commandstats_parse() {

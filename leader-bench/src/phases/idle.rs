@@ -23,9 +23,11 @@ struct Idle {
 }
 
 pub(crate) async fn measure(bench: &Bench, results: &mut Results) -> BoxResult<()> {
-    let measured = futures::future::try_join_all(
-        StoreKind::ALL.map(|store| idle(&bench.stores, &bench.sizes, store, bench.tag)),
-    )
+    let measured = futures::future::try_join_all(StoreKind::ALL.map(|store| async move {
+        idle(&bench.stores, &bench.sizes, store, bench.tag)
+            .await
+            .map_err(|err| format!("{}: {err}", store.name()))
+    }))
     .await?;
     for (store, idle) in StoreKind::ALL.into_iter().zip(measured) {
         let name = store.name();
@@ -128,10 +130,7 @@ pub(crate) async fn rate(stores: &Stores, store: StoreKind, window: Duration) ->
                 sleep(window).await;
                 Ok(())
             };
-            redis_monitored(stores.redis.addr(), waited)
-                .await?
-                .1
-                .requests
+            redis_monitored(&stores.redis, waited).await?.1.requests
         }
     };
     Ok(requests as f64 / window.as_secs_f64())
