@@ -6,7 +6,10 @@
 //! between a renewal's send time and now is the suspension a deadline check must subtract.
 //! Elsewhere the offset is always zero (and suspend is not detected).
 
+use std::sync::OnceLock;
 use std::time::Duration;
+
+use tokio::sync::watch;
 
 /// Suspensions shorter than this are treated as none: the two clocks are read by two
 /// system calls, and a preemption between them looks like a short suspension.
@@ -19,7 +22,7 @@ pub(crate) struct SuspendOffset(Duration);
 impl SuspendOffset {
     /// The offset now.
     pub(crate) fn now() -> Self {
-        SuspendOffset(read_offset())
+        SuspendOffset(read_offset() + simulated())
     }
 
     /// How long the machine was suspended since `self` was read, or zero if too little
@@ -31,6 +34,77 @@ impl SuspendOffset {
     fn suspended_until(self, later: SuspendOffset) -> Duration {
         let grown = later.0.saturating_sub(self.0);
         if grown < NOISE { Duration::ZERO } else { grown }
+    }
+}
+
+/// Counts the suspensions of the machine seen so far: a receiver's `changed()` resolves
+/// within milliseconds of the process running again after a suspension, when timers on the
+/// monotonic clock (Tokio's) would still wait out the time the machine slept.
+///
+/// On Linux one thread per process sleeps on `CLOCK_BOOTTIME` (a second at a time, so
+/// nearly idle): a sleep on that clock ends as soon as the machine resumes past it, and the
+/// thread then sees the offset grown. Elsewhere nothing is ever sent.
+pub(crate) fn suspensions() -> watch::Receiver<u64> {
+    sender().subscribe()
+}
+
+fn sender() -> &'static watch::Sender<u64> {
+    static SUSPENSIONS: OnceLock<watch::Sender<u64>> = OnceLock::new();
+    SUSPENSIONS.get_or_init(|| {
+        let sender = watch::Sender::new(0);
+        #[cfg(target_os = "linux")]
+        {
+            // Without the thread, a suspension is still seen at the next timer or check.
+            let _ = std::thread::Builder::new()
+                .name("leader-suspend-watch".into())
+                .spawn(watch_suspensions);
+        }
+        sender
+    })
+}
+
+#[cfg(any(test, feature = "testing"))]
+thread_local! {
+    /// The suspensions simulated on this thread (by `testing::sim`), added to the offset
+    /// that this thread reads.
+    static SIMULATED: std::cell::Cell<Duration> = const { std::cell::Cell::new(Duration::ZERO) };
+}
+
+/// Makes this thread read the offset `duration` larger, as if the machine had been
+/// suspended that long just now, and tells every term's holder to look again.
+#[cfg(any(test, feature = "testing"))]
+pub(crate) fn simulate_suspension(duration: Duration) {
+    SIMULATED.with(|simulated| simulated.set(simulated.get() + duration));
+    sender().send_modify(|n| *n += 1);
+}
+
+#[cfg(any(test, feature = "testing"))]
+fn simulated() -> Duration {
+    SIMULATED.with(std::cell::Cell::get)
+}
+
+#[cfg(not(any(test, feature = "testing")))]
+fn simulated() -> Duration {
+    Duration::ZERO
+}
+
+#[cfg(target_os = "linux")]
+fn watch_suspensions() {
+    use nix::sys::time::TimeSpec;
+    use nix::time::{ClockId, ClockNanosleepFlags, clock_nanosleep};
+    let period = TimeSpec::from_duration(Duration::from_secs(1));
+    let mut last = SuspendOffset::now();
+    loop {
+        let _ = clock_nanosleep(
+            ClockId::CLOCK_BOOTTIME,
+            ClockNanosleepFlags::empty(),
+            &period,
+        );
+        let now = SuspendOffset::now();
+        if !last.suspended_until(now).is_zero() {
+            sender().send_modify(|n| *n += 1);
+        }
+        last = now;
     }
 }
 

@@ -114,6 +114,35 @@ impl LeaderInfo {
     }
 }
 
+/// One candidate standing in an election, as [`Driver::candidates`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct CandidateInfo {
+    /// The candidate's id: its [`Election::id`](crate::Election::id) (etcd: for keys that
+    /// another client, such as `etcdctl elect`, created, the key's lease in hex).
+    pub id: String,
+    /// The value the candidate campaigns with (the leader's: its current value).
+    pub value: Vec<u8>,
+    /// Whether this candidate leads.
+    pub is_leader: bool,
+}
+
+impl CandidateInfo {
+    /// Candidate `id` with `value`, leading or not.
+    pub fn new(id: impl Into<String>, value: impl Into<Vec<u8>>, is_leader: bool) -> Self {
+        CandidateInfo {
+            id: id.into(),
+            value: value.into(),
+            is_leader,
+        }
+    }
+
+    /// The value as UTF-8 text, with invalid bytes replaced.
+    pub fn value_lossy(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.value)
+    }
+}
+
 /// The store primitives an election needs. Implemented once per store (`leader-etcd`,
 /// `leader-redis`, and [`MemoryDriver`](crate::testing::MemoryDriver) for tests).
 ///
@@ -199,6 +228,57 @@ pub trait Driver: Send + Sync + 'static {
         Box::pin(futures::future::pending())
     }
 
+    /// Every candidate standing in `election`: the leader first, then the waiters in the
+    /// order they would lead (where the store keeps an order; otherwise in the store's
+    /// order). Defaults to [`Error::Unsupported`](crate::Error::Unsupported).
+    async fn candidates(&self, election: &str) -> Result<Vec<CandidateInfo>> {
+        let _ = election;
+        Err(crate::Error::Unsupported {
+            operation: "candidates",
+        })
+    }
+
+    /// Ends the term `fencing_token` of `candidate` and nominates `nominee` (the id of a
+    /// candidate waiting in the same election) as the next leader, in one atomic store
+    /// operation: deletes the term, records a nomination that lasts one TTL (the
+    /// candidate's, by the store's clock) during which no candidate but the nominee can be
+    /// elected, and wakes the nominee. The nomination ends when the nominee is elected,
+    /// when it withdraws ([`resign`](Self::resign) removes a nomination naming it), or at
+    /// its expiry; then the line resumes.
+    ///
+    /// Errors, with nothing changed in the store: [`Error::TermGone`](crate::Error::TermGone)
+    /// if the term is no longer held; [`Error::NotWaiting`](crate::Error::NotWaiting) if
+    /// `nominee` is not waiting in this election. Defaults to
+    /// [`Error::Unsupported`](crate::Error::Unsupported).
+    async fn hand_over(
+        &self,
+        candidate: &Candidate,
+        fencing_token: u64,
+        nominee: &str,
+    ) -> Result<()> {
+        let _ = (candidate, fencing_token, nominee);
+        Err(crate::Error::Unsupported {
+            operation: "hand_over",
+        })
+    }
+
+    /// Sets the value observers see ([`leader`](Self::leader), [`observe`](Self::observe),
+    /// [`candidates`](Self::candidates)) for the term `fencing_token` of `candidate`, only
+    /// while the store holds that term: same term, same fencing token, no re-election.
+    /// [`Error::TermGone`](crate::Error::TermGone), with nothing written, otherwise.
+    /// Defaults to [`Error::Unsupported`](crate::Error::Unsupported).
+    async fn proclaim(
+        &self,
+        candidate: &Candidate,
+        fencing_token: u64,
+        value: &[u8],
+    ) -> Result<()> {
+        let _ = (candidate, fencing_token, value);
+        Err(crate::Error::Unsupported {
+            operation: "proclaim",
+        })
+    }
+
     /// Whether this store can hold an election named `election`: called by
     /// [`ElectionBuilder::build`](crate::ElectionBuilder::build), so that a name the store
     /// rejects is an [`Error::InvalidConfig`](crate::Error::InvalidConfig) at once, not an
@@ -233,6 +313,28 @@ impl<D: Driver + ?Sized> Driver for Arc<D> {
 
     fn term_gone(&self, candidate: &Candidate, fencing_token: u64) -> BoxFuture<'static, ()> {
         (**self).term_gone(candidate, fencing_token)
+    }
+
+    async fn candidates(&self, election: &str) -> Result<Vec<CandidateInfo>> {
+        (**self).candidates(election).await
+    }
+
+    async fn hand_over(
+        &self,
+        candidate: &Candidate,
+        fencing_token: u64,
+        nominee: &str,
+    ) -> Result<()> {
+        (**self).hand_over(candidate, fencing_token, nominee).await
+    }
+
+    async fn proclaim(
+        &self,
+        candidate: &Candidate,
+        fencing_token: u64,
+        value: &[u8],
+    ) -> Result<()> {
+        (**self).proclaim(candidate, fencing_token, value).await
     }
 
     fn check_name(&self, election: &str) -> Result<()> {

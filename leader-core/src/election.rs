@@ -124,7 +124,7 @@ impl Election {
     ///
     /// A store error ends the campaign ([`Error::Store`], [`Error::Timeout`], or
     /// [`Error::Denied`] when the store refuses this client); [`Error::Withdrawn`] if a
-    /// concurrent [`resign`](Self::resign) withdrew it. [`run`](Self::run) is the loop that
+    /// concurrent [`withdraw`](Self::withdraw) withdrew it. [`run`](Self::run) is the loop that
     /// keeps trying.
     ///
     /// # Cancel safety
@@ -140,14 +140,15 @@ impl Election {
     /// Steps down and deletes this candidate's term from the store, so that a waiting
     /// candidate takes over in about one store round trip.
     ///
-    /// `is_leader()` is false before the store is asked. A campaign of this candidate in
-    /// flight is withdrawn (it returns [`Error::Withdrawn`]), never elected and then
-    /// resigned, and its place in line is deleted before this returns.
+    /// `is_leader()` is false before the store is asked.
     ///
     /// # Errors
     ///
-    /// [`Error::NotALeader`] if this candidate holds no term (and nothing of an earlier one
-    /// is left to delete), also after withdrawing a campaign that was waiting in line. If the store call fails, the error is returned, the term is
+    /// [`Error::NotALeader`] if this candidate holds no term; then nothing changes: a
+    /// campaign of this candidate waiting in line stays in line and is elected in its turn
+    /// (the Go original's contract; use [`withdraw`](Self::withdraw), or drop the campaign's
+    /// future, to leave the line). What an earlier, ended term may have left in the store
+    /// is deleted first. If the store call fails, the error is returned, the term is
     /// reported [lost](crate::LossReason::ResignFailed), and the deletion is retried in the
     /// background (calling `resign` again retries it at once).
     ///
@@ -158,6 +159,50 @@ impl Election {
     /// [`Resigned`](crate::Event::Resigned) or [`Lost`](crate::Event::Lost) event.
     pub async fn resign(&self) -> Result<()> {
         self.core().resign(None).await
+    }
+
+    /// Withdraws this candidate's campaigns in flight: each returns [`Error::Withdrawn`],
+    /// and this returns once their places in line are gone from the store. A term this
+    /// candidate already holds is left alone (see [`resign`](Self::resign)); with nothing in
+    /// flight this does nothing and succeeds.
+    ///
+    /// # Errors
+    ///
+    /// The store error if the place in line could not be deleted; it is then retried in
+    /// the background until it is gone.
+    pub async fn withdraw(&self) -> Result<()> {
+        self.core().withdraw_campaigns().await
+    }
+
+    /// Every candidate standing in this election, as the store says: the leader first,
+    /// then the waiters in the order they would lead (where the store keeps an order).
+    /// Each [`id`](crate::CandidateInfo::id) is that candidate's [`Election::id`].
+    ///
+    /// # Errors
+    ///
+    /// A store error, or [`Error::Unsupported`] from a driver that cannot list candidates.
+    pub async fn candidates(&self) -> Result<Vec<crate::CandidateInfo>> {
+        let line = self.core().driver.candidates(self.name()).await;
+        crate::telemetry::store_result(self.name(), "candidates", &line);
+        line
+    }
+
+    /// Ends this candidate's term and makes the candidate `id` (waiting in this election)
+    /// the next leader: no other candidate can be elected for one TTL after this returns,
+    /// unless the nominee withdraws or dies (then the line resumes, at once or at the
+    /// nominee's expiry). A planned handover, for rolling deploys.
+    ///
+    /// As with [`resign`](Self::resign), `is_leader()` is false before the store is asked,
+    /// and the term ends with [`Event::Resigned`](crate::Event::Resigned).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotALeader`] when this candidate does not lead; [`Error::NotWaiting`] when
+    /// `id` is not waiting in this election, and then nothing changed (if the nominee
+    /// leaves in the instant between the check and the handover, the term is resigned
+    /// instead and `NotWaiting` returned). Store errors as [`resign`](Self::resign).
+    pub async fn hand_over(&self, id: &str) -> Result<()> {
+        self.core().hand_over(None, id).await
     }
 
     /// Campaigns, holds the term while it lasts, and campaigns again after a loss or a store
@@ -347,8 +392,10 @@ impl Election {
                 () = sleep(delay) => {}
             }
         }
+        // The campaign future was dropped above; wait until its place in line is gone.
+        let withdrawn = self.withdraw().await;
         match self.resign().await {
-            Ok(()) | Err(Error::NotALeader) => Ok(()),
+            Ok(()) | Err(Error::NotALeader) => withdrawn,
             Err(err) => Err(err),
         }
     }
@@ -528,6 +575,25 @@ impl Term {
     /// As [`Election::resign`]: the end event is never lost.
     pub async fn resign(&self) -> Result<()> {
         self.core.resign(Some(&self.state)).await
+    }
+
+    /// Hands this term over to the candidate `id`, as [`Election::hand_over`], or returns
+    /// [`Error::NotALeader`] if the term already ended.
+    pub async fn hand_over(&self, id: &str) -> Result<()> {
+        self.core.hand_over(Some(&self.state), id).await
+    }
+
+    /// A new value for observers ([`Election::leader`], [`Election::observe`],
+    /// [`Election::candidates`]) while this term lasts: same term, same fencing token, no
+    /// re-election. The next term campaigns with the builder's value again.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotALeader`], with nothing written, once the term has ended (if the store
+    /// says the term is gone, it ends now, reported [lost](crate::LossReason::Gone)); store
+    /// errors otherwise.
+    pub async fn proclaim(&self, value: impl Into<Vec<u8>>) -> Result<()> {
+        self.core.proclaim(&self.state, &value.into()).await
     }
 }
 

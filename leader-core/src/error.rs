@@ -54,6 +54,33 @@ pub enum Error {
     /// taken over. Renewal cannot succeed; the candidate must campaign again.
     #[error("the store no longer holds this candidate's term")]
     TermGone,
+
+    /// [`Election::hand_over`](crate::Election::hand_over) named a candidate that is not
+    /// waiting in this election. Nothing changed.
+    #[error("no candidate `{id}` is waiting in this election")]
+    NotWaiting {
+        /// The candidate id that was named.
+        id: String,
+    },
+
+    /// A fence refused a write: the resource has already seen a higher fencing token than
+    /// `token`, so the writer is a leader whose term has ended. Nothing was written.
+    #[error("fenced: token {token} is stale for `{resource}`{}", newer.map(|n| format!(" (it has seen {n})")).unwrap_or_default())]
+    Fenced {
+        /// The fenced resource (a fence's name, or an etcd key).
+        resource: String,
+        /// The stale token the write carried.
+        token: u64,
+        /// The higher token the resource has seen, when the fence knows it.
+        newer: Option<u64>,
+    },
+
+    /// This driver does not implement the operation.
+    #[error("this store driver does not support {operation}")]
+    Unsupported {
+        /// The operation's name.
+        operation: &'static str,
+    },
 }
 
 impl Error {

@@ -6,13 +6,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio::task::{JoinError, JoinHandle};
-use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::Error;
 use crate::election::Term;
-use crate::machinery::ErrorChain;
+use crate::machinery::{ErrorChain, TermState};
 
 /// How the holding of one term ended, for the campaign loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,8 +64,8 @@ where
     };
     let (held, stopped) = match why {
         Why::Returned(joined) => (None, Stopped::Returned(joined)),
-        Why::Shutdown => (Some(Held::Shutdown), task.stop(term.state.deadline()).await),
-        Why::TermEnded => (Some(Held::Ended), task.stop(term.state.deadline()).await),
+        Why::Shutdown => (Some(Held::Shutdown), task.stop(&term.state).await),
+        Why::TermEnded => (Some(Held::Ended), task.stop(&term.state).await),
     };
     match stopped {
         Stopped::Returned(Ok(())) if held.is_none() => {
@@ -126,10 +125,15 @@ struct WorkTask {
 impl WorkTask {
     /// Cancels the work's token and waits for it to return, until `deadline`; then aborts
     /// it and waits until the task is gone.
-    async fn stop(&mut self, deadline: Instant) -> Stopped {
+    /// Asks the work to stop, and aborts it at the term's deadline as it is now (counting
+    /// a suspension of the machine: at once if it has passed).
+    async fn stop(&mut self, term: &TermState) -> Stopped {
         self.stop.cancel();
-        if let Ok(joined) = timeout_at(deadline, &mut self.handle).await {
-            return Stopped::Returned(joined);
+        let deadline = term.deadline();
+        tokio::select! {
+            biased;
+            joined = &mut self.handle => return Stopped::Returned(joined),
+            () = term.expired(Some(deadline)) => {}
         }
         self.handle.abort();
         match (&mut self.handle).await {

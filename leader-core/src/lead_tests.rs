@@ -457,3 +457,49 @@ async fn dropping_lead_aborts_the_work() {
     lead.abort();
     wait_until("the work is dropped", WAIT, || log.at("dropped").is_some()).await;
 }
+
+/// Issue 20: after the machine was suspended past the deadline (the monotonic clock, and
+/// Tokio's timers with it, stood still meanwhile), the term ends and the work is cancelled
+/// and aborted as soon as the process runs again, not at the next timer.
+#[tokio::test(start_paused = true)]
+async fn after_a_suspension_past_the_deadline_the_work_is_aborted_at_once() {
+    let store = MemoryStore::new();
+    let a = election(&store.driver(), "lead-suspended");
+    let mut events = a.subscribe();
+    let log = Log::default();
+    let stop = CancellationToken::new();
+    let lead = spawn_lead(&a, &stop, stubborn_work(&log));
+    let elected = next_event("a's election", WAIT, &mut events).await;
+    let fencing_token = match elected {
+        Event::Elected { fencing_token } => fencing_token,
+        other => panic!("{other:?}"),
+    };
+    wait_until("the work runs", WAIT, || log.at("started 1").is_some()).await;
+    let term = a.term().expect("a leads");
+    let resumed_at = Instant::now();
+    crate::testing::simulate_suspension(TTL);
+    assert!(!a.status().is_leader(), "is_leader() counts the suspension");
+    assert_eq!(
+        next_event("a's loss", Duration::from_millis(5), &mut events).await,
+        Event::Lost {
+            fencing_token,
+            reason: LossReason::Expired
+        }
+    );
+    assert!(term.cancellation_token().is_cancelled());
+    wait_until("the work is gone", Duration::from_millis(20), || {
+        log.at("dropped").is_some()
+    })
+    .await;
+    let dropped = log.at("dropped").expect("dropped");
+    assert!(
+        dropped - resumed_at < Duration::from_millis(20),
+        "aborted {:?} after the resume",
+        dropped - resumed_at
+    );
+    stop.cancel();
+    within("lead returns", WAIT, lead)
+        .await
+        .expect("task")
+        .expect("clean shutdown");
+}

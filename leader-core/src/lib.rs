@@ -19,7 +19,7 @@ pub mod testing;
 pub use async_trait::async_trait;
 pub use builder::{ElectionBuilder, MAX_NAME_LEN, MAX_TTL, MAX_VALUE_LEN, MIN_TTL};
 pub use config::Config;
-pub use driver::{Candidate, Driver, Grant, LeaderInfo};
+pub use driver::{Candidate, CandidateInfo, Driver, Grant, LeaderInfo};
 pub use election::{Election, Status, Term};
 pub use error::{BoxError, Error, Result};
 pub use event::{Event, EventStream, LossReason};

@@ -68,6 +68,14 @@ struct State {
     subscribers: Vec<mpsc::UnboundedSender<Event>>,
 }
 
+/// How [`Core::end_term`] ends a term in the store.
+enum Ending {
+    /// Deletes it.
+    Resign,
+    /// Deletes it and nominates this candidate as the next leader.
+    HandOver(String),
+}
+
 /// Something of this candidate's that the store may still hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Leftover {
@@ -232,6 +240,32 @@ impl TermState {
 
     pub(crate) fn deadline(&self) -> Instant {
         lock(&self.clock).deadline
+    }
+
+    /// Resolves once the term's deadline has passed, counting a suspension of the machine,
+    /// within milliseconds of the process running again (Tokio's timers alone would wait out
+    /// the time the machine slept). With `fixed`, that deadline instead of the current one.
+    pub(crate) async fn expired(&self, fixed: Option<Instant>) {
+        let mut suspensions = crate::clock::suspensions();
+        loop {
+            let due = {
+                let mut clock = lock(&self.clock);
+                let deadline = fixed.unwrap_or(clock.deadline);
+                let suspended = clock.confirmed.offset.suspended_since();
+                if !clock.holds() || Instant::now() + suspended >= deadline {
+                    return;
+                }
+                deadline - suspended
+            };
+            tokio::select! {
+                () = sleep_until(due) => {}
+                changed = suspensions.changed() => {
+                    if changed.is_err() {
+                        sleep_until(due).await;
+                    }
+                }
+            }
+        }
     }
 
     /// Steps down: records the instant, then cancels the token. Call it with the state
@@ -404,15 +438,24 @@ impl Core {
             return Ok((grant, confirmed));
         }
         // Elected after a long wait on a stale confirmation: confirm once more.
-        let confirmed = Reading::now();
+        let before_renewal = Reading::now();
         let limit = self.candidate.ttl;
         let renewed = self
             .renew(&grant, limit)
             .instrument(self.renewal_span(grant.fencing_token))
             .await;
-        let grant = renewed?;
-        if self.holds(&grant, confirmed) {
-            Ok((grant, confirmed))
+        let renewed = renewed?;
+        // As in `TermState::extend`: a renewal may answer with an earlier confirmation it
+        // shares with other terms, older than `before_renewal`; a suspension between the
+        // two must still count, so the reference is then the reading taken before the
+        // campaign, which predates the grant's confirmation, hence the renewal's too.
+        let reference = if before_renewal.at <= renewed.confirmed_at {
+            before_renewal
+        } else {
+            confirmed
+        };
+        if self.holds(&renewed, reference) {
+            Ok((renewed, reference))
         } else {
             Err(Error::Timeout(limit))
         }
@@ -526,9 +569,8 @@ impl Core {
                 self.lose(&term, LossReason::Expired);
                 return;
             }
-            let deadline = term.deadline();
             // Wait for the renewal time, then renew; the term's end, the store saying it is
-            // gone and the deadline win over both.
+            // gone and the deadline (counting a suspension) win over both.
             let renewal = async {
                 sleep_until(next_renewal).await;
                 let reading = Reading::now();
@@ -545,7 +587,7 @@ impl Core {
                     self.lose(&term, LossReason::Gone);
                     return;
                 }
-                () = sleep_until(deadline) => {
+                () = term.expired(None) => {
                     self.lose(&term, LossReason::Expired);
                     return;
                 }
@@ -598,24 +640,79 @@ impl Core {
     }
 
     async fn resign_in_span(self: &Arc<Self>, only: Option<&Arc<TermState>>) -> Result<()> {
+        self.end_term(only, Ending::Resign).await
+    }
+
+    /// Hands the term over to `nominee` (from `only`, or from whatever term is current).
+    pub(crate) async fn hand_over(
+        self: &Arc<Self>,
+        only: Option<&Arc<TermState>>,
+        nominee: &str,
+    ) -> Result<()> {
+        let span = info_span!(
+            "hand_over",
+            election = %self.candidate.election,
+            candidate = %self.candidate.id,
+            nominee,
+            fencing_token = field::Empty,
+        );
+        async {
+            // Nothing changes when the nominee does not wait: ask before stepping down. (If
+            // it leaves between this look and the store call, the driver refuses the
+            // handover and the term is resigned instead.)
+            if self.current_term(only).is_none() {
+                return Err(Error::NotALeader);
+            }
+            match self.driver.candidates(self.name()).await {
+                Ok(line) => {
+                    if !line.iter().any(|c| c.id == nominee && !c.is_leader) {
+                        return Err(Error::NotWaiting {
+                            id: nominee.to_owned(),
+                        });
+                    }
+                }
+                Err(Error::Unsupported { .. }) => {}
+                Err(err) => return Err(err),
+            }
+            self.end_term(only, Ending::HandOver(nominee.to_owned()))
+                .await
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The current term (`only`, if it is current), if any.
+    fn current_term(&self, only: Option<&Arc<TermState>>) -> Option<Arc<TermState>> {
+        let st = self.shared.state();
+        let current = st.term.clone()?;
+        match only {
+            Some(only) if !Arc::ptr_eq(&current, only) => None,
+            _ => Some(current),
+        }
+    }
+
+    /// Steps down from the current term (`only`, if it is current) and ends it in the
+    /// store as `ending` says. Without a term: deletes what an ended term left, and
+    /// answers [`Error::NotALeader`]; a campaign waiting in line is left alone (the seed's
+    /// contract: `NotALeader` means nothing was done).
+    async fn end_term(
+        self: &Arc<Self>,
+        only: Option<&Arc<TermState>>,
+        ending: Ending,
+    ) -> Result<()> {
         let started = {
             let st = self.shared.state();
             let nothing_to_do = match only {
                 Some(term) => !st.term.as_ref().is_some_and(|t| Arc::ptr_eq(t, term)),
-                None => st.term.is_none() && st.leftover.is_none() && st.campaigns.is_empty(),
+                // A leftover with a campaign in flight is that campaign's to clear (it
+                // holds the lock while it waits in line): nothing to do here either.
+                None => st.term.is_none() && (st.leftover.is_none() || !st.campaigns.is_empty()),
             };
-            if nothing_to_do {
+            if nothing_to_do || (st.term.is_none() && matches!(ending, Ending::HandOver(_))) {
                 return Err(Error::NotALeader);
             }
-            // A campaign in flight would make this wait until it is elected, and then resign
-            // the new term; or (waiting in line) it may have left a key that must go before
-            // this returns: withdraw it, and wait below for the withdrawal under the lock.
-            for (_, campaign) in &st.campaigns {
-                campaign.cancel();
-            }
-            (st.started, st.term.is_some() || st.leftover.is_some())
+            st.started
         };
-        let (started, something_ours) = started;
         let guard = Arc::clone(&self.campaign_lock).lock_owned().await;
         let (term, leftover) = {
             let mut st = self.shared.state();
@@ -627,6 +724,9 @@ impl Core {
                     return Err(Error::NotALeader);
                 }
                 (None, Some(_)) => return Err(Error::NotALeader),
+                (None, None) if matches!(ending, Ending::HandOver(_)) => {
+                    return Err(Error::NotALeader);
+                }
                 (current, _) => current,
             };
             // Step down before the store is asked, so that this candidate never believes it
@@ -645,21 +745,29 @@ impl Core {
             };
             (term, leftover)
         };
-        // Only a withdrawn campaign's key to delete: this candidate did not lead.
-        let follower = term.is_none() && !something_ours;
         // The store call and the end event run in a task of their own, so that cancelling
         // this future cannot lose the event: every Elected gets exactly one end.
         let core = Arc::clone(self);
         let finish = async move {
-            let result = core.withdraw(leftover).await;
-            if let Some(term) = term {
+            let result = match (&term, ending) {
+                (Some(term), Ending::HandOver(nominee)) => {
+                    core.hand_over_in_store(term.fencing_token, leftover, &nominee)
+                        .await
+                }
+                _ => core.withdraw(leftover).await,
+            };
+            if let Some(term) = &term {
                 let event = match &result {
-                    Ok(()) => {
+                    Ok(()) | Err(Error::NotWaiting { .. }) => {
                         info!(election = %core.name(), fencing_token = term.fencing_token, "resigned");
                         Event::Resigned {
                             fencing_token: term.fencing_token,
                         }
                     }
+                    Err(Error::TermGone) => Event::Lost {
+                        fencing_token: term.fencing_token,
+                        reason: LossReason::Gone,
+                    },
                     Err(_) => Event::Lost {
                         fencing_token: term.fencing_token,
                         reason: LossReason::ResignFailed,
@@ -684,9 +792,103 @@ impl Core {
             Err(_) => finish.await,
         };
         match result {
-            Ok(()) if follower => Err(Error::NotALeader),
+            Err(Error::TermGone) => Err(Error::NotALeader),
+            // Without a term, what an ended term left was deleted: the retry of a failed
+            // resignation, which succeeded.
             result => result,
         }
+    }
+
+    /// Ends the term `fencing_token` in the store with a nomination of `nominee`. If the
+    /// driver refuses (the nominee left meanwhile), the term is resigned instead and
+    /// [`Error::NotWaiting`] returned; if the term was gone already, [`Error::TermGone`].
+    async fn hand_over_in_store(
+        &self,
+        fencing_token: u64,
+        leftover: Leftover,
+        nominee: &str,
+    ) -> Result<()> {
+        let limit = self.resign_limit();
+        let result = timeout(
+            limit,
+            self.driver
+                .hand_over(&self.candidate, fencing_token, nominee),
+        )
+        .await
+        .unwrap_or(Err(Error::Timeout(limit)));
+        telemetry::store_result(self.name(), "hand_over", &result);
+        match result {
+            Ok(()) | Err(Error::TermGone) => {
+                let mut st = self.shared.state();
+                if st.leftover == Some(leftover) {
+                    st.leftover = None;
+                }
+                drop(st);
+                result
+            }
+            Err(Error::NotWaiting { id }) => {
+                self.withdraw(leftover).await?;
+                Err(Error::NotWaiting { id })
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Sets the value observers see while `term` lasts.
+    pub(crate) async fn proclaim(
+        self: &Arc<Self>,
+        term: &Arc<TermState>,
+        value: &[u8],
+    ) -> Result<()> {
+        if !term.is_valid() {
+            return Err(Error::NotALeader);
+        }
+        let limit = self.resign_limit();
+        let result = timeout(
+            limit,
+            self.driver
+                .proclaim(&self.candidate, term.fencing_token, value),
+        )
+        .await
+        .unwrap_or(Err(Error::Timeout(limit)));
+        telemetry::store_result(self.name(), "proclaim", &result);
+        match result {
+            Err(Error::TermGone) => {
+                self.lose(term, LossReason::Gone);
+                Err(Error::NotALeader)
+            }
+            result => result,
+        }
+    }
+
+    /// Withdraws this candidate's campaigns in flight and waits until their places in line
+    /// are gone from the store. A term held already is left alone.
+    pub(crate) async fn withdraw_campaigns(self: &Arc<Self>) -> Result<()> {
+        let started = {
+            let st = self.shared.state();
+            for (_, campaign) in &st.campaigns {
+                campaign.cancel();
+            }
+            st.started
+        };
+        let result = {
+            let _guard = self.campaign_lock.lock().await;
+            // A campaign elected while this was called took its term: it was withdrawn
+            // first (start_term checks), so only a term that began before the call can be
+            // current.
+            debug_assert!(
+                self.shared
+                    .state()
+                    .term
+                    .as_ref()
+                    .is_none_or(|term| term.seq <= started)
+            );
+            self.withdraw_leftover().await
+        };
+        if result.is_err() {
+            self.ensure_withdrawer();
+        }
+        result
     }
 
     /// Asks the driver to delete what this candidate left in the store, if anything. Call
@@ -719,6 +921,13 @@ impl Core {
     /// If the store cannot be reached, the background withdrawer keeps trying (holding the
     /// driver) until it can, so nothing is left behind.
     pub(crate) async fn close(self: Arc<Self>) {
+        if let Err(err) = self.withdraw_campaigns().await {
+            warn!(
+                election = %self.name(),
+                error = %ErrorChain(&err),
+                "could not withdraw the dropped election's campaign; retrying in the background"
+            );
+        }
         match self.resign(None).await {
             Ok(()) | Err(Error::NotALeader) => {}
             Err(err) => warn!(
@@ -838,6 +1047,10 @@ impl Drop for Withdrawal {
         core.ensure_withdrawer();
     }
 }
+
+#[cfg(all(test, feature = "testing"))]
+#[path = "term_tests.rs"]
+mod term_tests;
 
 /// Displays an error with its chain of sources (`outer: cause: root cause`), for logs and
 /// one-line messages: `tracing::warn!(error = %ErrorChain(&err), "…")`.

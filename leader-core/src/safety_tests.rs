@@ -295,10 +295,10 @@ async fn a_cancelled_resign_still_reports_the_end_of_the_term() {
     );
 }
 
-/// Defect 8: resign() while this candidate's campaign holds the campaign lock withdraws
+/// Defect 8: withdraw() while this candidate's campaign holds the campaign lock withdraws
 /// that campaign; it never waits for it to be elected and then resigns the new term.
 #[tokio::test(start_paused = true)]
-async fn resign_withdraws_a_waiting_campaign_instead_of_resigning_its_term() {
+async fn withdraw_withdraws_a_waiting_campaign_instead_of_letting_it_be_elected() {
     let store = MemoryStore::new();
     let driver = store.driver();
     let script = Script {
@@ -330,7 +330,7 @@ async fn resign_withdraws_a_waiting_campaign_instead_of_resigning_its_term() {
     sleep(Duration::from_millis(50)).await;
     let resign = tokio::spawn({
         let b = b.clone();
-        async move { b.resign().await }
+        async move { b.withdraw().await }
     });
     sleep(Duration::from_secs(1)).await;
     timeout(WAIT, other_campaign)
@@ -345,7 +345,7 @@ async fn resign_withdraws_a_waiting_campaign_instead_of_resigning_its_term() {
         .expect("no panic");
     assert!(
         matches!(campaigned, Err(Error::Withdrawn)),
-        "withdrawn by resign(), not elected: {campaigned:?}"
+        "withdrawn by withdraw(), not elected: {campaigned:?}"
     );
     let _ = timeout(WAIT, resign).await.expect("resign returns");
     let seen = delivered(&mut events);
@@ -448,4 +448,61 @@ async fn dropped_event_streams_are_pruned_at_once() {
     }
     let _kept = e.subscribe();
     assert_eq!(e.subscriber_count(), 1);
+}
+
+/// A driver elected after a long wait, whose renewal then answers with an earlier,
+/// shared confirmation; the machine was suspended between that confirmation and the
+/// moment the core read its clock again.
+struct StaleThenShared {
+    suspension: Duration,
+}
+
+#[async_trait]
+impl Driver for StaleThenShared {
+    async fn campaign(&self, candidate: &Candidate) -> Result<Grant> {
+        let sent_at = tokio::time::Instant::now();
+        // Waited in line a whole TTL: the grant's confirmation is stale. The machine is
+        // suspended just as the answer arrives (the monotonic clock stands still).
+        sleep(candidate.ttl).await;
+        crate::testing::simulate_suspension(self.suspension);
+        Ok(Grant::new(1, sent_at, candidate.ttl))
+    }
+
+    async fn renew(&self, candidate: &Candidate, grant: &Grant) -> Result<Grant> {
+        // The store confirmed the lease a moment ago (a keep-alive shared with other
+        // terms), and then the machine slept before this answer was read.
+        let shared = tokio::time::Instant::now() - Duration::from_millis(1);
+        assert!(shared >= grant.confirmed_at);
+        let _ = candidate;
+        Ok(Grant::new(grant.fencing_token, shared, grant.ttl))
+    }
+
+    async fn resign(&self, _candidate: &Candidate, _fencing_token: Option<u64>) -> Result<()> {
+        Ok(())
+    }
+
+    async fn leader(&self, _election: &str) -> Result<Option<LeaderInfo>> {
+        Ok(None)
+    }
+
+    fn observe(&self, _election: &str) -> BoxStream<'static, Result<Option<LeaderInfo>>> {
+        Box::pin(futures::stream::empty())
+    }
+}
+
+/// Issue 20: `elect()` keeps `extend()`'s guard. Its second confirmation may be a shared
+/// one older than the clock reading taken before it was asked for; a suspension between the
+/// two must still count, so the reference is the reading taken before the campaign.
+#[tokio::test(start_paused = true)]
+async fn elect_counts_a_suspension_before_a_shared_older_confirmation() {
+    let suspension = TTL;
+    let driver = StaleThenShared { suspension };
+    let e = build(driver, "elect-suspension", TTL);
+    let elected = timeout(WAIT, e.campaign()).await.expect("returns");
+    assert!(
+        elected.as_ref().is_err() || !e.status().is_leader(),
+        "a term confirmed before a suspension of a whole TTL must not be valid: {elected:?}, \
+         is_leader {}",
+        e.status().is_leader()
+    );
 }

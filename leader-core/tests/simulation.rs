@@ -57,14 +57,17 @@ fn simulated_schedules_keep_every_safety_property() {
     failures.sort_by_key(|v| v.seed);
     println!(
         "{seeds} seeds from {first} in {:.1?}: {} terms, {} requests ({} failed, {} answers \
-         lost, {} late effects), {} outages, {} API calls; {} violations",
+         lost, {} late effects, {} renewals answered from a shared confirmation), {} outages, \
+         {} suspensions, {} API calls; {} violations",
         started.elapsed(),
         total.terms,
         total.requests,
         total.failures,
         total.lost_answers,
         total.late_effects,
+        total.shared_confirmations,
         total.outages,
+        total.suspensions,
         total.calls,
         failures.len()
     );

@@ -11,7 +11,7 @@ use futures::stream::BoxStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
 
-use crate::{Candidate, Driver, Error, Grant, LeaderInfo, Result};
+use crate::{Candidate, CandidateInfo, Driver, Error, Grant, LeaderInfo, Result};
 
 /// An in-process store shared by any number of [`MemoryDriver`]s: leases expire on the
 /// Tokio clock (so `tokio::time::pause()` controls them), fencing tokens come from a counter
@@ -56,6 +56,10 @@ impl Default for StoreInner {
 struct ElectionState {
     holder: Option<Holder>,
     fence: u64,
+    /// The candidates waiting in `campaign`, in order of arrival, with their values.
+    waiting: Vec<(String, Vec<u8>)>,
+    /// A handover's nominee and the nomination's expiry.
+    nomination: Option<(String, Instant)>,
 }
 
 #[derive(Debug, Clone)]
@@ -67,6 +71,19 @@ struct Holder {
 }
 
 impl ElectionState {
+    /// The live nomination, if any: it ends at its expiry or when the nominee stops waiting.
+    fn live_nomination(&mut self, now: Instant) -> Option<&(String, Instant)> {
+        let waiting = &self.waiting;
+        if self
+            .nomination
+            .as_ref()
+            .is_some_and(|(id, until)| *until <= now || !waiting.iter().any(|(w, _)| w == id))
+        {
+            self.nomination = None;
+        }
+        self.nomination.as_ref()
+    }
+
     /// The holder, if its lease has not expired (expired ones are dropped here).
     fn live_holder(&mut self, now: Instant) -> Option<&mut Holder> {
         if self.holder.as_ref().is_some_and(|h| h.expires_at <= now) {
@@ -175,6 +192,23 @@ impl MemoryDriver {
         {
             return Err(holder.expires_at);
         }
+        let nominated = match state.live_nomination(now) {
+            Some((nominee, until)) if *nominee != candidate.id => return Err(*until),
+            Some(_) => true,
+            None => false,
+        };
+        // The line is kept in order of arrival: the head is elected next.
+        let holds = state.holder.as_ref().is_some_and(|h| h.id == candidate.id);
+        if !nominated
+            && !holds
+            && state
+                .waiting
+                .first()
+                .is_some_and(|(head, _)| *head != candidate.id)
+        {
+            return Err(now + candidate.ttl);
+        }
+        state.nomination = None;
         state.fence += 1;
         state.holder = Some(Holder {
             id: candidate.id.clone(),
@@ -183,6 +217,39 @@ impl MemoryDriver {
             expires_at: now + candidate.ttl,
         });
         Ok(Grant::new(state.fence, now, candidate.ttl))
+    }
+}
+
+/// A candidate's place among the waiters, while its `campaign` runs.
+struct InLine {
+    store: MemoryStore,
+    election: String,
+    id: String,
+}
+
+impl InLine {
+    fn enter(store: &MemoryStore, candidate: &Candidate) -> Self {
+        let mut elections = store.elections();
+        let state = elections.entry(candidate.election.clone()).or_default();
+        if !state.waiting.iter().any(|(id, _)| *id == candidate.id) {
+            state
+                .waiting
+                .push((candidate.id.clone(), candidate.value.clone()));
+        }
+        InLine {
+            store: store.clone(),
+            election: candidate.election.clone(),
+            id: candidate.id.clone(),
+        }
+    }
+}
+
+impl Drop for InLine {
+    fn drop(&mut self) {
+        if let Some(state) = self.store.elections().get_mut(&self.election) {
+            state.waiting.retain(|(id, _)| *id != self.id);
+        }
+        self.store.changed();
     }
 }
 
@@ -196,6 +263,7 @@ impl Default for MemoryDriver {
 impl Driver for MemoryDriver {
     async fn campaign(&self, candidate: &Candidate) -> Result<Grant> {
         let mut changes = self.store.inner.changes.subscribe();
+        let _in_line = InLine::enter(&self.store, candidate);
         loop {
             changes.borrow_and_update();
             self.check_reachable()?;
@@ -243,12 +311,94 @@ impl Driver for MemoryDriver {
                     state.holder = None;
                     true
                 }
+                Some(state)
+                    if fencing_token.is_none()
+                        && state
+                            .nomination
+                            .as_ref()
+                            .is_some_and(|(id, _)| *id == candidate.id) =>
+                {
+                    state.nomination = None;
+                    true
+                }
                 _ => false,
             }
         };
         if removed {
             self.store.changed();
         }
+        Ok(())
+    }
+
+    async fn candidates(&self, election: &str) -> Result<Vec<CandidateInfo>> {
+        self.check_reachable()?;
+        let now = Instant::now();
+        let mut elections = self.store.elections();
+        let Some(state) = elections.get_mut(election) else {
+            return Ok(Vec::new());
+        };
+        let holder = state.live_holder(now).cloned();
+        let mut line: Vec<CandidateInfo> = holder
+            .iter()
+            .map(|h| CandidateInfo::new(h.id.clone(), h.value.clone(), true))
+            .collect();
+        line.extend(
+            state
+                .waiting
+                .iter()
+                .filter(|(id, _)| holder.as_ref().is_none_or(|h| h.id != *id))
+                .map(|(id, value)| CandidateInfo::new(id.clone(), value.clone(), false)),
+        );
+        Ok(line)
+    }
+
+    async fn hand_over(
+        &self,
+        candidate: &Candidate,
+        fencing_token: u64,
+        nominee: &str,
+    ) -> Result<()> {
+        self.check_reachable()?;
+        let now = Instant::now();
+        {
+            let mut elections = self.store.elections();
+            let state = elections
+                .get_mut(&candidate.election)
+                .ok_or(Error::TermGone)?;
+            state
+                .live_holder(now)
+                .filter(|h| h.id == candidate.id && h.fencing_token == fencing_token)
+                .ok_or(Error::TermGone)?;
+            if !state.waiting.iter().any(|(id, _)| id == nominee) {
+                return Err(Error::NotWaiting {
+                    id: nominee.to_owned(),
+                });
+            }
+            state.holder = None;
+            state.nomination = Some((nominee.to_owned(), now + candidate.ttl));
+        }
+        self.store.changed();
+        Ok(())
+    }
+
+    async fn proclaim(
+        &self,
+        candidate: &Candidate,
+        fencing_token: u64,
+        value: &[u8],
+    ) -> Result<()> {
+        self.check_reachable()?;
+        let now = Instant::now();
+        {
+            let mut elections = self.store.elections();
+            let holder = elections
+                .get_mut(&candidate.election)
+                .and_then(|state| state.live_holder(now))
+                .filter(|h| h.id == candidate.id && h.fencing_token == fencing_token)
+                .ok_or(Error::TermGone)?;
+            holder.value = value.to_vec();
+        }
+        self.store.changed();
         Ok(())
     }
 

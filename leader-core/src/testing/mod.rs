@@ -33,6 +33,15 @@ pub use proxy::FaultProxy;
 
 use crate::Driver;
 
+/// Makes leader-core, on this thread, see the machine as suspended for `duration` just now
+/// (the growth of `CLOCK_BOOTTIME − CLOCK_MONOTONIC` it reads), and wakes every term's
+/// holder as a real resume does: for deterministic tests of suspension on Tokio's paused
+/// clock, where the monotonic clock stands still meanwhile (as it does in a real
+/// suspension). Affects this thread only: use a current-thread runtime.
+pub fn simulate_suspension(duration: std::time::Duration) {
+    crate::clock::simulate_suspension(duration);
+}
+
 /// What the conformance suite needs from a store: fresh drivers on one shared store, and a
 /// way to partition one of them from it.
 #[async_trait]

@@ -2,8 +2,13 @@
 //! simulated store, on Tokio's paused clock, with a schedule drawn from one seed.
 //!
 //! Each store request may be delayed, fail, lose its answer (the effect lands, the caller
-//! times out), or land late (after the caller gave up); leases expire in the store;
-//! drivers are partitioned and the store goes away. Candidates, some sharing a driver,
+//! times out), land late (after the caller gave up), or be answered later than the safety
+//! margin (campaigns: up to several TTLs); leases expire in the store, on a clock of its
+//! own that runs up to 1.5% faster or slower than the candidates'; the candidates' machine
+//! is suspended (their monotonic clock stands still, the store's runs on, the boot clock
+//! they read counts it); renewals may answer with an earlier, shared confirmation; the
+//! store pushes the end of a term (`term_gone`) after a delay; drivers are partitioned and
+//! the store goes away. Candidates, some sharing a driver,
 //! campaign, resign, run, drop futures and whole elections, cancel calls midway and call
 //! the API concurrently. At every instant the runtime reaches, and at every `Elected`, a
 //! checker asserts:
@@ -26,6 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use rand::rngs::StdRng;
@@ -38,12 +44,19 @@ use crate::machinery::lock;
 use crate::{Candidate, Driver, Election, Error, Event, Grant, LeaderInfo, LossReason, Result};
 use crate::{Status, Term};
 
-/// The election every simulated candidate runs for.
+/// The names of the simulated elections start with this.
 const ELECTION: &str = "sim";
+
+/// The election of candidate slot `slot` when a run has `elections` of them.
+fn election_of(slot: usize, elections: usize) -> String {
+    format!("{ELECTION}-{}", slot % elections)
+}
 /// The candidates' TTL.
 const TTL: Duration = Duration::from_secs(1);
 /// How long a simulated client waits for an answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(300);
+/// How long a simulated client waits for the answer to a campaign request: several TTLs.
+const CAMPAIGN_TIMEOUT: Duration = Duration::from_millis(2500);
 /// The latest a late effect lands after its request was sent.
 const MAX_LATE: Duration = Duration::from_millis(1000);
 /// How long candidates act and faults happen.
@@ -90,6 +103,10 @@ pub struct Report {
     pub failures: u64,
     /// Partitions and store outages.
     pub outages: u64,
+    /// Suspensions of the candidates' machine.
+    pub suspensions: u64,
+    /// Renewals answered with an earlier, shared confirmation.
+    pub shared_confirmations: u64,
     /// API calls made by the candidates.
     pub calls: u64,
 }
@@ -102,6 +119,8 @@ impl std::ops::AddAssign for Report {
         self.late_effects += other.late_effects;
         self.failures += other.failures;
         self.outages += other.outages;
+        self.suspensions += other.suspensions;
+        self.shared_confirmations += other.shared_confirmations;
         self.calls += other.calls;
     }
 }
@@ -166,22 +185,47 @@ struct World {
     outage: Mutex<bool>,
     /// The store keeps a lease this many times the candidate's TTL (as etcd may).
     lease_factor: u32,
+    /// The store's clock: `rate` times as fast as the candidates' (within the safety
+    /// margin's assumption), and ahead of it by the time the candidates' machine spent
+    /// suspended.
+    store_clock: Mutex<StoreClock>,
+    /// Renewals may answer with an earlier confirmation of the same term (as a driver
+    /// sharing one keep-alive between elections does), when this is true.
+    shared_confirmations: bool,
     checker: Mutex<Checker>,
     report: Mutex<Report>,
     /// Each slot's current election.
     current: Mutex<Vec<Option<Election>>>,
+    /// How many elections the candidates run for (slot `i` in election `i % elections`),
+    /// so that drivers hold several at once.
+    elections: usize,
     tracing: bool,
+}
+
+/// The store's clock against the candidates' (Tokio's paused clock).
+struct StoreClock {
+    epoch: Option<Instant>,
+    rate: f64,
+    /// How long the candidates' machine was suspended: the store's clock ran on meanwhile.
+    skew: Duration,
 }
 
 /// The event-checking tasks of every election made.
 type Instances = Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>;
 
+/// Every election's state in the store. The fence counter is shared, so tokens are unique
+/// across elections (and increase in each).
 #[derive(Default)]
 struct Store {
+    elections: std::collections::BTreeMap<String, ElectionStore>,
+    fence: u64,
+}
+
+#[derive(Default)]
+struct ElectionStore {
     holder: Option<Holder>,
     /// The last holder whose lease ran out.
     expired: Option<Holder>,
-    fence: u64,
 }
 
 #[derive(Clone)]
@@ -192,11 +236,20 @@ struct Holder {
 }
 
 impl Store {
-    fn live(&mut self, now: Instant) -> Option<&mut Holder> {
-        if self.holder.as_ref().is_some_and(|h| h.expires_at <= now) {
-            self.expired = self.holder.take();
+    fn election(&mut self, name: &str) -> &mut ElectionStore {
+        self.elections.entry(name.to_owned()).or_default()
+    }
+
+    fn live(&mut self, name: &str, now: Instant) -> Option<&mut Holder> {
+        let election = self.election(name);
+        if election
+            .holder
+            .as_ref()
+            .is_some_and(|h| h.expires_at <= now)
+        {
+            election.expired = election.holder.take();
         }
-        self.holder.as_mut()
+        election.holder.as_mut()
     }
 }
 
@@ -204,6 +257,10 @@ impl World {
     fn new(seed: u64) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
         let lease_factor = if rng.random_bool(0.5) { 1 } else { 10 };
+        // Up to 1.5% apart: within the default safety margin (2% of the TTL).
+        let rate = 1.0 + rng.random_range(-0.015..=0.015);
+        let shared_confirmations = rng.random_bool(0.5);
+        let elections = rng.random_range(1..=2usize);
         World {
             rng: Mutex::new(rng),
             store: Mutex::new(Store::default()),
@@ -211,6 +268,13 @@ impl World {
             chaos: Mutex::new(true),
             outage: Mutex::new(false),
             lease_factor,
+            store_clock: Mutex::new(StoreClock {
+                epoch: None,
+                rate,
+                skew: Duration::ZERO,
+            }),
+            shared_confirmations,
+            elections,
             checker: Mutex::new(Checker::default()),
             report: Mutex::new(Report::default()),
             current: Mutex::new(Vec::new()),
@@ -220,6 +284,34 @@ impl World {
 
     fn draw<T>(&self, f: impl FnOnce(&mut StdRng) -> T) -> T {
         f(&mut lock(&self.rng))
+    }
+
+    /// The store's clock now.
+    fn store_now(&self) -> Instant {
+        let clock = lock(&self.store_clock);
+        let now = Instant::now();
+        let Some(epoch) = clock.epoch else {
+            return now;
+        };
+        epoch + now.duration_since(epoch).mul_f64(clock.rate) + clock.skew
+    }
+
+    /// The candidates' instant at which the store's clock reads `at` (or now, if it has).
+    fn client_at(&self, at: Instant) -> Instant {
+        let clock = lock(&self.store_clock);
+        let Some(epoch) = clock.epoch else {
+            return at;
+        };
+        let store_elapsed = at.saturating_duration_since(epoch);
+        epoch + store_elapsed.saturating_sub(clock.skew).div_f64(clock.rate)
+    }
+
+    /// The candidates' machine sleeps for `duration`: their monotonic clock (Tokio's)
+    /// stands still, the store's runs on, and the boot clock they read counts it.
+    fn suspend(&self, duration: Duration) {
+        lock(&self.store_clock).skew += duration;
+        crate::clock::simulate_suspension(duration);
+        self.trace(|| format!("the candidates' machine was suspended for {duration:?}"));
     }
 
     fn chaos(&self) -> bool {
@@ -236,11 +328,14 @@ impl World {
 
     async fn simulate(self: Arc<Self>) -> std::result::Result<(), String> {
         lock(&self.checker).start = Some(Instant::now());
-        let slots = self.draw(|rng| rng.random_range(2..=5usize));
+        lock(&self.store_clock).epoch = Some(Instant::now());
+        // Each election gets two slots at least: slot 0 stays passive at the end.
+        let slots = self.draw(|rng| rng.random_range(2 * self.elections..=5usize));
         let drivers: Vec<SimDriver> = (0..self.draw(|rng| rng.random_range(1..=slots)))
             .map(|_| SimDriver {
                 world: Arc::clone(&self),
                 partition: Arc::new(Mutex::new(None)),
+                confirmations: Arc::default(),
             })
             .collect();
         *lock(&self.current) = vec![None; slots];
@@ -289,59 +384,13 @@ impl World {
             runs.spawn(async move { election.run(stop.cancelled_owned()).await });
         }
 
-        // Liveness: a leader once faults stopped, late effects landed and a bound passed.
-        let mut due = quiet + MAX_LATE + LIVENESS;
-        loop {
-            sleep_until(due).await;
-            if lock(&self.checker).first_leader_after_quiet.is_some() {
-                break;
-            }
-            let elected = lock(&self.checker).elected.clone();
-            let holder = {
-                let now = Instant::now();
-                lock(&self.store).live(now).cloned()
-            };
-            match holder {
-                // A late campaign effect made a candidate the holder without its knowing:
-                // it blocks the election until the store's lease ends, as a real store's
-                // would. Wait for that.
-                Some(h) if !elected.contains(&h.token) => due = h.expires_at + 2 * TTL,
-                Some(h) => {
-                    return Err(format!(
-                        "no leader {:?} after faults stopped: the store still holds term {} \
-                         of {}, which its candidate no longer leads",
-                        due - quiet,
-                        h.token,
-                        h.id
-                    ));
-                }
-                None => {
-                    // An orphan whose lease ran out just now: the waiters are on their way.
-                    let expired = lock(&self.store).expired.clone();
-                    if let Some(h) = expired
-                        && !elected.contains(&h.token)
-                        && h.expires_at + 2 * TTL > due
-                    {
-                        due = h.expires_at + 2 * TTL;
-                        continue;
-                    }
-                    return Err(format!(
-                        "no leader {:?} after faults stopped, and nobody holds the store",
-                        due - quiet
-                    ));
-                }
-            }
-        }
-        let ended = lock(&self.checker).ended.clone();
-        let now = Instant::now();
-        if let Some(h) = lock(&self.store).live(now).cloned()
-            && ended.contains(&h.token)
-            && h.expires_at > quiet + MAX_LATE + LIVENESS + TTL
-        {
-            return Err(format!(
-                "term {} ended, yet the store still holds it after faults stopped",
-                h.token
-            ));
+        // Liveness: in each election, a leader once faults stopped, late effects landed
+        // and a bound passed.
+        let names: Vec<String> = (0..self.elections)
+            .map(|i| election_of(i, self.elections))
+            .collect();
+        for name in &names {
+            self.check_liveness(name, quiet).await?;
         }
 
         // Shut down: every run resigns, every election is dropped, every stream ends.
@@ -368,13 +417,77 @@ impl World {
             }
         }
         sleep(2 * TTL).await;
-        let now = Instant::now();
-        if let Some(h) = lock(&self.store).live(now).cloned()
-            && lock(&self.checker).elected.contains(&h.token)
+        let now = self.store_now();
+        for name in &names {
+            if let Some(h) = lock(&self.store).live(name, now).cloned()
+                && lock(&self.checker).elected.contains(&h.token)
+            {
+                return Err(format!(
+                    "every election was closed, yet the store still holds term {} of {} in {name}",
+                    h.token, h.id
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Once faults stopped (at `quiet`), election `name` gets a leader within the bound
+    /// (later only behind an orphan of a late effect, until its lease ends), and no term
+    /// whose candidate reported it ended is left in the store.
+    async fn check_liveness(&self, name: &str, quiet: Instant) -> std::result::Result<(), String> {
+        let mut due = quiet + MAX_LATE + LIVENESS;
+        loop {
+            sleep_until(due).await;
+            if lock(&self.checker).leaders_after_quiet.contains(name) {
+                break;
+            }
+            let elected = lock(&self.checker).elected.clone();
+            let holder = {
+                let now = self.store_now();
+                lock(&self.store).live(name, now).cloned()
+            };
+            match holder {
+                // A late campaign effect made a candidate the holder without its knowing:
+                // it blocks the election until the store's lease ends, as a real store's
+                // would. Wait for that.
+                Some(h) if !elected.contains(&h.token) => {
+                    due = self.client_at(h.expires_at) + 2 * TTL;
+                }
+                Some(h) => {
+                    return Err(format!(
+                        "no leader in {name} {:?} after faults stopped: the store still holds \
+                         term {} of {}, which its candidate no longer leads",
+                        due - quiet,
+                        h.token,
+                        h.id
+                    ));
+                }
+                None => {
+                    // An orphan whose lease ran out just now: the waiters are on their way.
+                    let expired = lock(&self.store).election(name).expired.clone();
+                    if let Some(h) = expired
+                        && !elected.contains(&h.token)
+                        && self.client_at(h.expires_at) + 2 * TTL > due
+                    {
+                        due = self.client_at(h.expires_at) + 2 * TTL;
+                        continue;
+                    }
+                    return Err(format!(
+                        "no leader in {name} {:?} after faults stopped, and nobody holds the store",
+                        due - quiet
+                    ));
+                }
+            }
+        }
+        let ended = lock(&self.checker).ended.clone();
+        let now = self.store_now();
+        if let Some(h) = lock(&self.store).live(name, now).cloned()
+            && ended.contains(&h.token)
+            && self.client_at(h.expires_at) > quiet + MAX_LATE + LIVENESS + TTL
         {
             return Err(format!(
-                "every election was closed, yet the store still holds term {} of {}",
-                h.token, h.id
+                "term {} of {name} ended, yet the store still holds it after faults stopped",
+                h.token
             ));
         }
         Ok(())
@@ -389,14 +502,18 @@ impl World {
         instances: &Instances,
     ) -> Election {
         let retry_min = TTL / 10;
-        let election = Election::builder(driver.clone(), ELECTION)
+        let name = election_of(slot, self.elections);
+        let election = Election::builder(driver.clone(), name.as_str())
             .ttl(TTL)
             .retry(retry_min, TTL)
             .build()
             .unwrap_or_else(|err| panic!("the simulation's settings are valid: {err}"));
-        lock(&self.checker)
-            .statuses
-            .push((slot, election.id().to_owned(), election.status()));
+        lock(&self.checker).statuses.push(Believer {
+            slot,
+            id: election.id().to_owned(),
+            election: name.clone(),
+            status: election.status(),
+        });
         let replaced = lock(&self.current)[slot].replace(election.clone());
         drop(replaced);
         let mut events = election.subscribe();
@@ -404,7 +521,7 @@ impl World {
         lock(instances).push(tokio::spawn(async move {
             let mut open: Option<u64> = None;
             while let Some(event) = events.next().await {
-                world.on_event(slot, &mut open, &event);
+                world.on_event(slot, &name, &mut open, &event);
             }
             if let Some(token) = open {
                 world.violation(format!(
@@ -415,7 +532,7 @@ impl World {
         election
     }
 
-    fn on_event(&self, slot: usize, open: &mut Option<u64>, event: &Event) {
+    fn on_event(&self, slot: usize, name: &str, open: &mut Option<u64>, event: &Event) {
         self.trace(|| format!("slot {slot}: {event:?}"));
         let mut checker = lock(&self.checker);
         match *event {
@@ -426,13 +543,15 @@ impl World {
                         "slot {slot}: term {fencing_token} elected before term {previous} ended"
                     ));
                 }
-                if let Some(&last) = checker.elected.last()
+                if let Some(&last) = checker.last_elected.get(name)
                     && fencing_token <= last
                 {
                     checker.violation(format!(
-                        "slot {slot}: fencing token {fencing_token} after {last}: not increasing"
+                        "slot {slot}: fencing token {fencing_token} after {last} in {name}: \
+                         not increasing"
                     ));
                 }
+                checker.last_elected.insert(name.to_owned(), fencing_token);
                 checker.elected.insert(fencing_token);
             }
             Event::Lost { fencing_token, .. } | Event::Resigned { fencing_token } => {
@@ -592,6 +711,13 @@ impl World {
             let pause = self.draw(|rng| Duration::from_millis(rng.random_range(0..3000)));
             sleep(pause).await;
             let lasts = self.draw(|rng| Duration::from_millis(rng.random_range(0..3000)));
+            if self.draw(|rng| rng.random_bool(0.15)) {
+                // The candidates' machine is suspended (a laptop lid, a VM paused).
+                let duration = self.draw(|rng| Duration::from_millis(rng.random_range(1..2500)));
+                self.count(|r| r.suspensions += 1);
+                self.suspend(duration);
+                continue;
+            }
             let which = self.draw(|rng| rng.random_range(0..=drivers.len()));
             self.count(|r| r.outages += 1);
             if which == drivers.len() {
@@ -628,8 +754,10 @@ impl World {
 #[derive(Default)]
 struct Checker {
     start: Option<Instant>,
-    /// The status of every election made, with its slot.
-    statuses: Vec<(usize, String, Status)>,
+    /// The status of every candidate made.
+    statuses: Vec<Believer>,
+    /// The last token elected in each election.
+    last_elected: std::collections::BTreeMap<String, u64>,
     /// Tokens valid at the last sample.
     valid: BTreeSet<u64>,
     /// Tokens seen valid, then not: they must never be valid again.
@@ -637,8 +765,17 @@ struct Checker {
     elected: BTreeSet<u64>,
     ended: BTreeSet<u64>,
     quiet_at: Option<Instant>,
-    first_leader_after_quiet: Option<Instant>,
+    /// The elections that had a leader after faults stopped.
+    leaders_after_quiet: BTreeSet<String>,
     violations: Vec<(Duration, String)>,
+}
+
+/// One candidate the checker watches.
+struct Believer {
+    slot: usize,
+    id: String,
+    election: String,
+    status: Status,
 }
 
 impl Checker {
@@ -652,31 +789,50 @@ impl Checker {
         self.violations.push((at, what));
     }
 
-    /// The store just gave term `token` to candidate `id`.
-    fn granted(&mut self, id: &str, token: u64) {
+    /// The store just gave term `token` of `election` to candidate `id`.
+    fn granted(&mut self, id: &str, election: &str, token: u64) {
         let believers: Vec<(usize, u64)> = self
             .statuses
             .iter()
-            .filter(|(_, other, _)| other != id)
-            .filter_map(|(slot, _, status)| Some((*slot, status.fencing_token()?)))
+            .filter(|b| b.id != id && b.election == election)
+            .filter_map(|b| Some((b.slot, b.status.fencing_token()?)))
             .collect();
         if !believers.is_empty() {
             self.violation(format!(
-                "the store granted term {token} while (slot, term) {believers:?} still led"
+                "the store granted term {token} of {election} while (slot, term) \
+                 {believers:?} still led"
             ));
         }
     }
 
     fn sample(&mut self) {
-        let leaders: Vec<(usize, u64)> = self
-            .statuses
-            .iter()
-            .filter_map(|(slot, _, status)| Some((*slot, status.fencing_token()?)))
-            .collect();
-        if leaders.len() > 1 {
-            self.violation(format!("two leaders at once (slot, token): {leaders:?}"));
+        let mut leaders: std::collections::BTreeMap<&str, Vec<(usize, u64)>> =
+            std::collections::BTreeMap::new();
+        for b in &self.statuses {
+            if let Some(token) = b.status.fencing_token() {
+                leaders
+                    .entry(b.election.as_str())
+                    .or_default()
+                    .push((b.slot, token));
+            }
         }
-        let now_valid: BTreeSet<u64> = leaders.iter().map(|&(_, token)| token).collect();
+        let mut found = Vec::new();
+        for (election, leading) in &leaders {
+            if leading.len() > 1 {
+                found.push(format!(
+                    "two leaders at once in {election} (slot, token): {leading:?}"
+                ));
+            }
+        }
+        let now_valid: BTreeSet<u64> = leaders
+            .values()
+            .flatten()
+            .map(|&(_, token)| token)
+            .collect();
+        let with_leader: Vec<String> = leaders.keys().map(|name| (*name).to_owned()).collect();
+        for what in found {
+            self.violation(what);
+        }
         for token in &now_valid {
             if self.dead.contains(token) {
                 self.violation(format!(
@@ -687,9 +843,8 @@ impl Checker {
         let gone: Vec<u64> = self.valid.difference(&now_valid).copied().collect();
         self.dead.extend(gone);
         self.valid = now_valid;
-        if self.quiet_at.is_some() && self.first_leader_after_quiet.is_none() && !leaders.is_empty()
-        {
-            self.first_leader_after_quiet = Some(Instant::now());
+        if self.quiet_at.is_some() {
+            self.leaders_after_quiet.extend(with_leader);
         }
     }
 }
@@ -707,6 +862,8 @@ enum Partition {
 struct SimDriver {
     world: Arc<World>,
     partition: Arc<Mutex<Option<Partition>>>,
+    /// The send time of the latest request that extended each (candidate, term).
+    confirmations: Arc<Mutex<std::collections::HashMap<(String, u64), Instant>>>,
 }
 
 /// The random end of a candidate id, to tell candidates apart in traces.
@@ -729,6 +886,16 @@ impl SimDriver {
         label: String,
         op: impl FnOnce(&mut Store, Instant) -> (T, bool) + Send + 'static,
     ) -> Result<T> {
+        self.request_within(REQUEST_TIMEOUT, label, op).await
+    }
+
+    /// [`request`](Self::request), waiting up to `limit` for the answer.
+    async fn request_within<T: Send + fmt::Debug + 'static>(
+        &self,
+        limit: Duration,
+        label: String,
+        op: impl FnOnce(&mut Store, Instant) -> (T, bool) + Send + 'static,
+    ) -> Result<T> {
         let world = &self.world;
         world.count(|r| r.requests += 1);
         let partition = *lock(&self.partition);
@@ -738,8 +905,8 @@ impl SimDriver {
         match partition {
             Some(Partition::Refuse) => return Err(unreachable_store()),
             Some(Partition::Hang) => {
-                sleep(REQUEST_TIMEOUT).await;
-                return Err(Error::Timeout(REQUEST_TIMEOUT));
+                sleep(limit).await;
+                return Err(Error::Timeout(limit));
             }
             None => {}
         }
@@ -756,7 +923,15 @@ impl SimDriver {
             } else {
                 Duration::from_millis(rng.random_range(0..=20))
             };
-            let answer_after = (!lost).then(|| Duration::from_millis(rng.random_range(0..=20)));
+            // Most answers come at once; some later than the safety margin, up to the
+            // caller's limit (several TTLs for a campaign), as real networks do.
+            let answer_after = (!lost).then(|| {
+                if chaos && rng.random_bool(0.2) {
+                    Duration::from_millis(rng.random_range(20..=limit.as_millis() as u64))
+                } else {
+                    Duration::from_millis(rng.random_range(0..=20))
+                }
+            });
             (fail, effect_after, answer_after)
         });
         if fail {
@@ -764,9 +939,9 @@ impl SimDriver {
             sleep(effect_after.min(REQUEST_TIMEOUT)).await;
             return Err(unreachable_store());
         }
-        if effect_after + answer_after.unwrap_or(MAX_LATE) >= REQUEST_TIMEOUT {
+        if effect_after + answer_after.unwrap_or(MAX_LATE) >= limit {
             world.count(|r| {
-                if effect_after >= REQUEST_TIMEOUT {
+                if effect_after >= limit {
                     r.late_effects += 1;
                 } else {
                     r.lost_answers += 1;
@@ -778,7 +953,7 @@ impl SimDriver {
         tokio::spawn(async move {
             sleep(effect_after).await;
             let (out, changed) = {
-                let now = Instant::now();
+                let now = effect_world.store_now();
                 op(&mut lock(&effect_world.store), now)
             };
             effect_world.trace(|| format!("{label} -> {out:?} (answer {answer_after:?})"));
@@ -799,13 +974,35 @@ impl SimDriver {
                 Err(_) => std::future::pending().await,
             }
         };
-        timeout(REQUEST_TIMEOUT, answer)
+        timeout(limit, answer)
             .await
-            .map_err(|_| Error::Timeout(REQUEST_TIMEOUT))
+            .map_err(|_| Error::Timeout(limit))
     }
 
     fn lease(&self, candidate: &Candidate) -> Duration {
         candidate.ttl * self.world.lease_factor
+    }
+
+    /// Records that the store extended term `token` of `id` by a request sent at `at`.
+    fn confirmed(&self, id: &str, token: u64, at: Instant) {
+        let mut confirmations = lock(&self.confirmations);
+        let last = confirmations.entry((id.to_owned(), token)).or_insert(at);
+        *last = (*last).max(at);
+    }
+
+    /// An earlier confirmation of the same term, no older than the grant being renewed, to
+    /// answer a renewal with (as one keep-alive shared by every election on a lease does),
+    /// sometimes.
+    fn shared_confirmation(&self, candidate: &Candidate, grant: &Grant) -> Option<Grant> {
+        if !self.world.shared_confirmations {
+            return None;
+        }
+        let at = *lock(&self.confirmations).get(&(candidate.id.clone(), grant.fencing_token))?;
+        if at < grant.confirmed_at || !self.world.draw(|rng| rng.random_bool(0.3)) {
+            return None;
+        }
+        self.world.count(|r| r.shared_confirmations += 1);
+        Some(Grant::new(grant.fencing_token, at, candidate.ttl))
     }
 }
 
@@ -819,11 +1016,13 @@ impl Driver for SimDriver {
             let id = candidate.id.clone();
             let lease = self.lease(candidate);
             let world = Arc::clone(&self.world);
+            let name = candidate.election.clone();
             let acquired = self
-                .request(
-                    format!("acquire {}", short(&candidate.id)),
+                .request_within(
+                    CAMPAIGN_TIMEOUT,
+                    format!("acquire {} in {name}", short(&candidate.id)),
                     move |store, now| {
-                        if let Some(holder) = store.live(now)
+                        if let Some(holder) = store.live(&name, now)
                             && holder.id != id
                         {
                             return (Err(holder.expires_at), false);
@@ -832,8 +1031,8 @@ impl Driver for SimDriver {
                         let token = store.fence;
                         // The exact instant an overlap could begin: nobody else may still
                         // believe it leads when the store hands the election over.
-                        lock(&world.checker).granted(&id, token);
-                        store.holder = Some(Holder {
+                        lock(&world.checker).granted(&id, &name, token);
+                        store.election(&name).holder = Some(Holder {
                             id,
                             token,
                             expires_at: now + lease,
@@ -843,8 +1042,12 @@ impl Driver for SimDriver {
                 )
                 .await?;
             match acquired {
-                Ok(token) => return Ok(Grant::new(token, sent_at, candidate.ttl)),
+                Ok(token) => {
+                    self.confirmed(&candidate.id, token, sent_at);
+                    return Ok(Grant::new(token, sent_at, candidate.ttl));
+                }
                 Err(expires_at) => {
+                    let expires_at = self.world.client_at(expires_at);
                     tokio::select! {
                         biased;
                         changed = changes.changed() => {
@@ -860,14 +1063,18 @@ impl Driver for SimDriver {
     }
 
     async fn renew(&self, candidate: &Candidate, grant: &Grant) -> Result<Grant> {
+        if let Some(shared) = self.shared_confirmation(candidate, grant) {
+            return Ok(shared);
+        }
         let sent_at = Instant::now();
         let id = candidate.id.clone();
         let token = grant.fencing_token;
         let lease = self.lease(candidate);
+        let name = candidate.election.clone();
         let renewed = self
             .request(
                 format!("renew {} {token}", short(&candidate.id)),
-                move |store, now| match store.live(now) {
+                move |store, now| match store.live(&name, now) {
                     Some(holder) if holder.id == id && holder.token == token => {
                         holder.expires_at = now + lease;
                         (true, false)
@@ -877,6 +1084,7 @@ impl Driver for SimDriver {
             )
             .await?;
         if renewed {
+            self.confirmed(&candidate.id, token, sent_at);
             Ok(Grant::new(token, sent_at, candidate.ttl))
         } else {
             Err(Error::TermGone)
@@ -890,10 +1098,12 @@ impl Driver for SimDriver {
             Some(token) => token,
             None => {
                 let id = candidate.id.clone();
+                let name = candidate.election.clone();
                 let label = format!("read own {}", short(&candidate.id));
                 let held = self
                     .request(label, move |store, _now| {
                         let token = store
+                            .election(&name)
                             .holder
                             .as_ref()
                             .filter(|h| h.id == id)
@@ -908,24 +1118,27 @@ impl Driver for SimDriver {
             }
         };
         let id = candidate.id.clone();
+        let name = candidate.election.clone();
         let label = format!("resign {} {token}", short(&candidate.id));
         self.request(label, move |store, _now| {
-            let ours = store
+            let election = store.election(&name);
+            let ours = election
                 .holder
                 .as_ref()
                 .is_some_and(|h| h.id == id && h.token == token);
             if ours {
-                store.holder = None;
+                election.holder = None;
             }
             ((), ours)
         })
         .await
     }
 
-    async fn leader(&self, _election: &str) -> Result<Option<LeaderInfo>> {
-        self.request("leader".to_owned(), |store, now| {
+    async fn leader(&self, election: &str) -> Result<Option<LeaderInfo>> {
+        let name = election.to_owned();
+        self.request("leader".to_owned(), move |store, now| {
             let info = store
-                .live(now)
+                .live(&name, now)
                 .map(|h| LeaderInfo::new(h.id.clone(), h.id.clone(), h.token));
             (info, false)
         })
@@ -936,5 +1149,41 @@ impl Driver for SimDriver {
         let driver = self.clone();
         let election = election.to_owned();
         futures::stream::once(async move { driver.leader(&election).await }).boxed()
+    }
+
+    /// The store pushes the end of a term (its lease expired, or it was deleted), after
+    /// a delay of its own, as etcd's watch does.
+    fn term_gone(&self, candidate: &Candidate, fencing_token: u64) -> BoxFuture<'static, ()> {
+        let world = Arc::clone(&self.world);
+        let id = candidate.id.clone();
+        let name = candidate.election.clone();
+        let delay = world.draw(|rng| Duration::from_millis(rng.random_range(0..=50)));
+        Box::pin(async move {
+            let mut changes = world.changes.subscribe();
+            loop {
+                changes.borrow_and_update();
+                let expires_at = {
+                    let now = world.store_now();
+                    match lock(&world.store).live(&name, now) {
+                        Some(h) if h.id == id && h.token == fencing_token => Some(h.expires_at),
+                        _ => None,
+                    }
+                };
+                let Some(expires_at) = expires_at else {
+                    break;
+                };
+                let expires_at = world.client_at(expires_at);
+                tokio::select! {
+                    changed = changes.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                    }
+                    () = sleep_until(expires_at) => {}
+                }
+            }
+            sleep(delay).await;
+            world.trace(|| format!("pushed: term {fencing_token} of {} is gone", short(&id)));
+        })
     }
 }
