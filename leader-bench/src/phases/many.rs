@@ -77,7 +77,7 @@ pub(crate) async fn hold_elections(
             let mut tries = 0;
             loop {
                 match e.campaign().await {
-                    Err(err) if err.is_transient() && tries < 5 => tries += 1,
+                    Err(err) if err.is_transient() && tries < 20 => tries += 1,
                     result => break result,
                 }
             }
@@ -93,53 +93,36 @@ pub(crate) async fn hold_elections(
 }
 
 pub(crate) async fn measure(bench: &Bench, results: &mut Results) -> BoxResult<()> {
-    let exe = std::env::current_exe()?;
     // One store after the other: 10,000 campaigns at once on each would starve the
-    // machine's two cores, and the drivers' requests would time out.
-    let mut holders = Vec::new();
-    let mut added_kib = Vec::new();
+    // machine's two cores. A store whose holder fails is reported; the others measured.
+    let mut held = Vec::new();
+    let mut failed = Vec::new();
     for store in StoreKind::ALL {
-        let mut holder = LineProcess::spawn(
-            Command::new(&exe)
-                .args([
-                    "hold",
-                    "--store",
-                    &bench.stores.url(store),
-                    "--elections",
-                    &MANY.to_string(),
-                    "--ttl",
-                    &humantime::format_duration(TTL).to_string(),
-                ])
-                .stderr(Stdio::inherit()),
-        )?;
-        let ready = holder
-            .wait_for_line(Duration::from_secs(600), |l| l.starts_with("ready"))
-            .await
-            .map_err(|err| format!("holding {MANY} elections on {}: {err}", store.name()))?;
-        added_kib.push(last_number(&ready).unwrap_or(0));
-        holders.push(holder);
+        match start_holder(store, &bench.stores.url(store)).await {
+            Ok((holder, kib)) => held.push((store, holder, kib)),
+            Err(err) => failed.push(format!("{}: {err}", store.name())),
+        }
     }
     sleep(Duration::from_secs(1)).await;
     let window = Duration::from_secs(10);
     let rates = futures::future::try_join_all(
-        StoreKind::ALL.map(|store| rate(&bench.stores, store, window)),
+        held.iter()
+            .map(|(store, _, _)| rate(&bench.stores, *store, window)),
     )
     .await?;
-    for holder in &holders {
+    for ((store, holder, kib), per_second) in held.into_iter().zip(rates) {
         let _ = holder.signal("KILL");
-    }
-    for (i, store) in StoreKind::ALL.into_iter().enumerate() {
         let name = store.name();
         results.figure(
             &format!("{name}.rss_mib.10000_elections"),
-            added_kib[i] as f64 / 1024.0,
+            kib as f64 / 1024.0,
             "MiB",
             Goal::AtMost(20.0),
             "resident memory added by 10,000 elections on one driver in one process",
         );
         results.figure(
             &format!("{name}.requests_per_second.10000_elections"),
-            rates[i],
+            per_second,
             "requests/s",
             Goal::AtMost(10.0),
             "10,000 elections held by one process on one driver, TTL 10s",
@@ -159,5 +142,33 @@ pub(crate) async fn measure(bench: &Bench, results: &mut Results) -> BoxResult<(
         "10,000 elections on one driver in one process: RSS added; requests/s (TTL 10s)",
         row,
     );
-    Ok(())
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(failed.join("; ").into())
+    }
+}
+
+/// Starts `leader-bench hold` on `url` and waits for its `ready` line: the process and
+/// the RSS its elections added, in KiB.
+async fn start_holder(store: StoreKind, url: &str) -> BoxResult<(LineProcess, u64)> {
+    let exe = std::env::current_exe()?;
+    let mut holder = LineProcess::spawn(
+        Command::new(&exe)
+            .args([
+                "hold",
+                "--store",
+                url,
+                "--elections",
+                &MANY.to_string(),
+                "--ttl",
+                &humantime::format_duration(TTL).to_string(),
+            ])
+            .stderr(Stdio::inherit()),
+    )?;
+    let ready = holder
+        .wait_for_line(Duration::from_secs(600), |l| l.starts_with("ready"))
+        .await
+        .map_err(|err| format!("holding {MANY} elections on {}: {err}", store.name()))?;
+    Ok((holder, last_number(&ready).unwrap_or(0)))
 }

@@ -4,6 +4,7 @@
 mod failover;
 mod floor;
 mod handoff;
+mod handover;
 mod idle;
 pub(crate) mod many;
 mod scale;
@@ -41,7 +42,7 @@ pub(crate) async fn run(args: RunArgs) -> BoxResult<()> {
     macro_rules! phase {
         ($n:literal, $what:literal, $module:ident) => {
             eprintln!(
-                "[{}/6] {} ({:.0}s into the run)",
+                "[{}/7] {} ({:.0}s into the run)",
                 $n,
                 $what,
                 started.elapsed().as_secs_f64()
@@ -55,10 +56,11 @@ pub(crate) async fn run(args: RunArgs) -> BoxResult<()> {
     }
     phase!(1, "store round trip (floor)", floor);
     phase!(2, "graceful handoff between processes", handoff);
-    phase!(3, "crash failover", failover);
-    phase!(4, "idle cost", idle);
-    phase!(5, "handoffs with many waiting", scale);
-    phase!(6, "10,000 elections in one process", many);
+    phase!(3, "planned handover", handover);
+    phase!(4, "crash failover", failover);
+    phase!(5, "idle cost", idle);
+    phase!(6, "handoffs with many waiting", scale);
+    phase!(7, "10,000 elections in one process", many);
     results.figure(
         "bench.samples_dropped",
         crate::stats::dropped() as f64,
