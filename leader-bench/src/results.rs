@@ -265,8 +265,14 @@ pub(crate) fn number(value: f64) -> String {
     }
 }
 
-/// The machine and software of this run (the servers' versions come from `versions`).
-pub(crate) fn meta(versions: &[(StoreKind, String)], quick: bool, seconds: u64) -> BoxResult<Meta> {
+/// The machine and software of this run (the commit from [`commit`], the servers'
+/// versions from `versions`).
+pub(crate) fn meta(
+    commit: &str,
+    versions: &[(StoreKind, String)],
+    quick: bool,
+    seconds: u64,
+) -> BoxResult<Meta> {
     let mut all: BTreeMap<String, String> = versions
         .iter()
         .map(|(store, version)| (store.name().to_owned(), version.clone()))
@@ -277,21 +283,12 @@ pub(crate) fn meta(versions: &[(StoreKind, String)], quick: bool, seconds: u64) 
             .and_then(|v| v.split_whitespace().nth(1).map(str::to_owned))
             .unwrap_or_else(|| "unknown".into()),
     );
-    let commit = command_line("git", &["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into());
-    let dirty = std::process::Command::new("git")
-        .args(["status", "--porcelain", "--untracked-files=no"])
-        .output()
-        .is_ok_and(|out| !out.stdout.is_empty());
     let memory_kib: u64 = proc_field("/proc/meminfo", "MemTotal:")
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0);
     Ok(Meta {
         date: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-        commit: if dirty {
-            format!("{commit}-dirty")
-        } else {
-            commit
-        },
+        commit: commit.to_owned(),
         nproc: std::thread::available_parallelism().map_or(0, usize::from),
         memory: format!("{:.1} GiB", memory_kib as f64 / 1024.0 / 1024.0),
         cpu: proc_field("/proc/cpuinfo", "model name")
@@ -301,6 +298,21 @@ pub(crate) fn meta(versions: &[(StoreKind, String)], quick: bool, seconds: u64) 
         mode: if quick { "quick" } else { "full" }.into(),
         seconds,
     })
+}
+
+/// `git rev-parse HEAD`, with `-dirty` if tracked files differ from it: read before the
+/// run writes its charts into the work tree.
+pub(crate) fn commit() -> String {
+    let commit = command_line("git", &["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    let dirty = std::process::Command::new("git")
+        .args(["status", "--porcelain", "--untracked-files=no"])
+        .output()
+        .is_ok_and(|out| !out.stdout.is_empty());
+    if dirty {
+        format!("{commit}-dirty")
+    } else {
+        commit
+    }
 }
 
 /// The first line of a command's output, trimmed.

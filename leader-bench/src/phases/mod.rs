@@ -30,6 +30,7 @@ pub(crate) struct Bench {
 /// other phases' figures are kept, the failure is noted, and the run fails at the end).
 pub(crate) async fn run(args: RunArgs) -> BoxResult<()> {
     let started = Instant::now();
+    let commit = results::commit();
     leader_testkit::require_binary("etcdctl", "etcd-client")?;
     let bench = Bench {
         stores: Stores::start().await?,
@@ -69,7 +70,7 @@ pub(crate) async fn run(args: RunArgs) -> BoxResult<()> {
         "samples that fell outside a histogram's range",
     );
     let versions = bench.stores.versions().await?;
-    let meta = results::meta(&versions, args.quick, started.elapsed().as_secs())?;
+    let meta = results::meta(&commit, &versions, args.quick, started.elapsed().as_secs())?;
     results.write(&args.results, &meta)?;
     println!("{}", results.markdown(&meta)?);
     eprintln!(
