@@ -2,13 +2,11 @@
 //! distributions, crash failover as a multiple of the TTL, and store requests per handoff
 //! against the number of waiting candidates.
 //!
-//! Each function writes one SVG file (creating its folder); [`out_dir`] says where
-//! `ci/bench` puts them.
-
-// Until `run()` in main.rs calls them (only the tests do so far): remove once it does.
+//! Each function writes one SVG file (creating its folder); `leader-bench run --charts`
+//! says where (`docs` by default, as `ci/bench` runs it).
 
 use std::error::Error;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use hdrhistogram::Histogram;
 use plotters::coord::Shift;
@@ -27,14 +25,6 @@ pub(crate) const REQUESTS_SVG: &str = "bench-requests-per-handoff.svg";
 
 const SIZE: (u32, u32) = (900, 520);
 const FONT: &str = "sans-serif";
-
-/// Where the charts go: `BENCH_SVG_DIR` if set, else `docs` (the README shows
-/// `docs/*.svg`; `ci/bench` runs from the repository's root).
-pub(crate) fn out_dir() -> PathBuf {
-    std::env::var_os("BENCH_SVG_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("docs"))
-}
 
 /// Every sample of a bench histogram (recorded in microseconds), in milliseconds.
 pub(crate) fn histogram_ms(h: &Histogram<u64>) -> Vec<f64> {
@@ -118,38 +108,10 @@ pub(crate) fn handoff_distributions(path: &Path, series: &[(&str, Vec<f64>)]) ->
                 quantile(&sorted, 0.5),
                 quantile(&sorted, 0.99)
             );
-            Curve {
-                label,
-                points,
-                marked: false,
-            }
+            Curve { label, points }
         })
         .collect();
     cdf(path, "graceful handoff latency", &curves)
-}
-
-/// The same chart from percentiles only: per series, (quantile, milliseconds) points, such
-/// as a table's p50 and p99, joined by straight lines and marked.
-#[cfg(test)]
-pub(crate) fn handoff_quantiles(path: &Path, series: &[(&str, Vec<(f64, f64)>)]) -> ChartResult {
-    let curves: Vec<Curve> = series
-        .iter()
-        .map(|(name, points)| {
-            let mut points: Vec<(f64, f64)> = points.iter().map(|&(q, ms)| (ms, q)).collect();
-            points.sort_by(|a, b| a.1.total_cmp(&b.1));
-            let label = points
-                .iter()
-                .map(|(ms, q)| format!("p{} {ms:.2} ms", (q * 100.0).round()))
-                .collect::<Vec<_>>()
-                .join(", ");
-            Curve {
-                label: format!("{name}: {label}"),
-                points,
-                marked: true,
-            }
-        })
-        .collect();
-    cdf(path, "graceful handoff latency (percentiles)", &curves)
 }
 
 /// One cumulative distribution.
@@ -157,8 +119,6 @@ struct Curve {
     label: String,
     /// (milliseconds, fraction done).
     points: Vec<(f64, f64)>,
-    /// Whether to mark each point (the points are percentiles, not steps).
-    marked: bool,
 }
 
 /// Cumulative distributions.
@@ -181,15 +141,7 @@ fn cdf(path: &Path, title: &str, curves: &[Curve]) -> ChartResult {
             .y_desc("fraction of handoffs done")
             .axis_desc_style((FONT, 14))
             .draw()?;
-        for (
-            index,
-            Curve {
-                label,
-                points,
-                marked,
-            },
-        ) in curves.iter().enumerate()
-        {
+        for (index, Curve { label, points }) in curves.iter().enumerate() {
             let c = colour(index);
             chart
                 .draw_series(LineSeries::new(points.iter().copied(), c.stroke_width(2)))?
@@ -197,9 +149,6 @@ fn cdf(path: &Path, title: &str, curves: &[Curve]) -> ChartResult {
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
                 });
-            if *marked {
-                chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, c.filled())))?;
-            }
         }
         chart
             .configure_series_labels()
@@ -238,27 +187,6 @@ pub(crate) fn failover_multiples(path: &Path, points: &[(&str, f64, Vec<f64>)]) 
         })
         .collect();
     failover_chart(path, "crash failover as a multiple of the TTL", &failovers)
-}
-
-/// The same chart from a table's median and worst per (store, TTL in seconds, median,
-/// max), without the dots.
-#[cfg(test)]
-pub(crate) fn failover_summary(path: &Path, points: &[(&str, f64, f64, f64)]) -> ChartResult {
-    let failovers: Vec<Failover<'_>> = points
-        .iter()
-        .map(|&(store, ttl_secs, median, max)| Failover {
-            store,
-            ttl_secs,
-            median,
-            max,
-            samples: &[],
-        })
-        .collect();
-    failover_chart(
-        path,
-        "crash failover as a multiple of the TTL (median, worst)",
-        &failovers,
-    )
 }
 
 fn failover_chart(path: &Path, title: &str, failovers: &[Failover<'_>]) -> ChartResult {
@@ -468,10 +396,6 @@ mod tests {
                 "p50 3.96 ms",
             ],
         );
-        let path = dir.path().join("quantiles.svg");
-        handoff_quantiles(&path, &[("ours on etcd", vec![(0.5, 3.59), (0.99, 4.93)])])
-            .expect("drawn");
-        assert_svg(&path, &["ours on etcd", "p50 3.59 ms", "p99 4.93 ms"]);
     }
 
     #[test]
@@ -489,9 +413,6 @@ mod tests {
         )
         .expect("drawn");
         assert_svg(&path, &["etcd: median", "redis: worst", "TTL + 10 %"]);
-        let path = dir.path().join("summary.svg");
-        failover_summary(&path, &[("etcd", 1.0, 1.12, 1.45)]).expect("drawn");
-        assert_svg(&path, &["etcd: median", "etcd: worst"]);
     }
 
     #[test]
@@ -516,55 +437,5 @@ mod tests {
         h.record_n(2000, 3).expect("recorded");
         h.record(5000).expect("recorded");
         assert_eq!(histogram_ms(&h), vec![2.0, 2.0, 2.0, 5.0]);
-    }
-
-    /// The figures of leader-bench/README.md's table (2026-11-27), drawn into
-    /// `BENCH_README_SVG_DIR` when set (that is how docs/ got its sample charts), else into
-    /// a temporary folder.
-    #[test]
-    fn the_readme_figures_draw() {
-        let temp = tempfile::tempdir().expect("tempdir");
-        let dir = std::env::var_os("BENCH_README_SVG_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| temp.path().to_owned());
-        handoff_quantiles(
-            &dir.join(HANDOFF_SVG),
-            &[
-                ("ours on etcd", vec![(0.5, 3.59), (0.99, 4.93)]),
-                ("etcdctl elect", vec![(0.5, 3.94), (0.99, 6.81)]),
-                ("ours on redis", vec![(0.5, 1.95), (0.99, 2.55)]),
-            ],
-        )
-        .expect("drawn");
-        failover_summary(
-            &dir.join(FAILOVER_SVG),
-            &[
-                ("etcd", 1.0, 1.12, 1.45),
-                ("etcd", 2.0, 1.03, 1.25),
-                ("etcd", 5.0, 0.86, 1.04),
-                ("redis", 1.0, 0.85, 1.03),
-                ("redis", 2.0, 0.84, 1.02),
-                ("redis", 5.0, 0.83, 1.00),
-            ],
-        )
-        .expect("drawn");
-        let waiting = [1, 10, 100, 1000];
-        let row = |values: [f64; 4]| waiting.into_iter().zip(values).collect::<Vec<_>>();
-        requests_per_handoff(
-            &dir.join(REQUESTS_SVG),
-            &[
-                ("etcd: requests", row([8.9, 8.8, 8.3, 8.1])),
-                ("etcd: watch messages sent", row([5.0, 5.0, 5.0, 4.9])),
-                ("redis: commands", row([6.0, 22.4, 195.9, 1311.8])),
-                (
-                    "redis: commands inside scripts",
-                    row([13.2, 46.1, 395.3, 2627.2]),
-                ),
-            ],
-        )
-        .expect("drawn");
-        assert_svg(&dir.join(HANDOFF_SVG), &["etcdctl elect"]);
-        assert_svg(&dir.join(FAILOVER_SVG), &["redis: median"]);
-        assert_svg(&dir.join(REQUESTS_SVG), &["redis: commands"]);
     }
 }

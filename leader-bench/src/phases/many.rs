@@ -1,0 +1,174 @@
+//! 10,000 elections held by one process on one driver: the memory they add and the
+//! requests per second they cost (TTL 10 s). Each store's elections are held by a process
+//! of their own (`leader-bench hold`), so that its RSS counts nothing else; the holders
+//! start one after the other, and their requests are counted at once.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use futures::StreamExt;
+use leader_core::{Driver, Election};
+use leader_testkit::LineProcess;
+use tokio::process::Command;
+use tokio::time::sleep;
+
+use super::idle::rate;
+use super::{Bench, cells, shown};
+use crate::BoxResult;
+use crate::results::{Goal, Results};
+use crate::stats::{last_number, rss_kib};
+use crate::stores::StoreKind;
+
+/// Elections per holding process.
+const MANY: usize = 10_000;
+const TTL: Duration = Duration::from_secs(10);
+
+/// Arguments of `leader-bench hold`.
+#[derive(Args)]
+pub(crate) struct HoldArgs {
+    /// The store URL.
+    #[arg(long)]
+    store: String,
+    /// How many elections to hold.
+    #[arg(long, default_value_t = MANY)]
+    elections: usize,
+    /// The terms' TTL.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    ttl: Duration,
+}
+
+/// `leader-bench hold`: holds the elections on one driver, prints `ready <RSS added in
+/// KiB>`, then waits to be killed.
+pub(crate) async fn hold(args: HoldArgs) -> BoxResult<()> {
+    let before = rss_kib();
+    let driver = leader::connect(&args.store).await?;
+    let elections = hold_elections(
+        &driver,
+        &format!("many-{}", std::process::id()),
+        args.elections,
+        args.ttl,
+    )
+    .await?;
+    println!("ready {}", rss_kib().saturating_sub(before));
+    std::future::pending::<()>().await;
+    drop(elections);
+    Ok(())
+}
+
+/// Campaigns for `n` elections named `{prefix}-{i}` on `driver` (64 at a time) and returns
+/// them once all lead.
+pub(crate) async fn hold_elections(
+    driver: &Arc<dyn Driver>,
+    prefix: &str,
+    n: usize,
+    ttl: Duration,
+) -> BoxResult<Vec<Election>> {
+    let mut elections = Vec::with_capacity(n);
+    let mut pending = futures::stream::FuturesUnordered::new();
+    for i in 0..n {
+        let e = Election::builder(Arc::clone(driver), format!("{prefix}-{i}"))
+            .ttl(ttl)
+            .build()?;
+        elections.push(e.clone());
+        pending.push(async move {
+            // As a service would: a request that timed out on a busy machine is retried.
+            let mut tries = 0;
+            loop {
+                match e.campaign().await {
+                    Err(err) if err.is_transient() && tries < 20 => tries += 1,
+                    result => break result,
+                }
+            }
+        });
+        if pending.len() >= 64 {
+            pending.next().await.ok_or("campaign")??;
+        }
+    }
+    while let Some(result) = pending.next().await {
+        result?;
+    }
+    Ok(elections)
+}
+
+pub(crate) async fn measure(bench: &Bench, results: &mut Results) -> BoxResult<()> {
+    // One store after the other: 10,000 campaigns at once on each would starve the
+    // machine's two cores. A store whose holder fails is reported; the others measured.
+    let mut held = Vec::new();
+    let mut failed = Vec::new();
+    for store in StoreKind::ALL {
+        match start_holder(store, &bench.stores.url(store)).await {
+            Ok((holder, kib)) => held.push((store, holder, kib)),
+            Err(err) => failed.push(format!("{}: {err}", store.name())),
+        }
+    }
+    sleep(Duration::from_secs(1)).await;
+    let window = Duration::from_secs(10);
+    let rates = futures::future::try_join_all(
+        held.iter()
+            .map(|(store, _, _)| rate(&bench.stores, *store, window)),
+    )
+    .await?;
+    for ((store, holder, kib), per_second) in held.into_iter().zip(rates) {
+        let _ = holder.signal("KILL");
+        let name = store.name();
+        results.figure(
+            &format!("{name}.rss_mib.10000_elections"),
+            kib as f64 / 1024.0,
+            "MiB",
+            Goal::AtMost(20.0),
+            "resident memory added by 10,000 elections on one driver in one process",
+        );
+        results.figure(
+            &format!("{name}.requests_per_second.10000_elections"),
+            per_second,
+            "requests/s",
+            Goal::AtMost(10.0),
+            "10,000 elections held by one process on one driver, TTL 10s",
+        );
+    }
+    let row = cells(|s| {
+        format!(
+            "{} MiB; {}/s",
+            shown(results, &format!("{}.rss_mib.10000_elections", s.name())),
+            shown(
+                results,
+                &format!("{}.requests_per_second.10000_elections", s.name())
+            )
+        )
+    });
+    results.row(
+        "10,000 elections on one driver in one process: RSS added; requests/s (TTL 10s)",
+        row,
+    );
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(failed.join("; ").into())
+    }
+}
+
+/// Starts `leader-bench hold` on `url` and waits for its `ready` line: the process and
+/// the RSS its elections added, in KiB.
+async fn start_holder(store: StoreKind, url: &str) -> BoxResult<(LineProcess, u64)> {
+    let exe = std::env::current_exe()?;
+    let mut holder = LineProcess::spawn(
+        Command::new(&exe)
+            .args([
+                "hold",
+                "--store",
+                url,
+                "--elections",
+                &MANY.to_string(),
+                "--ttl",
+                &humantime::format_duration(TTL).to_string(),
+            ])
+            .stderr(Stdio::inherit()),
+    )?;
+    let ready = holder
+        .wait_for_line(Duration::from_secs(600), |l| l.starts_with("ready"))
+        .await
+        .map_err(|err| format!("holding {MANY} elections on {}: {err}", store.name()))?;
+    Ok((holder, last_number(&ready).unwrap_or(0)))
+}
