@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![warn(clippy::unwrap_used)]
 
+mod failure;
 mod renewals;
 mod scripts;
 mod subscriber;
@@ -340,9 +341,9 @@ pub const ACL_COMMANDS: &str = "+evalsha +eval +ping +subscribe +unsubscribe +hg
 /// [`Error::Denied`] (retrying cannot fix it), anything else [`Error::Store`].
 fn redis_error(err: redis::RedisError) -> Error {
     if is_denied(&err) {
-        Error::denied(err)
+        Error::denied(failure::Failure(err))
     } else {
-        Error::store(err)
+        Error::store(failure::Failure(err))
     }
 }
 
