@@ -2,6 +2,8 @@
 //! `--quiet` keeps warnings and errors only; `--log-format json` writes one object per line;
 //! `RUST_LOG`, when set, decides instead.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::cli::LogFormat;
@@ -20,6 +22,7 @@ pub(crate) fn init(format: LogFormat, quiet: bool, chatty: bool) {
     });
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(filter);
     let _ = match format {
         LogFormat::Text => builder.with_target(false).try_init(),
