@@ -37,6 +37,7 @@ macro_rules! exit_statuses {
 #[command(
     name = "leader",
     version,
+    disable_help_subcommand = true,
     about = "Runs a program on exactly one machine at a time, and tells who leads",
     after_help = concat!(
         "Examples:\n  \
