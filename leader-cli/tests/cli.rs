@@ -3,49 +3,16 @@
 //! anyone else is elected when `leader run` is partitioned from the store, the child
 //! killed with `leader run`, `who` and `observe`, and `etcdctl elect` interop.
 
+mod common;
+
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
+use common::{eventually, finish, leader, read};
 use leader_testkit::FaultProxy;
 use leader_testkit::{LineProcess, etcd, redis, unique};
 use tokio::process::Command;
-use tokio::time::{Instant, sleep, timeout};
-
-const BIN: &str = env!("CARGO_BIN_EXE_leader");
-
-fn leader(args: &[&str]) -> Command {
-    let mut command = Command::new(BIN);
-    command
-        .args(args)
-        .env_remove("LEADER_STORE")
-        .env("RUST_LOG", "error")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    command
-}
-
-/// Runs `leader` to completion: (exit code, stdout, stderr).
-async fn finish(mut command: Command) -> (Option<i32>, String, String) {
-    let output = timeout(Duration::from_secs(30), command.output())
-        .await
-        .expect("leader finished in time")
-        .expect("leader ran");
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
-/// Polls `what` until it holds, or fails at `limit`.
-async fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        sleep(Duration::from_millis(20)).await;
-    }
-}
+use tokio::time::{Instant, sleep};
 
 /// The keys of election `name` (no prefix) on the etcd at `addr`: one per candidate in line.
 async fn keys_in_line(addr: std::net::SocketAddr, name: &str) -> usize {
@@ -74,10 +41,6 @@ async fn in_line(addr: std::net::SocketAddr, name: &str, n: usize, limit: Durati
         );
         sleep(Duration::from_millis(20)).await;
     }
-}
-
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
 }
 
 #[tokio::test]

@@ -25,9 +25,64 @@ const REFRESHABLE_MESSAGE: &str = "etcdserver: invalid auth token";
 /// cannot fix (see [`is_denied`]), [`Error::Store`] for everything else.
 pub(crate) fn from_etcd(err: EtcdError) -> Error {
     if is_denied(&err) {
-        Error::denied(err)
+        Error::denied(Failure(err))
     } else {
-        Error::store(err)
+        Error::store(Failure(err))
+    }
+}
+
+/// An etcd client error, printed on one line with each cause once: etcd-client's own
+/// `Display` of a gRPC status ends in a `Debug` dump of its transport error, and its
+/// errors return no [`source`](std::error::Error::source). This one says the gRPC code and
+/// message, and returns the root cause (an I/O or TLS error, say) as its source, unless the
+/// message already says it.
+#[derive(Debug)]
+pub(crate) struct Failure(pub(crate) EtcdError);
+
+impl Failure {
+    /// The innermost cause behind the client's error, if it has one.
+    fn root(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        let mut cause: &(dyn std::error::Error + 'static) = match &self.0 {
+            EtcdError::GRpcStatus(status) => std::error::Error::source(status)?,
+            EtcdError::TransportError(err) => std::error::Error::source(err)?,
+            EtcdError::IoError(err) => std::error::Error::source(err)?,
+            _ => return None,
+        };
+        while let Some(next) = cause.source() {
+            cause = next;
+        }
+        // A status whose message already says it (tonic puts its source's text there).
+        let said = match &self.0 {
+            EtcdError::GRpcStatus(status) => status.message(),
+            _ => "",
+        };
+        (!said.contains(&cause.to_string())).then_some(cause)
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            EtcdError::GRpcStatus(status) if status.message().is_empty() => {
+                write!(f, "etcd: gRPC status {:?}", status.code())
+            }
+            EtcdError::GRpcStatus(status) => {
+                write!(
+                    f,
+                    "etcd: gRPC status {:?}: {}",
+                    status.code(),
+                    status.message()
+                )
+            }
+            EtcdError::TransportError(_) => f.write_str("etcd: transport error"),
+            other => write!(f, "etcd: {other}"),
+        }
+    }
+}
+
+impl std::error::Error for Failure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.root()
     }
 }
 
@@ -116,7 +171,7 @@ pub(crate) fn is_lease_not_found(err: &EtcdError) -> bool {
 /// Whether `err` is an etcd "lease not found" wrapped as a store error.
 pub(crate) fn says_lease_not_found(err: &Error) -> bool {
     matches!(err, Error::Store(source)
-        if source.downcast_ref::<EtcdError>().is_some_and(is_lease_not_found))
+        if source.downcast_ref::<Failure>().is_some_and(|failure| is_lease_not_found(&failure.0)))
 }
 
 #[cfg(test)]
@@ -185,8 +240,24 @@ mod tests {
             let mapped = from_etcd(err);
             assert!(matches!(mapped, Error::Store(_)), "{text}: {mapped:?}");
             let source = std::error::Error::source(&mapped).expect("a source");
-            assert_eq!(source.to_string(), text);
+            let said = source.to_string();
+            assert!(said.starts_with("etcd: "), "{said}");
+            assert!(
+                said.contains("lease not found") || said.contains("etcdserver:"),
+                "{said}"
+            );
         }
+    }
+
+    #[test]
+    fn a_status_with_a_transport_cause_is_one_line_without_debug() {
+        let io = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let status = Status::from_error(Box::new(io));
+        let err = from_etcd(EtcdError::GRpcStatus(status));
+        let chain = ErrorChain(&err).to_string();
+        assert!(!chain.contains("Os {"), "{chain}");
+        assert!(chain.contains("connection refused"), "{chain}");
+        assert_eq!(chain.matches("connection refused").count(), 1, "{chain}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 mod fence;
 mod keyspace;
 mod line;
+mod failure;
 mod renewals;
 mod scripts;
 mod subscriber;
@@ -439,9 +440,9 @@ pub const ACL_COMMANDS: &str = "+evalsha +eval +ping +subscribe +unsubscribe +ge
 /// [`Error::Denied`] (retrying cannot fix it), anything else [`Error::Store`].
 pub(crate) fn redis_error(err: redis::RedisError) -> Error {
     if is_denied(&err) {
-        Error::denied(err)
+        Error::denied(failure::Failure(err))
     } else {
-        Error::store(err)
+        Error::store(failure::Failure(err))
     }
 }
 
