@@ -89,6 +89,10 @@ pub(crate) enum Commands {
     Observe(ObserveArgs),
     /// Print the current leader's value; exit 1 if nobody leads.
     Who(ObserveArgs),
+    /// List every candidate standing, the leader first, then the waiters in the order they
+    /// would lead: one line each (`leader` or `waiting`, the id, the value, tab-separated;
+    /// one JSON object with --json); exit 1 if nobody stands.
+    Candidates(ObserveArgs),
     /// Check a TTL, grace and safety margin: the failover after a crash, how long a cut-off
     /// leader's command may still run, the margin left for clock drift.
     #[command(

@@ -71,6 +71,7 @@ fn main() -> ExitCode {
             Commands::Run(args) => run::run(args).await,
             Commands::Observe(args) => query::observe(args).await,
             Commands::Who(args) => query::who(args).await,
+            Commands::Candidates(args) => query::candidates(args).await,
             Commands::Check(args) => check::check(&args),
         }
     })

@@ -99,3 +99,37 @@ pub(crate) async fn who(args: ObserveArgs) -> ExitCode {
         Err(err) => fail("cannot ask the store", Some(&url), &err),
     }
 }
+
+/// `leader candidates`: every candidate standing, the leader first, one line each
+/// (`leader` or `waiting`, the id, the value, tab-separated; or a JSON object). Exit 1 if
+/// nobody stands.
+pub(crate) async fn candidates(args: ObserveArgs) -> ExitCode {
+    let (election, url) = match observer(&args).await {
+        Ok(found) => found,
+        Err(code) => return code,
+    };
+    let line = match election.candidates().await {
+        Ok(line) => line,
+        Err(err) => return fail("cannot list the candidates", Some(&url), &err),
+    };
+    for candidate in &line {
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "id": candidate.id,
+                    "value": candidate.value_lossy(),
+                    "isLeader": candidate.is_leader,
+                })
+            );
+        } else {
+            let role = if candidate.is_leader {
+                "leader"
+            } else {
+                "waiting"
+            };
+            println!("{role}\t{}\t{}", candidate.id, candidate.value_lossy());
+        }
+    }
+    ExitCode::from(if line.is_empty() { NO_LEADER } else { OK })
+}

@@ -218,7 +218,7 @@ async fn lead(
                 status = child.wait() => status.ok(),
                 () = &mut lost => {
                     log_end(term, events).await;
-                    stop(&mut child, group, plan.grace).await
+                    stop(&mut child, group, plan.grace, term).await
                 }
             };
             let code = exited(status);
@@ -232,7 +232,7 @@ async fn lead(
         }
         None => {
             log_end(term, events).await;
-            let status = stop(&mut child, group, plan.grace).await;
+            let status = stop(&mut child, group, plan.grace, term).await;
             exited(status);
             Led::Lost
         }
@@ -334,8 +334,27 @@ fn send(group: Option<Pid>, signal: Signal, why: &str) {
 
 /// SIGTERM to the command's group, SIGKILL to the group when `grace` is up (and once the
 /// command exited, for whatever it started); its exit status.
-async fn stop(child: &mut Child, group: Option<Pid>, grace: Duration) -> Option<ExitStatus> {
-    send(group, Signal::SIGTERM, "the term ended");
+///
+/// The grace is for stopping before the term's deadline: it runs out `grace` after the
+/// deadline at the latest, still inside the term's margin. A process that was paused past
+/// that (SIGSTOP, a stalled VM) kills the group at once: someone else may lead already.
+async fn stop(
+    child: &mut Child,
+    group: Option<Pid>,
+    grace: Duration,
+    term: &Term,
+) -> Option<ExitStatus> {
+    let kill_by = term.deadline() + grace;
+    let grace = grace.min(kill_by.saturating_duration_since(std::time::Instant::now()));
+    if grace.is_zero() {
+        send(
+            group,
+            Signal::SIGKILL,
+            "the term's deadline and grace have passed",
+        );
+    } else {
+        send(group, Signal::SIGTERM, "the term ended");
+    }
     let status = match tokio::time::timeout(grace, child.wait()).await {
         Ok(status) => status.ok(),
         Err(_) => {

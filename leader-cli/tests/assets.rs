@@ -33,7 +33,7 @@ fn flags(args: &[&str]) -> Vec<String> {
 fn each_subcommand_has_a_man_page_with_every_flag_of_its_help() {
     let main = asset("man/leader.1");
     assert!(main.contains("Exit status"), "the exit statuses: {main}");
-    for sub in ["run", "observe", "who", "check"] {
+    for sub in ["run", "observe", "who", "candidates", "check"] {
         let page = asset(&format!("man/leader-{sub}.1"));
         assert!(main.contains(&format!("leader\\-{sub}")), "{sub} listed");
         for flag in flags(&[sub]) {
@@ -53,7 +53,7 @@ fn completions_for_bash_zsh_and_fish_know_every_subcommand_and_flag() {
         "completions/leader.fish",
     ] {
         let script = asset(file);
-        for sub in ["run", "observe", "who", "check"] {
+        for sub in ["run", "observe", "who", "candidates", "check"] {
             assert!(script.contains(sub), "{file} lacks {sub}");
             for flag in flags(&[sub]) {
                 let bare = flag.trim_start_matches('-');

@@ -7,8 +7,8 @@ mod error;
 mod held;
 mod lease;
 mod observe;
-mod watches;
 mod url;
+mod watches;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -1,9 +1,9 @@
 #![doc = include_str!("../README.md")]
 
+mod failure;
 mod fence;
 mod keyspace;
 mod line;
-mod failure;
 mod renewals;
 mod scripts;
 mod subscriber;

@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 pub use config::Config;
 pub use leader_core::{
-    BoxError, CancellationToken, Candidate, Driver, Election, ElectionBuilder, Error, ErrorChain,
-    Event, EventStream, Grant, LeaderInfo, LossReason, MAX_NAME_LEN, MAX_TTL, MAX_VALUE_LEN,
-    MIN_TTL, Result, Status, StoreUrl, Term, TlsFiles, redact_url, redact_urls,
+    BoxError, CancellationToken, Candidate, CandidateInfo, Driver, Election, ElectionBuilder,
+    Error, ErrorChain, Event, EventStream, Grant, LeaderInfo, LossReason, MAX_NAME_LEN, MAX_TTL,
+    MAX_VALUE_LEN, MIN_TTL, Result, Status, StoreUrl, Term, TlsFiles, redact_url, redact_urls,
 };
 
 /// The etcd driver crate, with the `etcd` feature.
