@@ -570,3 +570,63 @@ async fn a_handover_stops_the_work_before_the_nominee_is_elected() {
         b.resign().await.expect("resign b");
     }
 }
+
+/// At shutdown the work is aborted by the deadline it had when asked to stop, counting a
+/// suspension that came before: a machine asleep for a while before the shutdown leaves
+/// the work that much less time (renewals failing, so the deadline does not move).
+#[tokio::test(start_paused = true)]
+async fn at_shutdown_a_suspension_before_it_shortens_the_works_time() {
+    let driver = MemoryDriver::new();
+    let a = election(&driver, "lead-suspended-before");
+    let log = Log::default();
+    let stop = CancellationToken::new();
+    let lead = spawn_lead(&a, &stop, stubborn_work(&log));
+    wait_until("the work runs", WAIT, || log.at("started 1").is_some()).await;
+    let deadline = Instant::from_std(a.term().expect("a leads").deadline());
+    driver.set_connected(false);
+    let suspension = TTL / 3;
+    crate::testing::simulate_suspension(suspension);
+    stop.cancel();
+    // The store is unreachable: the final resignation fails, which lead() returns.
+    let _ = within("lead returns", WAIT, lead).await.expect("task");
+    let dropped = log.at("dropped").expect("the work was dropped");
+    let due = deadline - suspension;
+    assert!(
+        dropped <= due + Duration::from_millis(5),
+        "aborted {:?} after its deadline (counting the suspension)",
+        dropped - due
+    );
+}
+
+/// At shutdown, a suspension that carries the machine past the deadline the work was given
+/// (while renewals moved the term's own deadline further) aborts the work at once.
+#[tokio::test(start_paused = true)]
+async fn at_shutdown_a_suspension_past_the_works_deadline_aborts_it_at_once() {
+    let driver = MemoryDriver::new();
+    let a = election(&driver, "lead-suspended-during");
+    let log = Log::default();
+    let stop = CancellationToken::new();
+    let lead = spawn_lead(&a, &stop, stubborn_work(&log));
+    wait_until("the work runs", WAIT, || log.at("started 1").is_some()).await;
+    let given = Instant::from_std(a.term().expect("a leads").deadline());
+    stop.cancel();
+    // A renewal moves the term's deadline past the one the work was given.
+    sleep(TTL / 3 + Duration::from_millis(100)).await;
+    let moved = Instant::from_std(a.term().expect("a still leads").deadline());
+    assert!(moved > given, "renewed");
+    let now = Instant::now();
+    // Asleep long enough to pass the work's deadline, not the term's.
+    let suspension = (given - now) + (moved - given) / 2;
+    crate::testing::simulate_suspension(suspension);
+    let resumed = Instant::now();
+    within("lead returns", WAIT, lead)
+        .await
+        .expect("task")
+        .expect("clean shutdown");
+    let dropped = log.at("dropped").expect("the work was dropped");
+    assert!(
+        dropped - resumed < Duration::from_millis(20),
+        "aborted {:?} after the resume",
+        dropped - resumed
+    );
+}

@@ -338,3 +338,55 @@ async fn resign_after_dropping_a_waiting_campaign_waits_for_its_withdrawal() {
     let line = a.candidates().await.expect("candidates()");
     assert_eq!(line.len(), 1, "b's place is gone: {line:?}");
 }
+
+/// The retry of a failed resignation deletes that term by its token (never "whatever the
+/// candidate has", which needs a read first), and `ended_at()` records the step down.
+#[tokio::test(start_paused = true)]
+async fn a_retried_resignation_deletes_by_token_and_ended_at_is_set() {
+    #[derive(Clone)]
+    struct Recording(MemoryDriver, Arc<std::sync::Mutex<Vec<Option<u64>>>>);
+    #[async_trait::async_trait]
+    impl Driver for Recording {
+        async fn campaign(&self, c: &crate::Candidate) -> crate::Result<crate::Grant> {
+            self.0.campaign(c).await
+        }
+        async fn renew(
+            &self,
+            c: &crate::Candidate,
+            g: &crate::Grant,
+        ) -> crate::Result<crate::Grant> {
+            self.0.renew(c, g).await
+        }
+        async fn resign(&self, c: &crate::Candidate, token: Option<u64>) -> crate::Result<()> {
+            self.1.lock().expect("not poisoned").push(token);
+            self.0.resign(c, token).await
+        }
+        async fn leader(&self, e: &str) -> crate::Result<Option<crate::LeaderInfo>> {
+            self.0.leader(e).await
+        }
+        fn observe(
+            &self,
+            e: &str,
+        ) -> futures::stream::BoxStream<'static, crate::Result<Option<crate::LeaderInfo>>> {
+            self.0.observe(e)
+        }
+    }
+    let memory = MemoryDriver::new();
+    let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let e = Election::builder(Recording(memory.clone(), Arc::clone(&calls)), "by-token")
+        .ttl(TTL)
+        .build()
+        .expect("valid");
+    let term = e.campaign().await.expect("elected");
+    assert_eq!(term.ended_at(), None);
+    memory.set_connected(false);
+    assert!(e.resign().await.is_err(), "unreachable");
+    assert!(term.ended_at().is_some(), "stepped down");
+    memory.set_connected(true);
+    e.resign().await.expect("the retry deletes it");
+    let token = Some(term.fencing_token());
+    // The call that failed, the retry, and maybe the background withdrawer's: all by token.
+    let calls = calls.lock().expect("not poisoned").clone();
+    assert!(calls.len() >= 2, "{calls:?}");
+    assert!(calls.iter().all(|call| *call == token), "{calls:?}");
+}
