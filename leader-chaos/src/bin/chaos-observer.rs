@@ -39,7 +39,21 @@ async fn main() {
 }
 
 async fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
-    let driver = leader::connect(&args.store_url).await?;
+    // Connecting may fail while the candidates' drivers set up the store (a PostgreSQL
+    // schema set-up holds a lock under load) or while it restarts: wait for it, as a
+    // service would; only a refusal or a bad URL ends the observer.
+    let mut delay = std::time::Duration::from_millis(50);
+    let driver = loop {
+        match leader::connect(&args.store_url).await {
+            Ok(driver) => break driver,
+            Err(err) if err.is_transient() => {
+                eprintln!("chaos-observer: connecting: {err}; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(1));
+            }
+            Err(err) => return Err(err.into()),
+        }
+    };
     let mut log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
