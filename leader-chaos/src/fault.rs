@@ -41,12 +41,12 @@ pub enum Fault {
     StoreRestart,
     /// etcd only: kill the member the leader talks to, then start it again.
     MemberLoss,
-    /// Redis and PostgreSQL under libfaketime only: the store's wall clock steps forward
+    /// Redis and PostgreSQL with a steppable clock only: the store's wall clock steps forward
     /// by TTL/2, then the leader is partitioned for 2 × TTL. Both stores expire leases by
     /// wall clock: the lease ends TTL/2 early, and the next leader may be elected while the
     /// old one still believes (a documented limit, measured, not failed).
     ClockForwardPartition,
-    /// Redis and PostgreSQL under libfaketime only: the store's wall clock steps back by
+    /// Redis and PostgreSQL with a steppable clock only: the store's wall clock steps back by
     /// TTL/2, then the leader is SIGKILLed: its lease outlives it by TTL/2 more.
     ClockBackKill,
 }

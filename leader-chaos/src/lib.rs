@@ -76,8 +76,8 @@ pub struct Config {
     pub elections: usize,
     /// Runs broken candidates, to show that the checker catches them.
     pub unsafe_mode: Option<UnsafeMode>,
-    /// Starts Redis or PostgreSQL through this `chaos-store` binary under libfaketime, so
-    /// that [`Fault::ClockForwardPartition`] and [`Fault::ClockBackKill`] can step its wall
+    /// Starts Redis or PostgreSQL through this `chaos-store` binary with a steppable wall
+    /// clock (PostgreSQL under libfaketime, Redis under `clockshift.c`), so that [`Fault::ClockForwardPartition`] and [`Fault::ClockBackKill`] can step its wall
     /// clock; `None`: the store runs on the true clock.
     pub clock_store: Option<PathBuf>,
 }

@@ -59,12 +59,13 @@ pub(crate) enum Store {
     Etcd(EtcdServer),
     Redis(RedisServer),
     Postgres(PostgresServer),
-    /// Redis or PostgreSQL started by a `chaos-store` process under libfaketime, its wall
+    /// Redis or PostgreSQL started by a `chaos-store` process under a clock-stepping
+    /// preload library (see [`Store::start_faked`]), its wall
     /// clock offset by what `offset_file` says (moved by [`Store::step_clock`]).
     Faked(Faked),
 }
 
-/// A store under libfaketime (see [`Store::Faked`]).
+/// A store whose wall clock the orchestrator steps (see [`Store::Faked`]).
 pub(crate) struct Faked {
     kind: StoreKind,
     child: tokio::process::Child,
@@ -75,36 +76,79 @@ pub(crate) struct Faked {
     offset_ns: i128,
 }
 
+/// The preload library that steps redis-server's wall clock (see `clockshift.c`).
+const CLOCKSHIFT_C: &str = include_str!("clockshift.c");
+
+/// Builds `clockshift.c` into `dir` with the C compiler (`cc`, which Rust's own linking
+/// needs anyway): the path of the shared library.
+async fn build_clockshift(dir: &std::path::Path) -> BoxResult<std::path::PathBuf> {
+    let source = dir.join("clockshift.c");
+    let library = dir.join("libclockshift.so");
+    std::fs::write(&source, CLOCKSHIFT_C)?;
+    let output = tokio::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o"])
+        .arg(&library)
+        .arg(&source)
+        .output()
+        .await
+        .map_err(|err| format!("cannot run cc to build clockshift.c (install gcc): {err}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "cc could not build clockshift.c: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )
+        .into());
+    }
+    // The library is loaded by processes of other users too (redis-server runs as us, but
+    // keep it readable like the offset file).
+    let mut permissions = std::fs::metadata(&library)?.permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
+    std::fs::set_permissions(&library, permissions)?;
+    Ok(library)
+}
+
 /// Where Debian's `faketime` package puts the library.
 pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 
 impl Store {
-    /// Starts `kind` (Redis or PostgreSQL) through the `chaos-store` binary `helper`, under
-    /// libfaketime with its offset in a file of `dir` (readable by the postgres user).
+    /// Starts `kind` (Redis or PostgreSQL) through the `chaos-store` binary `helper`, its
+    /// wall clock offset by a file of `dir` (readable by the postgres user): PostgreSQL
+    /// under libfaketime, Redis under this crate's `clockshift.c` (redis-server's jemalloc
+    /// hangs under libfaketime), built here with `cc`.
     pub(crate) async fn start_faked(
         kind: StoreKind,
         helper: &std::path::Path,
         dir: &std::path::Path,
     ) -> BoxResult<Store> {
         use tokio::io::AsyncBufReadExt;
-        if !std::path::Path::new(LIBFAKETIME).is_file() {
-            return Err(format!(
-                "{LIBFAKETIME} is missing: install the faketime package (ci/lib.sh does)"
-            )
-            .into());
-        }
         let offset_file = dir.join("faketime-offset");
         std::fs::write(&offset_file, "+0\n")?;
         let mut permissions = std::fs::metadata(dir)?.permissions();
         std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
         std::fs::set_permissions(dir, permissions)?;
-        let mut child = tokio::process::Command::new(helper)
-            .arg(kind.name())
-            .env("LD_PRELOAD", LIBFAKETIME)
-            .env("FAKETIME_TIMESTAMP_FILE", &offset_file)
-            .env("FAKETIME_NO_CACHE", "1")
-            // The stores' timers and the candidates' clock stay true: only wall time moves.
-            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        let mut command = tokio::process::Command::new(helper);
+        command.arg(kind.name());
+        if kind == StoreKind::Redis {
+            let library = build_clockshift(dir).await?;
+            command
+                .env("LD_PRELOAD", library)
+                .env("LEADER_CLOCKSHIFT_FILE", &offset_file);
+        } else {
+            if !std::path::Path::new(LIBFAKETIME).is_file() {
+                return Err(format!(
+                    "{LIBFAKETIME} is missing: install the faketime package (ci/lib.sh does)"
+                )
+                .into());
+            }
+            command
+                .env("LD_PRELOAD", LIBFAKETIME)
+                .env("FAKETIME_TIMESTAMP_FILE", &offset_file)
+                .env("FAKETIME_NO_CACHE", "1")
+                // The stores' timers and the candidates' clock stay true: only wall time
+                // moves.
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        }
+        let mut child = command
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
@@ -130,7 +174,7 @@ impl Store {
     /// store not under libfaketime.
     pub(crate) fn step_clock(&mut self, delta: std::time::Duration, back: bool) -> BoxResult<()> {
         let Store::Faked(faked) = self else {
-            return Err("only a store under libfaketime can have its clock stepped".into());
+            return Err("only a store started with a steppable clock (clock_store) can have its clock stepped".into());
         };
         let delta = i128::try_from(delta.as_nanos())?;
         faked.offset_ns += if back { -delta } else { delta };
@@ -205,7 +249,7 @@ impl Store {
             }
             Store::Faked(_) => {
                 return Err(io::Error::other(
-                    "a store under libfaketime is not restarted by the chaos suite",
+                    "a store with a stepped clock is not restarted by the chaos suite",
                 ));
             }
         }
