@@ -41,6 +41,10 @@ pub enum Fault {
     StoreRestart,
     /// etcd only: kill the member the leader talks to, then start it again.
     MemberLoss,
+    /// etcd only: cut the member the leader talks to off from the other members (raft
+    /// traffic both ways, through the peer proxies) for 2 × TTL; its clients still reach
+    /// it, but it has no quorum.
+    MemberPartition,
     /// Redis and PostgreSQL with a steppable clock only: the store's wall clock steps forward
     /// by TTL/2, then the leader is partitioned for 2 × TTL. Both stores expire leases by
     /// wall clock: the lease ends TTL/2 early, and the next leader may be elected while the
@@ -69,6 +73,7 @@ impl Fault {
             Fault::RevokeLease => "revoke leader lease",
             Fault::StoreRestart => "store restart",
             Fault::MemberLoss => "etcd member loss",
+            Fault::MemberPartition => "etcd member partition 2xTTL",
             Fault::ClockForwardPartition => "clock +TTL/2, partition",
             Fault::ClockBackKill => "clock -TTL/2, sigkill",
         }
@@ -108,6 +113,7 @@ impl Fault {
             Fault::RevokeLease => "revoke",
             Fault::StoreRestart => "restart",
             Fault::MemberLoss => "member",
+            Fault::MemberPartition => "m-part",
             Fault::ClockForwardPartition => "clock+",
             Fault::ClockBackKill => "clock-",
         }
@@ -132,6 +138,7 @@ impl Fault {
         if backend == StoreKind::Etcd {
             faults.push(Fault::RevokeLease);
             faults.push(Fault::MemberLoss);
+            faults.push(Fault::MemberPartition);
         }
         faults
     }
@@ -184,6 +191,9 @@ impl Fault {
             | Fault::Partition
             | Fault::MemberLoss
             | Fault::ClockForwardPartition => ttl + sweep + second,
+            // The isolated member loses its quorum within an election timeout (100 ms in
+            // the tests); a new raft leader extends every lease to its full TTL once.
+            Fault::MemberPartition => ttl + ttl / 5 + sweep + second,
             Fault::ClockBackKill => ttl + ttl / 2 + sweep + second,
             Fault::SlowAnswersThenPartition => Self::slow_answers(ttl).0 + ttl + sweep + second,
             // The renewals that land keep the key alive until the leader's withdrawal, or
@@ -207,6 +217,7 @@ impl Fault {
                 | Fault::Latency
                 | Fault::SlowAnswersThenPartition
                 | Fault::ClockForwardPartition
+                | Fault::MemberPartition
         )
     }
 }

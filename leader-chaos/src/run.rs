@@ -378,6 +378,15 @@ async fn inject(
             lifted = Some(Instant::now());
             run.back_after_restart(bound).await
         }
+        Fault::MemberPartition => {
+            let member = leader % 3;
+            store_out.isolate_member(member)?;
+            let elected = run.elected(exclude, bound).await;
+            sleep_until(started + ttl * 2).await;
+            store_out.heal_member(member)?;
+            lifted = Some(Instant::now());
+            elected
+        }
         Fault::MemberLoss => {
             let member = leader % 3;
             store_out.kill_member(member);

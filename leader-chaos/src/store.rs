@@ -10,7 +10,8 @@ use crate::BoxResult;
 /// A store the election runs on: the one list of stores the chaos suite and the bench
 /// share (their candidates reach it by URL, through `leader::connect`).
 ///
-/// In a chaos [`run`](crate::run), etcd is a 3-member cluster (candidate `i` talks to member
+/// In a chaos [`run`](crate::run), etcd is a 3-member cluster with its peer links through
+/// proxies (so members can be partitioned; candidate `i` talks to member
 /// `i`), Redis one redis-server with `appendonly yes` + `appendfsync always`, PostgreSQL one
 /// server with `fsync=on` (its durable default).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -195,7 +196,7 @@ impl Store {
     /// Starts `kind` as a run uses it.
     pub(crate) fn start(kind: StoreKind) -> io::Result<Store> {
         Ok(match kind {
-            StoreKind::Etcd => Store::Etcd(EtcdServer::start_cluster(3)?),
+            StoreKind::Etcd => Store::Etcd(EtcdServer::start_cluster_with_peer_proxies(3)?),
             StoreKind::Redis => Store::Redis(RedisServer::start_persistent()?),
             // The testkit's default is fsync=off (fast tests); a run tests durability.
             StoreKind::Postgres => Store::Postgres(PostgresServer::start_with(&["fsync=on"])?),
@@ -321,6 +322,23 @@ impl Store {
     pub(crate) fn kill_member(&mut self, member: usize) {
         if let Store::Etcd(server) = self {
             server.kill(member);
+        }
+    }
+
+    /// etcd only: cuts member `member` off from the other members (see
+    /// [`EtcdServer::isolate_member`]).
+    pub(crate) fn isolate_member(&self, member: usize) -> io::Result<()> {
+        match self {
+            Store::Etcd(server) => server.isolate_member(member),
+            _ => Err(io::Error::other("only etcd has members to partition")),
+        }
+    }
+
+    /// etcd only: lets member `member` reach the others again.
+    pub(crate) fn heal_member(&self, member: usize) -> io::Result<()> {
+        match self {
+            Store::Etcd(server) => server.heal_member(member),
+            _ => Err(io::Error::other("only etcd has members to partition")),
         }
     }
 
