@@ -45,6 +45,11 @@ pub enum Fault {
     /// traffic both ways, through the peer proxies) for 2 × TTL; its clients still reach
     /// it, but it has no quorum.
     MemberPartition,
+    /// Redis under Sentinel only: kill the master; the sentinels promote its replica (after
+    /// 2 s down), then the old master is started again and the sentinels make it a replica
+    /// (the bound runs from when it is in sync: with `replicas=1` no term is granted or
+    /// renewed without a replica).
+    MasterFailover,
     /// Redis and PostgreSQL with a steppable clock only: the store's wall clock steps forward
     /// by TTL/2, then the leader is partitioned for 2 × TTL. Both stores expire leases by
     /// wall clock: the lease ends TTL/2 early, and the next leader may be elected while the
@@ -74,6 +79,7 @@ impl Fault {
             Fault::StoreRestart => "store restart",
             Fault::MemberLoss => "etcd member loss",
             Fault::MemberPartition => "etcd member partition 2xTTL",
+            Fault::MasterFailover => "redis sentinel failover",
             Fault::ClockForwardPartition => "clock +TTL/2, partition",
             Fault::ClockBackKill => "clock -TTL/2, sigkill",
         }
@@ -114,6 +120,7 @@ impl Fault {
             Fault::StoreRestart => "restart",
             Fault::MemberLoss => "member",
             Fault::MemberPartition => "m-part",
+            Fault::MasterFailover => "failover",
             Fault::ClockForwardPartition => "clock+",
             Fault::ClockBackKill => "clock-",
         }
@@ -153,6 +160,7 @@ impl Fault {
                 | Fault::WaiterKill
                 | Fault::WaiterPartition
                 | Fault::StoreRestart
+                | Fault::MasterFailover
         )
     }
 
@@ -202,6 +210,9 @@ impl Fault {
             Fault::ShortPause | Fault::Latency => ttl + sweep + second,
             Fault::WaiterKill | Fault::WaiterPartition => second,
             Fault::StoreRestart => Duration::from_secs(15),
+            // Measured from the old master's return as a replica in sync: the promoted
+            // replica holds every acknowledged term.
+            Fault::MasterFailover => ttl + sweep + second,
         }
     }
 

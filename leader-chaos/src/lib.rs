@@ -77,9 +77,15 @@ pub struct Config {
     /// Runs broken candidates, to show that the checker catches them.
     pub unsafe_mode: Option<UnsafeMode>,
     /// Starts Redis or PostgreSQL through this `chaos-store` binary with a steppable wall
-    /// clock (PostgreSQL under libfaketime, Redis under `clockshift.c`), so that [`Fault::ClockForwardPartition`] and [`Fault::ClockBackKill`] can step its wall
-    /// clock; `None`: the store runs on the true clock.
+    /// clock (PostgreSQL under libfaketime, Redis under `clockshift.c`), so that
+    /// [`Fault::ClockForwardPartition`] and [`Fault::ClockBackKill`] can step it; `None`:
+    /// the store runs on the true clock.
     pub clock_store: Option<PathBuf>,
+    /// Redis only: runs Redis under Sentinel (a master and a replica with `appendfsync
+    /// always`, three sentinels), the candidates connecting by the Sentinel URL with
+    /// `replicas=1` (each grant and renewal acknowledged by the replica) and no proxy, for
+    /// [`Fault::MasterFailover`].
+    pub redis_sentinel: bool,
 }
 
 impl Config {
@@ -101,6 +107,7 @@ impl Config {
             elections: 20,
             unsafe_mode: None,
             clock_store: None,
+            redis_sentinel: false,
         }
     }
 }

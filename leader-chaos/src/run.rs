@@ -49,6 +49,7 @@ pub async fn run(config: Config) -> BoxResult<Report> {
     let dir = tempfile::Builder::new().prefix("leader-chaos-").tempdir()?;
     let mut store = match &config.clock_store {
         Some(helper) => Store::start_faked(backend, helper, dir.path()).await?,
+        None if config.redis_sentinel => blocking(Store::start_sentinel).await??,
         None => blocking(move || Store::start(backend)).await??,
     };
     let (events_tx, events) = mpsc::unbounded_channel();
@@ -57,6 +58,7 @@ pub async fn run(config: Config) -> BoxResult<Report> {
         slots.push(Slot::new(FaultProxy::start(store.upstream(slot)).await?));
     }
     let mut run = Run {
+        direct_url: store.direct_url(),
         election: format!("chaos-{}", std::process::id()),
         dir,
         config,
@@ -108,7 +110,7 @@ pub async fn run(config: Config) -> BoxResult<Report> {
         fault_spans.push(timeline::FaultSpan {
             fault,
             lane: match fault {
-                Fault::StoreRestart => None,
+                Fault::StoreRestart | Fault::MasterFailover => None,
                 Fault::WaiterKill | Fault::WaiterPartition => Some(waiter),
                 _ => Some(leader),
             },
@@ -377,6 +379,15 @@ async fn inject(
             }
             lifted = Some(Instant::now());
             run.back_after_restart(bound).await
+        }
+        Fault::MasterFailover => {
+            store_out = blocking(move || -> io::Result<Store> {
+                store_out.fail_over_master()?;
+                Ok(store_out)
+            })
+            .await??;
+            lifted = Some(Instant::now());
+            run.some_leader(bound).await
         }
         Fault::MemberPartition => {
             let member = leader % 3;

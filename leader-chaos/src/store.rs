@@ -3,7 +3,7 @@
 use std::io;
 use std::net::SocketAddr;
 
-use leader_testkit::{EtcdServer, PostgresServer, RedisServer};
+use leader_testkit::{EtcdServer, PostgresServer, RedisSentinel, RedisServer};
 
 use crate::BoxResult;
 
@@ -60,6 +60,8 @@ pub(crate) enum Store {
     Etcd(EtcdServer),
     Redis(RedisServer),
     Postgres(PostgresServer),
+    /// Redis under Sentinel: a master, a replica, three sentinels.
+    Sentinel(RedisSentinel),
     /// Redis or PostgreSQL started by a `chaos-store` process under a clock-stepping
     /// preload library (see [`Store::start_faked`]), its wall
     /// clock offset by what `offset_file` says (moved by [`Store::step_clock`]).
@@ -193,6 +195,38 @@ impl Store {
         }
     }
 
+    /// Starts Redis under Sentinel, the master and the replica with `appendfsync always`.
+    pub(crate) fn start_sentinel() -> io::Result<Store> {
+        Ok(Store::Sentinel(RedisSentinel::start_with(vec![
+            "appendonly yes".to_owned(),
+            "appendfsync always".to_owned(),
+        ])?))
+    }
+
+    /// Redis under Sentinel only: kills the master, waits until the sentinels promoted
+    /// the replica, starts the old master again and waits until the sentinels made it a
+    /// replica in sync (with `replicas=1`, no term is granted or renewed before: WAIT
+    /// needs a replica).
+    pub(crate) fn fail_over_master(&mut self) -> io::Result<()> {
+        let Store::Sentinel(setup) = self else {
+            return Err(io::Error::other("only Redis under Sentinel fails over"));
+        };
+        let old = setup.master()?;
+        setup.servers[old].kill();
+        setup.wait_for_failover(old)?;
+        setup.servers[old].restart()?;
+        setup.wait_for_replica(old)
+    }
+
+    /// The URL candidates use without a proxy in front (Sentinel finds the master itself),
+    /// if the store is reached that way.
+    pub(crate) fn direct_url(&self) -> Option<String> {
+        match self {
+            Store::Sentinel(setup) => Some(format!("{}?replicas=1", setup.url())),
+            _ => None,
+        }
+    }
+
     /// Starts `kind` as a run uses it.
     pub(crate) fn start(kind: StoreKind) -> io::Result<Store> {
         Ok(match kind {
@@ -209,6 +243,8 @@ impl Store {
             Store::Etcd(server) => server.client_addr(slot % 3),
             Store::Redis(server) => server.addr(),
             Store::Postgres(server) => server.addr(),
+            // Unused: the candidates use the direct URL.
+            Store::Sentinel(setup) => setup.sentinels[0].addr(),
             Store::Faked(faked) => faked.addr,
         }
     }
@@ -225,6 +261,7 @@ impl Store {
             ),
             Store::Redis(server) => server.url(),
             Store::Postgres(server) => server.url(),
+            Store::Sentinel(_) => self.direct_url().unwrap_or_default(),
             Store::Faked(faked) => faked.url.clone(),
         }
     }
@@ -251,6 +288,11 @@ impl Store {
             Store::Faked(_) => {
                 return Err(io::Error::other(
                     "a store with a stepped clock is not restarted by the chaos suite",
+                ));
+            }
+            Store::Sentinel(_) => {
+                return Err(io::Error::other(
+                    "Redis under Sentinel fails over instead (Fault::MasterFailover)",
                 ));
             }
         }
@@ -313,6 +355,9 @@ impl Store {
                 answered = crate::monotonic_ns();
                 drop(client);
                 let _ = driving.await;
+            }
+            Store::Sentinel(_) => {
+                return Err("no tampering under Sentinel (Fault::MasterFailover only)".into());
             }
         }
         Ok((sent, answered))

@@ -63,6 +63,21 @@ async fn chaos_postgres() {
     chaos(StoreKind::Postgres).await;
 }
 
+/// Redis under Sentinel: the master is killed, the sentinels promote its replica, the old
+/// master comes back as a replica; the candidates connect by the Sentinel URL with
+/// `replicas=1`, so every grant and renewal is on the replica before it counts, and no term
+/// overlaps another across the failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_redis_sentinel_failover() {
+    let mut config = config(StoreKind::Redis, rounds_from_env(2).min(4));
+    config.faults = Some(vec![Fault::MasterFailover]);
+    config.redis_sentinel = true;
+    let report = run(config).await.expect("the chaos run completes");
+    println!("{}", report.table());
+    keep(&report, "redis-sentinel");
+    assert!(report.passed(), "{}", report.table());
+}
+
 /// The sharpest form of the slow-answer fault: one election per process (on Redis, a
 /// process with several elections also renews the slowed one in the other elections'
 /// batches, whose requests land after the slow answer, so the store's lease outlives even a

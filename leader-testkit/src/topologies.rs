@@ -249,4 +249,14 @@ impl RedisSentinel {
         })?;
         Ok(new)
     }
+
+    /// Waits until [`servers`](Self::servers)`[i]` is a replica in sync with its master
+    /// (after a failover, once the sentinels have made the old master a replica).
+    pub fn wait_for_replica(&self, i: usize) -> io::Result<()> {
+        settle("a replica in sync", || {
+            redis_cli(self.servers[i].addr().port(), &["info", "replication"]).is_ok_and(|info| {
+                info.contains("role:slave") && info.contains("master_link_status:up")
+            })
+        })
+    }
 }
