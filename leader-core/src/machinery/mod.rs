@@ -2,7 +2,7 @@
 //! (renewals, the deadline), ending it (exactly one end event), and withdrawing whatever an
 //! ended term or an abandoned campaign left in the store.
 //!
-//! Invariants kept here, which the simulation in `testing::sim` checks:
+//! Invariants kept here, which the simulation (leader-testkit's `sim`, run by `cargo test -p leader-core --test simulation`) checks:
 //! * Every call that creates or deletes this candidate's key runs under `campaign_lock`,
 //!   so a withdrawal can never race a newer term's creation.
 //! * A term's deadline only moves forward while it has not passed; once `is_valid()` was
