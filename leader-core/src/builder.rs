@@ -152,6 +152,6 @@ fn candidate_id() -> String {
     format!(
         "{host}-{}-{:016x}",
         std::process::id(),
-        rand::random::<u64>()
+        crate::backoff::random_u64()
     )
 }
