@@ -45,10 +45,11 @@ pub enum Fault {
     /// traffic both ways, through the peer proxies) for 2 × TTL; its clients still reach
     /// it, but it has no quorum.
     MemberPartition,
-    /// Redis under Sentinel only: kill the master; the sentinels promote its replica (after
-    /// 2 s down), then the old master is started again and the sentinels make it a replica
-    /// (the bound runs from when it is in sync: with `replicas=1` no term is granted or
-    /// renewed without a replica).
+    /// Redis under Sentinel or as a Cluster only: kill the master (on a Cluster, the one
+    /// serving the driven election); its replica is promoted (after 2 s down under
+    /// Sentinel, the 3 s node timeout on a Cluster), then the old master is started again
+    /// as a replica (the bound runs from when it is in sync: under Sentinel with
+    /// `replicas=1` no term is granted or renewed without a replica).
     MasterFailover,
     /// Redis and PostgreSQL with a steppable clock only: the store's wall clock steps forward
     /// by TTL/2, then the leader is partitioned for 2 × TTL. Both stores expire leases by
@@ -79,7 +80,7 @@ impl Fault {
             Fault::StoreRestart => "store restart",
             Fault::MemberLoss => "etcd member loss",
             Fault::MemberPartition => "etcd member partition 2xTTL",
-            Fault::MasterFailover => "redis sentinel failover",
+            Fault::MasterFailover => "redis master failover",
             Fault::ClockForwardPartition => "clock +TTL/2, partition",
             Fault::ClockBackKill => "clock -TTL/2, sigkill",
         }

@@ -81,11 +81,23 @@ pub struct Config {
     /// [`Fault::ClockForwardPartition`] and [`Fault::ClockBackKill`] can step it; `None`:
     /// the store runs on the true clock.
     pub clock_store: Option<PathBuf>,
-    /// Redis only: runs Redis under Sentinel (a master and a replica with `appendfsync
-    /// always`, three sentinels), the candidates connecting by the Sentinel URL with
-    /// `replicas=1` (each grant and renewal acknowledged by the replica) and no proxy, for
-    /// [`Fault::MasterFailover`].
-    pub redis_sentinel: bool,
+    /// Redis only: runs Redis under Sentinel or as a Cluster with replicas, for
+    /// [`Fault::MasterFailover`]; `None`: one redis-server.
+    pub redis_topology: Option<RedisTopology>,
+}
+
+/// A Redis topology a chaos run can fail over (see [`Config::redis_topology`]); the
+/// candidates connect by its URL, with no proxy in front.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisTopology {
+    /// A master and a replica (`appendfsync always`) and three sentinels; the candidates
+    /// use the Sentinel URL with `replicas=1`: each grant and renewal is acknowledged by
+    /// the replica (WAIT) before it counts.
+    Sentinel,
+    /// Three masters, each with a replica (`appendfsync always`). The driver cannot WAIT
+    /// on a Cluster: a failover may lose the last writes to the master (the documented
+    /// limit), so overlaps across a failover are measured, not failed.
+    Cluster,
 }
 
 impl Config {
@@ -107,7 +119,7 @@ impl Config {
             elections: 20,
             unsafe_mode: None,
             clock_store: None,
-            redis_sentinel: false,
+            redis_topology: None,
         }
     }
 }

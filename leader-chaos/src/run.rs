@@ -49,8 +49,10 @@ pub async fn run(config: Config) -> BoxResult<Report> {
     let dir = tempfile::Builder::new().prefix("leader-chaos-").tempdir()?;
     let mut store = match &config.clock_store {
         Some(helper) => Store::start_faked(backend, helper, dir.path()).await?,
-        None if config.redis_sentinel => blocking(Store::start_sentinel).await??,
-        None => blocking(move || Store::start(backend)).await??,
+        None => match config.redis_topology {
+            Some(topology) => blocking(move || Store::start_topology(topology)).await??,
+            None => blocking(move || Store::start(backend)).await??,
+        },
     };
     let (events_tx, events) = mpsc::unbounded_channel();
     let mut slots = Vec::new();
@@ -381,8 +383,9 @@ async fn inject(
             run.back_after_restart(bound).await
         }
         Fault::MasterFailover => {
+            let election = run.election.clone();
             store_out = blocking(move || -> io::Result<Store> {
-                store_out.fail_over_master()?;
+                store_out.fail_over_master(&election)?;
                 Ok(store_out)
             })
             .await??;

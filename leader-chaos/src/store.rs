@@ -3,7 +3,7 @@
 use std::io;
 use std::net::SocketAddr;
 
-use leader_testkit::{EtcdServer, PostgresServer, RedisSentinel, RedisServer};
+use leader_testkit::{EtcdServer, PostgresServer, RedisCluster, RedisSentinel, RedisServer};
 
 use crate::BoxResult;
 
@@ -62,6 +62,8 @@ pub(crate) enum Store {
     Postgres(PostgresServer),
     /// Redis under Sentinel: a master, a replica, three sentinels.
     Sentinel(RedisSentinel),
+    /// A Redis Cluster of three masters with a replica each.
+    Cluster(RedisCluster),
     /// Redis or PostgreSQL started by a `chaos-store` process under a clock-stepping
     /// preload library (see [`Store::start_faked`]), its wall
     /// clock offset by what `offset_file` says (moved by [`Store::step_clock`]).
@@ -195,27 +197,42 @@ impl Store {
         }
     }
 
-    /// Starts Redis under Sentinel, the master and the replica with `appendfsync always`.
-    pub(crate) fn start_sentinel() -> io::Result<Store> {
-        Ok(Store::Sentinel(RedisSentinel::start_with(vec![
-            "appendonly yes".to_owned(),
-            "appendfsync always".to_owned(),
-        ])?))
+    /// Starts Redis in `topology`, every server with `appendfsync always`.
+    pub(crate) fn start_topology(topology: crate::RedisTopology) -> io::Result<Store> {
+        let durable = vec!["appendonly yes".to_owned(), "appendfsync always".to_owned()];
+        Ok(match topology {
+            crate::RedisTopology::Sentinel => Store::Sentinel(RedisSentinel::start_with(durable)?),
+            crate::RedisTopology::Cluster => {
+                Store::Cluster(RedisCluster::start_with_replicas(3, durable)?)
+            }
+        })
     }
 
-    /// Redis under Sentinel only: kills the master, waits until the sentinels promoted
-    /// the replica, starts the old master again and waits until the sentinels made it a
-    /// replica in sync (with `replicas=1`, no term is granted or renewed before: WAIT
-    /// needs a replica).
-    pub(crate) fn fail_over_master(&mut self) -> io::Result<()> {
-        let Store::Sentinel(setup) = self else {
-            return Err(io::Error::other("only Redis under Sentinel fails over"));
-        };
-        let old = setup.master()?;
-        setup.servers[old].kill();
-        setup.wait_for_failover(old)?;
-        setup.servers[old].restart()?;
-        setup.wait_for_replica(old)
+    /// Redis under Sentinel or as a Cluster only: kills the master (on a Cluster, the one
+    /// that serves election `election`'s keys), waits until its replica took over, starts
+    /// the old master again and waits until it is a replica in sync (under Sentinel with
+    /// `replicas=1` no term is granted or renewed before: WAIT needs a replica).
+    pub(crate) fn fail_over_master(&mut self, election: &str) -> io::Result<()> {
+        match self {
+            Store::Sentinel(setup) => {
+                let old = setup.master()?;
+                setup.servers[old].kill();
+                setup.wait_for_failover(old)?;
+                setup.servers[old].restart()?;
+                setup.wait_for_replica(old)
+            }
+            Store::Cluster(cluster) => {
+                let key = format!("leader:{{{election}}}:leader");
+                let old = cluster.node_of(&key)?;
+                cluster.nodes[old].kill();
+                cluster.wait_for_failover(old, &key)?;
+                cluster.nodes[old].restart()?;
+                cluster.wait_until_ok()
+            }
+            _ => Err(io::Error::other(
+                "only Redis under Sentinel or as a Cluster fails over",
+            )),
+        }
     }
 
     /// The URL candidates use without a proxy in front (Sentinel finds the master itself),
@@ -223,6 +240,7 @@ impl Store {
     pub(crate) fn direct_url(&self) -> Option<String> {
         match self {
             Store::Sentinel(setup) => Some(format!("{}?replicas=1", setup.url())),
+            Store::Cluster(cluster) => Some(cluster.url()),
             _ => None,
         }
     }
@@ -245,6 +263,7 @@ impl Store {
             Store::Postgres(server) => server.addr(),
             // Unused: the candidates use the direct URL.
             Store::Sentinel(setup) => setup.sentinels[0].addr(),
+            Store::Cluster(cluster) => cluster.nodes[0].addr(),
             Store::Faked(faked) => faked.addr,
         }
     }
@@ -261,7 +280,7 @@ impl Store {
             ),
             Store::Redis(server) => server.url(),
             Store::Postgres(server) => server.url(),
-            Store::Sentinel(_) => self.direct_url().unwrap_or_default(),
+            Store::Sentinel(_) | Store::Cluster(_) => self.direct_url().unwrap_or_default(),
             Store::Faked(faked) => faked.url.clone(),
         }
     }
@@ -290,9 +309,10 @@ impl Store {
                     "a store with a stepped clock is not restarted by the chaos suite",
                 ));
             }
-            Store::Sentinel(_) => {
+            Store::Sentinel(_) | Store::Cluster(_) => {
                 return Err(io::Error::other(
-                    "Redis under Sentinel fails over instead (Fault::MasterFailover)",
+                    "Redis under Sentinel or as a Cluster fails over instead \
+                     (Fault::MasterFailover)",
                 ));
             }
         }
@@ -356,8 +376,11 @@ impl Store {
                 drop(client);
                 let _ = driving.await;
             }
-            Store::Sentinel(_) => {
-                return Err("no tampering under Sentinel (Fault::MasterFailover only)".into());
+            Store::Sentinel(_) | Store::Cluster(_) => {
+                return Err(
+                    "no tampering under Sentinel or on a Cluster (Fault::MasterFailover only)"
+                        .into(),
+                );
             }
         }
         Ok((sent, answered))
