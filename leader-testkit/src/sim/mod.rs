@@ -1,6 +1,7 @@
 //! A deterministic simulation of leader election: several candidates, on several drivers,
-//! in one or two elections, against a *model* of a store, on Tokio's paused clock, with a
-//! schedule drawn from one seed.
+//! in one to three elections (named `sim`, `sim-1`, `sim-10`: each a prefix of the next),
+//! against a *model* of a store, on Tokio's paused clock, with a schedule drawn from one
+//! seed.
 //!
 //! The harness is store-neutral. A [`Model`] gives it drivers (the real driver crate's
 //! protocol code on a simulated I/O layer, or [`toy`]'s single-key driver for
