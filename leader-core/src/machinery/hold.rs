@@ -4,11 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::{Instant, sleep_until};
+use tokio::time::Instant;
 use tracing::{Instrument, warn};
 
 use super::Core;
-use super::term_state::{Reading, TermState};
+use super::term_state::{Reading, TermState, Wake};
 use crate::Error;
 use crate::driver::{Driver, Grant};
 use crate::error::ErrorChain;
@@ -51,17 +51,32 @@ impl Core {
                 self.lose(&term, LossReason::Expired);
                 return;
             }
-            // Wait for the renewal time, then renew; the term's end, the store saying it is
-            // gone and the deadline (counting a suspension) win over both.
-            let renewal = async {
-                sleep_until(next_renewal).await;
+            // Rest until the renewal time; the term's end, the store saying it is gone and
+            // the deadline (counting a suspension) win.
+            let wake = tokio::select! {
+                biased;
+                () = term.ended.cancelled() => return,
+                () = &mut gone => {
+                    self.lose(&term, LossReason::Gone);
+                    return;
+                }
+                wake = term.rest_until(next_renewal) => wake,
+            };
+            if wake == Wake::Expired {
+                self.lose(&term, LossReason::Expired);
+                return;
+            }
+            // Renew; the same three win over the request. Boxed: a request's state exists
+            // only while it is in flight, so that the thousands of resting holders of a
+            // process with many elections stay small.
+            let renewal = Box::pin(async {
                 let reading = Reading::now();
                 let renewed = self
                     .renew(&grant, cap)
                     .instrument(self.renewal_span(term.fencing_token))
                     .await;
                 (reading, renewed)
-            };
+            });
             let (reading, renewed) = tokio::select! {
                 biased;
                 () = term.ended.cancelled() => return,

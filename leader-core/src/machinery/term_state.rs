@@ -24,6 +24,15 @@ pub(crate) struct TermState {
     on_deadline: Option<DeadlineHook>,
 }
 
+/// What ended a [`TermState::rest_until`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wake {
+    /// The time asked for came.
+    Due,
+    /// The term's deadline passed first.
+    Expired,
+}
+
 /// A reading of the suspend offset, with the instant it was taken.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Reading {
@@ -114,6 +123,35 @@ impl TermState {
                 changed = suspensions.changed() => {
                     if changed.is_err() {
                         sleep_until(due).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Rests until `due` (then [`Wake::Due`]) unless the term's deadline passes first,
+    /// counting a suspension of the machine as [`expired`](Self::expired) does (then
+    /// [`Wake::Expired`]). One timer for both, so that a resting holder stays small.
+    pub(crate) async fn rest_until(&self, due: Instant) -> Wake {
+        let mut suspensions = crate::clock::suspensions();
+        loop {
+            let wake = {
+                let mut clock = lock(&self.clock);
+                let suspended = clock.confirmed.offset.suspended_since();
+                let now = Instant::now();
+                if !clock.holds() || now + suspended >= clock.deadline {
+                    return Wake::Expired;
+                }
+                if now >= due {
+                    return Wake::Due;
+                }
+                (clock.deadline - suspended).min(due)
+            };
+            tokio::select! {
+                () = sleep_until(wake) => {}
+                changed = suspensions.changed() => {
+                    if changed.is_err() {
+                        sleep_until(wake).await;
                     }
                 }
             }
