@@ -4,7 +4,7 @@
 //! lease it waits behind expires at a given instant (only the head keeps that timer, so
 //! waiters do not poll).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -32,11 +32,11 @@ struct Waiter {
 
 /// One election's waiting candidates on this driver.
 pub(crate) struct Line {
-    waiters: Mutex<HashMap<String, Waiter>>,
+    waiters: Mutex<BTreeMap<String, Waiter>>,
 }
 
 impl Line {
-    fn waiters(&self) -> MutexGuard<'_, HashMap<String, Waiter>> {
+    fn waiters(&self) -> MutexGuard<'_, BTreeMap<String, Waiter>> {
         self.waiters
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -82,7 +82,7 @@ impl Line {
 /// Every election this driver has candidates waiting in, by its line key.
 #[derive(Default)]
 pub(crate) struct Lines {
-    lines: Mutex<HashMap<String, Arc<Line>>>,
+    lines: Mutex<BTreeMap<String, Arc<Line>>>,
 }
 
 /// A waiting candidate's registration; dropping it leaves the driver's refresh.
@@ -99,7 +99,7 @@ impl Drop for Waiting {
 }
 
 impl Lines {
-    fn lines(&self) -> MutexGuard<'_, HashMap<String, Arc<Line>>> {
+    fn lines(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Line>>> {
         self.lines
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -120,7 +120,7 @@ impl Lines {
             Some(line) => (Arc::clone(line), None),
             None => {
                 let line = Arc::new(Line {
-                    waiters: Mutex::new(HashMap::new()),
+                    waiters: Mutex::new(BTreeMap::new()),
                 });
                 lines.insert(key.to_owned(), Arc::clone(&line));
                 (Arc::clone(&line), Some(line))
