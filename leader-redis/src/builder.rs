@@ -10,6 +10,7 @@ use tracing::warn;
 
 use crate::client::{ClientIo, redis_error};
 use crate::driver::RedisDriver;
+use crate::io::RedisIo;
 use crate::topology::Source;
 
 /// The default for [`RedisDriverBuilder::request_timeout`].
@@ -65,6 +66,15 @@ impl RedisDriverBuilder {
     pub fn build(self) -> RedisDriver {
         let prefix = self.prefix.clone();
         RedisDriver::with_io(Arc::new(self.io()), prefix)
+    }
+
+    /// The real I/O layer alone, with these options: what [`build`](Self::build) puts
+    /// under the driver's protocol. For tests that hold a model of Redis to the real
+    /// server (the crate's differential test), and for
+    /// [`RedisDriver::with_io`](crate::RedisDriver::with_io) with a layer of your own
+    /// around it.
+    pub fn build_io(self) -> Arc<dyn RedisIo> {
+        Arc::new(self.io())
     }
 
     /// The real I/O layer with these options.

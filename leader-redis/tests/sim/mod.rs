@@ -152,13 +152,20 @@ pub struct SimIo {
     per_slot: bool,
 }
 
+/// Whether `SIM_TRACE` asks for the schedule (labels are only made then).
+fn tracing() -> bool {
+    static TRACING: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *TRACING.get_or_init(|| std::env::var_os("SIM_TRACE").is_some())
+}
+
 impl SimIo {
     async fn request<T: Send + std::fmt::Debug + 'static>(
         &self,
-        label: String,
+        label: impl FnOnce() -> String,
         f: impl FnOnce(&mut Store) -> T + Send + 'static,
     ) -> Result<T> {
         let store = Arc::clone(&self.store);
+        let label = if tracing() { label() } else { String::new() };
         self.net
             .call(self.client, REQUEST_TIMEOUT, label, move || {
                 let mut store = lock(&store);
@@ -177,64 +184,70 @@ fn short(s: &str) -> &str {
 #[async_trait]
 impl RedisIo for SimIo {
     async fn acquire(&self, r: &Acquire) -> Result<AcquireReply> {
-        let r = r.clone();
-        let label = format!("ACQUIRE {} by {}", r.leader, r.owner);
-        self.request(label, move |s| s.acquire(&r)).await
+        let owned = r.clone();
+        let label = || format!("ACQUIRE {} by {}", r.leader, r.owner);
+        self.request(label, move |s| s.acquire(&owned)).await
     }
 
     async fn renew(&self, terms: &[Renewal]) -> Result<Vec<bool>> {
-        let terms = terms.to_vec();
-        let label = format!(
-            "RENEW {:?}",
-            terms
-                .iter()
-                .map(|t| format!("{}#{}", t.leader, t.token))
-                .collect::<Vec<_>>()
-        );
-        self.request(label, move |s| s.renew(&terms)).await
+        let owned = terms.to_vec();
+        let label = || {
+            format!(
+                "RENEW {:?}",
+                terms
+                    .iter()
+                    .map(|t| format!("{}#{}", t.leader, t.token))
+                    .collect::<Vec<_>>()
+            )
+        };
+        self.request(label, move |s| s.renew(&owned)).await
     }
 
     async fn resign(&self, r: &Resign) -> Result<bool> {
-        let r = r.clone();
-        let label = format!("RESIGN {} by {} token {:?}", r.leader, r.owner, r.token);
-        self.request(label, move |s| s.resign(&r)).await
+        let owned = r.clone();
+        let label = || format!("RESIGN {} by {} token {:?}", r.leader, r.owner, r.token);
+        self.request(label, move |s| s.resign(&owned)).await
     }
 
     async fn refresh(&self, r: &Refresh) -> Result<RefreshReply> {
-        let r = r.clone();
-        let label = format!("REFRESH {} ({} places)", r.line, r.places.len());
-        self.request(label, move |s| s.refresh(&r)).await
+        let owned = r.clone();
+        let label = || format!("REFRESH {} ({} places)", r.line, r.places.len());
+        self.request(label, move |s| s.refresh(&owned)).await
     }
 
     async fn leader(&self, leader: &str) -> Result<Option<LeaderReply>> {
         let key = leader.to_owned();
-        self.request(format!("LEADER {key}"), move |s| s.leader(&key))
+        self.request(|| format!("LEADER {leader}"), move |s| s.leader(&key))
             .await
     }
 
     async fn candidates(&self, r: &Candidates) -> Result<Vec<(String, Vec<u8>)>> {
-        let r = r.clone();
-        self.request(format!("CANDIDATES {}", r.leader), move |s| {
-            s.candidates(&r)
-        })
+        let owned = r.clone();
+        self.request(
+            || format!("CANDIDATES {}", r.leader),
+            move |s| s.candidates(&owned),
+        )
         .await
     }
 
     async fn hand_over(&self, r: &HandOver) -> Result<HandOverReply> {
-        let r = r.clone();
-        let label = format!("HAND_OVER {} to {}", r.leader, r.nominee);
-        self.request(label, move |s| s.hand_over(&r)).await
+        let owned = r.clone();
+        let label = || format!("HAND_OVER {} to {}", r.leader, r.nominee);
+        self.request(label, move |s| s.hand_over(&owned)).await
     }
 
     async fn proclaim(&self, r: &Proclaim) -> Result<bool> {
-        let r = r.clone();
-        self.request(format!("PROCLAIM {}", r.leader), move |s| s.proclaim(&r))
-            .await
+        let owned = r.clone();
+        self.request(
+            || format!("PROCLAIM {}", r.leader),
+            move |s| s.proclaim(&owned),
+        )
+        .await
     }
 
     async fn holds(&self, leader: &str, owner: &str, token: u64) -> Result<bool> {
+        let label = || format!("HOLDS {leader} {} #{token}", short(owner));
         let (key, owner) = (leader.to_owned(), owner.to_owned());
-        let label = format!("HOLDS {key} {} #{token}", short(&owner));
         self.request(label, move |s| s.holds(&key, &owner, token))
             .await
     }
@@ -244,9 +257,10 @@ impl RedisIo for SimIo {
         let store = Arc::clone(&self.store);
         let client = self.client;
         let opened = self
-            .request("PUBSUB connect".to_owned(), move |s| {
-                open(s, &net, &store, client)
-            })
+            .request(
+                || "PUBSUB connect".to_owned(),
+                move |s| open(s, &net, &store, client),
+            )
             .await?;
         let Opened { id, messages } = opened;
         let messages = futures::stream::unfold(messages, |mut rx| async move {
@@ -356,8 +370,8 @@ fn closed() -> Error {
 impl PubSub for SimPubSub {
     async fn subscribe(&mut self, channels: &[String]) -> Result<bool> {
         let id = self.id;
+        let label = || format!("SUBSCRIBE {channels:?} on {id}");
         let channels = channels.to_vec();
-        let label = format!("SUBSCRIBE {channels:?} on {id}");
         let alive = self
             .io
             .request(label, move |s| match s.conns.get_mut(&id) {
@@ -373,8 +387,8 @@ impl PubSub for SimPubSub {
 
     async fn unsubscribe(&mut self, channel: &str) -> Result<()> {
         let id = self.id;
+        let label = || format!("UNSUBSCRIBE {channel} on {id}");
         let channel = channel.to_owned();
-        let label = format!("UNSUBSCRIBE {channel} on {id}");
         let alive = self
             .io
             .request(label, move |s| match s.conns.get_mut(&id) {
@@ -392,9 +406,10 @@ impl PubSub for SimPubSub {
         let id = self.id;
         let alive = self
             .io
-            .request(format!("PING on {id}"), move |s| {
-                s.conns.get(&id).is_some_and(Conn::alive)
-            })
+            .request(
+                || format!("PING on {id}"),
+                move |s| s.conns.get(&id).is_some_and(Conn::alive),
+            )
             .await?;
         if alive { Ok(()) } else { Err(closed()) }
     }
