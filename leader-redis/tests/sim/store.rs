@@ -463,8 +463,12 @@ impl Store {
                 missing.push(i);
             }
         }
+        let any = !refreshed.is_empty();
         for place in refreshed {
             self.zadd(&r.line_until, (now + r.keep_ms) as f64, &place, false);
+        }
+        if any && self.pttl(&r.line_until) == -1 {
+            self.pexpire(&r.line_until, r.keep_ms);
         }
         if self.set_nx(&r.line_maintained, r.period_ms) {
             let stale = self.zrangebyscore(&r.line_until, f64::NEG_INFINITY, now as f64, 64);
