@@ -40,9 +40,15 @@ type Idle = (Arc<dyn RedisIo>, mpsc::UnboundedReceiver<Command>);
 
 struct Shared {
     channels: Mutex<BTreeMap<String, Channel>>,
+    /// The next channel's `seq`.
+    next: std::sync::atomic::AtomicU64,
 }
 
 struct Channel {
+    /// Order of first subscription: reconnections subscribe and wake in this order, not in
+    /// the channels' names' (which hold random candidate ids), so that a seeded simulation
+    /// replays exactly.
+    seq: u64,
     notices: watch::Sender<u64>,
     watchers: usize,
     /// Since when nobody watches it (it stays subscribed for [`LINGER`]).
@@ -108,11 +114,13 @@ impl Shared {
     fn lingered(&self) -> Vec<String> {
         let now = tokio::time::Instant::now();
         let mut channels = self.lock();
-        let old: Vec<String> = channels
+        let mut old: Vec<(u64, String)> = channels
             .iter()
             .filter(|(_, c)| c.idle_since.is_some_and(|at| now - at >= LINGER))
-            .map(|(name, _)| name.clone())
+            .map(|(name, c)| (c.seq, name.clone()))
             .collect();
+        old.sort();
+        let old: Vec<String> = old.into_iter().map(|(_, name)| name).collect();
         for name in &old {
             channels.remove(name);
         }
@@ -120,9 +128,20 @@ impl Shared {
     }
 
     fn notify_all(&self) {
-        for channel in self.lock().values() {
+        let channels = self.lock();
+        let mut ordered: Vec<&Channel> = channels.values().collect();
+        ordered.sort_by_key(|c| c.seq);
+        for channel in ordered {
             channel.notices.send_modify(|n| *n = n.wrapping_add(1));
         }
+    }
+
+    /// Every channel, in the order of their first subscription.
+    fn names(&self) -> Vec<String> {
+        let channels = self.lock();
+        let mut ordered: Vec<(&String, &Channel)> = channels.iter().collect();
+        ordered.sort_by_key(|(_, c)| c.seq);
+        ordered.into_iter().map(|(name, _)| name.clone()).collect()
     }
 }
 
@@ -132,6 +151,7 @@ impl Subscriber {
         Subscriber {
             shared: Arc::new(Shared {
                 channels: Mutex::new(BTreeMap::new()),
+                next: std::sync::atomic::AtomicU64::new(0),
             }),
             commands,
             idle: Mutex::new(Some((io, rx))),
@@ -175,11 +195,16 @@ impl Subscriber {
         if let Some((io, rx)) = idle {
             tokio::spawn(run(io, Arc::clone(&self.shared), rx));
         }
+        let seq = self
+            .shared
+            .next
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (rx, lingering) = {
             let mut channels = self.shared.lock();
             let entry = channels
                 .entry(channel.to_owned())
                 .or_insert_with(|| Channel {
+                    seq,
                     notices: watch::Sender::new(0),
                     watchers: 0,
                     idle_since: None,
@@ -270,7 +295,7 @@ async fn connected(
         commands: mut sink,
         messages: mut stream,
     } = connection;
-    let channels: Vec<String> = shared.lock().keys().cloned().collect();
+    let channels: Vec<String> = shared.names();
     if !channels.is_empty()
         && !matches!(
             timeout(SUBSCRIBE_TIMEOUT, sink.subscribe(&channels)).await,

@@ -73,6 +73,10 @@ pub struct Store {
     base: Instant,
     /// The store's clock during the current request.
     now: Instant,
+    /// The last `TIME` given (µs): a server's clock moves on between two commands, so two
+    /// requests never read the same microsecond (ties would order places by their owners'
+    /// random ids, and a seed would not replay).
+    last_us: u64,
     pub conns: BTreeMap<u64, Conn>,
     pub next_conn: u64,
     /// `__keyspace@0__:` when the server publishes keyspace notifications.
@@ -105,6 +109,7 @@ impl Store {
             keys: BTreeMap::new(),
             base: now,
             now,
+            last_us: 0,
             conns: BTreeMap::new(),
             next_conn: 0,
             keyspace: keyspace.then(|| "__keyspace@0__:".to_owned()),
@@ -117,6 +122,8 @@ impl Store {
     pub fn begin(&mut self) {
         self.now = self.net.store_now();
         let now = self.now;
+        let us = EPOCH_US + u64::try_from(now.duration_since(self.base).as_micros()).unwrap_or(0);
+        self.last_us = us.max(self.last_us + 1);
         let expired: Vec<String> = self
             .keys
             .iter()
@@ -130,7 +137,7 @@ impl Store {
     }
 
     fn now_us(&self) -> u64 {
-        EPOCH_US + u64::try_from(self.now.duration_since(self.base).as_micros()).unwrap_or(0)
+        self.last_us
     }
 
     fn now_ms(&self) -> u64 {
