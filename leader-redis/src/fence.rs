@@ -120,7 +120,7 @@ impl Fence {
                 token,
                 newer: err.detail().and_then(|d| d.trim().parse().ok()),
             }),
-            Err(err) => Err(crate::redis_error(err)),
+            Err(err) => Err(crate::client::redis_error(err)),
         }
     }
 }

@@ -4,7 +4,7 @@
 //! lease it waits behind expires at a given instant (only the head keeps that timer, so
 //! waiters do not poll).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -25,6 +25,9 @@ pub(crate) enum News {
 }
 
 struct Waiter {
+    /// Order of arrival on this driver: the refresh and the news go in this order, not in
+    /// the owners' (random) order, so that a seeded simulation replays exactly.
+    seq: u64,
     place: Vec<u8>,
     ttl: Duration,
     news: watch::Sender<News>,
@@ -32,11 +35,13 @@ struct Waiter {
 
 /// One election's waiting candidates on this driver.
 pub(crate) struct Line {
-    waiters: Mutex<HashMap<String, Waiter>>,
+    waiters: Mutex<BTreeMap<String, Waiter>>,
+    /// The next waiter's `seq`.
+    next: std::sync::atomic::AtomicU64,
 }
 
 impl Line {
-    fn waiters(&self) -> MutexGuard<'_, HashMap<String, Waiter>> {
+    fn waiters(&self) -> MutexGuard<'_, BTreeMap<String, Waiter>> {
         self.waiters
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -47,8 +52,10 @@ impl Line {
     pub(crate) fn snapshot(&self) -> Option<(Vec<Vec<u8>>, Vec<String>, Duration)> {
         let waiters = self.waiters();
         let ttl = waiters.values().map(|w| w.ttl).min()?;
-        let (owners, places) = waiters
-            .iter()
+        let mut ordered: Vec<(&String, &Waiter)> = waiters.iter().collect();
+        ordered.sort_by_key(|(_, w)| w.seq);
+        let (owners, places) = ordered
+            .into_iter()
             .map(|(owner, w)| (owner.clone(), w.place.clone()))
             .unzip();
         Some((places, owners, ttl))
@@ -67,7 +74,10 @@ impl Line {
 
     /// Tells every waiter but `head` that it is behind.
     pub(crate) fn behind_except(&self, head: Option<&str>) {
-        for (owner, waiter) in self.waiters().iter() {
+        let waiters = self.waiters();
+        let mut ordered: Vec<(&String, &Waiter)> = waiters.iter().collect();
+        ordered.sort_by_key(|(_, w)| w.seq);
+        for (owner, waiter) in ordered {
             if Some(owner.as_str()) != head {
                 waiter.news.send_if_modified(|old| {
                     let changed = *old != News::Behind;
@@ -82,7 +92,7 @@ impl Line {
 /// Every election this driver has candidates waiting in, by its line key.
 #[derive(Default)]
 pub(crate) struct Lines {
-    lines: Mutex<HashMap<String, Arc<Line>>>,
+    lines: Mutex<BTreeMap<String, Arc<Line>>>,
 }
 
 /// A waiting candidate's registration; dropping it leaves the driver's refresh.
@@ -99,7 +109,7 @@ impl Drop for Waiting {
 }
 
 impl Lines {
-    fn lines(&self) -> MutexGuard<'_, HashMap<String, Arc<Line>>> {
+    fn lines(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Line>>> {
         self.lines
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -120,15 +130,24 @@ impl Lines {
             Some(line) => (Arc::clone(line), None),
             None => {
                 let line = Arc::new(Line {
-                    waiters: Mutex::new(HashMap::new()),
+                    waiters: Mutex::new(BTreeMap::new()),
+                    next: std::sync::atomic::AtomicU64::new(0),
                 });
                 lines.insert(key.to_owned(), Arc::clone(&line));
                 (Arc::clone(&line), Some(line))
             }
         };
         let (news, rx) = watch::channel(News::None);
-        line.waiters()
-            .insert(owner.to_owned(), Waiter { place, ttl, news });
+        let seq = line.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        line.waiters().insert(
+            owner.to_owned(),
+            Waiter {
+                seq,
+                place,
+                ttl,
+                news,
+            },
+        );
         (
             Waiting {
                 line,

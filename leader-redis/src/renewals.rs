@@ -14,7 +14,7 @@
 //! reaching the store yet) is left out of other terms' calls half a TTL after its last
 //! request: its key then expires at most one and a half TTLs after that, instead of one.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -58,14 +58,14 @@ pub(crate) enum Cached {
 
 #[derive(Default)]
 pub(crate) struct Renewals {
-    terms: Mutex<HashMap<String, Held>>,
+    terms: Mutex<BTreeMap<String, Held>>,
     /// One batch at a time: renewals that arrive meanwhile wait, and most then find theirs
     /// in the cache.
     pub(crate) batch: tokio::sync::Mutex<()>,
 }
 
 impl Renewals {
-    fn terms(&self) -> MutexGuard<'_, HashMap<String, Held>> {
+    fn terms(&self) -> MutexGuard<'_, BTreeMap<String, Held>> {
         self.terms
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())

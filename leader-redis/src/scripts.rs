@@ -196,6 +196,12 @@ if #places > 0 then
   end
   if #refresh > 0 then
     redis.call('ZADD', KEYS[3], unpack(refresh))
+    -- A line-until made anew here (after it expired or emptied, in a period whose
+    -- maintenance already ran) gets the line's expiry too: else, once its waiters are
+    -- elected or woken and nobody refreshes, it would stay forever.
+    if redis.call('PTTL', KEYS[3]) == -1 then
+      redis.call('PEXPIRE', KEYS[3], keep)
+    end
   end
 end
 if redis.call('SET', KEYS[4], '1', 'PX', period, 'NX') then

@@ -1,10 +1,10 @@
 //! One pub/sub connection per driver, shared by every waiting candidate and observer.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use crate::topology::Source;
+use crate::io::RedisIo;
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::timeout;
@@ -32,14 +32,23 @@ const LINGER: Duration = Duration::from_secs(20);
 pub(crate) struct Subscriber {
     shared: Arc<Shared>,
     commands: mpsc::UnboundedSender<Command>,
-    idle: Mutex<Option<(Source, mpsc::UnboundedReceiver<Command>)>>,
+    idle: Mutex<Option<Idle>>,
 }
 
+/// What the connection task starts with: the I/O layer and the commands' receiver.
+type Idle = (Arc<dyn RedisIo>, mpsc::UnboundedReceiver<Command>);
+
 struct Shared {
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: Mutex<BTreeMap<String, Channel>>,
+    /// The next channel's `seq`.
+    next: std::sync::atomic::AtomicU64,
 }
 
 struct Channel {
+    /// Order of first subscription: reconnections subscribe and wake in this order, not in
+    /// the channels' names' (which hold random candidate ids), so that a seeded simulation
+    /// replays exactly.
+    seq: u64,
     notices: watch::Sender<u64>,
     watchers: usize,
     /// Since when nobody watches it (it stays subscribed for [`LINGER`]).
@@ -89,7 +98,7 @@ impl Drop for Notices {
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Channel>> {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Channel>> {
         self.channels
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -105,11 +114,13 @@ impl Shared {
     fn lingered(&self) -> Vec<String> {
         let now = tokio::time::Instant::now();
         let mut channels = self.lock();
-        let old: Vec<String> = channels
+        let mut old: Vec<(u64, String)> = channels
             .iter()
             .filter(|(_, c)| c.idle_since.is_some_and(|at| now - at >= LINGER))
-            .map(|(name, _)| name.clone())
+            .map(|(name, c)| (c.seq, name.clone()))
             .collect();
+        old.sort();
+        let old: Vec<String> = old.into_iter().map(|(_, name)| name).collect();
         for name in &old {
             channels.remove(name);
         }
@@ -117,21 +128,33 @@ impl Shared {
     }
 
     fn notify_all(&self) {
-        for channel in self.lock().values() {
+        let channels = self.lock();
+        let mut ordered: Vec<&Channel> = channels.values().collect();
+        ordered.sort_by_key(|c| c.seq);
+        for channel in ordered {
             channel.notices.send_modify(|n| *n = n.wrapping_add(1));
         }
+    }
+
+    /// Every channel, in the order of their first subscription.
+    fn names(&self) -> Vec<String> {
+        let channels = self.lock();
+        let mut ordered: Vec<(&String, &Channel)> = channels.iter().collect();
+        ordered.sort_by_key(|(_, c)| c.seq);
+        ordered.into_iter().map(|(name, _)| name.clone()).collect()
     }
 }
 
 impl Subscriber {
-    pub(crate) fn new(source: Source) -> Self {
+    pub(crate) fn new(io: Arc<dyn RedisIo>) -> Self {
         let (commands, rx) = mpsc::unbounded_channel();
         Subscriber {
             shared: Arc::new(Shared {
-                channels: Mutex::new(HashMap::new()),
+                channels: Mutex::new(BTreeMap::new()),
+                next: std::sync::atomic::AtomicU64::new(0),
             }),
             commands,
-            idle: Mutex::new(Some((source, rx))),
+            idle: Mutex::new(Some((io, rx))),
         }
     }
 
@@ -169,14 +192,19 @@ impl Subscriber {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .take();
-        if let Some((source, rx)) = idle {
-            tokio::spawn(run(source, Arc::clone(&self.shared), rx));
+        if let Some((io, rx)) = idle {
+            tokio::spawn(run(io, Arc::clone(&self.shared), rx));
         }
+        let seq = self
+            .shared
+            .next
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (rx, lingering) = {
             let mut channels = self.shared.lock();
             let entry = channels
                 .entry(channel.to_owned())
                 .or_insert_with(|| Channel {
+                    seq,
                     notices: watch::Sender::new(0),
                     watchers: 0,
                     idle_since: None,
@@ -210,20 +238,22 @@ impl Subscriber {
 /// The connection task: connect, subscribe every channel, route messages; reconnect with
 /// backoff when the connection drops (to the next node of a Cluster, to the master that
 /// Sentinel names now).
-async fn run(source: Source, shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Command>) {
+async fn run(
+    io: Arc<dyn RedisIo>,
+    shared: Arc<Shared>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+) {
     let mut backoff = Duration::from_millis(50);
     let mut attempt = 0_usize;
     loop {
-        let ended = match timeout(SUBSCRIBE_TIMEOUT, source.node(attempt)).await {
-            Ok(Ok(client)) => connected(&client, &shared, &mut commands).await,
+        let ended = match timeout(SUBSCRIBE_TIMEOUT, io.pubsub(attempt)).await {
+            Ok(Ok(connection)) => connected(connection, &shared, &mut commands).await,
             Ok(Err(err)) => {
-                warn!(error = %err, "no Redis server for pub/sub; waiters fall back to expiry timers");
+                warn!(error = %leader_core::ErrorChain(&err), "Redis pub/sub connection failed; waiters fall back to expiry timers");
                 Ended::Disconnected
             }
             Err(_) => {
-                warn!(
-                    "finding a Redis server for pub/sub timed out; waiters fall back to expiry timers"
-                );
+                warn!("Redis pub/sub connection timed out; waiters fall back to expiry timers");
                 Ended::Disconnected
             }
         };
@@ -257,27 +287,19 @@ enum Ended {
 }
 
 async fn connected(
-    client: &redis::Client,
+    connection: crate::io::PubSubConnection,
     shared: &Shared,
     commands: &mut mpsc::UnboundedReceiver<Command>,
 ) -> Ended {
-    let pubsub = match timeout(SUBSCRIBE_TIMEOUT, client.get_async_pubsub()).await {
-        Ok(Ok(pubsub)) => pubsub,
-        Ok(Err(err)) => {
-            warn!(error = %err, "Redis pub/sub connection failed; waiters fall back to expiry timers");
-            return Ended::Disconnected;
-        }
-        Err(_) => {
-            warn!("Redis pub/sub connection timed out; waiters fall back to expiry timers");
-            return Ended::Disconnected;
-        }
-    };
-    let (mut sink, mut stream) = pubsub.split();
-    let channels: Vec<String> = shared.lock().keys().cloned().collect();
+    let crate::io::PubSubConnection {
+        commands: mut sink,
+        messages: mut stream,
+    } = connection;
+    let channels: Vec<String> = shared.names();
     if !channels.is_empty()
         && !matches!(
             timeout(SUBSCRIBE_TIMEOUT, sink.subscribe(&channels)).await,
-            Ok(Ok(()))
+            Ok(Ok(true))
         )
     {
         return Ended::Disconnected;
@@ -296,8 +318,8 @@ async fn connected(
                         return Ended::Disconnected;
                     }
                 }
-                let pong = timeout(SUBSCRIBE_TIMEOUT, sink.ping::<redis::Value>()).await;
-                if !matches!(pong, Ok(Ok(_))) {
+                let pong = timeout(SUBSCRIBE_TIMEOUT, sink.ping()).await;
+                if !matches!(pong, Ok(Ok(()))) {
                     warn!("Redis pub/sub connection failed its health check; reconnecting");
                     return Ended::Disconnected;
                 }
@@ -305,14 +327,14 @@ async fn connected(
             command = commands.recv() => match command {
                 None => return Ended::DriverGone,
                 Some(Command::Subscribe(channel, confirmed)) => {
-                    let subscribed = timeout(SUBSCRIBE_TIMEOUT, sink.subscribe(&channel)).await;
+                    let subscribed =
+                        timeout(SUBSCRIBE_TIMEOUT, sink.subscribe(std::slice::from_ref(&channel))).await;
                     match subscribed {
-                        Ok(Ok(())) => {
+                        Ok(Ok(true)) => {
                             let _ = confirmed.send(true);
                         }
                         // Refused (an ACL without this channel): the connection is fine.
-                        Ok(Err(err)) if err.code().is_some() => {
-                            debug!(%channel, error = %err, "Redis refused a subscription");
+                        Ok(Ok(false)) => {
                             shared.lock().remove(&channel);
                             let _ = confirmed.send(false);
                         }
@@ -326,9 +348,8 @@ async fn connected(
             },
             message = stream.next() => match message {
                 Some(message) => {
-                    let channel = message.get_channel_name();
-                    if crate::keyspace::worth_a_look(channel, message.get_payload_bytes()) {
-                        shared.notify(channel);
+                    if crate::keyspace::worth_a_look(&message.channel, &message.payload) {
+                        shared.notify(&message.channel);
                     }
                 }
                 None => {

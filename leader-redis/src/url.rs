@@ -6,7 +6,8 @@ use std::time::Duration;
 use leader_core::{Result, StoreUrl};
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo};
 
-use crate::{RedisDriver, RedisDriverBuilder};
+use crate::builder::RedisDriverBuilder;
+use crate::driver::RedisDriver;
 
 /// The schemes [`RedisDriver::connect_url`] takes in this build.
 pub const SCHEMES: &[&str] = if cfg!(feature = "tls") {

@@ -1,0 +1,416 @@
+//! The Redis model for the simulation ([`RedisModel`]) and the simulated I/O layer the
+//! driver's protocol runs on ([`SimIo`]): every request through `Net::call`, pushed
+//! messages through `Net::push_delay` and lost when the client's link drops.
+
+#![allow(dead_code, unreachable_pub)]
+
+pub mod store;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use leader_core::{Error, Result};
+use leader_redis::RedisDriver;
+use leader_redis::io::{
+    Acquire, AcquireReply, Candidates, HandOver, HandOverReply, LeaderReply, Message, Proclaim,
+    PubSub, PubSubConnection, RedisIo, Refresh, RefreshReply, Renewal, Resign,
+};
+use leader_testkit::sim::{ClientId, Model, Net, REQUEST_TIMEOUT};
+use rand::Rng;
+use store::{Conn, Store};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until};
+
+/// The driver's key prefix in the simulation.
+pub const PREFIX: &str = "leader:";
+
+fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {
+    store
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// One simulated Redis server, with what was drawn for this seed.
+pub struct RedisModel {
+    store: Arc<Mutex<Store>>,
+    /// Renewals one call per term, as on a Cluster (no batching across elections).
+    per_slot: bool,
+}
+
+impl RedisModel {
+    /// A model whose options are drawn from `net`'s seed: keyspace notifications on or off,
+    /// renewals batched (one server) or not (as on a Cluster).
+    pub fn new(net: &Net) -> Self {
+        let (keyspace, per_slot) = net.draw(|rng| (rng.random_bool(0.5), rng.random_bool(0.25)));
+        // A Cluster does not use keyspace notifications (they are node-local).
+        Self::with(net, keyspace && !per_slot, per_slot)
+    }
+
+    /// A model with these options.
+    pub fn with(net: &Net, keyspace: bool, per_slot: bool) -> Self {
+        RedisModel {
+            store: Arc::new(Mutex::new(Store::new(net.clone(), keyspace))),
+            per_slot,
+        }
+    }
+
+    /// The simulated I/O layer of `client`.
+    pub fn io(&self, net: &Net, client: ClientId) -> SimIo {
+        SimIo {
+            net: net.clone(),
+            client,
+            store: Arc::clone(&self.store),
+            per_slot: self.per_slot,
+        }
+    }
+
+    /// Runs `f` on the store now (for tests: a look, or tampering).
+    pub fn with_store<T>(&self, f: impl FnOnce(&mut Store) -> T) -> T {
+        let mut store = lock(&self.store);
+        store.begin();
+        f(&mut store)
+    }
+}
+
+impl Model for RedisModel {
+    type Driver = RedisDriver;
+
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn driver(&self, net: &Net, client: ClientId) -> RedisDriver {
+        RedisDriver::with_io(Arc::new(self.io(net, client)), PREFIX)
+    }
+
+    fn tamper(&self, net: &Net) -> Option<String> {
+        let mut store = lock(&self.store);
+        store.begin();
+        // An operator deletes a leader key (a term or a nomination), or a line.
+        let keys: Vec<String> = store
+            .keys
+            .keys()
+            .filter(|k| k.ends_with(":leader") || k.ends_with(":line"))
+            .cloned()
+            .collect();
+        if keys.is_empty() {
+            return None;
+        }
+        let key = keys[net.draw(|rng| rng.random_range(0..keys.len()))].clone();
+        let what = format!("DEL {key} ({:?})", store.keys.get(&key).map(|e| &e.val));
+        store.del(&key);
+        Some(what)
+    }
+
+    fn restart(&self, _net: &Net, kept: bool) {
+        // With `appendfsync always` every acknowledged write survives; without
+        // persistence the data is gone. Pub/sub connections drop either way (the harness
+        // drops every client's link).
+        // Workaround: the fencing counters survive even a restart that loses the data.
+        // Real Redis would hand out token 1 again; the harness excuses overlaps and token
+        // order after a data loss, but not its check that a (candidate, token) term never
+        // leads again once it stopped, which a reissued token of the same candidate trips.
+        let mut store = lock(&self.store);
+        if !kept {
+            store.keys.retain(|key, _| key.ends_with(":fence"));
+        }
+        store.conns.clear();
+    }
+
+    fn volatile(&self) -> bool {
+        true
+    }
+
+    fn leftovers(&self, _net: &Net) -> Vec<String> {
+        let mut store = lock(&self.store);
+        store.begin();
+        store
+            .keys
+            .iter()
+            // The fencing counter stays by design (tokens keep increasing).
+            .filter(|(k, _)| !k.ends_with(":fence"))
+            .map(|(k, e)| format!("{k} = {:?} (expires {:?})", e.val, e.expires))
+            .collect()
+    }
+
+    fn orphan_bound(&self, ttl: Duration) -> Duration {
+        // A late acquisition's key lives its lease from when it landed; Redis expires it
+        // within its sweep (100 ms; the model at the next request).
+        ttl + Duration::from_millis(100)
+    }
+}
+
+/// The driver's I/O on the model: each script one request through the network, applied
+/// atomically when it lands.
+#[derive(Clone)]
+pub struct SimIo {
+    net: Net,
+    client: ClientId,
+    store: Arc<Mutex<Store>>,
+    per_slot: bool,
+}
+
+/// Whether `SIM_TRACE` asks for the schedule (labels are only made then).
+fn tracing() -> bool {
+    static TRACING: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *TRACING.get_or_init(|| std::env::var_os("SIM_TRACE").is_some())
+}
+
+impl SimIo {
+    async fn request<T: Send + std::fmt::Debug + 'static>(
+        &self,
+        label: impl FnOnce() -> String,
+        f: impl FnOnce(&mut Store) -> T + Send + 'static,
+    ) -> Result<T> {
+        let store = Arc::clone(&self.store);
+        let label = if tracing() { label() } else { String::new() };
+        self.net
+            .call(self.client, REQUEST_TIMEOUT, label, move || {
+                let mut store = lock(&store);
+                store.begin();
+                f(&mut store)
+            })
+            .await
+            .map_err(|fault| fault.into_error())
+    }
+}
+
+fn short(s: &str) -> &str {
+    s.rsplit(['{', ':']).next().unwrap_or(s)
+}
+
+#[async_trait]
+impl RedisIo for SimIo {
+    async fn acquire(&self, r: &Acquire) -> Result<AcquireReply> {
+        let owned = r.clone();
+        let label = || format!("ACQUIRE {} by {}", r.leader, r.owner);
+        self.request(label, move |s| s.acquire(&owned)).await
+    }
+
+    async fn renew(&self, terms: &[Renewal]) -> Result<Vec<bool>> {
+        let owned = terms.to_vec();
+        let label = || {
+            format!(
+                "RENEW {:?}",
+                terms
+                    .iter()
+                    .map(|t| format!("{}#{}", t.leader, t.token))
+                    .collect::<Vec<_>>()
+            )
+        };
+        self.request(label, move |s| s.renew(&owned)).await
+    }
+
+    async fn resign(&self, r: &Resign) -> Result<bool> {
+        let owned = r.clone();
+        let label = || format!("RESIGN {} by {} token {:?}", r.leader, r.owner, r.token);
+        self.request(label, move |s| s.resign(&owned)).await
+    }
+
+    async fn refresh(&self, r: &Refresh) -> Result<RefreshReply> {
+        let owned = r.clone();
+        let label = || format!("REFRESH {} ({} places)", r.line, r.places.len());
+        self.request(label, move |s| s.refresh(&owned)).await
+    }
+
+    async fn leader(&self, leader: &str) -> Result<Option<LeaderReply>> {
+        let key = leader.to_owned();
+        self.request(|| format!("LEADER {leader}"), move |s| s.leader(&key))
+            .await
+    }
+
+    async fn candidates(&self, r: &Candidates) -> Result<Vec<(String, Vec<u8>)>> {
+        let owned = r.clone();
+        self.request(
+            || format!("CANDIDATES {}", r.leader),
+            move |s| s.candidates(&owned),
+        )
+        .await
+    }
+
+    async fn hand_over(&self, r: &HandOver) -> Result<HandOverReply> {
+        let owned = r.clone();
+        let label = || format!("HAND_OVER {} to {}", r.leader, r.nominee);
+        self.request(label, move |s| s.hand_over(&owned)).await
+    }
+
+    async fn proclaim(&self, r: &Proclaim) -> Result<bool> {
+        let owned = r.clone();
+        self.request(
+            || format!("PROCLAIM {}", r.leader),
+            move |s| s.proclaim(&owned),
+        )
+        .await
+    }
+
+    async fn holds(&self, leader: &str, owner: &str, token: u64) -> Result<bool> {
+        let label = || format!("HOLDS {leader} {} #{token}", short(owner));
+        let (key, owner) = (leader.to_owned(), owner.to_owned());
+        self.request(label, move |s| s.holds(&key, &owner, token))
+            .await
+    }
+
+    async fn pubsub(&self, _attempt: usize) -> Result<PubSubConnection> {
+        let net = self.net.clone();
+        let store = Arc::clone(&self.store);
+        let client = self.client;
+        let opened = self
+            .request(
+                || "PUBSUB connect".to_owned(),
+                move |s| open(s, &net, &store, client),
+            )
+            .await?;
+        let Opened { id, messages } = opened;
+        let messages = futures::stream::unfold(messages, |mut rx| async move {
+            rx.recv().await.map(|m| (m, rx))
+        })
+        .boxed();
+        Ok(PubSubConnection {
+            commands: Box::new(SimPubSub {
+                io: self.clone(),
+                id,
+            }),
+            messages,
+        })
+    }
+
+    fn keyspace(&self) -> Option<String> {
+        lock(&self.store).keyspace.clone()
+    }
+
+    fn per_slot(&self) -> bool {
+        self.per_slot
+    }
+
+    fn topology(&self) -> &'static str {
+        "simulated"
+    }
+
+    fn jitter(&self, spread: u64) -> u64 {
+        self.net.draw(|rng| rng.random_range(1..=spread.max(1)))
+    }
+}
+
+/// A new pub/sub connection: its id and the receiving end of its messages.
+struct Opened {
+    id: u64,
+    messages: mpsc::UnboundedReceiver<Message>,
+}
+
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "pub/sub connection {}", self.id)
+    }
+}
+
+/// Opens a pub/sub connection of `client` in the store, with a task that delivers its
+/// messages in order, each at its time, until the client's link drops (the connection is
+/// then gone, and so is what was published meanwhile) or the client drops it.
+fn open(s: &mut Store, net: &Net, store: &Arc<Mutex<Store>>, client: ClientId) -> Opened {
+    let id = s.next_conn;
+    s.next_conn += 1;
+    let (tx, mut scheduled) = mpsc::unbounded_channel::<(Instant, Message)>();
+    let (out, messages) = mpsc::unbounded_channel();
+    let mut link = net.link(client);
+    let generation = *link.borrow_and_update();
+    s.conns.insert(
+        id,
+        Conn {
+            client,
+            channels: Default::default(),
+            tx,
+            link: link.clone(),
+            generation,
+            last: Instant::now(),
+        },
+    );
+    let store = Arc::downgrade(store);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                biased;
+                _ = link.changed() => break,
+                () = out.closed() => break,
+                next = scheduled.recv() => {
+                    let Some((at, message)) = next else { break };
+                    tokio::select! {
+                        biased;
+                        _ = link.changed() => break,
+                        () = sleep_until(at) => {}
+                    }
+                    if out.send(message).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(store) = store.upgrade() {
+            lock(&store).conns.remove(&id);
+        }
+    });
+    Opened { id, messages }
+}
+
+/// The commands of a simulated pub/sub connection.
+struct SimPubSub {
+    io: SimIo,
+    id: u64,
+}
+
+fn closed() -> Error {
+    Error::store(std::io::Error::new(
+        std::io::ErrorKind::ConnectionReset,
+        "simulated pub/sub connection closed",
+    ))
+}
+
+#[async_trait]
+impl PubSub for SimPubSub {
+    async fn subscribe(&mut self, channels: &[String]) -> Result<bool> {
+        let id = self.id;
+        let label = || format!("SUBSCRIBE {channels:?} on {id}");
+        let channels = channels.to_vec();
+        let alive = self
+            .io
+            .request(label, move |s| match s.conns.get_mut(&id) {
+                Some(conn) if conn.alive() => {
+                    conn.channels.extend(channels);
+                    true
+                }
+                _ => false,
+            })
+            .await?;
+        if alive { Ok(true) } else { Err(closed()) }
+    }
+
+    async fn unsubscribe(&mut self, channel: &str) -> Result<()> {
+        let id = self.id;
+        let label = || format!("UNSUBSCRIBE {channel} on {id}");
+        let channel = channel.to_owned();
+        let alive = self
+            .io
+            .request(label, move |s| match s.conns.get_mut(&id) {
+                Some(conn) if conn.alive() => {
+                    conn.channels.remove(&channel);
+                    true
+                }
+                _ => false,
+            })
+            .await?;
+        if alive { Ok(()) } else { Err(closed()) }
+    }
+
+    async fn ping(&mut self) -> Result<()> {
+        let id = self.id;
+        let alive = self
+            .io
+            .request(
+                || format!("PING on {id}"),
+                move |s| s.conns.get(&id).is_some_and(Conn::alive),
+            )
+            .await?;
+        if alive { Ok(()) } else { Err(closed()) }
+    }
+}
