@@ -73,6 +73,7 @@ impl RedisDriver {
                     waiting.insert(joined)
                 }
             };
+            waiting.rejoined();
             // Only the head of the line keeps a timer (at the lease it waits behind);
             // the others wait for a wakeup or for their driver's refresh.
             // A lease end already passed is not waited for again (the lease was renewed

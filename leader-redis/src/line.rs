@@ -80,6 +80,12 @@ impl Line {
         for (owner, waiter) in ordered {
             if Some(owner.as_str()) != head {
                 waiter.news.send_if_modified(|old| {
+                    // A place reported missing stays so until its waiter stands in line
+                    // again: overwritten by the same refresh's "behind", it was never
+                    // read, and the waiter waited for a wakeup no one would send.
+                    if *old == News::Missing {
+                        return false;
+                    }
                     let changed = *old != News::Behind;
                     *old = News::Behind;
                     changed
@@ -100,6 +106,21 @@ pub(crate) struct Waiting {
     line: Arc<Line>,
     owner: String,
     pub(crate) news: watch::Receiver<News>,
+}
+
+impl Waiting {
+    /// This waiter stood in line again: a `Missing` it read is over (without a change
+    /// notification: the waiter reads the news afresh).
+    pub(crate) fn rejoined(&self) {
+        if let Some(waiter) = self.line.waiters().get(&self.owner) {
+            waiter.news.send_if_modified(|old| {
+                if *old == News::Missing {
+                    *old = News::None;
+                }
+                false
+            });
+        }
+    }
 }
 
 impl Drop for Waiting {

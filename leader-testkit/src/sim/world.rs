@@ -202,10 +202,10 @@ impl<M: Model> World<M> {
                 }
             }
         }
-        // Every late effect landed long ago and faults stopped: closing the elections
-        // deleted everything they had in the store, at once (a key left to expire on its
-        // own is a leftover: the check comes before any lease could run out).
-        sleep(TTL / 2).await;
+        // Every late effect landed long ago and faults stopped: nothing of a dropped
+        // election outlives it by more than 2 x TTL (the documented bound; bookkeeping a
+        // driver leaves to expire, such as Redis's line, must expire by then).
+        sleep(2 * TTL).await;
         let left = self.model.leftovers(&self.net);
         if !left.is_empty() {
             return Err(format!(
