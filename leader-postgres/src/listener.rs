@@ -7,7 +7,7 @@
 //! candidate id (`w<id>`: its turn may have come) or tells a leader of this driver that
 //! someone else ended its term (`g<token>:<id>`, sent by the table's trigger).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
@@ -15,9 +15,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::timeout;
-use tokio_postgres::{AsyncMessage, Config};
 
-use crate::tls::Tls;
+use crate::io::{ListenConnection, PostgresIo};
 use tracing::{debug, warn};
 
 /// How often an idle `LISTEN` connection is checked with a query: a half-open socket would
@@ -40,9 +39,7 @@ pub(crate) struct Listener {
 }
 
 struct Idle {
-    config: Config,
-    tls: Tls,
-    timeout: Duration,
+    io: Arc<dyn PostgresIo>,
     commands: mpsc::UnboundedReceiver<Command>,
 }
 
@@ -55,11 +52,11 @@ pub(crate) struct Shared {
 #[derive(Default)]
 struct Routes {
     /// Election channels and their watchers (observers).
-    channels: HashMap<String, Channel>,
+    channels: BTreeMap<String, Channel>,
     /// This driver's waiting candidates, by candidate id.
-    waiters: HashMap<String, Arc<Waiter>>,
+    waiters: BTreeMap<String, Arc<Waiter>>,
     /// This driver's leaders, by candidate id: the term they hold and its watch.
-    terms: HashMap<String, (u64, Arc<TermWatch>)>,
+    terms: BTreeMap<String, (u64, Arc<TermWatch>)>,
     /// The last "term gone" notices, for a leader that registers after its notice came.
     recent_gone: VecDeque<(String, u64)>,
     /// The keeper task (refreshing waiters' places) runs.
@@ -256,7 +253,7 @@ impl Shared {
 }
 
 impl Listener {
-    pub(crate) fn new(config: Config, tls: Tls, timeout: Duration, channel: String) -> Self {
+    pub(crate) fn new(io: Arc<dyn PostgresIo>, channel: String) -> Self {
         let (commands, rx) = mpsc::unbounded_channel();
         Listener {
             shared: Arc::new(Shared {
@@ -264,12 +261,7 @@ impl Listener {
                 routes: Mutex::new(Routes::default()),
             }),
             commands,
-            idle: Mutex::new(Some(Idle {
-                config,
-                tls,
-                timeout,
-                commands: rx,
-            })),
+            idle: Mutex::new(Some(Idle { io, commands: rx })),
             ready: AtomicBool::new(false),
         }
     }
@@ -395,15 +387,7 @@ impl Listener {
 async fn run(mut idle: Idle, shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(50);
     loop {
-        match connected(
-            &idle.config,
-            &idle.tls,
-            idle.timeout,
-            &shared,
-            &mut idle.commands,
-        )
-        .await
-        {
+        match connected(idle.io.as_ref(), &shared, &mut idle.commands).await {
             Ended::DriverGone => return,
             Ended::Disconnected { was_up } => {
                 if was_up {
@@ -436,68 +420,25 @@ enum Ended {
     Disconnected { was_up: bool },
 }
 
-fn listen_sql(verb: &str, channels: &[String]) -> String {
-    // Channel names are `leader_` and hex digits (see `sql::channel`): safe to quote.
-    channels
-        .iter()
-        .map(|channel| format!("{verb} \"{channel}\";"))
-        .collect()
-}
-
 async fn connected(
-    config: &Config,
-    tls: &Tls,
-    limit: Duration,
+    io: &dyn PostgresIo,
     shared: &Shared,
     commands: &mut mpsc::UnboundedReceiver<Command>,
 ) -> Ended {
     let down = Ended::Disconnected { was_up: false };
-    let (client, mut connection) = match timeout(limit, tls.connect(config)).await {
-        Ok(Ok(pair)) => pair,
-        Ok(Err(err)) => {
-            warn!(error = %err, "PostgreSQL LISTEN connection failed; waiters fall back to expiry timers");
-            return down;
-        }
-        Err(_) => {
-            warn!("PostgreSQL LISTEN connection timed out; waiters fall back to expiry timers");
+    let ListenConnection {
+        client,
+        mut notifications,
+    } = match io.listen_connection().await {
+        Ok(connection) => connection,
+        Err(err) => {
+            warn!(error = %leader_core::ErrorChain(&err), "PostgreSQL LISTEN connection failed; waiters fall back to expiry timers");
             return down;
         }
     };
-    // The connection's own task: it drives the client's requests and hands over the
-    // notifications; it ends when the connection does.
-    let (tx, mut messages) = mpsc::unbounded_channel();
-    let driving = tokio::spawn(async move {
-        while let Some(message) = connection.next().await {
-            match message {
-                Ok(AsyncMessage::Notification(n)) => {
-                    if tx
-                        .send((n.channel().to_owned(), n.payload().to_owned()))
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(err) => {
-                    warn!(error = %err, "PostgreSQL LISTEN connection lost; reconnecting");
-                    return;
-                }
-            }
-        }
-    });
-    let _abort = AbortOnDrop(driving);
     let mut channels: Vec<String> = shared.lock().channels.keys().cloned().collect();
     channels.push(shared.channel.clone());
-    if !channels.is_empty()
-        && !matches!(
-            timeout(
-                limit,
-                client.batch_execute(&listen_sql("LISTEN", &channels))
-            )
-            .await,
-            Ok(Ok(()))
-        )
-    {
+    if client.listen(&channels).await.is_err() {
         return down;
     }
     debug!(channels = channels.len(), "PostgreSQL LISTEN connection up");
@@ -509,8 +450,7 @@ async fn connected(
     loop {
         tokio::select! {
             _ = health.tick() => {
-                let answer = timeout(limit, client.simple_query("SELECT 1")).await;
-                if !matches!(answer, Ok(Ok(_))) {
+                if client.ping().await.is_err() {
                     warn!("PostgreSQL LISTEN connection failed its health check; reconnecting");
                     return up;
                 }
@@ -518,9 +458,9 @@ async fn connected(
             command = commands.recv() => match command {
                 None => return Ended::DriverGone,
                 Some(Command::Listen(channel, confirmed)) => {
-                    let listened = timeout(limit, client.batch_execute(&listen_sql("LISTEN", std::slice::from_ref(&channel)))).await;
+                    let listened = client.listen(std::slice::from_ref(&channel)).await;
                     let _ = confirmed.send(());
-                    if !matches!(listened, Ok(Ok(()))) {
+                    if listened.is_err() {
                         warn!(%channel, "PostgreSQL LISTEN failed; reconnecting");
                         return up;
                     }
@@ -529,24 +469,18 @@ async fn connected(
                     if shared.lock().channels.contains_key(&channel) {
                         continue; // watched again meanwhile
                     }
-                    let unlistened = timeout(limit, client.batch_execute(&listen_sql("UNLISTEN", std::slice::from_ref(&channel)))).await;
-                    if !matches!(unlistened, Ok(Ok(()))) {
+                    if client.unlisten(&channel).await.is_err() {
                         return up;
                     }
                 }
             },
-            message = messages.recv() => match message {
-                Some((channel, payload)) => shared.notify(&channel, &payload),
-                None => return up,
+            message = notifications.next() => match message {
+                Some(n) => shared.notify(&n.channel, &n.payload),
+                None => {
+                    warn!("PostgreSQL LISTEN connection lost; reconnecting");
+                    return up;
+                }
             },
         }
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
