@@ -62,6 +62,13 @@ impl PostgresDriver {
         }
     }
 
+    /// The I/O layer this driver's protocol runs on (tokio-postgres, unless built with
+    /// [`with_io`](Self::with_io)): to send the protocol's statements one by one, as the
+    /// crate's differential test does against its model.
+    pub fn io(&self) -> &Arc<dyn PostgresIo> {
+        &self.inner.io
+    }
+
     /// The table, as configured (`leader_elections`, `schema.table`).
     pub fn table(&self) -> &str {
         &self.inner.table.name

@@ -1,0 +1,120 @@
+//! A model of PostgreSQL for leader-postgres's protocol: the tables and statements
+//! (`store.rs`), the server with its clock and `LISTEN` sessions, and the driver's I/O
+//! trait on it (`server.rs`); [`PostgresModel`] puts them in the shared simulation
+//! harness. Shared by `tests/simulation.rs` and `tests/differential.rs`.
+
+#![allow(dead_code, unreachable_pub)]
+
+pub mod server;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use leader_postgres::{DEFAULT_TABLE, PostgresDriver};
+pub mod harness_stub;
+use harness::{ClientId, Model, Net};
+pub use harness_stub as harness;
+
+pub use server::{Link, Server, SimIo};
+
+/// The elections the harness runs.
+const ELECTIONS: [&str; 2] = ["sim-0", "sim-1"];
+
+/// PostgreSQL, modelled, with the drivers that talk to it.
+pub struct PostgresModel {
+    server: Arc<Server>,
+}
+
+impl PostgresModel {
+    /// A fresh, empty server on `net`.
+    pub fn new(net: &Net) -> Self {
+        PostgresModel {
+            server: Server::new(Link::Sim(net.clone())),
+        }
+    }
+}
+
+impl Model for PostgresModel {
+    type Driver = PostgresDriver;
+
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn driver(&self, _net: &Net, client: ClientId) -> PostgresDriver {
+        let io = SimIo::new(Arc::clone(&self.server), client);
+        PostgresDriver::with_io(Arc::new(io), DEFAULT_TABLE).expect("the default table is valid")
+    }
+
+    fn tamper(&self, net: &Net) -> Option<String> {
+        if !net.chaos() {
+            return None;
+        }
+        let (kind, which) = net.draw(|rng| {
+            use rand::Rng;
+            (
+                rng.random_range(0..3u8),
+                rng.random_range(0..ELECTIONS.len()),
+            )
+        });
+        let name = ELECTIONS[which];
+        let server = Arc::clone(&self.server);
+        match kind {
+            0 => server
+                .statement(|t, _, notices| t.delete_row(name, notices))
+                .then(|| format!("DELETE FROM leader_elections WHERE name = '{name}'")),
+            1 => server
+                .statement(|t, now, notices| t.expire_row(now, name, notices))
+                .then(|| format!("UPDATE leader_elections SET expires_at = now() WHERE name = '{name}'")),
+            _ => server.statement(|t, now, _| {
+                let live: Vec<_> = t
+                    .waiters
+                    .iter()
+                    .filter(|((n, _), w)| n == name && w.expires_at > now)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                let victim = live.first()?.clone();
+                t.waiters.remove(&victim);
+                Some(format!(
+                    "DELETE FROM leader_elections_waiters WHERE name = '{name}' AND candidate = '{}'",
+                    victim.1
+                ))
+            }),
+        }
+    }
+
+    fn restart(&self, _net: &Net, _kept: bool) {
+        // The WAL keeps the tables; every session ends.
+        self.server.drop_sessions();
+    }
+
+    fn leftovers(&self, _net: &Net) -> Vec<String> {
+        let (tables, now) = self.server.snapshot();
+        let mut left = Vec::new();
+        for (name, row) in &tables.elections {
+            if let Some(holder) = &row.holder
+                && row.expires_at > now
+            {
+                left.push(format!("{name}: term {} of {holder}", row.token));
+            }
+            if let Some(nominee) = &row.nominee
+                && row.nominated_until > now
+            {
+                left.push(format!("{name}: nomination of {nominee}"));
+            }
+        }
+        for ((name, candidate), w) in &tables.waiters {
+            if w.expires_at > now {
+                left.push(format!("{name}: {candidate} in line"));
+            }
+        }
+        left
+    }
+
+    fn orphan_bound(&self, ttl: Duration) -> Duration {
+        // Expiry is exact (every statement compares expires_at with its clock); a
+        // millisecond for the TTL's rounding to microseconds.
+        ttl + Duration::from_millis(1)
+    }
+}
