@@ -307,9 +307,9 @@ async fn compare(name: &str, script: Vec<Step>) {
         .expect("connect");
     let run = format!("{name}{}", std::process::id());
     let mut real = Side::new(Arc::clone(driver.io()), &run).await;
-    let model = sim::Server::new(sim::Link::Quiet);
+    let model = sim::Server::new(leader_testkit::sim::Net::quiet());
     let mut modelled = Side::new(
-        Arc::new(sim::SimIo::new(model, sim::harness::ClientId(0))),
+        Arc::new(sim::SimIo::new(model, leader_testkit::sim::ClientId(0))),
         &run,
     )
     .await;

@@ -6,5 +6,5 @@ mod sim;
 
 #[test]
 fn simulated_schedules_keep_every_safety_property() {
-    sim::harness::run_seeds("leader-postgres", sim::PostgresModel::new);
+    leader_testkit::sim::run_seeds("leader-postgres", sim::PostgresModel::new);
 }

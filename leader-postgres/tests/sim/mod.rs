@@ -12,11 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use leader_postgres::{DEFAULT_TABLE, PostgresDriver};
-pub mod harness_stub;
-use harness::{ClientId, Model, Net};
-pub use harness_stub as harness;
+use leader_testkit::sim::{ClientId, Model, Net};
 
-pub use server::{Link, Server, SimIo};
+pub use server::{Server, SimIo};
 
 /// The elections the harness runs.
 const ELECTIONS: [&str; 2] = ["sim-0", "sim-1"];
@@ -30,7 +28,7 @@ impl PostgresModel {
     /// A fresh, empty server on `net`.
     pub fn new(net: &Net) -> Self {
         PostgresModel {
-            server: Server::new(Link::Sim(net.clone())),
+            server: Server::new(net.clone()),
         }
     }
 }

@@ -1,19 +1,19 @@
 //! The simulated PostgreSQL server: the tables of `store.rs` behind a clock, `LISTEN`
 //! sessions, and [`SimIo`], the driver's I/O trait on top, every request through the
-//! harness's `Net` (or straight through, with no faults, for the differential test).
+//! harness's `Net` (`Net::quiet()` for the differential test: no faults).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use super::harness::{ClientId, Net};
 use futures::StreamExt;
 use leader_core::{CandidateInfo, Error, LeaderInfo, Result};
 use leader_postgres::io::{
     AcquireRequest, Acquired, HandOver, HandOverRequest, Holder, Kept, ListenClient,
     ListenConnection, Notification, Place, PostgresIo, Renewal, Resigned,
 };
+use leader_testkit::sim::{ClientId, Fault, Net, REQUEST_TIMEOUT};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -21,38 +21,6 @@ use super::store::{Notice, Tables};
 
 /// The server's clock reads this many microseconds since 1970 when a run starts.
 const EPOCH_US: i64 = 1_780_000_000_000_000;
-
-/// How requests reach the model.
-#[derive(Clone)]
-pub enum Link {
-    /// Through the simulation's network: delays, losses, partitions.
-    Sim(Net),
-    /// Straight through, at once, on the runtime's clock (no faults).
-    Quiet,
-}
-
-impl Link {
-    fn store_now(&self) -> Instant {
-        match self {
-            Link::Sim(net) => net.store_now(),
-            Link::Quiet => Instant::now(),
-        }
-    }
-
-    fn generation(&self, client: ClientId) -> u64 {
-        match self {
-            Link::Sim(net) => *net.link(client).borrow(),
-            Link::Quiet => 0,
-        }
-    }
-
-    fn push_delay(&self, client: ClientId) -> Option<Duration> {
-        match self {
-            Link::Sim(net) => net.push_delay(client),
-            Link::Quiet => Some(Duration::ZERO),
-        }
-    }
-}
 
 struct Session {
     client: ClientId,
@@ -65,14 +33,12 @@ struct Session {
 
 /// The simulated server.
 pub struct Server {
-    link: Link,
+    net: Net,
     tables: Mutex<Tables>,
     /// (the clock's origin, the last microsecond handed out)
     clock: Mutex<(Instant, i64)>,
     sessions: Mutex<BTreeMap<u64, Session>>,
     next_session: AtomicU64,
-    /// For `random()` without a `Net`.
-    counter: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -80,22 +46,21 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Server {
-    pub fn new(link: Link) -> Arc<Self> {
-        let origin = link.store_now();
+    pub fn new(net: Net) -> Arc<Self> {
+        let origin = net.store_now();
         Arc::new(Server {
-            link,
+            net,
             tables: Mutex::new(Tables::default()),
             clock: Mutex::new((origin, 0)),
             sessions: Mutex::new(BTreeMap::new()),
             next_session: AtomicU64::new(1),
-            counter: AtomicU64::new(0x5eed),
         })
     }
 
     /// `clock_timestamp()`, in microseconds since 1970; never the same twice.
     pub fn now(&self) -> i64 {
         let mut clock = lock(&self.clock);
-        let elapsed = self.link.store_now().saturating_duration_since(clock.0);
+        let elapsed = self.net.store_now().saturating_duration_since(clock.0);
         let us = EPOCH_US + i64::try_from(elapsed.as_micros()).unwrap_or(i64::MAX / 2);
         clock.1 = us.max(clock.1 + 1);
         clock.1
@@ -121,8 +86,7 @@ impl Server {
     fn deliver(&self, notices: Vec<Notice>) {
         let mut seen = BTreeSet::new();
         let mut sessions = lock(&self.sessions);
-        let link = &self.link;
-        sessions.retain(|_, s| link.generation(s.client) == s.generation && !s.outbox.is_closed());
+        sessions.retain(|_, s| self.generation(s.client) == s.generation && !s.outbox.is_closed());
         for (channel, payload) in notices {
             if !seen.insert((channel.clone(), payload.clone())) {
                 continue; // PostgreSQL drops duplicates within a transaction
@@ -131,7 +95,7 @@ impl Server {
                 if !session.channels.contains(&channel) {
                     continue;
                 }
-                let Some(delay) = self.link.push_delay(session.client) else {
+                let Some(delay) = self.net.push_delay(session.client) else {
                     continue;
                 };
                 let at = (Instant::now() + delay).max(session.last_at);
@@ -153,13 +117,12 @@ impl Server {
     }
 
     fn random(&self) -> u64 {
-        match &self.link {
-            Link::Sim(net) => net.draw(rand::Rng::random),
-            Link::Quiet => {
-                let n = self.counter.fetch_add(1, Ordering::Relaxed);
-                n.wrapping_mul(0x9e37_79b9_7f4a_7c15)
-            }
-        }
+        self.net.draw(rand::Rng::random)
+    }
+
+    /// How many times `client`'s connections dropped.
+    fn generation(&self, client: ClientId) -> u64 {
+        *self.net.link(client).borrow()
     }
 }
 
@@ -186,8 +149,10 @@ impl SimIo {
         SimIo {
             server,
             client,
-            limit: leader_postgres::DEFAULT_REQUEST_TIMEOUT,
-            listen_limit: leader_postgres::DEFAULT_CONNECT_TIMEOUT,
+            // The harness's timeout for a 1 s TTL (the driver's defaults, 2 s and 5 s, are
+            // for the default TTL; with a 1 s TTL a service sets them about this short).
+            limit: REQUEST_TIMEOUT,
+            listen_limit: REQUEST_TIMEOUT,
         }
     }
 
@@ -198,13 +163,11 @@ impl SimIo {
         effect: impl FnOnce(&Server) -> T + Send + 'static,
     ) -> Result<T> {
         let server = Arc::clone(&self.server);
-        match &self.server.link {
-            Link::Sim(net) => net
-                .call(self.client, limit, label, move || effect(&server))
-                .await
-                .map_err(|fault| fault.into_error()),
-            Link::Quiet => Ok(effect(&server)),
-        }
+        self.server
+            .net
+            .call(self.client, limit, label, move || effect(&server))
+            .await
+            .map_err(Fault::into_error)
     }
 }
 
@@ -229,7 +192,6 @@ impl PostgresIo for SimIo {
     async fn acquire(&self, r: &AcquireRequest) -> Result<Acquired> {
         let r = r.clone();
         let label = format!("acquire {} {}", r.election, r.candidate);
-        let link = self.server.link.clone();
         let (token, first, remaining_ms) = self
             .call(self.limit, label, move |server| {
                 let row = server.statement(|t, now, notices| {
@@ -244,8 +206,8 @@ impl PostgresIo for SimIo {
                         notices,
                     )
                 });
-                if let (Link::Sim(net), Some(token)) = (&link, row.0) {
-                    net.granted(&r.candidate, &r.election, token as u64);
+                if let Some(token) = row.0 {
+                    server.net.granted(&r.candidate, &r.election, token as u64);
                 }
                 row
             })
@@ -408,24 +370,20 @@ impl PostgresIo for SimIo {
         let id = self
             .call(self.listen_limit, "connect LISTEN".into(), move |server| {
                 let id = server.next_session.fetch_add(1, Ordering::Relaxed);
-                let generation = server.link.generation(client);
+                let mut link = server.net.link(client);
+                let generation = *link.borrow();
                 let (outbox, mut queue) = mpsc::unbounded_channel::<(Instant, Notification)>();
-                let mut link = match &server.link {
-                    Link::Sim(net) => Some(net.link(client)),
-                    Link::Quiet => None,
-                };
+                // The session's pump: each notification at its time, until the client's
+                // link drops (then the stream ends, its LISTENs gone).
                 tokio::spawn(async move {
                     loop {
-                        let next = match link.as_mut() {
-                            Some(link) => tokio::select! {
-                                next = queue.recv() => next,
-                                _ = link.changed() => None,
-                            },
-                            None => queue.recv().await,
+                        let next = tokio::select! {
+                            next = queue.recv() => next,
+                            _ = link.changed() => None,
                         };
                         let Some((at, n)) = next else { return };
                         tokio::time::sleep_until(at).await;
-                        if link.as_ref().is_some_and(|l| *l.borrow() != generation) {
+                        if *link.borrow() != generation {
                             return;
                         }
                         if tx.send(n).is_err() {
@@ -493,7 +451,7 @@ impl SimListen {
             .call(self.io.limit, label, move |server| {
                 let mut sessions = lock(&server.sessions);
                 match sessions.get_mut(&id) {
-                    Some(s) if server.link.generation(s.client) == s.generation => {
+                    Some(s) if server.generation(s.client) == s.generation => {
                         f(s);
                         true
                     }
