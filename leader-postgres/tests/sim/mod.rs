@@ -31,6 +31,12 @@ impl PostgresModel {
             server: Server::new(net.clone()),
         }
     }
+
+    /// The simulated server, for scripted scenarios (an operator's edits, dropped
+    /// sessions).
+    pub fn server(&self) -> &Arc<Server> {
+        &self.server
+    }
 }
 
 impl Model for PostgresModel {
@@ -52,7 +58,7 @@ impl Model for PostgresModel {
         let (kind, which) = net.draw(|rng| {
             use rand::Rng;
             (
-                rng.random_range(0..3u8),
+                rng.random_range(0..4u8),
                 rng.random_range(0..ELECTIONS.len()),
             )
         });
@@ -65,6 +71,9 @@ impl Model for PostgresModel {
             1 => server
                 .statement(|t, now, notices| t.expire_row(now, name, notices))
                 .then(|| format!("UPDATE leader_elections SET expires_at = now() WHERE name = '{name}'")),
+            2 => server
+                .statement(|t, _, notices| t.bump_token(name, notices))
+                .then(|| format!("UPDATE leader_elections SET fencing_token = fencing_token + 1 WHERE name = '{name}'")),
             _ => server.statement(|t, now, _| {
                 let live: Vec<_> = t
                     .waiters

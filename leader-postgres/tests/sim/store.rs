@@ -478,4 +478,18 @@ impl Tables {
             _ => false,
         }
     }
+
+    /// An operator's `UPDATE ... SET fencing_token = fencing_token + 1` on a held row (the
+    /// trigger fires: another token).
+    pub fn bump_token(&mut self, name: &str, notices: &mut Vec<Notice>) -> bool {
+        match self.elections.get_mut(name) {
+            Some(row) if row.holder.is_some() => {
+                let old = row.clone();
+                row.token += 1;
+                gone(&old, Some(row), notices);
+                true
+            }
+            _ => false,
+        }
+    }
 }
