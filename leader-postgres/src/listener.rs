@@ -54,9 +54,13 @@ struct Routes {
     /// Election channels and their watchers (observers).
     channels: BTreeMap<String, Channel>,
     /// This driver's waiting candidates, by candidate id.
-    waiters: BTreeMap<String, Arc<Waiter>>,
+    /// (Each registration has a sequence number: everyone is woken in the order they
+    /// registered, whatever their ids, so that a seeded simulation replays exactly.)
+    waiters: BTreeMap<String, (u64, Arc<Waiter>)>,
     /// This driver's leaders, by candidate id: the term they hold and its watch.
-    terms: BTreeMap<String, (u64, Arc<TermWatch>)>,
+    terms: BTreeMap<String, (u64, u64, Arc<TermWatch>)>,
+    /// The next registration's sequence number.
+    next: u64,
     /// The last "term gone" notices, for a leader that registers after its notice came.
     recent_gone: VecDeque<(String, u64)>,
     /// The keeper task (refreshing waiters' places) runs.
@@ -145,7 +149,7 @@ impl Drop for WaiterGuard {
         if routes
             .waiters
             .get(&self.id)
-            .is_some_and(|held| Arc::ptr_eq(held, &self.waiter))
+            .is_some_and(|(_, held)| Arc::ptr_eq(held, &self.waiter))
         {
             routes.waiters.remove(&self.id);
         }
@@ -172,7 +176,7 @@ impl Drop for TermGuard {
         if routes
             .terms
             .get(&self.id)
-            .is_some_and(|(_, held)| Arc::ptr_eq(held, &self.watch))
+            .is_some_and(|(_, _, held)| Arc::ptr_eq(held, &self.watch))
         {
             routes.terms.remove(&self.id);
         }
@@ -197,7 +201,7 @@ impl Shared {
             return;
         }
         if let Some(id) = payload.strip_prefix('w') {
-            if let Some(waiter) = routes.waiters.get(id) {
+            if let Some((_, waiter)) = routes.waiters.get(id) {
                 waiter.wake.notify_one();
             }
         } else if let Some((token, id)) = payload
@@ -205,7 +209,7 @@ impl Shared {
             .and_then(|rest| rest.split_once(':'))
             && let Ok(token) = token.parse::<u64>()
         {
-            if let Some((held, watch)) = routes.terms.get(id)
+            if let Some((_, held, watch)) = routes.terms.get(id)
                 && *held == token
             {
                 watch.gone.store(true, Ordering::SeqCst);
@@ -226,11 +230,20 @@ impl Shared {
                 .notices
                 .send_modify(|seen| *seen = seen.wrapping_add(1));
         }
-        for waiter in routes.waiters.values() {
-            waiter.wake.notify_one();
-        }
-        for (_, watch) in routes.terms.values() {
-            watch.wake.notify_one();
+        let mut wakes: Vec<(u64, &Notify)> = routes
+            .waiters
+            .values()
+            .map(|(seq, waiter)| (*seq, &waiter.wake))
+            .chain(
+                routes
+                    .terms
+                    .values()
+                    .map(|(seq, _, watch)| (*seq, &watch.wake)),
+            )
+            .collect();
+        wakes.sort_by_key(|(seq, _)| *seq);
+        for (_, wake) in wakes {
+            wake.notify_one();
         }
     }
 
@@ -239,16 +252,24 @@ impl Shared {
     pub(crate) fn waiters_for_keeper(&self) -> Vec<(String, Arc<Waiter>)> {
         let mut routes = self.lock();
         routes.keeper = !routes.waiters.is_empty();
-        routes
+        let mut waiters: Vec<_> = routes
             .waiters
             .iter()
-            .map(|(id, waiter)| (id.clone(), Arc::clone(waiter)))
+            .map(|(id, (seq, waiter))| (*seq, id.clone(), Arc::clone(waiter)))
+            .collect();
+        waiters.sort_by_key(|(seq, _, _)| *seq);
+        waiters
+            .into_iter()
+            .map(|(_, id, waiter)| (id, waiter))
             .collect()
     }
 
     /// The waiter `id`, if it still waits.
     pub(crate) fn waiter(&self, id: &str) -> Option<Arc<Waiter>> {
-        self.lock().waiters.get(id).cloned()
+        self.lock()
+            .waiters
+            .get(id)
+            .map(|(_, waiter)| Arc::clone(waiter))
     }
 }
 
@@ -318,7 +339,11 @@ impl Listener {
             armed: AtomicBool::new(false),
         });
         let mut routes = self.shared.lock();
-        routes.waiters.insert(id.to_owned(), Arc::clone(&waiter));
+        let seq = routes.next;
+        routes.next += 1;
+        routes
+            .waiters
+            .insert(id.to_owned(), (seq, Arc::clone(&waiter)));
         let start_keeper = !routes.keeper;
         routes.keeper = true;
         drop(routes);
@@ -345,9 +370,11 @@ impl Listener {
             watch.gone.store(true, Ordering::SeqCst);
             watch.wake.notify_one();
         }
+        let seq = routes.next;
+        routes.next += 1;
         routes
             .terms
-            .insert(id.to_owned(), (token, Arc::clone(&watch)));
+            .insert(id.to_owned(), (seq, token, Arc::clone(&watch)));
         drop(routes);
         TermGuard {
             watch,

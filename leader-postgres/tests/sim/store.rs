@@ -256,6 +256,9 @@ impl Tables {
                 refreshed.push((name.clone(), candidate.clone(), w.position));
             }
         }
+        // PostgreSQL returns them in no set order; the model in line order, not by id
+        // (ids are random from run to run, and a replay must not depend on them).
+        refreshed.sort_by(|a, b| (a.2, &a.0).cmp(&(b.2, &b.0)));
         let stale: Vec<_> = snap
             .waiters
             .iter()
