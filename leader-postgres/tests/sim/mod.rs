@@ -16,9 +16,6 @@ use leader_testkit::sim::{ClientId, Model, Net};
 
 pub use server::{Server, SimIo};
 
-/// The elections the harness runs.
-const ELECTIONS: [&str; 2] = ["sim-0", "sim-1"];
-
 /// PostgreSQL, modelled, with the drivers that talk to it.
 pub struct PostgresModel {
     server: Arc<Server>,
@@ -55,14 +52,24 @@ impl Model for PostgresModel {
         if !net.chaos() {
             return None;
         }
+        // An election the store knows (its row, or a place in line).
+        let (tables, _) = self.server.snapshot();
+        let names: Vec<String> = tables
+            .elections
+            .keys()
+            .chain(tables.waiters.keys().map(|(name, _)| name))
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if names.is_empty() {
+            return None;
+        }
         let (kind, which) = net.draw(|rng| {
             use rand::Rng;
-            (
-                rng.random_range(0..4u8),
-                rng.random_range(0..ELECTIONS.len()),
-            )
+            (rng.random_range(0..4u8), rng.random_range(0..names.len()))
         });
-        let name = ELECTIONS[which];
+        let name = names[which].as_str();
         let server = Arc::clone(&self.server);
         match kind {
             0 => server
