@@ -185,3 +185,18 @@ fn fence_error(err: tokio_postgres::Error) -> Error {
         Error::store(err)
     }
 }
+
+#[cfg(test)]
+mod readme_tests {
+    use super::*;
+
+    #[test]
+    fn the_readme_shows_the_fence_table() {
+        let readme = include_str!("../README.md");
+        let fence = Fence::new("x").create_table_sql().expect("valid table");
+        assert!(
+            readme.contains(&fence),
+            "the README's SQL differs from:\n{fence}"
+        );
+    }
+}

@@ -7,7 +7,7 @@
 //! candidate id (`w<id>`: its turn may have come) or tells a leader of this driver that
 //! someone else ended its term (`g<token>:<id>`, sent by the table's trigger).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
@@ -15,9 +15,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::timeout;
-use tokio_postgres::{AsyncMessage, Config};
 
-use crate::tls::Tls;
+use crate::io::{ListenConnection, PostgresIo};
 use tracing::{debug, warn};
 
 /// How often an idle `LISTEN` connection is checked with a query: a half-open socket would
@@ -40,9 +39,7 @@ pub(crate) struct Listener {
 }
 
 struct Idle {
-    config: Config,
-    tls: Tls,
-    timeout: Duration,
+    io: Arc<dyn PostgresIo>,
     commands: mpsc::UnboundedReceiver<Command>,
 }
 
@@ -55,11 +52,15 @@ pub(crate) struct Shared {
 #[derive(Default)]
 struct Routes {
     /// Election channels and their watchers (observers).
-    channels: HashMap<String, Channel>,
+    channels: BTreeMap<String, Channel>,
     /// This driver's waiting candidates, by candidate id.
-    waiters: HashMap<String, Arc<Waiter>>,
+    /// (Each registration has a sequence number: everyone is woken in the order they
+    /// registered, whatever their ids, so that a seeded simulation replays exactly.)
+    waiters: BTreeMap<String, (u64, Arc<Waiter>)>,
     /// This driver's leaders, by candidate id: the term they hold and its watch.
-    terms: HashMap<String, (u64, Arc<TermWatch>)>,
+    terms: BTreeMap<String, (u64, u64, Arc<TermWatch>)>,
+    /// The next registration's sequence number.
+    next: u64,
     /// The last "term gone" notices, for a leader that registers after its notice came.
     recent_gone: VecDeque<(String, u64)>,
     /// The keeper task (refreshing waiters' places) runs.
@@ -148,7 +149,7 @@ impl Drop for WaiterGuard {
         if routes
             .waiters
             .get(&self.id)
-            .is_some_and(|held| Arc::ptr_eq(held, &self.waiter))
+            .is_some_and(|(_, held)| Arc::ptr_eq(held, &self.waiter))
         {
             routes.waiters.remove(&self.id);
         }
@@ -175,7 +176,7 @@ impl Drop for TermGuard {
         if routes
             .terms
             .get(&self.id)
-            .is_some_and(|(_, held)| Arc::ptr_eq(held, &self.watch))
+            .is_some_and(|(_, _, held)| Arc::ptr_eq(held, &self.watch))
         {
             routes.terms.remove(&self.id);
         }
@@ -200,7 +201,7 @@ impl Shared {
             return;
         }
         if let Some(id) = payload.strip_prefix('w') {
-            if let Some(waiter) = routes.waiters.get(id) {
+            if let Some((_, waiter)) = routes.waiters.get(id) {
                 waiter.wake.notify_one();
             }
         } else if let Some((token, id)) = payload
@@ -208,7 +209,7 @@ impl Shared {
             .and_then(|rest| rest.split_once(':'))
             && let Ok(token) = token.parse::<u64>()
         {
-            if let Some((held, watch)) = routes.terms.get(id)
+            if let Some((_, held, watch)) = routes.terms.get(id)
                 && *held == token
             {
                 watch.gone.store(true, Ordering::SeqCst);
@@ -229,11 +230,20 @@ impl Shared {
                 .notices
                 .send_modify(|seen| *seen = seen.wrapping_add(1));
         }
-        for waiter in routes.waiters.values() {
-            waiter.wake.notify_one();
-        }
-        for (_, watch) in routes.terms.values() {
-            watch.wake.notify_one();
+        let mut wakes: Vec<(u64, &Notify)> = routes
+            .waiters
+            .values()
+            .map(|(seq, waiter)| (*seq, &waiter.wake))
+            .chain(
+                routes
+                    .terms
+                    .values()
+                    .map(|(seq, _, watch)| (*seq, &watch.wake)),
+            )
+            .collect();
+        wakes.sort_by_key(|(seq, _)| *seq);
+        for (_, wake) in wakes {
+            wake.notify_one();
         }
     }
 
@@ -242,21 +252,29 @@ impl Shared {
     pub(crate) fn waiters_for_keeper(&self) -> Vec<(String, Arc<Waiter>)> {
         let mut routes = self.lock();
         routes.keeper = !routes.waiters.is_empty();
-        routes
+        let mut waiters: Vec<_> = routes
             .waiters
             .iter()
-            .map(|(id, waiter)| (id.clone(), Arc::clone(waiter)))
+            .map(|(id, (seq, waiter))| (*seq, id.clone(), Arc::clone(waiter)))
+            .collect();
+        waiters.sort_by_key(|(seq, _, _)| *seq);
+        waiters
+            .into_iter()
+            .map(|(_, id, waiter)| (id, waiter))
             .collect()
     }
 
     /// The waiter `id`, if it still waits.
     pub(crate) fn waiter(&self, id: &str) -> Option<Arc<Waiter>> {
-        self.lock().waiters.get(id).cloned()
+        self.lock()
+            .waiters
+            .get(id)
+            .map(|(_, waiter)| Arc::clone(waiter))
     }
 }
 
 impl Listener {
-    pub(crate) fn new(config: Config, tls: Tls, timeout: Duration, channel: String) -> Self {
+    pub(crate) fn new(io: Arc<dyn PostgresIo>, channel: String) -> Self {
         let (commands, rx) = mpsc::unbounded_channel();
         Listener {
             shared: Arc::new(Shared {
@@ -264,12 +282,7 @@ impl Listener {
                 routes: Mutex::new(Routes::default()),
             }),
             commands,
-            idle: Mutex::new(Some(Idle {
-                config,
-                tls,
-                timeout,
-                commands: rx,
-            })),
+            idle: Mutex::new(Some(Idle { io, commands: rx })),
             ready: AtomicBool::new(false),
         }
     }
@@ -326,7 +339,11 @@ impl Listener {
             armed: AtomicBool::new(false),
         });
         let mut routes = self.shared.lock();
-        routes.waiters.insert(id.to_owned(), Arc::clone(&waiter));
+        let seq = routes.next;
+        routes.next += 1;
+        routes
+            .waiters
+            .insert(id.to_owned(), (seq, Arc::clone(&waiter)));
         let start_keeper = !routes.keeper;
         routes.keeper = true;
         drop(routes);
@@ -353,9 +370,11 @@ impl Listener {
             watch.gone.store(true, Ordering::SeqCst);
             watch.wake.notify_one();
         }
+        let seq = routes.next;
+        routes.next += 1;
         routes
             .terms
-            .insert(id.to_owned(), (token, Arc::clone(&watch)));
+            .insert(id.to_owned(), (seq, token, Arc::clone(&watch)));
         drop(routes);
         TermGuard {
             watch,
@@ -395,15 +414,7 @@ impl Listener {
 async fn run(mut idle: Idle, shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(50);
     loop {
-        match connected(
-            &idle.config,
-            &idle.tls,
-            idle.timeout,
-            &shared,
-            &mut idle.commands,
-        )
-        .await
-        {
+        match connected(idle.io.as_ref(), &shared, &mut idle.commands).await {
             Ended::DriverGone => return,
             Ended::Disconnected { was_up } => {
                 if was_up {
@@ -436,68 +447,25 @@ enum Ended {
     Disconnected { was_up: bool },
 }
 
-fn listen_sql(verb: &str, channels: &[String]) -> String {
-    // Channel names are `leader_` and hex digits (see `sql::channel`): safe to quote.
-    channels
-        .iter()
-        .map(|channel| format!("{verb} \"{channel}\";"))
-        .collect()
-}
-
 async fn connected(
-    config: &Config,
-    tls: &Tls,
-    limit: Duration,
+    io: &dyn PostgresIo,
     shared: &Shared,
     commands: &mut mpsc::UnboundedReceiver<Command>,
 ) -> Ended {
     let down = Ended::Disconnected { was_up: false };
-    let (client, mut connection) = match timeout(limit, tls.connect(config)).await {
-        Ok(Ok(pair)) => pair,
-        Ok(Err(err)) => {
-            warn!(error = %err, "PostgreSQL LISTEN connection failed; waiters fall back to expiry timers");
-            return down;
-        }
-        Err(_) => {
-            warn!("PostgreSQL LISTEN connection timed out; waiters fall back to expiry timers");
+    let ListenConnection {
+        client,
+        mut notifications,
+    } = match io.listen_connection().await {
+        Ok(connection) => connection,
+        Err(err) => {
+            warn!(error = %leader_core::ErrorChain(&err), "PostgreSQL LISTEN connection failed; waiters fall back to expiry timers");
             return down;
         }
     };
-    // The connection's own task: it drives the client's requests and hands over the
-    // notifications; it ends when the connection does.
-    let (tx, mut messages) = mpsc::unbounded_channel();
-    let driving = tokio::spawn(async move {
-        while let Some(message) = connection.next().await {
-            match message {
-                Ok(AsyncMessage::Notification(n)) => {
-                    if tx
-                        .send((n.channel().to_owned(), n.payload().to_owned()))
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(err) => {
-                    warn!(error = %err, "PostgreSQL LISTEN connection lost; reconnecting");
-                    return;
-                }
-            }
-        }
-    });
-    let _abort = AbortOnDrop(driving);
     let mut channels: Vec<String> = shared.lock().channels.keys().cloned().collect();
     channels.push(shared.channel.clone());
-    if !channels.is_empty()
-        && !matches!(
-            timeout(
-                limit,
-                client.batch_execute(&listen_sql("LISTEN", &channels))
-            )
-            .await,
-            Ok(Ok(()))
-        )
-    {
+    if client.listen(&channels).await.is_err() {
         return down;
     }
     debug!(channels = channels.len(), "PostgreSQL LISTEN connection up");
@@ -509,8 +477,7 @@ async fn connected(
     loop {
         tokio::select! {
             _ = health.tick() => {
-                let answer = timeout(limit, client.simple_query("SELECT 1")).await;
-                if !matches!(answer, Ok(Ok(_))) {
+                if client.ping().await.is_err() {
                     warn!("PostgreSQL LISTEN connection failed its health check; reconnecting");
                     return up;
                 }
@@ -518,9 +485,9 @@ async fn connected(
             command = commands.recv() => match command {
                 None => return Ended::DriverGone,
                 Some(Command::Listen(channel, confirmed)) => {
-                    let listened = timeout(limit, client.batch_execute(&listen_sql("LISTEN", std::slice::from_ref(&channel)))).await;
+                    let listened = client.listen(std::slice::from_ref(&channel)).await;
                     let _ = confirmed.send(());
-                    if !matches!(listened, Ok(Ok(()))) {
+                    if listened.is_err() {
                         warn!(%channel, "PostgreSQL LISTEN failed; reconnecting");
                         return up;
                     }
@@ -529,24 +496,18 @@ async fn connected(
                     if shared.lock().channels.contains_key(&channel) {
                         continue; // watched again meanwhile
                     }
-                    let unlistened = timeout(limit, client.batch_execute(&listen_sql("UNLISTEN", std::slice::from_ref(&channel)))).await;
-                    if !matches!(unlistened, Ok(Ok(()))) {
+                    if client.unlisten(&channel).await.is_err() {
                         return up;
                     }
                 }
             },
-            message = messages.recv() => match message {
-                Some((channel, payload)) => shared.notify(&channel, &payload),
-                None => return up,
+            message = notifications.next() => match message {
+                Some(n) => shared.notify(&n.channel, &n.payload),
+                None => {
+                    warn!("PostgreSQL LISTEN connection lost; reconnecting");
+                    return up;
+                }
             },
         }
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

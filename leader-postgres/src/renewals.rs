@@ -13,11 +13,13 @@
 //! store yet) is left out of other terms' batches half a TTL after it last asked, so its
 //! row expires at most one and a half TTLs after that; it is forgotten after two.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+use crate::io::Renewal as Due;
 
 /// The most terms in one statement.
 pub(crate) const BATCH: usize = 5000;
@@ -35,15 +37,6 @@ struct Held {
     gone: bool,
 }
 
-/// A term in a batch.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Due {
-    pub(crate) election: String,
-    pub(crate) holder: String,
-    pub(crate) token: u64,
-    pub(crate) ttl: Duration,
-}
-
 /// What the cache says of a term's renewal.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Cached {
@@ -57,14 +50,14 @@ pub(crate) enum Cached {
 
 #[derive(Default)]
 pub(crate) struct Renewals {
-    terms: Mutex<HashMap<String, Held>>,
+    terms: Mutex<BTreeMap<String, Held>>,
     /// One batch at a time: renewals that arrive meanwhile wait, and most then find theirs
     /// in the cache.
     pub(crate) batch: tokio::sync::Mutex<()>,
 }
 
 impl Renewals {
-    fn terms(&self) -> MutexGuard<'_, HashMap<String, Held>> {
+    fn terms(&self) -> MutexGuard<'_, BTreeMap<String, Held>> {
         self.terms
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -527,13 +527,6 @@ mod tests {
             readme.contains(&schema),
             "the README's SQL differs from:\n{schema}"
         );
-        let fence = crate::Fence::new("x")
-            .create_table_sql()
-            .expect("valid table");
-        assert!(
-            readme.contains(&fence),
-            "the README's SQL differs from:\n{fence}"
-        );
     }
 
     #[test]

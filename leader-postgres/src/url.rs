@@ -5,7 +5,9 @@
 use leader_core::{Error, Result, StoreUrl, redact_url};
 use tokio_postgres::Config;
 
-use crate::{PostgresDriver, PostgresDriverBuilder, tls};
+use crate::builder::PostgresDriverBuilder;
+use crate::driver::PostgresDriver;
+use crate::tls;
 
 /// The schemes [`PostgresDriver::connect_url`] takes.
 pub const SCHEMES: &[&str] = &["postgres", "postgresql"];
