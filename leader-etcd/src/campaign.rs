@@ -4,14 +4,11 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use etcd_client::{
-    Compare, CompareOp, EventType, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
-    TxnOpResponse, WatchFilterType, WatchOptions,
-};
 use leader_core::{CancellationToken, Candidate, Error, Result};
 use tracing::{debug, warn};
 
-use crate::error::{says_lease_not_found, unexpected, watch_cancelled};
+use crate::error::{unexpected, watch_cancelled};
+use crate::io::{Compare, Op, OpResult, Range, Sort, Txn, WatchRequest, lease_not_found};
 use crate::lease::LeaseSlot;
 use crate::{Inner, lock};
 
@@ -277,32 +274,20 @@ impl Inner {
             // a withdrawal revokes the attempt lease, then reads it.
             lock(&self.keys).set_create_revision(&candidate.id, &key.key, 0, attempt);
             let txn = Txn::new()
-                .when([Compare::create_revision(
-                    key.key.as_str(),
-                    CompareOp::Equal,
-                    0,
-                )])
+                .when([Compare::create_revision(key.key.as_str(), 0)])
                 .and_then([
-                    TxnOp::put(
-                        key.key.as_str(),
-                        candidate.value.as_slice(),
-                        Some(PutOptions::new().with_lease(key.lease)),
-                    ),
-                    TxnOp::put(
+                    Op::put(key.key.as_str(), candidate.value.as_slice(), key.lease),
+                    Op::put(
                         side_key(&key.key, Side::Id),
                         candidate.id.as_str(),
-                        Some(PutOptions::new().with_lease(key.lease)),
+                        key.lease,
                     ),
-                    TxnOp::put(
-                        side_key(&key.key, Side::Guard),
-                        "",
-                        Some(PutOptions::new().with_lease(attempt)),
-                    ),
+                    Op::put(side_key(&key.key, Side::Guard), "", attempt),
                 ])
-                .or_else([TxnOp::get(key.key.as_str(), None)]);
-            let response = match self.request(self.client.clone().txn(txn)).await {
+                .or_else([Op::get(key.key.as_str())]);
+            let response = match self.request(self.io.txn(txn)).await {
                 Ok(response) => response,
-                Err(err) if says_lease_not_found(&err) => {
+                Err(err) if lease_not_found(&err) => {
                     // Nothing was written. Which lease: the attempt lease (revoked by a
                     // withdrawal of another create, or expired), or the candidate's?
                     lock(&self.keys).set_create_revision(&candidate.id, &key.key, 0, 0);
@@ -315,8 +300,8 @@ impl Inner {
                 }
                 Err(err) => return Err(err),
             };
-            if response.succeeded() {
-                let revision = response.header().map_or(0, |h| h.revision());
+            if response.succeeded {
+                let revision = response.revision;
                 if revision <= 0 {
                     return Err(unexpected("etcd answered a transaction without a revision"));
                 }
@@ -327,13 +312,10 @@ impl Inner {
             }
             // Nothing was written.
             lock(&self.keys).set_create_revision(&candidate.id, &key.key, 0, 0);
-            let existing = response.op_responses().into_iter().find_map(|op| match op {
-                TxnOpResponse::Get(get) => get
-                    .kvs()
-                    .first()
-                    .map(|kv| (kv.create_revision(), kv.lease())),
-                _ => None,
-            });
+            let existing = response
+                .gets()
+                .into_iter()
+                .find_map(|get| get.kvs.first().map(|kv| (kv.create_revision, kv.lease)));
             match existing {
                 // Deleted since: try again.
                 None => continue,
@@ -372,46 +354,42 @@ impl Inner {
             "{}/",
             key.rsplit_once('/').map_or(key, |(e, _)| e)
         ));
-        let sides = |deletes: &mut Vec<TxnOp>| {
-            deletes.push(TxnOp::delete(side_key(key, Side::Id), None));
-            deletes.push(TxnOp::delete(side_key(key, Side::Guard), None));
+        let sides = |deletes: &mut Vec<Op>| {
+            deletes.push(Op::delete(side_key(key, Side::Id)));
+            deletes.push(Op::delete(side_key(key, Side::Guard)));
         };
-        let mut then = vec![TxnOp::delete(key, None)];
+        let mut then = vec![Op::delete(key)];
         sides(&mut then);
         if withdraw {
-            then.push(TxnOp::get(nomination.as_str(), None));
+            then.push(Op::get(nomination.as_str()));
         }
         let delete = Txn::new()
-            .when([Compare::create_revision(key, CompareOp::Equal, revision)])
+            .when([Compare::create_revision(key, revision)])
             .and_then(then);
-        let response = self.request(self.client.clone().txn(delete)).await?;
-        if !response.succeeded() {
+        let response = self.request(self.io.txn(delete)).await?;
+        if !response.succeeded {
             let mut then = Vec::new();
             sides(&mut then);
             let leftovers = Txn::new()
-                .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+                .when([Compare::create_revision(key, 0)])
                 .and_then(then);
-            self.request(self.client.clone().txn(leftovers)).await?;
+            self.request(self.io.txn(leftovers)).await?;
             return Ok(());
         }
-        let naming_us = response.op_responses().into_iter().find_map(|op| match op {
-            TxnOpResponse::Get(get) => get
-                .kvs()
+        let naming_us = response.gets().into_iter().find_map(|get| {
+            get.kvs
                 .first()
-                .filter(|kv| parse_nomination(kv.value()).is_some_and(|(named, _)| named == key))
-                .map(|kv| kv.create_revision()),
-            _ => None,
+                .filter(|kv| {
+                    parse_nomination(kv.value.as_slice()).is_some_and(|(named, _)| named == key)
+                })
+                .map(|kv| kv.create_revision)
         });
         if let Some(nominated) = naming_us {
             debug!(key, "the nominee withdraws: ending its nomination");
             let end = Txn::new()
-                .when([Compare::create_revision(
-                    nomination.as_str(),
-                    CompareOp::Equal,
-                    nominated,
-                )])
-                .and_then([TxnOp::delete(nomination.as_str(), None)]);
-            self.request(self.client.clone().txn(end)).await?;
+                .when([Compare::create_revision(nomination.as_str(), nominated)])
+                .and_then([Op::delete(nomination.as_str())]);
+            self.request(self.io.txn(end)).await?;
         }
         Ok(())
     }
@@ -421,12 +399,12 @@ impl Inner {
     /// earlier create may be there).
     pub(crate) async fn delete_sides_if_absent(&self, key: &str) -> Result<()> {
         let leftovers = Txn::new()
-            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+            .when([Compare::create_revision(key, 0)])
             .and_then([
-                TxnOp::delete(side_key(key, Side::Id), None),
-                TxnOp::delete(side_key(key, Side::Guard), None),
+                Op::delete(side_key(key, Side::Id)),
+                Op::delete(side_key(key, Side::Guard)),
             ]);
-        self.request(self.client.clone().txn(leftovers)).await?;
+        self.request(self.io.txn(leftovers)).await?;
         Ok(())
     }
 
@@ -434,14 +412,14 @@ impl Inner {
     /// withdrawal whose term is unknown (a create whose answer never came) deletes, by
     /// that exact revision.
     pub(crate) async fn own_revision(&self, key: &CandidateKey) -> Result<Option<i64>> {
-        let response = self
-            .request(self.client.clone().get(key.key.as_str(), None))
+        let (response, _) = self
+            .request(self.io.range(Range::key(key.key.as_str())))
             .await?;
         Ok(response
-            .kvs()
+            .kvs
             .first()
-            .filter(|kv| kv.lease() == key.lease && kv.create_revision() > 0)
-            .map(|kv| kv.create_revision()))
+            .filter(|kv| kv.lease == key.lease && kv.create_revision > 0)
+            .map(|kv| kv.create_revision))
     }
 
     /// Waits until this candidate leads: no key of the election has a create revision below
@@ -482,25 +460,24 @@ impl Inner {
             }
             // Two at most: enough to tell "the only one below" from "one of several"; and
             // this candidate's own key, the nomination and the marker, at the same revision.
-            let options = GetOptions::new()
-                .with_prefix()
-                .with_max_create_revision(revision - 1)
-                .with_sort(SortTarget::Create, SortOrder::Descend)
-                .with_limit(2);
+            let below = Range::prefix(prefix)
+                .max_create_revision(revision - 1)
+                .sort(Sort::CreateDescend)
+                .limit(2);
             let read = Txn::new().and_then([
-                TxnOp::get(prefix, Some(options)),
-                TxnOp::get(own, None),
-                TxnOp::get(nomination.as_str(), None),
-                TxnOp::get(marker.as_str(), None),
+                Op::Get(below),
+                Op::get(own),
+                Op::get(nomination.as_str()),
+                Op::get(marker.as_str()),
             ]);
-            let response = self.request(self.client.clone().txn(read)).await?;
-            let at = response.header().map_or(0, |h| h.revision());
-            let (below, mine, nominated, marked) = match response.op_responses().as_slice() {
+            let response = self.request(self.io.txn(read)).await?;
+            let at = response.revision;
+            let (below, mine, nominated, marked) = match response.results.as_slice() {
                 [
-                    TxnOpResponse::Get(below),
-                    TxnOpResponse::Get(mine),
-                    TxnOpResponse::Get(nominated),
-                    TxnOpResponse::Get(marked),
+                    OpResult::Get(below),
+                    OpResult::Get(mine),
+                    OpResult::Get(nominated),
+                    OpResult::Get(marked),
                 ] => (
                     below.clone(),
                     mine.clone(),
@@ -510,19 +487,19 @@ impl Inner {
                 _ => return Err(unexpected("etcd answered a read with other operations")),
             };
             let ours = mine
-                .kvs()
+                .kvs
                 .first()
-                .is_some_and(|kv| kv.create_revision() == revision && kv.lease() == lease);
+                .is_some_and(|kv| kv.create_revision == revision && kv.lease == lease);
             if !ours {
                 warn!(key = %own, "campaign key vanished while waiting (deleted, or the lease expired?)");
                 return Err(Error::TermGone);
             }
             let passed = marked
-                .kvs()
+                .kvs
                 .first()
-                .map_or(0, |kv| parse_marker(kv.value()));
-            if let Some(kv) = nominated.kvs().first() {
-                let named = parse_nomination(kv.value());
+                .map_or(0, |kv| parse_marker(kv.value.as_slice()));
+            if let Some(kv) = nominated.kvs.first() {
+                let named = parse_nomination(kv.value.as_slice());
                 match named {
                     Some((key, token)) if key == own => {
                         if revision <= token {
@@ -533,21 +510,21 @@ impl Inner {
                         // out of line, only while it still names this key and the key stands.
                         let elect = Txn::new()
                             .when([
-                                Compare::create_revision(
-                                    nomination.as_str(),
-                                    CompareOp::Equal,
-                                    kv.create_revision(),
-                                ),
-                                Compare::create_revision(own, CompareOp::Equal, revision),
-                                Compare::lease(own, CompareOp::Equal, lease),
+                                Compare::create_revision(nomination.as_str(), kv.create_revision),
+                                Compare::create_revision(own, revision),
+                                Compare::lease(own, lease),
                             ])
                             .and_then([
-                                TxnOp::delete(nomination.as_str(), None),
-                                TxnOp::put(marker.as_str(), revision.to_string(), None),
+                                Op::delete(nomination.as_str()),
+                                Op::put(marker.as_str(), revision.to_string(), 0),
                             ]);
-                        let elected = self.request(self.client.clone().txn(elect)).await?;
-                        if elected.succeeded() {
-                            return Ok(Waited::Lead(elected.header().map_or(at, |h| h.revision())));
+                        let elected = self.request(self.io.txn(elect)).await?;
+                        if elected.succeeded {
+                            return Ok(Waited::Lead(if elected.revision > 0 {
+                                elected.revision
+                            } else {
+                                at
+                            }));
                         }
                         continue;
                     }
@@ -561,7 +538,7 @@ impl Inner {
                     }
                 }
             }
-            let Some(predecessor) = below.kvs().first() else {
+            let Some(predecessor) = below.kvs.first() else {
                 if revision < passed {
                     debug!(key = %own, "passed over by a handover: creating the key again");
                     return Ok(Waited::Recreate);
@@ -570,8 +547,8 @@ impl Inner {
                 // None below, no nomination, and ours there, at one revision.
                 return Ok(Waited::Lead(at));
             };
-            let sole = below.kvs().len() == 1 && !below.more();
-            let predecessor = predecessor.key().to_vec();
+            let sole = below.kvs.len() == 1 && !below.more;
+            let predecessor = predecessor.key.clone();
             let from = at + 1;
             debug!(
                 predecessor = %String::from_utf8_lossy(&predecessor),
@@ -591,28 +568,21 @@ impl Inner {
                 };
                 let mut end = high;
                 end.push(0);
-                let options = WatchOptions::new()
-                    .with_start_revision(from)
-                    .with_range(end);
-                self.watches.subscribe(
-                    &self.client,
-                    self.request_timeout,
-                    vec![(nomination.clone().into_bytes(), options)],
-                )
+                let range = WatchRequest {
+                    end: Some(end),
+                    ..WatchRequest::key(0, nomination.clone(), from)
+                };
+                self.watches
+                    .subscribe(&self.io, self.request_timeout, vec![range])
             } else {
-                let options = WatchOptions::new()
-                    .with_start_revision(from)
-                    .with_filters([WatchFilterType::NoPut]);
+                let deletions = WatchRequest {
+                    no_put: true,
+                    ..WatchRequest::key(0, predecessor.clone(), from)
+                };
                 self.watches.subscribe(
-                    &self.client,
+                    &self.io,
                     self.request_timeout,
-                    vec![
-                        (predecessor.clone(), options),
-                        (
-                            nomination.clone().into_bytes(),
-                            WatchOptions::new().with_start_revision(from),
-                        ),
-                    ],
+                    vec![deletions, WatchRequest::key(0, nomination.clone(), from)],
                 )
             };
             loop {
@@ -628,23 +598,25 @@ impl Inner {
                 let Some(message) = message else {
                     return Err(unexpected("etcd closed the watch stream"));
                 };
-                if message.canceled() {
-                    if message.compact_revision() > 0 {
+                if message.canceled {
+                    if message.compact_revision > 0 {
                         // The start revision was compacted away: look again, from now.
                         debug!(
-                            compact_revision = message.compact_revision(),
+                            compact_revision = message.compact_revision,
                             "the predecessor's watch was compacted; reading again"
                         );
                         break;
                     }
                     // Anything else (a refusal, the member losing its leader) is an error
                     // for the caller to retry with backoff, not a reason to look again now.
-                    return Err(watch_cancelled(message.cancel_reason()));
+                    return Err(watch_cancelled(&message.cancel_reason));
                 }
-                let events = message.events().iter().filter_map(|event| {
-                    let kv = event.kv()?;
-                    let deleted = event.event_type() == EventType::Delete;
-                    Some((deleted, kv.key(), kv.mod_revision()))
+                let events = message.events.iter().map(|event| {
+                    (
+                        event.deleted,
+                        event.kv.key.as_slice(),
+                        event.kv.mod_revision,
+                    )
                 });
                 match step(events, &predecessor, own, nomination.as_bytes()) {
                     Step::Wait => {}
@@ -676,9 +648,9 @@ impl Inner {
             return;
         }
         let moot = Txn::new()
-            .when([Compare::value(marker, CompareOp::Equal, passed.to_string())])
-            .and_then([TxnOp::delete(marker, None)]);
-        if let Err(err) = self.request(self.client.clone().txn(moot)).await {
+            .when([Compare::value(marker, passed.to_string())])
+            .and_then([Op::delete(marker)]);
+        if let Err(err) = self.request(self.io.txn(moot)).await {
             debug!(error = %crate::error::ErrorChain(&err), "could not delete the handover marker");
         }
     }
@@ -692,11 +664,10 @@ impl Inner {
         lease_changes: &mut tokio::sync::watch::Receiver<i64>,
         lease: i64,
     ) -> Result<()> {
-        let options = WatchOptions::new().with_start_revision(from);
         let mut watch = self.watches.subscribe(
-            &self.client,
+            &self.io,
             self.request_timeout,
-            vec![(key.as_bytes().to_vec(), options)],
+            vec![WatchRequest::key(0, key, from)],
         );
         loop {
             let message = tokio::select! {
@@ -711,13 +682,13 @@ impl Inner {
             let Some(message) = message else {
                 return Err(unexpected("etcd closed the watch stream"));
             };
-            if message.canceled() {
-                if message.compact_revision() > 0 {
+            if message.canceled {
+                if message.compact_revision > 0 {
                     return Ok(());
                 }
-                return Err(watch_cancelled(message.cancel_reason()));
+                return Err(watch_cancelled(&message.cancel_reason));
             }
-            if !message.events().is_empty() {
+            if !message.events.is_empty() {
                 return Ok(());
             }
         }
@@ -726,11 +697,11 @@ impl Inner {
     /// Whether `own` exists with create revision `revision` on lease `lease` now (a
     /// linearizable read).
     async fn key_is_ours_by_name(&self, own: &[u8], revision: i64, lease: i64) -> Result<bool> {
-        let response = self.request(self.client.clone().get(own, None)).await?;
+        let (response, _) = self.request(self.io.range(Range::key(own))).await?;
         Ok(response
-            .kvs()
+            .kvs
             .first()
-            .is_some_and(|kv| kv.create_revision() == revision && kv.lease() == lease))
+            .is_some_and(|kv| kv.create_revision == revision && kv.lease == lease))
     }
 }
 
