@@ -65,7 +65,7 @@ fn sender() -> &'static watch::Sender<u64> {
 
 #[cfg(any(test, feature = "testing"))]
 thread_local! {
-    /// The suspensions simulated on this thread (by `testing::sim`), added to the offset
+    /// The suspensions simulated on this thread (by leader-testkit's simulation), added to the offset
     /// that this thread reads.
     static SIMULATED: std::cell::Cell<Duration> = const { std::cell::Cell::new(Duration::ZERO) };
 }

@@ -15,6 +15,8 @@ mod redis;
 mod secure;
 mod topologies;
 
+pub mod sim;
+
 pub use etcd::EtcdServer;
 pub use lines::LineProcess;
 pub use postgres::PostgresServer;

@@ -1,6 +1,6 @@
 //! Test support, behind the `testing` feature: [`MemoryDriver`] and the [conformance
-//! suite](conformance) that every driver passes. (The TCP fault proxy for real stores is
-//! `leader-testkit`'s `FaultProxy`, a crate that is not published.)
+//! suite](conformance) that every driver passes. (The TCP fault proxy for real stores and
+//! the deterministic simulation are in `leader-testkit`, a crate that is not published.)
 //!
 //! Users can unit-test their leader-only code on [`MemoryDriver`] with
 //! `tokio::time::pause()`, no server needed. Driver authors run the whole suite with one
@@ -20,7 +20,6 @@
 
 pub mod conformance;
 mod memory;
-pub mod sim;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +30,13 @@ pub use crate::conformance_tests;
 pub use memory::{MemoryDriver, MemoryStore};
 
 use crate::Driver;
+
+/// Makes the jitter of leader-core's retry backoff, on this thread, come from a generator
+/// seeded with `seed` (or from the OS again, with `None`): for simulations that replay a
+/// schedule exactly (leader-testkit's `sim`).
+pub fn seed_jitter(seed: Option<u64>) {
+    crate::backoff::seed_jitter(seed);
+}
 
 /// Makes leader-core, on this thread, see the machine as suspended for `duration` just now
 /// (the growth of `CLOCK_BOOTTIME − CLOCK_MONOTONIC` it reads), and wakes every term's

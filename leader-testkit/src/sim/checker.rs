@@ -1,0 +1,145 @@
+//! What the harness checks at every instant the runtime parks and at every event.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use leader_core::Status;
+use tokio::time::Instant;
+
+/// A term: its election's name and its fencing token (tokens of different elections may
+/// be equal on some stores).
+pub(crate) type Term = (String, u64);
+
+/// Watches every candidate's status and events.
+#[derive(Default)]
+pub(crate) struct Checker {
+    pub(crate) start: Option<Instant>,
+    /// The status of every candidate made.
+    pub(crate) statuses: Vec<Believer>,
+    /// The last token elected in each election.
+    pub(crate) last_elected: BTreeMap<String, u64>,
+    /// Terms (candidate's index in `statuses`, token) valid at the last sample.
+    pub(crate) valid: BTreeSet<(usize, u64)>,
+    /// Terms seen valid, then not: they must never be valid again.
+    pub(crate) dead: BTreeSet<(usize, u64)>,
+    /// Overlaps are not checked until then (after tampering or a data loss).
+    pub(crate) excused_until: Option<Instant>,
+    /// The store lost its data: tokens may start over once the excuse ends.
+    pub(crate) tokens_reset: bool,
+    pub(crate) elected: BTreeSet<Term>,
+    pub(crate) ended: BTreeSet<Term>,
+    pub(crate) quiet_at: Option<Instant>,
+    /// The elections that had a leader after faults stopped.
+    pub(crate) leaders_after_quiet: BTreeSet<String>,
+    pub(crate) violations: Vec<(Duration, String)>,
+}
+
+/// One candidate the checker watches.
+pub(crate) struct Believer {
+    pub(crate) slot: usize,
+    pub(crate) id: String,
+    pub(crate) election: String,
+    pub(crate) status: Status,
+}
+
+impl Checker {
+    pub(crate) fn elapsed(&self) -> Duration {
+        self.start
+            .map_or(Duration::ZERO, |start| Instant::now().duration_since(start))
+    }
+
+    pub(crate) fn violation(&mut self, what: String) {
+        let at = self.elapsed();
+        self.violations.push((at, what));
+    }
+
+    /// The store just gave term `token` of `election` to candidate `id`.
+    pub(crate) fn granted(&mut self, id: &str, election: &str, token: u64) {
+        let believers: Vec<(usize, u64)> = self
+            .statuses
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.id != id && b.election == election)
+            .filter_map(|(i, b)| Some((i, b.slot, b.status.fencing_token()?)))
+            .map(|(_, slot, token)| (slot, token))
+            .collect();
+        if !believers.is_empty() && !self.excused() {
+            self.violation(format!(
+                "the store granted term {token} of {election} while (slot, term) \
+                 {believers:?} still led"
+            ));
+        }
+    }
+
+    /// The store lost its data (a restart without persistence: `tokens_reset`) or an
+    /// operator deleted a term, now: no driver can promise more than that the terms
+    /// confirmed before it end by their deadlines (DESIGN.md). So until `until` (every such
+    /// deadline, and every campaign answer in flight, has passed) overlaps and the order of
+    /// tokens are not checked; after a data loss tokens may start over once it passes.
+    pub(crate) fn excuse(&mut self, until: Instant, tokens_reset: bool) {
+        self.excused_until = Some(self.excused_until.map_or(until, |u| u.max(until)));
+        self.tokens_reset |= tokens_reset;
+    }
+
+    /// Whether overlaps are excused now.
+    pub(crate) fn excused(&mut self) -> bool {
+        match self.excused_until {
+            Some(until) if Instant::now() < until => true,
+            Some(_) => {
+                self.excused_until = None;
+                if std::mem::take(&mut self.tokens_reset) {
+                    self.last_elected.clear();
+                }
+                false
+            }
+            None => false,
+        }
+    }
+
+    pub(crate) fn sample(&mut self) {
+        let excused = self.excused();
+        let mut leaders: BTreeMap<&str, Vec<(usize, u64)>> = BTreeMap::new();
+        let mut now_valid = BTreeSet::new();
+        for (i, b) in self.statuses.iter().enumerate() {
+            if let Some(token) = b.status.fencing_token() {
+                now_valid.insert((i, token));
+                leaders
+                    .entry(b.election.as_str())
+                    .or_default()
+                    .push((b.slot, token));
+            }
+        }
+        let mut found = Vec::new();
+        for (election, leading) in leaders.iter().filter(|_| !excused) {
+            if leading.len() > 1 {
+                found.push(format!(
+                    "two leaders at once in {election} (slot, token): {leading:?}"
+                ));
+            }
+        }
+        if self.quiet_at.is_some() {
+            let with_leader: Vec<String> = self
+                .statuses
+                .iter()
+                .filter(|b| b.status.is_leader())
+                .map(|b| b.election.clone())
+                .collect();
+            self.leaders_after_quiet.extend(with_leader);
+        }
+        for what in found {
+            self.violation(what);
+        }
+        for &(i, token) in &now_valid {
+            if self.dead.contains(&(i, token)) {
+                let b = &self.statuses[i];
+                self.violation(format!(
+                    "slot {}: term {token} of {} leads again after is_leader() was false",
+                    b.slot, b.election
+                ));
+            }
+        }
+        let gone: Vec<(usize, u64)> = self.valid.difference(&now_valid).copied().collect();
+        self.dead.extend(gone);
+        self.valid = now_valid;
+    }
+}

@@ -1,0 +1,381 @@
+//! The network between the simulated processes and the simulated store, the store's clock,
+//! and the run's seeded generator: what every store model sends its requests through.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::{oneshot, watch};
+use tokio::time::{Instant, sleep, timeout};
+
+use super::checker::Checker;
+use super::{MAX_LATE, REQUEST_TIMEOUT, Report};
+
+/// Locks `mutex`, whatever a panicking holder left (the checker reports panics itself).
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Which simulated process (one driver and its connections) a request comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientId(pub usize);
+
+/// Why a simulated request failed.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// Refused or failed without effect (connection refused, reset before sending).
+    Unreachable,
+    /// No answer within the caller's limit; the effect may have landed, or land later.
+    Timeout(Duration),
+}
+
+impl Fault {
+    /// As the error a driver returns: [`Error::Store`](leader_core::Error::Store) or
+    /// [`Error::Timeout`](leader_core::Error::Timeout).
+    pub fn into_error(self) -> leader_core::Error {
+        match self {
+            Fault::Unreachable => leader_core::Error::store(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "simulated store unreachable",
+            )),
+            Fault::Timeout(limit) => leader_core::Error::Timeout(limit),
+        }
+    }
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Fault::Unreachable => f.write_str("simulated store unreachable"),
+            Fault::Timeout(limit) => write!(f, "no answer within {limit:?}"),
+        }
+    }
+}
+
+impl std::error::Error for Fault {}
+
+/// How a partitioned client's requests fail.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Partition {
+    /// At once.
+    Refuse,
+    /// After the caller's limit, without effect.
+    Hang,
+}
+
+/// The store's clock against the candidates' (Tokio's paused clock).
+struct StoreClock {
+    epoch: Option<Instant>,
+    /// How fast it runs against the candidates' clock.
+    rate: f64,
+    /// How long the candidates' machine was suspended: the store's clock ran on meanwhile.
+    skew: Duration,
+}
+
+/// One run's network, clocks, generator and checker. Cheap to clone.
+#[derive(Clone)]
+pub struct Net {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    rng: Mutex<StdRng>,
+    /// Faults happen while this is true.
+    chaos: Mutex<bool>,
+    outage: Mutex<bool>,
+    partitions: Mutex<BTreeMap<ClientId, Partition>>,
+    links: Mutex<BTreeMap<ClientId, watch::Sender<u64>>>,
+    store_clock: Mutex<StoreClock>,
+    checker: Mutex<Checker>,
+    report: Mutex<Report>,
+    tracing: bool,
+}
+
+impl Net {
+    /// A network for the run of `seed`, with faults on (the chaos phase).
+    pub(crate) fn new(seed: u64) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        // Up to 1.5% apart: within the default safety margin (2% of the TTL).
+        let rate = 1.0 + rng.random_range(-0.015..=0.015);
+        Net {
+            inner: Arc::new(Inner {
+                rng: Mutex::new(rng),
+                chaos: Mutex::new(true),
+                outage: Mutex::new(false),
+                partitions: Mutex::new(BTreeMap::new()),
+                links: Mutex::new(BTreeMap::new()),
+                store_clock: Mutex::new(StoreClock {
+                    epoch: None,
+                    rate,
+                    skew: Duration::ZERO,
+                }),
+                checker: Mutex::new(Checker::default()),
+                report: Mutex::new(Report::default()),
+                tracing: std::env::var_os("SIM_TRACE").is_some(),
+            }),
+        }
+    }
+
+    /// A network without faults, for differential tests that compare a model with its
+    /// real store: every request lands at once and is answered at once, the store's clock
+    /// is the candidates'. Works on any Tokio runtime (paused or not).
+    pub fn quiet() -> Self {
+        let net = Net::new(0);
+        *lock(&net.inner.chaos) = false;
+        lock(&net.inner.store_clock).rate = 1.0;
+        net
+    }
+
+    /// Sends one request from `client`. `effect` runs against the store at the instant the
+    /// request lands: after a delay, maybe after the caller gave up (it runs in a task of
+    /// its own, so dropping the returned future does not stop it). Its value comes back
+    /// after another delay, sometimes later than the safety margin, or never: the caller
+    /// waits `limit`, then gets [`Fault::Timeout`]. A partitioned or unreachable client
+    /// gets [`Fault::Unreachable`] at once, or [`Fault::Timeout`] after `limit`, without
+    /// effect. Faults happen only in the chaos phase.
+    ///
+    /// # Errors
+    ///
+    /// [`Fault`], as above.
+    pub async fn call<T: Send + fmt::Debug + 'static>(
+        &self,
+        client: ClientId,
+        limit: Duration,
+        label: impl Into<String>,
+        effect: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Fault> {
+        self.count(|r| r.requests += 1);
+        if *lock(&self.inner.outage) {
+            return Err(Fault::Unreachable);
+        }
+        let partition = lock(&self.inner.partitions).get(&client).copied();
+        match partition {
+            Some(Partition::Refuse) => return Err(Fault::Unreachable),
+            Some(Partition::Hang) => {
+                sleep(limit).await;
+                return Err(Fault::Timeout(limit));
+            }
+            None => {}
+        }
+        let chaos = self.chaos();
+        let (fail, effect_after, answer_after) = self.draw(|rng| {
+            let fail = chaos && rng.random_bool(0.04);
+            let late = chaos && rng.random_bool(0.04);
+            let lost = chaos && rng.random_bool(0.04);
+            let effect_after = if late {
+                REQUEST_TIMEOUT
+                    + Duration::from_millis(
+                        rng.random_range(0..=(MAX_LATE - REQUEST_TIMEOUT).as_millis() as u64),
+                    )
+            } else if chaos {
+                Duration::from_millis(rng.random_range(0..=20))
+            } else {
+                Duration::ZERO
+            };
+            // Most answers come at once; some later than the safety margin, up to the
+            // caller's limit (several TTLs for a campaign), as real networks do.
+            let answer_after = (!lost).then(|| {
+                if chaos && rng.random_bool(0.2) {
+                    Duration::from_millis(rng.random_range(20..=limit.as_millis().max(20) as u64))
+                } else if chaos {
+                    Duration::from_millis(rng.random_range(0..=20))
+                } else {
+                    Duration::ZERO
+                }
+            });
+            (fail, effect_after, answer_after)
+        });
+        if fail {
+            self.count(|r| r.failures += 1);
+            sleep(effect_after.min(limit)).await;
+            return Err(Fault::Unreachable);
+        }
+        if effect_after + answer_after.unwrap_or(MAX_LATE) >= limit {
+            self.count(|r| {
+                if effect_after >= limit {
+                    r.late_effects += 1;
+                } else {
+                    r.lost_answers += 1;
+                }
+            });
+        }
+        let label = label.into();
+        let (tx, rx) = oneshot::channel();
+        let net = self.clone();
+        tokio::spawn(async move {
+            if !effect_after.is_zero() {
+                sleep(effect_after).await;
+            }
+            let out = effect();
+            net.trace(|| {
+                format!(
+                    "c{}: {label} -> {out:?} (answer {answer_after:?})",
+                    client.0
+                )
+            });
+            match answer_after {
+                Some(after) => {
+                    if !after.is_zero() {
+                        sleep(after).await;
+                    }
+                    let _ = tx.send(out);
+                }
+                // The answer is lost: the caller times out.
+                None => drop(tx),
+            }
+        });
+        let answer = async {
+            match rx.await {
+                Ok(out) => out,
+                Err(_) => std::future::pending().await,
+            }
+        };
+        timeout(limit, answer)
+            .await
+            .map_err(|_| Fault::Timeout(limit))
+    }
+
+    /// Whether `client` reaches the store now (no partition, no outage).
+    pub fn reachable(&self, client: ClientId) -> bool {
+        !*lock(&self.inner.outage) && !lock(&self.inner.partitions).contains_key(&client)
+    }
+
+    /// A counter that grows each time `client`'s connections drop (a partition, an outage,
+    /// a store restart): a model ends that client's subscriptions, watches and LISTENs when
+    /// it changes, as the real stores do.
+    pub fn link(&self, client: ClientId) -> watch::Receiver<u64> {
+        lock(&self.inner.links)
+            .entry(client)
+            .or_insert_with(|| watch::Sender::new(0))
+            .subscribe()
+    }
+
+    /// The delay before a message the store pushes (a watch event, a pub/sub message, a
+    /// NOTIFY) reaches `client`, or `None` when it is lost (the client is cut off now).
+    pub fn push_delay(&self, client: ClientId) -> Option<Duration> {
+        if !self.reachable(client) {
+            return None;
+        }
+        let chaos = self.chaos();
+        Some(self.draw(|rng| {
+            if chaos {
+                Duration::from_millis(rng.random_range(0..=50))
+            } else {
+                Duration::ZERO
+            }
+        }))
+    }
+
+    /// The store's clock now: it runs up to 1.5% faster or slower than the candidates', and
+    /// on while their machine is suspended. Every expiry a model keeps runs on it.
+    pub fn store_now(&self) -> Instant {
+        let clock = lock(&self.inner.store_clock);
+        let now = Instant::now();
+        let Some(epoch) = clock.epoch else {
+            return now;
+        };
+        epoch + now.duration_since(epoch).mul_f64(clock.rate) + clock.skew
+    }
+
+    /// The candidates' (Tokio) instant at which the store's clock reads `at` (or now, if
+    /// it has).
+    pub fn client_at(&self, at: Instant) -> Instant {
+        let clock = lock(&self.inner.store_clock);
+        let Some(epoch) = clock.epoch else {
+            return at;
+        };
+        let store_elapsed = at.saturating_duration_since(epoch);
+        epoch + store_elapsed.saturating_sub(clock.skew).div_f64(clock.rate)
+    }
+
+    /// A draw from the run's seeded generator: the only randomness a model may use.
+    pub fn draw<T>(&self, f: impl FnOnce(&mut StdRng) -> T) -> T {
+        f(&mut lock(&self.inner.rng))
+    }
+
+    /// True in the chaos phase: models tamper and inject faults of their own only then.
+    pub fn chaos(&self) -> bool {
+        *lock(&self.inner.chaos)
+    }
+
+    /// A line of the schedule, printed when `SIM_TRACE` is set (to replay one seed).
+    pub fn trace(&self, line: impl FnOnce() -> String) {
+        if self.inner.tracing {
+            let at = lock(&self.inner.checker).elapsed();
+            println!("[{:>9.3}s] {}", at.as_secs_f64(), line());
+        }
+    }
+
+    /// The store hands term `token` of `election` to candidate `id` now: an exact check
+    /// that nobody else of that election still believes it leads.
+    pub fn granted(&self, id: &str, election: &str, token: u64) {
+        lock(&self.inner.checker).granted(id, election, token);
+    }
+
+    // What the harness itself does with the network.
+
+    pub(crate) fn start(&self) {
+        let now = Instant::now();
+        lock(&self.inner.checker).start = Some(now);
+        lock(&self.inner.store_clock).epoch = Some(now);
+    }
+
+    pub(crate) fn checker(&self) -> MutexGuard<'_, Checker> {
+        lock(&self.inner.checker)
+    }
+
+    pub(crate) fn count(&self, f: impl FnOnce(&mut Report)) {
+        f(&mut lock(&self.inner.report));
+    }
+
+    pub(crate) fn report(&self) -> Report {
+        *lock(&self.inner.report)
+    }
+
+    pub(crate) fn violation(&self, what: String) {
+        self.checker().violation(what);
+    }
+
+    /// Faults stop.
+    pub(crate) fn calm(&self) {
+        *lock(&self.inner.chaos) = false;
+        *lock(&self.inner.outage) = false;
+        lock(&self.inner.partitions).clear();
+    }
+
+    /// The candidates' machine sleeps for `duration`: their monotonic clock (Tokio's)
+    /// stands still, the store's runs on, and the boot clock they read counts it.
+    pub(crate) fn suspend(&self, duration: Duration) {
+        lock(&self.inner.store_clock).skew += duration;
+        leader_core::testing::simulate_suspension(duration);
+        self.trace(|| format!("the candidates' machine was suspended for {duration:?}"));
+    }
+
+    pub(crate) fn set_outage(&self, down: bool) {
+        *lock(&self.inner.outage) = down;
+        if down {
+            for link in lock(&self.inner.links).values() {
+                link.send_modify(|n| *n += 1);
+            }
+        }
+    }
+
+    pub(crate) fn set_partition(&self, client: ClientId, partition: Option<Partition>) {
+        match partition {
+            Some(partition) => {
+                lock(&self.inner.partitions).insert(client, partition);
+                if let Some(link) = lock(&self.inner.links).get(&client) {
+                    link.send_modify(|n| *n += 1);
+                }
+            }
+            None => {
+                lock(&self.inner.partitions).remove(&client);
+            }
+        }
+    }
+}

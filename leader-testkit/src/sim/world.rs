@@ -1,0 +1,503 @@
+//! One simulated run: the candidates' behaviour, the faults, and the end-of-run checks.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use leader_core::{Election, Event, LossReason, Term};
+use rand::Rng;
+use tokio::task::JoinSet;
+use tokio::time::{Instant, sleep, sleep_until, timeout};
+
+use super::net::{ClientId, Net, Partition, lock};
+use super::{CHAOS, LIVENESS, MAX_LATE, Model, Report, TTL, Violation};
+
+/// The names of the simulated elections start with this.
+const ELECTION: &str = "sim";
+
+/// The election of candidate slot `slot` when a run has `elections` of them.
+fn election_of(slot: usize, elections: usize) -> String {
+    format!("{ELECTION}-{}", slot % elections)
+}
+
+/// How long after tampering or a data loss overlaps are excused: every term confirmed
+/// before has passed its deadline, and every campaign answer then in flight has come.
+const EXCUSED: Duration = Duration::from_millis(2500 + 1000 + 100);
+
+/// The event-checking tasks of every election made.
+type Instances = Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>;
+
+/// Runs seed `seed` on a model made by `make`; `package` is named in a violation.
+pub(crate) fn run<M: Model>(
+    seed: u64,
+    package: &str,
+    make: impl FnOnce(&Net) -> M,
+) -> Result<Report, Violation> {
+    leader_core::testing::seed_jitter(Some(seed));
+    let net = Net::new(seed);
+    let sampler = net.clone();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .on_thread_park(move || sampler.checker().sample())
+        .build();
+    let outcome = match runtime {
+        Ok(runtime) => {
+            let result = runtime.block_on(async {
+                // The model is made inside the runtime: it may spawn tasks.
+                let world = Arc::new(World::new(net.clone(), make(&net)));
+                let result = Arc::clone(&world).simulate().await;
+                if let Err(what) = &result {
+                    net.violation(what.clone());
+                }
+                result
+            });
+            drop(runtime);
+            result
+        }
+        Err(err) => Err(format!("cannot build a runtime: {err}")),
+    };
+    leader_core::testing::seed_jitter(None);
+    let checker = net.checker();
+    let violation = |at, what| Violation {
+        seed,
+        at,
+        what,
+        package: package.to_owned(),
+    };
+    if let Some((at, what)) = checker.violations.first() {
+        return Err(violation(*at, what.clone()));
+    }
+    if let Err(what) = outcome {
+        return Err(violation(checker.elapsed(), what));
+    }
+    let mut report = net.report();
+    report.terms = checker.elected.len() as u64;
+    Ok(report)
+}
+
+/// Everything one run shares: the network, the model, the candidates.
+struct World<M: Model> {
+    net: Net,
+    model: M,
+    /// Each slot's current election.
+    current: Mutex<Vec<Option<Election>>>,
+    /// How many elections the candidates run for (slot `i` in election `i % elections`),
+    /// so that drivers hold several at once.
+    elections: usize,
+}
+
+impl<M: Model> World<M> {
+    fn new(net: Net, model: M) -> Self {
+        let elections = net.draw(|rng| rng.random_range(1..=2usize));
+        World {
+            net,
+            model,
+            current: Mutex::new(Vec::new()),
+            elections,
+        }
+    }
+
+    fn draw<T>(&self, f: impl FnOnce(&mut rand::rngs::StdRng) -> T) -> T {
+        self.net.draw(f)
+    }
+
+    async fn simulate(self: Arc<Self>) -> Result<(), String> {
+        self.net.start();
+        // Each election gets two slots at least: slot 0 stays passive at the end.
+        let slots = self.draw(|rng| rng.random_range(2 * self.elections..=5usize));
+        let clients = self.draw(|rng| rng.random_range(1..=slots));
+        let drivers: Vec<(ClientId, M::Driver)> = (0..clients)
+            .map(|i| (ClientId(i), self.model.driver(&self.net, ClientId(i))))
+            .collect();
+        *lock(&self.current) = vec![None; slots];
+        let instances = Arc::new(Mutex::new(Vec::new()));
+        let mut actors = JoinSet::new();
+        for slot in 0..slots {
+            let driver = drivers[slot % drivers.len()].1.clone();
+            let election = self.candidate(slot, &driver, &instances);
+            actors.spawn(Arc::clone(&self).act(
+                slot,
+                election,
+                drivers.iter().map(|(_, d)| d.clone()).collect(),
+                Arc::clone(&instances),
+            ));
+        }
+        let ids: Vec<ClientId> = drivers.iter().map(|(id, _)| *id).collect();
+        actors.spawn(Arc::clone(&self).inject_faults(ids));
+
+        // The chaos phase.
+        sleep(CHAOS).await;
+        self.net.calm();
+        actors.abort_all();
+        while let Some(joined) = actors.join_next().await {
+            match joined {
+                Ok(()) => {}
+                Err(err) if err.is_cancelled() => {}
+                Err(err) => return Err(format!("an actor panicked: {err}")),
+            }
+        }
+        // Each slot keeps its current election: slot 0 stays passive (whatever its term
+        // and leftovers), the others run.
+        let mut elections = std::mem::take(&mut *lock(&self.current));
+        let quiet = Instant::now();
+        self.net.checker().quiet_at = Some(quiet);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let mut runs = JoinSet::new();
+        for (slot, election) in elections.iter_mut().enumerate().skip(1) {
+            let driver = drivers[slot % drivers.len()].1.clone();
+            let election = election
+                .get_or_insert_with(|| self.candidate(slot, &driver, &instances))
+                .clone();
+            let stop = stop.clone();
+            runs.spawn(async move { election.run(stop.cancelled_owned()).await });
+        }
+
+        // Liveness: in each election, a leader once faults stopped, late effects landed
+        // and the longest orphan expired.
+        let orphan = self.model.orphan_bound(TTL);
+        let due = quiet + MAX_LATE + orphan + LIVENESS;
+        let names: Vec<String> = (0..self.elections)
+            .map(|i| election_of(i, self.elections))
+            .collect();
+        sleep_until(due).await;
+        for name in &names {
+            if !self.net.checker().leaders_after_quiet.contains(name) {
+                return Err(format!(
+                    "no leader in {name} {:?} after faults stopped",
+                    due - quiet
+                ));
+            }
+        }
+
+        // Shut down: every run resigns, every election is dropped, every stream ends.
+        stop.cancel();
+        while let Some(joined) = runs.join_next().await {
+            match joined {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => return Err(format!("run() failed at shutdown: {err}")),
+                Err(err) => return Err(format!("a run panicked: {err}")),
+            }
+        }
+        drop(elections);
+        let closed_by = Instant::now() + 4 * TTL;
+        let instances = std::mem::take(&mut *lock(&instances));
+        for instance in instances {
+            match timeout(closed_by - Instant::now(), instance).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => return Err(format!("an event checker panicked: {err}")),
+                Err(_) => {
+                    return Err(
+                        "an election's event stream did not end after it was dropped".into(),
+                    );
+                }
+            }
+        }
+        // Nothing of a dropped election outlives it by more than 2 x TTL (plus the
+        // store's expiry of what a late effect left).
+        sleep(2 * TTL + orphan).await;
+        let left = self.model.leftovers(&self.net);
+        if !left.is_empty() {
+            return Err(format!(
+                "every election was dropped, yet the {} store still holds: {}",
+                self.model.name(),
+                left.join(", ")
+            ));
+        }
+        drop(drivers);
+        Ok(())
+    }
+
+    /// A new candidate in `slot` (the slot's current one), with a task that checks its
+    /// events.
+    fn candidate(
+        self: &Arc<Self>,
+        slot: usize,
+        driver: &M::Driver,
+        instances: &Instances,
+    ) -> Election {
+        let retry_min = TTL / 10;
+        let name = election_of(slot, self.elections);
+        let election = Election::builder(driver.clone(), name.as_str())
+            .ttl(TTL)
+            .retry(retry_min, TTL)
+            .build()
+            .unwrap_or_else(|err| panic!("the simulation's settings are valid: {err}"));
+        self.net.checker().statuses.push(super::checker::Believer {
+            slot,
+            id: election.id().to_owned(),
+            election: name.clone(),
+            status: election.status(),
+        });
+        let replaced = lock(&self.current)[slot].replace(election.clone());
+        drop(replaced);
+        let mut events = election.subscribe();
+        let world = Arc::clone(self);
+        lock(instances).push(tokio::spawn(async move {
+            let mut open: Option<u64> = None;
+            while let Some(event) = events.next().await {
+                world.on_event(slot, &name, &mut open, &event);
+            }
+            if let Some(token) = open {
+                world.net.violation(format!(
+                    "slot {slot}: term {token} was elected and never ended (stream closed)"
+                ));
+            }
+        }));
+        election
+    }
+
+    fn on_event(&self, slot: usize, name: &str, open: &mut Option<u64>, event: &Event) {
+        self.net.trace(|| format!("slot {slot}: {event:?}"));
+        let mut checker = self.net.checker();
+        match *event {
+            Event::Elected { fencing_token } => {
+                checker.sample();
+                if let Some(previous) = open.replace(fencing_token) {
+                    checker.violation(format!(
+                        "slot {slot}: term {fencing_token} elected before term {previous} ended"
+                    ));
+                }
+                let excused = checker.excused();
+                if let Some(&last) = checker.last_elected.get(name)
+                    && fencing_token <= last
+                    && !excused
+                {
+                    checker.violation(format!(
+                        "slot {slot}: fencing token {fencing_token} after {last} in {name}: \
+                         not increasing"
+                    ));
+                }
+                let last = checker.last_elected.entry(name.to_owned()).or_insert(0);
+                *last = (*last).max(fencing_token);
+                checker.elected.insert((name.to_owned(), fencing_token));
+            }
+            Event::Lost { fencing_token, .. } | Event::Resigned { fencing_token } => {
+                if *open != Some(fencing_token) {
+                    checker.violation(format!(
+                        "slot {slot}: {event:?} without a matching Elected (open: {open:?})"
+                    ));
+                }
+                *open = None;
+                checker.ended.insert((name.to_owned(), fencing_token));
+            }
+            _ => checker.violation(format!(
+                "slot {slot}: an event the checker does not know: {event:?}"
+            )),
+        }
+    }
+
+    /// One candidate's behaviour in the chaos phase: a random mix of API calls, some
+    /// concurrent, some cancelled midway, until the task is aborted.
+    async fn act(
+        self: Arc<Self>,
+        slot: usize,
+        mut election: Election,
+        drivers: Vec<M::Driver>,
+        instances: Instances,
+    ) {
+        let mut background = JoinSet::new();
+        let mut last_term: Option<Term> = None;
+        loop {
+            self.net.count(|r| r.calls += 1);
+            let action = self.draw(|rng| rng.random_range(0..100u32));
+            match action {
+                0..=21 => {
+                    let limit = self.draw(|rng| {
+                        rng.random_bool(0.5)
+                            .then(|| Duration::from_millis(rng.random_range(0..2000)))
+                    });
+                    let campaign = election.campaign();
+                    let result = match limit {
+                        Some(limit) => timeout(limit, campaign).await.ok(),
+                        None => Some(campaign.await),
+                    };
+                    if let Some(Ok(term)) = result {
+                        last_term = Some(term);
+                    }
+                }
+                22..=30 => {
+                    let cancel_after = self.cancel_after();
+                    self.checked_resign(slot, &election, None, cancel_after)
+                        .await;
+                }
+                31..=35 => {
+                    // Leaves the line (a campaign in the background, if any); a held term
+                    // stays.
+                    let limit = self.draw(|rng| Duration::from_millis(rng.random_range(0..500)));
+                    let _ = timeout(limit, election.withdraw()).await;
+                }
+                36..=43 => {
+                    if let Some(term) = last_term.clone() {
+                        let cancel_after = self.cancel_after();
+                        self.checked_resign(slot, &election, Some(term), cancel_after)
+                            .await;
+                    }
+                }
+                44..=55 => {
+                    let lasts = self.draw(|rng| Duration::from_millis(rng.random_range(0..5000)));
+                    let e = election.clone();
+                    background.spawn(async move {
+                        let _ = e.run(sleep(lasts)).await;
+                    });
+                }
+                56..=62 => {
+                    let e = election.clone();
+                    let limit = self.draw(|rng| Duration::from_millis(rng.random_range(0..3000)));
+                    background.spawn(async move {
+                        let _ = timeout(limit, e.campaign()).await;
+                    });
+                }
+                63..=67 => {
+                    // At the held term's deadline, when its holder task and a campaign may
+                    // run in either order.
+                    if let Some(term) = last_term.clone() {
+                        sleep_until(Instant::from_std(term.deadline())).await;
+                        if let Ok(Ok(term)) = timeout(TTL, election.campaign()).await {
+                            last_term = Some(term);
+                        }
+                    }
+                }
+                68..=72 => {
+                    // Drop the candidate (every clone), then a new one, maybe elsewhere.
+                    background.abort_all();
+                    while background.join_next().await.is_some() {}
+                    last_term = None;
+                    let driver = if self.draw(|rng| rng.random_bool(0.5)) {
+                        drivers[slot % drivers.len()].clone()
+                    } else {
+                        drivers[self.draw(|rng| rng.random_range(0..drivers.len()))].clone()
+                    };
+                    election = self.candidate(slot, &driver, &instances);
+                }
+                _ => {
+                    let pause = self.draw(|rng| Duration::from_millis(rng.random_range(0..1000)));
+                    sleep(pause).await;
+                }
+            }
+            // Reap finished background calls.
+            while let Some(Some(_)) = background.join_next().now_or_never() {}
+        }
+    }
+
+    fn cancel_after(&self) -> Option<Duration> {
+        self.draw(|rng| {
+            rng.random_bool(0.3)
+                .then(|| Duration::from_millis(rng.random_range(0..60)))
+        })
+    }
+
+    /// Resigns (the election, or `term`), maybe cancelling the call after a while, and
+    /// checks that no term elected meanwhile was resigned by it.
+    async fn checked_resign(
+        &self,
+        slot: usize,
+        election: &Election,
+        term: Option<Term>,
+        cancel_after: Option<Duration>,
+    ) {
+        let mut events = election.subscribe();
+        let resign = async {
+            match &term {
+                Some(term) => term.resign().await,
+                None => election.resign().await,
+            }
+        };
+        match cancel_after {
+            Some(limit) => {
+                let _ = timeout(limit, resign).await;
+                return;
+            }
+            None => {
+                let _ = resign.await;
+            }
+        }
+        let mut elected = BTreeSet::new();
+        while let Some(Some(event)) = events.next().now_or_never() {
+            match event {
+                Event::Elected { fencing_token } => {
+                    elected.insert(fencing_token);
+                }
+                Event::Resigned { fencing_token }
+                | Event::Lost {
+                    fencing_token,
+                    reason: LossReason::ResignFailed,
+                } if elected.contains(&fencing_token) => {
+                    self.net.violation(format!(
+                        "slot {slot}: resign() resigned term {fencing_token}, which was \
+                         elected while it ran"
+                    ));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Suspends the candidates' machine, tampers with the store, restarts it, partitions
+    /// clients and takes the store away, until the chaos phase ends.
+    async fn inject_faults(self: Arc<Self>, clients: Vec<ClientId>) {
+        loop {
+            let pause = self.draw(|rng| Duration::from_millis(rng.random_range(0..3000)));
+            sleep(pause).await;
+            let lasts = self.draw(|rng| Duration::from_millis(rng.random_range(0..3000)));
+            let kind = self.draw(|rng| rng.random_range(0..100u32));
+            match kind {
+                0..=12 => {
+                    // The candidates' machine is suspended (a laptop lid, a VM paused).
+                    let duration =
+                        self.draw(|rng| Duration::from_millis(rng.random_range(1..2500)));
+                    self.net.count(|r| r.suspensions += 1);
+                    self.net.suspend(duration);
+                }
+                13..=17 => {
+                    if let Some(what) = self.model.tamper(&self.net) {
+                        self.net.checker().excuse(Instant::now() + EXCUSED, false);
+                        self.net.count(|r| r.tampering += 1);
+                        self.net.trace(|| format!("an operator tampered: {what}"));
+                    }
+                }
+                18..=24 => {
+                    let kept = !self.model.volatile() || self.draw(|rng| rng.random_bool(0.5));
+                    self.net.count(|r| {
+                        r.restarts += 1;
+                        r.data_lost += u64::from(!kept);
+                    });
+                    self.net.set_outage(true);
+                    self.model.restart(&self.net, kept);
+                    if !kept {
+                        self.net.checker().excuse(Instant::now() + EXCUSED, true);
+                    }
+                    self.net
+                        .trace(|| format!("the store restarted (data kept: {kept})"));
+                    sleep(lasts.min(TTL)).await;
+                    self.net.set_outage(false);
+                }
+                _ => {
+                    let which = self.draw(|rng| rng.random_range(0..=clients.len()));
+                    self.net.count(|r| r.outages += 1);
+                    if which == clients.len() {
+                        self.net
+                            .trace(|| format!("the store is away for {lasts:?}"));
+                        self.net.set_outage(true);
+                        sleep(lasts).await;
+                        self.net.set_outage(false);
+                    } else {
+                        let mode = if self.draw(|rng| rng.random_bool(0.5)) {
+                            Partition::Refuse
+                        } else {
+                            Partition::Hang
+                        };
+                        let client = clients[which];
+                        self.net.trace(|| {
+                            format!("c{} is partitioned ({mode:?}) for {lasts:?}", client.0)
+                        });
+                        self.net.set_partition(client, Some(mode));
+                        sleep(lasts).await;
+                        self.net.set_partition(client, None);
+                    }
+                }
+            }
+        }
+    }
+}
