@@ -587,6 +587,8 @@ impl Inner {
             };
             loop {
                 let message = tokio::select! {
+                    // Biased: a fixed order keeps the simulation deterministic.
+                    biased;
                     message = watch.message() => message?,
                     changed = lease_changes.changed() => {
                         if changed.is_err() || *lease_changes.borrow_and_update() != lease {
@@ -671,6 +673,8 @@ impl Inner {
         );
         loop {
             let message = tokio::select! {
+                // Biased: a fixed order keeps the simulation deterministic.
+                biased;
                 message = watch.message() => message?,
                 changed = lease_changes.changed() => {
                     if changed.is_err() || *lease_changes.borrow_and_update() != lease {

@@ -201,6 +201,8 @@ impl EtcdIo for ClientIo {
             let mut commands_open = true;
             loop {
                 tokio::select! {
+                    // Biased: a fixed order keeps the simulation deterministic.
+                    biased;
                     command = queued.recv(), if commands_open => {
                         let sent = match command {
                             Some(WatchCommand::Watch(request)) => {

@@ -241,6 +241,8 @@ impl WatchTask {
                     let until = Instant::now() + retry;
                     loop {
                         tokio::select! {
+                            // Biased: a fixed order keeps the simulation deterministic.
+                            biased;
                             () = sleep_until(until) => break,
                             command = self.commands.recv() => if command.is_none() {
                                 return;
@@ -292,6 +294,8 @@ impl WatchTask {
         let commands = &mut self.commands;
         loop {
             tokio::select! {
+                // Biased: a fixed order keeps the simulation deterministic.
+                biased;
                 command = commands.recv() => {
                     let Some(command) = command else {
                         return Ok(Ended::DriverGone);

@@ -25,6 +25,8 @@ pub(crate) fn observe(
     let (tx, mut rx) = mpsc::channel(16);
     tokio::spawn(async move {
         tokio::select! {
+            // Biased: a fixed order keeps the simulation deterministic.
+            biased;
             () = observe_loop(&inner, &prefix, &tx) => {}
             () = tx.closed() => {}
         }

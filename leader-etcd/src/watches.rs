@@ -139,6 +139,8 @@ async fn run(
     loop {
         let next = match stream.as_mut() {
             Some(open) => tokio::select! {
+                // Biased: a fixed order keeps the simulation deterministic.
+                biased;
                 command = commands.recv() => Next::Command(command),
                 message = open.messages.recv() => Next::Message(message),
             },
