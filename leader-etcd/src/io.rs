@@ -434,8 +434,9 @@ pub trait EtcdIo: Send + Sync + 'static {
     /// Revokes lease `id`, deleting every key on it at one revision. `Ok(false)`: etcd
     /// has no such lease (expired, or revoked before).
     async fn lease_revoke(&self, id: i64) -> Result<bool>;
-    /// One keep-alive of lease `id`: its TTL in seconds as renewed, or 0 if etcd has no
-    /// such lease.
+    /// One keep-alive of lease `id`: its TTL in seconds as renewed (a positive number),
+    /// or 0 if etcd has no such lease. ([`ClientIo`](crate::ClientIo) answers 1 for the
+    /// first keep-alive of a stream: etcd-client keeps that answer's TTL to itself.)
     async fn lease_keep_alive(&self, id: i64) -> Result<i64>;
     /// The remaining TTL of lease `id` in whole seconds (truncated), or -1 if etcd has no
     /// such lease.

@@ -38,6 +38,9 @@ fn refused(refusal: Refusal) -> Error {
         Refusal::FutureRevision => Error::store(std::io::Error::other(
             "etcdserver: mvcc: required revision is a future revision",
         )),
+        Refusal::DuplicateKey => Error::store(std::io::Error::other(
+            "etcdserver: duplicate key given in txn request",
+        )),
     }
 }
 

@@ -24,6 +24,25 @@ pub enum Refusal {
     Compacted,
     /// etcdserver: mvcc: required revision is a future revision.
     FutureRevision,
+    /// etcdserver: duplicate key given in txn request (two writes of one key in a branch).
+    DuplicateKey,
+}
+
+/// Whether a branch writes a key twice (a put and a put, or a put inside a deleted range),
+/// which etcd refuses before looking at the compares.
+fn duplicate_writes(ops: &[Op]) -> bool {
+    let mut puts: BTreeSet<&[u8]> = BTreeSet::new();
+    for op in ops {
+        if let Op::Put { key, .. } = op
+            && !puts.insert(key)
+        {
+            return true;
+        }
+    }
+    ops.iter().any(|op| match op {
+        Op::Delete { key, end } => puts.iter().any(|put| in_range(put, key, end)),
+        _ => false,
+    })
 }
 
 /// A lease.
@@ -183,6 +202,9 @@ impl Store {
 
     /// Runs a transaction.
     pub fn txn(&mut self, txn: &Txn) -> Result<TxnResult, Refusal> {
+        if duplicate_writes(&txn.success) || duplicate_writes(&txn.failure) {
+            return Err(Refusal::DuplicateKey);
+        }
         let succeeded = txn.compare.iter().all(|c| compare(self.kvs.get(&c.key), c));
         let ops = if succeeded {
             &txn.success
@@ -477,7 +499,12 @@ impl Store {
                 if *revision < start {
                     continue;
                 }
-                let matching = matching(&request, events);
+                let mut matching = matching(&request, events);
+                if *revision <= self.compacted {
+                    // A compaction at R keeps the keys' versions at R but drops the
+                    // deletions (tombstones) up to R: a watch from R does not see them.
+                    matching.retain(|event| !event.deleted);
+                }
                 if !matching.is_empty() {
                     let _ = open.out.send(WatchMessage {
                         watch_id: id,
