@@ -39,7 +39,7 @@ struct Side {
 
 enum Compactor {
     Model(Arc<std::sync::Mutex<sim::Store>>),
-    Real(etcd_client::Client),
+    Real(Box<etcd_client::Client>),
 }
 
 impl Side {
@@ -578,7 +578,7 @@ async fn compare(run: &str) {
 
     let mut real = Side {
         io: Arc::new(ClientIo::new(client.clone())),
-        compact: Compactor::Real(client),
+        compact: Compactor::Real(Box::new(client)),
         leases: Vec::new(),
         base: 0,
         streams: Vec::new(),
