@@ -7,11 +7,11 @@ use etcd_client::{TxnOp, TxnResponse};
 use leader_core::{CandidateInfo, Error, LeaderInfo, Result};
 use tracing::{debug, info};
 
-use crate::campaign::{
-    Side, marker_key, nomination_key, nomination_value, parse_marker, parse_nomination, side_key,
-};
 use crate::error::{ErrorChain, unexpected};
 use crate::io::{Compare, Kv as KeyValue, Op, OpResult, Range, Sort, Txn};
+use crate::keys::{
+    Side, marker_key, nomination_key, nomination_value, parse_marker, parse_nomination, side_key,
+};
 use crate::lease::whole_seconds;
 use crate::{Inner, lock};
 

@@ -15,8 +15,8 @@ use leader_core::{Error, Result};
 use tokio::time::Instant;
 use tracing::warn;
 
-use crate::campaign::CandidateKey;
 use crate::io::{Op, OpResult, Txn};
+use crate::keys::CandidateKey;
 use crate::{Inner, lock};
 
 /// Reads in one transaction (etcd's default `--max-txn-ops` is 128).

@@ -36,9 +36,9 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, warn};
 
-use crate::campaign::CandidateKey;
 use crate::error::{ErrorChain, unexpected, watch_cancelled};
 use crate::io::{EtcdIo, WatchCommand, WatchMessage, WatchRequest};
+use crate::keys::CandidateKey;
 use crate::{Inner, lock};
 
 /// The first pause before the stream is restarted after an error.
