@@ -2,19 +2,19 @@
 //! distributions, crash failover as a multiple of the TTL, and store requests per handoff
 //! against the number of waiting candidates.
 //!
-//! Each function writes one SVG file (creating its folder); `leader-bench run --charts`
-//! says where (`docs` by default, as `ci/bench` runs it).
+//! Each function writes one SVG file (creating its folder) through leader-chaos's SVG
+//! writer, in its palette; `leader-bench run --charts` says where (`docs` by default, as
+//! `ci/bench` runs it).
 
-use std::error::Error;
 use std::path::Path;
 
 use hdrhistogram::Histogram;
-use plotters::coord::Shift;
+use leader_chaos::svg::{DrawResult, RED, colour, write_svg};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 /// Errors from drawing or writing a chart (the cause is kept as the source).
-pub(crate) type ChartResult = Result<(), Box<dyn Error + Send + Sync>>;
+pub(crate) type ChartResult = DrawResult<()>;
 
 /// The handoff chart's file name.
 pub(crate) const HANDOFF_SVG: &str = "bench-handoff.svg";
@@ -34,43 +34,6 @@ pub(crate) fn histogram_ms(h: &Histogram<u64>) -> Vec<f64> {
             std::iter::repeat_n(ms, usize::try_from(v.count_at_value()).unwrap_or(0))
         })
         .collect()
-}
-
-/// Draws into a string, then writes it to `path`.
-fn write(
-    path: &Path,
-    draw: impl FnOnce(&DrawingArea<SVGBackend<'_>, Shift>) -> ChartResult,
-) -> ChartResult {
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
-        root.fill(&WHITE)?;
-        draw(&root)?;
-        root.present()?;
-    }
-    if let Some(dir) = path.parent()
-        && !dir.as_os_str().is_empty()
-    {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(path, svg)?;
-    Ok(())
-}
-
-/// Series colours, told apart with colour blindness too (no red: red is for goals).
-const PALETTE: [RGBColor; 8] = [
-    RGBColor(0x00, 0x72, 0xB2),
-    RGBColor(0xE6, 0x9F, 0x00),
-    RGBColor(0x00, 0x9E, 0x73),
-    RGBColor(0xCC, 0x79, 0xA7),
-    RGBColor(0x56, 0xB4, 0xE9),
-    RGBColor(0x94, 0x67, 0xBD),
-    RGBColor(0x8C, 0x56, 0x4B),
-    RGBColor(0x17, 0xBE, 0xCF),
-];
-
-fn colour(index: usize) -> RGBColor {
-    PALETTE[index % PALETTE.len()]
 }
 
 /// The value at quantile `q` of sorted samples (nearest rank).
@@ -128,7 +91,7 @@ fn cdf(path: &Path, title: &str, curves: &[Curve]) -> ChartResult {
         .flat_map(|curve| curve.points.iter().map(|p| p.0))
         .fold(0.0f64, f64::max);
     let x_max = if max_ms > 0.0 { max_ms * 1.1 } else { 1.0 };
-    write(path, |root| {
+    write_svg(path, SIZE, |root| {
         let mut chart = ChartBuilder::on(root)
             .caption(title, (FONT, 20))
             .margin(14)
@@ -202,7 +165,7 @@ fn failover_chart(path: &Path, title: &str, failovers: &[Failover<'_>]) -> Chart
         .flat_map(|f| f.samples.iter().copied().chain([f.max]))
         .fold(1.2f64, f64::max)
         * 1.1;
-    write(path, |root| {
+    write_svg(path, SIZE, |root| {
         let mut chart = ChartBuilder::on(root)
             .caption(title, (FONT, 20))
             .margin(14)
@@ -306,7 +269,7 @@ pub(crate) fn requests_per_handoff(
     let x_max = all().map(|p| p.0).fold(10.0f64, f64::max) * 1.5;
     let y_min = all().map(|p| p.1).fold(f64::MAX, f64::min).min(1.0) / 1.5;
     let y_max = all().map(|p| p.1).fold(10.0f64, f64::max) * 2.0;
-    write(path, |root| {
+    write_svg(path, SIZE, |root| {
         let mut chart = ChartBuilder::on(root)
             .caption("store requests per handoff", (FONT, 20))
             .margin(14)

@@ -15,7 +15,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::BoxResult;
-use crate::stores::StoreKind;
+use leader_chaos::StoreKind;
 
 /// What a figure should be.
 #[derive(Clone, Copy, Debug)]

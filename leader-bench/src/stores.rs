@@ -1,36 +1,16 @@
-//! The stores the bench starts, and how it counts the work they do.
+//! The stores the bench starts, and how it counts the work they do. Which stores there
+//! are is leader-chaos's [`StoreKind`], shared with the chaos suite.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use leader::postgres::tokio_postgres;
+use leader_chaos::StoreKind;
 use leader_core::Driver;
 use leader_testkit::{EtcdServer, PostgresServer, RedisServer};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 use crate::BoxResult;
-
-/// One of the stores the bench measures.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum StoreKind {
-    Etcd,
-    Redis,
-    Postgres,
-}
-
-impl StoreKind {
-    /// Every store, in the order of the tables' columns.
-    pub(crate) const ALL: [StoreKind; 3] = [StoreKind::Etcd, StoreKind::Redis, StoreKind::Postgres];
-
-    /// The name used in keys, tables and elections.
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            StoreKind::Etcd => "etcd",
-            StoreKind::Redis => "redis",
-            StoreKind::Postgres => "postgres",
-        }
-    }
-}
 
 /// The store processes of one run.
 pub(crate) struct Stores {

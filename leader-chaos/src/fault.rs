@@ -41,12 +41,22 @@ pub enum Fault {
     StoreRestart,
     /// etcd only: kill the member the leader talks to, then start it again.
     MemberLoss,
-    /// Redis and PostgreSQL under libfaketime only: the store's wall clock steps forward
+    /// etcd only: cut the member the leader talks to off from the other members (raft
+    /// traffic both ways, through the peer proxies) for 2 × TTL; its clients still reach
+    /// it, but it has no quorum.
+    MemberPartition,
+    /// Redis under Sentinel or as a Cluster only: kill the master (on a Cluster, the one
+    /// serving the driven election); its replica is promoted (after 2 s down under
+    /// Sentinel, the 3 s node timeout on a Cluster), then the old master is started again
+    /// as a replica (the bound runs from when it is in sync: under Sentinel with
+    /// `replicas=1` no term is granted or renewed without a replica).
+    MasterFailover,
+    /// Redis and PostgreSQL with a steppable clock only: the store's wall clock steps forward
     /// by TTL/2, then the leader is partitioned for 2 × TTL. Both stores expire leases by
     /// wall clock: the lease ends TTL/2 early, and the next leader may be elected while the
     /// old one still believes (a documented limit, measured, not failed).
     ClockForwardPartition,
-    /// Redis and PostgreSQL under libfaketime only: the store's wall clock steps back by
+    /// Redis and PostgreSQL with a steppable clock only: the store's wall clock steps back by
     /// TTL/2, then the leader is SIGKILLed: its lease outlives it by TTL/2 more.
     ClockBackKill,
 }
@@ -69,6 +79,8 @@ impl Fault {
             Fault::RevokeLease => "revoke leader lease",
             Fault::StoreRestart => "store restart",
             Fault::MemberLoss => "etcd member loss",
+            Fault::MemberPartition => "etcd member partition 2xTTL",
+            Fault::MasterFailover => "redis master failover",
             Fault::ClockForwardPartition => "clock +TTL/2, partition",
             Fault::ClockBackKill => "clock -TTL/2, sigkill",
         }
@@ -108,6 +120,8 @@ impl Fault {
             Fault::RevokeLease => "revoke",
             Fault::StoreRestart => "restart",
             Fault::MemberLoss => "member",
+            Fault::MemberPartition => "m-part",
+            Fault::MasterFailover => "failover",
             Fault::ClockForwardPartition => "clock+",
             Fault::ClockBackKill => "clock-",
         }
@@ -132,6 +146,7 @@ impl Fault {
         if backend == StoreKind::Etcd {
             faults.push(Fault::RevokeLease);
             faults.push(Fault::MemberLoss);
+            faults.push(Fault::MemberPartition);
         }
         faults
     }
@@ -146,6 +161,7 @@ impl Fault {
                 | Fault::WaiterKill
                 | Fault::WaiterPartition
                 | Fault::StoreRestart
+                | Fault::MasterFailover
         )
     }
 
@@ -184,6 +200,9 @@ impl Fault {
             | Fault::Partition
             | Fault::MemberLoss
             | Fault::ClockForwardPartition => ttl + sweep + second,
+            // The isolated member loses its quorum within an election timeout (100 ms in
+            // the tests); a new raft leader extends every lease to its full TTL once.
+            Fault::MemberPartition => ttl + ttl / 5 + sweep + second,
             Fault::ClockBackKill => ttl + ttl / 2 + sweep + second,
             Fault::SlowAnswersThenPartition => Self::slow_answers(ttl).0 + ttl + sweep + second,
             // The renewals that land keep the key alive until the leader's withdrawal, or
@@ -192,6 +211,9 @@ impl Fault {
             Fault::ShortPause | Fault::Latency => ttl + sweep + second,
             Fault::WaiterKill | Fault::WaiterPartition => second,
             Fault::StoreRestart => Duration::from_secs(15),
+            // Measured from the old master's return as a replica in sync: the promoted
+            // replica holds every acknowledged term.
+            Fault::MasterFailover => ttl + sweep + second,
         }
     }
 
@@ -207,6 +229,7 @@ impl Fault {
                 | Fault::Latency
                 | Fault::SlowAnswersThenPartition
                 | Fault::ClockForwardPartition
+                | Fault::MemberPartition
         )
     }
 }

@@ -76,10 +76,28 @@ pub struct Config {
     pub elections: usize,
     /// Runs broken candidates, to show that the checker catches them.
     pub unsafe_mode: Option<UnsafeMode>,
-    /// Starts Redis or PostgreSQL through this `chaos-store` binary under libfaketime, so
-    /// that [`Fault::ClockForwardPartition`] and [`Fault::ClockBackKill`] can step its wall
-    /// clock; `None`: the store runs on the true clock.
+    /// Starts Redis or PostgreSQL through this `chaos-store` binary with a steppable wall
+    /// clock (PostgreSQL under libfaketime, Redis under `clockshift.c`), so that
+    /// [`Fault::ClockForwardPartition`] and [`Fault::ClockBackKill`] can step it; `None`:
+    /// the store runs on the true clock.
     pub clock_store: Option<PathBuf>,
+    /// Redis only: runs Redis under Sentinel or as a Cluster with replicas, for
+    /// [`Fault::MasterFailover`]; `None`: one redis-server.
+    pub redis_topology: Option<RedisTopology>,
+}
+
+/// A Redis topology a chaos run can fail over (see [`Config::redis_topology`]); the
+/// candidates connect by its URL, with no proxy in front.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisTopology {
+    /// A master and a replica (`appendfsync always`) and three sentinels; the candidates
+    /// use the Sentinel URL with `replicas=1`: each grant and renewal is acknowledged by
+    /// the replica (WAIT) before it counts.
+    Sentinel,
+    /// Three masters, each with a replica (`appendfsync always`). The driver cannot WAIT
+    /// on a Cluster: a failover may lose the last writes to the master (the documented
+    /// limit), so overlaps across a failover are measured, not failed.
+    Cluster,
 }
 
 impl Config {
@@ -101,6 +119,7 @@ impl Config {
             elections: 20,
             unsafe_mode: None,
             clock_store: None,
+            redis_topology: None,
         }
     }
 }

@@ -50,6 +50,8 @@ pub(crate) type EventLine = (usize, usize, String, Instant);
 
 pub(crate) struct Run {
     pub(crate) config: Config,
+    /// The URL candidates use instead of their proxy's (Redis under Sentinel).
+    pub(crate) direct_url: Option<String>,
     pub(crate) dir: tempfile::TempDir,
     pub(crate) election: String,
     pub(crate) slots: Vec<Slot>,
@@ -70,6 +72,9 @@ pub(crate) struct Run {
 
 impl Run {
     pub(crate) fn endpoint(&self, proxy: SocketAddr) -> String {
+        if let Some(url) = &self.direct_url {
+            return url.clone();
+        }
         match self.config.backend {
             StoreKind::Postgres => format!("postgres://postgres@{proxy}/postgres"),
             backend => format!("{}://{proxy}", backend.name()),

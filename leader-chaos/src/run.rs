@@ -49,7 +49,10 @@ pub async fn run(config: Config) -> BoxResult<Report> {
     let dir = tempfile::Builder::new().prefix("leader-chaos-").tempdir()?;
     let mut store = match &config.clock_store {
         Some(helper) => Store::start_faked(backend, helper, dir.path()).await?,
-        None => blocking(move || Store::start(backend)).await??,
+        None => match config.redis_topology {
+            Some(topology) => blocking(move || Store::start_topology(topology)).await??,
+            None => blocking(move || Store::start(backend)).await??,
+        },
     };
     let (events_tx, events) = mpsc::unbounded_channel();
     let mut slots = Vec::new();
@@ -57,6 +60,7 @@ pub async fn run(config: Config) -> BoxResult<Report> {
         slots.push(Slot::new(FaultProxy::start(store.upstream(slot)).await?));
     }
     let mut run = Run {
+        direct_url: store.direct_url(),
         election: format!("chaos-{}", std::process::id()),
         dir,
         config,
@@ -108,7 +112,7 @@ pub async fn run(config: Config) -> BoxResult<Report> {
         fault_spans.push(timeline::FaultSpan {
             fault,
             lane: match fault {
-                Fault::StoreRestart => None,
+                Fault::StoreRestart | Fault::MasterFailover => None,
                 Fault::WaiterKill | Fault::WaiterPartition => Some(waiter),
                 _ => Some(leader),
             },
@@ -377,6 +381,25 @@ async fn inject(
             }
             lifted = Some(Instant::now());
             run.back_after_restart(bound).await
+        }
+        Fault::MasterFailover => {
+            let election = run.election.clone();
+            store_out = blocking(move || -> io::Result<Store> {
+                store_out.fail_over_master(&election)?;
+                Ok(store_out)
+            })
+            .await??;
+            lifted = Some(Instant::now());
+            run.some_leader(bound).await
+        }
+        Fault::MemberPartition => {
+            let member = leader % 3;
+            store_out.isolate_member(member)?;
+            let elected = run.elected(exclude, bound).await;
+            sleep_until(started + ttl * 2).await;
+            store_out.heal_member(member)?;
+            lifted = Some(Instant::now());
+            elected
         }
         Fault::MemberLoss => {
             let member = leader % 3;

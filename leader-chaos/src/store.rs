@@ -3,14 +3,15 @@
 use std::io;
 use std::net::SocketAddr;
 
-use leader_testkit::{EtcdServer, PostgresServer, RedisServer};
+use leader_testkit::{EtcdServer, PostgresServer, RedisCluster, RedisSentinel, RedisServer};
 
 use crate::BoxResult;
 
 /// A store the election runs on: the one list of stores the chaos suite and the bench
 /// share (their candidates reach it by URL, through `leader::connect`).
 ///
-/// In a chaos [`run`](crate::run), etcd is a 3-member cluster (candidate `i` talks to member
+/// In a chaos [`run`](crate::run), etcd is a 3-member cluster with its peer links through
+/// proxies (so members can be partitioned; candidate `i` talks to member
 /// `i`), Redis one redis-server with `appendonly yes` + `appendfsync always`, PostgreSQL one
 /// server with `fsync=on` (its durable default).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -59,12 +60,17 @@ pub(crate) enum Store {
     Etcd(EtcdServer),
     Redis(RedisServer),
     Postgres(PostgresServer),
-    /// Redis or PostgreSQL started by a `chaos-store` process under libfaketime, its wall
+    /// Redis under Sentinel: a master, a replica, three sentinels.
+    Sentinel(RedisSentinel),
+    /// A Redis Cluster of three masters with a replica each.
+    Cluster(RedisCluster),
+    /// Redis or PostgreSQL started by a `chaos-store` process under a clock-stepping
+    /// preload library (see [`Store::start_faked`]), its wall
     /// clock offset by what `offset_file` says (moved by [`Store::step_clock`]).
     Faked(Faked),
 }
 
-/// A store under libfaketime (see [`Store::Faked`]).
+/// A store whose wall clock the orchestrator steps (see [`Store::Faked`]).
 pub(crate) struct Faked {
     kind: StoreKind,
     child: tokio::process::Child,
@@ -75,36 +81,79 @@ pub(crate) struct Faked {
     offset_ns: i128,
 }
 
+/// The preload library that steps redis-server's wall clock (see `clockshift.c`).
+const CLOCKSHIFT_C: &str = include_str!("clockshift.c");
+
+/// Builds `clockshift.c` into `dir` with the C compiler (`cc`, which Rust's own linking
+/// needs anyway): the path of the shared library.
+async fn build_clockshift(dir: &std::path::Path) -> BoxResult<std::path::PathBuf> {
+    let source = dir.join("clockshift.c");
+    let library = dir.join("libclockshift.so");
+    std::fs::write(&source, CLOCKSHIFT_C)?;
+    let output = tokio::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o"])
+        .arg(&library)
+        .arg(&source)
+        .output()
+        .await
+        .map_err(|err| format!("cannot run cc to build clockshift.c (install gcc): {err}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "cc could not build clockshift.c: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )
+        .into());
+    }
+    // The library is loaded by processes of other users too (redis-server runs as us, but
+    // keep it readable like the offset file).
+    let mut permissions = std::fs::metadata(&library)?.permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
+    std::fs::set_permissions(&library, permissions)?;
+    Ok(library)
+}
+
 /// Where Debian's `faketime` package puts the library.
 pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 
 impl Store {
-    /// Starts `kind` (Redis or PostgreSQL) through the `chaos-store` binary `helper`, under
-    /// libfaketime with its offset in a file of `dir` (readable by the postgres user).
+    /// Starts `kind` (Redis or PostgreSQL) through the `chaos-store` binary `helper`, its
+    /// wall clock offset by a file of `dir` (readable by the postgres user): PostgreSQL
+    /// under libfaketime, Redis under this crate's `clockshift.c` (redis-server's jemalloc
+    /// hangs under libfaketime), built here with `cc`.
     pub(crate) async fn start_faked(
         kind: StoreKind,
         helper: &std::path::Path,
         dir: &std::path::Path,
     ) -> BoxResult<Store> {
         use tokio::io::AsyncBufReadExt;
-        if !std::path::Path::new(LIBFAKETIME).is_file() {
-            return Err(format!(
-                "{LIBFAKETIME} is missing: install the faketime package (ci/lib.sh does)"
-            )
-            .into());
-        }
         let offset_file = dir.join("faketime-offset");
         std::fs::write(&offset_file, "+0\n")?;
         let mut permissions = std::fs::metadata(dir)?.permissions();
         std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
         std::fs::set_permissions(dir, permissions)?;
-        let mut child = tokio::process::Command::new(helper)
-            .arg(kind.name())
-            .env("LD_PRELOAD", LIBFAKETIME)
-            .env("FAKETIME_TIMESTAMP_FILE", &offset_file)
-            .env("FAKETIME_NO_CACHE", "1")
-            // The stores' timers and the candidates' clock stay true: only wall time moves.
-            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        let mut command = tokio::process::Command::new(helper);
+        command.arg(kind.name());
+        if kind == StoreKind::Redis {
+            let library = build_clockshift(dir).await?;
+            command
+                .env("LD_PRELOAD", library)
+                .env("LEADER_CLOCKSHIFT_FILE", &offset_file);
+        } else {
+            if !std::path::Path::new(LIBFAKETIME).is_file() {
+                return Err(format!(
+                    "{LIBFAKETIME} is missing: install the faketime package (ci/lib.sh does)"
+                )
+                .into());
+            }
+            command
+                .env("LD_PRELOAD", LIBFAKETIME)
+                .env("FAKETIME_TIMESTAMP_FILE", &offset_file)
+                .env("FAKETIME_NO_CACHE", "1")
+                // The stores' timers and the candidates' clock stay true: only wall time
+                // moves.
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        }
+        let mut child = command
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
@@ -130,7 +179,7 @@ impl Store {
     /// store not under libfaketime.
     pub(crate) fn step_clock(&mut self, delta: std::time::Duration, back: bool) -> BoxResult<()> {
         let Store::Faked(faked) = self else {
-            return Err("only a store under libfaketime can have its clock stepped".into());
+            return Err("only a store started with a steppable clock (clock_store) can have its clock stepped".into());
         };
         let delta = i128::try_from(delta.as_nanos())?;
         faked.offset_ns += if back { -delta } else { delta };
@@ -148,10 +197,58 @@ impl Store {
         }
     }
 
+    /// Starts Redis in `topology`, every server with `appendfsync always`.
+    pub(crate) fn start_topology(topology: crate::RedisTopology) -> io::Result<Store> {
+        let durable = vec!["appendonly yes".to_owned(), "appendfsync always".to_owned()];
+        Ok(match topology {
+            crate::RedisTopology::Sentinel => Store::Sentinel(RedisSentinel::start_with(durable)?),
+            crate::RedisTopology::Cluster => {
+                Store::Cluster(RedisCluster::start_with_replicas(3, durable)?)
+            }
+        })
+    }
+
+    /// Redis under Sentinel or as a Cluster only: kills the master (on a Cluster, the one
+    /// that serves election `election`'s keys), waits until its replica took over, starts
+    /// the old master again and waits until it is a replica in sync (under Sentinel with
+    /// `replicas=1` no term is granted or renewed before: WAIT needs a replica).
+    pub(crate) fn fail_over_master(&mut self, election: &str) -> io::Result<()> {
+        match self {
+            Store::Sentinel(setup) => {
+                let old = setup.master()?;
+                setup.servers[old].kill();
+                setup.wait_for_failover(old)?;
+                setup.servers[old].restart()?;
+                setup.wait_for_replica(old)
+            }
+            Store::Cluster(cluster) => {
+                let key = format!("leader:{{{election}}}:leader");
+                let old = cluster.node_of(&key)?;
+                cluster.nodes[old].kill();
+                cluster.wait_for_failover(old, &key)?;
+                cluster.nodes[old].restart()?;
+                cluster.wait_until_ok()
+            }
+            _ => Err(io::Error::other(
+                "only Redis under Sentinel or as a Cluster fails over",
+            )),
+        }
+    }
+
+    /// The URL candidates use without a proxy in front (Sentinel finds the master itself),
+    /// if the store is reached that way.
+    pub(crate) fn direct_url(&self) -> Option<String> {
+        match self {
+            Store::Sentinel(setup) => Some(format!("{}?replicas=1", setup.url())),
+            Store::Cluster(cluster) => Some(cluster.url()),
+            _ => None,
+        }
+    }
+
     /// Starts `kind` as a run uses it.
     pub(crate) fn start(kind: StoreKind) -> io::Result<Store> {
         Ok(match kind {
-            StoreKind::Etcd => Store::Etcd(EtcdServer::start_cluster(3)?),
+            StoreKind::Etcd => Store::Etcd(EtcdServer::start_cluster_with_peer_proxies(3)?),
             StoreKind::Redis => Store::Redis(RedisServer::start_persistent()?),
             // The testkit's default is fsync=off (fast tests); a run tests durability.
             StoreKind::Postgres => Store::Postgres(PostgresServer::start_with(&["fsync=on"])?),
@@ -164,6 +261,9 @@ impl Store {
             Store::Etcd(server) => server.client_addr(slot % 3),
             Store::Redis(server) => server.addr(),
             Store::Postgres(server) => server.addr(),
+            // Unused: the candidates use the direct URL.
+            Store::Sentinel(setup) => setup.sentinels[0].addr(),
+            Store::Cluster(cluster) => cluster.nodes[0].addr(),
             Store::Faked(faked) => faked.addr,
         }
     }
@@ -180,6 +280,7 @@ impl Store {
             ),
             Store::Redis(server) => server.url(),
             Store::Postgres(server) => server.url(),
+            Store::Sentinel(_) | Store::Cluster(_) => self.direct_url().unwrap_or_default(),
             Store::Faked(faked) => faked.url.clone(),
         }
     }
@@ -205,7 +306,13 @@ impl Store {
             }
             Store::Faked(_) => {
                 return Err(io::Error::other(
-                    "a store under libfaketime is not restarted by the chaos suite",
+                    "a store with a stepped clock is not restarted by the chaos suite",
+                ));
+            }
+            Store::Sentinel(_) | Store::Cluster(_) => {
+                return Err(io::Error::other(
+                    "Redis under Sentinel or as a Cluster fails over instead \
+                     (Fault::MasterFailover)",
                 ));
             }
         }
@@ -269,6 +376,12 @@ impl Store {
                 drop(client);
                 let _ = driving.await;
             }
+            Store::Sentinel(_) | Store::Cluster(_) => {
+                return Err(
+                    "no tampering under Sentinel or on a Cluster (Fault::MasterFailover only)"
+                        .into(),
+                );
+            }
         }
         Ok((sent, answered))
     }
@@ -277,6 +390,23 @@ impl Store {
     pub(crate) fn kill_member(&mut self, member: usize) {
         if let Store::Etcd(server) = self {
             server.kill(member);
+        }
+    }
+
+    /// etcd only: cuts member `member` off from the other members (see
+    /// [`EtcdServer::isolate_member`]).
+    pub(crate) fn isolate_member(&self, member: usize) -> io::Result<()> {
+        match self {
+            Store::Etcd(server) => server.isolate_member(member),
+            _ => Err(io::Error::other("only etcd has members to partition")),
+        }
+    }
+
+    /// etcd only: lets member `member` reach the others again.
+    pub(crate) fn heal_member(&self, member: usize) -> io::Result<()> {
+        match self {
+            Store::Etcd(server) => server.heal_member(member),
+            _ => Err(io::Error::other("only etcd has members to partition")),
         }
     }
 

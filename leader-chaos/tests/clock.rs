@@ -1,15 +1,15 @@
-//! Store clock steps: PostgreSQL runs under libfaketime (`chaos-store`), and the
-//! orchestrator steps its wall clock forward by TTL/2 (then partitions the leader) and back
-//! by TTL/2 (then kills the leader). PostgreSQL expires leases by wall clock (`now()`), so a
-//! forward step can let the next leader in while the old one still believes it leads: the
-//! documented limit ("the safety margin covers clock-rate drift, not a store whose clock
-//! jumps"). The run measures what happens; it fails only if something other than a forward
-//! clock step breaks a property. etcd's leases run on its monotonic clock and are not
-//! stepped. Redis also expires keys by wall clock, but redis-server does not start under
-//! Debian's libfaketime 0.9.10 ("unexpected recursive calls to clock_gettime()", its
-//! jemalloc and libfaketime clash), so it is not measured here.
+//! Store clock steps: PostgreSQL runs under libfaketime, redis-server under this crate's
+//! `clockshift.c` preload library (its jemalloc hangs under Debian's libfaketime 0.9.10:
+//! "unexpected recursive calls to clock_gettime()"), both started by `chaos-store`; the
+//! orchestrator steps the store's wall clock forward by TTL/2 (then partitions the leader)
+//! and back by TTL/2 (then kills the leader). Both expire leases by wall clock
+//! (PostgreSQL's `now()`, Redis's key expiry), so a forward step can let the next leader in
+//! while the old one still believes it leads: the documented limit ("the safety margin
+//! covers clock-rate drift, not a store whose clock jumps"). The run measures what happens;
+//! it fails only if something other than a forward clock step breaks a property. etcd's
+//! leases run on its monotonic clock and are not stepped.
 //!
-//! The run's report goes to `target/chaos/clock-postgres.json` (`CHAOS_RESULTS_DIR`).
+//! The runs' reports go to `target/chaos/clock-<store>.json` (`CHAOS_RESULTS_DIR`).
 
 use std::path::{Path, PathBuf};
 
@@ -74,4 +74,9 @@ async fn clock_steps(backend: StoreKind) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clock_steps_on_postgres() {
     clock_steps(StoreKind::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clock_steps_on_redis() {
+    clock_steps(StoreKind::Redis).await;
 }

@@ -47,6 +47,15 @@ fn jitter() -> f64 {
     rand::rng().random()
 }
 
+/// A random `u64` (the random part of a candidate id), seeded like [`jitter`].
+pub(crate) fn random_u64() -> u64 {
+    #[cfg(feature = "testing")]
+    if let Some(draw) = SEEDED.with(|rng| rng.borrow_mut().as_mut().map(|rng| rng.random())) {
+        return draw;
+    }
+    rand::random()
+}
+
 #[cfg(feature = "testing")]
 thread_local! {
     static SEEDED: std::cell::RefCell<Option<rand::rngs::StdRng>> =

@@ -7,139 +7,16 @@ use std::time::Duration;
 use crate::driver::{Candidate, Driver};
 use crate::election::{Election, Handle};
 use crate::machinery::Core;
-use crate::{Config, Error, Result};
+use crate::settings::{DeadlineHook, Settings};
+use crate::{Config, Result};
 
-/// The shortest TTL [`ElectionBuilder::build`] accepts.
-pub const MIN_TTL: Duration = Duration::from_millis(10);
-/// The longest TTL [`ElectionBuilder::build`] accepts.
-pub const MAX_TTL: Duration = Duration::from_secs(24 * 60 * 60);
-/// The largest value [`ElectionBuilder::build`] accepts, in bytes.
-pub const MAX_VALUE_LEN: usize = 1024 * 1024;
-/// The longest election name [`ElectionBuilder::build`] accepts, in bytes.
-pub const MAX_NAME_LEN: usize = 512;
-
-/// An election's settings, kept once: the builder fills them, `build()` checks them, and
-/// the election keeps the checked copy.
-#[derive(Debug, Clone)]
-pub(crate) struct Settings {
-    pub(crate) name: String,
-    pub(crate) on_deadline: Option<DeadlineHook>,
-    pub(crate) value: Option<Vec<u8>>,
-    pub(crate) ttl: Duration,
-    pub(crate) safety_margin: Option<Duration>,
-    pub(crate) retry_min: Duration,
-    pub(crate) retry_max: Duration,
-}
-
-impl From<&Config> for Settings {
-    fn from(config: &Config) -> Self {
-        // Every field, by name: a field added to `Config` does not compile until it has a
-        // place here.
-        let Config {
-            name,
-            value,
-            ttl,
-            safety_margin,
-            retry_min,
-            retry_max,
-        } = config;
-        Settings {
-            name: name.clone(),
-            on_deadline: None,
-            value: value.as_ref().map(|v| v.as_bytes().to_vec()),
-            ttl: *ttl,
-            safety_margin: *safety_margin,
-            retry_min: *retry_min,
-            retry_max: *retry_max,
-        }
-    }
-}
-
-impl Settings {
-    /// The safety margin subtracted from deadlines of a term with `ttl`.
-    pub(crate) fn margin_for(&self, ttl: Duration) -> Duration {
-        self.safety_margin
-            .unwrap_or_else(|| (ttl / 50).max(Duration::from_millis(2)))
-    }
-
-    fn check(&self, driver: &dyn Driver) -> Result<()> {
-        let name = &self.name;
-        if name.is_empty() {
-            return Err(Error::invalid_config("name", "must not be empty"));
-        }
-        if name.len() > MAX_NAME_LEN {
-            return Err(Error::invalid_config(
-                "name",
-                format!("is {} bytes; at most {MAX_NAME_LEN} allowed", name.len()),
-            ));
-        }
-        if name.chars().any(char::is_control) {
-            return Err(Error::invalid_config(
-                "name",
-                "must not contain control characters",
-            ));
-        }
-        driver.check_name(name)?;
-        if !(MIN_TTL..=MAX_TTL).contains(&self.ttl) {
-            return Err(Error::invalid_config(
-                "ttl",
-                format!(
-                    "is {:?}; it must be between {MIN_TTL:?} and {MAX_TTL:?}",
-                    self.ttl
-                ),
-            ));
-        }
-        if let Some(margin) = self.safety_margin
-            && margin >= self.ttl / 2
-        {
-            return Err(Error::invalid_config(
-                "safetyMargin",
-                format!(
-                    "is {margin:?}; it must be under half the TTL ({:?})",
-                    self.ttl / 2
-                ),
-            ));
-        }
-        if self.retry_min.is_zero() || self.retry_min > self.retry_max {
-            return Err(Error::invalid_config(
-                "retryMin",
-                format!(
-                    "is {:?}; it must be above zero and at most retryMax ({:?})",
-                    self.retry_min, self.retry_max
-                ),
-            ));
-        }
-        if let Some(value) = &self.value
-            && value.len() > MAX_VALUE_LEN
-        {
-            return Err(Error::invalid_config(
-                "value",
-                format!("is {} bytes; at most {MAX_VALUE_LEN} allowed", value.len()),
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// The hook of [`ElectionBuilder::on_deadline`].
-#[derive(Clone)]
-pub(crate) struct DeadlineHook(pub(crate) Arc<dyn Fn(u64, std::time::Instant) + Send + Sync>);
-
-impl DeadlineHook {
-    /// Calls the hook; a panic in it is caught, logged and returned as `Err`.
-    pub(crate) fn call(&self, fencing_token: u64, deadline: std::time::Instant) -> Result<(), ()> {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            (self.0)(fencing_token, deadline);
-        }))
-        .map_err(|_| {
-            tracing::error!(fencing_token, "the on_deadline hook panicked");
-        })
-    }
-}
-
-impl fmt::Debug for DeadlineHook {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("DeadlineHook")
+impl Election {
+    /// Starts building a candidate for election `name` on `driver`.
+    ///
+    /// `driver` is any [`Driver`], including an `Arc<dyn Driver>`; several elections may
+    /// share one driver (clone it).
+    pub fn builder(driver: impl Driver, name: impl Into<String>) -> ElectionBuilder {
+        ElectionBuilder::new(Arc::new(driver), name.into())
     }
 }
 
@@ -188,7 +65,7 @@ impl ElectionBuilder {
     }
 
     /// The lease: a crashed leader is replaced about this long after its last renewal.
-    /// Defaults to 10 seconds; at least [`MIN_TTL`].
+    /// Defaults to 10 seconds; at least [`MIN_TTL`](crate::MIN_TTL).
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.settings.ttl = ttl;
         self
@@ -232,10 +109,10 @@ impl ElectionBuilder {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming the first setting that makes no sense: an empty or
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) naming the first setting that makes no sense: an empty or
     /// overlong name, a name the driver's store cannot hold, a TTL outside
-    /// [`MIN_TTL`]..=[`MAX_TTL`], a safety margin of half the TTL or more, a retry range
-    /// that is empty or starts at zero, a value over [`MAX_VALUE_LEN`].
+    /// [`MIN_TTL`](crate::MIN_TTL)..=[`MAX_TTL`](crate::MAX_TTL), a safety margin of half the TTL or more, a retry range
+    /// that is empty or starts at zero, a value over [`MAX_VALUE_LEN`](crate::MAX_VALUE_LEN).
     pub fn build(self) -> Result<Election> {
         let ElectionBuilder { driver, settings } = self;
         settings.check(driver.as_ref())?;
@@ -275,6 +152,6 @@ fn candidate_id() -> String {
     format!(
         "{host}-{}-{:016x}",
         std::process::id(),
-        rand::random::<u64>()
+        crate::backoff::random_u64()
     )
 }

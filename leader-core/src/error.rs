@@ -114,6 +114,22 @@ impl Error {
     }
 }
 
+/// Displays an error with its chain of sources (`outer: cause: root cause`), for logs and
+/// one-line messages: `tracing::warn!(error = %ErrorChain(&err), "…")`.
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(err) = source {
+            write!(f, ": {err}")?;
+            source = err.source();
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,8 +10,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::Error;
-use crate::election::Term;
-use crate::machinery::{ErrorChain, TermState, Work};
+use crate::error::ErrorChain;
+use crate::machinery::{TermState, Work};
+use crate::term::Term;
 
 /// How the holding of one term ended, for the campaign loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,19 +11,22 @@ mod error;
 mod event;
 mod lead;
 mod machinery;
+mod settings;
 mod telemetry;
+mod term;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod url;
 
 pub use async_trait::async_trait;
-pub use builder::{ElectionBuilder, MAX_NAME_LEN, MAX_TTL, MAX_VALUE_LEN, MIN_TTL};
+pub use builder::ElectionBuilder;
 pub use config::Config;
 pub use driver::{Candidate, CandidateInfo, Driver, Grant, LeaderInfo};
-pub use election::{Election, Status, Term};
-pub use error::{BoxError, Error, Result};
+pub use election::{Election, Status};
+pub use error::{BoxError, Error, ErrorChain, Result};
 pub use event::{Event, EventStream, LossReason};
-pub use machinery::ErrorChain;
+pub use settings::{MAX_NAME_LEN, MAX_TTL, MAX_VALUE_LEN, MIN_TTL};
+pub use term::Term;
 pub use tokio_util::sync::CancellationToken;
 pub use url::{StoreUrl, TlsFiles, redact_url, redact_urls};
 

@@ -8,6 +8,7 @@
 
 mod etcd;
 mod lines;
+mod peers;
 mod postgres;
 mod process;
 mod proxy;

@@ -42,10 +42,12 @@ fn settle(what: &str, mut check: impl FnMut() -> bool) -> io::Result<()> {
     Ok(())
 }
 
-/// A Redis Cluster of masters only (no replicas), made with `redis-cli --cluster create`.
+/// A Redis Cluster made with `redis-cli --cluster create`: masters only, or each master
+/// with one replica.
 #[derive(Debug)]
 pub struct RedisCluster {
-    /// The masters, in the order given to `redis-cli --cluster create`.
+    /// The nodes, in the order given to `redis-cli --cluster create` (with replicas, the
+    /// first half starts as masters).
     pub nodes: Vec<RedisServer>,
 }
 
@@ -53,34 +55,75 @@ impl RedisCluster {
     /// Starts `masters` (at least 3) nodes, joins them, and waits until every node says
     /// `cluster_state:ok`.
     pub fn start(masters: usize) -> io::Result<Self> {
+        Self::start_nodes(masters, 0, Vec::new())
+    }
+
+    /// Starts `masters` (at least 3) masters, each with one replica that takes over when
+    /// its master fails (after the 3 s node timeout), with `config` lines for every node
+    /// (`appendfsync always`, say), and waits until every replica is in sync.
+    pub fn start_with_replicas(masters: usize, config: Vec<String>) -> io::Result<Self> {
+        Self::start_nodes(masters, 1, config)
+    }
+
+    fn start_nodes(masters: usize, replicas: usize, config: Vec<String>) -> io::Result<Self> {
         require_binary("redis-cli", "redis-tools")?;
         let mut nodes = Vec::new();
-        for _ in 0..masters {
+        for _ in 0..masters * (1 + replicas) {
+            let mut lines = vec![
+                "cluster-enabled yes".to_owned(),
+                "cluster-config-file nodes.conf".to_owned(),
+                // Long enough that a loaded machine does not mark a node as failing.
+                "cluster-node-timeout 3000".to_owned(),
+                // A slot whose master is down must not stop the others.
+                "cluster-require-full-coverage no".to_owned(),
+            ];
+            lines.extend(config.iter().cloned());
             nodes.push(RedisServer::start_with(RedisOptions {
-                config: vec![
-                    "cluster-enabled yes".to_owned(),
-                    "cluster-config-file nodes.conf".to_owned(),
-                    // Long enough that a loaded machine does not mark a node as failing.
-                    "cluster-node-timeout 3000".to_owned(),
-                    // A slot whose master is down must not stop the others.
-                    "cluster-require-full-coverage no".to_owned(),
-                ],
+                config: lines,
                 ..RedisOptions::default()
             })?);
         }
         let addrs: Vec<String> = nodes.iter().map(|n| n.addr().to_string()).collect();
+        let replicas = replicas.to_string();
         let mut args = vec!["--cluster", "create"];
         args.extend(addrs.iter().map(String::as_str));
-        args.extend(["--cluster-replicas", "0", "--cluster-yes"]);
+        args.extend(["--cluster-replicas", replicas.as_str(), "--cluster-yes"]);
         redis_cli(nodes[0].addr().port(), &args)?;
         let cluster = RedisCluster { nodes };
-        settle("cluster_state:ok on every node", || {
-            cluster.nodes.iter().all(|node| {
-                redis_cli(node.addr().port(), &["cluster", "info"])
-                    .is_ok_and(|info| info.contains("cluster_state:ok"))
-            })
-        })?;
+        cluster.wait_until_ok()?;
         Ok(cluster)
+    }
+
+    /// Waits until every running node says `cluster_state:ok` and every replica is in
+    /// sync with its master.
+    pub fn wait_until_ok(&self) -> io::Result<()> {
+        settle(
+            "cluster_state:ok and replicas in sync on every node",
+            || {
+                self.nodes.iter().all(|node| {
+                    let port = node.addr().port();
+                    redis_cli(port, &["cluster", "info"])
+                        .is_ok_and(|info| info.contains("cluster_state:ok"))
+                        && redis_cli(port, &["info", "replication"]).is_ok_and(|info| {
+                            info.contains("role:master") || info.contains("master_link_status:up")
+                        })
+                })
+            },
+        )
+    }
+
+    /// Waits until a node other than `old` serves `key`'s slot, as a master.
+    pub fn wait_for_failover(&self, old: usize, key: &str) -> io::Result<usize> {
+        let mut new = old;
+        settle("a cluster failover", || match self.node_of(key) {
+            Ok(node) if node != old => {
+                new = node;
+                redis_cli(self.nodes[node].addr().port(), &["role"])
+                    .is_ok_and(|role| role.starts_with("master"))
+            }
+            _ => false,
+        })?;
+        Ok(new)
     }
 
     /// `redis+cluster://host:port,host:port,…`.
@@ -89,14 +132,21 @@ impl RedisCluster {
         format!("redis+cluster://{}", hosts.join(","))
     }
 
-    /// The index of the node that serves `key`'s slot.
+    /// The index of the node that serves `key`'s slot (as the first node that answers
+    /// says).
     pub fn node_of(&self, key: &str) -> io::Result<usize> {
-        let slot: u16 = redis_cli(self.nodes[0].addr().port(), &["cluster", "keyslot", key])?
+        let port = self
+            .nodes
+            .iter()
+            .map(|n| n.addr().port())
+            .find(|&port| redis_cli(port, &["ping"]).is_ok_and(|pong| pong.contains("PONG")))
+            .ok_or_else(|| io::Error::other("no cluster node answers"))?;
+        let slot: u16 = redis_cli(port, &["cluster", "keyslot", key])?
             .trim()
             .parse()
             .map_err(io::Error::other)?;
         // Lines: id, ip:port@bus-port, flags, master, ping, pong, epoch, link, slots…
-        let nodes = redis_cli(self.nodes[0].addr().port(), &["cluster", "nodes"])?;
+        let nodes = redis_cli(port, &["cluster", "nodes"])?;
         for line in nodes.lines() {
             let fields: Vec<&str> = line.split_whitespace().collect();
             let Some(port) = fields
@@ -248,5 +298,15 @@ impl RedisSentinel {
             _ => false,
         })?;
         Ok(new)
+    }
+
+    /// Waits until [`servers`](Self::servers)`[i]` is a replica in sync with its master
+    /// (after a failover, once the sentinels have made the old master a replica).
+    pub fn wait_for_replica(&self, i: usize) -> io::Result<()> {
+        settle("a replica in sync", || {
+            redis_cli(self.servers[i].addr().port(), &["info", "replication"]).is_ok_and(|info| {
+                info.contains("role:slave") && info.contains("master_link_status:up")
+            })
+        })
     }
 }

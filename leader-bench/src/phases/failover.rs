@@ -11,7 +11,7 @@ use crate::charts;
 use crate::contender::{SETTLE, handoffs, ours};
 use crate::results::{Goal, Results};
 use crate::stats::spread;
-use crate::stores::StoreKind;
+use leader_chaos::StoreKind;
 
 pub(crate) async fn measure(bench: &Bench, results: &mut Results) -> BoxResult<()> {
     let crashes = bench.sizes.crashes;

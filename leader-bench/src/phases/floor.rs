@@ -7,7 +7,8 @@ use super::{Bench, cells, latency, p50_p99};
 use crate::BoxResult;
 use crate::results::Results;
 use crate::stats::{histogram, record};
-use crate::stores::{StoreKind, Stores};
+use crate::stores::Stores;
+use leader_chaos::StoreKind;
 
 const WRITES: usize = 1000;
 

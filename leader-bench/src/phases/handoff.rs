@@ -15,7 +15,8 @@ use crate::charts;
 use crate::contender::{Handoffs, etcdctl, handoffs, ours};
 use crate::results::{Goal, Results};
 use crate::stats::{histogram, quantile_ms, record};
-use crate::stores::{StoreKind, postgres_client};
+use crate::stores::postgres_client;
+use leader_chaos::StoreKind;
 
 /// The term's TTL in the handoff measurements (a graceful handoff does not wait for it).
 const TTL: Duration = Duration::from_secs(5);

@@ -14,7 +14,7 @@ use crate::BoxResult;
 use crate::contender::SETTLE;
 use crate::results::{Goal, Results};
 use crate::stats::{histogram, quantile_ms, record};
-use crate::stores::StoreKind;
+use leader_chaos::StoreKind;
 
 const TTL: Duration = Duration::from_secs(5);
 

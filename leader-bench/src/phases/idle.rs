@@ -10,8 +10,9 @@ use tokio::time::sleep;
 use super::many::hold_elections;
 use super::{Bench, cells, shown};
 use crate::results::{Goal, Results};
-use crate::stores::{StoreKind, Stores, redis_monitored};
+use crate::stores::{Stores, redis_monitored};
 use crate::{BoxResult, Sizes};
+use leader_chaos::StoreKind;
 
 const TTL: Duration = Duration::from_secs(3);
 

@@ -19,7 +19,7 @@ use super::{Bench, cells, shown};
 use crate::BoxResult;
 use crate::results::{Goal, Results};
 use crate::stats::{last_number, rss_kib};
-use crate::stores::StoreKind;
+use leader_chaos::StoreKind;
 
 /// Elections per holding process.
 const MANY: usize = 10_000;

@@ -86,9 +86,9 @@ pub(crate) async fn run(args: RunArgs) -> BoxResult<()> {
     }
 }
 
-/// One cell per store, in [`crate::stores::StoreKind::ALL`]'s order.
-pub(crate) fn cells(mut cell: impl FnMut(crate::stores::StoreKind) -> String) -> [String; 3] {
-    crate::stores::StoreKind::ALL.map(&mut cell)
+/// One cell per store, in [`leader_chaos::StoreKind::ALL`]'s order.
+pub(crate) fn cells(mut cell: impl FnMut(leader_chaos::StoreKind) -> String) -> [String; 3] {
+    leader_chaos::StoreKind::ALL.map(&mut cell)
 }
 
 /// A recorded figure as a table shows it, or an empty cell if it was not measured.

@@ -15,7 +15,8 @@ use crate::BoxResult;
 use crate::charts;
 use crate::results::{Goal, Results};
 use crate::stats::{histogram, quantile_ms, record};
-use crate::stores::{StoreKind, Stores, redis_monitored};
+use crate::stores::{Stores, redis_monitored};
+use leader_chaos::StoreKind;
 
 /// The store's work per handoff in [`scale_handoffs`].
 struct PerHandoff {

@@ -27,7 +27,6 @@ pub(crate) struct Checker {
     /// The store lost its data: tokens may start over once the excuse ends.
     pub(crate) tokens_reset: bool,
     pub(crate) elected: BTreeSet<Term>,
-    pub(crate) ended: BTreeSet<Term>,
     pub(crate) quiet_at: Option<Instant>,
     /// The elections that had a leader after faults stopped.
     pub(crate) leaders_after_quiet: BTreeSet<String>,
@@ -79,6 +78,11 @@ impl Checker {
     pub(crate) fn excuse(&mut self, until: Instant, tokens_reset: bool) {
         self.excused_until = Some(self.excused_until.map_or(until, |u| u.max(until)));
         self.tokens_reset |= tokens_reset;
+        if tokens_reset {
+            // A candidate may get a token number it had before the loss: that is a new
+            // term, not an old one leading again.
+            self.dead.clear();
+        }
     }
 
     /// Whether overlaps are excused now.

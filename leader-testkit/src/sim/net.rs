@@ -12,7 +12,11 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::{Instant, sleep, timeout};
 
 use super::checker::Checker;
-use super::{MAX_LATE, REQUEST_TIMEOUT, Report};
+use super::{LATE_CAP, LATE_SPREAD, MAX_LATE, Report};
+
+/// More requests than this at one instant of the paused clock: a retry loop that never
+/// waits (DESIGN.md forbids hot retry loops), which would hang the run.
+const HOT_LOOP: u64 = 10_000;
 
 /// Locks `mutex`, whatever a panicking holder left (the checker reports panics itself).
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -90,6 +94,10 @@ struct Inner {
     outage: Mutex<bool>,
     partitions: Mutex<BTreeMap<ClientId, Partition>>,
     links: Mutex<BTreeMap<ClientId, watch::Sender<u64>>>,
+    /// When the last message pushed to each client arrives: pushes stay in order.
+    pushed: Mutex<BTreeMap<ClientId, Instant>>,
+    /// The instant of the last request and how many were sent at it.
+    instant_requests: Mutex<(Option<Instant>, u64)>,
     store_clock: Mutex<StoreClock>,
     checker: Mutex<Checker>,
     report: Mutex<Report>,
@@ -109,6 +117,8 @@ impl Net {
                 outage: Mutex::new(false),
                 partitions: Mutex::new(BTreeMap::new()),
                 links: Mutex::new(BTreeMap::new()),
+                pushed: Mutex::new(BTreeMap::new()),
+                instant_requests: Mutex::new((None, 0)),
                 store_clock: Mutex::new(StoreClock {
                     epoch: None,
                     rate,
@@ -150,6 +160,10 @@ impl Net {
         effect: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, Fault> {
         self.count(|r| r.requests += 1);
+        if self.hot_loop(client) {
+            sleep(limit).await;
+            return Err(Fault::Timeout(limit));
+        }
         if *lock(&self.inner.outage) {
             return Err(Fault::Unreachable);
         }
@@ -167,11 +181,11 @@ impl Net {
             let fail = chaos && rng.random_bool(0.04);
             let late = chaos && rng.random_bool(0.04);
             let lost = chaos && rng.random_bool(0.04);
+            // A late effect lands after the caller gave up (its own limit, or up to
+            // LATE_CAP for callers that wait longer), as a request stuck in a queue does.
             let effect_after = if late {
-                REQUEST_TIMEOUT
-                    + Duration::from_millis(
-                        rng.random_range(0..=(MAX_LATE - REQUEST_TIMEOUT).as_millis() as u64),
-                    )
+                limit.min(LATE_CAP)
+                    + Duration::from_millis(rng.random_range(0..=LATE_SPREAD.as_millis() as u64))
             } else if chaos {
                 Duration::from_millis(rng.random_range(0..=20))
             } else {
@@ -257,18 +271,48 @@ impl Net {
 
     /// The delay before a message the store pushes (a watch event, a pub/sub message, a
     /// NOTIFY) reaches `client`, or `None` when it is lost (the client is cut off now).
+    /// Messages to one client arrive in the order they were pushed: each delay ends no
+    /// earlier than the one before it.
     pub fn push_delay(&self, client: ClientId) -> Option<Duration> {
         if !self.reachable(client) {
             return None;
         }
         let chaos = self.chaos();
-        Some(self.draw(|rng| {
+        let delay = self.draw(|rng| {
             if chaos {
                 Duration::from_millis(rng.random_range(0..=50))
             } else {
                 Duration::ZERO
             }
-        }))
+        });
+        let now = Instant::now();
+        let mut pushed = lock(&self.inner.pushed);
+        let last = pushed.entry(client).or_insert(now);
+        let at = (now + delay).max(*last);
+        *last = at;
+        Some(at - now)
+    }
+
+    /// Counts a request at this instant; true (and a violation, once) when a client sends
+    /// more than [`HOT_LOOP`] at one instant.
+    fn hot_loop(&self, client: ClientId) -> bool {
+        let now = Instant::now();
+        let mut seen = lock(&self.inner.instant_requests);
+        if seen.0 == Some(now) {
+            seen.1 += 1;
+        } else {
+            *seen = (Some(now), 1);
+        }
+        let count = seen.1;
+        drop(seen);
+        if count == HOT_LOOP {
+            self.violation(format!(
+                "{HOT_LOOP} requests at one instant (the last from c{}): a retry loop that \
+                 never waits",
+                client.0
+            ));
+        }
+        count >= HOT_LOOP
     }
 
     /// The store's clock now: it runs up to 1.5% faster or slower than the candidates', and
@@ -356,26 +400,27 @@ impl Net {
         self.trace(|| format!("the candidates' machine was suspended for {duration:?}"));
     }
 
+    /// The store goes away (or comes back): every client's connections drop, both times
+    /// (a subscription whose request landed while the store was away is dropped too).
     pub(crate) fn set_outage(&self, down: bool) {
         *lock(&self.inner.outage) = down;
-        if down {
-            for link in lock(&self.inner.links).values() {
-                link.send_modify(|n| *n += 1);
-            }
+        for link in lock(&self.inner.links).values() {
+            link.send_modify(|n| *n += 1);
         }
     }
 
+    /// Partitions `client` (or heals it): its connections drop, both times.
     pub(crate) fn set_partition(&self, client: ClientId, partition: Option<Partition>) {
         match partition {
             Some(partition) => {
                 lock(&self.inner.partitions).insert(client, partition);
-                if let Some(link) = lock(&self.inner.links).get(&client) {
-                    link.send_modify(|n| *n += 1);
-                }
             }
             None => {
                 lock(&self.inner.partitions).remove(&client);
             }
+        }
+        if let Some(link) = lock(&self.inner.links).get(&client) {
+            link.send_modify(|n| *n += 1);
         }
     }
 }

@@ -125,7 +125,7 @@ async fn a_confirmation_after_the_reading_moves_the_suspension_reference() {
 async fn the_deadline_hook_sees_an_extension_only_when_it_happens() {
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let log = std::sync::Arc::clone(&seen);
-    let hook = crate::builder::DeadlineHook(std::sync::Arc::new(move |token, deadline| {
+    let hook = crate::settings::DeadlineHook(std::sync::Arc::new(move |token, deadline| {
         log.lock().expect("not poisoned").push((token, deadline));
     }));
     let start = Instant::now();
@@ -141,7 +141,7 @@ async fn the_deadline_hook_sees_an_extension_only_when_it_happens() {
 
 #[tokio::test(start_paused = true)]
 async fn ending_a_term_that_is_not_current_changes_nothing() {
-    let shared = super::Shared::new("not-current");
+    let shared = crate::machinery::Shared::new("not-current");
     let old = std::sync::Arc::new(term(Instant::now() + TTL));
     let current = std::sync::Arc::new(term(Instant::now() + TTL));
     shared.state().term = Some(std::sync::Arc::clone(&current));
