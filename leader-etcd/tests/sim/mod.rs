@@ -117,8 +117,12 @@ impl Model for EtcdModel {
                     s.revoke(id);
                     Some(format!("etcdctl lease revoke {id:x}"))
                 }
-                3 => {
-                    let election = format!("sim-{}/", pick % 2);
+                3 if !candidates.is_empty() => {
+                    // Every key of one election (`<name>/`: names nest as prefixes).
+                    let key =
+                        String::from_utf8_lossy(&candidates[pick % candidates.len()]).into_owned();
+                    let name = key.rsplit_once('/').map_or(key.as_str(), |(e, _)| e);
+                    let election = format!("{name}/");
                     let txn = leader_etcd::io::Txn::new().and_then([leader_etcd::io::Op::Delete {
                         key: election.clone().into_bytes(),
                         end: Some(leader_etcd::io::prefix_end(election.as_bytes())),
