@@ -3,17 +3,15 @@
 
 use std::collections::HashMap;
 
-use etcd_client::{
-    Compare, CompareOp, GetOptions, KeyValue, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
-    TxnOpResponse, TxnResponse,
-};
+use etcd_client::{TxnOp, TxnResponse};
 use leader_core::{CandidateInfo, Error, LeaderInfo, Result};
 use tracing::{debug, info};
 
-use crate::campaign::{
+use crate::error::{ErrorChain, unexpected};
+use crate::io::{Compare, Kv as KeyValue, Op, OpResult, Range, Sort, Txn};
+use crate::keys::{
     Side, marker_key, nomination_key, nomination_value, parse_marker, parse_nomination, side_key,
 };
-use crate::error::{ErrorChain, unexpected};
 use crate::lease::whole_seconds;
 use crate::{Inner, lock};
 
@@ -39,14 +37,17 @@ impl Line {
         }
         self.keys
             .iter()
-            .find(|kv| kv.create_revision() >= self.marker)
+            .find(|kv| kv.create_revision >= self.marker)
     }
 
     /// The keys in the order they would lead: the leader (or the nominee), then the keys
     /// not passed over, then those passed over (they create their keys again in turn).
     fn ordered(&self) -> Vec<(&KeyValue, bool)> {
         let first = match &self.nominee {
-            Some(nominee) => self.keys.iter().find(|kv| kv.key() == nominee.as_bytes()),
+            Some(nominee) => self
+                .keys
+                .iter()
+                .find(|kv| kv.key.as_slice() == nominee.as_bytes()),
             None => self.leader(),
         };
         let is_leader = self.nominee.is_none();
@@ -54,8 +55,8 @@ impl Line {
             first.map(|kv| (kv, is_leader)).into_iter().collect();
         let rest = |passed: bool| {
             self.keys.iter().filter(move |kv| {
-                (kv.create_revision() < self.marker) == passed
-                    && first.is_none_or(|first| first.key() != kv.key())
+                (kv.create_revision < self.marker) == passed
+                    && first.is_none_or(|first| first.key.as_slice() != kv.key.as_slice())
             })
         };
         line.extend(rest(false).map(|kv| (kv, false)));
@@ -66,8 +67,11 @@ impl Line {
     /// The candidate id of `kv`: its id side key's value, or (a key without one, such as
     /// `etcdctl elect`'s) the key's name after the election prefix (its lease in hex).
     fn id(&self, kv: &KeyValue) -> String {
-        self.ids.get(kv.key()).cloned().unwrap_or_else(|| {
-            String::from_utf8_lossy(&kv.key()[self.prefix.len().min(kv.key().len())..]).into_owned()
+        self.ids.get(kv.key.as_slice()).cloned().unwrap_or_else(|| {
+            String::from_utf8_lossy(
+                &kv.key.as_slice()[self.prefix.len().min(kv.key.as_slice().len())..],
+            )
+            .into_owned()
         })
     }
 }
@@ -78,10 +82,13 @@ fn ids_by_key(prefix: &str, sides: &[KeyValue]) -> HashMap<Vec<u8>, String> {
     sides
         .iter()
         .filter_map(|kv| {
-            let suffix = kv.key().strip_prefix(id_prefix.as_bytes())?;
+            let suffix = kv.key.as_slice().strip_prefix(id_prefix.as_bytes())?;
             let mut key = prefix.as_bytes().to_vec();
             key.extend_from_slice(suffix);
-            Some((key, String::from_utf8_lossy(kv.value()).into_owned()))
+            Some((
+                key,
+                String::from_utf8_lossy(kv.value.as_slice()).into_owned(),
+            ))
         })
         .collect()
 }
@@ -90,37 +97,31 @@ impl Inner {
     /// Every key of the election whose keys start with `prefix`, with the ids, the
     /// nomination and the marker, at one revision.
     pub(crate) async fn line(&self, prefix: &str) -> Result<Line> {
-        let keys = GetOptions::new()
-            .with_prefix()
-            .with_sort(SortTarget::Create, SortOrder::Ascend);
         let read = Txn::new().and_then([
-            TxnOp::get(prefix, Some(keys)),
-            TxnOp::get(
-                side_key(prefix, Side::Id),
-                Some(GetOptions::new().with_prefix()),
-            ),
-            TxnOp::get(nomination_key(prefix), None),
-            TxnOp::get(marker_key(prefix), None),
+            Op::Get(Range::prefix(prefix).sort(Sort::CreateAscend)),
+            Op::Get(Range::prefix(side_key(prefix, Side::Id))),
+            Op::get(nomination_key(prefix)),
+            Op::get(marker_key(prefix)),
         ]);
-        let response = self.request(self.client.clone().txn(read)).await?;
-        match response.op_responses().as_slice() {
+        let response = self.request(self.io.txn(read)).await?;
+        match response.results.as_slice() {
             [
-                TxnOpResponse::Get(keys),
-                TxnOpResponse::Get(ids),
-                TxnOpResponse::Get(nomination),
-                TxnOpResponse::Get(marker),
+                OpResult::Get(keys),
+                OpResult::Get(ids),
+                OpResult::Get(nomination),
+                OpResult::Get(marker),
             ] => Ok(Line {
-                keys: keys.kvs().to_vec(),
-                ids: ids_by_key(prefix, ids.kvs()),
+                keys: keys.kvs.to_vec(),
+                ids: ids_by_key(prefix, &ids.kvs),
                 nominee: nomination
-                    .kvs()
+                    .kvs
                     .first()
-                    .and_then(|kv| parse_nomination(kv.value()))
+                    .and_then(|kv| parse_nomination(kv.value.as_slice()))
                     .map(|(key, _)| key),
                 marker: marker
-                    .kvs()
+                    .kvs
                     .first()
-                    .map_or(0, |kv| parse_marker(kv.value())),
+                    .map_or(0, |kv| parse_marker(kv.value.as_slice())),
                 prefix: prefix.to_owned(),
             }),
             _ => Err(unexpected("etcd answered a read with other operations")),
@@ -132,31 +133,30 @@ impl Inner {
     /// stands.
     pub(crate) async fn leader_of(&self, prefix: &str) -> Result<(Option<LeaderInfo>, i64)> {
         let lowest = |min: i64| {
-            GetOptions::new()
-                .with_prefix()
-                .with_sort(SortTarget::Create, SortOrder::Ascend)
-                .with_min_create_revision(min)
-                .with_limit(1)
+            Range::prefix(prefix)
+                .sort(Sort::CreateAscend)
+                .min_create_revision(min)
+                .limit(1)
         };
         let read = Txn::new().and_then([
-            TxnOp::get(prefix, Some(lowest(0))),
-            TxnOp::get(nomination_key(prefix), None),
-            TxnOp::get(marker_key(prefix), None),
+            Op::Get(lowest(0)),
+            Op::get(nomination_key(prefix)),
+            Op::get(marker_key(prefix)),
         ]);
-        let response = self.request(self.client.clone().txn(read)).await?;
-        let revision = response.header().map_or(0, |h| h.revision());
-        let (first, nominated, marker) = match response.op_responses().as_slice() {
+        let response = self.request(self.io.txn(read)).await?;
+        let revision = response.revision;
+        let (first, nominated, marker) = match response.results.as_slice() {
             [
-                TxnOpResponse::Get(first),
-                TxnOpResponse::Get(nominated),
-                TxnOpResponse::Get(marker),
+                OpResult::Get(first),
+                OpResult::Get(nominated),
+                OpResult::Get(marker),
             ] => (
-                first.kvs().first().cloned(),
-                !nominated.kvs().is_empty(),
+                first.kvs.first().cloned(),
+                !nominated.kvs.is_empty(),
                 marker
-                    .kvs()
+                    .kvs
                     .first()
-                    .map_or(0, |kv| parse_marker(kv.value())),
+                    .map_or(0, |kv| parse_marker(kv.value.as_slice())),
             ),
             _ => return Err(unexpected("etcd answered a read with other operations")),
         };
@@ -164,20 +164,18 @@ impl Inner {
             return Ok((None, revision));
         }
         let leader = match first {
-            Some(kv) if kv.create_revision() < marker => {
+            Some(kv) if kv.create_revision < marker => {
                 // Passed over by a handover: the leader is the lowest key after the marker's.
-                let response = self
-                    .request(self.client.clone().get(prefix, Some(lowest(marker))))
-                    .await?;
-                response.kvs().first().cloned()
+                let (response, _) = self.request(self.io.range(lowest(marker))).await?;
+                response.kvs.first().cloned()
             }
             other => other,
         };
         let leader = leader.map(|kv| {
             LeaderInfo::new(
-                String::from_utf8_lossy(&kv.key()[prefix.len().min(kv.key().len())..]),
-                kv.value(),
-                u64::try_from(kv.create_revision()).unwrap_or(0),
+                String::from_utf8_lossy(&kv.key[prefix.len().min(kv.key.len())..]),
+                kv.value.as_slice(),
+                u64::try_from(kv.create_revision).unwrap_or(0),
             )
         });
         Ok((leader, revision))
@@ -189,7 +187,7 @@ impl Inner {
         Ok(line
             .ordered()
             .into_iter()
-            .map(|(kv, is_leader)| CandidateInfo::new(line.id(kv), kv.value(), is_leader))
+            .map(|(kv, is_leader)| CandidateInfo::new(line.id(kv), kv.value.as_slice(), is_leader))
             .collect())
     }
 
@@ -211,16 +209,12 @@ impl Inner {
         self.expect_put(key.create_revision, value);
         let txn = Txn::new()
             .when([
-                Compare::create_revision(key.key.as_str(), CompareOp::Equal, key.create_revision),
-                Compare::lease(key.key.as_str(), CompareOp::Equal, key.lease),
+                Compare::create_revision(key.key.as_str(), key.create_revision),
+                Compare::lease(key.key.as_str(), key.lease),
             ])
-            .and_then([TxnOp::put(
-                key.key.as_str(),
-                value,
-                Some(PutOptions::new().with_lease(key.lease)),
-            )]);
-        let response = self.request(self.client.clone().txn(txn)).await?;
-        if response.succeeded() {
+            .and_then([Op::put(key.key.as_str(), value, key.lease)]);
+        let response = self.request(self.io.txn(txn)).await?;
+        if response.succeeded {
             Ok(())
         } else {
             Err(Error::TermGone)
@@ -249,7 +243,7 @@ impl Inner {
         let Some(target) = line
             .keys
             .iter()
-            .find(|kv| kv.key() != key.key.as_bytes() && line.id(kv) == nominee)
+            .find(|kv| kv.key.as_slice() != key.key.as_bytes() && line.id(kv) == nominee)
             .cloned()
         else {
             return Err(not_waiting());
@@ -257,62 +251,50 @@ impl Inner {
         // A candidate of etcdctl or Go (a key without an id side key) ahead of the nominee
         // knows nothing of nominations: it would lead by the lowest key beside the nominee.
         let foreign_ahead = line.keys.iter().any(|kv| {
-            kv.create_revision() < target.create_revision()
-                && kv.key() != key.key.as_bytes()
-                && !line.ids.contains_key(kv.key())
+            kv.create_revision < target.create_revision
+                && kv.key.as_slice() != key.key.as_bytes()
+                && !line.ids.contains_key(kv.key.as_slice())
         });
         if foreign_ahead {
             return Err(Error::Unsupported {
                 operation: "hand_over past a candidate of etcdctl or Go's concurrency package",
             });
         }
-        let target_key = String::from_utf8_lossy(target.key()).into_owned();
+        let target_key = String::from_utf8_lossy(target.key.as_slice()).into_owned();
         let seconds = i64::try_from(whole_seconds(ttl)).unwrap_or(i64::MAX);
-        let nomination_lease = self
-            .request(self.client.clone().lease_grant(seconds, None))
-            .await?
-            .id();
+        let nomination_lease = self.request(self.io.lease_grant(seconds)).await?.id;
         // As for a resignation: the deletion below is no news to the watch of held keys.
         self.release_term(key.create_revision);
         let nomination = nomination_key(prefix);
         let txn = Txn::new()
             .when([
-                Compare::create_revision(key.key.as_str(), CompareOp::Equal, key.create_revision),
-                Compare::create_revision(
-                    target_key.as_str(),
-                    CompareOp::Equal,
-                    target.create_revision(),
-                ),
+                Compare::create_revision(key.key.as_str(), key.create_revision),
+                Compare::create_revision(target_key.as_str(), target.create_revision),
             ])
             .and_then([
-                TxnOp::delete(key.key.as_str(), None),
-                TxnOp::delete(side_key(&key.key, Side::Id), None),
-                TxnOp::delete(side_key(&key.key, Side::Guard), None),
-                TxnOp::put(
+                Op::delete(key.key.as_str()),
+                Op::delete(side_key(&key.key, Side::Id)),
+                Op::delete(side_key(&key.key, Side::Guard)),
+                Op::put(
                     nomination.as_str(),
                     nomination_value(&target_key, key.create_revision),
-                    Some(PutOptions::new().with_lease(nomination_lease)),
+                    nomination_lease,
                 ),
             ])
-            .or_else([TxnOp::get(key.key.as_str(), None)]);
-        let response = self.request(self.client.clone().txn(txn)).await?;
-        if response.succeeded() {
+            .or_else([Op::get(key.key.as_str())]);
+        let response = self.request(self.io.txn(txn)).await?;
+        if response.succeeded {
             info!(key = %key.key, nominee = %target_key, "handed over");
             lock(&self.keys).forget(candidate, &key.key, Some(key.create_revision));
             return Ok(());
         }
-        if let Err(err) = self
-            .request(self.client.clone().lease_revoke(nomination_lease))
-            .await
-        {
+        if let Err(err) = self.request(self.io.lease_revoke(nomination_lease)).await {
             debug!(error = %ErrorChain(&err), "could not revoke an unused nomination lease");
         }
-        let stands = response.op_responses().into_iter().any(|op| match op {
-            TxnOpResponse::Get(get) => get
-                .kvs()
+        let stands = response.gets().into_iter().any(|get| {
+            get.kvs
                 .first()
-                .is_some_and(|kv| kv.create_revision() == key.create_revision),
-            _ => false,
+                .is_some_and(|kv| kv.create_revision == key.create_revision)
         });
         if stands {
             Err(not_waiting())
@@ -335,15 +317,10 @@ impl Inner {
             });
         };
         let revision = i64::try_from(token).unwrap_or(0);
-        let txn = Txn::new()
-            .when([Compare::create_revision(
-                key.as_str(),
-                CompareOp::Equal,
-                revision,
-            )])
-            .and_then(ops);
-        let response = self.request(self.client.clone().txn(txn)).await?;
-        if response.succeeded() {
+        let response = self
+            .request(self.io.client_txn(&key, revision, ops))
+            .await?;
+        if let Some(response) = response {
             Ok(response)
         } else {
             Err(Error::Fenced {

@@ -11,12 +11,12 @@
 
 use std::collections::HashMap;
 
-use etcd_client::{Txn, TxnOp, TxnOpResponse};
 use leader_core::{Error, Result};
 use tokio::time::Instant;
 use tracing::warn;
 
-use crate::campaign::CandidateKey;
+use crate::io::{Op, OpResult, Txn};
+use crate::keys::CandidateKey;
 use crate::{Inner, lock};
 
 /// Reads in one transaction (etcd's default `--max-txn-ops` is 128).
@@ -101,18 +101,18 @@ impl Inner {
         let txn = Txn::new().and_then(
             terms
                 .iter()
-                .map(|(_, key, _)| TxnOp::get(key.as_str(), None))
+                .map(|(_, key, _)| Op::get(key.as_str()))
                 .collect::<Vec<_>>(),
         );
         let sent_at = Instant::now();
-        let response = self.request(self.client.clone().txn(txn)).await?;
-        let answers = response.op_responses();
+        let response = self.request(self.io.txn(txn)).await?;
+        let answers = response.results;
         for ((token, key, lease), answer) in terms.iter().zip(answers) {
             let ours = match answer {
-                TxnOpResponse::Get(get) => get
-                    .kvs()
+                OpResult::Get(get) => get
+                    .kvs
                     .first()
-                    .is_some_and(|kv| kv.create_revision() == *token && kv.lease() == *lease),
+                    .is_some_and(|kv| kv.create_revision == *token && kv.lease == *lease),
                 _ => false,
             };
             if ours {

@@ -27,19 +27,18 @@
 //! then noticed by the term's next renewal, whose read finds the key gone (or on another
 //! lease).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use etcd_client::{Client, EventType, WatchOptions, WatchResponse};
-use futures::StreamExt;
 use leader_core::{CancellationToken, Error, Result};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, warn};
 
-use crate::campaign::CandidateKey;
-use crate::error::{ErrorChain, from_etcd, unexpected, watch_cancelled};
+use crate::error::{ErrorChain, unexpected, watch_cancelled};
+use crate::io::{EtcdIo, WatchCommand, WatchMessage, WatchRequest};
+use crate::keys::CandidateKey;
 use crate::{Inner, lock};
 
 /// The first pause before the stream is restarted after an error.
@@ -51,7 +50,7 @@ const HEALTHY_FOR: Duration = Duration::from_secs(30);
 
 /// The terms this driver's candidates hold, by create revision (the fencing token, and the
 /// watch id).
-type Terms = Arc<Mutex<HashMap<i64, HeldTerm>>>;
+type Terms = Arc<Mutex<BTreeMap<i64, HeldTerm>>>;
 
 /// The terms this driver's candidates hold, and the handle of the task that watches them.
 pub(crate) struct HeldKeys {
@@ -85,13 +84,6 @@ enum Command {
     Unwatch(i64),
 }
 
-/// Requests to the stream, forwarded by a future of their own so that the task never waits
-/// on a full request channel while etcd waits for it to read responses.
-enum Request {
-    Watch(String, WatchOptions),
-    Cancel(i64),
-}
-
 /// Why a stream ended without an error.
 enum Ended {
     /// The driver was dropped.
@@ -103,7 +95,7 @@ enum Ended {
 impl HeldKeys {
     pub(crate) fn new() -> Self {
         HeldKeys {
-            terms: Arc::new(Mutex::new(HashMap::new())),
+            terms: Arc::new(Mutex::new(BTreeMap::new())),
             commands: Mutex::new(None),
         }
     }
@@ -145,7 +137,7 @@ impl Inner {
             let (tx, rx) = mpsc::unbounded_channel();
             let task = WatchTask {
                 terms: Arc::clone(&self.held.terms),
-                client: self.client.clone(),
+                io: Arc::clone(&self.io),
                 request_timeout: self.request_timeout,
                 commands: rx,
             };
@@ -211,7 +203,7 @@ impl Inner {
 /// The task that owns the watch stream.
 struct WatchTask {
     terms: Terms,
-    client: Client,
+    io: Arc<dyn EtcdIo>,
     request_timeout: Duration,
     commands: mpsc::UnboundedReceiver<Command>,
 }
@@ -249,6 +241,8 @@ impl WatchTask {
                     let until = Instant::now() + retry;
                     loop {
                         tokio::select! {
+                            // Biased: a fixed order keeps the simulation deterministic.
+                            biased;
                             () = sleep_until(until) => break,
                             command = self.commands.recv() => if command.is_none() {
                                 return;
@@ -279,44 +273,29 @@ impl WatchTask {
             return Ok(Ended::NothingHeld);
         };
         debug!(keys = keys.len() + 1, "opening the watch of held etcd keys");
-        let stream = match timeout(
+        let mut stream = match timeout(
             self.request_timeout,
-            self.client
-                .clone()
-                .watch(first_key, Some(watch_options(first, first_start))),
+            self.io
+                .watch(WatchRequest::key(first, first_key, first_start)),
         )
         .await
         {
-            Ok(stream) => stream.map_err(from_etcd)?,
+            Ok(stream) => stream?,
             Err(_) => return Err(Error::Timeout(self.request_timeout)),
         };
-        let (mut sender, mut responses) = stream.split();
-        let (requests, mut queued) = mpsc::unbounded_channel::<Request>();
+        let requests = stream.commands.clone();
         // The watch ids requested on this stream and not cancelled.
-        let mut active: HashSet<i64> = HashSet::from([first]);
+        let mut active: BTreeSet<i64> = BTreeSet::from([first]);
         for (token, key, start) in keys {
             active.insert(token);
-            let _ = requests.send(Request::Watch(key, watch_options(token, start)));
+            let _ = requests.send(WatchCommand::Watch(WatchRequest::key(token, key, start)));
         }
-        let forward = async move {
-            while let Some(request) = queued.recv().await {
-                match request {
-                    Request::Watch(key, options) => sender.watch(key, Some(options)).await,
-                    Request::Cancel(id) => sender.cancel(id).await,
-                }
-                .map_err(from_etcd)?;
-            }
-            Ok::<(), Error>(())
-        };
-        tokio::pin!(forward);
         let terms = &self.terms;
         let commands = &mut self.commands;
         loop {
             tokio::select! {
-                forwarded = &mut forward => {
-                    forwarded?;
-                    return Err(unexpected("the watch request stream ended"));
-                }
+                // Biased: a fixed order keeps the simulation deterministic.
+                biased;
                 command = commands.recv() => {
                     let Some(command) = command else {
                         return Ok(Ended::DriverGone);
@@ -331,87 +310,79 @@ impl WatchTask {
                                 .map(|t| (t.key.clone(), t.take_start()));
                             if let Some((key, start)) = term {
                                 active.insert(token);
-                                let options = watch_options(token, start);
-                                let _ = requests.send(Request::Watch(key, options));
+                                let request = WatchRequest::key(token, key, start);
+                                let _ = requests.send(WatchCommand::Watch(request));
                             }
                         }
                         Command::Unwatch(token) => {
                             if active.remove(&token) {
-                                let _ = requests.send(Request::Cancel(token));
+                                let _ = requests.send(WatchCommand::Cancel(token));
                             }
                         }
                     }
                 }
-                response = responses.next() => {
-                    let Some(response) = response else {
+                message = stream.messages.recv() => {
+                    let Some(message) = message else {
                         return Err(unexpected("etcd closed the watch stream"));
                     };
-                    let response = response.map_err(from_etcd)?;
-                    handle(terms, &response, &mut active, &requests)?;
+                    handle(terms, &message?, &mut active, &requests)?;
                 }
             }
         }
     }
 }
 
-/// A watch of every change of a key (puts and deletions) from revision `start` (0: from
-/// now on), with the term's create revision as its id.
-fn watch_options(token: i64, start: i64) -> WatchOptions {
-    WatchOptions::new()
-        .with_watch_id(token)
-        .with_start_revision(start)
-}
-
 /// Applies one response of the stream.
 fn handle(
-    terms: &Mutex<HashMap<i64, HeldTerm>>,
-    response: &WatchResponse,
-    active: &mut HashSet<i64>,
-    requests: &mpsc::UnboundedSender<Request>,
+    terms: &Mutex<BTreeMap<i64, HeldTerm>>,
+    response: &WatchMessage,
+    active: &mut BTreeSet<i64>,
+    requests: &mpsc::UnboundedSender<WatchCommand>,
 ) -> Result<()> {
-    let id = response.watch_id();
-    if response.canceled() {
+    let id = response.watch_id;
+    if response.canceled {
         let ours = active.remove(&id);
-        if response.created() {
+        if response.created {
             // etcd refused to create the watch (a missing permission, say).
-            return Err(watch_cancelled(response.cancel_reason()));
+            return Err(watch_cancelled(&response.cancel_reason));
         }
         if !ours {
             // The answer to a cancellation of ours.
             return Ok(());
         }
-        if response.compact_revision() > 0 {
+        if response.compact_revision > 0 {
             return Err(unexpected(format!(
                 "etcd compacted the watch of a held key (watch {id}) at revision {}",
-                response.compact_revision()
+                response.compact_revision
             )));
         }
-        return Err(watch_cancelled(response.cancel_reason()));
+        return Err(watch_cancelled(&response.cancel_reason));
     }
-    let Some(event) = response.events().first() else {
+    let Some(event) = response.events.first() else {
         // The confirmation of a watch's creation (or a progress notification): no news.
         return Ok(());
     };
-    if response.events().len() == 1
-        && event.event_type() == EventType::Put
-        && let Some(kv) = event.kv()
+    let kv = &event.kv;
+    if response.events.len() == 1
+        && !event.deleted
         && let Some(term) = lock(terms).get_mut(&id)
-        && kv.create_revision() == id
-        && kv.lease() == term.lease
-        && term.proclaimed.as_deref() == Some(kv.value())
+        && kv.create_revision == id
+        && kv.lease == term.lease
+        && term.proclaimed.as_deref() == Some(kv.value.as_slice())
     {
         // This driver's own proclamation: same term, same lease, the value it sent.
         term.proclaimed = None;
         return Ok(());
     }
     if active.remove(&id) {
-        let _ = requests.send(Request::Cancel(id));
+        let _ = requests.send(WatchCommand::Cancel(id));
     }
     let term = lock(terms).remove(&id);
     if let Some(term) = term {
-        let what = match event.event_type() {
-            EventType::Delete => "deleted",
-            EventType::Put => "overwritten",
+        let what = if event.deleted {
+            "deleted"
+        } else {
+            "overwritten"
         };
         warn!(
             key = %term.key,

@@ -16,13 +16,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use etcd_client::{LeaseKeepAliveStream, LeaseKeeper};
 use leader_core::{Error, Result};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep, timeout};
 use tracing::{debug, warn};
 
-use crate::error::{ErrorChain, from_etcd, is_lease_not_found, says_lease_not_found, unexpected};
+use crate::error::{ErrorChain, unexpected};
+use crate::io::lease_not_found;
 use crate::{Inner, lock};
 
 /// The leases of one driver, by TTL in whole seconds.
@@ -55,10 +55,6 @@ struct Lease {
     alive: bool,
     /// Send time of the last request that the server answered with the lease still alive.
     confirmed_at: Instant,
-    keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
-    /// Set while a keep-alive waits for its answer; if it is still set at the next call, the
-    /// previous call was cancelled and the stream may deliver its stale answer: start anew.
-    in_flight: bool,
 }
 
 impl Leases {
@@ -177,37 +173,32 @@ impl Inner {
         let sent_at = Instant::now();
         let granted = self
             .request(
-                self.client
-                    .clone()
-                    .lease_grant(i64::try_from(slot.seconds).unwrap_or(i64::MAX), None),
+                self.io
+                    .lease_grant(i64::try_from(slot.seconds).unwrap_or(i64::MAX)),
             )
             .await?;
-        let granted_ttl = Duration::from_secs(u64::try_from(granted.ttl()).unwrap_or(0));
+        let granted_ttl = Duration::from_secs(u64::try_from(granted.ttl).unwrap_or(0));
         if granted_ttl.is_zero() {
             return Err(unexpected(format!(
-                "etcd granted lease {:x} with TTL {}: {}",
-                granted.id(),
-                granted.ttl(),
-                granted.error()
+                "etcd granted lease {:x} with TTL {}",
+                granted.id, granted.ttl,
             )));
         }
-        debug!(lease = %format!("{:x}", granted.id()), ttl = ?granted_ttl, "granted etcd lease");
+        debug!(lease = %format!("{:x}", granted.id), ttl = ?granted_ttl, "granted etcd lease");
         *lease = Some(Lease {
-            id: granted.id(),
+            id: granted.id,
             ttl: granted_ttl,
             alive: true,
             confirmed_at: sent_at,
-            keeper: None,
-            in_flight: false,
         });
-        slot.id.send_replace(granted.id());
+        slot.id.send_replace(granted.id);
         tokio::spawn(keep_lease_alive(
             Arc::downgrade(self),
             Arc::clone(slot),
-            granted.id(),
+            granted.id,
             granted_ttl,
         ));
-        Ok((granted.id(), granted_ttl))
+        Ok((granted.id, granted_ttl))
     }
 
     /// Confirms lease `id` of `slot` is alive: returns the send time of the last keep-alive
@@ -241,7 +232,6 @@ impl Inner {
                  it end and campaign again on a new lease)"
             );
             lease.alive = false;
-            lease.keeper = None;
             slot.id.send_replace(0);
             drop(guard);
             slot.forget_failures(id);
@@ -251,48 +241,14 @@ impl Inner {
         if lease.confirmed_at >= not_before {
             return Ok(lease.confirmed_at);
         }
-        if lease.in_flight {
-            // The previous attempt was cancelled (or timed out) before its answer came:
-            // the stream may still deliver that stale answer, so start a new one.
-            lease.keeper = None;
-        }
         let limit = attempt_limit(self.request_timeout, lease.ttl);
         let sent_at = Instant::now();
         // Boxed: the request's futures take room only while one is sent. The many renewals
         // that wait for the lock above stay small (10,000 elections renew on one lease).
-        let answer = Box::pin(async {
-            match lease.keeper.as_mut() {
-                None => {
-                    // The first keep-alive is sent and answered inside `lease_keep_alive`.
-                    match timeout(limit, self.client.clone().lease_keep_alive(id)).await {
-                        Ok(Ok(keeper)) => {
-                            lease.keeper = Some(keeper);
-                            Ok(1)
-                        }
-                        Ok(Err(err)) if is_lease_not_found(&err) => Ok(0),
-                        Ok(Err(err)) => Err(from_etcd(err)),
-                        Err(_) => Err(Error::Timeout(limit)),
-                    }
-                }
-                Some((keeper, stream)) => {
-                    // Stays set if this future is dropped before the answer: see above.
-                    lease.in_flight = true;
-                    let answered = timeout(limit, async {
-                        keeper.keep_alive().await?;
-                        stream.message().await
-                    })
-                    .await;
-                    lease.in_flight = false;
-                    match answered {
-                        Ok(Ok(Some(response))) => Ok(response.ttl()),
-                        Ok(Ok(None)) => Err(unexpected("etcd closed the keep-alive stream")),
-                        Ok(Err(err)) => Err(from_etcd(err)),
-                        Err(_) => Err(Error::Timeout(limit)),
-                    }
-                }
-            }
-        })
-        .await;
+        let answer = match timeout(limit, Box::pin(self.io.lease_keep_alive(id))).await {
+            Ok(answer) => answer,
+            Err(_) => Err(Error::Timeout(limit)),
+        };
         match answer {
             Ok(ttl) if ttl > 0 => {
                 lease.confirmed_at = sent_at;
@@ -301,16 +257,12 @@ impl Inner {
             Ok(_) => {
                 warn!(lease = %format!("{id:x}"), "etcd lease expired or was revoked");
                 lease.alive = false;
-                lease.keeper = None;
                 slot.id.send_replace(0);
                 drop(guard);
                 self.lease_gone(id);
                 Err(Error::TermGone)
             }
-            Err(err) => {
-                lease.keeper = None;
-                Err(err)
-            }
+            Err(err) => Err(err),
         }
     }
 
@@ -321,7 +273,6 @@ impl Inner {
             && lease.id == id
         {
             lease.alive = false;
-            lease.keeper = None;
             slot.id.send_replace(0);
         }
         drop(guard);
@@ -343,26 +294,23 @@ impl Inner {
         let sent_at = Instant::now();
         let granted = self
             .request(
-                self.client
-                    .clone()
-                    .lease_grant(i64::try_from(seconds).unwrap_or(i64::MAX), None),
+                self.io
+                    .lease_grant(i64::try_from(seconds).unwrap_or(i64::MAX)),
             )
             .await?;
-        let ttl = Duration::from_secs(u64::try_from(granted.ttl()).unwrap_or(0));
+        let ttl = Duration::from_secs(u64::try_from(granted.ttl).unwrap_or(0));
         if ttl.is_zero() {
             return Err(unexpected(format!(
-                "etcd granted attempt lease {:x} with TTL {}: {}",
-                granted.id(),
-                granted.ttl(),
-                granted.error()
+                "etcd granted attempt lease {:x} with TTL {}",
+                granted.id, granted.ttl,
             )));
         }
-        debug!(lease = %format!("{:x}", granted.id()), ?ttl, "granted an etcd attempt lease");
+        debug!(lease = %format!("{:x}", granted.id), ?ttl, "granted an etcd attempt lease");
         *attempt = Some(Attempt {
-            id: granted.id(),
+            id: granted.id,
             usable_until: sent_at + ttl / 2,
         });
-        Ok(granted.id())
+        Ok(granted.id)
     }
 
     /// Makes sure that no create on attempt lease `id` of `slot` can land any more: revokes
@@ -376,9 +324,9 @@ impl Inner {
                 *attempt = None;
             }
         }
-        match self.request(self.client.clone().lease_revoke(id)).await {
+        match self.request(self.io.lease_revoke(id)).await {
             Ok(_) => Ok(()),
-            Err(err) if says_lease_not_found(&err) => Ok(()),
+            Err(err) if lease_not_found(&err) => Ok(()),
             Err(err) => Err(err),
         }
     }
@@ -396,12 +344,9 @@ impl Inner {
     /// otherwise the remaining time truncated to whole seconds, so a live lease with less
     /// than a second left (always, for a one-second lease) reads 0: that is a lease.
     pub(crate) async fn lease_lives(&self, id: i64) -> Result<bool> {
-        match self
-            .request(self.client.clone().lease_time_to_live(id, None))
-            .await
-        {
-            Ok(answer) => Ok(answer.ttl() >= 0),
-            Err(err) if says_lease_not_found(&err) => Ok(false),
+        match self.request(self.io.lease_time_to_live(id)).await {
+            Ok(ttl) => Ok(ttl >= 0),
+            Err(err) if lease_not_found(&err) => Ok(false),
             Err(err) => Err(err),
         }
     }

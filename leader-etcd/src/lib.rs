@@ -1,13 +1,18 @@
 #![doc = include_str!("../README.md")]
 
 mod beyond;
+mod builder;
 mod campaign;
+mod client_io;
 mod confirm;
 mod error;
 mod held;
+pub mod io;
+mod keys;
 mod lease;
 mod observe;
 mod url;
+mod wait;
 mod watches;
 
 use std::future::Future;
@@ -23,11 +28,15 @@ use leader_core::{Candidate, CandidateInfo, Driver, Error, Grant, LeaderInfo, Re
 use tokio::time::{Instant, timeout};
 use tracing::debug;
 
-use crate::campaign::{CandidateKey, Keys, Waited};
-use crate::error::{from_etcd, says_lease_not_found};
+use crate::error::from_etcd;
 use crate::held::HeldKeys;
+use crate::io::{EtcdIo, lease_not_found};
+use crate::keys::{CandidateKey, Keys};
 use crate::lease::Leases;
+use crate::wait::Waited;
 
+pub use builder::{EtcdDriverBuilder, Settings};
+pub use client_io::ClientIo;
 pub use etcd_client;
 pub use url::SCHEMES;
 
@@ -55,7 +64,10 @@ pub struct EtcdDriver {
 }
 
 struct Inner {
-    client: Client,
+    /// Every request to etcd goes through it.
+    io: Arc<dyn EtcdIo>,
+    /// The etcd client under `io`, when it is one.
+    client: Option<Client>,
     prefix: String,
     lease_ttl: Option<Duration>,
     request_timeout: Duration,
@@ -69,59 +81,6 @@ struct Inner {
     watches: watches::Watches,
 }
 
-/// Builds an [`EtcdDriver`] with options.
-#[derive(Clone)]
-#[must_use = "an EtcdDriverBuilder does nothing until build() is called"]
-pub struct EtcdDriverBuilder {
-    client: Client,
-    prefix: String,
-    lease_ttl: Option<Duration>,
-    request_timeout: Duration,
-}
-
-impl EtcdDriverBuilder {
-    /// A prefix put before every election key (`svc/` makes election `jobs` use keys under
-    /// `svc/jobs/`). Defaults to none, which uses exactly the keys of `etcdctl elect jobs`.
-    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
-        self
-    }
-
-    /// One TTL for all of the driver's elections: a single lease of this TTL, rounded up to
-    /// whole seconds (etcd's unit). By default each election campaigns on a lease of its
-    /// own TTL (rounded up the same way), one lease per distinct TTL. Terms of elections
-    /// with a shorter TTL than the lease's still step down by their own deadline, but after
-    /// a crash the store keeps their key until the lease expires.
-    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
-        self.lease_ttl = Some(ttl);
-        self
-    }
-
-    /// The longest wait for one etcd request (not for a campaign, which waits as long as it
-    /// takes). Defaults to [`DEFAULT_REQUEST_TIMEOUT`].
-    pub fn request_timeout(mut self, timeout: Duration) -> Self {
-        self.request_timeout = timeout;
-        self
-    }
-
-    /// The driver. Nothing is sent to etcd until a candidate campaigns.
-    pub fn build(self) -> EtcdDriver {
-        EtcdDriver {
-            inner: Arc::new(Inner {
-                client: self.client,
-                prefix: self.prefix,
-                lease_ttl: self.lease_ttl,
-                request_timeout: self.request_timeout,
-                leases: Leases::new(),
-                keys: Mutex::new(Keys::default()),
-                held: HeldKeys::new(),
-                reads: confirm::Reads::default(),
-                watches: watches::Watches::new(),
-            }),
-        }
-    }
-}
-
 impl EtcdDriver {
     /// A driver on a connected client, with the default options.
     pub fn new(client: Client) -> Self {
@@ -132,9 +91,29 @@ impl EtcdDriver {
     pub fn builder(client: Client) -> EtcdDriverBuilder {
         EtcdDriverBuilder {
             client,
-            prefix: String::new(),
-            lease_ttl: None,
-            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            settings: Settings::default(),
+        }
+    }
+
+    /// A driver whose every request to etcd goes through `io`, with the options
+    /// `settings`: the seam between the protocol and the I/O. The other constructors use
+    /// [`ClientIo`] (etcd-client); the crate's simulation test passes a model of etcd on a
+    /// simulated network, so that the protocol that ships is the one it explores.
+    /// [`client`](Self::client) is `None` on such a driver.
+    pub fn with_io(io: Arc<dyn EtcdIo>, settings: Settings) -> Self {
+        EtcdDriver {
+            inner: Arc::new(Inner {
+                io,
+                client: None,
+                prefix: settings.prefix,
+                lease_ttl: settings.lease_ttl,
+                request_timeout: settings.request_timeout,
+                leases: Leases::new(),
+                keys: Mutex::new(Keys::default()),
+                held: HeldKeys::new(),
+                reads: confirm::Reads::default(),
+                watches: watches::Watches::new(),
+            }),
         }
     }
 
@@ -201,9 +180,10 @@ impl EtcdDriver {
         Ok(Self::builder(client))
     }
 
-    /// The etcd client, to share with the rest of the service.
-    pub fn client(&self) -> &Client {
-        &self.inner.client
+    /// The etcd client, to share with the rest of the service; `None` for a driver built
+    /// by [`with_io`](Self::with_io) (it has no client of its own).
+    pub fn client(&self) -> Option<&Client> {
+        self.inner.client.as_ref()
     }
 
     /// The key prefix of `election`'s candidates: `<prefix><election>/`.
@@ -328,13 +308,10 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Inner {
-    /// One etcd request, with the driver's timeout, its error mapped.
-    async fn request<T>(
-        &self,
-        future: impl Future<Output = std::result::Result<T, etcd_client::Error>>,
-    ) -> Result<T> {
+    /// One etcd request, with the driver's timeout.
+    async fn request<T>(&self, future: impl Future<Output = Result<T>>) -> Result<T> {
         match timeout(self.request_timeout, future).await {
-            Ok(result) => result.map_err(from_etcd),
+            Ok(result) => result,
             Err(_) => Err(Error::Timeout(self.request_timeout)),
         }
     }
@@ -355,7 +332,7 @@ impl EtcdDriver {
             let (revision, gone) = match inner.create_key(candidate, &key).await {
                 Ok(created) => created,
                 Err(err) => {
-                    if says_lease_not_found(&err) {
+                    if lease_not_found(&err) {
                         inner.lease_lost(&slot, lease).await;
                     }
                     return Err(err);
@@ -373,7 +350,7 @@ impl EtcdDriver {
                 Ok(Waited::Lead(at)) => break (key, revision, at),
                 Ok(Waited::Recreate) if !recreated => recreated = true,
                 Ok(Waited::Recreate) => {
-                    return Err(campaign::unexpected_recreate(&key.key));
+                    return Err(wait::unexpected_recreate(&key.key));
                 }
                 Err(err) => {
                     if matches!(err, Error::TermGone) {

@@ -3,7 +3,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::WatchOptions;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use leader_core::{LeaderInfo, Result};
@@ -12,6 +11,7 @@ use tokio::time::sleep;
 
 use crate::Inner;
 use crate::error::unexpected;
+use crate::io::WatchRequest;
 
 /// Pause after an error of the observe stream before it looks again.
 const OBSERVE_RETRY: Duration = Duration::from_millis(500);
@@ -25,6 +25,8 @@ pub(crate) fn observe(
     let (tx, mut rx) = mpsc::channel(16);
     tokio::spawn(async move {
         tokio::select! {
+            // Biased: a fixed order keeps the simulation deterministic.
+            biased;
             () = observe_loop(&inner, &prefix, &tx) => {}
             () = tx.closed() => {}
         }
@@ -46,30 +48,24 @@ async fn observe_loop(inner: &Inner, prefix: &str, tx: &mpsc::Sender<Result<Opti
             let election = prefix.strip_suffix('/').unwrap_or(prefix);
             let from = revision + 1;
             let mut watch = inner.watches.subscribe(
-                &inner.client,
+                &inner.io,
                 inner.request_timeout,
                 vec![
-                    (
-                        prefix.as_bytes().to_vec(),
-                        WatchOptions::new().with_prefix().with_start_revision(from),
-                    ),
-                    (
-                        format!("{election}\0").into_bytes(),
-                        WatchOptions::new().with_prefix().with_start_revision(from),
-                    ),
+                    WatchRequest::prefix(0, prefix, from),
+                    WatchRequest::prefix(0, format!("{election}\0"), from),
                 ],
             );
             loop {
                 let Some(message) = watch.message().await? else {
                     return Err(unexpected("etcd closed the watch stream"));
                 };
-                if message.canceled() {
+                if message.canceled {
                     return Err(unexpected(format!(
                         "etcd cancelled the watch: {}",
-                        message.cancel_reason()
+                        message.cancel_reason
                     )));
                 }
-                if message.events().is_empty() {
+                if message.events.is_empty() {
                     continue;
                 }
                 let (leader, _) = inner.leader_of(prefix).await?;

@@ -9,29 +9,25 @@
 //! error (its waiter reads again, or fails its campaign, as with a stream of its own) and the
 //! next subscription opens a new stream. The stream is closed when no watch is left.
 
-use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use etcd_client::{Client, WatchOptions, WatchRequestSender, WatchResponse, WatchResponseStream};
 use leader_core::{Error, Result};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tracing::debug;
 
-use crate::error::{ErrorChain, from_etcd, unexpected};
+use crate::error::{ErrorChain, unexpected};
+use crate::io::{EtcdIo, WatchCommand, WatchMessage, WatchRequest, WatchStream};
 use crate::lock;
 
 /// What a subscription receives.
-type Delivery = Result<WatchResponse>;
+type Delivery = Result<WatchMessage>;
 
 enum Command {
     Watch {
-        id: i64,
-        key: Vec<u8>,
-        options: WatchOptions,
+        request: WatchRequest,
         deliver: mpsc::UnboundedSender<Delivery>,
     },
     Cancel(i64),
@@ -58,7 +54,7 @@ pub(crate) struct Subscription {
 impl Subscription {
     /// The next response of any of this subscription's watches; an error when the shared
     /// stream failed (the watches are gone then).
-    pub(crate) async fn message(&mut self) -> Result<Option<WatchResponse>> {
+    pub(crate) async fn message(&mut self) -> Result<Option<WatchMessage>> {
         match self.responses.recv().await {
             Some(Ok(response)) => Ok(Some(response)),
             Some(Err(err)) => Err(err),
@@ -86,19 +82,20 @@ impl Watches {
         }
     }
 
-    /// Watches each `(key, options)` on the shared stream (opening it if needed).
+    /// Watches each of `watches` on the shared stream (opening it if needed), with ids of
+    /// this hub's choosing (theirs are ignored).
     pub(crate) fn subscribe(
         &self,
-        client: &Client,
+        io: &Arc<dyn EtcdIo>,
         request_timeout: Duration,
-        watches: Vec<(Vec<u8>, WatchOptions)>,
+        watches: Vec<WatchRequest>,
     ) -> Subscription {
         let (deliver, responses) = mpsc::unbounded_channel();
         let mut state = lock(&self.state);
         let running = state.commands.as_ref().is_some_and(|c| !c.is_closed());
         if !running {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(run(client.clone(), request_timeout, rx));
+            tokio::spawn(run(Arc::clone(io), request_timeout, rx));
             state.commands = Some(tx);
         }
         let mut ids = Vec::with_capacity(watches.len());
@@ -106,14 +103,13 @@ impl Watches {
             .commands
             .clone()
             .unwrap_or_else(|| mpsc::unbounded_channel().0);
-        for (key, options) in watches {
+        for mut request in watches {
             let id = state.next_id;
             state.next_id += 1;
             ids.push(id);
+            request.id = id;
             let _ = commands.send(Command::Watch {
-                id,
-                key,
-                options,
+                request,
                 deliver: deliver.clone(),
             });
         }
@@ -125,90 +121,51 @@ impl Watches {
     }
 }
 
-/// A request to the stream, forwarded by a future of its own so that the task never waits
-/// on a full request channel while etcd waits for it to read responses.
-enum Request {
-    Watch(Vec<u8>, WatchOptions),
-    Cancel(i64),
-}
-
-/// An open stream: the queue of requests to it, its responses, and the future that
-/// forwards the requests.
-struct Open {
-    requests: mpsc::UnboundedSender<Request>,
-    responses: WatchResponseStream,
-    forward: Pin<Box<dyn Future<Output = Result<()>> + Send>>,
-}
-
-impl Open {
-    fn new(sender: WatchRequestSender, responses: WatchResponseStream) -> Self {
-        let (requests, mut queued) = mpsc::unbounded_channel::<Request>();
-        let mut sender = sender;
-        let forward = Box::pin(async move {
-            while let Some(request) = queued.recv().await {
-                match request {
-                    Request::Watch(key, options) => sender.watch(key, Some(options)).await,
-                    Request::Cancel(id) => sender.cancel(id).await,
-                }
-                .map_err(from_etcd)?;
-            }
-            Ok(())
-        });
-        Open {
-            requests,
-            responses,
-            forward,
-        }
-    }
-}
-
 /// What the task waits for next.
 enum Next {
     Command(Option<Command>),
-    Response(std::result::Result<Option<WatchResponse>, etcd_client::Error>),
-    Forwarded(Result<()>),
+    Message(Option<Result<WatchMessage>>),
 }
 
 /// The task that owns the stream: runs as long as a subscription or the driver can send it
 /// commands; the stream is closed when no watch is left.
 async fn run(
-    client: Client,
+    io: Arc<dyn EtcdIo>,
     request_timeout: Duration,
     mut commands: mpsc::UnboundedReceiver<Command>,
 ) {
-    let mut routes: HashMap<i64, mpsc::UnboundedSender<Delivery>> = HashMap::new();
-    let mut stream: Option<Open> = None;
+    let mut routes: BTreeMap<i64, mpsc::UnboundedSender<Delivery>> = BTreeMap::new();
+    let mut stream: Option<WatchStream> = None;
     loop {
         let next = match stream.as_mut() {
             Some(open) => tokio::select! {
+                // Biased: a fixed order keeps the simulation deterministic.
+                biased;
                 command = commands.recv() => Next::Command(command),
-                response = open.responses.message() => Next::Response(response),
-                forwarded = &mut open.forward => Next::Forwarded(forwarded),
+                message = open.messages.recv() => Next::Message(message),
             },
             None => Next::Command(commands.recv().await),
         };
         let failure = match next {
             Next::Command(None) => return,
-            Next::Command(Some(Command::Watch {
-                id,
-                key,
-                options,
-                deliver,
-            })) => {
-                let options = options.with_watch_id(id);
+            Next::Command(Some(Command::Watch { request, deliver })) => {
+                let id = request.id;
                 match stream.as_ref() {
                     Some(open) => {
-                        let _ = open.requests.send(Request::Watch(key, options));
+                        let _ = open.commands.send(WatchCommand::Watch(request));
                         routes.insert(id, deliver);
                     }
                     // The first watch opens the stream.
-                    None => match open(&client, request_timeout, key, options).await {
-                        Ok((sender, responses)) => {
-                            stream = Some(Open::new(sender, responses));
+                    None => match timeout(request_timeout, io.watch(request)).await {
+                        Ok(Ok(opened)) => {
+                            stream = Some(opened);
                             routes.insert(id, deliver);
                         }
-                        Err(err) => {
+                        Ok(Err(err)) => {
                             let _ = deliver.send(Err(err));
+                        }
+                        Err(_) => {
+                            let _ = deliver.send(Err(Error::Timeout(request_timeout)));
                         }
                     },
                 }
@@ -218,7 +175,7 @@ async fn run(
                 if routes.remove(&id).is_some()
                     && let Some(open) = stream.as_ref()
                 {
-                    let _ = open.requests.send(Request::Cancel(id));
+                    let _ = open.commands.send(WatchCommand::Cancel(id));
                 }
                 if routes.is_empty() && stream.is_some() {
                     debug!("no watch left: closing the shared watch stream");
@@ -226,21 +183,19 @@ async fn run(
                 }
                 continue;
             }
-            Next::Response(Ok(Some(response))) => {
-                let id = response.watch_id();
-                let done = response.canceled();
+            Next::Message(Some(Ok(message))) => {
+                let id = message.watch_id;
+                let done = message.canceled;
                 if let Some(deliver) = routes.get(&id) {
-                    let _ = deliver.send(Ok(response));
+                    let _ = deliver.send(Ok(message));
                 }
                 if done {
                     routes.remove(&id);
                 }
                 continue;
             }
-            Next::Response(Ok(None)) => unexpected("etcd closed the shared watch stream"),
-            Next::Response(Err(err)) => from_etcd(err),
-            Next::Forwarded(Ok(())) => unexpected("the shared watch stream's requests ended"),
-            Next::Forwarded(Err(err)) => err,
+            Next::Message(None) => unexpected("etcd closed the shared watch stream"),
+            Next::Message(Some(Err(err))) => err,
         };
         debug!(error = %ErrorChain(&failure), watches = routes.len(), "the shared watch stream failed");
         fail_all(&mut routes, &failure);
@@ -248,23 +203,9 @@ async fn run(
     }
 }
 
-/// Opens a watch stream with its first watch.
-async fn open(
-    client: &Client,
-    request_timeout: Duration,
-    key: Vec<u8>,
-    options: WatchOptions,
-) -> Result<(WatchRequestSender, WatchResponseStream)> {
-    let opened = timeout(request_timeout, client.clone().watch(key, Some(options)))
-        .await
-        .map_err(|_| Error::Timeout(request_timeout))?
-        .map_err(from_etcd)?;
-    Ok(opened.split())
-}
-
 /// Every subscription gets the stream's failure; their watches are gone.
-fn fail_all(routes: &mut HashMap<i64, mpsc::UnboundedSender<Delivery>>, err: &Error) {
-    for (_, deliver) in routes.drain() {
+fn fail_all(routes: &mut BTreeMap<i64, mpsc::UnboundedSender<Delivery>>, err: &Error) {
+    for (_, deliver) in std::mem::take(routes) {
         let _ = deliver.send(Err(copy(err)));
     }
 }

@@ -144,7 +144,7 @@ async fn election_without_prefix_uses_etcdctls_keys_and_prefix_is_applied() {
     let endpoint = h.server.endpoints()[0].clone();
     let name = unique("keys");
     let plain = h.driver_at(endpoint.clone()).await;
-    let client = plain.client().clone();
+    let client = plain.client().expect("a driver on a client").clone();
     let e = election(plain, &name, "v");
     e.campaign().await.expect("elected");
     let mut kv = client.clone();
@@ -173,7 +173,7 @@ async fn a_lease_revoked_behind_the_drivers_back_ends_the_term_and_run_recovers(
     let endpoint = h.server.endpoints()[0].clone();
     let name = unique("revoked");
     let driver = h.driver_at(endpoint.clone()).await;
-    let mut admin = driver.client().clone();
+    let mut admin = driver.client().expect("a driver on a client").clone();
     let e = election(driver, &name, "v");
     let mut events = e.subscribe();
     let stop = CancellationToken::new();
@@ -301,7 +301,7 @@ async fn cluster_member_failures_never_make_two_leaders() {
     let takeover = killed_at.elapsed();
 
     // Kill the raft leader among the survivors while b holds the term.
-    let mut client = b_driver.client().clone();
+    let mut client = b_driver.client().expect("a driver on a client").clone();
     let status = client.status().await.expect("status");
     let members = client.member_list().await.expect("member list");
     let raft_leader = members
@@ -368,7 +368,7 @@ async fn assert_renew_fails_at_once(
 async fn a_deleted_leader_key_is_noticed_within_a_round_trip() {
     let h = harness().await;
     let driver = h.driver_at(h.server.endpoints()[0].clone()).await;
-    let mut admin = driver.client().clone();
+    let mut admin = driver.client().expect("a driver on a client").clone();
     let name = unique("deleted");
     // A long TTL: neither a renewal nor the lease can be what tells the driver below.
     let c = Candidate::new(&name, "deleted-1", "v", Duration::from_secs(10));
@@ -410,7 +410,7 @@ async fn a_deleted_leader_key_is_noticed_within_a_round_trip() {
 async fn a_revoked_lease_is_noticed_within_a_round_trip() {
     let h = harness().await;
     let driver = h.driver_at(h.server.endpoints()[0].clone()).await;
-    let mut admin = driver.client().clone();
+    let mut admin = driver.client().expect("a driver on a client").clone();
     let name = unique("revoke");
     let c = Candidate::new(&name, "revoke-1", "v", Duration::from_secs(10));
     let grant = driver.campaign(&c).await.expect("elected");
@@ -509,7 +509,7 @@ async fn an_overwrite_the_watch_missed_is_caught_by_the_next_renewal() {
 async fn a_leader_key_overwritten_without_its_lease_steps_down_within_a_second() {
     let h = harness().await;
     let driver = h.driver_at(h.server.endpoints()[0].clone()).await;
-    let mut admin = driver.client().clone();
+    let mut admin = driver.client().expect("a driver on a client").clone();
     let name = unique("overwritten");
     // Renewals every 3.3 s: a loss within a second can only come from the watch.
     let e = Election::builder(driver, &name)
@@ -544,7 +544,7 @@ async fn a_leader_key_overwritten_without_its_lease_steps_down_within_a_second()
 async fn a_put_that_keeps_the_lease_ends_the_term_too() {
     let h = harness().await;
     let driver = h.driver_at(h.server.endpoints()[0].clone()).await;
-    let mut admin = driver.client().clone();
+    let mut admin = driver.client().expect("a driver on a client").clone();
     let name = unique("put-same-lease");
     let c = Candidate::new(&name, "put-1", "v", Duration::from_secs(10));
     let grant = driver.campaign(&c).await.expect("elected");
@@ -619,7 +619,7 @@ async fn a_stalled_keep_alive_gives_up_within_a_sixth_of_the_lease() {
 async fn an_election_whose_key_is_deleted_by_hand_steps_down_within_a_round_trip() {
     let h = harness().await;
     let driver = h.driver_at(h.server.endpoints()[0].clone()).await;
-    let mut admin = driver.client().clone();
+    let mut admin = driver.client().expect("a driver on a client").clone();
     let name = unique("by-hand");
     // Renewals every 3.3 s: a loss within `PUSH` can only come from the watch.
     let ttl = Duration::from_secs(10);
@@ -652,7 +652,7 @@ async fn an_election_whose_key_is_deleted_by_hand_steps_down_within_a_round_trip
 async fn a_late_resign_of_an_earlier_term_leaves_the_newer_term_alone() {
     let h = harness().await;
     let driver = h.driver_at(h.server.endpoints()[0].clone()).await;
-    let mut admin = driver.client().clone();
+    let mut admin = driver.client().expect("a driver on a client").clone();
     let name = unique("late-resign");
     let c = Candidate::new(&name, "late-1", "v", Duration::from_secs(5));
     let first = driver.campaign(&c).await.expect("first term");
@@ -702,7 +702,7 @@ async fn a_late_resign_of_an_earlier_term_leaves_the_newer_term_alone() {
 async fn elections_with_different_ttls_campaign_on_leases_of_their_own_ttl() {
     let h = harness().await;
     let driver = h.driver_at(h.server.endpoints()[0].clone()).await;
-    let mut admin = driver.client().clone();
+    let mut admin = driver.client().expect("a driver on a client").clone();
     let elect = |driver: EtcdDriver, ttl: Duration| {
         Election::builder(driver, unique("ttl"))
             .ttl(ttl)
@@ -738,7 +738,7 @@ async fn elections_with_different_ttls_campaign_on_leases_of_their_own_ttl() {
     );
 
     // The builder's lease_ttl fixes one lease for every election.
-    let fixed = EtcdDriver::builder(driver.client().clone())
+    let fixed = EtcdDriver::builder(driver.client().expect("a driver on a client").clone())
         .lease_ttl(Duration::from_secs(4))
         .build();
     let fixed_slow = elect(fixed.clone(), Duration::from_secs(10));
@@ -848,7 +848,7 @@ async fn a_waiters_own_key_changed_while_it_waits_is_never_led_on() {
     let h = harness().await;
     let driver = h.driver_at(h.server.endpoints()[0].clone()).await;
     let waiting_driver = h.driver_at(h.server.endpoints()[0].clone()).await;
-    let mut admin = driver.client().clone();
+    let mut admin = driver.client().expect("a driver on a client").clone();
     for overwrite in [false, true] {
         let name = unique("own-key");
         let ttl = Duration::from_secs(10);
@@ -1024,7 +1024,7 @@ async fn waiters_of_one_driver_share_one_watch_stream() {
         let waiter = election(waiters.clone(), &name, "waiter");
         waiting.push((spawn_campaign(&waiter), waiter, leader));
     }
-    let mut admin = leaders.client().clone();
+    let mut admin = leaders.client().expect("a driver on a client").clone();
     within("every waiter in line", Duration::from_secs(10), async {
         loop {
             let mut all = true;

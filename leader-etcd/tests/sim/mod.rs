@@ -1,0 +1,165 @@
+//! A model of etcd for the driver's protocol: [`EtcdModel`] for the simulation
+//! (`tests/simulation.rs`) and [`SimIo`] on a quiet network for the differential test
+//! (`tests/differential.rs`). What it covers and leaves out: `SIMULATION.md`.
+
+#![allow(dead_code, unreachable_pub)]
+
+pub mod io;
+pub mod store;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use leader_etcd::{EtcdDriver, Settings};
+use leader_testkit::sim::{ClientId, Model, Net, REQUEST_TIMEOUT};
+use rand::Rng;
+use tokio::time::sleep;
+
+pub use io::{SimIo, apply};
+pub use store::{SWEEP, Store};
+
+/// The modelled etcd, shared by every simulated process of a run.
+pub struct EtcdModel {
+    pub store: Arc<Mutex<Store>>,
+}
+
+impl EtcdModel {
+    /// A fresh etcd, with its lease sweep running (made inside the run's runtime).
+    pub fn new(net: &Net) -> Self {
+        let store = Arc::new(Mutex::new(Store::default()));
+        let sweeper = Arc::clone(&store);
+        let clock = net.clone();
+        tokio::spawn(async move {
+            loop {
+                sleep(SWEEP).await;
+                apply(&sweeper, &clock, |s| s.expire(clock.store_now()));
+            }
+        });
+        EtcdModel { store }
+    }
+
+    /// An I/O layer for `client` on `net`, with `limit` as its request timeout.
+    pub fn io(&self, net: &Net, client: ClientId, limit: Duration) -> SimIo {
+        SimIo {
+            net: net.clone(),
+            client,
+            store: Arc::clone(&self.store),
+            limit,
+        }
+    }
+}
+
+/// The driver's settings in the simulation: the harness's request timeout.
+pub fn settings() -> Settings {
+    let mut settings = Settings::default();
+    settings.request_timeout = REQUEST_TIMEOUT;
+    settings
+}
+
+/// Whole seconds, rounded up: the lease TTL etcd gets for `ttl`.
+fn whole_seconds(ttl: Duration) -> u64 {
+    (ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0)).max(1)
+}
+
+impl Model for EtcdModel {
+    type Driver = EtcdDriver;
+
+    fn name(&self) -> &'static str {
+        "etcd"
+    }
+
+    fn driver(&self, net: &Net, client: ClientId) -> EtcdDriver {
+        EtcdDriver::with_io(Arc::new(self.io(net, client, REQUEST_TIMEOUT)), settings())
+    }
+
+    fn tamper(&self, net: &Net) -> Option<String> {
+        let kind = net.draw(|rng| rng.random_range(0..5u32));
+        let pick = net.draw(|rng| rng.random_range(0..1_000_000usize));
+        // The terms an operator's change hands over are not checked against the old
+        // leader (it cannot know before its watch tells it): the harness excuses the
+        // overlap once this returns, so the grant is not reported.
+        let mut s = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        let done = (|| {
+            let candidates: Vec<Vec<u8>> = s
+                .kvs
+                .keys()
+                .filter(|k| !k.contains(&0) && k.contains(&b'/'))
+                .cloned()
+                .collect();
+            match kind {
+                0 | 1 if !candidates.is_empty() => {
+                    let key = candidates[pick % candidates.len()].clone();
+                    let name = String::from_utf8_lossy(&key).into_owned();
+                    if kind == 0 {
+                        let txn = leader_etcd::io::Txn::new()
+                            .and_then([leader_etcd::io::Op::delete(key)]);
+                        let _ = s.txn(&txn);
+                        Some(format!("etcdctl del {name}"))
+                    } else {
+                        // An operator's put that keeps the key's lease (`etcdctl put
+                        // --ignore-lease`): a lease-less put would make a key that nobody
+                        // owns and that blocks the election until deleted by hand.
+                        let lease = s.kvs.get(&key).map_or(0, |kv| kv.lease);
+                        let txn = leader_etcd::io::Txn::new()
+                            .and_then([leader_etcd::io::Op::put(key, "tampered", lease)]);
+                        let _ = s.txn(&txn);
+                        Some(format!("etcdctl put --ignore-lease {name} tampered"))
+                    }
+                }
+                2 => {
+                    let leases: Vec<i64> = s
+                        .leases
+                        .iter()
+                        .filter(|(_, l)| !l.keys.is_empty())
+                        .map(|(id, _)| *id)
+                        .collect();
+                    let id = *leases.get(pick % leases.len().max(1))?;
+                    s.revoke(id);
+                    Some(format!("etcdctl lease revoke {id:x}"))
+                }
+                3 if !candidates.is_empty() => {
+                    // Every key of one election (`<name>/`: names nest as prefixes).
+                    let key =
+                        String::from_utf8_lossy(&candidates[pick % candidates.len()]).into_owned();
+                    let name = key.rsplit_once('/').map_or(key.as_str(), |(e, _)| e);
+                    let election = format!("{name}/");
+                    let txn = leader_etcd::io::Txn::new().and_then([leader_etcd::io::Op::Delete {
+                        key: election.clone().into_bytes(),
+                        end: Some(leader_etcd::io::prefix_end(election.as_bytes())),
+                    }]);
+                    let _ = s.txn(&txn);
+                    Some(format!("etcdctl del --prefix {election}"))
+                }
+                4 => {
+                    let revision = s.revision;
+                    s.compact(revision);
+                    Some(format!("etcdctl compact {revision}"))
+                }
+                _ => None,
+            }
+        })();
+        s.grants.clear();
+        done
+    }
+
+    fn restart(&self, net: &Net, kept: bool) {
+        let _ = kept; // etcd keeps its data.
+        let now = net.store_now();
+        apply(&self.store, net, |s| {
+            // As on an etcd leader change: every lease's remaining TTL is reset to its TTL.
+            for lease in s.leases.values_mut() {
+                lease.expiry = now + Duration::from_secs(lease.ttl as u64);
+            }
+            // Watch streams drop with the connections (their serving tasks end).
+            s.streams.clear();
+        });
+    }
+
+    fn leftovers(&self, net: &Net) -> Vec<String> {
+        apply(&self.store, net, |s| s.leftovers())
+    }
+
+    fn orphan_bound(&self, ttl: Duration) -> Duration {
+        Duration::from_secs(whole_seconds(ttl)) + SWEEP
+    }
+}
