@@ -95,6 +95,52 @@ impl Report {
             && self.bad_exits.is_empty()
     }
 
+    /// For runs that measure a documented limit (a store clock stepped forward, a Redis
+    /// Cluster failover): every overlap began inside a round of one of `faults`, and
+    /// nothing else broke (deadlines all logged, no late sample, no flip, every line
+    /// readable, tokens in order, the observer content, no bad exit). Liveness is left to
+    /// the caller. The first problem, with the run's table.
+    ///
+    /// # Errors
+    ///
+    /// What broke, as above.
+    pub fn passed_but_overlaps_in(&self, faults: &[Fault]) -> Result<(), String> {
+        let spans: Vec<(u64, u64)> = self
+            .rounds
+            .iter()
+            .filter(|r| faults.contains(&r.fault))
+            .map(|r| (r.started_ns, r.ended_ns))
+            .collect();
+        for overlap in &self.check.overlap_spans {
+            if !spans
+                .iter()
+                .any(|(from, to)| (*from..*to).contains(&overlap.from_ns))
+            {
+                return Err(format!(
+                    "an overlap outside a round of {faults:?}: {overlap:?}\n{}",
+                    self.table()
+                ));
+            }
+        }
+        let c = &self.check;
+        for (what, count) in [
+            ("deadlines never logged", c.unlogged_deadlines.len()),
+            ("samples after the logged belief", c.late_samples.len()),
+            ("flips", c.flips.len()),
+            ("unreadable lines", c.unreadable.len()),
+            ("fencing violations", c.token_violations.len()),
+            ("bad exits", self.bad_exits.len()),
+        ] {
+            if count > 0 {
+                return Err(format!("{count} {what}\n{}", self.table()));
+            }
+        }
+        if !self.observed.passed() {
+            return Err(format!("the observer saw a problem\n{}", self.table()));
+        }
+        Ok(())
+    }
+
     fn kinds(&self) -> BTreeMap<Fault, KindSummary> {
         let mut kinds: BTreeMap<Fault, KindSummary> = BTreeMap::new();
         for round in &self.rounds {
