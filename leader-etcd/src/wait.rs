@@ -29,6 +29,29 @@ enum Step {
 /// message. Any change of `own` at or before the predecessor's deletion (at the same
 /// revision too: a prefix delete, a lease revoked) spoils the proof; so does any change of
 /// the `nomination` (a handover deletes the leader's key and nominates in one revision).
+/// The next message of `watch`, while the candidate's lease stays `lease`: `TermGone` once
+/// it changes (or its slot is gone), an error when etcd closes the stream.
+async fn next_message(
+    watch: &mut crate::watches::Subscription,
+    lease_changes: &mut tokio::sync::watch::Receiver<i64>,
+    lease: i64,
+) -> Result<crate::io::WatchMessage> {
+    loop {
+        let message = tokio::select! {
+            // Biased: a fixed order keeps the simulation deterministic.
+            biased;
+            message = watch.message() => message?,
+            changed = lease_changes.changed() => {
+                if changed.is_err() || *lease_changes.borrow_and_update() != lease {
+                    return Err(Error::TermGone);
+                }
+                continue;
+            }
+        };
+        return message.ok_or_else(|| unexpected("etcd closed the watch stream"));
+    }
+}
+
 fn step<'a>(
     events: impl IntoIterator<Item = (bool, &'a [u8], i64)>,
     predecessor: &[u8],
@@ -228,20 +251,7 @@ impl Inner {
                 )
             };
             loop {
-                let message = tokio::select! {
-                    // Biased: a fixed order keeps the simulation deterministic.
-                    biased;
-                    message = watch.message() => message?,
-                    changed = lease_changes.changed() => {
-                        if changed.is_err() || *lease_changes.borrow_and_update() != lease {
-                            return Err(Error::TermGone);
-                        }
-                        continue;
-                    }
-                };
-                let Some(message) = message else {
-                    return Err(unexpected("etcd closed the watch stream"));
-                };
+                let message = next_message(&mut watch, &mut lease_changes, lease).await?;
                 if message.canceled {
                     if message.compact_revision > 0 {
                         // The start revision was compacted away: look again, from now.
@@ -314,20 +324,7 @@ impl Inner {
             vec![WatchRequest::key(0, key, from)],
         );
         loop {
-            let message = tokio::select! {
-                // Biased: a fixed order keeps the simulation deterministic.
-                biased;
-                message = watch.message() => message?,
-                changed = lease_changes.changed() => {
-                    if changed.is_err() || *lease_changes.borrow_and_update() != lease {
-                        return Err(Error::TermGone);
-                    }
-                    continue;
-                }
-            };
-            let Some(message) = message else {
-                return Err(unexpected("etcd closed the watch stream"));
-            };
+            let message = next_message(&mut watch, lease_changes, lease).await?;
             if message.canceled {
                 if message.compact_revision > 0 {
                     return Ok(());
