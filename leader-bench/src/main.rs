@@ -59,6 +59,10 @@ pub(crate) struct RunArgs {
     /// Where the SVG charts go.
     #[arg(long, env = "BENCH_SVG_DIR", default_value = "docs")]
     charts: PathBuf,
+    /// Runs only these phases (for looking into one figure; write such a run's results
+    /// elsewhere with `--results`, since bench.json then lacks the other phases' keys).
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(phases::NAMES))]
+    only: Vec<String>,
 }
 
 /// Sample sizes of one run.

@@ -16,8 +16,8 @@ use tokio::sync::mpsc;
 
 use crate::error::{from_etcd, is_lease_not_found, unexpected};
 use crate::io::{
-    Compare, CompareOp, EtcdIo, Kv, LeaseGrant, Op, OpResult, Range, RangeResult, Sort, Target,
-    Txn, TxnResult, WatchCommand, WatchEvent, WatchMessage, WatchRequest, WatchStream,
+    Compare, CompareOp, EtcdIo, Kv, LeaseGrant, LeaseTtl, Op, OpResult, Range, RangeResult, Sort,
+    Target, Txn, TxnResult, WatchCommand, WatchEvent, WatchMessage, WatchRequest, WatchStream,
 };
 use crate::lock;
 
@@ -149,12 +149,39 @@ impl EtcdIo for ClientIo {
         }
     }
 
-    async fn lease_time_to_live(&self, id: i64) -> Result<i64> {
+    async fn lease_time_to_live(&self, id: i64) -> Result<LeaseTtl> {
         match self.client.clone().lease_time_to_live(id, None).await {
-            Ok(answer) => Ok(answer.ttl()),
-            Err(err) if is_lease_not_found(&err) => Ok(-1),
+            Ok(answer) => Ok(LeaseTtl {
+                ttl: answer.ttl(),
+                granted: if answer.ttl() < 0 {
+                    0
+                } else {
+                    answer.granted_ttl()
+                },
+                raft_term: answer.header().map_or(0, |h| h.raft_term()),
+            }),
+            Err(err) if is_lease_not_found(&err) => Ok(LeaseTtl {
+                ttl: -1,
+                granted: 0,
+                raft_term: 0,
+            }),
             Err(err) => Err(from_etcd(err)),
         }
+    }
+
+    async fn raft_term(&self) -> Result<u64> {
+        // A count of the key "\0" (etcd refuses an empty key): linearizable (etcd-client's
+        // default), tiny.
+        let response = self
+            .client
+            .clone()
+            .get(vec![0u8], Some(GetOptions::new().with_count_only()))
+            .await
+            .map_err(from_etcd)?;
+        response
+            .header()
+            .map(|h| h.raft_term())
+            .ok_or_else(|| unexpected("etcd answered a read without a header"))
     }
 
     async fn range(&self, range: Range) -> Result<(RangeResult, i64)> {
@@ -291,6 +318,9 @@ fn get_options(range: &Range) -> GetOptions {
     if range.revision > 0 {
         options = options.with_revision(range.revision);
     }
+    if range.keys_only {
+        options = options.with_keys_only();
+    }
     options
 }
 
@@ -324,6 +354,14 @@ fn op(op: &Op) -> TxnOp {
                 .map(|end| DeleteOptions::new().with_range(end.clone()));
             TxnOp::delete(key.clone(), options)
         }
+        Op::Reads(ranges) => TxnOp::txn(
+            EtcdTxn::new().and_then(
+                ranges
+                    .iter()
+                    .map(|range| TxnOp::get(range.key.clone(), Some(get_options(range))))
+                    .collect::<Vec<_>>(),
+            ),
+        ),
     }
 }
 
@@ -331,20 +369,33 @@ fn txn_result(response: &TxnResponse) -> TxnResult {
     TxnResult {
         revision: response.header().map_or(0, |h| h.revision()),
         succeeded: response.succeeded(),
-        results: response
-            .op_responses()
-            .into_iter()
-            .map(|answer| match answer {
-                TxnOpResponse::Put(_) => OpResult::Put,
-                TxnOpResponse::Get(get) => OpResult::Get(RangeResult {
-                    kvs: get.kvs().iter().map(kv).collect(),
-                    more: get.more(),
-                }),
-                TxnOpResponse::Delete(deleted) => OpResult::Delete(deleted.deleted()),
-                // The protocol sends no nested transactions.
-                TxnOpResponse::Txn(_) => OpResult::Put,
-            })
-            .collect(),
+        results: response.op_responses().into_iter().map(op_result).collect(),
+    }
+}
+
+fn op_result(answer: TxnOpResponse) -> OpResult {
+    match answer {
+        TxnOpResponse::Put(_) => OpResult::Put,
+        TxnOpResponse::Get(get) => OpResult::Get(range_result(&get)),
+        TxnOpResponse::Delete(deleted) => OpResult::Delete(deleted.deleted()),
+        // The protocol nests only reads ([`Op::Reads`]).
+        TxnOpResponse::Txn(nested) => OpResult::Reads(
+            nested
+                .op_responses()
+                .into_iter()
+                .filter_map(|answer| match answer {
+                    TxnOpResponse::Get(get) => Some(range_result(&get)),
+                    _ => None,
+                })
+                .collect(),
+        ),
+    }
+}
+
+fn range_result(get: &etcd_client::GetResponse) -> RangeResult {
+    RangeResult {
+        kvs: get.kvs().iter().map(kv).collect(),
+        more: get.more(),
     }
 }
 

@@ -122,6 +122,8 @@ pub struct Range {
     pub max_create_revision: i64,
     /// Read at this revision (0: the current one); one compacted away is an error.
     pub revision: i64,
+    /// Answer the keys and their revisions and leases, not their values.
+    pub keys_only: bool,
 }
 
 impl Range {
@@ -169,6 +171,13 @@ impl Range {
     #[must_use]
     pub fn max_create_revision(mut self, revision: i64) -> Self {
         self.max_create_revision = revision;
+        self
+    }
+
+    /// Without the values.
+    #[must_use]
+    pub fn keys_only(mut self) -> Self {
+        self.keys_only = true;
         self
     }
 
@@ -226,6 +235,11 @@ pub enum Op {
         /// The end of the range (exclusive); None: the key alone.
         end: Option<Vec<u8>>,
     },
+    /// Reads, as a nested transaction with no compares (etcd's `RequestOp.request_txn`,
+    /// etcd 3.3 and later). etcd bounds each list of a transaction by `--max-txn-ops`
+    /// (128), nested ones each on their own: one request of nested reads reads thousands
+    /// of keys, where flat reads take one request per 128.
+    Reads(Vec<Range>),
 }
 
 impl Op {
@@ -261,6 +275,8 @@ pub enum OpResult {
     Get(RangeResult),
     /// How many keys a deletion deleted.
     Delete(i64),
+    /// The answers of nested reads, in order.
+    Reads(Vec<RangeResult>),
 }
 
 /// A transaction: if every compare holds, the `success` operations, else the `failure`
@@ -334,6 +350,19 @@ pub struct LeaseGrant {
     pub id: i64,
     /// Its TTL in seconds as granted.
     pub ttl: i64,
+}
+
+/// A lease's remaining time (etcd's `LeaseTimeToLiveResponse`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseTtl {
+    /// The remaining time in whole seconds, truncated toward zero (etcd 3.4: a lease with
+    /// less than a second left, or expired less than a second ago, reads 0), or -1 if etcd
+    /// has no such lease.
+    pub ttl: i64,
+    /// The TTL it was granted, in seconds (0 if etcd has no such lease).
+    pub granted: i64,
+    /// The raft term of the member that answered.
+    pub raft_term: u64,
 }
 
 /// One watch to create on a stream (etcd's `WatchCreateRequest`).
@@ -438,9 +467,11 @@ pub trait EtcdIo: Send + Sync + 'static {
     /// or 0 if etcd has no such lease. ([`ClientIo`](crate::ClientIo) answers 1 for the
     /// first keep-alive of a stream: etcd-client keeps that answer's TTL to itself.)
     async fn lease_keep_alive(&self, id: i64) -> Result<i64>;
-    /// The remaining TTL of lease `id` in whole seconds (truncated), or -1 if etcd has no
-    /// such lease.
-    async fn lease_time_to_live(&self, id: i64) -> Result<i64>;
+    /// Lease `id`'s remaining time as etcd's leader reads it (`LeaseTimeToLive`).
+    async fn lease_time_to_live(&self, id: i64) -> Result<LeaseTtl>;
+    /// The raft term of a linearizable read (of no key): a member answers it only after
+    /// its leader of that term confirmed with a quorum that it still leads.
+    async fn raft_term(&self) -> Result<u64>;
     /// A linearizable range read; its answer, and the store's revision.
     async fn range(&self, range: Range) -> Result<(RangeResult, i64)>;
     /// A transaction. A put on a lease etcd does not have fails the whole transaction

@@ -345,7 +345,7 @@ impl Inner {
     /// than a second left (always, for a one-second lease) reads 0: that is a lease.
     pub(crate) async fn lease_lives(&self, id: i64) -> Result<bool> {
         match self.request(self.io.lease_time_to_live(id)).await {
-            Ok(ttl) => Ok(ttl >= 0),
+            Ok(answer) => Ok(answer.ttl >= 0),
             Err(err) if lease_not_found(&err) => Ok(false),
             Err(err) => Err(err),
         }

@@ -6,6 +6,7 @@ mod campaign;
 mod client_io;
 mod confirm;
 mod error;
+mod expiry;
 mod held;
 pub mod io;
 mod keys;

@@ -213,6 +213,9 @@ impl Inner {
                 return Ok(Waited::Lead(at));
             };
             let sole = below.kvs.len() == 1 && !below.more;
+            // The only key below leads: its lease is revoked once it has certainly
+            // expired (`crate::expiry`), not left to etcd's sweep.
+            let leader_lease = if sole { predecessor.lease } else { 0 };
             let predecessor = predecessor.key.clone();
             let from = at + 1;
             debug!(
@@ -250,8 +253,20 @@ impl Inner {
                     vec![deletions, WatchRequest::key(0, nomination.clone(), from)],
                 )
             };
+            let mut expiry = std::pin::pin!(async {
+                if leader_lease != 0 {
+                    self.revoke_once_expired(leader_lease).await;
+                }
+                std::future::pending::<()>().await;
+            });
             loop {
-                let message = next_message(&mut watch, &mut lease_changes, lease).await?;
+                let message = tokio::select! {
+                    // Biased: a fixed order keeps the simulation deterministic. The expiry
+                    // never completes: the watch shows the revocation's deletion.
+                    biased;
+                    message = next_message(&mut watch, &mut lease_changes, lease) => message?,
+                    () = &mut expiry => continue,
+                };
                 if message.canceled {
                     if message.compact_revision > 0 {
                         // The start revision was compacted away: look again, from now.

@@ -84,6 +84,10 @@ impl Side {
                 OpResult::Put => "put".to_owned(),
                 OpResult::Delete(n) => format!("deleted {n}"),
                 OpResult::Get(range) => self.range_result(range),
+                OpResult::Reads(reads) => {
+                    let reads: Vec<String> = reads.iter().map(|r| self.range_result(r)).collect();
+                    format!("reads {{{}}}", reads.join(", "))
+                }
             })
             .collect();
         format!(
@@ -127,6 +131,8 @@ impl Side {
             "error: compacted".into()
         } else if format!("{err:?}").contains("duplicate key") {
             "error: duplicate key".into()
+        } else if format!("{err:?}").contains("too many operations") {
+            "error: too many operations".into()
         } else {
             format!("error: {err}")
         }
@@ -243,11 +249,22 @@ impl Side {
     async fn time_to_live(&mut self, lease: usize) {
         let id = self.leases[lease];
         let line = match self.io.lease_time_to_live(id).await {
-            // Whole seconds left, truncated: a lease of `ttl` reads ttl - 1 or ttl.
-            Ok(ttl) => format!("alive={}", ttl >= 0),
+            // Whole seconds left, truncated: a lease of `ttl` reads ttl - 1 or ttl. The raft
+            // term is etcd's own (compared by its presence).
+            Ok(answer) => format!(
+                "alive={} granted={} term={}",
+                answer.ttl >= 0,
+                answer.granted,
+                answer.raft_term > 0
+            ),
             Err(err) => Self::error(&err),
         };
         self.record(format!("time-to-live L{lease}: {line}"));
+        let line = match self.io.raft_term().await {
+            Ok(term) => format!("term={}", term > 0),
+            Err(err) => Self::error(&err),
+        };
+        self.record(format!("raft term: {line}"));
         self.messages().await;
     }
 
@@ -517,6 +534,28 @@ async fn line(side: &mut Side, p: &str) {
         ]),
     )
     .await;
+    // The renewals' read of every held key: nested reads, keys only; etcd bounds each list
+    // of each (nested) transaction by 128, and refuses a longer one.
+    let held = |n: usize| -> Vec<Range> {
+        (0..n)
+            .map(|i| Range::key(k(["e/a", "e/b", "e/none"][i % 3])).keys_only())
+            .collect()
+    };
+    // etcd's budget runs along the path: a nested list may hold 128 less the length of
+    // the longest list of the transactions it is nested in.
+    side.txn(Txn::new().and_then([Op::Reads(held(3)), Op::Reads(held(126))]))
+        .await;
+    side.txn(Txn::new().and_then([Op::Reads(held(3)), Op::Reads(held(127))]))
+        .await;
+    side.txn(Txn::new().and_then(vec![Op::Reads(held(64)); 64]))
+        .await;
+    side.txn(Txn::new().and_then(vec![Op::Reads(held(65)); 64]))
+        .await;
+    side.txn(Txn::new().and_then([Op::Reads(held(128))])).await;
+    side.txn(Txn::new().and_then(vec![Op::get(k("e/a")); 128]))
+        .await;
+    side.txn(Txn::new().and_then(vec![Op::get(k("e/a")); 129]))
+        .await;
     // The leader watches its key; the waiter the range from the nomination to its key.
     side.watch(WatchRequest::key(7, k("e/a"), 2), 2).await;
     let mut end = k("e/b").into_bytes();

@@ -1,10 +1,83 @@
 //! The driver's own protocol in the deterministic simulation, against a model of etcd:
 //! `cargo test -p leader-etcd --test simulation` (no server needed). `SIM_SEEDS`,
 //! `SIM_SEED=N` and `SIM_TRACE=1` as in `leader_testkit::sim::run_seeds`.
+//!
+//! Besides the harness's random schedules, a scripted scenario on the same model (paused
+//! clock, no faults) checks what the harness's checks cannot see: how soon a crashed
+//! leader is replaced.
 
 mod sim;
+
+use std::time::Duration;
+
+use leader_core::{Candidate, Driver};
+use leader_testkit::sim::{ClientId, Model, Net};
+use tokio::time::{Instant, sleep};
 
 #[test]
 fn simulated_schedules_keep_every_safety_property() {
     leader_testkit::sim::run_seeds("leader-etcd", sim::EtcdModel::new);
+}
+
+/// A crashed leader (its driver gone: no more keep-alives) is replaced when its lease
+/// expires at etcd, not at etcd's next sweep of expired leases (every 500 ms): the waiter
+/// revokes the lease once `LeaseTimeToLive` proves it expired (`src/expiry.rs`). The crash
+/// is timed so that the expiry falls just after a sweep: the sweep alone would take over
+/// 300 ms more.
+#[tokio::test(start_paused = true)]
+async fn a_crashed_leader_is_replaced_at_its_lease_expiry_not_at_the_sweep() {
+    let net = Net::quiet();
+    let started = net.store_now();
+    let model = sim::EtcdModel::new(&net);
+    let ttl = Duration::from_secs(2);
+    let candidate = |id: &str| Candidate::new("sim-0", id, id.as_bytes().to_vec(), ttl);
+    let (a, b) = (candidate("a"), candidate("b"));
+    let a_driver = model.driver(&net, ClientId(0));
+    let b_driver = model.driver(&net, ClientId(1));
+    a_driver.campaign(&a).await.expect("a is elected");
+    let waiting = tokio::spawn(async move {
+        let grant = b_driver.campaign(&b).await;
+        (Instant::now(), grant, b_driver)
+    });
+    let expiry = || {
+        let s = model.store.lock().unwrap_or_else(|p| p.into_inner());
+        let lease = s
+            .kvs
+            .values()
+            .find(|kv| kv.value == b"a" && kv.key.starts_with(b"sim-0/"))
+            .map(|kv| kv.lease)
+            .expect("a's key");
+        s.leases.get(&lease).expect("a's lease").expiry
+    };
+    // Crash just after a keep-alive whose expiry falls early in a sweep period.
+    let sweep_phase = |at: Instant| (at - started).as_millis() % sim::SWEEP.as_millis();
+    let mut last = expiry();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        sleep(Duration::from_millis(5)).await;
+        let now = expiry();
+        if now != last && sweep_phase(now) < 150 {
+            break;
+        }
+        last = now;
+        assert!(Instant::now() < deadline, "no keep-alive fell early in a sweep period");
+    }
+    drop(a_driver);
+    let expires = expiry();
+    sleep(Duration::from_millis(1500)).await;
+    assert_eq!(expiry(), expires, "the crashed driver renews no more");
+    let (elected_at, grant, _b_driver) = waiting.await.expect("waiter task");
+    grant.expect("b is elected");
+    let next_sweep = expires + sim::SWEEP - Duration::from_millis(sweep_phase(expires) as u64);
+    assert!(
+        elected_at >= expires,
+        "b led {:?} before a's lease expired",
+        expires - elected_at
+    );
+    assert!(
+        elected_at < expires + Duration::from_millis(250) && elected_at < next_sweep,
+        "b led {:?} after a's lease expired (the next sweep came {:?} after it)",
+        elected_at - expires,
+        next_sweep - expires
+    );
 }

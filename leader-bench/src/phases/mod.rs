@@ -16,6 +16,11 @@ use crate::results::{self, Goal, Results};
 use crate::stores::Stores;
 use crate::{BoxResult, RunArgs, Sizes};
 
+/// The phases' names, in the order they run (`leader-bench run --only`).
+pub(crate) const NAMES: [&str; 7] = [
+    "floor", "handoff", "handover", "failover", "idle", "scale", "many",
+];
+
 /// What every phase needs.
 pub(crate) struct Bench {
     pub(crate) stores: Stores,
@@ -30,6 +35,14 @@ pub(crate) struct Bench {
 /// other phases' figures are kept, the failure is noted, and the run fails at the end).
 pub(crate) async fn run(args: RunArgs) -> BoxResult<()> {
     let started = Instant::now();
+    if !args.only.is_empty()
+        && (args.results == std::path::Path::new("docs/results")
+            || args.charts == std::path::Path::new("docs"))
+    {
+        return Err("--only writes a partial bench.json and charts: give it its own \
+                    --results DIR and --charts DIR, not the committed docs/"
+            .into());
+    }
     let commit = results::commit();
     leader_testkit::require_binary("etcdctl", "etcd-client")?;
     let bench = Bench {
@@ -42,6 +55,11 @@ pub(crate) async fn run(args: RunArgs) -> BoxResult<()> {
     let mut failed = Vec::new();
     macro_rules! phase {
         ($n:literal, $what:literal, $module:ident) => {
+            let selected =
+                args.only.is_empty() || args.only.iter().any(|p| p == stringify!($module));
+            if !selected {
+                eprintln!("[{}/7] {} skipped (--only)", $n, $what);
+            } else {
             eprintln!(
                 "[{}/7] {} ({:.0}s into the run)",
                 $n,
@@ -52,6 +70,7 @@ pub(crate) async fn run(args: RunArgs) -> BoxResult<()> {
                 eprintln!("leader-bench: {}: {err}", $what);
                 results.note(format!("**{} failed**: {err}", $what));
                 failed.push($what);
+            }
             }
         };
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use leader_core::{Error, Result};
 use leader_etcd::io::{
-    EtcdIo, LeaseGrant, LeaseNotFound, Range, RangeResult, Txn, TxnResult, WatchCommand,
+    EtcdIo, LeaseGrant, LeaseNotFound, LeaseTtl, Range, RangeResult, Txn, TxnResult, WatchCommand,
     WatchMessage, WatchRequest, WatchStream,
 };
 use leader_testkit::sim::{ClientId, Net};
@@ -40,6 +40,9 @@ fn refused(refusal: Refusal) -> Error {
         )),
         Refusal::DuplicateKey => Error::store(std::io::Error::other(
             "etcdserver: duplicate key given in txn request",
+        )),
+        Refusal::TooManyOps => Error::store(std::io::Error::other(
+            "etcdserver: too many operations in txn request",
         )),
     }
 }
@@ -90,11 +93,16 @@ impl EtcdIo for SimIo {
         .await
     }
 
-    async fn lease_time_to_live(&self, id: i64) -> Result<i64> {
+    async fn lease_time_to_live(&self, id: i64) -> Result<LeaseTtl> {
         self.call(format!("time-to-live {id:x}"), move |s, net| {
             s.time_to_live(id, net.store_now())
         })
         .await
+    }
+
+    async fn raft_term(&self) -> Result<u64> {
+        self.call("raft term".to_owned(), move |s, _| s.raft_term)
+            .await
     }
 
     async fn range(&self, range: Range) -> Result<(RangeResult, i64)> {

@@ -152,6 +152,7 @@ impl Model for EtcdModel {
             }
             // Watch streams drop with the connections (their serving tasks end).
             s.streams.clear();
+            s.raft_term += 1;
         });
     }
 

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use leader_etcd::io::{
-    Compare, CompareOp, Kv, LeaseGrant, Op, OpResult, Range, RangeResult, Sort, Target, Txn,
-    TxnResult, WatchEvent, WatchMessage, WatchRequest,
+    Compare, CompareOp, Kv, LeaseGrant, LeaseTtl, Op, OpResult, Range, RangeResult, Sort, Target,
+    Txn, TxnResult, WatchEvent, WatchMessage, WatchRequest,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -26,6 +26,29 @@ pub enum Refusal {
     FutureRevision,
     /// etcdserver: duplicate key given in txn request (two writes of one key in a branch).
     DuplicateKey,
+    /// etcdserver: too many operations in txn request (a list of a transaction, or of a
+    /// nested one, longer than `--max-txn-ops`, 128 by default).
+    TooManyOps,
+}
+
+/// etcd's default `--max-txn-ops`.
+const MAX_TXN_OPS: usize = 128;
+
+/// Whether a list of `txn`, or of a transaction nested in it, is longer than etcd allows:
+/// `--max-txn-ops` bounds a transaction's longest list, and a nested transaction's lists
+/// by what the transactions it is nested in leave of it (etcd's `checkTxnRequest`).
+fn too_many_ops(txn: &Txn) -> bool {
+    let longest = txn
+        .compare
+        .len()
+        .max(txn.success.len())
+        .max(txn.failure.len());
+    longest > MAX_TXN_OPS
+        || txn
+            .success
+            .iter()
+            .chain(&txn.failure)
+            .any(|op| matches!(op, Op::Reads(ranges) if ranges.len() > MAX_TXN_OPS - longest))
 }
 
 /// Whether a branch writes a key twice (a put and a put, or a put inside a deleted range),
@@ -85,6 +108,8 @@ pub struct Store {
     pub leaders: BTreeMap<String, (Vec<u8>, i64)>,
     /// Terms handed since the last look: (candidate id, election, token).
     pub grants: Vec<(String, String, u64)>,
+    /// etcd's raft term: one more at each restart (a new etcd leader).
+    pub raft_term: u64,
 }
 
 impl Default for Store {
@@ -100,6 +125,7 @@ impl Default for Store {
             next_stream: 1,
             leaders: BTreeMap::new(),
             grants: Vec::new(),
+            raft_term: 2,
         }
     }
 }
@@ -167,6 +193,11 @@ impl Store {
             kvs.truncate(range.limit as usize);
             more = true;
         }
+        if range.keys_only {
+            for kv in &mut kvs {
+                kv.value.clear();
+            }
+        }
         Ok(RangeResult { kvs, more })
     }
 
@@ -202,6 +233,9 @@ impl Store {
 
     /// Runs a transaction.
     pub fn txn(&mut self, txn: &Txn) -> Result<TxnResult, Refusal> {
+        if too_many_ops(txn) {
+            return Err(Refusal::TooManyOps);
+        }
         if duplicate_writes(&txn.success) || duplicate_writes(&txn.failure) {
             return Err(Refusal::DuplicateKey);
         }
@@ -220,6 +254,13 @@ impl Store {
                 Op::Get(range) if range.revision > 0 && range.revision < self.compacted => {
                     return Err(Refusal::Compacted);
                 }
+                Op::Reads(ranges)
+                    if ranges
+                        .iter()
+                        .any(|r| r.revision > 0 && r.revision < self.compacted) =>
+                {
+                    return Err(Refusal::Compacted);
+                }
                 _ => {}
             }
         }
@@ -229,6 +270,12 @@ impl Store {
         for op in ops {
             match op {
                 Op::Get(range) => results.push(OpResult::Get(self.range(range)?)),
+                Op::Reads(ranges) => results.push(OpResult::Reads(
+                    ranges
+                        .iter()
+                        .map(|range| self.range(range))
+                        .collect::<Result<_, _>>()?,
+                )),
                 Op::Put { key, value, lease } => {
                     self.put(key, value, *lease, next, &mut events);
                     results.push(OpResult::Put);
@@ -426,11 +473,22 @@ impl Store {
         }
     }
 
-    /// The remaining TTL in whole seconds (truncated), or -1.
-    pub fn time_to_live(&mut self, id: i64, now: Instant) -> i64 {
-        self.leases.get(&id).map_or(-1, |lease| {
-            lease.expiry.saturating_duration_since(now).as_secs() as i64
-        })
+    /// The remaining TTL in whole seconds, truncated toward zero (an expired lease not yet
+    /// swept reads 0, as in etcd 3.4 until a second past its expiry, which the 500 ms
+    /// sweep never lets happen), or -1; at the current raft term.
+    pub fn time_to_live(&mut self, id: i64, now: Instant) -> LeaseTtl {
+        match self.leases.get(&id) {
+            Some(lease) => LeaseTtl {
+                ttl: lease.expiry.saturating_duration_since(now).as_secs() as i64,
+                granted: lease.ttl,
+                raft_term: self.raft_term,
+            },
+            None => LeaseTtl {
+                ttl: -1,
+                granted: 0,
+                raft_term: self.raft_term,
+            },
+        }
     }
 
     /// Revokes every lease whose expiry has passed: etcd's sweep, every [`SWEEP`]. Until
