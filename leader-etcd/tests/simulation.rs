@@ -39,15 +39,16 @@ async fn a_crashed_leader_is_replaced_at_its_lease_expiry_not_at_the_sweep() {
         let grant = b_driver.campaign(&b).await;
         (Instant::now(), grant, b_driver)
     });
+    // The expiry of a's lease. Until it passes, a's key must stand: b must never revoke a
+    // lease that is alive.
     let expiry = || {
         let s = model.store.lock().unwrap_or_else(|p| p.into_inner());
-        let lease = s
-            .kvs
+        s.kvs
             .values()
             .find(|kv| kv.value == b"a" && kv.key.starts_with(b"sim-0/"))
-            .map(|kv| kv.lease)
-            .expect("a's key");
-        s.leases.get(&lease).expect("a's lease").expiry
+            .and_then(|kv| s.leases.get(&kv.lease))
+            .map(|lease| lease.expiry)
+            .expect("a's key and lease stand while a's driver keeps the lease alive")
     };
     // Crash just after a keep-alive whose expiry falls early in a sweep period.
     let sweep_phase = |at: Instant| (at - started).as_millis() % sim::SWEEP.as_millis();
@@ -60,7 +61,10 @@ async fn a_crashed_leader_is_replaced_at_its_lease_expiry_not_at_the_sweep() {
             break;
         }
         last = now;
-        assert!(Instant::now() < deadline, "no keep-alive fell early in a sweep period");
+        assert!(
+            Instant::now() < deadline,
+            "no keep-alive fell early in a sweep period"
+        );
     }
     drop(a_driver);
     let expires = expiry();
