@@ -11,6 +11,7 @@ mod error;
 mod event;
 mod lead;
 mod machinery;
+pub mod notices;
 mod settings;
 mod telemetry;
 mod term;

@@ -6,9 +6,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
+use leader_core::notices::{self, Look, Notices, Observed};
 use leader_core::{Candidate, CandidateInfo, Driver, Error, Grant, LeaderInfo, Result};
 use tokio::time::sleep;
 use tracing::{debug, warn};
@@ -268,42 +268,40 @@ impl Driver for PostgresDriver {
     }
 
     fn observe(&self, election: &str) -> BoxStream<'static, Result<Option<LeaderInfo>>> {
-        let driver = self.clone();
-        let election = election.to_owned();
-        futures::stream::unfold(
-            (driver, election, None, None),
-            |(driver, election, mut notices, next_check)| async move {
-                if notices.is_none() {
-                    let channel = driver.channel(&election);
-                    notices = Some(driver.inner.listener.listen(&channel).await);
-                }
-                let notices_ref = notices.as_mut()?;
-                if let Some(wait) = next_check {
-                    tokio::select! {
-                        () = notices_ref.changed() => {}
-                        () = sleep(wait) => {}
-                    }
-                }
-                notices_ref.mark_seen();
-                let (item, next) = match check_name(&election) {
-                    Err(err) => (Err(err), Some(Duration::from_secs(3600))),
-                    Ok(()) => match driver.inner.leader(&election).await {
-                        Ok(Some(Holder { info, remaining_ms })) => (
-                            Ok(Some(info)),
-                            Some(
-                                driver
-                                    .inner
-                                    .expiry_wait(Some(remaining_ms), Duration::from_secs(1)),
-                            ),
-                        ),
-                        // No leader: wait for an announcement (or a LISTEN reconnection).
-                        Ok(None) => (Ok(None), Some(Duration::from_secs(3600))),
-                        Err(err) => (Err(err), Some(Duration::from_millis(500))),
-                    },
-                };
-                Some((item, (driver, election, notices, next)))
+        notices::observe(Observing {
+            driver: self.clone(),
+            election: election.to_owned(),
+        })
+    }
+}
+
+/// An election observed through the driver's `LISTEN` connection.
+struct Observing {
+    driver: PostgresDriver,
+    election: String,
+}
+
+#[async_trait]
+impl Observed for Observing {
+    async fn notices(&self) -> Notices {
+        let channel = self.driver.channel(&self.election);
+        self.driver.inner.listener.listen(&channel).await
+    }
+
+    async fn look(&self) -> Look {
+        match check_name(&self.election) {
+            Err(err) => (Err(err), Duration::from_secs(3600)),
+            Ok(()) => match self.driver.inner.leader(&self.election).await {
+                Ok(Some(Holder { info, remaining_ms })) => (
+                    Ok(Some(info)),
+                    self.driver
+                        .inner
+                        .expiry_wait(Some(remaining_ms), Duration::from_secs(1)),
+                ),
+                // No leader: wait for an announcement (or a LISTEN reconnection).
+                Ok(None) => (Ok(None), Duration::from_secs(3600)),
+                Err(err) => (Err(err), Duration::from_millis(500)),
             },
-        )
-        .boxed()
+        }
     }
 }

@@ -6,6 +6,7 @@ mod fence;
 mod inner;
 pub mod io;
 mod listener;
+mod own_channel;
 mod pg;
 mod renewals;
 mod sql;

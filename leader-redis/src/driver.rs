@@ -47,7 +47,7 @@ impl RedisDriver {
     pub fn with_io(io: Arc<dyn RedisIo>, prefix: impl Into<String>) -> Self {
         RedisDriver {
             inner: Arc::new(Inner {
-                subscriber: Subscriber::new(Arc::clone(&io)),
+                subscriber: crate::subscriber::subscriber(Arc::clone(&io)),
                 io,
                 prefix: prefix.into(),
                 renewals: Renewals::default(),

@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
+use leader_core::notices::{self, Look, Notices, Observed};
 use leader_core::{Candidate, CandidateInfo, Driver, Error, Grant, LeaderInfo, Result};
 use tokio::time::{Instant, sleep};
 use tracing::debug;
@@ -247,39 +247,41 @@ impl Driver for RedisDriver {
     }
 
     fn observe(&self, election: &str) -> BoxStream<'static, Result<Option<LeaderInfo>>> {
-        let driver = self.clone();
-        let election = election.to_owned();
-        futures::stream::unfold(
-            (driver, election, None, None),
-            |(driver, election, mut notices, next_check)| async move {
-                if notices.is_none() {
-                    let keys = driver.keys(&election);
-                    notices = Some(driver.inner.subscriber.subscribe(&keys.channel).await);
-                }
-                let notices_ref = notices.as_mut()?;
-                if let Some(wait) = next_check {
-                    tokio::select! {
-                        () = notices_ref.changed() => {}
-                        () = sleep(wait) => {}
-                    }
-                }
-                notices_ref.mark_seen();
-                let keys = driver.keys(&election);
-                let (item, next) = match driver.check(&election) {
-                    Err(err) => (Err(err), Some(Duration::from_secs(3600))),
-                    Ok(()) => match driver.inner.leader_with_pttl(&keys).await {
-                        Ok(Some((info, pttl))) => (
-                            Ok(Some(info)),
-                            Some(driver.inner.expiry_wait(pttl, Duration::from_millis(100))),
-                        ),
-                        // No leader: wait for an announcement (or a pub/sub reconnection).
-                        Ok(None) => (Ok(None), Some(Duration::from_secs(3600))),
-                        Err(err) => (Err(err), Some(Duration::from_millis(500))),
-                    },
-                };
-                Some((item, (driver, election, notices, next)))
+        notices::observe(Observing {
+            driver: self.clone(),
+            election: election.to_owned(),
+        })
+    }
+}
+
+/// An election observed through the driver's pub/sub connection.
+struct Observing {
+    driver: RedisDriver,
+    election: String,
+}
+
+#[async_trait]
+impl Observed for Observing {
+    async fn notices(&self) -> Notices {
+        let keys = self.driver.keys(&self.election);
+        self.driver.inner.subscriber.subscribe(&keys.channel).await
+    }
+
+    async fn look(&self) -> Look {
+        let keys = self.driver.keys(&self.election);
+        match self.driver.check(&self.election) {
+            Err(err) => (Err(err), Duration::from_secs(3600)),
+            Ok(()) => match self.driver.inner.leader_with_pttl(&keys).await {
+                Ok(Some((info, pttl))) => (
+                    Ok(Some(info)),
+                    self.driver
+                        .inner
+                        .expiry_wait(pttl, Duration::from_millis(100)),
+                ),
+                // No leader: wait for an announcement (or a pub/sub reconnection).
+                Ok(None) => (Ok(None), Duration::from_secs(3600)),
+                Err(err) => (Err(err), Duration::from_millis(500)),
             },
-        )
-        .boxed()
+        }
     }
 }

@@ -1,0 +1,248 @@
+//! The driver's own channel (`leader_d_<random>`): PostgreSQL wakes one waiter of this
+//! driver by its candidate id (`w<id>`: its turn may have come), or tells a leader of this
+//! driver that someone else ended its term (`g<token>:<id>`, sent by the table's trigger).
+//! The LISTEN connection ([`crate::listener`]) hands this channel's notifications here.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+/// How many recent "term gone" notices are kept for leaders that register after them.
+const RECENT_GONE: usize = 256;
+
+/// The driver's channel and who waits on it.
+pub(crate) struct Shared {
+    /// The driver's own channel.
+    pub(crate) channel: String,
+    routes: Mutex<Routes>,
+}
+
+#[derive(Default)]
+struct Routes {
+    /// This driver's waiting candidates, by candidate id.
+    /// (Each registration has a sequence number: everyone is woken in the order they
+    /// registered, whatever their ids, so that a seeded simulation replays exactly.)
+    waiters: BTreeMap<String, (u64, Arc<Waiter>)>,
+    /// This driver's leaders, by candidate id: the term they hold and its watch.
+    terms: BTreeMap<String, (u64, u64, Arc<TermWatch>)>,
+    /// The next registration's sequence number.
+    next: u64,
+    /// The last "term gone" notices, for a leader that registers after its notice came.
+    recent_gone: VecDeque<(String, u64)>,
+    /// The keeper task (refreshing waiters' places) runs.
+    keeper: bool,
+}
+
+/// A waiting candidate of this driver.
+pub(crate) struct Waiter {
+    pub(crate) election: String,
+    pub(crate) ttl: Duration,
+    /// Woken when its turn may have come (a permit is kept if it is not waiting yet).
+    pub(crate) wake: Notify,
+    /// It knows it is first in line (or nominated) and keeps a timer at the expiry of
+    /// whatever holds the election: the keeper need not wake it to say so.
+    pub(crate) armed: AtomicBool,
+}
+
+/// A leader of this driver, told when its term is ended by someone else.
+#[derive(Default)]
+pub(crate) struct TermWatch {
+    pub(crate) wake: Notify,
+    /// The trigger said the term is gone; otherwise a wake means "look at the row".
+    pub(crate) gone: AtomicBool,
+}
+
+/// A waiter's registration; removed when dropped.
+pub(crate) struct WaiterGuard {
+    pub(crate) waiter: Arc<Waiter>,
+    id: String,
+    shared: Arc<Shared>,
+}
+
+impl Drop for WaiterGuard {
+    fn drop(&mut self) {
+        let mut routes = self.shared.lock();
+        if routes
+            .waiters
+            .get(&self.id)
+            .is_some_and(|(_, held)| Arc::ptr_eq(held, &self.waiter))
+        {
+            routes.waiters.remove(&self.id);
+        }
+    }
+}
+
+/// A leader's registration; removed when dropped.
+pub(crate) struct TermGuard {
+    pub(crate) watch: Arc<TermWatch>,
+    id: String,
+    shared: Arc<Shared>,
+}
+
+impl TermGuard {
+    /// The leader's candidate id.
+    pub(crate) fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Drop for TermGuard {
+    fn drop(&mut self) {
+        let mut routes = self.shared.lock();
+        if routes
+            .terms
+            .get(&self.id)
+            .is_some_and(|(_, _, held)| Arc::ptr_eq(held, &self.watch))
+        {
+            routes.terms.remove(&self.id);
+        }
+    }
+}
+
+impl Shared {
+    pub(crate) fn new(channel: String) -> Self {
+        Shared {
+            channel,
+            routes: Mutex::new(Routes::default()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Routes> {
+        self.routes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A notification on the driver's channel.
+    pub(crate) fn notify(&self, payload: &str) {
+        let mut routes = self.lock();
+        if let Some(id) = payload.strip_prefix('w') {
+            if let Some((_, waiter)) = routes.waiters.get(id) {
+                waiter.wake.notify_one();
+            }
+        } else if let Some((token, id)) = payload
+            .strip_prefix('g')
+            .and_then(|rest| rest.split_once(':'))
+            && let Ok(token) = token.parse::<u64>()
+        {
+            if let Some((_, held, watch)) = routes.terms.get(id)
+                && *held == token
+            {
+                watch.gone.store(true, Ordering::SeqCst);
+                watch.wake.notify_one();
+            }
+            if routes.recent_gone.len() >= RECENT_GONE {
+                routes.recent_gone.pop_front();
+            }
+            routes.recent_gone.push_back((id.to_owned(), token));
+        }
+    }
+
+    /// Wakes every waiter and leader, in the order they registered: notifications may
+    /// have been missed.
+    pub(crate) fn notify_all(&self) {
+        let routes = self.lock();
+        let mut wakes: Vec<(u64, &Notify)> = routes
+            .waiters
+            .values()
+            .map(|(seq, waiter)| (*seq, &waiter.wake))
+            .chain(
+                routes
+                    .terms
+                    .values()
+                    .map(|(seq, _, watch)| (*seq, &watch.wake)),
+            )
+            .collect();
+        wakes.sort_by_key(|(seq, _)| *seq);
+        for (_, wake) in wakes {
+            wake.notify_one();
+        }
+    }
+
+    /// The waiters of this driver, for the keeper; marks the keeper as running, or as
+    /// stopped when there are none.
+    pub(crate) fn waiters_for_keeper(&self) -> Vec<(String, Arc<Waiter>)> {
+        let mut routes = self.lock();
+        routes.keeper = !routes.waiters.is_empty();
+        let mut waiters: Vec<_> = routes
+            .waiters
+            .iter()
+            .map(|(id, (seq, waiter))| (*seq, id.clone(), Arc::clone(waiter)))
+            .collect();
+        waiters.sort_by_key(|(seq, _, _)| *seq);
+        waiters
+            .into_iter()
+            .map(|(_, id, waiter)| (id, waiter))
+            .collect()
+    }
+
+    /// The waiter `id`, if it still waits.
+    pub(crate) fn waiter(&self, id: &str) -> Option<Arc<Waiter>> {
+        self.lock()
+            .waiters
+            .get(id)
+            .map(|(_, waiter)| Arc::clone(waiter))
+    }
+
+    /// Registers a waiting candidate `id` of this driver. Returns whether the keeper task
+    /// must be started (it was not running).
+    pub(crate) fn wait(
+        self: &Arc<Self>,
+        id: &str,
+        election: &str,
+        ttl: Duration,
+    ) -> (WaiterGuard, bool) {
+        let waiter = Arc::new(Waiter {
+            election: election.to_owned(),
+            ttl,
+            wake: Notify::new(),
+            armed: AtomicBool::new(false),
+        });
+        let mut routes = self.lock();
+        let seq = routes.next;
+        routes.next += 1;
+        routes
+            .waiters
+            .insert(id.to_owned(), (seq, Arc::clone(&waiter)));
+        let start_keeper = !routes.keeper;
+        routes.keeper = true;
+        drop(routes);
+        (
+            WaiterGuard {
+                waiter,
+                id: id.to_owned(),
+                shared: Arc::clone(self),
+            },
+            start_keeper,
+        )
+    }
+
+    /// Registers the term `token` of leader `id` of this driver; its watch is already
+    /// marked gone if the trigger's notice came before.
+    pub(crate) fn hold(self: &Arc<Self>, id: &str, token: u64) -> TermGuard {
+        let watch = Arc::new(TermWatch::default());
+        let mut routes = self.lock();
+        if routes
+            .recent_gone
+            .iter()
+            .any(|(gone, held)| gone == id && *held == token)
+        {
+            watch.gone.store(true, Ordering::SeqCst);
+            watch.wake.notify_one();
+        }
+        let seq = routes.next;
+        routes.next += 1;
+        routes
+            .terms
+            .insert(id.to_owned(), (seq, token, Arc::clone(&watch)));
+        drop(routes);
+        TermGuard {
+            watch,
+            id: id.to_owned(),
+            shared: Arc::clone(self),
+        }
+    }
+}
