@@ -1119,3 +1119,50 @@ async fn a_hundred_waiters_on_one_stream_lead_in_turn() {
     }
     assert_eq!(elected, 100, "in {:?}", started.elapsed());
 }
+
+/// Crash failover at the TTL on a real etcd (`src/expiry.rs`): with a 2 s TTL the waiter
+/// next in line reads its leader's lease and revokes it once it has certainly expired,
+/// rather than waiting for etcd's sweep. The leader is cut off (nothing reaches etcd, so
+/// its renewals fail and its lease runs out); the waiter must lead only after the old
+/// leader's own deadline, and soon after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_leaders_lease_is_revoked_only_after_its_deadline() {
+    let h = harness().await;
+    let proxy = FaultProxy::start(h.server.client_addr(0))
+        .await
+        .expect("proxy starts");
+    let ttl = Duration::from_secs(2);
+    let name = unique("expiry");
+    let a = Election::builder(h.driver_at(proxy.addr().to_string()).await, name.clone())
+        .ttl(ttl)
+        .build()
+        .expect("a");
+    let b = Election::builder(h.driver_at(h.server.endpoints()[0].clone()).await, name)
+        .ttl(ttl)
+        .build()
+        .expect("b");
+    let a_term = within("a to lead", Duration::from_secs(10), a.campaign())
+        .await
+        .expect("a leads");
+    let waiting = tokio::spawn(async move { (b.campaign().await, b) });
+    // Let a renew twice while b waits, then cut a off.
+    let first_deadline = a_term.deadline();
+    wait_until("a renews twice", 3 * ttl, || {
+        a_term.deadline() >= first_deadline + ttl / 2
+    })
+    .await;
+    assert!(!waiting.is_finished(), "b waits while a renews");
+    proxy.hold();
+    let (b_term, _b) = within("b to lead after a is cut off", 3 * ttl, waiting)
+        .await
+        .expect("waiter task");
+    let b_term = b_term.expect("b leads");
+    assert!(
+        b_term.elected_at() > a_term.deadline(),
+        "b led {:?} before a's deadline",
+        a_term.deadline() - b_term.elected_at()
+    );
+    assert!(!a_term.is_valid(), "a's term ended");
+    assert!(b_term.fencing_token() > a_term.fencing_token());
+    proxy.pass();
+}
