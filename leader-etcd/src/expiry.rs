@@ -34,8 +34,8 @@
 //!
 //! Cost: while the lease reads `k` ≥ 2 seconds left, the next read comes `k - 1` seconds
 //! later; near the end (and always, for leases of 2 s, whose renewed remaining time reads
-//! 1) every twentieth of the TTL: 10 reads per second for a waiter behind a 2 s lease, one
-//! every few seconds behind a 10 s lease until its leader stops renewing.
+//! one second) every twentieth of the TTL: 10 reads per second for a waiter behind a 2 s
+//! lease, one every few seconds behind a 10 s lease until its leader stops renewing.
 
 use std::time::Duration;
 
