@@ -1,4 +1,4 @@
-//! Jittered exponential backoff for `Election::run`.
+//! Jittered exponential backoff, for `Election::run` and for drivers' retries.
 
 use std::time::Duration;
 
@@ -6,15 +6,20 @@ use rand::Rng;
 
 /// Delays that double from `min` to `max`, each drawn uniformly from its upper half, so
 /// that candidates that failed together do not retry together.
+///
+/// Inside a seeded simulation (`leader_testkit::sim`) the jitter comes from the seed, so
+/// that a schedule replays exactly.
 #[derive(Debug, Clone)]
-pub(crate) struct Backoff {
+pub struct Backoff {
     min: Duration,
     max: Duration,
     current: Duration,
 }
 
 impl Backoff {
-    pub(crate) fn new(min: Duration, max: Duration) -> Self {
+    /// Starting at `min`, doubling up to `max`.
+    #[must_use]
+    pub fn new(min: Duration, max: Duration) -> Self {
         Backoff {
             min,
             max,
@@ -23,7 +28,7 @@ impl Backoff {
     }
 
     /// The next delay to wait.
-    pub(crate) fn next_delay(&mut self) -> Duration {
+    pub fn next_delay(&mut self) -> Duration {
         let ceiling = self.current;
         self.current = self.current.saturating_mul(2).min(self.max);
         let floor = ceiling / 2;
@@ -32,7 +37,7 @@ impl Backoff {
     }
 
     /// Back to the shortest delay, after a success.
-    pub(crate) fn reset(&mut self) {
+    pub fn reset(&mut self) {
         self.current = self.min;
     }
 }

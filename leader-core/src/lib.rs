@@ -19,6 +19,7 @@ mod term;
 pub mod testing;
 mod url;
 
+pub use backoff::Backoff;
 pub use async_trait::async_trait;
 pub use builder::ElectionBuilder;
 pub use config::Config;

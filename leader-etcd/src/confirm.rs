@@ -5,10 +5,9 @@
 //! A renewal is a keep-alive of the term's lease (shared by every term on it, one per third
 //! of a TTL) and a linearizable read showing the term's key still on that lease, sent after
 //! the keep-alive's confirmation and newer than the read the term's previous renewal used.
-//! A renewal that finds none reads all held keys, in transactions of nested reads (3,072
-//! keys per request); the other terms' renewals then find theirs done.
-//! 1,000 elections held by one process cost one transaction per third of a TTL, not 1,000
-//! reads (nor the eight of flat transactions).
+//! A renewal that finds none reads all held keys in transactions of up to [`BATCH`] reads;
+//! the other terms' renewals then find theirs done. 1,000 elections held by one process
+//! cost a few transactions per third of a TTL, not 1,000 reads.
 
 use std::collections::HashMap;
 
@@ -16,48 +15,16 @@ use leader_core::{Error, Result};
 use tokio::time::Instant;
 use tracing::warn;
 
-use crate::error::unexpected;
-use crate::io::{Op, OpResult, Range, RangeResult, Txn};
+use crate::io::{Op, OpResult, Range, Txn};
 use crate::keys::CandidateKey;
 use crate::{Inner, lock};
 
-/// Nested transactions in one request, and reads in each. etcd's `--max-txn-ops` (128 by
-/// default) bounds the longest list of a transaction, and each nested one's lists by what
-/// the transactions around it leave: 32 nested of 96 reads (32 + 96 = 128) read 3,072 keys
-/// in one request, where flat transactions read 128.
-const NESTED: usize = 32;
-const PER_NESTED: usize = 96;
-const _: () = assert!(
-    NESTED + PER_NESTED <= 128,
-    "within etcd's budget along the path"
-);
-
-/// The most key bytes one request reads: the request (the keys) and its answer (keys,
-/// revisions and leases, no values) stay far below etcd's 1.5 MiB request limit and gRPC's
-/// 4 MiB answer limit whatever the keys' lengths.
-const REQUEST_KEY_BYTES: usize = 256 * 1024;
-
-/// Splits `terms` into the requests that read them, in order: each at most
-/// `NESTED * PER_NESTED` keys and [`REQUEST_KEY_BYTES`] of key (but at least one key).
-fn requests(terms: &[(i64, String, i64)]) -> Vec<&[(i64, String, i64)]> {
-    let mut out = Vec::new();
-    let mut rest = terms;
-    while !rest.is_empty() {
-        let mut bytes = 0;
-        let mut n = 0;
-        for (_, key, _) in rest.iter().take(NESTED * PER_NESTED) {
-            if n > 0 && bytes + key.len() > REQUEST_KEY_BYTES {
-                break;
-            }
-            bytes += key.len();
-            n += 1;
-        }
-        let (now, later) = rest.split_at(n);
-        out.push(now);
-        rest = later;
-    }
-    out
-}
+/// Reads in one transaction (etcd's default `--max-txn-ops` is 128). Flat, keys only: a
+/// transaction of reads alone is served by etcd's ReadIndex. (Nested transactions would
+/// read thousands of keys per request, but etcd treats any transaction holding a nested one
+/// as a write: a raft entry and an fsync on every member per renewal batch, so a slow disk
+/// would cost terms that a read survives.)
+const BATCH: usize = 128;
 
 /// By token: the send time of the latest read that saw the held term's key on its lease,
 /// and of the read its last renewal used.
@@ -93,12 +60,11 @@ impl Inner {
         let mut terms: Vec<(i64, String, i64)> = self.held_terms();
         terms.retain(|(held, _, _)| *held != token);
         terms.insert(0, (token, key.key.clone(), key.lease));
-        let batches = requests(&terms);
-        let (first, rest) = batches.split_first().ok_or(Error::TermGone)?;
+        let (first, rest) = terms.split_at(terms.len().min(BATCH));
         // Boxed: the request's futures take room only while a batch is read, not in every
         // renewal waiting for it.
         Box::pin(self.read_batch(first)).await?;
-        for batch in rest {
+        for batch in rest.chunks(BATCH) {
             // Their own renewals will try again if this fails.
             let _ = Box::pin(self.read_batch(batch)).await;
         }
@@ -133,46 +99,26 @@ impl Inner {
         lock(&self.reads.seen).remove(&token);
     }
 
-    /// Reads the keys of `terms` (token, key, lease) in one transaction of nested reads;
-    /// records the ones seen on their lease, ends the others.
+    /// Reads the keys of `terms` (token, key, lease) in one transaction; records the ones
+    /// seen on their lease, ends the others.
     async fn read_batch(&self, terms: &[(i64, String, i64)]) -> Result<()> {
         let txn = Txn::new().and_then(
             terms
-                .chunks(PER_NESTED)
-                .map(|chunk| {
-                    Op::Reads(
-                        chunk
-                            .iter()
-                            .map(|(_, key, _)| Range::key(key.as_str()).keys_only())
-                            .collect(),
-                    )
-                })
+                .iter()
+                .map(|(_, key, _)| Op::Get(Range::key(key.as_str()).keys_only()))
                 .collect::<Vec<_>>(),
         );
         let sent_at = Instant::now();
         let response = self.request(self.io.txn(txn)).await?;
-        let answers: Vec<RangeResult> = response
-            .results
-            .into_iter()
-            .flat_map(|result| match result {
-                OpResult::Reads(reads) => reads,
-                _ => Vec::new(),
-            })
-            .collect();
-        if answers.len() != terms.len() {
-            // Never ends a term on an answer it cannot read: the renewal fails, and tries
-            // again.
-            return Err(unexpected(format!(
-                "etcd answered {} of {} nested reads",
-                answers.len(),
-                terms.len()
-            )));
-        }
+        let answers = response.results;
         for ((token, key, lease), answer) in terms.iter().zip(answers) {
-            let ours = answer
-                .kvs
-                .first()
-                .is_some_and(|kv| kv.create_revision == *token && kv.lease == *lease);
+            let ours = match answer {
+                OpResult::Get(get) => get
+                    .kvs
+                    .first()
+                    .is_some_and(|kv| kv.create_revision == *token && kv.lease == *lease),
+                _ => false,
+            };
             if ours {
                 let mut seen = lock(&self.reads.seen);
                 let entry = seen.entry(*token).or_insert(Seen {
@@ -187,33 +133,5 @@ impl Inner {
             }
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn terms(n: usize, key_len: usize) -> Vec<(i64, String, i64)> {
-        (0..n).map(|i| (i as i64, "k".repeat(key_len), 1)).collect()
-    }
-
-    #[test]
-    fn one_request_reads_up_to_3072_short_keys() {
-        let sizes =
-            |n, len| -> Vec<usize> { requests(&terms(n, len)).iter().map(|r| r.len()).collect() };
-        assert_eq!(sizes(1, 40), [1]);
-        assert_eq!(sizes(1000, 40), [1000]);
-        assert_eq!(sizes(3072, 40), [3072]);
-        assert_eq!(sizes(10_000, 40), [3072, 3072, 3072, 784]);
-        assert!(sizes(0, 40).is_empty());
-    }
-
-    #[test]
-    fn long_keys_split_requests_by_bytes_but_each_reads_one_at_least() {
-        let sizes =
-            |n, len| -> Vec<usize> { requests(&terms(n, len)).iter().map(|r| r.len()).collect() };
-        assert_eq!(sizes(1000, 1024), [256, 256, 256, 232]);
-        assert_eq!(sizes(2, REQUEST_KEY_BYTES + 1), [1, 1]);
     }
 }

@@ -1,36 +1,47 @@
-//! Crash failover at the TTL: the waiter next in line revokes its predecessor's lease as
-//! soon as etcd's leader shows that lease expired, instead of waiting for etcd's sweep of
-//! expired leases (every 500 ms), which put crash failover at up to TTL + 0.5 s. Any client
-//! may revoke any lease; what needs care is knowing that it expired.
+//! Crash failover at the TTL: the waiter next in line ends its predecessor's term as soon
+//! as etcd's leader shows that term's lease expired, instead of waiting for etcd's sweep of
+//! expired leases (every 500 ms), which put crash failover at up to TTL + 0.5 s. What needs
+//! care is knowing that it expired.
 //!
 //! etcd 3.4 answers `LeaseTimeToLive` with the remaining time truncated to whole seconds:
 //! 0 means "less than a second left, or expired less than a second ago", never "expired"
 //! (see the test `lease_time_to_live_zero_is_not_expiry`). So a single answer proves
 //! nothing. The proof here takes a series of reads of the lease:
 //!
-//! 1. A read `r1` that says 0 at etcd's time `t1` bounds the expiry as of then:
-//!    `e1 < t1 + 1 s`.
+//! 1. A read that says 0, served at etcd's time `t` and answered at `a`, bounds the
+//!    expiry as of then: `e < t + 1 s <= a + 1 s`. The series is anchored on its *second*
+//!    zero read, not its first: the raft term on an answer is the term of the member the
+//!    client reached, filled after the answer came, so one answer computed by a deposed
+//!    leader's stale lessor (forwarded there just before a new leader took over) can
+//!    carry the new term. Reads go one at a time, so only the first of a series can be
+//!    such a one.
 //! 2. A keep-alive that etcd's leader accepts at `x` sets the remaining time to the granted
 //!    TTL `G` (at least 2 s: a lease of 1 s reads 0 even just renewed, and is left to the
 //!    sweep), so every read in `[x, x + G - 1 s)` says at least 1. Reads closer together
-//!    than `G - 1 s` (checked on this process's clock with a margin) that all say 0 thus
-//!    show that no keep-alive was accepted between the first and the last: the expiry is
-//!    still `e1`.
+//!    than `G - 1 s` (checked on this process's clock with a margin of half) that all say
+//!    0 thus show that no keep-alive was accepted between the anchor and the last: the
+//!    expiry is still the anchor's.
 //! 3. The last read is sent at least [`EXPIRED_AFTER`] (a second and 5% for clock-rate
-//!    differences) after `r1`'s answer came, so it was served after `e1`: the lease had
-//!    expired by then. etcd's lessor never renews a lease whose expiry has passed (it
-//!    answers "not found" once its revocation is done), so it cannot come back to life.
-//! 4. Every read reports the same raft term, and a linearizable read sent after the last
-//!    one reports it too: one etcd leader, whose lessor saw every keep-alive, answered
-//!    them all (a deposed leader that has not noticed yet could otherwise answer from a
-//!    stale lessor while a new one accepts keep-alives).
+//!    differences) after the anchor's answer came, so it was served after the expiry: the
+//!    lease had expired by then. etcd's lessor never renews a lease whose expiry has
+//!    passed (it answers "not found" once its revocation is done).
+//! 4. Every read of the series reports the same raft term, and a linearizable read of the
+//!    predecessor's key sent after the last one reports it too: one etcd leader, whose
+//!    lessor saw every keep-alive, was leader throughout (a later leader extends every
+//!    lease when it takes over).
 //!
 //! The old leader's deadline had passed by then: it counts from the sending of its last
 //! accepted keep-alive plus the TTL less its safety margin, and etcd's expiry from that
-//! keep-alive's arrival plus the TTL. Revoking the lease then does what etcd's sweep would
-//! do a little later. (A revocation that etcd applies under a new etcd leader, which
-//! extends every lease when it takes over, is the same hazard as the sweep's own
-//! revocation proposed before the change: no new one.)
+//! keep-alive's arrival plus the TTL. The waiter then deletes the predecessor's key, and
+//! only that term's (by its create revision), not the lease: a revocation is lease-wide,
+//! and one that lands late (after a new etcd leader extended the lease and the old holder,
+//! alive after all, renewed it for new terms in other elections) would end those terms.
+//! Term R's deadline had passed and is never extended, so its deletion is harmless however
+//! late it lands. The lease itself is left to etcd's sweep.
+//!
+//! This assumes etcd's clock runs at most about 5% slower than the waiter's over a second
+//! (a suspended etcd host breaks it; so does a clock stepped by more than that on either
+//! side), on top of the safety margin's assumptions.
 //!
 //! Cost: while the lease reads `k` ≥ 2 seconds left, the next read comes `k - 1` seconds
 //! later; near the end (and always, for leases of 2 s, whose renewed remaining time reads
@@ -39,11 +50,11 @@
 
 use std::time::Duration;
 
+use leader_core::{Backoff, Error, ErrorChain};
 use tokio::time::{Instant, sleep, sleep_until};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::Inner;
-use crate::io::lease_not_found;
 
 /// How long after the answer of the first read saying 0 the lease has certainly expired at
 /// etcd: a second, and 5% for the rates of this process's clock and etcd's.
@@ -56,8 +67,8 @@ const STEP_MAX: Duration = Duration::from_millis(500);
 /// What the reads so far have shown.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Zero {
-    /// When the answer of the first read of the series saying 0 came.
-    since: Instant,
+    /// When the answer of the series' second read came (its anchor: see step 1).
+    since: Option<Instant>,
     /// The raft term of every read of the series.
     raft_term: u64,
     /// When the last read of the series was sent.
@@ -95,8 +106,15 @@ fn fold(
         *zero = None;
         return Next::Stop;
     }
-    let granted = Duration::from_secs(granted.unsigned_abs());
+    let granted_s = granted.unsigned_abs();
+    let granted = Duration::from_secs(granted_s);
     let step = step(granted);
+    if ttl.unsigned_abs() > granted_s {
+        // More left than granted: a lessor not promoted yet (a new etcd leader before its
+        // first entry, or one just deposed) answers "forever". It says nothing.
+        *zero = None;
+        return Next::ReadAt(answered + step);
+    }
     if ttl >= 1 {
         // At least `ttl` seconds were left: the remaining time cannot fall below a second
         // for `ttl - 1` seconds.
@@ -113,43 +131,51 @@ fn fold(
                 && answered.saturating_duration_since(series.last_sent) < max_gap =>
         {
             series.last_sent = sent;
-            if sent >= series.since + EXPIRED_AFTER {
+            let since = *series.since.get_or_insert(answered);
+            if sent >= since + EXPIRED_AFTER {
                 return Next::Confirm(raft_term);
             }
+            // Every step, and the last read exactly when the anchor is old enough.
+            Next::ReadAt((answered + step).min(since + EXPIRED_AFTER))
         }
         _ => {
             *zero = Some(Zero {
-                since: answered,
+                since: None,
                 raft_term,
                 last_sent: sent,
             });
+            // The anchor soon after: the remaining time fell below a second within the
+            // last step, so an early anchor bounds the expiry closely. (A quarter step,
+            // not at once: a series that keeps starting again is no hot loop.)
+            Next::ReadAt(answered + step / 4)
         }
     }
-    Next::ReadAt(answered + step)
 }
 
 impl Inner {
-    /// Watches lease `lease` (the lease of the key this candidate waits behind, its
-    /// election's leader) and revokes it once it has certainly expired (see the module's
-    /// proof). Returns when it did, or when there is nothing to do (the lease is gone, or
-    /// granted for a second only). Never fails: a failed read starts the series again
-    /// after a pause, and the caller's watch goes on either way.
-    pub(crate) async fn revoke_once_expired(&self, lease: i64) {
+    /// Watches lease `lease` of the key `key` with create revision `revision` (the term
+    /// this candidate waits behind: its election's leader) and deletes that term's key once
+    /// the lease has certainly expired (see the module's proof). Returns when it did, or
+    /// when there is nothing to do (the lease is gone, granted for a second only, or etcd
+    /// refuses a read). Never fails: a failed read starts the series again after a
+    /// jittered backoff, and the caller's watch goes on either way.
+    pub(crate) async fn end_expired_term(&self, key: &[u8], revision: i64, lease: i64) {
         let mut zero: Option<Zero> = None;
-        let mut failures = 0u32;
+        let mut backoff = Backoff::new(STEP_MAX, STEP_MAX * 20);
+        let lease_hex = format!("{lease:x}");
         loop {
             let sent = Instant::now();
             let answer = match self.request(self.io.lease_time_to_live(lease)).await {
                 Ok(answer) => answer,
                 Err(err) => {
+                    if give_up(&err, &lease_hex, "reading the leader's lease") {
+                        return;
+                    }
                     zero = None;
-                    failures = failures.saturating_add(1);
-                    debug!(lease = %format!("{lease:x}"), error = %err, "reading a leader's lease failed");
-                    sleep(STEP_MAX * failures.min(10)).await;
+                    sleep(backoff.next_delay()).await;
                     continue;
                 }
             };
-            failures = 0;
             let answered = Instant::now();
             match fold(
                 &mut zero,
@@ -160,28 +186,56 @@ impl Inner {
                 answer.raft_term,
             ) {
                 Next::Stop => return,
-                Next::ReadAt(at) => sleep_until(at).await,
+                Next::ReadAt(at) => {
+                    backoff.reset();
+                    sleep_until(at).await;
+                }
                 Next::Confirm(raft_term) => {
-                    match self.request(self.io.raft_term()).await {
+                    match self.request(self.io.raft_term(key)).await {
                         Ok(confirmed) if confirmed == raft_term => {}
-                        _ => {
+                        Ok(_) => {
+                            debug!(lease = %lease_hex, "etcd's leader changed meanwhile: reading the lease again");
                             zero = None;
                             continue;
                         }
-                    }
-                    info!(lease = %format!("{lease:x}"), "the leader's lease expired at etcd; revoking it rather than waiting for etcd's sweep");
-                    match self.request(self.io.lease_revoke(lease)).await {
-                        Ok(_) => return,
-                        Err(err) if lease_not_found(&err) => return,
                         Err(err) => {
-                            debug!(lease = %format!("{lease:x}"), error = %err, "revoking an expired lease failed");
+                            if give_up(&err, &lease_hex, "confirming etcd's leader") {
+                                return;
+                            }
                             zero = None;
-                            sleep(STEP_MAX).await;
+                            sleep(backoff.next_delay()).await;
+                            continue;
+                        }
+                    }
+                    info!(lease = %lease_hex, revision, "the leader's lease expired at etcd; ending its term rather than waiting for etcd's sweep");
+                    match self
+                        .delete_own(&String::from_utf8_lossy(key), revision, false)
+                        .await
+                    {
+                        Ok(()) => return,
+                        Err(err) => {
+                            if give_up(&err, &lease_hex, "deleting the expired term's key") {
+                                return;
+                            }
+                            zero = None;
+                            sleep(backoff.next_delay()).await;
                         }
                     }
                 }
             }
         }
+    }
+}
+
+/// Whether `err` (doing `what`) means the fast path cannot work (a refusal: etcd's sweep
+/// will do); logs it either way.
+fn give_up(err: &Error, lease: &str, what: &str) -> bool {
+    if matches!(err, Error::Denied(_)) {
+        warn!(lease, error = %ErrorChain(err), "{what} was refused; leaving the lease to etcd's sweep");
+        true
+    } else {
+        debug!(lease, error = %ErrorChain(err), "{what} failed; trying again");
+        false
     }
 }
 
@@ -212,14 +266,45 @@ mod tests {
 
     #[test]
     fn zeros_for_over_a_second_from_one_raft_term_prove_expiry() {
-        let reads: Vec<_> = (0..12).map(|i| (i * 100, i * 100 + 5, 0, 7)).collect();
+        // Anchored on the second read's answer (105 ms): the read sent at 1,200 ms is the
+        // first at least 1,050 ms after it.
+        let reads: Vec<_> = (0..13).map(|i| (i * 100, i * 100 + 5, 0, 7)).collect();
         assert_eq!(series(2, &reads), Next::Confirm(7));
     }
 
     #[test]
+    fn the_first_zero_read_does_not_anchor_the_series() {
+        // Over 1,050 ms after the first zero answer, but not after the second's.
+        let reads: Vec<_> = (0..12).map(|i| (i * 100, i * 100 + 5, 0, 7)).collect();
+        assert!(matches!(series(2, &reads), Next::ReadAt(_)));
+    }
+
+    #[test]
+    fn more_left_than_granted_says_nothing() {
+        // A lessor not promoted yet answers "forever": read again a step later, and start
+        // the series again.
+        let base = Instant::now();
+        let mut zero = None;
+        fold(&mut zero, base, base + 5 * MS, 0, 2, 7);
+        fold(&mut zero, base + 100 * MS, base + 105 * MS, 0, 2, 7);
+        assert_eq!(
+            fold(
+                &mut zero,
+                base + 200 * MS,
+                base + 205 * MS,
+                9_223_372_036,
+                2,
+                7
+            ),
+            Next::ReadAt(base + 305 * MS)
+        );
+        assert_eq!(zero, None);
+    }
+
+    #[test]
     fn a_second_of_zeros_is_not_enough() {
-        // The first answer at 5 ms; the last read sent at 1,000 ms < 5 + 1,050.
-        let reads: Vec<_> = (0..11).map(|i| (i * 100, i * 100 + 5, 0, 7)).collect();
+        // The anchor's answer at 105 ms; the last read sent at 1,100 ms < 105 + 1,050.
+        let reads: Vec<_> = (0..12).map(|i| (i * 100, i * 100 + 5, 0, 7)).collect();
         assert!(matches!(series(2, &reads), Next::ReadAt(_)));
     }
 
@@ -227,9 +312,9 @@ mod tests {
     fn a_renewal_seen_in_between_starts_the_series_again() {
         let mut reads: Vec<_> = (0..6).map(|i| (i * 100, i * 100 + 5, 0, 7)).collect();
         reads.push((600, 605, 1, 7));
-        reads.extend((7..18).map(|i| (i * 100, i * 100 + 5, 0, 7)));
+        reads.extend((7..19).map(|i| (i * 100, i * 100 + 5, 0, 7)));
         assert!(matches!(series(2, &reads), Next::ReadAt(_)));
-        reads.push((1800, 1805, 0, 7));
+        reads.push((1900, 1905, 0, 7));
         assert_eq!(series(2, &reads), Next::Confirm(7));
     }
 

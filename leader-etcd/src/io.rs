@@ -235,11 +235,6 @@ pub enum Op {
         /// The end of the range (exclusive); None: the key alone.
         end: Option<Vec<u8>>,
     },
-    /// Reads, as a nested transaction with no compares (etcd's `RequestOp.request_txn`,
-    /// etcd 3.3 and later). etcd bounds each list of a transaction by `--max-txn-ops`
-    /// (128), nested ones each on their own: one request of nested reads reads thousands
-    /// of keys, where flat reads take one request per 128.
-    Reads(Vec<Range>),
 }
 
 impl Op {
@@ -275,8 +270,6 @@ pub enum OpResult {
     Get(RangeResult),
     /// How many keys a deletion deleted.
     Delete(i64),
-    /// The answers of nested reads, in order.
-    Reads(Vec<RangeResult>),
 }
 
 /// A transaction: if every compare holds, the `success` operations, else the `failure`
@@ -469,9 +462,10 @@ pub trait EtcdIo: Send + Sync + 'static {
     async fn lease_keep_alive(&self, id: i64) -> Result<i64>;
     /// Lease `id`'s remaining time as etcd's leader reads it (`LeaseTimeToLive`).
     async fn lease_time_to_live(&self, id: i64) -> Result<LeaseTtl>;
-    /// The raft term of a linearizable read (of no key): a member answers it only after
-    /// its leader of that term confirmed with a quorum that it still leads.
-    async fn raft_term(&self) -> Result<u64>;
+    /// The raft term of a linearizable count-only read of `key` (a key the client may
+    /// read: the election's): a member answers it only after the leader of a term at
+    /// least that one confirmed with a quorum that it still leads.
+    async fn raft_term(&self, key: &[u8]) -> Result<u64>;
     /// A linearizable range read; its answer, and the store's revision.
     async fn range(&self, range: Range) -> Result<(RangeResult, i64)>;
     /// A transaction. A put on a lease etcd does not have fails the whole transaction

@@ -213,9 +213,15 @@ impl Inner {
                 return Ok(Waited::Lead(at));
             };
             let sole = below.kvs.len() == 1 && !below.more;
-            // The only key below leads: its lease is revoked once it has certainly
-            // expired (`crate::expiry`), not left to etcd's sweep.
-            let leader_lease = if sole { predecessor.lease } else { 0 };
+            // The only key below leads: its term ends once its lease has certainly
+            // expired (`crate::expiry`), not at etcd's sweep.
+            let leader = sole.then(|| {
+                (
+                    predecessor.key.clone(),
+                    predecessor.create_revision,
+                    predecessor.lease,
+                )
+            });
             let predecessor = predecessor.key.clone();
             let from = at + 1;
             debug!(
@@ -254,15 +260,17 @@ impl Inner {
                 )
             };
             let mut expiry = std::pin::pin!(async {
-                if leader_lease != 0 {
-                    self.revoke_once_expired(leader_lease).await;
+                if let Some((key, revision, lease)) = &leader
+                    && *lease != 0
+                {
+                    self.end_expired_term(key, *revision, *lease).await;
                 }
                 std::future::pending::<()>().await;
             });
             loop {
                 let message = tokio::select! {
                     // Biased: a fixed order keeps the simulation deterministic. The expiry
-                    // never completes: the watch shows the revocation's deletion.
+                    // never completes: the watch shows the deletion it makes.
                     biased;
                     message = next_message(&mut watch, &mut lease_changes, lease) => message?,
                     () = &mut expiry => continue,

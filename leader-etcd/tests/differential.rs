@@ -84,10 +84,6 @@ impl Side {
                 OpResult::Put => "put".to_owned(),
                 OpResult::Delete(n) => format!("deleted {n}"),
                 OpResult::Get(range) => self.range_result(range),
-                OpResult::Reads(reads) => {
-                    let reads: Vec<String> = reads.iter().map(|r| self.range_result(r)).collect();
-                    format!("reads {{{}}}", reads.join(", "))
-                }
             })
             .collect();
         format!(
@@ -260,7 +256,7 @@ impl Side {
             Err(err) => Self::error(&err),
         };
         self.record(format!("time-to-live L{lease}: {line}"));
-        let line = match self.io.raft_term().await {
+        let line = match self.io.raft_term(b"differential").await {
             Ok(term) => format!("term={}", term > 0),
             Err(err) => Self::error(&err),
         };
@@ -534,28 +530,15 @@ async fn line(side: &mut Side, p: &str) {
         ]),
     )
     .await;
-    // The renewals' read of every held key: nested reads, keys only; etcd bounds each list
-    // of each (nested) transaction by 128, and refuses a longer one.
-    let held = |n: usize| -> Vec<Range> {
+    // The renewals' read of every held key: keys only, flat; etcd refuses a list of a
+    // transaction longer than `--max-txn-ops` (128).
+    let held = |n: usize| -> Vec<Op> {
         (0..n)
-            .map(|i| Range::key(k(["e/a", "e/b", "e/none"][i % 3])).keys_only())
+            .map(|i| Op::Get(Range::key(k(["e/a", "e/b", "e/none"][i % 3])).keys_only()))
             .collect()
     };
-    // etcd's budget runs along the path: a nested list may hold 128 less the length of
-    // the longest list of the transactions it is nested in.
-    side.txn(Txn::new().and_then([Op::Reads(held(3)), Op::Reads(held(126))]))
-        .await;
-    side.txn(Txn::new().and_then([Op::Reads(held(3)), Op::Reads(held(127))]))
-        .await;
-    side.txn(Txn::new().and_then(vec![Op::Reads(held(64)); 64]))
-        .await;
-    side.txn(Txn::new().and_then(vec![Op::Reads(held(65)); 64]))
-        .await;
-    side.txn(Txn::new().and_then([Op::Reads(held(128))])).await;
-    side.txn(Txn::new().and_then(vec![Op::get(k("e/a")); 128]))
-        .await;
-    side.txn(Txn::new().and_then(vec![Op::get(k("e/a")); 129]))
-        .await;
+    side.txn(Txn::new().and_then(held(128))).await;
+    side.txn(Txn::new().and_then(held(129))).await;
     // The leader watches its key; the waiter the range from the nomination to its key.
     side.watch(WatchRequest::key(7, k("e/a"), 2), 2).await;
     let mut end = k("e/b").into_bytes();

@@ -100,7 +100,7 @@ impl EtcdIo for SimIo {
         .await
     }
 
-    async fn raft_term(&self) -> Result<u64> {
+    async fn raft_term(&self, _key: &[u8]) -> Result<u64> {
         self.call("raft term".to_owned(), move |s, _| s.raft_term)
             .await
     }

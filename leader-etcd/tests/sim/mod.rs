@@ -26,7 +26,18 @@ pub struct EtcdModel {
 impl EtcdModel {
     /// A fresh etcd, with its lease sweep running (made inside the run's runtime).
     pub fn new(net: &Net) -> Self {
-        let store = Arc::new(Mutex::new(Store::default()));
+        // Half the seeds run etcd's default shortest lease (2 s: the harness's 1 s TTL then
+        // runs on 2 s leases, whose expiry the waiters can prove, src/expiry.rs); the other
+        // half the test servers' 1 s. A quiet network (the differential test) runs 1 s, as
+        // the test server does.
+        let min_ttl = if net.chaos() {
+            net.draw(|rng| rng.random_range(1..=2i64))
+        } else {
+            1
+        };
+        let mut store = Store::default();
+        store.min_ttl = min_ttl;
+        let store = Arc::new(Mutex::new(store));
         let sweeper = Arc::clone(&store);
         let clock = net.clone();
         tokio::spawn(async move {
@@ -161,6 +172,7 @@ impl Model for EtcdModel {
     }
 
     fn orphan_bound(&self, ttl: Duration) -> Duration {
-        Duration::from_secs(whole_seconds(ttl)) + SWEEP
+        let min_ttl = self.store.lock().unwrap_or_else(|p| p.into_inner()).min_ttl;
+        Duration::from_secs(whole_seconds(ttl).max(min_ttl.unsigned_abs())) + SWEEP
     }
 }
