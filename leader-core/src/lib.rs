@@ -19,8 +19,8 @@ mod term;
 pub mod testing;
 mod url;
 
-pub use backoff::Backoff;
 pub use async_trait::async_trait;
+pub use backoff::Backoff;
 pub use builder::ElectionBuilder;
 pub use config::Config;
 pub use driver::{Candidate, CandidateInfo, Driver, Grant, LeaderInfo};

@@ -39,9 +39,11 @@ pub(crate) async fn run(args: RunArgs) -> BoxResult<()> {
         && (args.results == std::path::Path::new("docs/results")
             || args.charts == std::path::Path::new("docs"))
     {
-        return Err("--only writes a partial bench.json and charts: give it its own \
+        return Err(
+            "--only writes a partial bench.json and charts: give it its own \
                     --results DIR and --charts DIR, not the committed docs/"
-            .into());
+                .into(),
+        );
     }
     let commit = results::commit();
     leader_testkit::require_binary("etcdctl", "etcd-client")?;
@@ -60,17 +62,17 @@ pub(crate) async fn run(args: RunArgs) -> BoxResult<()> {
             if !selected {
                 eprintln!("[{}/7] {} skipped (--only)", $n, $what);
             } else {
-            eprintln!(
-                "[{}/7] {} ({:.0}s into the run)",
-                $n,
-                $what,
-                started.elapsed().as_secs_f64()
-            );
-            if let Err(err) = $module::measure(&bench, &mut results).await {
-                eprintln!("leader-bench: {}: {err}", $what);
-                results.note(format!("**{} failed**: {err}", $what));
-                failed.push($what);
-            }
+                eprintln!(
+                    "[{}/7] {} ({:.0}s into the run)",
+                    $n,
+                    $what,
+                    started.elapsed().as_secs_f64()
+                );
+                if let Err(err) = $module::measure(&bench, &mut results).await {
+                    eprintln!("leader-bench: {}: {err}", $what);
+                    results.note(format!("**{} failed**: {err}", $what));
+                    failed.push($what);
+                }
             }
         };
     }
