@@ -353,6 +353,14 @@ fn op(op: &Op) -> TxnOp {
                 .map(|end| DeleteOptions::new().with_range(end.clone()));
             TxnOp::delete(key.clone(), options)
         }
+        Op::Reads(ranges) => TxnOp::txn(
+            EtcdTxn::new().and_then(
+                ranges
+                    .iter()
+                    .map(|range| TxnOp::get(range.key.clone(), Some(get_options(range))))
+                    .collect::<Vec<_>>(),
+            ),
+        ),
     }
 }
 
@@ -369,8 +377,17 @@ fn op_result(answer: TxnOpResponse) -> OpResult {
         TxnOpResponse::Put(_) => OpResult::Put,
         TxnOpResponse::Get(get) => OpResult::Get(range_result(&get)),
         TxnOpResponse::Delete(deleted) => OpResult::Delete(deleted.deleted()),
-        // The protocol sends no nested transactions.
-        TxnOpResponse::Txn(_) => OpResult::Put,
+        // The protocol nests only reads ([`Op::Reads`]).
+        TxnOpResponse::Txn(nested) => OpResult::Reads(
+            nested
+                .op_responses()
+                .into_iter()
+                .filter_map(|answer| match answer {
+                    TxnOpResponse::Get(get) => Some(range_result(&get)),
+                    _ => None,
+                })
+                .collect(),
+        ),
     }
 }
 

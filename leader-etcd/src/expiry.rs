@@ -60,6 +60,13 @@ use crate::Inner;
 /// etcd: a second, and 5% for the rates of this process's clock and etcd's.
 const EXPIRED_AFTER: Duration = Duration::from_millis(1050);
 
+/// The first read comes this long after the wait began: a leader renews its lease at least
+/// every third of the TTL, so a lease read at once would almost always say it has more
+/// than a second left; and a waiter that leads within a second (a resignation, a handoff)
+/// costs no read at all. Only a waiter that began waiting behind a leader already dead
+/// for most of its lease proves the expiry up to a second later for it.
+const FIRST_READ_AFTER: Duration = Duration::from_secs(1);
+
 /// The shortest and longest pause between reads near a lease's end.
 const STEP_MIN: Duration = Duration::from_millis(50);
 const STEP_MAX: Duration = Duration::from_millis(500);
@@ -163,6 +170,7 @@ impl Inner {
         let mut zero: Option<Zero> = None;
         let mut backoff = Backoff::new(STEP_MAX, STEP_MAX * 20);
         let lease_hex = format!("{lease:x}");
+        sleep(FIRST_READ_AFTER).await;
         loop {
             let sent = Instant::now();
             let answer = match self.request(self.io.lease_time_to_live(lease)).await {

@@ -235,6 +235,13 @@ pub enum Op {
         /// The end of the range (exclusive); None: the key alone.
         end: Option<Vec<u8>>,
     },
+    /// Reads, as a nested transaction with no compares (etcd's `RequestOp.request_txn`,
+    /// etcd 3.3 and later). etcd bounds a nested transaction's lists by what the lists of
+    /// the ones around it leave of `--max-txn-ops` (128): one request of nested reads
+    /// reads thousands of keys, where flat reads take one request per 128. But etcd runs
+    /// a transaction holding a nested one as a write (a raft entry, an fsync), not as a
+    /// read.
+    Reads(Vec<Range>),
 }
 
 impl Op {
@@ -270,6 +277,8 @@ pub enum OpResult {
     Get(RangeResult),
     /// How many keys a deletion deleted.
     Delete(i64),
+    /// The answers of nested reads, in order.
+    Reads(Vec<RangeResult>),
 }
 
 /// A transaction: if every compare holds, the `success` operations, else the `failure`

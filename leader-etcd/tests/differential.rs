@@ -84,6 +84,10 @@ impl Side {
                 OpResult::Put => "put".to_owned(),
                 OpResult::Delete(n) => format!("deleted {n}"),
                 OpResult::Get(range) => self.range_result(range),
+                OpResult::Reads(reads) => {
+                    let reads: Vec<String> = reads.iter().map(|r| self.range_result(r)).collect();
+                    format!("reads {{{}}}", reads.join(", "))
+                }
             })
             .collect();
         format!(
@@ -539,6 +543,25 @@ async fn line(side: &mut Side, p: &str) {
     };
     side.txn(Txn::new().and_then(held(128))).await;
     side.txn(Txn::new().and_then(held(129))).await;
+    // Nested reads (many held terms): etcd's budget runs along the path, a nested list may
+    // hold 128 less the longest list of the transactions it is nested in.
+    let nested = |n: usize| {
+        Op::Reads(
+            held(n)
+                .into_iter()
+                .filter_map(|op| match op {
+                    Op::Get(range) => Some(range),
+                    _ => None,
+                })
+                .collect(),
+        )
+    };
+    side.txn(Txn::new().and_then([nested(3), nested(126)]))
+        .await;
+    side.txn(Txn::new().and_then([nested(3), nested(127)]))
+        .await;
+    side.txn(Txn::new().and_then(vec![nested(64); 64])).await;
+    side.txn(Txn::new().and_then(vec![nested(65); 64])).await;
     // The leader watches its key; the waiter the range from the nomination to its key.
     side.watch(WatchRequest::key(7, k("e/a"), 2), 2).await;
     let mut end = k("e/b").into_bytes();

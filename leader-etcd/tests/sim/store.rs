@@ -34,14 +34,21 @@ pub enum Refusal {
 /// etcd's default `--max-txn-ops`.
 const MAX_TXN_OPS: usize = 128;
 
-/// Whether a list of `txn` is longer than etcd allows (`--max-txn-ops` bounds a
-/// transaction's longest list).
+/// Whether a list of `txn`, or of a transaction nested in it, is longer than etcd allows:
+/// `--max-txn-ops` bounds a transaction's longest list, and a nested transaction's lists
+/// by what the transactions it is nested in leave of it (etcd's `checkTxnRequest`).
 fn too_many_ops(txn: &Txn) -> bool {
-    txn.compare
+    let longest = txn
+        .compare
         .len()
         .max(txn.success.len())
-        .max(txn.failure.len())
-        > MAX_TXN_OPS
+        .max(txn.failure.len());
+    longest > MAX_TXN_OPS
+        || txn
+            .success
+            .iter()
+            .chain(&txn.failure)
+            .any(|op| matches!(op, Op::Reads(ranges) if ranges.len() > MAX_TXN_OPS - longest))
 }
 
 /// Whether a branch writes a key twice (a put and a put, or a put inside a deleted range),
@@ -252,6 +259,13 @@ impl Store {
                 Op::Get(range) if range.revision > 0 && range.revision < self.compacted => {
                     return Err(Refusal::Compacted);
                 }
+                Op::Reads(ranges)
+                    if ranges
+                        .iter()
+                        .any(|r| r.revision > 0 && r.revision < self.compacted) =>
+                {
+                    return Err(Refusal::Compacted);
+                }
                 _ => {}
             }
         }
@@ -261,6 +275,12 @@ impl Store {
         for op in ops {
             match op {
                 Op::Get(range) => results.push(OpResult::Get(self.range(range)?)),
+                Op::Reads(ranges) => results.push(OpResult::Reads(
+                    ranges
+                        .iter()
+                        .map(|range| self.range(range))
+                        .collect::<Result<_, _>>()?,
+                )),
                 Op::Put { key, value, lease } => {
                     self.put(key, value, *lease, next, &mut events);
                     results.push(OpResult::Put);
