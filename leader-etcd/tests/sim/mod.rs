@@ -75,10 +75,18 @@ impl Model for EtcdModel {
     fn tamper(&self, net: &Net) -> Option<String> {
         let kind = net.draw(|rng| rng.random_range(0..5u32));
         let pick = net.draw(|rng| rng.random_range(0..1_000_000usize));
-        // The terms an operator's change hands over are not checked against the old
-        // leader (it cannot know before its watch tells it): the harness excuses the
-        // overlap once this returns, so the grant is not reported.
+        // The granted terms an operator's change ends or edits (an election's lowest key)
+        // are reported first: their leaders cannot know before their watch or renewal
+        // tells them, so the harness excuses overlaps with them; then the terms the change
+        // hands over are reported as grants. A waiting key deleted excuses nothing.
         let mut s = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        let hit = |s: &Store, deleted: &dyn Fn(&[u8]) -> bool| {
+            for (election, (key, revision)) in &s.leaders {
+                if deleted(key) {
+                    net.tampered(election, *revision as u64);
+                }
+            }
+        };
         let done = (|| {
             let candidates: Vec<Vec<u8>> = s
                 .kvs
@@ -90,6 +98,7 @@ impl Model for EtcdModel {
                 0 | 1 if !candidates.is_empty() => {
                     let key = candidates[pick % candidates.len()].clone();
                     let name = String::from_utf8_lossy(&key).into_owned();
+                    hit(&s, &|k| k == key.as_slice());
                     if kind == 0 {
                         let txn = leader_etcd::io::Txn::new()
                             .and_then([leader_etcd::io::Op::delete(key)]);
@@ -114,6 +123,12 @@ impl Model for EtcdModel {
                         .map(|(id, _)| *id)
                         .collect();
                     let id = *leases.get(pick % leases.len().max(1))?;
+                    let keys = s
+                        .leases
+                        .get(&id)
+                        .map(|l| l.keys.clone())
+                        .unwrap_or_default();
+                    hit(&s, &|k| keys.contains(k));
                     s.revoke(id);
                     Some(format!("etcdctl lease revoke {id:x}"))
                 }
@@ -123,6 +138,7 @@ impl Model for EtcdModel {
                         String::from_utf8_lossy(&candidates[pick % candidates.len()]).into_owned();
                     let name = key.rsplit_once('/').map_or(key.as_str(), |(e, _)| e);
                     let election = format!("{name}/");
+                    hit(&s, &|k| k.starts_with(election.as_bytes()));
                     let txn = leader_etcd::io::Txn::new().and_then([leader_etcd::io::Op::Delete {
                         key: election.clone().into_bytes(),
                         end: Some(leader_etcd::io::prefix_end(election.as_bytes())),
@@ -138,8 +154,16 @@ impl Model for EtcdModel {
                 _ => None,
             }
         })();
-        s.grants.clear();
+        let grants = std::mem::take(&mut s.grants);
+        drop(s);
+        for (id, election, token) in grants {
+            net.granted(&id, &election, token);
+        }
         done
+    }
+
+    fn exact_grants(&self) -> bool {
+        true
     }
 
     fn restart(&self, net: &Net, kept: bool) {
@@ -157,6 +181,10 @@ impl Model for EtcdModel {
 
     fn leftovers(&self, net: &Net) -> Vec<String> {
         apply(&self.store, net, |s| s.leftovers())
+    }
+
+    fn handoff_bound(&self, ttl: Duration) -> Option<Duration> {
+        Some(3 * ttl)
     }
 
     fn orphan_bound(&self, ttl: Duration) -> Duration {

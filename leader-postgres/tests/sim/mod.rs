@@ -70,6 +70,14 @@ impl Model for PostgresModel {
             (rng.random_range(0..4u8), rng.random_range(0..names.len()))
         });
         let name = names[which].as_str();
+        // The row's term, which its holder cannot know is ended or edited at once: excused.
+        // A waiter's place deleted excuses nothing.
+        if kind < 3
+            && let Some(row) = tables.elections.get(name)
+            && row.holder.is_some()
+        {
+            net.tampered(name, row.token as u64);
+        }
         let server = Arc::clone(&self.server);
         match kind {
             0 => server
@@ -98,6 +106,10 @@ impl Model for PostgresModel {
         }
     }
 
+    fn exact_grants(&self) -> bool {
+        true
+    }
+
     fn restart(&self, _net: &Net, _kept: bool) {
         // The WAL keeps the tables; every session ends.
         self.server.drop_sessions();
@@ -124,6 +136,10 @@ impl Model for PostgresModel {
             }
         }
         left
+    }
+
+    fn handoff_bound(&self, ttl: Duration) -> Option<Duration> {
+        Some(3 * ttl)
     }
 
     fn orphan_bound(&self, ttl: Duration) -> Duration {

@@ -100,6 +100,11 @@ impl Model for RedisModel {
         }
         let key = keys[net.draw(|rng| rng.random_range(0..keys.len()))].clone();
         let what = format!("DEL {key} ({:?})", store.keys.get(&key).map(|e| &e.val));
+        // A term deleted (its leader cannot know at once) is excused; a nomination or a
+        // line deleted excuses nothing.
+        if let Some((election, token)) = store.term_of(&key) {
+            net.tampered(&election, token);
+        }
         store.del(&key);
         Some(what)
     }
@@ -133,6 +138,10 @@ impl Model for RedisModel {
             .filter(|(k, _)| !k.ends_with(":fence"))
             .map(|(k, e)| format!("{k} = {:?} (expires {:?})", e.val, e.expires))
             .collect()
+    }
+
+    fn handoff_bound(&self, ttl: Duration) -> Option<Duration> {
+        Some(3 * ttl)
     }
 
     fn orphan_bound(&self, ttl: Duration) -> Duration {

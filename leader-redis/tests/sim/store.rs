@@ -175,6 +175,18 @@ impl Store {
 
     // Strings and generic commands.
 
+    /// The election and token of the term leader key `key` holds (`p:{name}:leader`, a
+    /// live term): what an operator's `DEL` of it ends.
+    pub fn term_of(&self, key: &str) -> Option<(String, u64)> {
+        let Parsed::Term { token, .. } = self.get(key) else {
+            return None;
+        };
+        let (_, rest) = key.split_once('{')?;
+        let (election, _) = rest.split_once('}')?;
+        let token = std::str::from_utf8(&token).ok()?.parse().ok()?;
+        Some((election.to_owned(), token))
+    }
+
     fn get(&self, key: &str) -> Parsed {
         let Some(entry) = self.keys.get(key) else {
             return Parsed::None;

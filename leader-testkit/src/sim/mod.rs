@@ -23,12 +23,16 @@
 //!   before the next `Elected`, whatever was cancelled;
 //! * a `resign()` never resigns a term that was elected while it ran;
 //! * once faults stop, each election has a leader within a bound (late effects, plus the
-//!   store's longest orphan, plus 3 s), and once every election is dropped nothing is left
-//!   in the store.
+//!   store's longest orphan, plus 3 s); then, three times, its leader resigns and another
+//!   candidate waiting in line is elected within the model's handoff bound (a lost
+//!   wakeup fails); and once every election is dropped nothing is left in the store.
 //!
 //! A restart that loses the store's data (Redis without persistence) is outside what any
 //! driver can promise (DESIGN.md): the terms that lived before it are excused from the
-//! overlap and token checks.
+//! overlap and token checks. An operator's change excuses only the granted terms it ended
+//! or edited (a model reports them with [`Net::tampered`]), for 2 x TTL: an overlap of two
+//! other terms is a violation, and so is (where the model reports every grant,
+//! [`Model::exact_grants`]) a candidate elected to a term the store never granted to it.
 //!
 //! The same seed replays the same schedule: [`run`] runs one; [`run_seeds`] is what a
 //! `tests/simulation.rs` target calls (`SIM_SEEDS`, `SIM_SEED`, `SIM_TRACE`).
@@ -58,6 +62,11 @@ pub const MAX_LATE: Duration = Duration::from_millis(2500 + 700);
 const CHAOS: Duration = Duration::from_secs(20);
 /// Once faults stop, late effects have landed and orphans expired: a leader within this.
 const LIVENESS: Duration = Duration::from_secs(3);
+/// How long after an operator ended a term (or the store lost its data) an overlap with it
+/// is excused: every term confirmed before has passed its deadline (a TTL at most after
+/// it), and a driver whose renewals confirm a whole lease (etcd's keep-alive) has had a
+/// TTL more to notice the loss.
+const EXCUSED: Duration = Duration::from_millis(2 * TTL.as_millis() as u64);
 
 /// A model of one store, with the drivers that talk to it.
 pub trait Model: Send + Sync + 'static {
@@ -82,6 +91,24 @@ pub trait Model: Send + Sync + 'static {
     /// client off meanwhile (their links drop).
     fn restart(&self, net: &Net, kept: bool) {
         let _ = (net, kept);
+    }
+
+    /// With faults stopped, how long a graceful handover may take: from the leader's
+    /// `resign()` (its `run()` ending) until a candidate waiting in line is elected, on a
+    /// network that answers at once. A few of the driver's own delays (a jitter, a
+    /// refresh it waits for by design) at most: a wakeup lost or left to the next refresh
+    /// must exceed it. `None`: not checked.
+    fn handoff_bound(&self, ttl: Duration) -> Option<Duration> {
+        let _ = ttl;
+        None
+    }
+
+    /// Whether the model reports, through [`Net::granted`], every term its store grants
+    /// (and, through [`Net::tampered`], every granted term its operator ends): then a
+    /// candidate elected to a term the store never granted to it is a violation (a waiter
+    /// that leads on a record already gone).
+    fn exact_grants(&self) -> bool {
+        false
     }
 
     /// Whether some restarts of this store lose its data (Redis without persistence): only
@@ -153,6 +180,10 @@ pub struct Report {
     pub model_events: u64,
     /// API calls made by the candidates.
     pub calls: u64,
+    /// Handovers after a resignation once faults stopped, and the slowest of them.
+    pub handoffs: u64,
+    /// The longest a handover took (see [`Model::handoff_bound`]).
+    pub slowest_handoff: Duration,
 }
 
 impl std::ops::AddAssign for Report {
@@ -169,6 +200,8 @@ impl std::ops::AddAssign for Report {
         self.suspensions += other.suspensions;
         self.model_events += other.model_events;
         self.calls += other.calls;
+        self.handoffs += other.handoffs;
+        self.slowest_handoff = self.slowest_handoff.max(other.slowest_handoff);
     }
 }
 
@@ -178,7 +211,7 @@ impl fmt::Display for Report {
             f,
             "{} terms, {} requests ({} failed, {} answers lost, {} late effects), {} outages, \
              {} restarts ({} lost the data), {} tamperings, {} suspensions, {} model events, \
-             {} API calls",
+             {} API calls, {} handoffs (slowest {:?})",
             self.terms,
             self.requests,
             self.failures,
@@ -190,7 +223,9 @@ impl fmt::Display for Report {
             self.tampering,
             self.suspensions,
             self.model_events,
-            self.calls
+            self.calls,
+            self.handoffs,
+            self.slowest_handoff
         )
     }
 }

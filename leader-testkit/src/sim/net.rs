@@ -361,6 +361,17 @@ impl Net {
         lock(&self.inner.checker).granted(id, election, token);
     }
 
+    /// An operator's change (in [`Model::tamper`](super::Model::tamper)) ends or edits
+    /// term `token` of `election`, which the store had granted: its leader cannot know at
+    /// once, so an overlap with that term is excused for a while (2 x TTL). Call it before
+    /// reporting the grants the change makes. Only the terms reported here are excused:
+    /// a record deleted while its candidate still waited excuses nothing.
+    pub fn tampered(&self, election: &str, token: u64) {
+        let until = Instant::now() + super::EXCUSED;
+        lock(&self.inner.checker).tampered(election, token, until);
+        self.trace(|| format!("term {token} of {election} tampered with"));
+    }
+
     // What the harness itself does with the network.
 
     pub(crate) fn start(&self) {

@@ -115,12 +115,17 @@ impl Model for ToyModel {
         let name = &names[net.draw(|rng| rng.random_range(0..names.len()))];
         let holder = store.elections.remove(name)?;
         drop(store);
+        net.tampered(name, holder.token);
         self.state.changes.send_modify(|v| *v += 1);
         Some(format!(
             "deleted term {} of {} in {name}",
             holder.token,
             short(&holder.id)
         ))
+    }
+
+    fn exact_grants(&self) -> bool {
+        true
     }
 
     fn leftovers(&self, net: &Net) -> Vec<String> {
@@ -134,6 +139,10 @@ impl Model for ToyModel {
                 Some(format!("term {} of {} in {name}", h.token, short(&h.id)))
             })
             .collect()
+    }
+
+    fn handoff_bound(&self, ttl: Duration) -> Option<Duration> {
+        Some(3 * ttl)
     }
 
     fn orphan_bound(&self, ttl: Duration) -> Duration {
