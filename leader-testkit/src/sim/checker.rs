@@ -28,7 +28,13 @@ pub(crate) struct Checker {
     /// and until when an overlap with each is excused (its leader cannot know before its
     /// next renewal or event). Nothing else is excused: a waiter whose own record vanished
     /// before it was granted must never lead on it.
-    pub(crate) tampered: BTreeMap<Term, Instant>,
+    /// By election and candidate id: the candidate's record is what the operator changed,
+    /// whichever term of it the candidate still believes (a campaign of a leader may have
+    /// replaced its term with a newer one of its own in the store).
+    pub(crate) tampered: BTreeMap<(String, String), Instant>,
+    /// Terms an operator ended in the store, and by when their leaders must have stepped
+    /// down (their renewals fail from then on: the deadline of the last renewal before).
+    pub(crate) ended: BTreeMap<Term, Instant>,
     /// Every term the store granted: (candidate id, election, token).
     pub(crate) grants: BTreeSet<(String, String, u64)>,
     /// The model reports every term its store grants ([`Model::exact_grants`]): a
@@ -68,15 +74,16 @@ impl Checker {
     pub(crate) fn granted(&mut self, id: &str, election: &str, token: u64) {
         self.grants
             .insert((id.to_owned(), election.to_owned(), token));
-        let believers: Vec<(usize, u64)> = self
+        let believers: Vec<(usize, u64, String)> = self
             .statuses
             .iter()
             .filter(|b| b.id != id && b.election == election)
-            .filter_map(|b| Some((b.slot, b.status.fencing_token()?)))
+            .filter_map(|b| Some((b.slot, b.status.fencing_token()?, b.id.clone())))
             .collect();
         let believers: Vec<(usize, u64)> = believers
             .into_iter()
-            .filter(|&(_, token)| !self.term_excused(election, token))
+            .filter(|(_, _, id)| !self.term_excused(election, id))
+            .map(|(slot, token, _)| (slot, token))
             .collect();
         if !believers.is_empty() {
             self.violation(format!(
@@ -86,26 +93,41 @@ impl Checker {
         }
     }
 
-    /// An operator ended or edited term `token` of `election` in the store now, while the
-    /// store had granted it: its leader cannot know before its next renewal or event, so
-    /// until `until` an overlap with that term (not with any other) is excused.
-    pub(crate) fn tampered(&mut self, election: &str, token: u64, until: Instant) {
+    /// An operator ended or edited term `token` of `election`, granted to `holder`, in the
+    /// store now: its leader cannot know before its next renewal or event, so until
+    /// `until` an overlap with a term of `holder` in `election` (not of anyone else) is
+    /// excused. `ends`: that term must lead no more by `until`.
+    pub(crate) fn tampered(
+        &mut self,
+        election: &str,
+        token: u64,
+        holder: &str,
+        until: Instant,
+        ends: bool,
+    ) {
+        if ends {
+            self.ended
+                .entry((election.to_owned(), token))
+                .or_insert(until);
+        }
         let entry = self
             .tampered
-            .entry((election.to_owned(), token))
+            .entry((election.to_owned(), holder.to_owned()))
             .or_insert(until);
         *entry = (*entry).max(until);
     }
 
-    /// Whether an overlap with term `token` of `election` is excused now: the store lost
-    /// its data, or an operator ended or edited that very term a short while ago.
-    pub(crate) fn term_excused(&mut self, election: &str, token: u64) -> bool {
+    /// Whether an overlap with a term of candidate `id` in `election` is excused now: the
+    /// store lost its data, or an operator ended or edited that candidate's term a short
+    /// while ago.
+    pub(crate) fn term_excused(&mut self, election: &str, id: &str) -> bool {
         if self.excused() {
             return true;
         }
         let now = Instant::now();
         self.tampered.retain(|_, until| now < *until);
-        self.tampered.contains_key(&(election.to_owned(), token))
+        self.tampered
+            .contains_key(&(election.to_owned(), id.to_owned()))
     }
 
     /// The store lost its data (a restart without persistence: `tokens_reset`) now: no
@@ -140,6 +162,7 @@ impl Checker {
 
     pub(crate) fn sample(&mut self) {
         let mut leaders: BTreeMap<String, Vec<(usize, u64)>> = BTreeMap::new();
+        let mut ids: BTreeMap<(String, usize, u64), String> = BTreeMap::new();
         let mut now_valid = BTreeSet::new();
         for (i, b) in self.statuses.iter().enumerate() {
             if let Some(token) = b.status.fencing_token() {
@@ -148,6 +171,7 @@ impl Checker {
                     .entry(b.election.clone())
                     .or_default()
                     .push((b.slot, token));
+                ids.insert((b.election.clone(), b.slot, token), b.id.clone());
             }
         }
         let mut found = Vec::new();
@@ -156,7 +180,10 @@ impl Checker {
             // ended or edited (or the store lost).
             let unexcused = leading
                 .iter()
-                .filter(|&&(_, token)| !self.term_excused(election, token))
+                .filter(|&&(slot, token)| {
+                    let id = &ids[&(election.clone(), slot, token)];
+                    !self.term_excused(election, id)
+                })
                 .count();
             if leading.len() > 1 && unexcused > 1 {
                 found.push(format!(
@@ -173,6 +200,20 @@ impl Checker {
                 .collect();
             self.leaders_after_quiet.extend(with_leader);
         }
+        let now = Instant::now();
+        for (election, leading) in &leaders {
+            for &(slot, token) in leading {
+                let term = (election.clone(), token);
+                if self.ended.get(&term).is_some_and(|due| now >= *due) {
+                    self.ended.remove(&term);
+                    found.push(format!(
+                        "slot {slot}: term {token} of {election} still leads 2 x TTL after an \
+                         operator ended it in the store (its renewals should have failed)"
+                    ));
+                }
+            }
+        }
+        self.ended.retain(|_, due| now < *due);
         for what in found {
             self.violation(what);
         }

@@ -24,8 +24,17 @@
 //! * a `resign()` never resigns a term that was elected while it ran;
 //! * once faults stop, each election has a leader within a bound (late effects, plus the
 //!   store's longest orphan, plus 3 s); then, three times, its leader resigns and another
-//!   candidate waiting in line is elected within the model's handoff bound (a lost
-//!   wakeup fails); and once every election is dropped nothing is left in the store.
+//!   candidate waiting in line is elected within the model's handoff bound (in the second
+//!   round one waiter leaves at the same instant: a wakeup lost with it fails); then its
+//!   leader's driver is cut off and a waiter on another driver is elected within the
+//!   model's takeover bound after that leader's deadline (a head that misses the lease's
+//!   end fails); then an operator ends the leader's term and it steps down within the
+//!   model's notice bound (a lost notice fails); and once every election is dropped
+//!   nothing is left in the store;
+//! * a term an operator ended in the store leads no more 2 x TTL later (its renewals
+//!   fail);
+//! * where the model reports every grant, nobody is elected to a term the store never
+//!   granted to it.
 //!
 //! A restart that loses the store's data (Redis without persistence) is outside what any
 //! driver can promise (DESIGN.md): the terms that lived before it are excused from the
@@ -99,6 +108,34 @@ pub trait Model: Send + Sync + 'static {
     /// refresh it waits for by design) at most: a wakeup lost or left to the next refresh
     /// must exceed it. `None`: not checked.
     fn handoff_bound(&self, ttl: Duration) -> Option<Duration> {
+        let _ = ttl;
+        None
+    }
+
+    /// With faults stopped, how long after a leader's own deadline a candidate waiting on
+    /// another driver may be elected, when the leader's driver was cut off (its lease ends
+    /// in the store, nobody resigns): the safety margin, the clocks' rate difference, the
+    /// store's expiry granularity and the driver's delays by design (a jitter). A head
+    /// that waits past the lease's end for its next refresh must exceed it. `None`: not
+    /// checked.
+    fn takeover_bound(&self, ttl: Duration) -> Option<Duration> {
+        let _ = ttl;
+        None
+    }
+
+    /// With faults stopped: an operator ends the term the store holds in `election` now
+    /// (deletes its key or row, as [`Model::tamper`] may), reporting it with
+    /// [`Net::tampered`] before the grants it makes; what was done, or `None` (nothing
+    /// held, or not modelled).
+    fn end_term(&self, net: &Net, election: &str) -> Option<String> {
+        let _ = (net, election);
+        None
+    }
+
+    /// With faults stopped, how long after [`Model::end_term`] the leader may still lead:
+    /// the store's notice (a watch event, a NOTIFY) on a network that answers at once. A
+    /// notice lost, left to the next renewal, must exceed it. `None`: not checked.
+    fn notice_bound(&self, ttl: Duration) -> Option<Duration> {
         let _ = ttl;
         None
     }
@@ -184,6 +221,15 @@ pub struct Report {
     pub handoffs: u64,
     /// The longest a handover took (see [`Model::handoff_bound`]).
     pub slowest_handoff: Duration,
+    /// Takeovers from a leader cut off once faults stopped.
+    pub takeovers: u64,
+    /// The longest a takeover took after the old leader's deadline (see
+    /// [`Model::takeover_bound`]).
+    pub slowest_takeover: Duration,
+    /// Leaders that stepped down after an operator ended their term once faults stopped.
+    pub notices: u64,
+    /// The longest one of them took (see [`Model::notice_bound`]).
+    pub slowest_notice: Duration,
 }
 
 impl std::ops::AddAssign for Report {
@@ -202,6 +248,10 @@ impl std::ops::AddAssign for Report {
         self.calls += other.calls;
         self.handoffs += other.handoffs;
         self.slowest_handoff = self.slowest_handoff.max(other.slowest_handoff);
+        self.takeovers += other.takeovers;
+        self.slowest_takeover = self.slowest_takeover.max(other.slowest_takeover);
+        self.notices += other.notices;
+        self.slowest_notice = self.slowest_notice.max(other.slowest_notice);
     }
 }
 
@@ -211,7 +261,8 @@ impl fmt::Display for Report {
             f,
             "{} terms, {} requests ({} failed, {} answers lost, {} late effects), {} outages, \
              {} restarts ({} lost the data), {} tamperings, {} suspensions, {} model events, \
-             {} API calls, {} handoffs (slowest {:?})",
+             {} API calls, {} handoffs (slowest {:?}), {} takeovers (slowest {:?} after the \
+             deadline), {} notices (slowest {:?})",
             self.terms,
             self.requests,
             self.failures,
@@ -225,7 +276,11 @@ impl fmt::Display for Report {
             self.model_events,
             self.calls,
             self.handoffs,
-            self.slowest_handoff
+            self.slowest_handoff,
+            self.takeovers,
+            self.slowest_takeover,
+            self.notices,
+            self.slowest_notice
         )
     }
 }

@@ -114,6 +114,8 @@ struct World<M: Model> {
     model: M,
     /// Each slot's current election.
     current: Mutex<Vec<Option<Election>>>,
+    /// The client (driver) of each slot's current election.
+    clients: Mutex<Vec<ClientId>>,
     /// How many elections the candidates run for (slot `i` in election `i % elections`),
     /// so that drivers hold several at once.
     elections: usize,
@@ -128,6 +130,7 @@ impl<M: Model> World<M> {
             net,
             model,
             current: Mutex::new(Vec::new()),
+            clients: Mutex::new(Vec::new()),
             elections,
         }
     }
@@ -145,11 +148,12 @@ impl<M: Model> World<M> {
             .map(|i| (ClientId(i), self.model.driver(&self.net, ClientId(i))))
             .collect();
         *lock(&self.current) = vec![None; slots];
+        *lock(&self.clients) = vec![ClientId(0); slots];
         let instances = Arc::new(Mutex::new(Vec::new()));
         let mut actors = JoinSet::new();
         for slot in 0..slots {
-            let driver = drivers[slot % drivers.len()].1.clone();
-            let election = self.candidate(slot, &driver, &instances);
+            let (client, driver) = drivers[slot % drivers.len()].clone();
+            let election = self.candidate(slot, client, &driver, &instances);
             actors.spawn(Arc::clone(&self).act(
                 slot,
                 election,
@@ -179,9 +183,9 @@ impl<M: Model> World<M> {
         let stop = CancellationToken::new();
         let mut runs: Vec<Option<Run>> = (0..elections.len()).map(|_| None).collect();
         for (slot, election) in elections.iter_mut().enumerate().skip(1) {
-            let driver = drivers[slot % drivers.len()].1.clone();
+            let (client, driver) = drivers[slot % drivers.len()].clone();
             let election = election
-                .get_or_insert_with(|| self.candidate(slot, &driver, &instances))
+                .get_or_insert_with(|| self.candidate(slot, client, &driver, &instances))
                 .clone();
             runs[slot] = Some(Run::start(election, &stop));
         }
@@ -204,6 +208,8 @@ impl<M: Model> World<M> {
         }
 
         self.handoffs(&elections, &mut runs, &stop).await?;
+        self.takeovers(&elections).await?;
+        self.notices(&elections).await?;
 
         // Shut down: every run resigns, every election is dropped, every stream ends.
         stop.cancel();
@@ -254,7 +260,7 @@ impl<M: Model> World<M> {
         let Some(bound) = self.model.handoff_bound(TTL) else {
             return Ok(());
         };
-        for _ in 0..HANDOFFS {
+        for round in 0..HANDOFFS {
             // The candidates that ran again (and the others) stand in line by then.
             sleep(TTL).await;
             for name in (0..self.elections).map(|i| election_of(i, self.elections)) {
@@ -281,9 +287,13 @@ impl<M: Model> World<M> {
                 let Some(run) = runs[leader].take() else {
                     continue;
                 };
+                // In the second round, one waiter (maybe the head, maybe woken already)
+                // leaves at the same instant: a wakeup it got must pass on to the next.
+                let leaves = (round == 1 && waiting.len() >= 2)
+                    .then(|| waiting[self.draw(|rng| rng.random_range(0..waiting.len()))]);
                 let mut elected = futures::stream::select_all(
                     ours.iter()
-                        .filter(|&&s| s != leader)
+                        .filter(|&&s| s != leader && Some(s) != leaves)
                         .filter_map(|&s| elections[s].as_ref())
                         .map(Election::subscribe),
                 )
@@ -292,9 +302,21 @@ impl<M: Model> World<M> {
                 self.net
                     .trace(|| format!("handoff: slot {leader} of {name} resigns"));
                 run.stop.cancel();
+                let left = leaves.and_then(|s| runs[s].take().map(|run| (s, run)));
+                if let Some((slot, run)) = &left {
+                    self.net
+                        .trace(|| format!("handoff: slot {slot} of {name} leaves the line"));
+                    run.stop.cancel();
+                }
                 let next = timeout(bound, elected.next()).await;
                 let took = started.elapsed();
                 run.finish().await?;
+                if let Some((slot, run)) = left {
+                    run.finish().await?;
+                    if let Some(election) = &elections[slot] {
+                        runs[slot] = Some(Run::start(election.clone(), stop));
+                    }
+                }
                 match next {
                     Ok(Some(_)) => self.net.count(|r| {
                         r.handoffs += 1;
@@ -302,9 +324,10 @@ impl<M: Model> World<M> {
                     }),
                     _ => {
                         return Err(format!(
-                            "faults stopped, slot {leader} resigned {name}, and none of slots \
-                             {waiting:?} waiting was elected within {bound:?} (the model's \
-                             handoff bound): a lost or late wakeup"
+                            "faults stopped, slot {leader} resigned {name} (slot {leaves:?} left \
+                             the line at once), and none of slots {waiting:?} waiting was \
+                             elected within {bound:?} (the model's handoff bound): a lost or \
+                             late wakeup"
                         ));
                     }
                 }
@@ -316,11 +339,138 @@ impl<M: Model> World<M> {
         Ok(())
     }
 
+    /// With faults stopped: in each election, the leader's driver is cut off (its
+    /// requests hang, as a crashed process's never come), and once its term's lease ends
+    /// in the store a candidate waiting on another driver must be elected, within the
+    /// model's [`takeover_bound`](Model::takeover_bound) after the old leader's own
+    /// deadline. A head that waits past the lease's end for its next refresh fails here.
+    async fn takeovers(&self, elections: &[Option<Election>]) -> Result<(), String> {
+        let Some(bound) = self.model.takeover_bound(TTL) else {
+            return Ok(());
+        };
+        for name in (0..self.elections).map(|i| election_of(i, self.elections)) {
+            // The candidates cut off before (and the others) stand in line by then.
+            sleep(TTL).await;
+            let clients = lock(&self.clients).clone();
+            let ours: Vec<usize> = (0..elections.len())
+                .filter(|&slot| election_of(slot, self.elections) == name)
+                .collect();
+            let status = |slot: usize| elections[slot].as_ref().map(Election::status);
+            let Some(leader) = ours
+                .iter()
+                .copied()
+                .filter(|&s| s > 0)
+                .find(|&s| status(s).is_some_and(|st| st.is_leader()))
+            else {
+                continue;
+            };
+            let Some(deadline) = status(leader).and_then(|st| st.deadline()) else {
+                continue;
+            };
+            let deadline = Instant::from_std(deadline);
+            let cut = clients[leader];
+            // Every other runner waits on another driver (a waiter cut off with the leader
+            // could head the line, and the next would wait for its own driver's refresh).
+            let waiting: Vec<usize> = ours
+                .iter()
+                .copied()
+                .filter(|&s| s > 0 && s != leader)
+                .collect();
+            if waiting.is_empty() || waiting.iter().any(|&s| clients[s] == cut) {
+                continue;
+            }
+            let mut elected = futures::stream::select_all(
+                waiting
+                    .iter()
+                    .filter_map(|&s| elections[s].as_ref())
+                    .map(Election::subscribe),
+            )
+            .filter(|event| std::future::ready(matches!(event, Event::Elected { .. })));
+            self.net.trace(|| {
+                format!(
+                    "takeover: c{} (slot {leader}, leading {name}) is cut off",
+                    cut.0
+                )
+            });
+            self.net.set_partition(cut, Some(Partition::Hang));
+            let next = tokio::time::timeout_at(deadline + bound, elected.next()).await;
+            let took = Instant::now().saturating_duration_since(deadline);
+            self.net.set_partition(cut, None);
+            match next {
+                Ok(Some(_)) => self.net.count(|r| {
+                    r.takeovers += 1;
+                    r.slowest_takeover = r.slowest_takeover.max(took);
+                }),
+                _ => {
+                    return Err(format!(
+                        "faults stopped, c{} leading {name} (slot {leader}) was cut off, and \
+                         none of slots {waiting:?} waiting on other drivers was elected within \
+                         {bound:?} of its deadline (the model's takeover bound): a head that \
+                         missed the lease's end",
+                        cut.0
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// With faults stopped: in each election, an operator ends the leader's term in the
+    /// store ([`Model::end_term`]), and the leader must step down within the model's
+    /// [`notice_bound`](Model::notice_bound) (the store's notice, not its next renewal).
+    async fn notices(&self, elections: &[Option<Election>]) -> Result<(), String> {
+        let Some(bound) = self.model.notice_bound(TTL) else {
+            return Ok(());
+        };
+        for name in (0..self.elections).map(|i| election_of(i, self.elections)) {
+            // The candidates cut off before stand in line again by then.
+            sleep(TTL).await;
+            let ours: Vec<usize> = (0..elections.len())
+                .filter(|&slot| election_of(slot, self.elections) == name)
+                .collect();
+            let Some((leader, election)) = ours
+                .iter()
+                .filter(|&&s| s > 0)
+                .filter_map(|&s| Some((s, elections[s].as_ref()?)))
+                .find(|(_, e)| e.status().is_leader())
+            else {
+                continue;
+            };
+            let mut ended = election.subscribe().filter(|event| {
+                std::future::ready(matches!(event, Event::Lost { .. } | Event::Resigned { .. }))
+            });
+            let Some(what) = self.model.end_term(&self.net, &name) else {
+                continue;
+            };
+            self.net
+                .trace(|| format!("notice: an operator ended slot {leader}'s term: {what}"));
+            let started = Instant::now();
+            match timeout(bound, ended.next()).await {
+                Ok(Some(_)) => {
+                    let took = started.elapsed();
+                    self.net.count(|r| {
+                        r.notices += 1;
+                        r.slowest_notice = r.slowest_notice.max(took);
+                    });
+                }
+                _ => {
+                    return Err(format!(
+                        "faults stopped, an operator ended the term of slot {leader} in \
+                         {name} ({what}), and it still led {bound:?} later (the model's \
+                         notice bound): the store's notice was lost"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// A new candidate in `slot` (the slot's current one), with a task that checks its
     /// events.
     fn candidate(
         self: &Arc<Self>,
         slot: usize,
+        client: ClientId,
         driver: &M::Driver,
         instances: &Instances,
     ) -> Election {
@@ -337,6 +487,7 @@ impl<M: Model> World<M> {
             election: name.clone(),
             status: election.status(),
         });
+        lock(&self.clients)[slot] = client;
         let replaced = lock(&self.current)[slot].replace(election.clone());
         drop(replaced);
         let mut events = election.subscribe();
@@ -381,7 +532,7 @@ impl<M: Model> World<M> {
                 }
                 // A term an operator ended may be announced after a newer one (its
                 // answer was in flight): excused with it.
-                let excused = excused || checker.term_excused(name, fencing_token);
+                let excused = excused || checker.term_excused(name, id);
                 if let Some(&last) = checker.last_elected.get(name)
                     && fencing_token <= last
                     && !excused
@@ -485,12 +636,13 @@ impl<M: Model> World<M> {
                     background.abort_all();
                     while background.join_next().await.is_some() {}
                     last_term = None;
-                    let driver = if self.draw(|rng| rng.random_bool(0.5)) {
-                        drivers[slot % drivers.len()].clone()
+                    let index = if self.draw(|rng| rng.random_bool(0.5)) {
+                        slot % drivers.len()
                     } else {
-                        drivers[self.draw(|rng| rng.random_range(0..drivers.len()))].clone()
+                        self.draw(|rng| rng.random_range(0..drivers.len()))
                     };
-                    election = self.candidate(slot, &driver, &instances);
+                    let driver = drivers[index].clone();
+                    election = self.candidate(slot, ClientId(index), &driver, &instances);
                 }
                 _ => {
                     let pause = self.draw(|rng| Duration::from_millis(rng.random_range(0..1000)));
