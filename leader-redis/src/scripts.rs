@@ -196,10 +196,15 @@ if #places > 0 then
   end
   if #refresh > 0 then
     redis.call('ZADD', KEYS[3], unpack(refresh))
-    -- A line-until made anew here (after it expired or emptied, in a period whose
-    -- maintenance already ran) gets the line's expiry too: else, once its waiters are
-    -- elected or woken and nobody refreshes, it would stay forever.
-    if redis.call('PTTL', KEYS[3]) == -1 then
+    -- The line lives while a place in it is refreshed, not only from one maintenance to
+    -- the next: a refresh that comes a little before the period ends on the server's clock
+    -- skips the maintenance, and the line expired under its waiters. A line-until made
+    -- anew here (after it expired or emptied) gets the line's expiry too: else, once its
+    -- waiters are elected or woken and nobody refreshes, it would stay forever.
+    if redis.call('PTTL', KEYS[2]) < keep then
+      redis.call('PEXPIRE', KEYS[2], keep)
+    end
+    if redis.call('PTTL', KEYS[3]) < keep then
       redis.call('PEXPIRE', KEYS[3], keep)
     end
   end

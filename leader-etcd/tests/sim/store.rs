@@ -425,6 +425,20 @@ impl Store {
         self.leaders = lowest;
     }
 
+    /// The candidate id of candidate key `key` (`<election>/<suffix>`), from its id side
+    /// key; empty if it has none.
+    pub fn holder(&self, key: &[u8]) -> String {
+        let name = String::from_utf8_lossy(key);
+        let Some((election, suffix)) = name.rsplit_once('/') else {
+            return String::new();
+        };
+        let id_key = format!("{election}\0id\0{suffix}").into_bytes();
+        self.kvs
+            .get(&id_key)
+            .map(|id| String::from_utf8_lossy(&id.value).into_owned())
+            .unwrap_or_default()
+    }
+
     /// Grants a lease of `ttl` seconds.
     pub fn grant(&mut self, ttl: i64, now: Instant) -> LeaseGrant {
         self.next_lease += 0x1_0001;

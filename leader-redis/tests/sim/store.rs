@@ -175,6 +175,19 @@ impl Store {
 
     // Strings and generic commands.
 
+    /// The election, token and owner of the term leader key `key` holds
+    /// (`p:{name}:leader`, a live term): what an operator's `DEL` of it ends.
+    pub fn term_of(&self, key: &str) -> Option<(String, u64, String)> {
+        let Parsed::Term { token, owner, .. } = self.get(key) else {
+            return None;
+        };
+        let owner = String::from_utf8_lossy(&owner).into_owned();
+        let (_, rest) = key.split_once('{')?;
+        let (election, _) = rest.split_once('}')?;
+        let token = std::str::from_utf8(&token).ok()?.parse().ok()?;
+        Some((election.to_owned(), token, owner))
+    }
+
     fn get(&self, key: &str) -> Parsed {
         let Some(entry) = self.keys.get(key) else {
             return Parsed::None;
@@ -474,8 +487,14 @@ impl Store {
         for place in refreshed {
             self.zadd(&r.line_until, (now + r.keep_ms) as f64, &place, false);
         }
-        if any && self.pttl(&r.line_until) == -1 {
-            self.pexpire(&r.line_until, r.keep_ms);
+        if any {
+            // The line lives while a place in it is refreshed (REFRESH).
+            if self.pttl(&r.line) < r.keep_ms as i64 {
+                self.pexpire(&r.line, r.keep_ms);
+            }
+            if self.pttl(&r.line_until) < r.keep_ms as i64 {
+                self.pexpire(&r.line_until, r.keep_ms);
+            }
         }
         if self.set_nx(&r.line_maintained, r.period_ms) {
             let stale = self.zrangebyscore(&r.line_until, f64::NEG_INFINITY, now as f64, 64);

@@ -22,8 +22,26 @@ pub(crate) struct Checker {
     pub(crate) valid: BTreeSet<(usize, u64)>,
     /// Terms seen valid, then not: they must never be valid again.
     pub(crate) dead: BTreeSet<(usize, u64)>,
-    /// Overlaps are not checked until then (after tampering or a data loss).
+    /// Overlaps are not checked until then (after a data loss: every term is lost).
     pub(crate) excused_until: Option<Instant>,
+    /// Terms an operator's change ended or edited in the store while they were granted,
+    /// and until when an overlap with each is excused (its leader cannot know before its
+    /// next renewal or event). Nothing else is excused: a waiter whose own record vanished
+    /// before it was granted must never lead on it.
+    /// By election and candidate id: the candidate's record is what the operator changed,
+    /// whichever term of it the candidate still believes (a campaign of a leader may have
+    /// replaced its term with a newer one of its own in the store).
+    pub(crate) tampered: BTreeMap<(String, String), Instant>,
+    /// Terms an operator ended in the store, and by when their leaders must have stepped
+    /// down (their renewals fail from then on: the deadline of the last renewal before).
+    pub(crate) ended: BTreeMap<Term, Instant>,
+    /// Every term the store granted: (candidate id, election, token).
+    pub(crate) grants: BTreeSet<(String, String, u64)>,
+    /// The model reports every term its store grants ([`Model::exact_grants`]): a
+    /// candidate elected to a term never granted to it is a violation.
+    ///
+    /// [`Model::exact_grants`]: super::Model::exact_grants
+    pub(crate) exact_grants: bool,
     /// The store lost its data: tokens may start over once the excuse ends.
     pub(crate) tokens_reset: bool,
     pub(crate) elected: BTreeSet<Term>,
@@ -54,15 +72,20 @@ impl Checker {
 
     /// The store just gave term `token` of `election` to candidate `id`.
     pub(crate) fn granted(&mut self, id: &str, election: &str, token: u64) {
-        let believers: Vec<(usize, u64)> = self
+        self.grants
+            .insert((id.to_owned(), election.to_owned(), token));
+        let believers: Vec<(usize, u64, String)> = self
             .statuses
             .iter()
-            .enumerate()
-            .filter(|(_, b)| b.id != id && b.election == election)
-            .filter_map(|(i, b)| Some((i, b.slot, b.status.fencing_token()?)))
-            .map(|(_, slot, token)| (slot, token))
+            .filter(|b| b.id != id && b.election == election)
+            .filter_map(|b| Some((b.slot, b.status.fencing_token()?, b.id.clone())))
             .collect();
-        if !believers.is_empty() && !self.excused() {
+        let believers: Vec<(usize, u64)> = believers
+            .into_iter()
+            .filter(|(_, _, id)| !self.term_excused(election, id))
+            .map(|(slot, token, _)| (slot, token))
+            .collect();
+        if !believers.is_empty() {
             self.violation(format!(
                 "the store granted term {token} of {election} while (slot, term) \
                  {believers:?} still led"
@@ -70,11 +93,48 @@ impl Checker {
         }
     }
 
-    /// The store lost its data (a restart without persistence: `tokens_reset`) or an
-    /// operator deleted a term, now: no driver can promise more than that the terms
-    /// confirmed before it end by their deadlines (DESIGN.md). So until `until` (every such
-    /// deadline, and every campaign answer in flight, has passed) overlaps and the order of
-    /// tokens are not checked; after a data loss tokens may start over once it passes.
+    /// An operator ended or edited term `token` of `election`, granted to `holder`, in the
+    /// store now: its leader cannot know before its next renewal or event, so until
+    /// `until` an overlap with a term of `holder` in `election` (not of anyone else) is
+    /// excused. `ends`: that term must lead no more by `until`.
+    pub(crate) fn tampered(
+        &mut self,
+        election: &str,
+        token: u64,
+        holder: &str,
+        until: Instant,
+        ends: bool,
+    ) {
+        if ends {
+            self.ended
+                .entry((election.to_owned(), token))
+                .or_insert(until);
+        }
+        let entry = self
+            .tampered
+            .entry((election.to_owned(), holder.to_owned()))
+            .or_insert(until);
+        *entry = (*entry).max(until);
+    }
+
+    /// Whether an overlap with a term of candidate `id` in `election` is excused now: the
+    /// store lost its data, or an operator ended or edited that candidate's term a short
+    /// while ago.
+    pub(crate) fn term_excused(&mut self, election: &str, id: &str) -> bool {
+        if self.excused() {
+            return true;
+        }
+        let now = Instant::now();
+        self.tampered.retain(|_, until| now < *until);
+        self.tampered
+            .contains_key(&(election.to_owned(), id.to_owned()))
+    }
+
+    /// The store lost its data (a restart without persistence: `tokens_reset`) now: no
+    /// driver can promise more than that the terms confirmed before it end by their
+    /// deadlines (DESIGN.md). So until `until` (every such deadline, and every campaign
+    /// answer in flight, has passed) overlaps and the order of tokens are not checked;
+    /// tokens may start over once it passes.
     pub(crate) fn excuse(&mut self, until: Instant, tokens_reset: bool) {
         self.excused_until = Some(self.excused_until.map_or(until, |u| u.max(until)));
         self.tokens_reset |= tokens_reset;
@@ -85,7 +145,7 @@ impl Checker {
         }
     }
 
-    /// Whether overlaps are excused now.
+    /// Whether every overlap is excused now (after a data loss).
     pub(crate) fn excused(&mut self) -> bool {
         match self.excused_until {
             Some(until) if Instant::now() < until => true,
@@ -101,21 +161,31 @@ impl Checker {
     }
 
     pub(crate) fn sample(&mut self) {
-        let excused = self.excused();
-        let mut leaders: BTreeMap<&str, Vec<(usize, u64)>> = BTreeMap::new();
+        let mut leaders: BTreeMap<String, Vec<(usize, u64)>> = BTreeMap::new();
+        let mut ids: BTreeMap<(String, usize, u64), String> = BTreeMap::new();
         let mut now_valid = BTreeSet::new();
         for (i, b) in self.statuses.iter().enumerate() {
             if let Some(token) = b.status.fencing_token() {
                 now_valid.insert((i, token));
                 leaders
-                    .entry(b.election.as_str())
+                    .entry(b.election.clone())
                     .or_default()
                     .push((b.slot, token));
+                ids.insert((b.election.clone(), b.slot, token), b.id.clone());
             }
         }
         let mut found = Vec::new();
-        for (election, leading) in leaders.iter().filter(|_| !excused) {
-            if leading.len() > 1 {
+        for (election, leading) in &leaders {
+            // Two leaders at once, unless all of them but one lead on terms an operator
+            // ended or edited (or the store lost).
+            let unexcused = leading
+                .iter()
+                .filter(|&&(slot, token)| {
+                    let id = &ids[&(election.clone(), slot, token)];
+                    !self.term_excused(election, id)
+                })
+                .count();
+            if leading.len() > 1 && unexcused > 1 {
                 found.push(format!(
                     "two leaders at once in {election} (slot, token): {leading:?}"
                 ));
@@ -130,6 +200,20 @@ impl Checker {
                 .collect();
             self.leaders_after_quiet.extend(with_leader);
         }
+        let now = Instant::now();
+        for (election, leading) in &leaders {
+            for &(slot, token) in leading {
+                let term = (election.clone(), token);
+                if self.ended.get(&term).is_some_and(|due| now >= *due) {
+                    self.ended.remove(&term);
+                    found.push(format!(
+                        "slot {slot}: term {token} of {election} still leads 2 x TTL after an \
+                         operator ended it in the store (its renewals should have failed)"
+                    ));
+                }
+            }
+        }
+        self.ended.retain(|_, due| now < *due);
         for what in found {
             self.violation(what);
         }

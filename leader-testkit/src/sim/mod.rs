@@ -23,12 +23,25 @@
 //!   before the next `Elected`, whatever was cancelled;
 //! * a `resign()` never resigns a term that was elected while it ran;
 //! * once faults stop, each election has a leader within a bound (late effects, plus the
-//!   store's longest orphan, plus 3 s), and once every election is dropped nothing is left
-//!   in the store.
+//!   store's longest orphan, plus 3 s); then, three times, its leader resigns and another
+//!   candidate waiting in line is elected within the model's handoff bound (in the second
+//!   round one waiter leaves at the same instant: a wakeup lost with it fails); then its
+//!   leader's driver is cut off and a waiter on another driver is elected within the
+//!   model's takeover bound after that leader's deadline (a head that misses the lease's
+//!   end fails); then an operator ends the leader's term and it steps down within the
+//!   model's notice bound (a lost notice fails); and once every election is dropped
+//!   nothing is left in the store;
+//! * a term an operator ended in the store leads no more 2 x TTL later (its renewals
+//!   fail);
+//! * where the model reports every grant, nobody is elected to a term the store never
+//!   granted to it.
 //!
 //! A restart that loses the store's data (Redis without persistence) is outside what any
 //! driver can promise (DESIGN.md): the terms that lived before it are excused from the
-//! overlap and token checks.
+//! overlap and token checks. An operator's change excuses only the granted terms it ended
+//! or edited (a model reports them with [`Net::tampered`]), for 2 x TTL: an overlap of two
+//! other terms is a violation, and so is (where the model reports every grant,
+//! [`Model::exact_grants`]) a candidate elected to a term the store never granted to it.
 //!
 //! The same seed replays the same schedule: [`run`] runs one; [`run_seeds`] is what a
 //! `tests/simulation.rs` target calls (`SIM_SEEDS`, `SIM_SEED`, `SIM_TRACE`).
@@ -58,6 +71,11 @@ pub const MAX_LATE: Duration = Duration::from_millis(2500 + 700);
 const CHAOS: Duration = Duration::from_secs(20);
 /// Once faults stop, late effects have landed and orphans expired: a leader within this.
 const LIVENESS: Duration = Duration::from_secs(3);
+/// How long after an operator ended a term (or the store lost its data) an overlap with it
+/// is excused: every term confirmed before has passed its deadline (a TTL at most after
+/// it), and a driver whose renewals confirm a whole lease (etcd's keep-alive) has had a
+/// TTL more to notice the loss.
+const EXCUSED: Duration = Duration::from_millis(2 * TTL.as_millis() as u64);
 
 /// A model of one store, with the drivers that talk to it.
 pub trait Model: Send + Sync + 'static {
@@ -82,6 +100,52 @@ pub trait Model: Send + Sync + 'static {
     /// client off meanwhile (their links drop).
     fn restart(&self, net: &Net, kept: bool) {
         let _ = (net, kept);
+    }
+
+    /// With faults stopped, how long a graceful handover may take: from the leader's
+    /// `resign()` (its `run()` ending) until a candidate waiting in line is elected, on a
+    /// network that answers at once. A few of the driver's own delays (a jitter, a
+    /// refresh it waits for by design) at most: a wakeup lost or left to the next refresh
+    /// must exceed it. `None`: not checked.
+    fn handoff_bound(&self, ttl: Duration) -> Option<Duration> {
+        let _ = ttl;
+        None
+    }
+
+    /// With faults stopped, how long after a leader's own deadline a candidate waiting on
+    /// another driver may be elected, when the leader's driver was cut off (its lease ends
+    /// in the store, nobody resigns): the safety margin, the clocks' rate difference, the
+    /// store's expiry granularity and the driver's delays by design (a jitter). A head
+    /// that waits past the lease's end for its next refresh must exceed it. `None`: not
+    /// checked.
+    fn takeover_bound(&self, ttl: Duration) -> Option<Duration> {
+        let _ = ttl;
+        None
+    }
+
+    /// With faults stopped: an operator ends the term the store holds in `election` now
+    /// (deletes its key or row, as [`Model::tamper`] may), reporting it with
+    /// [`Net::tampered`] before the grants it makes; what was done, or `None` (nothing
+    /// held, or not modelled).
+    fn end_term(&self, net: &Net, election: &str) -> Option<String> {
+        let _ = (net, election);
+        None
+    }
+
+    /// With faults stopped, how long after [`Model::end_term`] the leader may still lead:
+    /// the store's notice (a watch event, a NOTIFY) on a network that answers at once. A
+    /// notice lost, left to the next renewal, must exceed it. `None`: not checked.
+    fn notice_bound(&self, ttl: Duration) -> Option<Duration> {
+        let _ = ttl;
+        None
+    }
+
+    /// Whether the model reports, through [`Net::granted`], every term its store grants
+    /// (and, through [`Net::tampered`], every granted term its operator ends): then a
+    /// candidate elected to a term the store never granted to it is a violation (a waiter
+    /// that leads on a record already gone).
+    fn exact_grants(&self) -> bool {
+        false
     }
 
     /// Whether some restarts of this store lose its data (Redis without persistence): only
@@ -153,6 +217,19 @@ pub struct Report {
     pub model_events: u64,
     /// API calls made by the candidates.
     pub calls: u64,
+    /// Handovers after a resignation once faults stopped, and the slowest of them.
+    pub handoffs: u64,
+    /// The longest a handover took (see [`Model::handoff_bound`]).
+    pub slowest_handoff: Duration,
+    /// Takeovers from a leader cut off once faults stopped.
+    pub takeovers: u64,
+    /// The longest a takeover took after the old leader's deadline (see
+    /// [`Model::takeover_bound`]).
+    pub slowest_takeover: Duration,
+    /// Leaders that stepped down after an operator ended their term once faults stopped.
+    pub notices: u64,
+    /// The longest one of them took (see [`Model::notice_bound`]).
+    pub slowest_notice: Duration,
 }
 
 impl std::ops::AddAssign for Report {
@@ -169,6 +246,12 @@ impl std::ops::AddAssign for Report {
         self.suspensions += other.suspensions;
         self.model_events += other.model_events;
         self.calls += other.calls;
+        self.handoffs += other.handoffs;
+        self.slowest_handoff = self.slowest_handoff.max(other.slowest_handoff);
+        self.takeovers += other.takeovers;
+        self.slowest_takeover = self.slowest_takeover.max(other.slowest_takeover);
+        self.notices += other.notices;
+        self.slowest_notice = self.slowest_notice.max(other.slowest_notice);
     }
 }
 
@@ -178,7 +261,8 @@ impl fmt::Display for Report {
             f,
             "{} terms, {} requests ({} failed, {} answers lost, {} late effects), {} outages, \
              {} restarts ({} lost the data), {} tamperings, {} suspensions, {} model events, \
-             {} API calls",
+             {} API calls, {} handoffs (slowest {:?}), {} takeovers (slowest {:?} after the \
+             deadline), {} notices (slowest {:?})",
             self.terms,
             self.requests,
             self.failures,
@@ -190,7 +274,13 @@ impl fmt::Display for Report {
             self.tampering,
             self.suspensions,
             self.model_events,
-            self.calls
+            self.calls,
+            self.handoffs,
+            self.slowest_handoff,
+            self.takeovers,
+            self.slowest_takeover,
+            self.notices,
+            self.slowest_notice
         )
     }
 }

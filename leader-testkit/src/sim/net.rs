@@ -361,6 +361,20 @@ impl Net {
         lock(&self.inner.checker).granted(id, election, token);
     }
 
+    /// An operator's change (in [`Model::tamper`](super::Model::tamper)) ends or edits
+    /// term `token` of `election`, which the store had granted to candidate `holder`: its
+    /// leader cannot know at once, so an overlap with a term of `holder` there is excused
+    /// for a while (2 x TTL). Call it before
+    /// reporting the grants the change makes. Only the terms reported here are excused:
+    /// a record deleted while its candidate still waited excuses nothing. `ends`: the
+    /// change ends the term in the store (its renewals must fail from now on), so its
+    /// leader must not lead past that while (a driver that renews it anyway fails).
+    pub fn tampered(&self, election: &str, token: u64, holder: &str, ends: bool) {
+        let until = Instant::now() + super::EXCUSED;
+        lock(&self.inner.checker).tampered(election, token, holder, until, ends);
+        self.trace(|| format!("term {token} of {election} tampered with (ended: {ends})"));
+    }
+
     // What the harness itself does with the network.
 
     pub(crate) fn start(&self) {

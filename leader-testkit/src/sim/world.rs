@@ -9,9 +9,10 @@ use leader_core::{Election, Event, LossReason, Term};
 use rand::Rng;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio_util::sync::CancellationToken;
 
 use super::net::{ClientId, Net, Partition, lock};
-use super::{CHAOS, LIVENESS, MAX_LATE, Model, Report, TTL, Violation};
+use super::{CHAOS, EXCUSED, LIVENESS, MAX_LATE, Model, Report, TTL, Violation};
 
 /// The names of the simulated elections: each a prefix of the next, so that a driver that
 /// finds an election's keys by prefix without a delimiter mixes two of them up.
@@ -22,10 +23,33 @@ fn election_of(slot: usize, elections: usize) -> String {
     ELECTIONS[slot % elections].to_owned()
 }
 
-/// How long after tampering or a data loss overlaps are excused: every term confirmed
-/// before has passed its deadline (a TTL at most after it), and a driver whose renewals
-/// confirm a whole lease (etcd's keep-alive) has had a TTL more to notice the loss.
-const EXCUSED: Duration = Duration::from_millis(2 * TTL.as_millis() as u64);
+/// How many times each election is handed over once faults stopped.
+const HANDOFFS: usize = 3;
+
+/// A candidate's `run()` after faults stopped, which `stop` ends (it resigns).
+struct Run {
+    stop: CancellationToken,
+    handle: tokio::task::JoinHandle<leader_core::Result<()>>,
+}
+
+impl Run {
+    fn start(election: Election, parent: &CancellationToken) -> Run {
+        let stop = parent.child_token();
+        let ends = stop.clone();
+        let handle = tokio::spawn(async move { election.run(ends.cancelled_owned()).await });
+        Run { stop, handle }
+    }
+
+    /// Ends the run (if `stop` was not cancelled yet) and waits for it.
+    async fn finish(self) -> Result<(), String> {
+        self.stop.cancel();
+        match self.handle.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(format!("run() failed at shutdown: {err}")),
+            Err(err) => Err(format!("a run panicked: {err}")),
+        }
+    }
+}
 
 /// The event-checking tasks of every election made.
 type Instances = Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>;
@@ -90,6 +114,8 @@ struct World<M: Model> {
     model: M,
     /// Each slot's current election.
     current: Mutex<Vec<Option<Election>>>,
+    /// The client (driver) of each slot's current election.
+    clients: Mutex<Vec<ClientId>>,
     /// How many elections the candidates run for (slot `i` in election `i % elections`),
     /// so that drivers hold several at once.
     elections: usize,
@@ -99,10 +125,12 @@ impl<M: Model> World<M> {
     fn new(net: Net, model: M) -> Self {
         // Up to three elections, some on one driver: a driver batches their renewals.
         let elections = net.draw(|rng| rng.random_range(1..=ELECTIONS.len()));
+        net.checker().exact_grants = model.exact_grants();
         World {
             net,
             model,
             current: Mutex::new(Vec::new()),
+            clients: Mutex::new(Vec::new()),
             elections,
         }
     }
@@ -120,11 +148,12 @@ impl<M: Model> World<M> {
             .map(|i| (ClientId(i), self.model.driver(&self.net, ClientId(i))))
             .collect();
         *lock(&self.current) = vec![None; slots];
+        *lock(&self.clients) = vec![ClientId(0); slots];
         let instances = Arc::new(Mutex::new(Vec::new()));
         let mut actors = JoinSet::new();
         for slot in 0..slots {
-            let driver = drivers[slot % drivers.len()].1.clone();
-            let election = self.candidate(slot, &driver, &instances);
+            let (client, driver) = drivers[slot % drivers.len()].clone();
+            let election = self.candidate(slot, client, &driver, &instances);
             actors.spawn(Arc::clone(&self).act(
                 slot,
                 election,
@@ -151,15 +180,14 @@ impl<M: Model> World<M> {
         let mut elections = std::mem::take(&mut *lock(&self.current));
         let quiet = Instant::now();
         self.net.checker().quiet_at = Some(quiet);
-        let stop = tokio_util::sync::CancellationToken::new();
-        let mut runs = JoinSet::new();
+        let stop = CancellationToken::new();
+        let mut runs: Vec<Option<Run>> = (0..elections.len()).map(|_| None).collect();
         for (slot, election) in elections.iter_mut().enumerate().skip(1) {
-            let driver = drivers[slot % drivers.len()].1.clone();
+            let (client, driver) = drivers[slot % drivers.len()].clone();
             let election = election
-                .get_or_insert_with(|| self.candidate(slot, &driver, &instances))
+                .get_or_insert_with(|| self.candidate(slot, client, &driver, &instances))
                 .clone();
-            let stop = stop.clone();
-            runs.spawn(async move { election.run(stop.cancelled_owned()).await });
+            runs[slot] = Some(Run::start(election, &stop));
         }
 
         // Liveness: in each election, a leader once faults stopped, late effects landed
@@ -179,14 +207,14 @@ impl<M: Model> World<M> {
             }
         }
 
+        self.handoffs(&elections, &mut runs, &stop).await?;
+        self.takeovers(&elections).await?;
+        self.notices(&elections).await?;
+
         // Shut down: every run resigns, every election is dropped, every stream ends.
         stop.cancel();
-        while let Some(joined) = runs.join_next().await {
-            match joined {
-                Ok(Ok(())) => {}
-                Ok(Err(err)) => return Err(format!("run() failed at shutdown: {err}")),
-                Err(err) => return Err(format!("a run panicked: {err}")),
-            }
+        for run in runs.into_iter().flatten() {
+            run.finish().await?;
         }
         drop(elections);
         let closed_by = Instant::now() + 4 * TTL;
@@ -218,11 +246,231 @@ impl<M: Model> World<M> {
         Ok(())
     }
 
+    /// With faults stopped: in each election, the leader resigns (its `run()` ends) while
+    /// the others wait in line, and another candidate must be elected within the model's
+    /// [`handoff_bound`](Model::handoff_bound); then the old leader runs again. A wakeup
+    /// that is lost or late (a waiter left to find out at its next refresh) fails here,
+    /// where the liveness bound would let it pass.
+    async fn handoffs(
+        &self,
+        elections: &[Option<Election>],
+        runs: &mut [Option<Run>],
+        stop: &CancellationToken,
+    ) -> Result<(), String> {
+        let Some(bound) = self.model.handoff_bound(TTL) else {
+            return Ok(());
+        };
+        for round in 0..HANDOFFS {
+            // The candidates that ran again (and the others) stand in line by then.
+            sleep(TTL).await;
+            for name in (0..self.elections).map(|i| election_of(i, self.elections)) {
+                let ours: Vec<usize> = (0..elections.len())
+                    .filter(|&slot| election_of(slot, self.elections) == name)
+                    .collect();
+                let leading = |slot: &usize| {
+                    elections[*slot]
+                        .as_ref()
+                        .is_some_and(|e| e.status().is_leader())
+                };
+                // Slot 0 is passive: a term it holds is not handed over.
+                let Some(leader) = ours.iter().copied().filter(|&s| s > 0).find(leading) else {
+                    continue;
+                };
+                let waiting: Vec<usize> = ours
+                    .iter()
+                    .copied()
+                    .filter(|&s| s > 0 && s != leader)
+                    .collect();
+                if waiting.is_empty() {
+                    continue;
+                }
+                let Some(run) = runs[leader].take() else {
+                    continue;
+                };
+                // In the second round, one waiter (maybe the head, maybe woken already)
+                // leaves at the same instant: a wakeup it got must pass on to the next.
+                let leaves = (round == 1 && waiting.len() >= 2)
+                    .then(|| waiting[self.draw(|rng| rng.random_range(0..waiting.len()))]);
+                let mut elected = futures::stream::select_all(
+                    ours.iter()
+                        .filter(|&&s| s != leader && Some(s) != leaves)
+                        .filter_map(|&s| elections[s].as_ref())
+                        .map(Election::subscribe),
+                )
+                .filter(|event| std::future::ready(matches!(event, Event::Elected { .. })));
+                let started = Instant::now();
+                self.net
+                    .trace(|| format!("handoff: slot {leader} of {name} resigns"));
+                run.stop.cancel();
+                let left = leaves.and_then(|s| runs[s].take().map(|run| (s, run)));
+                if let Some((slot, run)) = &left {
+                    self.net
+                        .trace(|| format!("handoff: slot {slot} of {name} leaves the line"));
+                    run.stop.cancel();
+                }
+                let next = timeout(bound, elected.next()).await;
+                let took = started.elapsed();
+                run.finish().await?;
+                if let Some((slot, run)) = left {
+                    run.finish().await?;
+                    if let Some(election) = &elections[slot] {
+                        runs[slot] = Some(Run::start(election.clone(), stop));
+                    }
+                }
+                match next {
+                    Ok(Some(_)) => self.net.count(|r| {
+                        r.handoffs += 1;
+                        r.slowest_handoff = r.slowest_handoff.max(took);
+                    }),
+                    _ => {
+                        return Err(format!(
+                            "faults stopped, slot {leader} resigned {name} (slot {leaves:?} left \
+                             the line at once), and none of slots {waiting:?} waiting was \
+                             elected within {bound:?} (the model's handoff bound): a lost or \
+                             late wakeup"
+                        ));
+                    }
+                }
+                if let Some(election) = &elections[leader] {
+                    runs[leader] = Some(Run::start(election.clone(), stop));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// With faults stopped: in each election, the leader's driver is cut off (its
+    /// requests hang, as a crashed process's never come), and once its term's lease ends
+    /// in the store a candidate waiting on another driver must be elected, within the
+    /// model's [`takeover_bound`](Model::takeover_bound) after the old leader's own
+    /// deadline. A head that waits past the lease's end for its next refresh fails here.
+    async fn takeovers(&self, elections: &[Option<Election>]) -> Result<(), String> {
+        let Some(bound) = self.model.takeover_bound(TTL) else {
+            return Ok(());
+        };
+        for name in (0..self.elections).map(|i| election_of(i, self.elections)) {
+            // The candidates cut off before (and the others) stand in line by then.
+            sleep(TTL).await;
+            let clients = lock(&self.clients).clone();
+            let ours: Vec<usize> = (0..elections.len())
+                .filter(|&slot| election_of(slot, self.elections) == name)
+                .collect();
+            let status = |slot: usize| elections[slot].as_ref().map(Election::status);
+            let Some(leader) = ours
+                .iter()
+                .copied()
+                .filter(|&s| s > 0)
+                .find(|&s| status(s).is_some_and(|st| st.is_leader()))
+            else {
+                continue;
+            };
+            let Some(deadline) = status(leader).and_then(|st| st.deadline()) else {
+                continue;
+            };
+            let deadline = Instant::from_std(deadline);
+            let cut = clients[leader];
+            // Every other runner waits on another driver (a waiter cut off with the leader
+            // could head the line, and the next would wait for its own driver's refresh).
+            let waiting: Vec<usize> = ours
+                .iter()
+                .copied()
+                .filter(|&s| s > 0 && s != leader)
+                .collect();
+            if waiting.is_empty() || waiting.iter().any(|&s| clients[s] == cut) {
+                continue;
+            }
+            let mut elected = futures::stream::select_all(
+                waiting
+                    .iter()
+                    .filter_map(|&s| elections[s].as_ref())
+                    .map(Election::subscribe),
+            )
+            .filter(|event| std::future::ready(matches!(event, Event::Elected { .. })));
+            self.net.trace(|| {
+                format!(
+                    "takeover: c{} (slot {leader}, leading {name}) is cut off",
+                    cut.0
+                )
+            });
+            self.net.set_partition(cut, Some(Partition::Hang));
+            let next = tokio::time::timeout_at(deadline + bound, elected.next()).await;
+            let took = Instant::now().saturating_duration_since(deadline);
+            self.net.set_partition(cut, None);
+            match next {
+                Ok(Some(_)) => self.net.count(|r| {
+                    r.takeovers += 1;
+                    r.slowest_takeover = r.slowest_takeover.max(took);
+                }),
+                _ => {
+                    return Err(format!(
+                        "faults stopped, c{} leading {name} (slot {leader}) was cut off, and \
+                         none of slots {waiting:?} waiting on other drivers was elected within \
+                         {bound:?} of its deadline (the model's takeover bound): a head that \
+                         missed the lease's end",
+                        cut.0
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// With faults stopped: in each election, an operator ends the leader's term in the
+    /// store ([`Model::end_term`]), and the leader must step down within the model's
+    /// [`notice_bound`](Model::notice_bound) (the store's notice, not its next renewal).
+    async fn notices(&self, elections: &[Option<Election>]) -> Result<(), String> {
+        let Some(bound) = self.model.notice_bound(TTL) else {
+            return Ok(());
+        };
+        for name in (0..self.elections).map(|i| election_of(i, self.elections)) {
+            // The candidates cut off before stand in line again by then.
+            sleep(TTL).await;
+            let ours: Vec<usize> = (0..elections.len())
+                .filter(|&slot| election_of(slot, self.elections) == name)
+                .collect();
+            let Some((leader, election)) = ours
+                .iter()
+                .filter(|&&s| s > 0)
+                .filter_map(|&s| Some((s, elections[s].as_ref()?)))
+                .find(|(_, e)| e.status().is_leader())
+            else {
+                continue;
+            };
+            let mut ended = election.subscribe().filter(|event| {
+                std::future::ready(matches!(event, Event::Lost { .. } | Event::Resigned { .. }))
+            });
+            let Some(what) = self.model.end_term(&self.net, &name) else {
+                continue;
+            };
+            self.net
+                .trace(|| format!("notice: an operator ended slot {leader}'s term: {what}"));
+            let started = Instant::now();
+            match timeout(bound, ended.next()).await {
+                Ok(Some(_)) => {
+                    let took = started.elapsed();
+                    self.net.count(|r| {
+                        r.notices += 1;
+                        r.slowest_notice = r.slowest_notice.max(took);
+                    });
+                }
+                _ => {
+                    return Err(format!(
+                        "faults stopped, an operator ended the term of slot {leader} in \
+                         {name} ({what}), and it still led {bound:?} later (the model's \
+                         notice bound): the store's notice was lost"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// A new candidate in `slot` (the slot's current one), with a task that checks its
     /// events.
     fn candidate(
         self: &Arc<Self>,
         slot: usize,
+        client: ClientId,
         driver: &M::Driver,
         instances: &Instances,
     ) -> Election {
@@ -239,14 +487,16 @@ impl<M: Model> World<M> {
             election: name.clone(),
             status: election.status(),
         });
+        lock(&self.clients)[slot] = client;
         let replaced = lock(&self.current)[slot].replace(election.clone());
         drop(replaced);
         let mut events = election.subscribe();
         let world = Arc::clone(self);
+        let id = election.id().to_owned();
         lock(instances).push(tokio::spawn(async move {
             let mut open: Option<u64> = None;
             while let Some(event) = events.next().await {
-                world.on_event(slot, &name, &mut open, &event);
+                world.on_event(slot, &id, &name, &mut open, &event);
             }
             if let Some(token) = open {
                 world.net.violation(format!(
@@ -257,7 +507,7 @@ impl<M: Model> World<M> {
         election
     }
 
-    fn on_event(&self, slot: usize, name: &str, open: &mut Option<u64>, event: &Event) {
+    fn on_event(&self, slot: usize, id: &str, name: &str, open: &mut Option<u64>, event: &Event) {
         self.net.trace(|| format!("slot {slot}: {event:?}"));
         let mut checker = self.net.checker();
         match *event {
@@ -269,6 +519,20 @@ impl<M: Model> World<M> {
                     ));
                 }
                 let excused = checker.excused();
+                if checker.exact_grants
+                    && !excused
+                    && !checker
+                        .grants
+                        .contains(&(id.to_owned(), name.to_owned(), fencing_token))
+                {
+                    checker.violation(format!(
+                        "slot {slot}: elected to term {fencing_token} of {name}, which the \
+                         store never granted to it (it leads on a record that was gone)"
+                    ));
+                }
+                // A term an operator ended may be announced after a newer one (its
+                // answer was in flight): excused with it.
+                let excused = excused || checker.term_excused(name, id);
                 if let Some(&last) = checker.last_elected.get(name)
                     && fencing_token <= last
                     && !excused
@@ -372,12 +636,13 @@ impl<M: Model> World<M> {
                     background.abort_all();
                     while background.join_next().await.is_some() {}
                     last_term = None;
-                    let driver = if self.draw(|rng| rng.random_bool(0.5)) {
-                        drivers[slot % drivers.len()].clone()
+                    let index = if self.draw(|rng| rng.random_bool(0.5)) {
+                        slot % drivers.len()
                     } else {
-                        drivers[self.draw(|rng| rng.random_range(0..drivers.len()))].clone()
+                        self.draw(|rng| rng.random_range(0..drivers.len()))
                     };
-                    election = self.candidate(slot, &driver, &instances);
+                    let driver = drivers[index].clone();
+                    election = self.candidate(slot, ClientId(index), &driver, &instances);
                 }
                 _ => {
                     let pause = self.draw(|rng| Duration::from_millis(rng.random_range(0..1000)));
@@ -459,8 +724,8 @@ impl<M: Model> World<M> {
                     self.net.suspend(duration);
                 }
                 13..=17 => {
+                    // The model excuses the granted terms it ends (`Net::tampered`).
                     if let Some(what) = self.model.tamper(&self.net) {
-                        self.net.checker().excuse(Instant::now() + EXCUSED, false);
                         self.net.count(|r| r.tampering += 1);
                         self.net.trace(|| format!("an operator tampered: {what}"));
                     }
