@@ -45,6 +45,12 @@ impl SuspendOffset {
 /// nearly idle): a sleep on that clock ends as soon as the machine resumes past it, and the
 /// thread then sees the offset grown. Elsewhere nothing is ever sent.
 pub(crate) fn suspensions() -> watch::Receiver<u64> {
+    #[cfg(any(test, feature = "testing"))]
+    if let Some(receiver) =
+        LOCAL.with(|local| local.borrow().as_ref().map(watch::Sender::subscribe))
+    {
+        return receiver;
+    }
     sender().subscribe()
 }
 
@@ -70,12 +76,43 @@ thread_local! {
     static SIMULATED: std::cell::Cell<Duration> = const { std::cell::Cell::new(Duration::ZERO) };
 }
 
+#[cfg(any(test, feature = "testing"))]
+thread_local! {
+    /// Suspension notices of this thread's own, once a seeded simulation ran on it: a
+    /// suspension simulated in one seed then wakes only the holders of that seed's
+    /// (current-thread) runtime, not those of a seed running on another thread, which
+    /// would change that seed's schedule and break its exact replay.
+    static LOCAL: std::cell::RefCell<Option<watch::Sender<u64>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Gives this thread suspension notices of its own (see `LOCAL`), from now on. Kept
+/// afterwards: holders of an earlier seed may still hold its receivers.
+#[cfg(any(test, feature = "testing"))]
+pub(crate) fn isolate_suspensions() {
+    LOCAL.with(|local| {
+        local
+            .borrow_mut()
+            .get_or_insert_with(|| watch::Sender::new(0));
+    });
+}
+
 /// Makes this thread read the offset `duration` larger, as if the machine had been
-/// suspended that long just now, and tells every term's holder to look again.
+/// suspended that long just now, and tells every term's holder to look again (on this
+/// thread only, once it is isolated).
 #[cfg(any(test, feature = "testing"))]
 pub(crate) fn simulate_suspension(duration: Duration) {
     SIMULATED.with(|simulated| simulated.set(simulated.get() + duration));
-    sender().send_modify(|n| *n += 1);
+    let local = LOCAL.with(|local| {
+        local
+            .borrow()
+            .as_ref()
+            .map(|sender| sender.send_modify(|n| *n += 1))
+            .is_some()
+    });
+    if !local {
+        sender().send_modify(|n| *n += 1);
+    }
 }
 
 #[cfg(any(test, feature = "testing"))]

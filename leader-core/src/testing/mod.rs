@@ -33,9 +33,14 @@ use crate::Driver;
 
 /// Makes the jitter of leader-core's retry backoff, on this thread, come from a generator
 /// seeded with `seed` (or from the OS again, with `None`): for simulations that replay a
-/// schedule exactly (leader-testkit's `sim`).
+/// schedule exactly (leader-testkit's `sim`). With a seed, also keeps the suspensions
+/// [`simulate_suspension`] simulates on this thread from waking holders on other threads.
 pub fn seed_jitter(seed: Option<u64>) {
     crate::backoff::seed_jitter(seed);
+    if seed.is_some() {
+        // A seeded simulation runs on this thread: its simulated suspensions stay on it.
+        crate::clock::isolate_suspensions();
+    }
 }
 
 /// Makes leader-core, on this thread, see the machine as suspended for `duration` just now
