@@ -163,6 +163,15 @@ impl Inner {
                 .kvs
                 .first()
                 .map_or(0, |kv| parse_marker(kv.value.as_slice()));
+            // A key created before the term a handover elected out of line is passed over
+            // wherever it stands: it never leads in line, not even once the keys below it
+            // are gone (its fencing token would be below that term's), so it creates its
+            // key again now. (Checked before the wait below: a waiter whose only
+            // predecessor was deleted after the nominee's election led beside the nominee.)
+            if revision < passed && nominated.kvs.is_empty() {
+                debug!(key = %own, "passed over by a handover: creating the key again");
+                return Ok(Waited::Recreate);
+            }
             if let Some(kv) = nominated.kvs.first() {
                 let named = parse_nomination(kv.value.as_slice());
                 match named {
@@ -204,10 +213,6 @@ impl Inner {
                 }
             }
             let Some(predecessor) = below.kvs.first() else {
-                if revision < passed {
-                    debug!(key = %own, "passed over by a handover: creating the key again");
-                    return Ok(Waited::Recreate);
-                }
                 self.drop_moot_marker(&marker, passed).await;
                 // None below, no nomination, and ours there, at one revision.
                 return Ok(Waited::Lead(at));

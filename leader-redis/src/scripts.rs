@@ -217,8 +217,11 @@ if redis.call('SET', KEYS[4], '1', 'PX', period, 'NX') then
     redis.call('ZREM', KEYS[3], unpack(stale))
   end
   -- Places never refreshed (a campaign that landed after its withdrawal, a driver gone
-  -- before its first refresh): older than keep, with no expiry of their own.
-  local old = redis.call('ZRANGEBYSCORE', KEYS[2], (now - keep - 2 * period) * 1000, (now - keep) * 1000, 'LIMIT', 0, 64)
+  -- before its first refresh): older than keep, with no expiry of their own. From the
+  -- oldest on, however old: no maintenance may have run for a long while (nobody else
+  -- waited, the server was away), and such a place heading the line takes every
+  -- wakeup. The oldest 64 are looked at, so the head always is.
+  local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', (now - keep) * 1000, 'LIMIT', 0, 64)
   if #old > 0 then
     local until_ = redis.call('ZMSCORE', KEYS[3], unpack(old))
     local gone = {}

@@ -229,7 +229,17 @@ impl RedisIo for SimIo {
 
     async fn refresh(&self, r: &Refresh) -> Result<RefreshReply> {
         let owned = r.clone();
-        let label = || format!("REFRESH {} ({} places)", r.line, r.places.len());
+        let label = || {
+            let owners: Vec<String> = r
+                .places
+                .iter()
+                .map(|p| {
+                    String::from_utf8_lossy(p.split(|b| *b == b'\n').next().unwrap_or_default())
+                        .into_owned()
+                })
+                .collect();
+            format!("REFRESH {} ({} places: {owners:?})", r.line, r.places.len())
+        };
         self.request(label, move |s| s.refresh(&owned)).await
     }
 

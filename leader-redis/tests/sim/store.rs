@@ -504,9 +504,8 @@ impl Store {
             for place in &stale {
                 self.zrem(&r.line_until, place);
             }
-            let low = (now as f64 - r.keep_ms as f64 - 2.0 * r.period_ms as f64) * 1000.0;
             let high = (now as f64 - r.keep_ms as f64) * 1000.0;
-            let old = self.zrangebyscore(&r.line, low, high, 64);
+            let old = self.zrangebyscore(&r.line, f64::NEG_INFINITY, high, 64);
             let gone: Vec<Vec<u8>> = old
                 .into_iter()
                 .filter(|place| self.zscore(&r.line_until, place).is_none())

@@ -644,6 +644,29 @@ impl<M: Model> World<M> {
                     let driver = drivers[index].clone();
                     election = self.candidate(slot, ClientId(index), &driver, &instances);
                 }
+                73..=76 => {
+                    // A planned handover of the held term to another candidate of this
+                    // election (its current one), maybe cancelled midway.
+                    if let Some(term) = last_term.clone()
+                        && let Some(nominee) = self.other_candidate(slot)
+                    {
+                        let limit = self.cancel_after().unwrap_or(TTL);
+                        let _ = timeout(limit, term.hand_over(&nominee)).await;
+                    }
+                }
+                77..=79 => {
+                    // A new value for the held term's observers.
+                    if let Some(term) = last_term.clone() {
+                        let value = self.draw(|rng| rng.random_range(0..1000u32));
+                        let limit = self.cancel_after().unwrap_or(TTL);
+                        let _ = timeout(limit, term.proclaim(format!("v{value}"))).await;
+                    }
+                }
+                80..=81 => {
+                    // The read-only calls: the line, and who leads.
+                    let _ = timeout(TTL, election.candidates()).await;
+                    let _ = timeout(TTL, election.leader()).await;
+                }
                 _ => {
                     let pause = self.draw(|rng| Duration::from_millis(rng.random_range(0..1000)));
                     sleep(pause).await;
@@ -652,6 +675,23 @@ impl<M: Model> World<M> {
             // Reap finished background calls.
             while let Some(Some(_)) = background.join_next().now_or_never() {}
         }
+    }
+
+    /// The id of another slot's current candidate in `slot`'s election, drawn at random.
+    fn other_candidate(&self, slot: usize) -> Option<String> {
+        let current = lock(&self.current);
+        let others: Vec<String> = current
+            .iter()
+            .enumerate()
+            .filter(|(other, _)| *other != slot && other % self.elections == slot % self.elections)
+            .filter_map(|(_, election)| election.as_ref().map(|e| e.id().to_owned()))
+            .collect();
+        drop(current);
+        if others.is_empty() {
+            return None;
+        }
+        let pick = self.draw(|rng| rng.random_range(0..others.len()));
+        others.into_iter().nth(pick)
     }
 
     fn cancel_after(&self) -> Option<Duration> {
