@@ -114,14 +114,20 @@ impl ElectionBuilder {
     /// [`MIN_TTL`](crate::MIN_TTL)..=[`MAX_TTL`](crate::MAX_TTL), a safety margin of half the TTL or more, a retry range
     /// that is empty or starts at zero, a value over [`MAX_VALUE_LEN`](crate::MAX_VALUE_LEN).
     pub fn build(self) -> Result<Election> {
-        let ElectionBuilder { driver, settings } = self;
+        let ElectionBuilder {
+            driver,
+            mut settings,
+        } = self;
         settings.check(driver.as_ref())?;
         let id = candidate_id();
+        // The name and the value are kept once, in the candidate (the settings' copies are
+        // not read again).
         let value = settings
             .value
-            .clone()
+            .take()
             .unwrap_or_else(|| id.clone().into_bytes());
-        let candidate = Candidate::new(settings.name.clone(), id, value, settings.ttl);
+        let name = std::mem::take(&mut settings.name);
+        let candidate = Candidate::new(name, id, value, settings.ttl);
         let core = Arc::new(Core::new(driver, candidate, settings));
         Ok(Election::from_handle(Handle { core }))
     }

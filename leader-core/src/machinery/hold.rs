@@ -22,7 +22,7 @@ impl Core {
             fencing_token: term.fencing_token,
             reason,
         };
-        if !self.shared.state().end(term, event) {
+        if !self.shared.state().end(self.name(), term, event) {
             return false;
         }
         warn!(

@@ -27,8 +27,7 @@ pub(crate) struct TermState {
     pub(super) seq: u64,
     /// Taken just before the term became visible: the first instant of belief.
     pub(crate) elected_at: Instant,
-    /// When the term was ended (stepped down), if it was.
-    ended_at: Mutex<Option<Instant>>,
+    /// The deadline, and when the term ended: one lock for both (one per held term).
     clock: Mutex<TermClock>,
     pub(crate) ended: CancellationToken,
     on_deadline: Option<DeadlineHook>,
@@ -128,8 +127,8 @@ struct TermClock {
     confirmed: Reading,
     /// Set the first time the deadline is seen passed: the term never becomes valid again.
     passed: bool,
-    /// Set when the term ends: its deadline never moves again.
-    ended: bool,
+    /// When the term was ended (stepped down), if it was: its deadline never moves again.
+    ended_at: Option<Instant>,
 }
 
 impl TermClock {
@@ -159,12 +158,11 @@ impl TermState {
             fencing_token,
             seq,
             elected_at: Instant::now(),
-            ended_at: Mutex::new(None),
             clock: Mutex::new(TermClock {
                 deadline,
                 confirmed,
                 passed: false,
-                ended: false,
+                ended_at: None,
             }),
             ended: CancellationToken::new(),
             on_deadline,
@@ -225,13 +223,12 @@ impl TermState {
     /// Steps down: records the instant, then cancels the token. Call it with the state
     /// lock held, as the term leaves `State::term`.
     pub(super) fn end(&self) {
-        lock(&self.ended_at).get_or_insert_with(Instant::now);
-        lock(&self.clock).ended = true;
+        lock(&self.clock).ended_at.get_or_insert_with(Instant::now);
         self.ended.cancel();
     }
 
     pub(crate) fn ended_at(&self) -> Option<Instant> {
-        *lock(&self.ended_at)
+        lock(&self.clock).ended_at
     }
 
     pub(crate) fn is_valid(&self) -> bool {
@@ -254,7 +251,7 @@ impl TermState {
         reading: Reading,
     ) -> bool {
         let mut clock = lock(&self.clock);
-        if clock.ended || !clock.holds() {
+        if clock.ended_at.is_some() || !clock.holds() {
             return false;
         }
         if deadline > clock.deadline {
