@@ -24,14 +24,19 @@ impl Election {
 #[must_use = "an ElectionBuilder does nothing until build() is called"]
 pub struct ElectionBuilder {
     driver: Arc<dyn Driver>,
+    name: String,
+    value: Option<Vec<u8>>,
     settings: Settings,
 }
 
 impl ElectionBuilder {
     pub(crate) fn new(driver: Arc<dyn Driver>, name: String) -> Self {
-        let mut settings = Settings::from(&Config::default());
-        settings.name = name;
-        ElectionBuilder { driver, settings }
+        ElectionBuilder {
+            driver,
+            name,
+            value: None,
+            settings: Settings::from(&Config::default()),
+        }
     }
 
     /// Takes every setting from `config`, replacing what was set before.
@@ -44,9 +49,9 @@ impl ElectionBuilder {
     /// `builder` to say the config decides. Settings set after `config()` (`.ttl(…)`, …)
     /// override the config's.
     pub fn config(mut self, config: &Config) -> Self {
-        if !self.settings.name.is_empty() && self.settings.name != config.name {
+        if !self.name.is_empty() && self.name != config.name {
             tracing::warn!(
-                given = %self.settings.name,
+                given = %self.name,
                 config = %config.name,
                 "the election's name given to builder() is replaced by the config's name"
             );
@@ -54,13 +59,15 @@ impl ElectionBuilder {
         let on_deadline = self.settings.on_deadline.take();
         self.settings = Settings::from(config);
         self.settings.on_deadline = on_deadline;
+        self.name.clone_from(&config.name);
+        self.value = config.value.as_ref().map(|v| v.as_bytes().to_vec());
         self
     }
 
     /// What observers see about this candidate while it leads (an address, say). Defaults
     /// to the candidate id.
     pub fn value(mut self, value: impl Into<Vec<u8>>) -> Self {
-        self.settings.value = Some(value.into());
+        self.value = Some(value.into());
         self
     }
 
@@ -114,14 +121,17 @@ impl ElectionBuilder {
     /// [`MIN_TTL`](crate::MIN_TTL)..=[`MAX_TTL`](crate::MAX_TTL), a safety margin of half the TTL or more, a retry range
     /// that is empty or starts at zero, a value over [`MAX_VALUE_LEN`](crate::MAX_VALUE_LEN).
     pub fn build(self) -> Result<Election> {
-        let ElectionBuilder { driver, settings } = self;
-        settings.check(driver.as_ref())?;
+        let ElectionBuilder {
+            driver,
+            name,
+            value,
+            settings,
+        } = self;
+        settings.check(&name, value.as_deref(), driver.as_ref())?;
         let id = candidate_id();
-        let value = settings
-            .value
-            .clone()
-            .unwrap_or_else(|| id.clone().into_bytes());
-        let candidate = Candidate::new(settings.name.clone(), id, value, settings.ttl);
+        // The name and the value are kept once, in the candidate.
+        let value = value.unwrap_or_else(|| id.clone().into_bytes());
+        let candidate = Candidate::new(name, id, value, settings.ttl);
         let core = Arc::new(Core::new(driver, candidate, settings));
         Ok(Election::from_handle(Handle { core }))
     }
@@ -130,7 +140,7 @@ impl ElectionBuilder {
 impl fmt::Debug for ElectionBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ElectionBuilder")
-            .field("name", &self.settings.name)
+            .field("name", &self.name)
             .field("ttl", &self.settings.ttl)
             .finish_non_exhaustive()
     }

@@ -18,12 +18,11 @@ pub const MAX_VALUE_LEN: usize = 1024 * 1024;
 pub const MAX_NAME_LEN: usize = 512;
 
 /// An election's settings, kept once: the builder fills them, `build()` checks them, and
-/// the election keeps the checked copy.
+/// the election keeps the checked copy. The name and the value are the builder's, then the
+/// candidate's (kept once per election).
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
-    pub(crate) name: String,
     pub(crate) on_deadline: Option<DeadlineHook>,
-    pub(crate) value: Option<Vec<u8>>,
     pub(crate) ttl: Duration,
     pub(crate) safety_margin: Option<Duration>,
     pub(crate) retry_min: Duration,
@@ -35,17 +34,16 @@ impl From<&Config> for Settings {
         // Every field, by name: a field added to `Config` does not compile until it has a
         // place here.
         let Config {
-            name,
-            value,
+            // The builder's (see `ElectionBuilder::config`).
+            name: _,
+            value: _,
             ttl,
             safety_margin,
             retry_min,
             retry_max,
         } = config;
         Settings {
-            name: name.clone(),
             on_deadline: None,
-            value: value.as_ref().map(|v| v.as_bytes().to_vec()),
             ttl: *ttl,
             safety_margin: *safety_margin,
             retry_min: *retry_min,
@@ -61,8 +59,13 @@ impl Settings {
             .unwrap_or_else(|| (ttl / 50).max(Duration::from_millis(2)))
     }
 
-    pub(crate) fn check(&self, driver: &dyn Driver) -> Result<()> {
-        let name = &self.name;
+    /// Checks these settings with the election's `name` and `value`.
+    pub(crate) fn check(
+        &self,
+        name: &str,
+        value: Option<&[u8]>,
+        driver: &dyn Driver,
+    ) -> Result<()> {
         if name.is_empty() {
             return Err(Error::invalid_config("name", "must not be empty"));
         }
@@ -108,7 +111,7 @@ impl Settings {
                 ),
             ));
         }
-        if let Some(value) = &self.value
+        if let Some(value) = value
             && value.len() > MAX_VALUE_LEN
         {
             return Err(Error::invalid_config(

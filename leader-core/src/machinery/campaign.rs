@@ -4,14 +4,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{OwnedMutexGuard, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, debug_span, field, info, info_span};
 
-use super::Core;
 use super::state::Leftover;
 use super::term_state::{Reading, TermState};
+use super::{CampaignGuard, Core};
 use crate::driver::{Driver, Grant};
 use crate::event::{Event, LossReason};
 use crate::telemetry;
@@ -78,7 +78,7 @@ impl Core {
         self: Arc<Self>,
         withdrawn: &CancellationToken,
     ) -> Result<Arc<TermState>> {
-        let guard = Arc::clone(&self.campaign_lock).lock_owned().await;
+        let guard = Arc::clone(&self).lock_campaigns().await;
         {
             let mut st = self.shared.state();
             if let Some(term) = st.term.clone() {
@@ -91,7 +91,7 @@ impl Core {
                     fencing_token: term.fencing_token,
                     reason: LossReason::Expired,
                 };
-                st.end(&term, event);
+                st.end(&self.candidate.election, &term, event);
             }
         }
         // From here on, giving up (an error, a dropped future, a resign()) withdraws
@@ -190,9 +190,12 @@ impl Core {
             // The driver's campaign replaced whatever this candidate had in the store.
             st.leftover = None;
             st.term = Some(Arc::clone(&term));
-            st.emit(Event::Elected {
-                fencing_token: grant.fencing_token,
-            });
+            st.emit(
+                &self.candidate.election,
+                Event::Elected {
+                    fencing_token: grant.fencing_token,
+                },
+            );
             term
         };
         Span::current().record("fencing_token", grant.fencing_token);
@@ -223,7 +226,7 @@ impl Drop for Registered {
 /// background withdrawer (or the next holder of the lock) delete it.
 struct Withdrawal {
     core: Option<Arc<Core>>,
-    guard: Option<OwnedMutexGuard<()>>,
+    guard: Option<CampaignGuard>,
 }
 
 impl Withdrawal {

@@ -49,22 +49,50 @@ pub(crate) struct Core {
     pub(crate) shared: Arc<Shared>,
     /// Serialises every call that creates or deletes this candidate's key in the store
     /// (campaign, resign, withdrawal), so a late withdrawal can never delete a newer term.
-    campaign_lock: Arc<tokio::sync::Mutex<()>>,
+    /// A semaphore of one permit, kept inline (one allocation less per election): borrowed
+    /// as a [`SemaphorePermit`](tokio::sync::SemaphorePermit), or held by an owner of the
+    /// core as a [`CampaignGuard`].
+    campaign_lock: tokio::sync::Semaphore,
     /// Woken each time a campaign registers, for `withdraw_campaigns`.
     registered: tokio::sync::Notify,
 }
 
+/// The campaign lock, held: given back when dropped.
+pub(super) struct CampaignGuard(Arc<Core>);
+
+impl Drop for CampaignGuard {
+    fn drop(&mut self) {
+        self.0.campaign_lock.add_permits(1);
+    }
+}
+
 impl Core {
     pub(crate) fn new(driver: Arc<dyn Driver>, candidate: Candidate, settings: Settings) -> Self {
-        let shared = Arc::new(Shared::new(&candidate.election));
+        let shared = Arc::new(Shared::new());
         Core {
             driver,
             candidate,
             settings,
             shared,
-            campaign_lock: Arc::new(tokio::sync::Mutex::new(())),
+            campaign_lock: tokio::sync::Semaphore::new(1),
             registered: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Takes the campaign lock for as long as the guard lives, which may outlive this borrow.
+    async fn lock_campaigns(self: Arc<Self>) -> CampaignGuard {
+        // The semaphore is never closed, so the acquisition only waits; the permit is
+        // forgotten in the same step as the guard that gives it back is made.
+        if let Ok(permit) = self.campaign_lock.acquire().await {
+            permit.forget();
+        }
+        CampaignGuard(self)
+    }
+
+    /// Takes the campaign lock for the length of this borrow.
+    async fn lock_campaigns_here(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        // Never closed: always `Some`.
+        self.campaign_lock.acquire().await.ok()
     }
 
     fn name(&self) -> &str {

@@ -120,10 +120,10 @@ impl Core {
         let guard = match &seen {
             Some(term) => tokio::select! {
                 biased;
-                guard = Arc::clone(&self.campaign_lock).lock_owned() => guard,
+                guard = Arc::clone(self).lock_campaigns() => guard,
                 () = term.ended.cancelled() => return Err(Error::NotALeader),
             },
-            None => Arc::clone(&self.campaign_lock).lock_owned().await,
+            None => Arc::clone(self).lock_campaigns().await,
         };
         // From here on the call runs to its end in a task of its own, so that cancelling
         // this future cannot lose an end event (every Elected gets exactly one end) or
@@ -201,7 +201,7 @@ impl Core {
                 };
                 // Emitted before the lock is released: no newer term's Elected can come
                 // first.
-                core.shared.state().emit(event);
+                core.shared.state().emit(&core.candidate.election, event);
             }
             drop(guard);
             if result.is_err() {

@@ -17,8 +17,6 @@ pub(crate) struct Shared {
 
 #[derive(Default)]
 pub(super) struct State {
-    /// The election's name, for metrics.
-    pub(super) name: String,
     pub(super) term: Option<Arc<TermState>>,
     /// What this candidate may still have in the store although it holds no term.
     pub(super) leftover: Option<Leftover>,
@@ -72,13 +70,14 @@ impl Leftover {
 }
 
 impl State {
-    pub(super) fn emit(&mut self, event: Event) {
-        telemetry::transition(&self.name, &event);
+    /// Tells the subscribers of election `name` (for metrics) of `event`.
+    pub(super) fn emit(&mut self, name: &str, event: Event) {
+        telemetry::transition(name, &event);
         self.subscribers.retain(|tx| tx.send(event.clone()).is_ok());
     }
 
     /// Ends the current term, if it is `term`: one synchronous step, one event.
-    pub(super) fn end(&mut self, term: &Arc<TermState>, event: Event) -> bool {
+    pub(super) fn end(&mut self, name: &str, term: &Arc<TermState>, event: Event) -> bool {
         match &self.term {
             Some(current) if Arc::ptr_eq(current, term) => {
                 self.term = None;
@@ -88,7 +87,7 @@ impl State {
                     // late and left a newer key of this candidate. Read, then delete.
                     self.leftover = Some(Leftover::Unknown);
                 }
-                self.emit(event);
+                self.emit(name, event);
                 true
             }
             _ => false,
@@ -97,12 +96,9 @@ impl State {
 }
 
 impl Shared {
-    pub(crate) fn new(name: &str) -> Self {
+    pub(crate) fn new() -> Self {
         Shared {
-            state: Mutex::new(State {
-                name: name.to_owned(),
-                ..State::default()
-            }),
+            state: Mutex::new(State::default()),
         }
     }
 

@@ -1,7 +1,17 @@
 //! One term of this candidate: its fencing token and its clock (the deadline, which only
 //! moves forward while it holds, and the suspension of the machine counted against it).
 
+use std::future::Future;
+use std::pin::{Pin, pin};
 use std::sync::Mutex;
+use std::task::{Context, Poll};
+
+use futures::future::BoxFuture;
+use pin_project_lite::pin_project;
+use tokio::sync::Notify;
+use tokio::sync::futures::Notified;
+use tokio::time::Sleep;
+use tokio_util::sync::WaitForCancellationFuture;
 
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
@@ -17,8 +27,7 @@ pub(crate) struct TermState {
     pub(super) seq: u64,
     /// Taken just before the term became visible: the first instant of belief.
     pub(crate) elected_at: Instant,
-    /// When the term was ended (stepped down), if it was.
-    ended_at: Mutex<Option<Instant>>,
+    /// The deadline, and when the term ended: one lock for both (one per held term).
     clock: Mutex<TermClock>,
     pub(crate) ended: CancellationToken,
     on_deadline: Option<DeadlineHook>,
@@ -31,6 +40,68 @@ pub(crate) enum Wake {
     Due,
     /// The term's deadline passed first.
     Expired,
+    /// The term was ended.
+    Ended,
+    /// The driver said the term is gone.
+    Gone,
+}
+
+pin_project! {
+    /// A holder resting: one timer and two listeners, reused across wakes. A hand-written
+    /// future rather than nested selects, because every held term rests here most of its
+    /// life: this state is most of a holder task's size (see the holder's size test).
+    pub(crate) struct Rest<'a> {
+        term: &'a TermState,
+        gone: &'a mut BoxFuture<'static, ()>,
+        suspensions: &'static Notify,
+        due: Instant,
+        #[pin]
+        ended: WaitForCancellationFuture<'a>,
+        #[pin]
+        suspended: Notified<'static>,
+        #[pin]
+        timer: Sleep,
+    }
+}
+
+impl Future for Rest<'_> {
+    type Output = Wake;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Wake> {
+        let mut this = self.project();
+        if this.ended.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Wake::Ended);
+        }
+        if this.gone.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Wake::Gone);
+        }
+        loop {
+            // Listening before the clock is read: a suspension noticed after the read wakes
+            // this rest (one noticed before it shows in the read).
+            while this.suspended.as_mut().poll(cx).is_ready() {
+                this.suspended.set(this.suspensions.notified());
+            }
+            let wake = {
+                let mut clock = lock(&this.term.clock);
+                let suspended = clock.confirmed.offset.suspended_since();
+                let now = Instant::now();
+                if !clock.holds() || now + suspended >= clock.deadline {
+                    return Poll::Ready(Wake::Expired);
+                }
+                if now >= *this.due {
+                    return Poll::Ready(Wake::Due);
+                }
+                // Later than now: a timer that fired is always moved (no busy loop).
+                (clock.deadline - suspended).min(*this.due)
+            };
+            if this.timer.deadline() != wake {
+                this.timer.as_mut().reset(wake);
+            }
+            if this.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+    }
 }
 
 /// A reading of the suspend offset, with the instant it was taken.
@@ -56,8 +127,8 @@ struct TermClock {
     confirmed: Reading,
     /// Set the first time the deadline is seen passed: the term never becomes valid again.
     passed: bool,
-    /// Set when the term ends: its deadline never moves again.
-    ended: bool,
+    /// When the term was ended (stepped down), if it was: its deadline never moves again.
+    ended_at: Option<Instant>,
 }
 
 impl TermClock {
@@ -87,12 +158,11 @@ impl TermState {
             fencing_token,
             seq,
             elected_at: Instant::now(),
-            ended_at: Mutex::new(None),
             clock: Mutex::new(TermClock {
                 deadline,
                 confirmed,
                 passed: false,
-                ended: false,
+                ended_at: None,
             }),
             ended: CancellationToken::new(),
             on_deadline,
@@ -107,8 +177,12 @@ impl TermState {
     /// within milliseconds of the process running again (Tokio's timers alone would wait out
     /// the time the machine slept). With `fixed`, that deadline instead of the current one.
     pub(crate) async fn expired(&self, fixed: Option<Instant>) {
-        let mut suspensions = crate::clock::suspensions();
+        let suspensions = crate::clock::suspensions();
         loop {
+            // Listening before the clock is read: a suspension noticed after the read wakes
+            // this wait (one noticed before it shows in the read).
+            let mut suspended = pin!(suspensions.notified());
+            suspended.as_mut().enable();
             let due = {
                 let mut clock = lock(&self.clock);
                 let deadline = fixed.unwrap_or(clock.deadline);
@@ -120,54 +194,41 @@ impl TermState {
             };
             tokio::select! {
                 () = sleep_until(due) => {}
-                changed = suspensions.changed() => {
-                    if changed.is_err() {
-                        sleep_until(due).await;
-                    }
-                }
+                () = suspended => {}
             }
         }
     }
 
     /// Rests until `due` (then [`Wake::Due`]) unless the term's deadline passes first,
     /// counting a suspension of the machine as [`expired`](Self::expired) does (then
-    /// [`Wake::Expired`]). One timer for both, so that a resting holder stays small.
-    pub(crate) async fn rest_until(&self, due: Instant) -> Wake {
-        let mut suspensions = crate::clock::suspensions();
-        loop {
-            let wake = {
-                let mut clock = lock(&self.clock);
-                let suspended = clock.confirmed.offset.suspended_since();
-                let now = Instant::now();
-                if !clock.holds() || now + suspended >= clock.deadline {
-                    return Wake::Expired;
-                }
-                if now >= due {
-                    return Wake::Due;
-                }
-                (clock.deadline - suspended).min(due)
-            };
-            tokio::select! {
-                () = sleep_until(wake) => {}
-                changed = suspensions.changed() => {
-                    if changed.is_err() {
-                        sleep_until(wake).await;
-                    }
-                }
-            }
+    /// [`Wake::Expired`]), or the term's token is cancelled (then [`Wake::Ended`]), or
+    /// `gone` resolves (then [`Wake::Gone`]); when several hold at once, in that order.
+    pub(crate) fn rest_until<'a>(
+        &'a self,
+        due: Instant,
+        gone: &'a mut BoxFuture<'static, ()>,
+    ) -> Rest<'a> {
+        let suspensions = crate::clock::suspensions();
+        Rest {
+            term: self,
+            gone,
+            suspensions,
+            due,
+            ended: self.ended.cancelled(),
+            suspended: suspensions.notified(),
+            timer: sleep_until(due),
         }
     }
 
     /// Steps down: records the instant, then cancels the token. Call it with the state
     /// lock held, as the term leaves `State::term`.
     pub(super) fn end(&self) {
-        lock(&self.ended_at).get_or_insert_with(Instant::now);
-        lock(&self.clock).ended = true;
+        lock(&self.clock).ended_at.get_or_insert_with(Instant::now);
         self.ended.cancel();
     }
 
     pub(crate) fn ended_at(&self) -> Option<Instant> {
-        *lock(&self.ended_at)
+        lock(&self.clock).ended_at
     }
 
     pub(crate) fn is_valid(&self) -> bool {
@@ -190,7 +251,7 @@ impl TermState {
         reading: Reading,
     ) -> bool {
         let mut clock = lock(&self.clock);
-        if clock.ended || !clock.holds() {
+        if clock.ended_at.is_some() || !clock.holds() {
             return false;
         }
         if deadline > clock.deadline {

@@ -141,7 +141,7 @@ async fn the_deadline_hook_sees_an_extension_only_when_it_happens() {
 
 #[tokio::test(start_paused = true)]
 async fn ending_a_term_that_is_not_current_changes_nothing() {
-    let shared = crate::machinery::Shared::new("not-current");
+    let shared = crate::machinery::Shared::new();
     let old = std::sync::Arc::new(term(Instant::now() + TTL));
     let current = std::sync::Arc::new(term(Instant::now() + TTL));
     shared.state().term = Some(std::sync::Arc::clone(&current));
@@ -150,12 +150,12 @@ async fn ending_a_term_that_is_not_current_changes_nothing() {
         reason: crate::LossReason::Expired,
     };
     assert!(
-        !shared.state().end(&old, event.clone()),
+        !shared.state().end("e", &old, event.clone()),
         "not the current term"
     );
     assert!(current.is_valid(), "the current term is untouched");
     assert!(shared.state().term.is_some());
-    assert!(shared.state().end(&current, event));
+    assert!(shared.state().end("e", &current, event));
     assert!(!current.is_valid());
     assert!(
         current.ended_at().is_some(),

@@ -44,7 +44,7 @@ impl Core {
             }
             tokio::select! {
                 biased;
-                guard = self.campaign_lock.lock() => break guard,
+                guard = self.lock_campaigns_here() => break guard,
                 () = &mut registered => {}
             }
         };
@@ -112,7 +112,7 @@ impl Core {
                 fencing_token: term.fencing_token,
                 reason: LossReason::ResignFailed,
             };
-            st.end(&term, event);
+            st.end(&self.candidate.election, &term, event);
         }
         st.subscribers.clear();
     }
@@ -125,7 +125,7 @@ async fn withdrawer(core: Arc<Core>) {
     let mut failures = 0u32;
     loop {
         let result = {
-            let _guard = core.campaign_lock.lock().await;
+            let _guard = core.lock_campaigns_here().await;
             core.withdraw_leftover().await
         };
         let failed = match result {
