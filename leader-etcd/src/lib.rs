@@ -326,9 +326,7 @@ impl EtcdDriver {
         let (lease, lease_ttl) = inner.ensure_lease(&slot).await?;
         let key = inner.allocate_key(candidate, lease, &slot);
         let prefix = self.election_prefix(&candidate.election);
-        // Twice at most: a key passed over by a handover is created once more, and then
-        // its create revision is above every term's.
-        let mut recreated = false;
+        // Once, and once more each time a handover passes the key over (see below).
         let (key, revision, verified_at) = loop {
             let (revision, gone) = match inner.create_key(candidate, &key).await {
                 Ok(created) => created,
@@ -349,10 +347,10 @@ impl EtcdDriver {
                 .await
             {
                 Ok(Waited::Lead(at)) => break (key, revision, at),
-                Ok(Waited::Recreate) if !recreated => recreated = true,
-                Ok(Waited::Recreate) => {
-                    return Err(wait::unexpected_recreate(&key.key));
-                }
+                // Passed over by a handover: the new key's create revision is above every
+                // term so far, so only a later handover can pass it over again (in a
+                // rolling deploy, one per replica): each time, create it again.
+                Ok(Waited::Recreate) => {}
                 Err(err) => {
                     if matches!(err, Error::TermGone) {
                         key.gone.cancel();
