@@ -219,10 +219,19 @@ pub(crate) async fn redis_monitored<T>(
     lines.next_line().await?.ok_or("MONITOR refused")?;
     let marker = format!("leader-bench-{}", std::process::id());
     let (start, end) = (format!("\"{marker}-start\""), format!("\"{marker}-end\""));
+    // LEADER_BENCH_MONITOR=FILE: the counted lines go there too (to see what the work is).
+    let mut dump = match std::env::var_os("LEADER_BENCH_MONITOR") {
+        Some(path) => Some(std::fs::File::create(path)?),
+        None => None,
+    };
     let counter = tokio::spawn(async move {
         let (mut requests, mut in_scripts) = (0u64, 0u64);
         let mut counting = false;
         while let Some(line) = lines.next_line().await? {
+            if let Some(file) = dump.as_mut().filter(|_| counting) {
+                use std::io::Write;
+                writeln!(file, "{line}")?;
+            }
             if line.ends_with(&start) {
                 counting = true;
             } else if line.ends_with(&end) {

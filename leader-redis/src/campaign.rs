@@ -153,7 +153,12 @@ impl Inner {
             stand,
             ask_pttl: ask,
         };
-        match self.io.acquire(&request).await? {
+        let in_flight = self.in_flight(&keys.line, &candidate.id);
+        let reply = self.io.acquire(&request).await;
+        if reply.is_ok() {
+            in_flight.answered();
+        }
+        match reply? {
             AcquireReply::Elected(token) => {
                 let token = u64::try_from(token).map_err(|_| {
                     Error::store(std::io::Error::other(format!("fence counter at {token}")))

@@ -1,6 +1,7 @@
 //! [`RedisDriver`]: the protocol's state (the line, the batched renewals, the pub/sub
 //! routing) over an I/O layer ([`RedisIo`]).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,6 +38,12 @@ pub(crate) struct Inner {
     pub(crate) subscriber: Subscriber,
     pub(crate) renewals: Renewals,
     pub(crate) lines: Lines,
+    /// Per `(line key, candidate id)`, the `ACQUIRE`s sent and not answered: on their way,
+    /// or never to be answered (dropped, timed out, failed) but maybe to land still. A
+    /// withdrawal of such a candidate leaves the line again later (see `resign`); every
+    /// other withdrawal is one request. An entry lasts until the candidate's next
+    /// resignation or withdrawal.
+    pub(crate) unanswered: std::sync::Mutex<HashMap<(String, String), u32>>,
 }
 
 impl RedisDriver {
@@ -52,6 +59,7 @@ impl RedisDriver {
                 prefix: prefix.into(),
                 renewals: Renewals::default(),
                 lines: Lines::default(),
+                unanswered: std::sync::Mutex::default(),
             }),
         }
     }
@@ -124,7 +132,55 @@ impl std::fmt::Debug for RedisDriver {
     }
 }
 
+/// An `ACQUIRE` on its way, counted in [`Inner::unanswered`] until
+/// [`answered`](Self::answered); dropped unanswered (cancelled, timed out, failed), it
+/// stays counted: the request may still land.
+pub(crate) struct InFlight<'a> {
+    inner: &'a Inner,
+    key: Option<(String, String)>,
+}
+
+impl InFlight<'_> {
+    pub(crate) fn answered(mut self) {
+        let Some(key) = self.key.take() else { return };
+        let mut unanswered = self.inner.unanswered();
+        if let Some(count) = unanswered.get_mut(&key) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                unanswered.remove(&key);
+            }
+        }
+    }
+}
+
 impl Inner {
+    fn unanswered(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), u32>> {
+        self.unanswered
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// An `ACQUIRE` of `owner` in the line `line`, about to be sent.
+    pub(crate) fn in_flight(&self, line: &str, owner: &str) -> InFlight<'_> {
+        let key = (line.to_owned(), owner.to_owned());
+        *self.unanswered().entry(key.clone()).or_insert(0) += 1;
+        InFlight {
+            inner: self,
+            key: Some(key),
+        }
+    }
+
+    /// Whether an `ACQUIRE` of `owner` in `line` is unanswered (on its way now, or never
+    /// answered); forgets those.
+    pub(crate) fn take_unanswered(&self, line: &str, owner: &str) -> bool {
+        let mut unanswered = self.unanswered();
+        // Most withdrawals find nothing: no key made for them.
+        !unanswered.is_empty()
+            && unanswered
+                .remove(&(line.to_owned(), owner.to_owned()))
+                .is_some()
+    }
+
     /// The leader and its remaining lease in milliseconds.
     pub(crate) async fn leader_with_pttl(
         &self,

@@ -128,11 +128,14 @@ impl Driver for RedisDriver {
         self.inner
             .renewals
             .release(&keys.leader, &candidate.id, fencing_token);
-        if fencing_token.is_none() {
-            // A withdrawal: the campaign it ends may have sent a request that lands after
-            // this one (a stalled server, a connection replaced after a timeout). Leave
-            // the line again three times over the next 1.5 TTL, unless the candidate
-            // waits again meanwhile: whatever such a request left is gone within 2 TTLs.
+        let unanswered = self.inner.take_unanswered(&keys.line, &candidate.id);
+        if fencing_token.is_none() && unanswered {
+            // A withdrawal after a campaign request that is unanswered (on its way, dropped,
+            // timed out): it may land after this one (a stalled server, a connection replaced
+            // after a timeout). Leave the line again three times over the next 1.5 TTL,
+            // unless the candidate waits again meanwhile: whatever such a request left is
+            // gone within 2 TTLs. Every other withdrawal is this one request: no request
+            // of the candidate can land after it.
             let driver = self.clone();
             let candidate = candidate.clone();
             tokio::spawn(async move {

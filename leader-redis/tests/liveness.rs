@@ -430,9 +430,10 @@ async fn a_refused_keyspace_subscription_falls_back_and_breaks_nothing() {
     b.resign().await.expect("resign");
 }
 
-/// A withdrawal whose campaign's request lands after it (simulated: the place appears in
-/// an empty line right after the withdrawal, with nobody else waiting to prune it) leaves
-/// nothing within two TTLs while the driver lives: the driver leaves the line again.
+/// A withdrawal whose campaign's request lands after it (simulated: the campaign is
+/// dropped while its request is on its way, and the place appears in an empty line right
+/// after the withdrawal, with nobody else waiting to prune it) leaves nothing within two
+/// TTLs while the driver lives: the driver leaves the line again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_campaign_landing_after_its_withdrawal_leaves_nothing_within_two_ttls() {
     use leader_core::{Candidate, Driver};
@@ -445,6 +446,12 @@ async fn a_campaign_landing_after_its_withdrawal_leaves_nothing_within_two_ttls(
     let leader = election(driver.clone(), &name, ttl);
     leader.campaign().await.expect("a leader");
     let late = Candidate::new(&name, "late", "v", ttl);
+    // Polled once: its first request is on its way when it is dropped.
+    let dropped = futures::FutureExt::now_or_never(driver.campaign(&late));
+    assert!(
+        dropped.is_none(),
+        "the campaign was dropped midway: {dropped:?}"
+    );
     driver.resign(&late, None).await.expect("the withdrawal");
     let withdrawn = Instant::now();
     let (secs, micros): (u64, u64) = redis::cmd("TIME")

@@ -61,3 +61,70 @@ async fn a_renewal_is_not_answered_by_another_candidates_term_of_the_same_key() 
     let renewed = driver.renew(&b, &second).await;
     assert!(renewed.is_ok(), "b renews its term: {renewed:?}");
 }
+
+/// A withdrawal is one request when every request of the withdrawn campaign was answered
+/// (nothing of it can land later); after a campaign whose `ACQUIRE` went unanswered (the
+/// campaign dropped while it was on its way), the driver leaves the line again over the
+/// next 1.5 TTL, in case that request lands after the withdrawal.
+#[tokio::test(start_paused = true)]
+async fn a_withdrawal_leaves_the_line_again_only_after_an_unanswered_campaign_request() {
+    let net = Net::quiet();
+    let model = sim::RedisModel::with(&net, false, false);
+    let driver: RedisDriver = model.driver(&net, ClientId(0));
+    let ttl = Duration::from_secs(6);
+    // a leads throughout (a lease longer than the scenario).
+    let (a, b, c) = (
+        candidate("a", ttl * 100),
+        candidate("b", ttl),
+        candidate("c", ttl),
+    );
+    let _term = driver.campaign(&a).await.expect("a is elected");
+    let line = format!("{}{{sim-0}}:line", sim::PREFIX);
+    let in_line = |who: &'static str| {
+        model.with_store(|s| {
+            s.zrangebyscore(&line, f64::NEG_INFINITY, f64::INFINITY, 100)
+                .iter()
+                .any(|place| place.starts_with(format!("{who}\n").as_bytes()))
+        })
+    };
+    let resigns = |who: &str| model.with_store(|s| s.resigns.get(who).copied().unwrap_or(0));
+
+    // b waits in line (its requests all answered), then is withdrawn.
+    let waiting = tokio::spawn({
+        let (driver, b) = (driver.clone(), b.clone());
+        async move { driver.campaign(&b).await }
+    });
+    let deadline = tokio::time::Instant::now() + ttl;
+    while !in_line("b") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b never stood in line"
+        );
+        sleep(Duration::from_millis(10)).await;
+    }
+    sleep(Duration::from_millis(10)).await;
+    waiting.abort();
+    let _ = waiting.await;
+    driver.resign(&b, None).await.expect("b withdraws");
+    assert!(!in_line("b"), "b's place is gone");
+    sleep(ttl * 2).await;
+    assert_eq!(resigns("b"), 1, "b's withdrawal was one request");
+
+    // c's campaign is dropped while the answer to its first ACQUIRE is on its way.
+    model.withhold_answers(true);
+    let dropped = tokio::spawn({
+        let (driver, c) = (driver.clone(), c.clone());
+        async move { driver.campaign(&c).await }
+    });
+    sleep(Duration::from_millis(10)).await;
+    dropped.abort();
+    let _ = dropped.await;
+    model.withhold_answers(false);
+    driver.resign(&c, None).await.expect("c withdraws");
+    sleep(ttl * 2).await;
+    assert_eq!(
+        resigns("c"),
+        4,
+        "c left the line again three times after its withdrawal"
+    );
+}

@@ -35,6 +35,8 @@ fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {
 /// One simulated Redis server, with what was drawn for this seed.
 pub struct RedisModel {
     store: Arc<Mutex<Store>>,
+    /// Answers withheld (for scripted scenarios): requests land, their callers wait on.
+    stall: Arc<std::sync::atomic::AtomicBool>,
     /// Renewals one call per term, as on a Cluster (no batching across elections).
     per_slot: bool,
 }
@@ -52,6 +54,7 @@ impl RedisModel {
     pub fn with(net: &Net, keyspace: bool, per_slot: bool) -> Self {
         RedisModel {
             store: Arc::new(Mutex::new(Store::new(net.clone(), keyspace))),
+            stall: Arc::default(),
             per_slot,
         }
     }
@@ -62,8 +65,15 @@ impl RedisModel {
             net: net.clone(),
             client,
             store: Arc::clone(&self.store),
+            stall: Arc::clone(&self.stall),
             per_slot: self.per_slot,
         }
+    }
+
+    /// From now on, requests land but their answers never come back (`false`: they do
+    /// again, for requests sent from then on).
+    pub fn withhold_answers(&self, on: bool) {
+        self.stall.store(on, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Runs `f` on the store now (for tests: a look, or tampering).
@@ -167,6 +177,7 @@ pub struct SimIo {
     net: Net,
     client: ClientId,
     store: Arc<Mutex<Store>>,
+    stall: Arc<std::sync::atomic::AtomicBool>,
     per_slot: bool,
 }
 
@@ -184,14 +195,19 @@ impl SimIo {
     ) -> Result<T> {
         let store = Arc::clone(&self.store);
         let label = if tracing() { label() } else { String::new() };
-        self.net
+        let withheld = self.stall.load(std::sync::atomic::Ordering::SeqCst);
+        let answer = self
+            .net
             .call(self.client, REQUEST_TIMEOUT, label, move || {
                 let mut store = lock(&store);
                 store.begin();
                 f(&mut store)
             })
-            .await
-            .map_err(|fault| fault.into_error())
+            .await;
+        if withheld {
+            return std::future::pending().await;
+        }
+        answer.map_err(|fault| fault.into_error())
     }
 }
 
@@ -224,7 +240,11 @@ impl RedisIo for SimIo {
     async fn resign(&self, r: &Resign) -> Result<bool> {
         let owned = r.clone();
         let label = || format!("RESIGN {} by {} token {:?}", r.leader, r.owner, r.token);
-        self.request(label, move |s| s.resign(&owned)).await
+        self.request(label, move |s| {
+            *s.resigns.entry(owned.owner.clone()).or_default() += 1;
+            s.resign(&owned)
+        })
+        .await
     }
 
     async fn refresh(&self, r: &Refresh) -> Result<RefreshReply> {

@@ -81,6 +81,8 @@ pub struct Store {
     pub next_conn: u64,
     /// `__keyspace@0__:` when the server publishes keyspace notifications.
     pub keyspace: Option<String>,
+    /// How many `RESIGN`s landed, per candidate (for scripted scenarios).
+    pub resigns: BTreeMap<String, u32>,
 }
 
 fn find(hay: &[u8], from: usize, byte: u8) -> Option<usize> {
@@ -113,6 +115,7 @@ impl Store {
             conns: BTreeMap::new(),
             next_conn: 0,
             keyspace: keyspace.then(|| "__keyspace@0__:".to_owned()),
+            resigns: BTreeMap::new(),
         }
     }
 
@@ -368,7 +371,7 @@ impl Store {
         Some(head)
     }
 
-    fn zrangebyscore(&self, key: &str, min: f64, max: f64, limit: usize) -> Vec<Vec<u8>> {
+    pub fn zrangebyscore(&self, key: &str, min: f64, max: f64, limit: usize) -> Vec<Vec<u8>> {
         self.zrange(key)
             .into_iter()
             .filter(|(_, s)| *s >= min && *s <= max)
