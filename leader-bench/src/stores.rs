@@ -221,7 +221,7 @@ pub(crate) async fn redis_monitored<T>(
     let (start, end) = (format!("\"{marker}-start\""), format!("\"{marker}-end\""));
     // LEADER_BENCH_MONITOR=FILE: the counted lines go there too (to see what the work is).
     let mut dump = match std::env::var_os("LEADER_BENCH_MONITOR") {
-        Some(path) => Some(std::fs::File::create(path)?),
+        Some(path) => Some(std::io::BufWriter::new(std::fs::File::create(path)?)),
         None => None,
     };
     let counter = tokio::spawn(async move {

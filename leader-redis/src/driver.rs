@@ -41,8 +41,8 @@ pub(crate) struct Inner {
     /// Per `(line key, candidate id)`, the `ACQUIRE`s sent and not answered: on their way,
     /// or never to be answered (dropped, timed out, failed) but maybe to land still. A
     /// withdrawal of such a candidate leaves the line again later (see `resign`); every
-    /// other withdrawal is one request. An entry lasts until the candidate's next
-    /// resignation or withdrawal.
+    /// other withdrawal is two requests (the look at the leader, the resignation). An
+    /// entry lasts until the candidate's next withdrawal.
     pub(crate) unanswered: std::sync::Mutex<HashMap<(String, String), u32>>,
 }
 
@@ -168,6 +168,16 @@ impl Inner {
             inner: self,
             key: Some(key),
         }
+    }
+
+    /// Counts an `ACQUIRE` of `owner` in `line` as unanswered again: the repeats of a
+    /// withdrawal stopped because the candidate waits again, so its next withdrawal must
+    /// repeat in their place.
+    pub(crate) fn unanswered_again(&self, line: &str, owner: &str) {
+        *self
+            .unanswered()
+            .entry((line.to_owned(), owner.to_owned()))
+            .or_insert(0) += 1;
     }
 
     /// Whether an `ACQUIRE` of `owner` in `line` is unanswered (on its way now, or never

@@ -128,20 +128,21 @@ impl Driver for RedisDriver {
         self.inner
             .renewals
             .release(&keys.leader, &candidate.id, fencing_token);
-        let unanswered = self.inner.take_unanswered(&keys.line, &candidate.id);
-        if fencing_token.is_none() && unanswered {
+        if fencing_token.is_none() && self.inner.take_unanswered(&keys.line, &candidate.id) {
             // A withdrawal after a campaign request that is unanswered (on its way, dropped,
             // timed out): it may land after this one (a stalled server, a connection replaced
-            // after a timeout). Leave the line again three times over the next 1.5 TTL,
-            // unless the candidate waits again meanwhile: whatever such a request left is
-            // gone within 2 TTLs. Every other withdrawal is this one request: no request
-            // of the candidate can land after it.
+            // after a timeout). Leave the line again three times over the next 1.5 TTL: what
+            // such a request left is gone within 2 TTLs. If the candidate waits again
+            // meanwhile, its next withdrawal does this instead. Every other withdrawal is
+            // this look and this resignation (two requests): no request of the campaign can
+            // land after them.
             let driver = self.clone();
             let candidate = candidate.clone();
             tokio::spawn(async move {
                 for _ in 0..3 {
                     sleep(candidate.ttl / 2).await;
                     if driver.inner.lines.waits(&keys.line, &candidate.id) {
+                        driver.inner.unanswered_again(&keys.line, &candidate.id);
                         return;
                     }
                     if let Err(err) = driver.inner.resign_call(&keys, &candidate, None).await {

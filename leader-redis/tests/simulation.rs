@@ -108,7 +108,7 @@ async fn a_withdrawal_leaves_the_line_again_only_after_an_unanswered_campaign_re
     driver.resign(&b, None).await.expect("b withdraws");
     assert!(!in_line("b"), "b's place is gone");
     sleep(ttl * 2).await;
-    assert_eq!(resigns("b"), 1, "b's withdrawal was one request");
+    assert_eq!(resigns("b"), 1, "b left the line once");
 
     // c's campaign is dropped while the answer to its first ACQUIRE is on its way.
     model.withhold_answers(true);
@@ -126,5 +126,41 @@ async fn a_withdrawal_leaves_the_line_again_only_after_an_unanswered_campaign_re
         resigns("c"),
         4,
         "c left the line again three times after its withdrawal"
+    );
+
+    // Again, but c waits in line before the first repeat: the repeats stop, and c's next
+    // withdrawal (its campaign's requests all answered) repeats in their place.
+    model.withhold_answers(true);
+    let dropped = tokio::spawn({
+        let (driver, c) = (driver.clone(), c.clone());
+        async move { driver.campaign(&c).await }
+    });
+    sleep(Duration::from_millis(10)).await;
+    dropped.abort();
+    let _ = dropped.await;
+    model.withhold_answers(false);
+    driver.resign(&c, None).await.expect("c withdraws");
+    let waiting = tokio::spawn({
+        let (driver, c) = (driver.clone(), c.clone());
+        async move { driver.campaign(&c).await }
+    });
+    let deadline = tokio::time::Instant::now() + ttl;
+    while !in_line("c") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "c never stood in line"
+        );
+        sleep(Duration::from_millis(10)).await;
+    }
+    sleep(ttl).await;
+    assert_eq!(resigns("c"), 5, "c waits: no repeat");
+    waiting.abort();
+    let _ = waiting.await;
+    driver.resign(&c, None).await.expect("c withdraws");
+    sleep(ttl * 2).await;
+    assert_eq!(
+        resigns("c"),
+        9,
+        "c's next withdrawal left the line again three times"
     );
 }
