@@ -10,7 +10,6 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use leader_core::{Error, Result};
 use rand::Rng;
-use redis::FromRedisValue;
 use tokio::time::timeout;
 use tracing::{debug, warn};
 
@@ -20,10 +19,8 @@ use crate::io::{
     PubSub, PubSubConnection, RedisIo, Refresh, RefreshReply, Renewal, Resign,
 };
 use crate::keyspace;
-use crate::scripts::{
-    ACQUIRE, CANDIDATES, HAND_OVER, HOLDS, LEADER, PROCLAIM, REFRESH, RENEW, RESIGN,
-};
 use crate::topology::{Call, Connection, Lua, Source, needs_new_connection};
+use crate::wire::{self, Script, ScriptCall};
 
 /// The commands the driver sends (its scripts' included): the least-privilege ACL of its
 /// user is `~PREFIX* &PREFIX*` and these (see the README, "Production").
@@ -43,15 +40,8 @@ pub(crate) struct ClientIo {
     /// The keyspace-notification channel prefix (`__keyspace@<db>__:`) when the server
     /// publishes the events a held term needs (see [`keyspace`]); `None` otherwise.
     keyspace: std::sync::Mutex<Option<String>>,
-    acquire: Lua,
-    renew: Lua,
-    resign: Lua,
-    leader: Lua,
-    refresh: Lua,
-    candidates: Lua,
-    hand_over: Lua,
-    proclaim: Lua,
-    holds: Lua,
+    /// The scripts, in the order of [`Script::ALL`] (indexed by [`Script`]).
+    scripts: [Lua; Script::ALL.len()],
 }
 
 impl ClientIo {
@@ -68,15 +58,7 @@ impl ClientIo {
             request_timeout,
             replicas,
             keyspace: std::sync::Mutex::new(None),
-            acquire: Lua::new(ACQUIRE),
-            renew: Lua::new(RENEW),
-            resign: Lua::new(RESIGN),
-            leader: Lua::new(LEADER),
-            refresh: Lua::new(REFRESH),
-            candidates: Lua::new(CANDIDATES),
-            hand_over: Lua::new(HAND_OVER),
-            proclaim: Lua::new(PROCLAIM),
-            holds: Lua::new(HOLDS),
+            scripts: Script::ALL.map(|script| Lua::new(script.source())),
         }
     }
 
@@ -158,14 +140,16 @@ impl ClientIo {
         }
     }
 
-    /// Runs a script; `writes` scripts wait for the replicas if the driver has that
+    /// Runs a script call; one that writes waits for the replicas if the driver has that
     /// option.
-    async fn run<T: FromRedisValue>(&self, call: Call<'_>, writes: bool) -> Result<T> {
+    async fn run(&self, call: &ScriptCall) -> Result<redis::Value> {
+        // `Script::ALL` lists the scripts in their order of declaration.
+        let lua = &self.scripts[call.script as usize];
         let (generation, mut connection) = self.connection().await?;
-        let wait = self.replicas.filter(|_| writes);
+        let wait = self.replicas.filter(|_| call.writes);
         let result = timeout(
             self.request_timeout + wait.map_or(Duration::ZERO, |(_, wait)| wait),
-            call.run::<T>(&mut connection, wait),
+            Call::new(lua, call).run::<redis::Value>(&mut connection, wait),
         )
         .await;
         match result {
@@ -190,140 +174,42 @@ impl ClientIo {
     }
 }
 
-fn flag(on: bool) -> &'static str {
-    if on { "1" } else { "0" }
-}
-
-fn unexpected(what: &str, answer: impl std::fmt::Debug) -> Error {
-    Error::store(std::io::Error::other(format!(
-        "unexpected answer from the {what} script: {answer:?}"
-    )))
-}
-
 #[async_trait]
 impl RedisIo for ClientIo {
     async fn acquire(&self, r: &Acquire) -> Result<AcquireReply> {
-        let call = Call::new(&self.acquire, &[&r.leader, &r.fence, &r.line])
-            .arg(&r.owner)
-            .arg(r.value.as_slice())
-            .arg(r.ttl_ms)
-            .arg(&r.channel)
-            .arg(r.place.as_slice())
-            .arg(flag(r.in_line))
-            .arg(flag(r.stand))
-            .arg(flag(r.ask_pttl));
-        let answer: Vec<i64> = self.run(call, true).await?;
-        match answer.as_slice() {
-            [1, token] => Ok(AcquireReply::Elected(*token)),
-            [0, pttl] => Ok(AcquireReply::Held(Some(*pttl))),
-            [0] => Ok(AcquireReply::Held(None)),
-            other => Err(unexpected("acquire", other)),
-        }
+        wire::acquire_reply(self.run(&wire::acquire(r)).await?)
     }
 
     async fn renew(&self, terms: &[Renewal]) -> Result<Vec<bool>> {
-        let keys: Vec<&str> = terms.iter().map(|term| term.leader.as_str()).collect();
-        let mut call = Call::new(&self.renew, &keys);
-        for term in terms {
-            call = call.arg(&term.owner).arg(term.token).arg(term.ttl_ms);
-        }
-        let values: Vec<i64> = self.run(call, true).await?;
-        Ok(values.iter().map(|v| *v == 1).collect())
+        wire::renew_reply(self.run(&wire::renew(terms)).await?)
     }
 
     async fn resign(&self, r: &Resign) -> Result<bool> {
-        let token = r.token.map_or_else(|| "-".to_owned(), |t| t.to_string());
-        let call = Call::new(&self.resign, &[&r.leader, &r.line, &r.line_until])
-            .arg(&r.owner)
-            .arg(r.place.as_slice())
-            .arg(token)
-            .arg(&r.channel)
-            .arg(&r.wake_prefix)
-            .arg(r.keep_ms);
-        let removed: i64 = self.run(call, true).await?;
-        Ok(removed == 1)
+        wire::resign_reply(self.run(&wire::resign(r)).await?)
     }
 
     async fn refresh(&self, r: &Refresh) -> Result<RefreshReply> {
-        let mut call = Call::new(
-            &self.refresh,
-            &[&r.leader, &r.line, &r.line_until, &r.line_maintained],
-        )
-        .arg(r.keep_ms)
-        .arg(r.period_ms)
-        .arg(&r.wake_prefix);
-        for place in &r.places {
-            call = call.arg(place.as_slice());
-        }
-        let (missing, head, pttl): (Vec<usize>, Vec<u8>, i64) = self.run(call, true).await?;
-        Ok(RefreshReply {
-            missing,
-            head,
-            pttl,
-        })
+        wire::refresh_reply(self.run(&wire::refresh(r)).await?)
     }
 
     async fn leader(&self, leader: &str) -> Result<Option<LeaderReply>> {
-        let call = Call::new(&self.leader, &[leader]);
-        let raw: Vec<redis::Value> = self.run(call, false).await?;
-        if raw.is_empty() {
-            return Ok(None);
-        }
-        let (owner, value, token, pttl): (String, Vec<u8>, u64, i64) =
-            FromRedisValue::from_redis_value(redis::Value::Array(raw)).map_err(Error::store)?;
-        Ok(Some(LeaderReply {
-            owner,
-            value,
-            token,
-            pttl,
-        }))
+        wire::leader_reply(self.run(&wire::leader(leader)).await?)
     }
 
     async fn candidates(&self, r: &Candidates) -> Result<Vec<(String, Vec<u8>)>> {
-        let call = Call::new(&self.candidates, &[&r.leader, &r.line, &r.line_until]).arg(r.keep_ms);
-        let flat: Vec<Vec<u8>> = self.run(call, false).await?;
-        Ok(flat
-            .chunks_exact(2)
-            .map(|pair| {
-                (
-                    String::from_utf8_lossy(&pair[0]).into_owned(),
-                    pair[1].clone(),
-                )
-            })
-            .collect())
+        wire::candidates_reply(self.run(&wire::candidates(r)).await?)
     }
 
     async fn hand_over(&self, r: &HandOver) -> Result<HandOverReply> {
-        let call = Call::new(&self.hand_over, &[&r.leader, &r.line, &r.line_until])
-            .arg(&r.owner)
-            .arg(r.token.to_string())
-            .arg(&r.nominee)
-            .arg(r.ttl_ms)
-            .arg(&r.wake_prefix)
-            .arg(&r.channel);
-        let answer: String = self.run(call, true).await?;
-        match answer.as_str() {
-            "ok" => Ok(HandOverReply::Done),
-            "gone" => Ok(HandOverReply::Gone),
-            "absent" => Ok(HandOverReply::Absent),
-            other => Err(unexpected("handover", other)),
-        }
+        wire::hand_over_reply(self.run(&wire::hand_over(r)).await?)
     }
 
     async fn proclaim(&self, r: &Proclaim) -> Result<bool> {
-        let call = Call::new(&self.proclaim, &[&r.leader])
-            .arg(&r.owner)
-            .arg(r.token.to_string())
-            .arg(r.value.as_slice())
-            .arg(&r.channel);
-        Ok(self.run::<i64>(call, true).await? == 1)
+        wire::proclaim_reply(self.run(&wire::proclaim(r)).await?)
     }
 
     async fn holds(&self, leader: &str, owner: &str, token: u64) -> Result<bool> {
-        let call = Call::new(&self.holds, &[leader])
-            .arg(owner)
-            .arg(token.to_string());
-        Ok(self.run::<i64>(call, false).await? == 1)
+        wire::holds_reply(self.run(&wire::holds(leader, owner, token)).await?)
     }
 
     async fn pubsub(&self, attempt: usize) -> Result<PubSubConnection> {

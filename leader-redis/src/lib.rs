@@ -1,7 +1,7 @@
 #![doc = include_str!("../README.md")]
 
-// Modules import only downward: `io`, `keys`, `scripts`, `topology` and the small state
-// modules at the bottom; `client` (the real I/O) and `subscriber` over them; `driver` (the
+// Modules import only downward: `io`, `keys`, `scripts`, `wire`, `topology` and the small
+// state modules at the bottom; `client` (the real I/O) and `subscriber` over them; `driver` (the
 // protocol's state), then `campaign` and `protocol` (the `Driver` contract); `builder` and
 // `url` (the real constructors) on top.
 mod builder;
@@ -20,6 +20,7 @@ mod scripts;
 mod subscriber;
 mod topology;
 mod url;
+pub mod wire;
 
 pub use builder::{DEFAULT_REQUEST_TIMEOUT, RedisDriverBuilder};
 pub use client::ACL_COMMANDS;

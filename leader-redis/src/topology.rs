@@ -8,7 +8,9 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::SentinelClient;
-use redis::{Client, Cmd, FromRedisValue, RedisResult, Script, ToRedisArgs};
+use redis::{Client, Cmd, FromRedisValue, RedisResult, Script};
+
+use crate::wire::ScriptCall;
 
 /// What the driver connects to.
 // One per driver, made once: its size does not matter.
@@ -142,22 +144,12 @@ impl Lua {
 /// needs no `SCRIPT` permission.
 pub(crate) struct Call<'a> {
     script: &'a Lua,
-    keys: Vec<&'a str>,
-    args: Vec<Vec<u8>>,
+    call: &'a ScriptCall,
 }
 
 impl<'a> Call<'a> {
-    pub(crate) fn new(script: &'a Lua, keys: &[&'a str]) -> Self {
-        Call {
-            script,
-            keys: keys.to_vec(),
-            args: Vec::new(),
-        }
-    }
-
-    pub(crate) fn arg(mut self, arg: impl ToRedisArgs) -> Self {
-        self.args.extend(arg.to_redis_args());
-        self
+    pub(crate) fn new(script: &'a Lua, call: &'a ScriptCall) -> Self {
+        Call { script, call }
     }
 
     fn command(&self, cached: bool) -> Cmd {
@@ -170,7 +162,9 @@ impl<'a> Call<'a> {
             cmd.arg(self.script.source);
             cmd
         };
-        cmd.arg(self.keys.len()).arg(&self.keys).arg(&self.args);
+        cmd.arg(self.call.keys.len())
+            .arg(&self.call.keys)
+            .arg(&self.call.args);
         cmd
     }
 

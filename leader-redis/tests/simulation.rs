@@ -164,3 +164,138 @@ async fn a_withdrawal_leaves_the_line_again_only_after_an_unanswered_campaign_re
         "c's next withdrawal left the line again three times"
     );
 }
+
+/// A handover's nomination elects only the nominee for its TTL: `a` hands over to `b`,
+/// whose campaign is gone (its place still in line, nobody listening for its wakeup);
+/// `c`, campaigning right then, is not elected while the nomination stands, and is once
+/// it expires (the line resumes). (With ACQUIRE taking a nominated key as free, `c` leads
+/// at once.)
+#[tokio::test(start_paused = true)]
+async fn a_nomination_elects_only_the_nominee_until_it_expires() {
+    let net = Net::quiet();
+    let model = sim::RedisModel::with(&net, false, false);
+    let (d0, d1): (RedisDriver, RedisDriver) = (
+        model.driver(&net, ClientId(0)),
+        model.driver(&net, ClientId(1)),
+    );
+    let ttl = Duration::from_secs(6);
+    let (a, b, c) = (
+        candidate("a", ttl),
+        candidate("b", ttl),
+        candidate("c", ttl),
+    );
+    let term = d0.campaign(&a).await.expect("a is elected");
+    let waiting = tokio::spawn({
+        let (d1, b) = (d1.clone(), b.clone());
+        async move { d1.campaign(&b).await }
+    });
+    let deadline = tokio::time::Instant::now() + ttl;
+    loop {
+        let line = d0.candidates("sim-0").await.expect("candidates");
+        if line.iter().any(|candidate| candidate.id == "b") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b never stood in line"
+        );
+        sleep(Duration::from_millis(10)).await;
+    }
+    // b's campaign is gone; its place stays in line.
+    waiting.abort();
+    let _ = waiting.await;
+    d0.hand_over(&a, term.fencing_token, "b")
+        .await
+        .expect("a hands over to b");
+    let handed = tokio::time::Instant::now();
+    let contender = tokio::spawn({
+        let (d0, c) = (d0.clone(), c.clone());
+        async move { d0.campaign(&c).await }
+    });
+    sleep(ttl * 9 / 10).await;
+    assert!(
+        !contender.is_finished(),
+        "c was elected during b's nomination (seen {:?} after the handover)",
+        handed.elapsed()
+    );
+    let leader = d0.leader("sim-0").await.expect("leader");
+    assert!(
+        leader.is_none(),
+        "nobody leads while b is nominated: {leader:?}"
+    );
+    // The nomination expires: the line resumes, and c is elected.
+    let elected = tokio::time::timeout(ttl * 2, contender)
+        .await
+        .expect("c is elected once the nomination expired")
+        .expect("task");
+    assert!(elected.is_ok(), "c's campaign: {elected:?}");
+}
+
+/// A place nobody refreshes, left long ago at the head of a line (a campaign request that
+/// landed after its candidate's withdrawal, with no waiter in that election for a long
+/// while), is pruned by the next waiter's first refresh: a resignation then wakes that
+/// waiter at once, not the orphan. (With the pruning limited to places two refresh
+/// periods past their keep, the orphan takes the wakeup and the waiter waits for its next
+/// refresh.)
+#[tokio::test(start_paused = true)]
+async fn an_orphan_place_at_the_head_of_the_line_is_pruned_however_old() {
+    let net = Net::quiet();
+    let model = sim::RedisModel::with(&net, false, false);
+    let (d0, d1): (RedisDriver, RedisDriver) = (
+        model.driver(&net, ClientId(0)),
+        model.driver(&net, ClientId(1)),
+    );
+    let ttl = Duration::from_secs(6);
+    let (a, b) = (candidate("a", ttl), candidate("b", ttl));
+    let term = d0.campaign(&a).await.expect("a is elected");
+    let line = format!("{}{{sim-0}}:line", sim::PREFIX);
+    model.with_store(|s| {
+        let Ok(sim::store::Reply::Array(now)) = s.command(&[b"TIME".to_vec()]) else {
+            panic!("TIME answers an array");
+        };
+        let [
+            sim::store::Reply::Bulk(secs),
+            sim::store::Reply::Bulk(micros),
+        ] = now.as_slice()
+        else {
+            panic!("TIME answers two numbers");
+        };
+        let parse = |b: &[u8]| String::from_utf8_lossy(b).parse::<u64>().expect("a number");
+        let now_us = parse(secs) * 1_000_000 + parse(micros);
+        let long_ago = now_us - 20 * u64::try_from(ttl.as_micros()).expect("small");
+        s.command(&[
+            b"ZADD".to_vec(),
+            line.clone().into_bytes(),
+            long_ago.to_string().into_bytes(),
+            b"gone\ngone".to_vec(),
+        ])
+        .expect("the orphan place");
+    });
+    let waiting = tokio::spawn({
+        let (d1, b) = (d1.clone(), b.clone());
+        async move { d1.campaign(&b).await }
+    });
+    let deadline = tokio::time::Instant::now() + ttl;
+    loop {
+        let line = d0.candidates("sim-0").await.expect("candidates");
+        if line.iter().any(|candidate| candidate.id == "b") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b never stood in line"
+        );
+        sleep(Duration::from_millis(10)).await;
+    }
+    sleep(Duration::from_millis(100)).await;
+    d0.resign(&a, Some(term.fencing_token))
+        .await
+        .expect("a resigns");
+    let resigned = tokio::time::Instant::now();
+    let elected = tokio::time::timeout(ttl / 10, waiting).await;
+    assert!(
+        matches!(elected, Ok(Ok(Ok(_)))),
+        "b was not elected within {:?} of the resignation (the orphan took the wakeup?): {elected:?}",
+        resigned.elapsed()
+    );
+}

@@ -4,6 +4,7 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod lua;
 pub mod store;
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -17,6 +18,8 @@ use leader_redis::io::{
     Acquire, AcquireReply, Candidates, HandOver, HandOverReply, LeaderReply, Message, Proclaim,
     PubSub, PubSubConnection, RedisIo, Refresh, RefreshReply, Renewal, Resign,
 };
+use leader_redis::redis::Value;
+use leader_redis::wire::{self, ScriptCall};
 use leader_testkit::sim::{ClientId, Model, Net, REQUEST_TIMEOUT};
 use rand::Rng;
 use store::{Conn, Store};
@@ -188,6 +191,18 @@ fn tracing() -> bool {
 }
 
 impl SimIo {
+    /// One of the driver's scripts, `call`, run on the model when it lands; its answer
+    /// read with `read` (the real client's reading).
+    async fn script<T: Send + std::fmt::Debug + 'static>(
+        &self,
+        label: impl FnOnce() -> String,
+        call: ScriptCall,
+        read: fn(Value) -> Result<T>,
+    ) -> Result<T> {
+        self.request(label, move |s| s.eval(&call).and_then(read))
+            .await?
+    }
+
     async fn request<T: Send + std::fmt::Debug + 'static>(
         &self,
         label: impl FnOnce() -> String,
@@ -218,13 +233,12 @@ fn short(s: &str) -> &str {
 #[async_trait]
 impl RedisIo for SimIo {
     async fn acquire(&self, r: &Acquire) -> Result<AcquireReply> {
-        let owned = r.clone();
         let label = || format!("ACQUIRE {} by {}", r.leader, r.owner);
-        self.request(label, move |s| s.acquire(&owned)).await
+        self.script(label, wire::acquire(r), wire::acquire_reply)
+            .await
     }
 
     async fn renew(&self, terms: &[Renewal]) -> Result<Vec<bool>> {
-        let owned = terms.to_vec();
         let label = || {
             format!(
                 "RENEW {:?}",
@@ -234,21 +248,21 @@ impl RedisIo for SimIo {
                     .collect::<Vec<_>>()
             )
         };
-        self.request(label, move |s| s.renew(&owned)).await
+        self.script(label, wire::renew(terms), wire::renew_reply)
+            .await
     }
 
     async fn resign(&self, r: &Resign) -> Result<bool> {
-        let owned = r.clone();
         let label = || format!("RESIGN {} by {} token {:?}", r.leader, r.owner, r.token);
+        let (call, owner) = (wire::resign(r), r.owner.clone());
         self.request(label, move |s| {
-            *s.resigns.entry(owned.owner.clone()).or_default() += 1;
-            s.resign(&owned)
+            *s.resigns.entry(owner).or_default() += 1;
+            s.eval(&call).and_then(wire::resign_reply)
         })
-        .await
+        .await?
     }
 
     async fn refresh(&self, r: &Refresh) -> Result<RefreshReply> {
-        let owned = r.clone();
         let label = || {
             let owners: Vec<String> = r
                 .places
@@ -260,43 +274,37 @@ impl RedisIo for SimIo {
                 .collect();
             format!("REFRESH {} ({} places: {owners:?})", r.line, r.places.len())
         };
-        self.request(label, move |s| s.refresh(&owned)).await
+        self.script(label, wire::refresh(r), wire::refresh_reply)
+            .await
     }
 
     async fn leader(&self, leader: &str) -> Result<Option<LeaderReply>> {
-        let key = leader.to_owned();
-        self.request(|| format!("LEADER {leader}"), move |s| s.leader(&key))
+        let label = || format!("LEADER {leader}");
+        self.script(label, wire::leader(leader), wire::leader_reply)
             .await
     }
 
     async fn candidates(&self, r: &Candidates) -> Result<Vec<(String, Vec<u8>)>> {
-        let owned = r.clone();
-        self.request(
-            || format!("CANDIDATES {}", r.leader),
-            move |s| s.candidates(&owned),
-        )
-        .await
+        let label = || format!("CANDIDATES {}", r.leader);
+        self.script(label, wire::candidates(r), wire::candidates_reply)
+            .await
     }
 
     async fn hand_over(&self, r: &HandOver) -> Result<HandOverReply> {
-        let owned = r.clone();
         let label = || format!("HAND_OVER {} to {}", r.leader, r.nominee);
-        self.request(label, move |s| s.hand_over(&owned)).await
+        self.script(label, wire::hand_over(r), wire::hand_over_reply)
+            .await
     }
 
     async fn proclaim(&self, r: &Proclaim) -> Result<bool> {
-        let owned = r.clone();
-        self.request(
-            || format!("PROCLAIM {}", r.leader),
-            move |s| s.proclaim(&owned),
-        )
-        .await
+        let label = || format!("PROCLAIM {}", r.leader);
+        self.script(label, wire::proclaim(r), wire::proclaim_reply)
+            .await
     }
 
     async fn holds(&self, leader: &str, owner: &str, token: u64) -> Result<bool> {
         let label = || format!("HOLDS {leader} {} #{token}", short(owner));
-        let (key, owner) = (leader.to_owned(), owner.to_owned());
-        self.request(label, move |s| s.holds(&key, &owner, token))
+        self.script(label, wire::holds(leader, owner, token), wire::holds_reply)
             .await
     }
 

@@ -1,19 +1,21 @@
 //! A model of the part of Redis the driver's scripts use: strings and sorted sets with
 //! millisecond expiry on the store's clock, `TIME`, pub/sub connections that lose what is
 //! published while they are cut off, and keyspace notifications (`K` + `A`) for string
-//! keys. Each script of the driver is written here in Rust, applied in one step (scripts
-//! are atomic in Redis); `tests/differential.rs` keeps them equal to the real scripts.
+//! keys. The driver's own Lua scripts run on it (`lua.rs`: an embedded Lua 5.1 whose
+//! `redis.call` runs [`Store::command`]), each in one step (scripts are atomic in Redis);
+//! `tests/differential.rs` keeps the commands equal to the real server's.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use leader_redis::io::{
-    Acquire, AcquireReply, Candidates, HandOver, HandOverReply, LeaderReply, Message, Proclaim,
-    Refresh, RefreshReply, Renewal, Resign,
-};
+use leader_redis::io::Message;
+use leader_redis::redis::Value;
+use leader_redis::wire::ScriptCall;
 use leader_testkit::sim::{ClientId, Net};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+
+use super::lua::Scripts;
 
 /// Server time in µs at the model's start (a Unix time of late 2023, as `TIME` returns).
 const EPOCH_US: u64 = 1_700_000_000_000_000;
@@ -83,6 +85,8 @@ pub struct Store {
     pub keyspace: Option<String>,
     /// How many `RESIGN`s landed, per candidate (for scripted scenarios).
     pub resigns: BTreeMap<String, u32>,
+    /// The driver's scripts in Lua (taken out while one runs).
+    scripts: Option<Scripts>,
 }
 
 fn find(hay: &[u8], from: usize, byte: u8) -> Option<usize> {
@@ -116,6 +120,7 @@ impl Store {
             next_conn: 0,
             keyspace: keyspace.then(|| "__keyspace@0__:".to_owned()),
             resigns: BTreeMap::new(),
+            scripts: Some(Scripts::default()),
         }
     }
 
@@ -380,273 +385,277 @@ impl Store {
             .collect()
     }
 
-    // The driver's scripts.
+    /// Runs one of the driver's scripts (the request has begun: see [`Store::begin`]). A
+    /// script that fails is a violation (the driver's scripts never fail on Redis): the
+    /// seed fails, and the caller gets the error reply Redis would send.
+    pub fn eval(&mut self, call: &ScriptCall) -> leader_core::Result<Value> {
+        let mut scripts = self.scripts.take().unwrap_or_default();
+        let answer = scripts.eval(self, call);
+        self.scripts = Some(scripts);
+        answer.map_err(|err| {
+            self.net
+                .violation(format!("{:?} failed in the model: {err}", call.script));
+            leader_core::Error::store(std::io::Error::other(err))
+        })
+    }
 
-    pub fn acquire(&mut self, r: &Acquire) -> AcquireReply {
-        let held = match self.get(&r.leader) {
-            Parsed::None => false,
-            Parsed::Other => true,
-            Parsed::Term { owner, .. } => owner != r.owner.as_bytes(),
-            Parsed::Nomination { nominee } => nominee != r.owner.as_bytes(),
+    // Commands, as `redis.call` runs them inside the driver's scripts (see `lua.rs`).
+
+    /// Runs one command (the scripts' subset of Redis, with its replies and errors).
+    pub fn command(&mut self, args: &[Vec<u8>]) -> Result<Reply, String> {
+        let Some((name, args)) = args.split_first() else {
+            return Err("ERR wrong number of arguments".into());
         };
-        if held {
-            if r.stand {
-                let now = self.now_us() as f64;
-                self.zadd(&r.line, now, &r.place, true);
-            }
-            if r.ask_pttl {
-                return AcquireReply::Held(Some(self.pttl(&r.leader)));
-            }
-            return AcquireReply::Held(None);
-        }
-        let token = self.incr(&r.fence);
-        let raw = concat(&[
-            b"L\n",
-            token.to_string().as_bytes(),
-            b"\n",
-            r.owner.as_bytes(),
-            b"\n",
-            &r.value,
-        ]);
-        self.set(&r.leader, raw, Some(r.ttl_ms), false);
-        if r.in_line {
-            self.zrem(&r.line, &r.place);
-        }
-        self.publish(&r.channel, b"elected");
-        AcquireReply::Elected(token)
-    }
-
-    pub fn renew(&mut self, terms: &[Renewal]) -> Vec<bool> {
-        terms
-            .iter()
-            .map(|t| match self.get(&t.leader) {
-                Parsed::Term { token, owner, .. }
-                    if owner == t.owner.as_bytes() && token == t.token.to_string().as_bytes() =>
-                {
-                    self.pexpire(&t.leader, t.ttl_ms)
-                }
-                _ => false,
-            })
-            .collect()
-    }
-
-    pub fn resign(&mut self, r: &Resign) -> bool {
-        let token_arg = r.token.map_or_else(|| "-".to_owned(), |t| t.to_string());
-        let parsed = self.get(&r.leader);
-        let mut removed = false;
-        let free;
-        match &parsed {
-            Parsed::Term { token, owner, .. }
-                if owner == r.owner.as_bytes() && token == token_arg.as_bytes() =>
-            {
-                self.del(&r.leader);
-                removed = true;
-                free = true;
-            }
-            Parsed::Nomination { nominee } if nominee == r.owner.as_bytes() => {
-                self.del(&r.leader);
-                removed = true;
-                free = true;
-            }
-            _ => {
-                if self.zrem(&r.line, &r.place) {
-                    self.zrem(&r.line_until, &r.place);
-                }
-                if self.pttl(&r.line) == -1 {
-                    self.pexpire(&r.line, r.keep_ms);
-                    self.pexpire(&r.line_until, r.keep_ms);
-                }
-                // A waiter woken for a free key that leaves instead passes the wakeup on.
-                free = parsed == Parsed::None;
-            }
-        }
-        if free {
-            if let Some(head) = self.zpopmin(&r.line) {
-                let channel = format!(
-                    "{}{}",
-                    r.wake_prefix,
-                    String::from_utf8_lossy(owner_of(&head))
-                );
-                self.publish(&channel, b"turn");
-            } else if removed {
-                self.publish(&r.channel, b"resigned");
-            }
-        }
-        removed
-    }
-
-    pub fn refresh(&mut self, r: &Refresh) -> RefreshReply {
-        let now = self.now_ms();
-        let mut missing = Vec::new();
-        let mut refreshed = Vec::new();
-        for (i, place) in r.places.iter().enumerate() {
-            if self.zscore(&r.line, place).is_some() {
-                refreshed.push(place.clone());
-            } else {
-                missing.push(i);
-            }
-        }
-        let any = !refreshed.is_empty();
-        for place in refreshed {
-            self.zadd(&r.line_until, (now + r.keep_ms) as f64, &place, false);
-        }
-        if any {
-            // The line lives while a place in it is refreshed (REFRESH).
-            if self.pttl(&r.line) < r.keep_ms as i64 {
-                self.pexpire(&r.line, r.keep_ms);
-            }
-            if self.pttl(&r.line_until) < r.keep_ms as i64 {
-                self.pexpire(&r.line_until, r.keep_ms);
-            }
-        }
-        if self.set_nx(&r.line_maintained, r.period_ms) {
-            let stale = self.zrangebyscore(&r.line_until, f64::NEG_INFINITY, now as f64, 64);
-            for place in &stale {
-                self.zrem(&r.line, place);
-            }
-            for place in &stale {
-                self.zrem(&r.line_until, place);
-            }
-            let high = (now as f64 - r.keep_ms as f64) * 1000.0;
-            let old = self.zrangebyscore(&r.line, f64::NEG_INFINITY, high, 64);
-            let gone: Vec<Vec<u8>> = old
-                .into_iter()
-                .filter(|place| self.zscore(&r.line_until, place).is_none())
-                .collect();
-            for place in &gone {
-                self.zrem(&r.line, place);
-            }
-            if self.pttl(&r.line) < r.keep_ms as i64 {
-                self.pexpire(&r.line, r.keep_ms);
-                self.pexpire(&r.line_until, r.keep_ms);
-            }
-        }
-        let pttl = self.pttl(&r.leader);
-        if pttl == -2 {
-            if let Some(head) = self.zpopmin(&r.line) {
-                let channel = format!(
-                    "{}{}",
-                    r.wake_prefix,
-                    String::from_utf8_lossy(owner_of(&head))
-                );
-                self.publish(&channel, b"turn");
-            }
-            return RefreshReply {
-                missing,
-                head: Vec::new(),
-                pttl,
-            };
-        }
-        let head = self
-            .zrange(&r.line)
-            .into_iter()
-            .next()
-            .map(|(m, _)| m)
-            .unwrap_or_default();
-        RefreshReply {
-            missing,
-            head,
-            pttl,
-        }
-    }
-
-    pub fn leader(&self, key: &str) -> Option<LeaderReply> {
-        match self.get(key) {
-            Parsed::Term {
-                token,
-                owner,
-                value,
-            } => Some(LeaderReply {
-                owner: String::from_utf8_lossy(&owner).into_owned(),
-                value,
-                // The real driver fails to read a token that is not a number: so does this.
-                token: String::from_utf8_lossy(&token).parse().unwrap_or(u64::MAX),
-                pttl: self.pttl(key),
-            }),
-            _ => None,
-        }
-    }
-
-    pub fn candidates(&self, r: &Candidates) -> Vec<(String, Vec<u8>)> {
-        let now = self.now_ms() as f64;
-        let keep = r.keep_ms as f64;
-        let mut out = match self.get(&r.leader) {
-            Parsed::Term { owner, value, .. } => {
-                vec![(String::from_utf8_lossy(&owner).into_owned(), value)]
-            }
-            _ => vec![("-".to_owned(), Vec::new())],
+        let name = String::from_utf8_lossy(name).to_ascii_uppercase();
+        let text = |i: usize| -> Result<String, String> {
+            args.get(i)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .ok_or_else(|| format!("ERR wrong number of arguments for '{name}'"))
         };
-        let first = out[0].0.clone();
-        for (place, score) in self.zrange(&r.line) {
-            let arrived = score / 1000.0;
-            let live = match self.zscore(&r.line_until, &place) {
-                Some(until) => until > now,
-                None => arrived > now - keep,
-            };
-            if let Some(at) = find(&place, 0, b'\n')
-                && live
-            {
-                let who = String::from_utf8_lossy(&place[..at]).into_owned();
-                if who != first {
-                    out.push((who, place[at + 1..].to_vec()));
+        let int = |i: usize| -> Result<i64, String> {
+            text(i)?
+                .parse::<i64>()
+                .map_err(|_| "ERR value is not an integer or out of range".to_owned())
+        };
+        let wrong_type =
+            || "WRONGTYPE Operation against a key holding the wrong kind of value".to_owned();
+        let is_zset = |s: &Self, key: &str| match s.keys.get(key) {
+            None => Ok(()),
+            Some(Entry {
+                val: Val::Zset(_), ..
+            }) => Ok(()),
+            Some(_) => Err(wrong_type()),
+        };
+        match name.as_str() {
+            "TIME" => {
+                let us = self.now_us();
+                Ok(Reply::Array(vec![
+                    Reply::Bulk((us / 1_000_000).to_string().into_bytes()),
+                    Reply::Bulk((us % 1_000_000).to_string().into_bytes()),
+                ]))
+            }
+            "GET" => match self.keys.get(&text(0)?) {
+                None => Ok(Reply::Nil),
+                Some(Entry {
+                    val: Val::Str(raw), ..
+                }) => Ok(Reply::Bulk(raw.clone())),
+                Some(_) => Err(wrong_type()),
+            },
+            "SET" => {
+                let (key, raw) = (text(0)?, args.get(1).cloned().ok_or("ERR syntax error")?);
+                let (mut px, mut nx, mut keep_ttl, mut at) = (None, false, false, 2);
+                while at < args.len() {
+                    match text(at)?.to_ascii_uppercase().as_str() {
+                        "PX" => {
+                            let ms = int(at + 1)?;
+                            px =
+                                Some(u64::try_from(ms).ok().filter(|ms| *ms > 0).ok_or(
+                                    "ERR invalid expire time in 'set' command".to_owned(),
+                                )?);
+                            at += 2;
+                        }
+                        "NX" => (nx, at) = (true, at + 1),
+                        "KEEPTTL" => (keep_ttl, at) = (true, at + 1),
+                        _ => return Err("ERR syntax error".into()),
+                    }
+                }
+                if nx && self.keys.contains_key(&key) {
+                    return Ok(Reply::Nil);
+                }
+                self.set(&key, raw, px, keep_ttl);
+                Ok(Reply::Status("OK".into()))
+            }
+            "DEL" => Ok(Reply::Int(i64::from(self.del(&text(0)?)))),
+            "INCR" => {
+                let key = text(0)?;
+                match self.keys.get(&key) {
+                    Some(Entry {
+                        val: Val::Str(raw), ..
+                    }) if std::str::from_utf8(raw)
+                        .ok()
+                        .and_then(|s| s.parse::<i64>().ok())
+                        .is_none() =>
+                    {
+                        Err("ERR value is not an integer or out of range".into())
+                    }
+                    Some(Entry {
+                        val: Val::Zset(_), ..
+                    }) => Err(wrong_type()),
+                    _ => Ok(Reply::Int(self.incr(&key))),
                 }
             }
-        }
-        out
-    }
-
-    pub fn hand_over(&mut self, r: &HandOver) -> HandOverReply {
-        match self.get(&r.leader) {
-            Parsed::Term { token, owner, .. }
-                if owner == r.owner.as_bytes() && token == r.token.to_string().as_bytes() => {}
-            _ => return HandOverReply::Gone,
-        }
-        let now = self.now_ms() as f64;
-        let prefix = concat(&[r.nominee.as_bytes(), b"\n"]);
-        let mut place = self
-            .zrange(&r.line)
-            .into_iter()
-            .map(|(m, _)| m)
-            .find(|m| m.starts_with(&prefix));
-        if let Some(p) = &place
-            && self
-                .zscore(&r.line_until, p)
-                .is_some_and(|until| until <= now)
-        {
-            place = None;
-        }
-        let Some(place) = place else {
-            return HandOverReply::Absent;
-        };
-        self.set(
-            &r.leader,
-            concat(&[b"N\n", r.nominee.as_bytes()]),
-            Some(r.ttl_ms),
-            false,
-        );
-        self.zrem(&r.line, &place);
-        self.zrem(&r.line_until, &place);
-        self.publish(&format!("{}{}", r.wake_prefix, r.nominee), b"turn");
-        self.publish(&r.channel, b"resigned");
-        HandOverReply::Done
-    }
-
-    pub fn proclaim(&mut self, r: &Proclaim) -> bool {
-        match self.get(&r.leader) {
-            Parsed::Term { token, owner, .. }
-                if owner == r.owner.as_bytes() && token == r.token.to_string().as_bytes() =>
-            {
-                let raw = concat(&[b"L\n", &token, b"\n", &owner, b"\n", &r.value]);
-                self.set(&r.leader, raw, None, true);
-                self.publish(&r.channel, b"proclaimed");
-                true
+            "PEXPIRE" => {
+                let ms = u64::try_from(int(1)?).unwrap_or(0);
+                Ok(Reply::Int(i64::from(self.pexpire(&text(0)?, ms))))
             }
-            _ => false,
+            "PTTL" => Ok(Reply::Int(self.pttl(&text(0)?))),
+            "PUBLISH" => {
+                let payload = args.get(1).ok_or("ERR wrong number of arguments")?;
+                self.publish(&text(0)?, payload);
+                Ok(Reply::Int(0))
+            }
+            "ZADD" => {
+                let key = text(0)?;
+                is_zset(self, &key)?;
+                let nx = text(1)?.eq_ignore_ascii_case("NX");
+                let pairs = &args[1 + usize::from(nx)..];
+                if pairs.is_empty() || pairs.len() % 2 != 0 {
+                    return Err("ERR syntax error".into());
+                }
+                let mut added = 0;
+                for pair in pairs.chunks(2) {
+                    let at = score(&String::from_utf8_lossy(&pair[0]))?;
+                    let new = self.zscore(&key, &pair[1]).is_none();
+                    self.zadd(&key, at, &pair[1], nx);
+                    added += i64::from(new);
+                }
+                Ok(Reply::Int(added))
+            }
+            "ZREM" => {
+                let key = text(0)?;
+                is_zset(self, &key)?;
+                let removed = args[1..].iter().filter(|m| self.zrem(&key, m)).count();
+                Ok(Reply::Int(i64::try_from(removed).unwrap_or(i64::MAX)))
+            }
+            "ZSCORE" => {
+                let key = text(0)?;
+                is_zset(self, &key)?;
+                let member = args.get(1).ok_or("ERR wrong number of arguments")?;
+                Ok(self
+                    .zscore(&key, member)
+                    .map_or(Reply::Nil, |s| Reply::Bulk(shown(s))))
+            }
+            "ZMSCORE" => {
+                let key = text(0)?;
+                is_zset(self, &key)?;
+                if args.len() < 2 {
+                    return Err("ERR wrong number of arguments for 'zmscore' command".into());
+                }
+                Ok(Reply::Array(
+                    args[1..]
+                        .iter()
+                        .map(|m| {
+                            self.zscore(&key, m)
+                                .map_or(Reply::Nil, |s| Reply::Bulk(shown(s)))
+                        })
+                        .collect(),
+                ))
+            }
+            "ZRANGE" => {
+                let key = text(0)?;
+                is_zset(self, &key)?;
+                let (start, stop) = (int(1)?, int(2)?);
+                let scores = match args.len() {
+                    3 => false,
+                    4 if text(3)?.eq_ignore_ascii_case("WITHSCORES") => true,
+                    _ => return Err("ERR syntax error".into()),
+                };
+                let all = self.zrange(&key);
+                let len = i64::try_from(all.len()).unwrap_or(i64::MAX);
+                let from = if start < 0 {
+                    (len + start).max(0)
+                } else {
+                    start
+                };
+                let to = if stop < 0 {
+                    len + stop
+                } else {
+                    stop.min(len - 1)
+                };
+                let mut out = Vec::new();
+                if from <= to {
+                    for (member, at) in
+                        &all[usize::try_from(from).unwrap_or(0)..=usize::try_from(to).unwrap_or(0)]
+                    {
+                        out.push(Reply::Bulk(member.clone()));
+                        if scores {
+                            out.push(Reply::Bulk(shown(*at)));
+                        }
+                    }
+                }
+                Ok(Reply::Array(out))
+            }
+            "ZRANGEBYSCORE" => {
+                let key = text(0)?;
+                is_zset(self, &key)?;
+                let (min, max) = (text(1)?, text(2)?);
+                let limit = match args.len() {
+                    3 => usize::MAX,
+                    6 if text(3)?.eq_ignore_ascii_case("LIMIT") && int(4)? == 0 => {
+                        usize::try_from(int(5)?).unwrap_or(usize::MAX)
+                    }
+                    _ => return Err("ERR syntax error (the model knows LIMIT 0 n only)".into()),
+                };
+                let (low, low_open) = bound(&min)?;
+                let (high, high_open) = bound(&max)?;
+                Ok(Reply::Array(
+                    self.zrange(&key)
+                        .into_iter()
+                        .filter(|(_, s)| {
+                            (if low_open { *s > low } else { *s >= low })
+                                && (if high_open { *s < high } else { *s <= high })
+                        })
+                        .take(limit)
+                        .map(|(m, _)| Reply::Bulk(m))
+                        .collect(),
+                ))
+            }
+            "ZPOPMIN" => {
+                let key = text(0)?;
+                is_zset(self, &key)?;
+                if args.len() != 1 {
+                    return Err("ERR the model knows ZPOPMIN key only".into());
+                }
+                let head = self.zrange(&key).into_iter().next();
+                Ok(Reply::Array(match head {
+                    Some((member, at)) => {
+                        self.zrem(&key, &member);
+                        vec![Reply::Bulk(member), Reply::Bulk(shown(at))]
+                    }
+                    None => Vec::new(),
+                }))
+            }
+            _ => Err(format!("ERR unknown command '{name}' (not in the model)")),
         }
     }
+}
 
-    pub fn holds(&self, key: &str, owner: &str, token: u64) -> bool {
-        matches!(self.get(key), Parsed::Term { token: t, owner: o, .. }
-            if o == owner.as_bytes() && t == token.to_string().as_bytes())
+/// A reply of a command, as `redis.call` hands it to a script.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    Nil,
+    Int(i64),
+    Bulk(Vec<u8>),
+    Status(String),
+    Array(Vec<Reply>),
+}
+
+/// A score as Redis parses it (`-inf`, `+inf`, a number).
+fn score(text: &str) -> Result<f64, String> {
+    match text.to_ascii_lowercase().as_str() {
+        "-inf" => Ok(f64::NEG_INFINITY),
+        "+inf" | "inf" => Ok(f64::INFINITY),
+        other => other
+            .parse::<f64>()
+            .ok()
+            .filter(|f| !f.is_nan())
+            .ok_or_else(|| "ERR value is not a valid float".to_owned()),
+    }
+}
+
+/// A range bound of `ZRANGEBYSCORE`: the score, and whether it is exclusive (`(`).
+fn bound(text: &str) -> Result<(f64, bool), String> {
+    match text.strip_prefix('(') {
+        Some(rest) => Ok((score(rest)?, true)),
+        None => Ok((score(text)?, false)),
+    }
+}
+
+/// A score as Redis shows it (`%.17g`: whole numbers without a fraction).
+fn shown(score: f64) -> Vec<u8> {
+    if score.fract() == 0.0 && score.abs() < 1e17 {
+        format!("{}", score as i64).into_bytes()
+    } else {
+        format!("{score}").into_bytes()
     }
 }

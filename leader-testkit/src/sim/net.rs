@@ -395,7 +395,9 @@ impl Net {
         *lock(&self.inner.report)
     }
 
-    pub(crate) fn violation(&self, what: String) {
+    /// Records a violation: the seed fails with `what`. For a model that meets what
+    /// cannot happen (a script of the driver that fails in the model, say).
+    pub fn violation(&self, what: String) {
         self.checker().violation(what);
     }
 
