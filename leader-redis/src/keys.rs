@@ -44,6 +44,12 @@ impl ElectionKeys {
         }
     }
 
+    /// The leader key of `election` under `prefix` alone (what a renewal needs: no other
+    /// name made).
+    pub(crate) fn leader_only(prefix: &str, election: &str) -> String {
+        format!("{prefix}{{{election}}}:leader")
+    }
+
     /// The channel that wakes the waiting candidate `owner`.
     pub fn wake(&self, owner: &str) -> String {
         format!("{}{owner}", self.wake_prefix)
@@ -102,4 +108,19 @@ pub(crate) fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis())
         .unwrap_or(u64::MAX)
         .max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_leader_key_alone_is_the_elections_leader_key() {
+        for (prefix, election) in [("leader:", "jobs"), ("", "a:b"), ("p/", "é")] {
+            assert_eq!(
+                ElectionKeys::leader_only(prefix, election),
+                ElectionKeys::new(prefix, election).leader
+            );
+        }
+    }
 }

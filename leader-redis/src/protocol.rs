@@ -48,7 +48,9 @@ impl Driver for RedisDriver {
     }
 
     async fn renew(&self, candidate: &Candidate, grant: &Grant) -> Result<Grant> {
-        let keys = self.keys(&candidate.election);
+        // The leader key only: a renewal is the most frequent request, and most are
+        // answered from the cache (10,000 elections ask about 3,000 times a second).
+        let leader = ElectionKeys::leader_only(&self.inner.prefix, &candidate.election);
         let inner = &self.inner;
         let token = grant.fencing_token;
         let renewed = |at: Instant| Grant::new(token, at, candidate.ttl);
@@ -59,7 +61,7 @@ impl Driver for RedisDriver {
         if !per_slot {
             let ask = || {
                 inner.renewals.ask(
-                    &keys.leader,
+                    &leader,
                     &candidate.id,
                     token,
                     candidate.ttl,
@@ -84,14 +86,14 @@ impl Driver for RedisDriver {
         // Sentinel) the other held terms due, up to one call's worth: the rest renew in
         // their own terms' calls.
         let own = renewals::Due {
-            key: keys.leader.clone(),
+            key: leader.clone(),
             owner: candidate.id.clone(),
             token,
             ttl: candidate.ttl,
         };
         let mut batch = vec![own];
         if !per_slot {
-            batch.extend(inner.renewals.due(&keys.leader, renewals::BATCH - 1));
+            batch.extend(inner.renewals.due(&leader, renewals::BATCH - 1));
         }
         let terms: Vec<Renewal> = batch
             .iter()

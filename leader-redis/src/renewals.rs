@@ -116,14 +116,23 @@ impl Renewals {
     ) -> Cached {
         let now = Instant::now();
         let mut terms = self.terms();
-        let held = terms.entry(key.to_owned()).or_insert_with(|| Held {
-            owner: owner.to_owned(),
-            token,
-            ttl,
-            confirmed: after,
-            asked: now,
-            gone: false,
-        });
+        // Looked up before inserting: a held term (the usual case) costs no key copy.
+        if !terms.contains_key(key) {
+            terms.insert(
+                key.to_owned(),
+                Held {
+                    owner: owner.to_owned(),
+                    token,
+                    ttl,
+                    confirmed: after,
+                    asked: now,
+                    gone: false,
+                },
+            );
+        }
+        let Some(held) = terms.get_mut(key) else {
+            return Cached::Miss;
+        };
         if held.owner != owner || held.token != token {
             // Another term of this key (a newer one of another candidate of this driver):
             // this one is not held here any more.
