@@ -60,6 +60,7 @@ async fn a_renewal_is_not_answered_by_another_candidates_term_of_the_same_key() 
     // b's own renewal still works.
     let renewed = driver.renew(&b, &second).await;
     assert!(renewed.is_ok(), "b renews its term: {renewed:?}");
+    model.assert_no_faults();
 }
 
 /// A withdrawal is one request when every request of the withdrawn campaign was answered
@@ -163,6 +164,7 @@ async fn a_withdrawal_leaves_the_line_again_only_after_an_unanswered_campaign_re
         9,
         "c's next withdrawal left the line again three times"
     );
+    model.assert_no_faults();
 }
 
 /// A handover's nomination elects only the nominee for its TTL: `a` hands over to `b`,
@@ -229,6 +231,7 @@ async fn a_nomination_elects_only_the_nominee_until_it_expires() {
         .expect("c is elected once the nomination expired")
         .expect("task");
     assert!(elected.is_ok(), "c's campaign: {elected:?}");
+    model.assert_no_faults();
 }
 
 /// A place nobody refreshes, left long ago at the head of a line (a campaign request that
@@ -298,4 +301,5 @@ async fn an_orphan_place_at_the_head_of_the_line_is_pruned_however_old() {
         "b was not elected within {:?} of the resignation (the orphan took the wakeup?): {elected:?}",
         resigned.elapsed()
     );
+    model.assert_no_faults();
 }

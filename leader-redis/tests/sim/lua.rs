@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use leader_redis::redis::Value;
 use leader_redis::wire::{Script, ScriptCall};
-use mlua::{Function, Lua, MultiValue, Table, Value as LuaValue};
+use mlua::{Function, Lua, LuaOptions, MultiValue, StdLib, Table, Value as LuaValue};
 
 use super::store::{Reply, Store};
 
@@ -20,8 +20,28 @@ pub struct Scripts {
 
 impl Default for Scripts {
     fn default() -> Self {
+        // As Redis: the base, table, string and math libraries only, and globals
+        // protected (reading an undeclared one, or creating one, is an error: a typo in a
+        // script fails there as it fails in Redis).
+        let lua = Lua::new_with(
+            StdLib::TABLE | StdLib::STRING | StdLib::MATH,
+            LuaOptions::default(),
+        )
+        .unwrap_or_else(|err| panic!("a Lua state: {err}"));
+        lua.load(
+            r#"setmetatable(_G, {
+  __index = function(_, name)
+    error("Script attempted to access nonexistent global variable '" .. tostring(name) .. "'", 2)
+  end,
+  __newindex = function(_, name)
+    error("Script attempted to create global variable '" .. tostring(name) .. "'", 2)
+  end,
+})"#,
+        )
+        .exec()
+        .unwrap_or_else(|err| panic!("protecting Lua's globals: {err}"));
         Scripts {
-            lua: Lua::new(),
+            lua,
             compiled: HashMap::new(),
         }
     }
@@ -58,12 +78,16 @@ impl Scripts {
             for (i, arg) in call.args.iter().enumerate() {
                 argv.raw_set(i + 1, lua.create_string(arg)?)?;
             }
-            globals.set("KEYS", keys)?;
-            globals.set("ARGV", argv)?;
+            globals.raw_set("KEYS", keys)?;
+            globals.raw_set("ARGV", argv)?;
             let redis = lua.create_table()?;
             let run = |lua: &Lua, args: MultiValue, protected: bool| -> mlua::Result<LuaValue> {
-                let args = arguments(args)?;
-                match store.borrow_mut().command(&args) {
+                let args = match arguments(args) {
+                    Ok(args) => Ok(args),
+                    Err(mlua::Error::RuntimeError(err)) => Err(err),
+                    Err(other) => return Err(other),
+                };
+                match args.and_then(|args| store.borrow_mut().command(&args)) {
                     Ok(reply) => to_lua(lua, reply),
                     Err(err) if protected => {
                         let table = lua.create_table()?;
@@ -98,7 +122,7 @@ impl Scripts {
                     Ok(table)
                 })?,
             )?;
-            globals.set("redis", redis)?;
+            globals.raw_set("redis", redis)?;
             let answer: LuaValue = function.call(())?;
             from_lua(answer)
         });

@@ -79,6 +79,16 @@ impl RedisModel {
         self.stall.store(on, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Panics if a script failed in the model or gave an answer the driver cannot read
+    /// (the random seeds count these as violations; scripted scenarios call this).
+    pub fn assert_no_faults(&self) {
+        let faults = lock(&self.store).faults.clone();
+        assert!(
+            faults.is_empty(),
+            "the model met what Redis cannot do: {faults:?}"
+        );
+    }
+
     /// Runs `f` on the store now (for tests: a look, or tampering).
     pub fn with_store<T>(&self, f: impl FnOnce(&mut Store) -> T) -> T {
         let mut store = lock(&self.store);
@@ -184,6 +194,18 @@ pub struct SimIo {
     per_slot: bool,
 }
 
+/// `value` read as the driver reads it; an answer the driver cannot read is a fault of
+/// the scripts (Redis gave what they returned): the seed fails.
+fn readable<T>(s: &mut Store, read: fn(Value) -> Result<T>, value: Value) -> Result<T> {
+    let shown = format!("{value:?}");
+    read(value).inspect_err(|err| {
+        s.fault(format!(
+            "the driver cannot read a script's answer {shown}: {}",
+            leader_core::ErrorChain(err)
+        ));
+    })
+}
+
 /// Whether `SIM_TRACE` asks for the schedule (labels are only made then).
 fn tracing() -> bool {
     static TRACING: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -199,8 +221,10 @@ impl SimIo {
         call: ScriptCall,
         read: fn(Value) -> Result<T>,
     ) -> Result<T> {
-        self.request(label, move |s| s.eval(&call).and_then(read))
-            .await?
+        self.request(label, move |s| {
+            s.eval(&call).and_then(|value| readable(s, read, value))
+        })
+        .await?
     }
 
     async fn request<T: Send + std::fmt::Debug + 'static>(
@@ -257,7 +281,8 @@ impl RedisIo for SimIo {
         let (call, owner) = (wire::resign(r), r.owner.clone());
         self.request(label, move |s| {
             *s.resigns.entry(owner).or_default() += 1;
-            s.eval(&call).and_then(wire::resign_reply)
+            s.eval(&call)
+                .and_then(|value| readable(s, wire::resign_reply, value))
         })
         .await?
     }

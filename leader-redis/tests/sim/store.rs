@@ -87,6 +87,9 @@ pub struct Store {
     pub resigns: BTreeMap<String, u32>,
     /// The driver's scripts in Lua (taken out while one runs).
     scripts: Option<Scripts>,
+    /// What failed that cannot fail on Redis (see [`Store::fault`]); scripted scenarios
+    /// check that it stays empty.
+    pub faults: Vec<String>,
 }
 
 fn find(hay: &[u8], from: usize, byte: u8) -> Option<usize> {
@@ -121,6 +124,7 @@ impl Store {
             keyspace: keyspace.then(|| "__keyspace@0__:".to_owned()),
             resigns: BTreeMap::new(),
             scripts: Some(Scripts::default()),
+            faults: Vec::new(),
         }
     }
 
@@ -390,13 +394,22 @@ impl Store {
     /// seed fails, and the caller gets the error reply Redis would send.
     pub fn eval(&mut self, call: &ScriptCall) -> leader_core::Result<Value> {
         let mut scripts = self.scripts.take().unwrap_or_default();
-        let answer = scripts.eval(self, call);
+        let answer =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scripts.eval(self, call)))
+                .unwrap_or_else(|_| Err("the model panicked".to_owned()));
         self.scripts = Some(scripts);
         answer.map_err(|err| {
-            self.net
-                .violation(format!("{:?} failed in the model: {err}", call.script));
+            self.fault(format!("{:?} failed in the model: {err}", call.script));
             leader_core::Error::store(std::io::Error::other(err))
         })
+    }
+
+    /// Something that cannot happen with Redis and the driver's scripts (a script that
+    /// fails, an answer the driver cannot read): a violation of the seed, and kept for
+    /// scripted scenarios (see [`Store::faults`]).
+    pub fn fault(&mut self, what: String) {
+        self.net.violation(what.clone());
+        self.faults.push(what);
     }
 
     // Commands, as `redis.call` runs them inside the driver's scripts (see `lua.rs`).
@@ -407,6 +420,23 @@ impl Store {
             return Err("ERR wrong number of arguments".into());
         };
         let name = String::from_utf8_lossy(name).to_ascii_uppercase();
+        // Redis's arity of each command (the name counted; negative: at least).
+        let arity: i64 = match name.as_str() {
+            "TIME" => 1,
+            "GET" | "INCR" | "PTTL" => 2,
+            "PUBLISH" | "ZSCORE" => 3,
+            "SET" | "PEXPIRE" | "ZREM" | "ZMSCORE" => -3,
+            "DEL" | "ZPOPMIN" => -2,
+            "ZADD" | "ZRANGE" | "ZRANGEBYSCORE" => -4,
+            _ => return Err(format!("ERR unknown command '{name}' (not in the model)")),
+        };
+        let given = i64::try_from(args.len() + 1).unwrap_or(i64::MAX);
+        if (arity > 0 && given != arity) || (arity < 0 && given < -arity) {
+            return Err(format!(
+                "ERR wrong number of arguments for '{}' command",
+                name.to_ascii_lowercase()
+            ));
+        }
         let text = |i: usize| -> Result<String, String> {
             args.get(i)
                 .map(|a| String::from_utf8_lossy(a).into_owned())
@@ -465,7 +495,13 @@ impl Store {
                 self.set(&key, raw, px, keep_ttl);
                 Ok(Reply::Status("OK".into()))
             }
-            "DEL" => Ok(Reply::Int(i64::from(self.del(&text(0)?)))),
+            "DEL" => {
+                let mut gone = 0;
+                for key in args {
+                    gone += i64::from(self.del(&String::from_utf8_lossy(key)));
+                }
+                Ok(Reply::Int(gone))
+            }
             "INCR" => {
                 let key = text(0)?;
                 match self.keys.get(&key) {
@@ -485,8 +521,15 @@ impl Store {
                 }
             }
             "PEXPIRE" => {
-                let ms = u64::try_from(int(1)?).unwrap_or(0);
-                Ok(Reply::Int(i64::from(self.pexpire(&text(0)?, ms))))
+                if args.len() > 2 {
+                    return Err("ERR the model knows PEXPIRE key ms only".into());
+                }
+                let (key, ms) = (text(0)?, int(1)?);
+                // A time not in the future deletes the key (with `del`), as in Redis.
+                match u64::try_from(ms) {
+                    Ok(ms) if ms > 0 => Ok(Reply::Int(i64::from(self.pexpire(&key, ms)))),
+                    _ => Ok(Reply::Int(i64::from(self.del(&key)))),
+                }
             }
             "PTTL" => Ok(Reply::Int(self.pttl(&text(0)?))),
             "PUBLISH" => {
