@@ -163,10 +163,22 @@ fn meta_line(meta: &Value) -> String {
             .unwrap_or_else(|| v.to_string())
     };
     let commit = text(&meta["commit"]);
-    let short = commit.get(..12).unwrap_or(&commit);
+    // Uncommitted changes stay visible in the short form.
+    let dirty = if commit.ends_with("-dirty") {
+        "-dirty"
+    } else {
+        ""
+    };
+    let short = format!("{}{dirty}", commit.get(..12).unwrap_or(&commit));
+    // bench.json names its mode, not its command.
+    let command = match (meta["command"].as_str(), meta["mode"].as_str()) {
+        (Some(command), _) => command.to_owned(),
+        (None, Some("quick")) => "ci/bench --quick".to_owned(),
+        (None, Some(_)) => "ci/bench".to_owned(),
+        (None, None) => text(&meta["command"]),
+    };
     let mut line = format!(
-        "`{}` on {}, commit `{short}`, {} CPUs, {} memory",
-        text(&meta["command"]),
+        "`{command}` on {}, commit `{short}`, {} CPUs, {} memory",
         text(&meta["date"]),
         text(&meta["nproc"]),
         text(&meta["memory"]),

@@ -87,7 +87,10 @@ impl Scripts {
                     Err(mlua::Error::RuntimeError(err)) => Err(err),
                     Err(other) => return Err(other),
                 };
-                match args.and_then(|args| store.borrow_mut().command(&args)) {
+                match args
+                    .and_then(|args| declared(call, &args).map(|()| args))
+                    .and_then(|args| store.borrow_mut().command(&args))
+                {
                     Ok(reply) => to_lua(lua, reply),
                     Err(err) if protected => {
                         let table = lua.create_table()?;
@@ -132,6 +135,42 @@ impl Scripts {
             Err(err) => Err(format!("the {:?} script failed: {err}", call.script)),
         }
     }
+}
+
+/// Refuses a command on a key the call did not declare in `KEYS` (Redis Cluster refuses
+/// those that hash elsewhere; a least-privilege user's ACL may too), and a command the
+/// driver's ACL ([`leader_redis::ACL_COMMANDS`]) does not list.
+fn declared(call: &ScriptCall, args: &[Vec<u8>]) -> Result<(), String> {
+    let Some((name, rest)) = args.split_first() else {
+        return Ok(());
+    };
+    let name = String::from_utf8_lossy(name).to_ascii_lowercase();
+    let permitted = leader_redis::ACL_COMMANDS
+        .split_whitespace()
+        .any(|command| command.strip_prefix('+') == Some(name.as_str()));
+    if !permitted {
+        return Err(format!(
+            "NOPERM the driver's ACL (ACL_COMMANDS) does not list '{name}'"
+        ));
+    }
+    let keys: &[Vec<u8>] = match name.as_str() {
+        "time" | "publish" => &[],
+        "del" => rest,
+        _ => rest.get(..1).unwrap_or_default(),
+    };
+    for key in keys {
+        if !call
+            .keys
+            .iter()
+            .any(|declared| declared.as_bytes() == key.as_slice())
+        {
+            return Err(format!(
+                "ERR the script touched {:?}, which its call did not declare in KEYS",
+                String::from_utf8_lossy(key)
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A command's arguments: strings as they are, numbers as Redis formats them (`%.17g`;
