@@ -132,3 +132,17 @@ async fn a_key_passed_over_by_a_handover_never_leads_beside_the_nominee() {
         campaign.abort();
     }
 }
+
+/// A handover's nomination passes over the head of the line (see
+/// `leader_testkit::sim::scripted`).
+#[tokio::test(start_paused = true)]
+async fn a_nomination_passes_over_the_head_of_the_line() {
+    let net = Net::quiet();
+    let model = sim::EtcdModel::new(&net);
+    leader_testkit::sim::scripted::a_nomination_passes_over_the_head_of_the_line(
+        &net,
+        &model,
+        std::time::Duration::from_secs(6),
+    )
+    .await;
+}

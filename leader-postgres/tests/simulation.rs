@@ -132,3 +132,17 @@ async fn a_resignation_wakes_only_the_next_waiter() {
         campaign.abort();
     }
 }
+
+/// A handover's nomination passes over the head of the line (see
+/// `leader_testkit::sim::scripted`).
+#[tokio::test(start_paused = true)]
+async fn a_nomination_passes_over_the_head_of_the_line() {
+    let net = Net::quiet();
+    let model = sim::PostgresModel::new(&net);
+    leader_testkit::sim::scripted::a_nomination_passes_over_the_head_of_the_line(
+        &net,
+        &model,
+        std::time::Duration::from_secs(6),
+    )
+    .await;
+}

@@ -303,3 +303,18 @@ async fn an_orphan_place_at_the_head_of_the_line_is_pruned_however_old() {
     );
     model.assert_no_faults();
 }
+
+/// A handover's nomination passes over the head of the line (see
+/// `leader_testkit::sim::scripted`).
+#[tokio::test(start_paused = true)]
+async fn a_nomination_passes_over_the_head_of_the_line() {
+    let net = Net::quiet();
+    let model = sim::RedisModel::with(&net, false, false);
+    leader_testkit::sim::scripted::a_nomination_passes_over_the_head_of_the_line(
+        &net,
+        &model,
+        std::time::Duration::from_secs(6),
+    )
+    .await;
+    model.assert_no_faults();
+}

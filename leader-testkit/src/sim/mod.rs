@@ -48,6 +48,7 @@
 
 mod checker;
 mod net;
+pub mod scripted;
 pub mod toy;
 mod world;
 
