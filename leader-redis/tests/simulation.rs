@@ -191,18 +191,7 @@ async fn a_nomination_elects_only_the_nominee_until_it_expires() {
         let (d1, b) = (d1.clone(), b.clone());
         async move { d1.campaign(&b).await }
     });
-    let deadline = tokio::time::Instant::now() + ttl;
-    loop {
-        let line = d0.candidates("sim-0").await.expect("candidates");
-        if line.iter().any(|candidate| candidate.id == "b") {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "b never stood in line"
-        );
-        sleep(Duration::from_millis(10)).await;
-    }
+    leader_testkit::sim::scripted::wait_in_line(&d0, "sim-0", "b", ttl).await;
     // b's campaign is gone; its place stays in line.
     waiting.abort();
     let _ = waiting.await;
@@ -278,18 +267,7 @@ async fn an_orphan_place_at_the_head_of_the_line_is_pruned_however_old() {
         let (d1, b) = (d1.clone(), b.clone());
         async move { d1.campaign(&b).await }
     });
-    let deadline = tokio::time::Instant::now() + ttl;
-    loop {
-        let line = d0.candidates("sim-0").await.expect("candidates");
-        if line.iter().any(|candidate| candidate.id == "b") {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "b never stood in line"
-        );
-        sleep(Duration::from_millis(10)).await;
-    }
+    leader_testkit::sim::scripted::wait_in_line(&d0, "sim-0", "b", ttl).await;
     sleep(Duration::from_millis(100)).await;
     d0.resign(&a, Some(term.fencing_token))
         .await

@@ -109,22 +109,16 @@ impl Scripts {
                 scope.create_function(move |lua, args: MultiValue| run(lua, args, true))?,
             )?;
             redis.set("replicate_commands", lua.create_function(|_, ()| Ok(true))?)?;
-            redis.set(
-                "error_reply",
-                lua.create_function(|lua, message: mlua::LuaString| {
-                    let table = lua.create_table()?;
-                    table.set("err", message)?;
-                    Ok(table)
-                })?,
-            )?;
-            redis.set(
-                "status_reply",
-                lua.create_function(|lua, message: mlua::LuaString| {
-                    let table = lua.create_table()?;
-                    table.set("ok", message)?;
-                    Ok(table)
-                })?,
-            )?;
+            for (name, field) in [("error_reply", "err"), ("status_reply", "ok")] {
+                redis.set(
+                    name,
+                    lua.create_function(move |lua, message: mlua::LuaString| {
+                        let table = lua.create_table()?;
+                        table.set(field, message)?;
+                        Ok(table)
+                    })?,
+                )?;
+            }
             globals.raw_set("redis", redis)?;
             let answer: LuaValue = function.call(())?;
             from_lua(answer)
