@@ -221,10 +221,28 @@ impl SimIo {
         call: ScriptCall,
         read: fn(Value) -> Result<T>,
     ) -> Result<T> {
-        self.request(label, move |s| {
-            s.eval(&call).and_then(|value| readable(s, read, value))
-        })
-        .await?
+        // A driver that waits for replicas (`WAIT` after each write) gets an error for a
+        // write that landed when too few acknowledged it in time: in the chaos phase, some
+        // writes answer so.
+        let shortfall =
+            call.writes && self.net.chaos() && self.net.draw(|rng| rng.random_bool(0.02));
+        let answer = self
+            .request(label, move |s| {
+                s.eval(&call).and_then(|value| readable(s, read, value))
+            })
+            .await?;
+        match answer {
+            Ok(_) if shortfall => {
+                let client = self.client.0;
+                self.net.trace(|| {
+                    format!("c{client}: WAIT shortfall: the write landed, the caller gets an error")
+                });
+                Err(Error::store(std::io::Error::other(
+                    "WAIT: 0 of 1 replicas acknowledged the write in time (simulated)",
+                )))
+            }
+            answer => answer,
+        }
     }
 
     async fn request<T: Send + std::fmt::Debug + 'static>(
