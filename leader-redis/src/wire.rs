@@ -111,10 +111,9 @@ fn unexpected(what: &str, answer: impl std::fmt::Debug) -> Error {
     )))
 }
 
-/// `value` read as a `T`, or an error naming the script.
+/// `value` read as a `T`, or an error naming the script (and showing the answer).
 fn read<T: FromRedisValue>(what: &str, value: Value) -> Result<T> {
-    let shown = format!("{value:?}");
-    T::from_redis_value(value).map_err(|_| unexpected(what, shown))
+    T::from_redis_value_ref(&value).map_err(|_| unexpected(what, value))
 }
 
 /// [`RedisIo::acquire`](crate::RedisIo::acquire).

@@ -51,6 +51,10 @@ struct Link {
     to: usize,
     /// The member it comes from, when its requests said so.
     from: Option<usize>,
+    /// The id its requests gave in `X-Server-From`: a link opened before the proxies
+    /// learned that member's id (etcd opens its raft streams at once) is matched by it
+    /// when the member is isolated later.
+    from_id: Option<String>,
     client: TcpStream,
     upstream: TcpStream,
 }
@@ -87,8 +91,13 @@ impl PeerLinks {
     /// Cuts member `i` off from the others, both ways, until [`heal`](Self::heal).
     pub(crate) fn isolate(&self, member: usize) {
         lock(&self.shared.isolated).insert(member);
-        for link in lock(&self.shared.links).values() {
-            if link.to == member || link.from == Some(member) {
+        let links = lock(&self.shared.links);
+        let ids = lock(&self.shared.ids);
+        for link in links.values() {
+            let from = link
+                .from
+                .or_else(|| link.from_id.as_ref().and_then(|id| ids.get(id).copied()));
+            if link.to == member || from == Some(member) {
                 link.cut();
             }
         }
@@ -175,7 +184,10 @@ fn forward(
     if let Some(id) = header(&text, "X-Raft-To") {
         lock(&shared.ids).insert(id.to_owned(), to);
     }
-    let from = header(&text, "X-Server-From").and_then(|id| lock(&shared.ids).get(id).copied());
+    let from_id = header(&text, "X-Server-From").map(str::to_owned);
+    let from = from_id
+        .as_ref()
+        .and_then(|id| lock(&shared.ids).get(id).copied());
     {
         let isolated = lock(&shared.isolated);
         if isolated.contains(&to) || from.is_some_and(|f| isolated.contains(&f)) {
@@ -190,6 +202,7 @@ fn forward(
         Link {
             to,
             from,
+            from_id,
             client: client.try_clone()?,
             upstream: server.try_clone()?,
         },
