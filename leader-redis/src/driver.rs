@@ -137,12 +137,12 @@ impl std::fmt::Debug for RedisDriver {
 /// stays counted: the request may still land.
 pub(crate) struct InFlight<'a> {
     inner: &'a Inner,
-    key: Option<(String, String)>,
+    key: (String, String),
 }
 
 impl InFlight<'_> {
-    pub(crate) fn answered(mut self) {
-        let Some(key) = self.key.take() else { return };
+    pub(crate) fn answered(self) {
+        let key = self.key;
         let mut unanswered = self.inner.unanswered();
         if let Some(count) = unanswered.get_mut(&key) {
             *count = count.saturating_sub(1);
@@ -164,10 +164,7 @@ impl Inner {
     pub(crate) fn in_flight(&self, line: &str, owner: &str) -> InFlight<'_> {
         let key = (line.to_owned(), owner.to_owned());
         *self.unanswered().entry(key.clone()).or_insert(0) += 1;
-        InFlight {
-            inner: self,
-            key: Some(key),
-        }
+        InFlight { inner: self, key }
     }
 
     /// Counts an `ACQUIRE` of `owner` in `line` as unanswered again: the repeats of a

@@ -20,6 +20,52 @@ fn simulated_schedules_keep_every_safety_property() {
     leader_testkit::sim::run_seeds("leader-redis", sim::RedisModel::new);
 }
 
+/// A model on a quiet network (one server, no keyspace notifications) and two drivers on
+/// it (clients 0 and 1).
+fn two_drivers() -> (Net, sim::RedisModel, RedisDriver, RedisDriver) {
+    let net = Net::quiet();
+    let model = sim::RedisModel::with(&net, false, false);
+    let (d0, d1) = (
+        model.driver(&net, ClientId(0)),
+        model.driver(&net, ClientId(1)),
+    );
+    (net, model, d0, d1)
+}
+
+/// Polls `in_line` (a look at the model's line) until it holds.
+///
+/// # Panics
+///
+/// If it does not within `within`.
+async fn until_in_line(in_line: impl Fn() -> bool, who: &str, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !in_line() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{who} never stood in line"
+        );
+        sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// `candidate`'s campaign is dropped while the answer to its first ACQUIRE is on its way
+/// (the request landed).
+async fn drop_with_its_answer_on_the_way(
+    model: &sim::RedisModel,
+    driver: &RedisDriver,
+    candidate: &Candidate,
+) {
+    model.withhold_answers(true);
+    let dropped = tokio::spawn({
+        let (driver, candidate) = (driver.clone(), candidate.clone());
+        async move { driver.campaign(&candidate).await }
+    });
+    sleep(Duration::from_millis(10)).await;
+    dropped.abort();
+    let _ = dropped.await;
+    model.withhold_answers(false);
+}
+
 fn candidate(id: &str, ttl: Duration) -> Candidate {
     Candidate::new("sim-0", id, id.as_bytes().to_vec(), ttl)
 }
@@ -95,14 +141,7 @@ async fn a_withdrawal_leaves_the_line_again_only_after_an_unanswered_campaign_re
         let (driver, b) = (driver.clone(), b.clone());
         async move { driver.campaign(&b).await }
     });
-    let deadline = tokio::time::Instant::now() + ttl;
-    while !in_line("b") {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "b never stood in line"
-        );
-        sleep(Duration::from_millis(10)).await;
-    }
+    until_in_line(|| in_line("b"), "b", ttl).await;
     sleep(Duration::from_millis(10)).await;
     waiting.abort();
     let _ = waiting.await;
@@ -112,15 +151,7 @@ async fn a_withdrawal_leaves_the_line_again_only_after_an_unanswered_campaign_re
     assert_eq!(resigns("b"), 1, "b left the line once");
 
     // c's campaign is dropped while the answer to its first ACQUIRE is on its way.
-    model.withhold_answers(true);
-    let dropped = tokio::spawn({
-        let (driver, c) = (driver.clone(), c.clone());
-        async move { driver.campaign(&c).await }
-    });
-    sleep(Duration::from_millis(10)).await;
-    dropped.abort();
-    let _ = dropped.await;
-    model.withhold_answers(false);
+    drop_with_its_answer_on_the_way(&model, &driver, &c).await;
     driver.resign(&c, None).await.expect("c withdraws");
     sleep(ttl * 2).await;
     assert_eq!(
@@ -131,28 +162,13 @@ async fn a_withdrawal_leaves_the_line_again_only_after_an_unanswered_campaign_re
 
     // Again, but c waits in line before the first repeat: the repeats stop, and c's next
     // withdrawal (its campaign's requests all answered) repeats in their place.
-    model.withhold_answers(true);
-    let dropped = tokio::spawn({
-        let (driver, c) = (driver.clone(), c.clone());
-        async move { driver.campaign(&c).await }
-    });
-    sleep(Duration::from_millis(10)).await;
-    dropped.abort();
-    let _ = dropped.await;
-    model.withhold_answers(false);
+    drop_with_its_answer_on_the_way(&model, &driver, &c).await;
     driver.resign(&c, None).await.expect("c withdraws");
     let waiting = tokio::spawn({
         let (driver, c) = (driver.clone(), c.clone());
         async move { driver.campaign(&c).await }
     });
-    let deadline = tokio::time::Instant::now() + ttl;
-    while !in_line("c") {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "c never stood in line"
-        );
-        sleep(Duration::from_millis(10)).await;
-    }
+    until_in_line(|| in_line("c"), "c", ttl).await;
     sleep(ttl).await;
     assert_eq!(resigns("c"), 5, "c waits: no repeat");
     waiting.abort();
@@ -174,12 +190,7 @@ async fn a_withdrawal_leaves_the_line_again_only_after_an_unanswered_campaign_re
 /// at once.)
 #[tokio::test(start_paused = true)]
 async fn a_nomination_elects_only_the_nominee_until_it_expires() {
-    let net = Net::quiet();
-    let model = sim::RedisModel::with(&net, false, false);
-    let (d0, d1): (RedisDriver, RedisDriver) = (
-        model.driver(&net, ClientId(0)),
-        model.driver(&net, ClientId(1)),
-    );
+    let (_net, model, d0, d1) = two_drivers();
     let ttl = Duration::from_secs(6);
     let (a, b, c) = (
         candidate("a", ttl),
@@ -231,12 +242,7 @@ async fn a_nomination_elects_only_the_nominee_until_it_expires() {
 /// refresh.)
 #[tokio::test(start_paused = true)]
 async fn an_orphan_place_at_the_head_of_the_line_is_pruned_however_old() {
-    let net = Net::quiet();
-    let model = sim::RedisModel::with(&net, false, false);
-    let (d0, d1): (RedisDriver, RedisDriver) = (
-        model.driver(&net, ClientId(0)),
-        model.driver(&net, ClientId(1)),
-    );
+    let (_net, model, d0, d1) = two_drivers();
     let ttl = Duration::from_secs(6);
     let (a, b) = (candidate("a", ttl), candidate("b", ttl));
     let term = d0.campaign(&a).await.expect("a is elected");
