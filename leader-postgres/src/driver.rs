@@ -81,8 +81,9 @@ impl PostgresDriver {
     }
 
     /// The schema the driver creates when it is missing or incomplete (idempotent): the
-    /// elections table, its waiters' table (`<table>_waiters`) and the trigger that tells a
-    /// leader at once when someone else ends its term. As in the README.
+    /// elections table, its waiters' table (`<table>_waiters`), the trigger that tells a
+    /// leader at once when someone else ends its term, and the resignation's function
+    /// (`<table>_resign`). As in the README.
     pub fn create_table_sql(&self) -> String {
         self.inner.table.create()
     }
@@ -114,10 +115,6 @@ pub(crate) fn check_name(election: &str) -> Result<()> {
     Ok(())
 }
 
-/// How soon a candidate that found itself first in line looks again once (see
-/// `campaign`): well past the round trip of a resignation that waited for its lock.
-const LOOK_AGAIN: Duration = Duration::from_millis(50);
-
 #[async_trait]
 impl Driver for PostgresDriver {
     async fn campaign(&self, candidate: &Candidate) -> Result<Grant> {
@@ -132,9 +129,6 @@ impl Driver for PostgresDriver {
         if start_keeper {
             self.inner.start_keeper(candidate.ttl / 3);
         }
-        // Whether the next attempt that finds this candidate first in line is followed
-        // shortly by one look again (see below).
-        let mut look_again = true;
         loop {
             match self.inner.try_acquire(candidate).await? {
                 Attempt::Elected(grant) => {
@@ -152,16 +146,10 @@ impl Driver for PostgresDriver {
                     if first {
                         // First in line: a timer at the end of the holder's lease (or of a
                         // nomination) in case nobody says it ended.
-                        let mut wait = self.inner.expiry_wait(remaining, candidate.ttl);
-                        // A resignation running beside this attempt may wake nobody: its
-                        // one statement waits for this attempt's lock on the election row,
-                        // but reads the line from its snapshot, taken before this attempt
-                        // joined it. One look again, shortly after, finds the row free
-                        // then (once per wakeup: not a poll).
-                        if look_again {
-                            wait = wait.min(LOOK_AGAIN);
-                        }
-                        look_again = !look_again;
+                        // (A resignation running beside this attempt waits for its lock on
+                        // the election's row, then reads the line anew: it wakes this
+                        // candidate. See `Table::resign`.)
+                        let wait = self.inner.expiry_wait(remaining, candidate.ttl);
                         debug!(election = %candidate.election, ?wait, "first in line");
                         tokio::select! {
                             () = place.waiter.wake.notified() => {}

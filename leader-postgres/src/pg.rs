@@ -178,7 +178,12 @@ impl PgIo {
         let complete: bool = client
             .query_one(
                 Table::complete(),
-                &[&self.table.quoted, &self.table.waiters, &self.table.trigger],
+                &[
+                    &self.table.quoted,
+                    &self.table.waiters,
+                    &self.table.trigger,
+                    &self.table.resign_signature,
+                ],
             )
             .await
             .map_err(error)?
@@ -191,7 +196,7 @@ impl PgIo {
             return Err(Error::invalid_config(
                 "table",
                 format!(
-                    "`{}` (with `{}` and its trigger) does not exist or is of an earlier \
+                    "`{}` (with `{}`, its trigger and its function) does not exist or is of an earlier \
                      version, and creating it is turned off; create it with the SQL in the \
                      leader-postgres README",
                     self.table.name, self.table.waiters_name

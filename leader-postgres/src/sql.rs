@@ -34,6 +34,10 @@ pub(crate) struct Table {
     pub(crate) trigger: String,
     /// The trigger's function, quoted (in the table's schema).
     function: String,
+    /// The resignation's function, quoted (in the table's schema).
+    resign_function: String,
+    /// Its signature, for `to_regprocedure`: `"ops"."leases_resign"(text,text,bigint,text)`.
+    pub(crate) resign_signature: String,
     /// The waiters' line index (unqualified: it goes in its table's schema).
     index: String,
 }
@@ -63,6 +67,11 @@ impl Table {
             waiters: qualify(&waiters),
             trigger: format!("{table}_gone"),
             function: qualify(&format!("{table}_gone")),
+            resign_function: qualify(&format!("{table}_resign")),
+            resign_signature: format!(
+                "{}(text,text,bigint,text)",
+                qualify(&format!("{table}_resign"))
+            ),
             index: format!("{table}_line"),
         }
     }
@@ -99,14 +108,17 @@ impl Table {
         })
     }
 
-    /// Whether the tables, the columns of this version and the trigger are all there.
-    /// $1 the table (quoted), $2 the waiters' table (quoted), $3 the trigger's name.
+    /// Whether the tables, the columns of this version, the trigger and the resignation's
+    /// function are all there.
+    /// $1 the table (quoted), $2 the waiters' table (quoted), $3 the trigger's name, $4 the
+    /// resignation's function's signature.
     pub(crate) fn complete() -> &'static str {
         "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL
             AND EXISTS (SELECT 1 FROM pg_attribute
                         WHERE attrelid = to_regclass($1) AND attname = 'nominated_until')
             AND EXISTS (SELECT 1 FROM pg_trigger
-                        WHERE tgrelid = to_regclass($1) AND tgname = $3)"
+                        WHERE tgrelid = to_regclass($1) AND tgname = $3)
+            AND to_regprocedure($4) IS NOT NULL"
     }
 
     /// The schema: both tables, the columns a table of an earlier version lacks, the
@@ -151,10 +163,66 @@ BEGIN
 END
 $fn$;
 CREATE OR REPLACE TRIGGER \"{trigger}\" AFTER UPDATE OR DELETE ON {t}
-    FOR EACH ROW EXECUTE FUNCTION {f}();",
+    FOR EACH ROW EXECUTE FUNCTION {f}();
+CREATE OR REPLACE FUNCTION {r}(
+    _name text, _candidate text, _token bigint, _channel text,
+    OUT released bigint, OUT woken bigint) LANGUAGE plpgsql AS $fn$
+DECLARE
+    _ended boolean;
+    _freed boolean;
+    _nominee text;
+    _left boolean;
+    _next_channel text;
+    _next text;
+BEGIN
+    UPDATE {t} SET
+        holder = CASE WHEN holder = _candidate AND fencing_token = _token
+                      THEN NULL ELSE holder END,
+        value = CASE WHEN holder = _candidate AND fencing_token = _token
+                     THEN ''::bytea ELSE value END,
+        channel = CASE WHEN holder = _candidate AND fencing_token = _token
+                       THEN NULL ELSE channel END,
+        expires_at = CASE WHEN holder = _candidate AND fencing_token = _token
+                          THEN '-infinity'::timestamptz ELSE expires_at END,
+        nominee = CASE WHEN nominee = _candidate THEN NULL ELSE nominee END,
+        nominated_until = CASE WHEN nominee = _candidate
+                               THEN '-infinity'::timestamptz ELSE nominated_until END
+    WHERE name = _name AND ((holder = _candidate AND fencing_token = _token)
+                            OR nominee = _candidate)
+    RETURNING holder IS NULL,
+              CASE WHEN nominee IS NOT NULL AND nominated_until > clock_timestamp()
+                   THEN nominee END
+    INTO _freed, _nominee;
+    _ended := FOUND;
+    DELETE FROM {w} WHERE name = _name AND candidate = _candidate;
+    _left := FOUND;
+    woken := 0;
+    IF _ended OR _left THEN
+        -- A statement of its own, so a snapshot of its own: taken after the UPDATE above
+        -- waited for any attempt holding the row's lock, it sees the place that attempt
+        -- took in line.
+        SELECT w.channel, w.candidate INTO _next_channel, _next FROM {w} AS w
+        WHERE w.name = _name AND w.candidate <> _candidate
+          AND w.expires_at > clock_timestamp()
+          AND (_nominee IS NULL OR w.candidate = _nominee)
+        ORDER BY w.position, w.candidate
+        LIMIT 1;
+        IF FOUND THEN
+            PERFORM pg_notify(_next_channel, 'w' || _next);
+            woken := 1;
+        END IF;
+    END IF;
+    released := 0;
+    IF _ended AND _freed THEN
+        PERFORM pg_notify(_channel, 'resigned');
+        released := 1;
+    END IF;
+END
+$fn$;",
             t = self.quoted,
             w = self.waiters,
             f = self.function,
+            r = self.resign_function,
             index = self.index,
             trigger = self.trigger,
         )
@@ -319,43 +387,17 @@ FROM refreshed AS r",
     /// Ends exactly this term (if $3 is not NULL), removes a nomination naming this
     /// candidate and its place in line, and then wakes one waiter: the nominee of a live
     /// nomination, or the first in line; and announces a released term to observers. The
-    /// row and its counter stay. One statement.
+    /// row and its counter stay. One call of the schema's resignation function (see
+    /// [`create`](Self::create)): it reads the line in a statement of its own, after its
+    /// update of the election's row, so that it sees the place of an attempt that held the
+    /// row's lock while the update waited for it (one statement would read the line from
+    /// its snapshot, taken before that attempt joined the line, and wake nobody).
     /// $1 name, $2 candidate, $3 fencing token or NULL, $4 the election's channel.
     /// Returns (terms released, waiters woken).
     pub(crate) fn resign(&self) -> String {
         format!(
-            "WITH released AS (
-    UPDATE {t} SET
-        holder = CASE WHEN holder = $2 AND fencing_token = $3 THEN NULL ELSE holder END,
-        value = CASE WHEN holder = $2 AND fencing_token = $3 THEN ''::bytea ELSE value END,
-        channel = CASE WHEN holder = $2 AND fencing_token = $3 THEN NULL ELSE channel END,
-        expires_at = CASE WHEN holder = $2 AND fencing_token = $3
-                          THEN '-infinity'::timestamptz ELSE expires_at END,
-        nominee = CASE WHEN nominee = $2 THEN NULL ELSE nominee END,
-        nominated_until = CASE WHEN nominee = $2
-                               THEN '-infinity'::timestamptz ELSE nominated_until END
-    WHERE name = $1 AND ((holder = $2 AND fencing_token = $3) OR nominee = $2)
-    RETURNING holder IS NULL AS freed,
-              CASE WHEN nominee IS NOT NULL AND nominated_until > clock_timestamp()
-                   THEN nominee END AS nominee
-), left_line AS (
-    DELETE FROM {w} WHERE name = $1 AND candidate = $2 RETURNING candidate
-), next AS (
-    SELECT w.channel, w.candidate FROM {w} AS w
-    WHERE w.name = $1 AND w.candidate <> $2 AND w.expires_at > clock_timestamp()
-      AND (w.candidate = (SELECT nominee FROM released)
-           OR NOT EXISTS (SELECT 1 FROM released WHERE nominee IS NOT NULL))
-    ORDER BY w.position, w.candidate
-    LIMIT 1
-), woken AS MATERIALIZED (
-    SELECT pg_notify(next.channel, 'w' || next.candidate) AS notified FROM next
-    WHERE EXISTS (SELECT 1 FROM released) OR EXISTS (SELECT 1 FROM left_line)
-), announced AS MATERIALIZED (
-    SELECT pg_notify($4::text, 'resigned') AS notified FROM released WHERE freed
-)
-SELECT (SELECT count(*) FROM announced), (SELECT count(*) FROM woken)",
-            t = self.quoted,
-            w = self.waiters,
+            "SELECT released, woken FROM {r}($1, $2, $3, $4)",
+            r = self.resign_function,
         )
     }
 

@@ -157,6 +157,82 @@ async fn a_resignation_wakes_the_waiter_by_notify_long_before_the_ttl() {
     b.resign().await.expect("resign");
 }
 
+/// The schedule behind a lost wake-up, forced: an attempt to take the lead holds the
+/// election row's lock (its `INSERT .. ON CONFLICT` locks the row even when it cannot take
+/// it) while it joins the line; the resignation that starts meanwhile waits for that lock.
+/// Once the attempt commits, the resignation must wake it: it reads the line after the
+/// wait. (A resignation reading the line from its statement's snapshot, taken before the
+/// attempt joined, woke nobody, and the new first in line waited for its keeper.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resignation_waiting_for_an_attempts_row_lock_wakes_that_attempt() {
+    let h = harness().await;
+    let admin = h.admin().await;
+    let name = unique("locked");
+    let app = unique("resigner");
+    let driver = named_driver(&h.server.url(), &app).await;
+    let a = election(driver.clone(), &name, Duration::from_secs(30));
+    let term = within("a's campaign", TTL * 10, a.campaign())
+        .await
+        .expect("a elected");
+    // The attempt, played by a session of its own: it locks the row and stays open.
+    let attempt = h.admin().await;
+    attempt.batch_execute("BEGIN").await.expect("begin");
+    attempt
+        .execute(
+            "SELECT 1 FROM leader_elections WHERE name = $1 FOR UPDATE",
+            &[&name],
+        )
+        .await
+        .expect("lock the row");
+    let io = std::sync::Arc::clone(driver.io());
+    let (resign_name, id, channel) = (name.clone(), a.id().to_owned(), driver.channel(&name));
+    let token = term.fencing_token();
+    let resigning =
+        tokio::spawn(async move { io.resign(&resign_name, &id, Some(token), &channel).await });
+    // Until the resignation waits for the row's lock.
+    let start = Instant::now();
+    loop {
+        let waiting: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity                  WHERE application_name = $1 AND wait_event_type = 'Lock'",
+                &[&app],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the resignation never waited for the row's lock"
+        );
+        sleep(Duration::from_millis(5)).await;
+    }
+    assert!(!resigning.is_finished(), "the lock held the resignation");
+    // The attempt joins the line and commits.
+    attempt
+        .execute(
+            "INSERT INTO leader_elections_waiters \
+             (name, candidate, value, channel, position, expires_at) \
+             VALUES ($1, 'late', '', 'leader_late', 0, clock_timestamp() + interval '30 s')",
+            &[&name],
+        )
+        .await
+        .expect("join the line");
+    attempt.batch_execute("COMMIT").await.expect("commit");
+    let resigned = within("the resignation", Duration::from_secs(10), resigning)
+        .await
+        .expect("resign task")
+        .expect("resigned");
+    assert_eq!(resigned.released, 1, "{resigned:?}");
+    assert_eq!(
+        resigned.woken, 1,
+        "the resignation woke nobody: it did not see the attempt that joined the line \
+         while it waited for the row's lock"
+    );
+}
+
 /// An operator deletes the leader's row: the leader notices at its next renewal, and the
 /// fencing tokens of the row made anew are still higher.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
