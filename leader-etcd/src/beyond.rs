@@ -275,6 +275,7 @@ impl Inner {
                 Op::delete(key.key.as_str()),
                 Op::delete(side_key(&key.key, Side::Id)),
                 Op::delete(side_key(&key.key, Side::Guard)),
+                Op::delete(side_key(&key.key, Side::Ttl)),
                 Op::put(
                     nomination.as_str(),
                     nomination_value(&target_key, key.create_revision),

@@ -49,9 +49,13 @@ impl EtcdDriverBuilder {
 
     /// One TTL for all of the driver's elections: a single lease of this TTL, rounded up to
     /// whole seconds (etcd's unit). By default each election campaigns on a lease of its
-    /// own TTL (rounded up the same way), one lease per distinct TTL. Terms of elections
-    /// with a shorter TTL than the lease's still step down by their own deadline, but after
-    /// a crash the store keeps their key until the lease expires.
+    /// own TTL rounded up the same way, plus one second (so that the next in line can end
+    /// a crashed leader's term at its deadline rather than at the lease's expiry: see the
+    /// README), one lease per distinct TTL. Terms of elections with a shorter TTL than the
+    /// lease's still step down by their own deadline, but after a crash the store keeps
+    /// their key until the lease expires, unless the next in line ends it (it can once the
+    /// lease has less time left than its TTL less the term's, in whole seconds: with a
+    /// fixed lease TTL of one second more than the elections' TTL, as by default).
     pub fn lease_ttl(mut self, ttl: Duration) -> Self {
         self.settings.lease_ttl = Some(ttl);
         self

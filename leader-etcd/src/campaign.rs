@@ -6,7 +6,7 @@ use tracing::{debug, warn};
 
 use crate::error::unexpected;
 use crate::io::{Compare, Op, Range, Txn, lease_not_found};
-use crate::keys::{CandidateKey, Side, nomination_key, parse_nomination, side_key};
+use crate::keys::{CandidateKey, Side, nomination_key, parse_nomination, side_key, ttl_millis};
 use crate::{Inner, lock};
 
 impl Inner {
@@ -15,8 +15,9 @@ impl Inner {
     /// so that each term gets a new create revision. Returns the create revision and the
     /// token cancelled when the term is gone.
     ///
-    /// The create also puts the key's id side key (on the same lease) and its guard key on
-    /// the slot's attempt lease, all in one transaction: see [`crate::lease`]. Until its
+    /// The create also puts the key's id side key and its TTL side key (on the same lease)
+    /// and its guard key on the slot's attempt lease, all in one transaction: see
+    /// [`crate::lease`] and [`crate::expiry`]. Until its
     /// answer comes, the candidate's key records the attempt lease, which a withdrawal
     /// revokes before it reads the key.
     pub(crate) async fn create_key(
@@ -39,6 +40,11 @@ impl Inner {
                         key.lease,
                     ),
                     Op::put(side_key(&key.key, Side::Guard), "", attempt),
+                    Op::put(
+                        side_key(&key.key, Side::Ttl),
+                        ttl_millis(candidate.ttl).to_string(),
+                        key.lease,
+                    ),
                 ])
                 .or_else([Op::get(key.key.as_str())]);
             let response = match self.request(self.io.txn(txn)).await {
@@ -111,8 +117,7 @@ impl Inner {
             key.rsplit_once('/').map_or(key, |(e, _)| e)
         ));
         let sides = |deletes: &mut Vec<Op>| {
-            deletes.push(Op::delete(side_key(key, Side::Id)));
-            deletes.push(Op::delete(side_key(key, Side::Guard)));
+            deletes.extend(Side::ALL.map(|side| Op::delete(side_key(key, side))));
         };
         let mut then = vec![Op::delete(key)];
         sides(&mut then);
@@ -156,10 +161,7 @@ impl Inner {
     pub(crate) async fn delete_sides_if_absent(&self, key: &str) -> Result<()> {
         let leftovers = Txn::new()
             .when([Compare::create_revision(key, 0)])
-            .and_then([
-                Op::delete(side_key(key, Side::Id)),
-                Op::delete(side_key(key, Side::Guard)),
-            ]);
+            .and_then(Side::ALL.map(|side| Op::delete(side_key(key, side))));
         self.request(self.io.txn(leftovers)).await?;
         Ok(())
     }

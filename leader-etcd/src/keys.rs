@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use leader_core::{CancellationToken, Candidate};
 
@@ -34,10 +35,19 @@ pub(crate) enum Side {
     Id,
     /// The guard of the last create, on the attempt lease.
     Guard,
+    /// The most the term's TTL may be, in milliseconds (on the key's lease): what lets the
+    /// next in line end the term once its lease has less left than the lease's TTL less
+    /// the term's (see [`crate::expiry`]).
+    Ttl,
+}
+
+impl Side {
+    /// Every side key a candidate's key may have: they go when it goes.
+    pub(crate) const ALL: [Side; 3] = [Side::Id, Side::Guard, Side::Ttl];
 }
 
 /// The side key `kind` of the candidate key `key` (`<prefix><election>/<suffix>`):
-/// `<prefix><election>\0id\0<suffix>` or `…\0try\0<suffix>`. Outside every election's
+/// `<prefix><election>\0id\0<suffix>`, `…\0try\0<suffix>` or `…\0ttl\0<suffix>`. Outside every election's
 /// range (`<prefix><name>/`): election names hold no `/`, and neither does the rest. Still
 /// under `<prefix><election>`, so one permission on that prefix covers both.
 pub(crate) fn side_key(key: &str, kind: Side) -> String {
@@ -45,8 +55,25 @@ pub(crate) fn side_key(key: &str, kind: Side) -> String {
     let kind = match kind {
         Side::Id => "id",
         Side::Guard => "try",
+        Side::Ttl => "ttl",
     };
     format!("{election}\0{kind}\0{suffix}")
+}
+
+/// The value of a term's TTL side key ([`Side::Ttl`]): the candidate's TTL in
+/// milliseconds, rounded up (a term's TTL is never longer: see `campaign_term`).
+pub(crate) fn ttl_millis(ttl: Duration) -> u64 {
+    let millis = ttl.as_millis() + u128::from(!ttl.subsec_nanos().is_multiple_of(1_000_000));
+    u64::try_from(millis).unwrap_or(u64::MAX)
+}
+
+/// The TTL a TTL side key's value says, if it is one ([`ttl_millis`]'s decimal).
+pub(crate) fn parse_ttl(value: &[u8]) -> Option<Duration> {
+    let text = std::str::from_utf8(value).ok()?;
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok().map(Duration::from_millis)
 }
 
 /// The key of the election's nomination (`<prefix><election>\0nominee`), given the
@@ -214,6 +241,32 @@ fn free_name(used: &HashSet<String>, base: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ttl_side_keys_round_up_and_read_back() {
+        assert_eq!(ttl_millis(Duration::from_secs(1)), 1000);
+        assert_eq!(ttl_millis(Duration::from_micros(1500)), 2);
+        assert_eq!(ttl_millis(Duration::from_nanos(1)), 1);
+        assert_eq!(
+            parse_ttl(
+                ttl_millis(Duration::from_millis(2500))
+                    .to_string()
+                    .as_bytes()
+            ),
+            Some(Duration::from_millis(2500))
+        );
+        for bad in [
+            &b""[..],
+            b"-5",
+            b"1.5",
+            b"12a",
+            b"\xff",
+            b"99999999999999999999999",
+        ] {
+            assert_eq!(parse_ttl(bad), None, "{bad:?}");
+        }
+        assert_eq!(side_key("svc/jobs/beef", Side::Ttl), "svc/jobs\0ttl\0beef");
+    }
 
     #[test]
     fn nominations_and_markers_read_back() {

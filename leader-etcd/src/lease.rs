@@ -154,9 +154,16 @@ pub(crate) fn whole_seconds(ttl: Duration) -> u64 {
 }
 
 impl Inner {
-    /// The TTL in whole seconds of the lease that a candidate asking for `ttl` uses.
+    /// The TTL in whole seconds of the lease that a candidate asking for `ttl` uses: a
+    /// second more than the TTL (rounded up), so that the next in line can tell from the
+    /// lease's remaining time, which etcd gives in whole seconds, that the term's deadline
+    /// has passed while the lease still has up to a second to run (see [`crate::expiry`]);
+    /// or the lease TTL the builder fixed.
     pub(crate) fn lease_seconds(&self, ttl: Duration) -> u64 {
-        whole_seconds(self.lease_ttl.unwrap_or(ttl))
+        match self.lease_ttl {
+            Some(fixed) => whole_seconds(fixed),
+            None => whole_seconds(ttl).saturating_add(1),
+        }
     }
 
     /// The live lease of `slot` (granting one if there is none), as (id, ttl).

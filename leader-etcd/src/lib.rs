@@ -359,6 +359,9 @@ impl EtcdDriver {
                 }
             }
         };
+        // Never longer than the candidate's TTL: the key's TTL side key says so to the next
+        // in line, which relies on it to end this term once its deadline has passed
+        // (src/expiry.rs).
         let ttl = candidate.ttl.min(lease_ttl);
         // A keep-alive sent after this call began (the background one usually is, after a
         // wait in line), so the grant is no older than the campaign. The wait showed the

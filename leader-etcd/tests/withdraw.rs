@@ -244,7 +244,8 @@ async fn a_resignation_that_keeps_failing_leaves_no_key_after_two_ttls() {
     let resigned = election.resign().await;
     assert!(resigned.is_err(), "{resigned:?}");
     let mut left = Vec::new();
-    let bound = TTL * 2 + Duration::from_millis(700);
+    // Twice the lease's TTL (a second more than the election's), and etcd's sweep.
+    let bound = (TTL + Duration::from_secs(1)) * 2 + Duration::from_millis(700);
     while started.elapsed() < bound + Duration::from_secs(2) {
         left = keys_of(&mut root, &prefix).await;
         if left.is_empty() {

@@ -26,12 +26,14 @@ pub struct EtcdModel {
 impl EtcdModel {
     /// A fresh etcd, with its lease sweep running (made inside the run's runtime).
     pub fn new(net: &Net) -> Self {
-        // Half the seeds run etcd's default shortest lease (2 s: the harness's 1 s TTL then
-        // runs on 2 s leases, whose expiry the waiters can prove, src/expiry.rs); the other
-        // half the test servers' 1 s. A quiet network (the differential test) runs 1 s, as
-        // the test server does.
+        // The driver asks for leases a second longer than the TTL (2 s for the harness's
+        // 1 s). Two thirds of the seeds run a shortest lease at or below that (etcd's
+        // default is 2 s, the test servers' 1 s); a third a shortest lease of 3 s, longer
+        // than asked, behind which a reading of 1 already proves a term's deadline passed
+        // (src/expiry.rs). A quiet network (the differential test) runs 1 s, as the test
+        // server does.
         let min_ttl = if net.chaos() {
-            net.draw(|rng| rng.random_range(1..=2i64))
+            net.draw(|rng| rng.random_range(1..=3i64))
         } else {
             1
         };
@@ -67,9 +69,10 @@ pub fn settings() -> Settings {
     settings
 }
 
-/// Whole seconds, rounded up: the lease TTL etcd gets for `ttl`.
-fn whole_seconds(ttl: Duration) -> u64 {
-    (ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0)).max(1)
+/// The lease TTL the driver asks for a candidate of `ttl`: whole seconds, rounded up, and a
+/// second more (src/lease.rs).
+fn lease_seconds(ttl: Duration) -> u64 {
+    (ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0)).max(1) + 1
 }
 
 impl Model for EtcdModel {
@@ -226,26 +229,20 @@ impl Model for EtcdModel {
 
     fn takeover_bound(&self, ttl: Duration) -> Option<Duration> {
         let min_ttl = self.store.lock().unwrap_or_else(|p| p.into_inner()).min_ttl;
-        let lease = Duration::from_secs(whole_seconds(ttl).max(min_ttl.unsigned_abs()));
-        if lease < Duration::from_secs(2) {
-            // A 1 s lease ends at the sweep after it (every 500 ms), the delete reaches the
-            // head's watch at once: the sweep plus the safety margin and the clocks' rate
-            // difference (at most 530 ms on 2,000 seeds).
-            Some(SWEEP + Duration::from_millis(200))
-        } else {
-            // A lease longer than the TTL (etcd's 2 s shortest) runs on after the old
-            // leader's deadline; then as on a 1 s lease. The head usually proves its expiry
-            // (src/expiry.rs) before the sweep, but not always: one that began waiting
-            // less than a second before (its first read waits a second) or behind several
-            // keys falls back on the sweep (21 of 2,000 seeds over lease - TTL + 400 ms).
-            // The fast path's timing is checked by the scripted scenario in
-            // tests/simulation.rs; here its safety.
-            Some(lease.saturating_sub(ttl) + SWEEP + Duration::from_millis(200))
-        }
+        let lease = Duration::from_secs(lease_seconds(ttl).max(min_ttl.unsigned_abs()));
+        // The lease (a second longer than the TTL, or etcd's shortest) runs on after the
+        // old leader's deadline; then it ends at the sweep after it (every 500 ms), and the
+        // delete reaches the head's watch at once, within the safety margin and the clocks'
+        // rate difference. The head usually proves the deadline passed (src/expiry.rs)
+        // long before, but not always: one that began waiting less than a second before
+        // (its first read waits a second) or behind several keys falls back on the sweep.
+        // The fast path's timing is checked by the scripted scenario in
+        // tests/simulation.rs; here its safety.
+        Some(lease.saturating_sub(ttl) + SWEEP + Duration::from_millis(200))
     }
 
     fn orphan_bound(&self, ttl: Duration) -> Duration {
         let min_ttl = self.store.lock().unwrap_or_else(|p| p.into_inner()).min_ttl;
-        Duration::from_secs(whole_seconds(ttl).max(min_ttl.unsigned_abs())) + SWEEP
+        Duration::from_secs(lease_seconds(ttl).max(min_ttl.unsigned_abs())) + SWEEP
     }
 }
