@@ -24,10 +24,18 @@
 //! answer is that of the member the client reached, filled after the answer came, so an
 //! answer computed by a deposed leader's stale lessor (forwarded there just before a new
 //! leader took over) can carry the new term. Reads go one at a time, so only the first of
-//! a series can be such a one: the proof takes the *second* of two such reads from one
-//! raft term, and a linearizable read of the predecessor's key sent after it that reports
-//! that term too (one etcd leader, whose lessor saw every keep-alive, was leader
-//! throughout).
+//! a series can be such a one *when they go through one member*: the proof takes the
+//! *second* of two such reads from one raft term, and a linearizable read of the
+//! predecessor's key sent after it that reports that term too (one etcd leader, whose
+//! lessor saw every keep-alive, was leader throughout). With several endpoints the client
+//! may send the two reads to two members, each lagging behind the new term while it
+//! forwards; then the proof also rests on the deposed leader stepping down (etcd's
+//! CheckQuorum, within one or two election timeouts of losing its quorum) before its stale
+//! lessor can read low for a lease the holder renews at the new leader: an election
+//! timeout well under a second (the test servers run 100 ms) keeps that window shut; with
+//! etcd's default of 1 s it rests on both forwarding races happening back to back. (The
+//! answer's raft term is the term of the last entry the member applied, which lags raft's
+//! own: it errs on the side of a reread.)
 //!
 //! **The lease's expiry (the slow proof)**, for keys without a TTL side key (an earlier
 //! version of this driver, `etcdctl elect`, Go) or whose lease is not long enough:
@@ -82,12 +90,19 @@ use crate::keys::{Side, parse_ttl, side_key};
 /// etcd: a second, and 5% for the rates of this process's clock and etcd's.
 const EXPIRED_AFTER: Duration = Duration::from_millis(1050);
 
-/// The first read comes this long after the wait began: a leader renews its lease at least
-/// every third of the TTL, so a lease read at once would almost always say it has more
-/// than a second left; and a waiter that leads within a second (a resignation, a handoff)
-/// costs no read at all. Only a waiter that began waiting behind a leader already dead
-/// for most of its lease proves the expiry up to a second later for it.
+/// The first read comes at most this long after the wait began (see [`first_read_after`]).
 const FIRST_READ_AFTER: Duration = Duration::from_secs(1);
+
+/// How long after its wait began a waiter on a lease of `own_lease` first reads its
+/// predecessor's lease: a sixth of its own lease (a third of a second behind a 1 s TTL, whose
+/// lease is 2 s), at most a second. A waiter that leads sooner (a resignation, a handoff)
+/// costs no read at all; a live leader renews at least every third of its TTL, so a read at
+/// once would almost always find it far from its end. A waiter that began waiting behind a
+/// leader already dead (say, its own process restarted meanwhile) proves the deadline
+/// passed that much later, no more.
+pub(crate) fn first_read_after(own_lease: Duration) -> Duration {
+    FIRST_READ_AFTER.min(own_lease / 6)
+}
 
 /// The shortest and longest pause between reads near a lease's end.
 const STEP_MIN: Duration = Duration::from_millis(50);
@@ -231,11 +246,17 @@ impl Inner {
     /// when there is nothing to do (the lease is gone, granted for a second only, or etcd
     /// refuses a read). Never fails: a failed read starts the series again after a
     /// jittered backoff, and the caller's watch goes on either way.
-    pub(crate) async fn end_expired_term(&self, key: &[u8], revision: i64, lease: i64) {
+    pub(crate) async fn end_expired_term(
+        &self,
+        key: &[u8],
+        revision: i64,
+        lease: i64,
+        first_read: Duration,
+    ) {
         let mut zero: Option<Zero> = None;
         let mut backoff = Backoff::new(STEP_MAX, STEP_MAX * 20);
         let lease_hex = format!("{lease:x}");
-        sleep(FIRST_READ_AFTER).await;
+        sleep(first_read).await;
         let term_ttl = self.term_ttl(key, revision).await;
         loop {
             let sent = Instant::now();

@@ -92,6 +92,11 @@ impl Leases {
 }
 
 impl LeaseSlot {
+    /// The TTL its leases are asked for.
+    pub(crate) fn ttl(&self) -> Duration {
+        Duration::from_secs(self.seconds)
+    }
+
     /// Follows the id of the live lease (0 when there is none).
     pub(crate) fn subscribe(&self) -> watch::Receiver<i64> {
         self.id.subscribe()

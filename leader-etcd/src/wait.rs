@@ -6,6 +6,7 @@ use tracing::{debug, warn};
 
 use crate::Inner;
 use crate::error::{unexpected, watch_cancelled};
+use crate::expiry::first_read_after;
 use crate::io::{Compare, Op, OpResult, Range, Sort, Txn, WatchRequest};
 use crate::keys::{marker_key, nomination_key, parse_marker, parse_nomination};
 use crate::lease::LeaseSlot;
@@ -213,15 +214,26 @@ impl Inner {
                 return Ok(Waited::Lead(at));
             };
             let sole = below.kvs.len() == 1 && !below.more;
-            // The only key below leads: its term ends once its lease has certainly
-            // expired (`crate::expiry`), not at etcd's sweep.
-            let leader = sole.then(|| {
-                (
-                    predecessor.key.clone(),
-                    predecessor.create_revision,
-                    predecessor.lease,
-                )
-            });
+            // The only key below leads: its term ends once its deadline has certainly
+            // passed (`crate::expiry`), not at etcd's sweep.
+            let target = (
+                predecessor.key.clone(),
+                predecessor.create_revision,
+                predecessor.lease,
+            );
+            // Third in line (two keys below): the predecessor leads once the lowest key
+            // goes, which its deletion's watch would not show; so watch that key's deletion
+            // too, and from then on end the predecessor's term as the head would (with a
+            // line of three, as with three replicas, every crash failover is then at the
+            // deadline, not at the lease's expiry and etcd's sweep). Deeper in line, a
+            // waiter learns it only by its predecessor's deletion.
+            let lowest = (!sole && below.kvs.len() == 2 && !below.more)
+                .then(|| below.kvs.get(1).map(|kv| kv.key.clone()))
+                .flatten();
+            let heads = tokio::sync::Notify::new();
+            if sole {
+                heads.notify_one();
+            }
             let predecessor = predecessor.key.clone();
             let from = at + 1;
             debug!(
@@ -249,21 +261,27 @@ impl Inner {
                 self.watches
                     .subscribe(&self.io, self.request_timeout, vec![range])
             } else {
-                let deletions = WatchRequest {
+                let deletions = |key: &[u8]| WatchRequest {
                     no_put: true,
-                    ..WatchRequest::key(0, predecessor.clone(), from)
+                    ..WatchRequest::key(0, key.to_vec(), from)
                 };
-                self.watches.subscribe(
-                    &self.io,
-                    self.request_timeout,
-                    vec![deletions, WatchRequest::key(0, nomination.clone(), from)],
-                )
+                let mut requests = vec![
+                    deletions(&predecessor),
+                    WatchRequest::key(0, nomination.clone(), from),
+                ];
+                requests.extend(lowest.as_deref().map(deletions));
+                self.watches
+                    .subscribe(&self.io, self.request_timeout, requests)
             };
             let mut expiry = std::pin::pin!(async {
-                if let Some((key, revision, lease)) = &leader
-                    && *lease != 0
-                {
-                    self.end_expired_term(key, *revision, *lease).await;
+                let (key, revision, lease) = &target;
+                if sole || lowest.is_some() {
+                    heads.notified().await;
+                    if *lease != 0 {
+                        let first_read = first_read_after(slot.ttl());
+                        self.end_expired_term(key, *revision, *lease, first_read)
+                            .await;
+                    }
                 }
                 std::future::pending::<()>().await;
             });
@@ -287,6 +305,16 @@ impl Inner {
                     // Anything else (a refusal, the member losing its leader) is an error
                     // for the caller to retry with backoff, not a reason to look again now.
                     return Err(watch_cancelled(&message.cancel_reason));
+                }
+                if let Some(lowest) = &lowest
+                    && message
+                        .events
+                        .iter()
+                        .any(|event| event.deleted && event.kv.key == *lowest)
+                {
+                    // The predecessor leads now (unless its own deletion is in this
+                    // message too: then `step` says so below).
+                    heads.notify_one();
                 }
                 let events = message.events.iter().map(|event| {
                     (

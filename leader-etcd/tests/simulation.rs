@@ -97,6 +97,77 @@ async fn a_crashed_leader_of_a_two_second_ttl_is_replaced_at_its_deadline() {
     a_crashed_leader_is_replaced_at_its_deadline(Duration::from_secs(2)).await;
 }
 
+/// Three in line (three replicas): a resigns, so b leads, and c, third in line until then,
+/// is now right behind the leader, which its watch of b's deletion alone would not show. b
+/// then crashes: c ends b's term at its deadline too (it watched the lowest key's
+/// deletion), not a second later at the lease's expiry and etcd's sweep.
+#[tokio::test(start_paused = true)]
+async fn the_third_in_line_replaces_a_crashed_leader_at_its_deadline_after_a_handoff() {
+    let net = Net::quiet();
+    let model = sim::EtcdModel::new(&net);
+    let ttl = Duration::from_secs(1);
+    let candidate = |id: &str| Candidate::new("sim-0", id, id.as_bytes().to_vec(), ttl);
+    let (a, b, c) = (candidate("a"), candidate("b"), candidate("c"));
+    let a_driver = model.driver(&net, ClientId(0));
+    let b_driver = model.driver(&net, ClientId(1));
+    let c_driver = model.driver(&net, ClientId(2));
+    let a_grant = a_driver.campaign(&a).await.expect("a is elected");
+    let b_waits = {
+        let b_driver = b_driver.clone();
+        tokio::spawn(async move { b_driver.campaign(&b).await })
+    };
+    sleep(Duration::from_millis(50)).await;
+    let c_waits = tokio::spawn(async move {
+        let grant = c_driver.campaign(&c).await;
+        (Instant::now(), grant, c_driver)
+    });
+    sleep(Duration::from_millis(50)).await;
+    a_driver
+        .resign(&a, Some(a_grant.fencing_token))
+        .await
+        .expect("a resigns");
+    b_waits
+        .await
+        .expect("b's campaign task")
+        .expect("b is elected");
+    // b leads for a while (renewing), then crashes just after a keep-alive.
+    let lease = || {
+        let s = model.store.lock().unwrap_or_else(|p| p.into_inner());
+        s.kvs
+            .values()
+            .find(|kv| kv.value == b"b" && kv.key.starts_with(b"sim-0/"))
+            .and_then(|kv| s.leases.get(&kv.lease))
+            .map(|lease| (lease.expiry, Duration::from_secs(lease.ttl.unsigned_abs())))
+            .expect("b's key and lease stand while b's driver keeps the lease alive")
+    };
+    sleep(Duration::from_secs(3)).await;
+    let (mut last, granted) = lease();
+    loop {
+        sleep(Duration::from_millis(1)).await;
+        let (now, _) = lease();
+        if now != last {
+            break;
+        }
+        last = now;
+    }
+    drop(b_driver);
+    let (expires, _) = lease();
+    let b_deadline = expires - granted + ttl;
+    let (elected_at, grant, _c_driver) = c_waits.await.expect("c's campaign task");
+    grant.expect("c is elected");
+    assert!(
+        elected_at >= b_deadline,
+        "c led {:?} before b's deadline could pass",
+        b_deadline - elected_at
+    );
+    assert!(
+        elected_at < b_deadline + ttl / 10,
+        "c led {:?} after b's deadline (b's lease expired {:?} after it)",
+        elected_at - b_deadline,
+        expires - b_deadline
+    );
+}
+
 /// A key without a TTL side key (a candidate of `etcdctl elect`, of Go, of an earlier
 /// version of this driver) says nothing of its term's TTL: the waiter proves its lease's
 /// expiry instead, and never ends it before.

@@ -151,8 +151,14 @@ impl PgIo {
             }
         });
         let statement_timeout = self.request_timeout.as_millis().max(1);
+        // READ COMMITTED whatever the role's default: the resignation's function reads the
+        // line in a statement of its own to see what a concurrent attempt committed
+        // meanwhile (see `Table::resign`), which a transaction-wide snapshot would hide.
         client
-            .batch_execute(&format!("SET statement_timeout = {statement_timeout}"))
+            .batch_execute(&format!(
+                "SET statement_timeout = {statement_timeout}; \
+                 SET default_transaction_isolation = 'read committed'"
+            ))
             .await
             .map_err(error)?;
         self.ensure_schema(&client).await?;
@@ -197,8 +203,8 @@ impl PgIo {
                 "table",
                 format!(
                     "`{}` (with `{}`, its trigger and its function) does not exist or is of an earlier \
-                     version, and creating it is turned off; create it with the SQL in the \
-                     leader-postgres README",
+                     version (or this user may not EXECUTE its function), and creating it is \
+                     turned off; create it with the SQL in the leader-postgres README",
                     self.table.name, self.table.waiters_name
                 ),
             ));
@@ -212,9 +218,11 @@ impl PgIo {
                 if err.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
                     Err(Error::denied(Refused {
                         what: format!(
-                            "table `{}` (or `{}`, or its trigger) does not exist and this user \
-                             may not create it: have a DBA run the SQL in the leader-postgres \
-                             README, or grant CREATE on the schema",
+                            "table `{}` (or `{}`, its trigger or its function) does not exist or \
+                             is of an earlier version (or this user may not EXECUTE its \
+                             function), and this user may not create it: have a DBA run the \
+                             SQL in the leader-postgres README (and GRANT EXECUTE on the \
+                             function), or grant CREATE on the schema",
                             self.table.name, self.table.waiters_name
                         ),
                         source: err,

@@ -109,7 +109,7 @@ impl Table {
     }
 
     /// Whether the tables, the columns of this version, the trigger and the resignation's
-    /// function are all there.
+    /// function are all there (and this user may run the function).
     /// $1 the table (quoted), $2 the waiters' table (quoted), $3 the trigger's name, $4 the
     /// resignation's function's signature.
     pub(crate) fn complete() -> &'static str {
@@ -118,7 +118,8 @@ impl Table {
                         WHERE attrelid = to_regclass($1) AND attname = 'nominated_until')
             AND EXISTS (SELECT 1 FROM pg_trigger
                         WHERE tgrelid = to_regclass($1) AND tgname = $3)
-            AND to_regprocedure($4) IS NOT NULL"
+            AND to_regprocedure($4) IS NOT NULL
+            AND has_function_privilege(to_regprocedure($4), 'EXECUTE')"
     }
 
     /// The schema: both tables, the columns a table of an earlier version lacks, the

@@ -491,6 +491,41 @@ async fn least_privilege_works_and_missing_grants_are_denied() {
     assert!(said.contains("ops.leases"), "{said}");
     assert!(said.contains("SELECT, INSERT and UPDATE"), "{said}");
 
+    // The resignation's function, where EXECUTE was revoked from PUBLIC: found at start,
+    // not at the first resignation.
+    admin
+        .batch_execute(
+            "REVOKE EXECUTE ON FUNCTION ops.leases_resign(text, text, bigint, text) FROM PUBLIC",
+        )
+        .await
+        .expect("revoke EXECUTE");
+    let builder = PostgresDriver::parse_url(&url("elector"))
+        .expect("url")
+        .table("ops.leases")
+        .create_table(false);
+    let err = PostgresDriver::connect_builder(builder)
+        .await
+        .expect_err("may not run the resignation");
+    assert!(
+        leader_core::ErrorChain(&err)
+            .to_string()
+            .contains("EXECUTE"),
+        "{err}"
+    );
+    admin
+        .batch_execute(
+            "GRANT EXECUTE ON FUNCTION ops.leases_resign(text, text, bigint, text) TO elector",
+        )
+        .await
+        .expect("grant EXECUTE");
+    let builder = PostgresDriver::parse_url(&url("elector"))
+        .expect("url")
+        .table("ops.leases")
+        .create_table(false);
+    PostgresDriver::connect_builder(builder)
+        .await
+        .expect("connects with EXECUTE granted");
+
     // A missing table and no right to create it: Denied, saying what to do.
     let builder = PostgresDriver::parse_url(&url("nobody"))
         .expect("url")
