@@ -163,11 +163,23 @@ impl PgIo {
             .map_err(error)?;
         self.ensure_schema(&client).await?;
         let table = &self.table;
+        let resign = client.prepare(&table.resign()).await.map_err(error)?;
+        // Once with nothing to match (NULL names match no row): the backend compiles the
+        // resignation's function now, not inside a handoff (a process's first resignation
+        // is often its last: a rolling restart). Best effort: a user without the grants
+        // hears of them from its first real statement, as before.
+        let nothing: Option<&str> = None;
+        if let Err(err) = client
+            .query(&resign, &[&nothing, &nothing, &None::<i64>, &nothing])
+            .await
+        {
+            debug!(error = %err, "warming up the resignation's function failed");
+        }
         Ok(Connection {
             acquire: client.prepare(&table.acquire()).await.map_err(error)?,
             renew: client.prepare(&table.renew()).await.map_err(error)?,
             keep: client.prepare(&table.keep()).await.map_err(error)?,
-            resign: client.prepare(&table.resign()).await.map_err(error)?,
+            resign,
             hand_over: client.prepare(&table.hand_over()).await.map_err(error)?,
             proclaim: client.prepare(&table.proclaim()).await.map_err(error)?,
             candidates: client.prepare(&table.candidates()).await.map_err(error)?,
@@ -189,6 +201,7 @@ impl PgIo {
                     &self.table.waiters,
                     &self.table.trigger,
                     &self.table.resign_signature,
+                    &self.table.deleted_trigger,
                 ],
             )
             .await

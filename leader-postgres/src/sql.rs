@@ -30,8 +30,10 @@ pub(crate) struct Table {
     pub(crate) waiters_name: String,
     /// The waiters' table, quoted.
     pub(crate) waiters: String,
-    /// The trigger's name (unqualified: triggers belong to their table).
+    /// The trigger's name (unqualified: triggers belong to their table), on updates.
     pub(crate) trigger: String,
+    /// The trigger's name on deletes.
+    pub(crate) deleted_trigger: String,
     /// The trigger's function, quoted (in the table's schema).
     function: String,
     /// The resignation's function, quoted (in the table's schema).
@@ -66,6 +68,7 @@ impl Table {
             waiters_name: named(&waiters),
             waiters: qualify(&waiters),
             trigger: format!("{table}_gone"),
+            deleted_trigger: format!("{table}_deleted"),
             function: qualify(&format!("{table}_gone")),
             resign_function: qualify(&format!("{table}_resign")),
             resign_signature: format!(
@@ -108,23 +111,27 @@ impl Table {
         })
     }
 
-    /// Whether the tables, the columns of this version, the trigger and the resignation's
+    /// Whether the tables, the columns of this version, the triggers and the resignation's
     /// function are all there (and this user may run the function).
-    /// $1 the table (quoted), $2 the waiters' table (quoted), $3 the trigger's name, $4 the
-    /// resignation's function's signature.
+    /// $1 the table (quoted), $2 the waiters' table (quoted), $3 the update trigger's name,
+    /// $4 the resignation's function's signature, $5 the delete trigger's name.
     pub(crate) fn complete() -> &'static str {
         "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL
             AND EXISTS (SELECT 1 FROM pg_attribute
                         WHERE attrelid = to_regclass($1) AND attname = 'nominated_until')
             AND EXISTS (SELECT 1 FROM pg_trigger
                         WHERE tgrelid = to_regclass($1) AND tgname = $3)
+            AND EXISTS (SELECT 1 FROM pg_trigger
+                        WHERE tgrelid = to_regclass($1) AND tgname = $5)
             AND to_regprocedure($4) IS NOT NULL
             AND has_function_privilege(to_regprocedure($4), 'EXECUTE')"
     }
 
     /// The schema: both tables, the columns a table of an earlier version lacks, the
-    /// waiters' index, and the trigger that tells a holder its term was ended by someone
-    /// else. Idempotent; as in the README.
+    /// waiters' index, the triggers that tell a holder its term was ended by someone else
+    /// (their conditions in `WHEN`, so that the function runs for no statement of the
+    /// driver's own but a takeover after an expiry), and the resignation's function.
+    /// Idempotent; as in the README.
     pub(crate) fn create(&self) -> String {
         format!(
             "CREATE TABLE IF NOT EXISTS {t} (
@@ -153,18 +160,20 @@ CREATE TABLE IF NOT EXISTS {w} (
 CREATE INDEX IF NOT EXISTS \"{index}\" ON {w} (name, position);
 CREATE OR REPLACE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql AS $fn$
 BEGIN
-    IF OLD.holder IS NOT NULL AND OLD.channel IS NOT NULL AND (
-        TG_OP = 'DELETE'
-        OR NEW.holder IS DISTINCT FROM OLD.holder
-        OR NEW.fencing_token IS DISTINCT FROM OLD.fencing_token
-        OR NEW.expires_at < OLD.expires_at) THEN
-        PERFORM pg_notify(OLD.channel, 'g' || OLD.fencing_token || ':' || OLD.holder);
-    END IF;
+    PERFORM pg_notify(OLD.channel, 'g' || OLD.fencing_token || ':' || OLD.holder);
     RETURN NULL;
 END
 $fn$;
-CREATE OR REPLACE TRIGGER \"{trigger}\" AFTER UPDATE OR DELETE ON {t}
-    FOR EACH ROW EXECUTE FUNCTION {f}();
+CREATE OR REPLACE TRIGGER \"{trigger}\" AFTER UPDATE ON {t} FOR EACH ROW
+    WHEN (OLD.holder IS NOT NULL AND OLD.channel IS NOT NULL
+          AND (NEW.holder IS NOT NULL OR NEW.channel IS NOT NULL)
+          AND (NEW.holder IS DISTINCT FROM OLD.holder
+               OR NEW.fencing_token IS DISTINCT FROM OLD.fencing_token
+               OR NEW.expires_at < OLD.expires_at))
+    EXECUTE FUNCTION {f}();
+CREATE OR REPLACE TRIGGER \"{deleted}\" AFTER DELETE ON {t} FOR EACH ROW
+    WHEN (OLD.holder IS NOT NULL AND OLD.channel IS NOT NULL)
+    EXECUTE FUNCTION {f}();
 CREATE OR REPLACE FUNCTION {r}(
     _name text, _candidate text, _token bigint, _channel text,
     OUT released bigint, OUT woken bigint) LANGUAGE plpgsql AS $fn$
@@ -226,6 +235,7 @@ $fn$;",
             r = self.resign_function,
             index = self.index,
             trigger = self.trigger,
+            deleted = self.deleted_trigger,
         )
     }
 

@@ -65,7 +65,9 @@ pub fn remaining(at: i64, now: i64) -> f64 {
     }
 }
 
-/// The trigger `<table>_gone`, AFTER UPDATE OR DELETE FOR EACH ROW.
+/// The triggers `<table>_gone` (AFTER UPDATE, when the row neither keeps the term nor is
+/// released with its channel: a resignation, a handover) and `<table>_deleted` (AFTER
+/// DELETE), FOR EACH ROW.
 fn gone(old: &Row, new: Option<&Row>, notices: &mut Vec<Notice>) {
     let (Some(holder), Some(channel)) = (&old.holder, &old.channel) else {
         return;
@@ -73,7 +75,10 @@ fn gone(old: &Row, new: Option<&Row>, notices: &mut Vec<Notice>) {
     let fires = match new {
         None => true,
         Some(new) => {
-            new.holder != old.holder || new.token != old.token || new.expires_at < old.expires_at
+            (new.holder.is_some() || new.channel.is_some())
+                && (new.holder != old.holder
+                    || new.token != old.token
+                    || new.expires_at < old.expires_at)
         }
     };
     if fires {
