@@ -91,7 +91,7 @@ impl Inner {
     /// Waits until this candidate leads: no key of the election has a create revision below
     /// `revision` (the create revision of `own`) and no nomination names another key, or a
     /// nomination names `own`. Watches only the predecessor's deletion (and the
-    /// nomination). Fails if lease `lease` of `slot` is lost meanwhile.
+    /// nomination; third in line, the lowest key's deletion too). Fails if lease `lease` of `slot` is lost meanwhile.
     ///
     /// Returns the revision at which `own` is known to exist with this term's create
     /// revision and lease, with nothing ahead of it. Each read (a transaction) reads the

@@ -20,6 +20,58 @@ fn simulated_schedules_keep_every_safety_property() {
     leader_testkit::sim::run_seeds("leader-etcd", sim::EtcdModel::new);
 }
 
+/// The expiry and granted TTL of the lease of the key in election `sim-0` whose value is
+/// `value`.
+fn lease_of(model: &sim::EtcdModel, value: &[u8]) -> (Instant, Duration) {
+    let s = model.store.lock().unwrap_or_else(|p| p.into_inner());
+    s.kvs
+        .values()
+        .find(|kv| kv.value == value && kv.key.starts_with(b"sim-0/"))
+        .and_then(|kv| s.leases.get(&kv.lease))
+        .map(|lease| (lease.expiry, Duration::from_secs(lease.ttl.unsigned_abs())))
+        .expect("the leader's key and lease stand while its driver keeps the lease alive")
+}
+
+/// Waits (paused clock) until the lease of `value`'s key is renewed, then returns its new
+/// expiry and granted TTL: the moment to crash for the worst case (the longest the term
+/// can still run).
+async fn just_after_a_keep_alive(model: &sim::EtcdModel, value: &[u8]) -> (Instant, Duration) {
+    let (mut last, _) = lease_of(model, value);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        sleep(Duration::from_millis(1)).await;
+        let now = lease_of(model, value);
+        if now.0 != last {
+            return now;
+        }
+        last = now.0;
+        assert!(Instant::now() < deadline, "no keep-alive");
+    }
+}
+
+/// The crashed leader's deadline: its last keep-alive reached etcd at `expires - granted`,
+/// and its term's TTL is at most `ttl` after. The next leader must come at or after it, and
+/// within a tenth of the TTL.
+fn assert_led_at_the_deadline(
+    elected_at: Instant,
+    expires: Instant,
+    granted: Duration,
+    ttl: Duration,
+) {
+    let deadline = expires - granted + ttl;
+    assert!(
+        elected_at >= deadline,
+        "the next led {:?} before the crashed leader's deadline could pass",
+        deadline - elected_at
+    );
+    assert!(
+        elected_at < deadline + ttl / 10,
+        "the next led {:?} after the crashed leader's deadline (its lease expired {:?} after it)",
+        elected_at - deadline,
+        expires - deadline
+    );
+}
+
 /// A crashed leader (its driver gone: no more keep-alives) is replaced at its term's
 /// deadline, a second before its lease (a second longer than the TTL) expires at etcd,
 /// and long before etcd's next sweep of expired leases (every 500 ms): the waiter ends the
@@ -38,53 +90,20 @@ async fn a_crashed_leader_is_replaced_at_its_deadline(ttl: Duration) {
         let grant = b_driver.campaign(&b).await;
         (Instant::now(), grant, b_driver)
     });
-    // The expiry and TTL of a's lease. Until a's deadline, a's key must stand.
-    let lease = || {
-        let s = model.store.lock().unwrap_or_else(|p| p.into_inner());
-        s.kvs
-            .values()
-            .find(|kv| kv.value == b"a" && kv.key.starts_with(b"sim-0/"))
-            .and_then(|kv| s.leases.get(&kv.lease))
-            .map(|lease| (lease.expiry, Duration::from_secs(lease.ttl.unsigned_abs())))
-            .expect("a's key and lease stand while a's driver keeps the lease alive")
-    };
-    // Crash just after a keep-alive, a few seconds in: the worst case (the longest a's
-    // term can still run).
+    // Crash just after a keep-alive, a few seconds in. Until a's deadline, a's key must
+    // stand.
     sleep(Duration::from_secs(3)).await;
-    let (mut last, granted) = lease();
+    let (_, granted) = lease_of(&model, b"a");
     assert_eq!(
         granted,
         ttl + Duration::from_secs(1),
         "a second more than the TTL"
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        sleep(Duration::from_millis(1)).await;
-        let (now, _) = lease();
-        if now != last {
-            break;
-        }
-        last = now;
-        assert!(Instant::now() < deadline, "no keep-alive");
-    }
+    let (expires, granted) = just_after_a_keep_alive(&model, b"a").await;
     drop(a_driver);
-    let (expires, _) = lease();
-    // a's last keep-alive reached etcd at `expires - granted`: a's deadline is at most a
-    // TTL after.
-    let a_deadline = expires - granted + ttl;
     let (elected_at, grant, _b_driver) = waiting.await.expect("waiter task");
     grant.expect("b is elected");
-    assert!(
-        elected_at >= a_deadline,
-        "b led {:?} before a's deadline could pass",
-        a_deadline - elected_at
-    );
-    assert!(
-        elected_at < a_deadline + ttl / 10,
-        "b led {:?} after a's deadline (a's lease expired {:?} after it)",
-        elected_at - a_deadline,
-        expires - a_deadline
-    );
+    assert_led_at_the_deadline(elected_at, expires, granted, ttl);
 }
 
 #[tokio::test(start_paused = true)]
@@ -131,41 +150,12 @@ async fn the_third_in_line_replaces_a_crashed_leader_at_its_deadline_after_a_han
         .expect("b's campaign task")
         .expect("b is elected");
     // b leads for a while (renewing), then crashes just after a keep-alive.
-    let lease = || {
-        let s = model.store.lock().unwrap_or_else(|p| p.into_inner());
-        s.kvs
-            .values()
-            .find(|kv| kv.value == b"b" && kv.key.starts_with(b"sim-0/"))
-            .and_then(|kv| s.leases.get(&kv.lease))
-            .map(|lease| (lease.expiry, Duration::from_secs(lease.ttl.unsigned_abs())))
-            .expect("b's key and lease stand while b's driver keeps the lease alive")
-    };
     sleep(Duration::from_secs(3)).await;
-    let (mut last, granted) = lease();
-    loop {
-        sleep(Duration::from_millis(1)).await;
-        let (now, _) = lease();
-        if now != last {
-            break;
-        }
-        last = now;
-    }
+    let (expires, granted) = just_after_a_keep_alive(&model, b"b").await;
     drop(b_driver);
-    let (expires, _) = lease();
-    let b_deadline = expires - granted + ttl;
     let (elected_at, grant, _c_driver) = c_waits.await.expect("c's campaign task");
     grant.expect("c is elected");
-    assert!(
-        elected_at >= b_deadline,
-        "c led {:?} before b's deadline could pass",
-        b_deadline - elected_at
-    );
-    assert!(
-        elected_at < b_deadline + ttl / 10,
-        "c led {:?} after b's deadline (b's lease expired {:?} after it)",
-        elected_at - b_deadline,
-        expires - b_deadline
-    );
+    assert_led_at_the_deadline(elected_at, expires, granted, ttl);
 }
 
 /// A key without a TTL side key (a candidate of `etcdctl elect`, of Go, of an earlier
@@ -201,15 +191,7 @@ async fn a_crashed_leader_without_a_ttl_side_key_is_replaced_at_its_lease_expiry
     });
     sleep(Duration::from_secs(3)).await;
     drop(a_driver);
-    let expires = {
-        let s = model.store.lock().unwrap_or_else(|p| p.into_inner());
-        s.kvs
-            .values()
-            .find(|kv| kv.value == b"a" && kv.key.starts_with(b"sim-0/"))
-            .and_then(|kv| s.leases.get(&kv.lease))
-            .map(|lease| lease.expiry)
-            .expect("a's key and lease")
-    };
+    let (expires, _) = lease_of(&model, b"a");
     let (elected_at, grant, _b_driver) = waiting.await.expect("waiter task");
     grant.expect("b is elected");
     assert!(
