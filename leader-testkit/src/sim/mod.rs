@@ -220,8 +220,11 @@ pub struct Report {
     pub calls: u64,
     /// Handovers after a resignation once faults stopped, and the slowest of them.
     pub handoffs: u64,
-    /// The longest a handover took (see [`Model::handoff_bound`]).
+    /// The longest a handover took (see [`Model::handoff_bound`]), a handoff after a
+    /// resignation or a planned handover.
     pub slowest_handoff: Duration,
+    /// Planned handovers (`hand_over`) once faults stopped whose nominee was elected next.
+    pub handovers: u64,
     /// Takeovers from a leader cut off once faults stopped.
     pub takeovers: u64,
     /// The longest a takeover took after the old leader's deadline (see
@@ -249,6 +252,7 @@ impl std::ops::AddAssign for Report {
         self.calls += other.calls;
         self.handoffs += other.handoffs;
         self.slowest_handoff = self.slowest_handoff.max(other.slowest_handoff);
+        self.handovers += other.handovers;
         self.takeovers += other.takeovers;
         self.slowest_takeover = self.slowest_takeover.max(other.slowest_takeover);
         self.notices += other.notices;
@@ -262,7 +266,7 @@ impl fmt::Display for Report {
             f,
             "{} terms, {} requests ({} failed, {} answers lost, {} late effects), {} outages, \
              {} restarts ({} lost the data), {} tamperings, {} suspensions, {} model events, \
-             {} API calls, {} handoffs (slowest {:?}), {} takeovers (slowest {:?} after the \
+             {} API calls, {} handoffs (slowest {:?}), {} planned handovers, {} takeovers (slowest {:?} after the \
              deadline), {} notices (slowest {:?})",
             self.terms,
             self.requests,
@@ -278,6 +282,7 @@ impl fmt::Display for Report {
             self.calls,
             self.handoffs,
             self.slowest_handoff,
+            self.handovers,
             self.takeovers,
             self.slowest_takeover,
             self.notices,

@@ -208,6 +208,7 @@ impl<M: Model> World<M> {
         }
 
         self.handoffs(&elections, &mut runs, &stop).await?;
+        self.handovers(&elections).await?;
         self.takeovers(&elections).await?;
         self.notices(&elections).await?;
 
@@ -333,6 +334,123 @@ impl<M: Model> World<M> {
                 }
                 if let Some(election) = &elections[leader] {
                     runs[leader] = Some(Run::start(election.clone(), stop));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// With faults stopped: in each election, the leader hands its term over to a waiting
+    /// candidate drawn at random (the head of the line or any other), and the nominee must
+    /// be the next candidate elected, within the model's
+    /// [`handoff_bound`](Model::handoff_bound): DESIGN.md's promise that only the nominee
+    /// can be elected for one TTL unless it withdraws or dies (here it does neither), while
+    /// the old leader campaigns again at once. A store that lets another candidate take
+    /// the term, or a nominee that misses its wakeup, fails here on whatever the chaos
+    /// left in the store.
+    async fn handovers(&self, elections: &[Option<Election>]) -> Result<(), String> {
+        let Some(bound) = self.model.handoff_bound(TTL) else {
+            return Ok(());
+        };
+        // The candidates that ran again after the handoffs stand in line by then.
+        sleep(TTL).await;
+        for name in (0..self.elections).map(|i| election_of(i, self.elections)) {
+            let ours: Vec<usize> = (0..elections.len())
+                .filter(|&slot| election_of(slot, self.elections) == name)
+                .collect();
+            let election = |slot: usize| elections[slot].as_ref();
+            // Slot 0 is passive: a term it holds is not handed over.
+            let Some(leader) = ours
+                .iter()
+                .copied()
+                .filter(|&s| s > 0)
+                .find(|&s| election(s).is_some_and(|e| e.status().is_leader()))
+            else {
+                continue;
+            };
+            let waiting: Vec<usize> = ours
+                .iter()
+                .copied()
+                .filter(|&s| s > 0 && s != leader && election(s).is_some())
+                .collect();
+            if waiting.is_empty() {
+                continue;
+            }
+            let nominee = waiting[self.draw(|rng| rng.random_range(0..waiting.len()))];
+            let (Some(from), Some(to)) = (election(leader), election(nominee)) else {
+                continue;
+            };
+            // Every candidate of the election, the old leader included (its run() stands
+            // again at once): the first one elected after the handover must be the nominee.
+            let mut elected = futures::stream::select_all(ours.iter().filter_map(|&s| {
+                election(s).map(|e| {
+                    e.subscribe()
+                        .filter_map(move |event| {
+                            std::future::ready(matches!(event, Event::Elected { .. }).then_some(s))
+                        })
+                        .boxed()
+                })
+            }));
+            let started = Instant::now();
+            self.net.trace(|| {
+                format!("handover: slot {leader} of {name} hands over to slot {nominee}")
+            });
+            match timeout(bound, from.hand_over(to.id())).await {
+                Ok(Ok(())) => {}
+                // Not in the line (yet) as the store sees it, or a driver without
+                // handovers: no promise to check.
+                Ok(Err(
+                    leader_core::Error::NotWaiting { .. } | leader_core::Error::Unsupported { .. },
+                )) => {
+                    continue;
+                }
+                Ok(Err(err)) => {
+                    return Err(format!(
+                        "faults stopped, and slot {leader}'s handover of {name} to slot \
+                         {nominee} failed: {err}"
+                    ));
+                }
+                Err(_) => {
+                    return Err(format!(
+                        "faults stopped, and slot {leader}'s handover of {name} to slot \
+                         {nominee} took longer than {bound:?}"
+                    ));
+                }
+            }
+            // The old leader stands again at once (its run() waits a backoff first),
+            // racing the nominee's wakeup: a store that let anyone but the nominee take
+            // the term would elect it. Dropped once someone is elected (a withdrawal).
+            let rival = async {
+                let _ = from.campaign().await;
+                std::future::pending::<()>().await;
+            };
+            let first = async {
+                tokio::select! {
+                    slot = elected.next() => slot,
+                    () = rival => None,
+                }
+            };
+            let left = bound.saturating_sub(started.elapsed());
+            match timeout(left, first).await {
+                Ok(Some(slot)) if slot == nominee => {
+                    let took = started.elapsed();
+                    self.net.count(|r| {
+                        r.handovers += 1;
+                        r.slowest_handoff = r.slowest_handoff.max(took);
+                    });
+                }
+                Ok(Some(slot)) => {
+                    return Err(format!(
+                        "slot {leader} handed {name} over to slot {nominee}, which waited in \
+                         line, but slot {slot} was elected first"
+                    ));
+                }
+                _ => {
+                    return Err(format!(
+                        "slot {leader} handed {name} over to slot {nominee}, which waited in \
+                         line, and nobody was elected within {bound:?} (the model's handoff \
+                         bound): the nominee's wakeup was lost or late"
+                    ));
                 }
             }
         }
