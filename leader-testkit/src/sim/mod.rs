@@ -25,8 +25,11 @@
 //! * once faults stop, each election has a leader within a bound (late effects, plus the
 //!   store's longest orphan, plus 3 s); then, three times, its leader resigns and another
 //!   candidate waiting in line is elected within the model's handoff bound (in the second
-//!   round one waiter leaves at the same instant: a wakeup lost with it fails); then its
-//!   leader's driver is cut off and a waiter on another driver is elected within the
+//!   round one waiter leaves at the same instant: a wakeup lost with it fails); then
+//!   `leader()` and `candidates()` name the leader, and it hands its term over to a
+//!   waiter drawn at random which must be the next one elected, within the handoff bound,
+//!   though the old leader campaigns again at once (a nominee's lost wakeup fails); then
+//!   its leader's driver is cut off and a waiter on another driver is elected within the
 //!   model's takeover bound after that leader's deadline (a head that misses the lease's
 //!   end fails); then an operator ends the leader's term and it steps down within the
 //!   model's notice bound (a lost notice fails); and once every election is dropped
@@ -225,6 +228,9 @@ pub struct Report {
     pub slowest_handoff: Duration,
     /// Planned handovers (`hand_over`) once faults stopped whose nominee was elected next.
     pub handovers: u64,
+    /// Planned handovers not checked: the store did not list the nominee as waiting (or the
+    /// driver has no handovers).
+    pub handovers_skipped: u64,
     /// Takeovers from a leader cut off once faults stopped.
     pub takeovers: u64,
     /// The longest a takeover took after the old leader's deadline (see
@@ -253,6 +259,7 @@ impl std::ops::AddAssign for Report {
         self.handoffs += other.handoffs;
         self.slowest_handoff = self.slowest_handoff.max(other.slowest_handoff);
         self.handovers += other.handovers;
+        self.handovers_skipped += other.handovers_skipped;
         self.takeovers += other.takeovers;
         self.slowest_takeover = self.slowest_takeover.max(other.slowest_takeover);
         self.notices += other.notices;
@@ -266,7 +273,7 @@ impl fmt::Display for Report {
             f,
             "{} terms, {} requests ({} failed, {} answers lost, {} late effects), {} outages, \
              {} restarts ({} lost the data), {} tamperings, {} suspensions, {} model events, \
-             {} API calls, {} handoffs (slowest {:?}), {} planned handovers, {} takeovers (slowest {:?} after the \
+             {} API calls, {} handoffs (slowest {:?}), {} planned handovers ({} not checked), {} takeovers (slowest {:?} after the \
              deadline), {} notices (slowest {:?})",
             self.terms,
             self.requests,
@@ -283,6 +290,7 @@ impl fmt::Display for Report {
             self.handoffs,
             self.slowest_handoff,
             self.handovers,
+            self.handovers_skipped,
             self.takeovers,
             self.slowest_takeover,
             self.notices,
