@@ -220,6 +220,12 @@ impl Model for EtcdModel {
         apply(&self.store, net, |s| s.leftovers())
     }
 
+    fn terms_left(&self, net: &Net) -> Option<Vec<String>> {
+        // Every key (a candidate's key and its side keys go together), but the marker of
+        // a handover's term (see `leftovers`).
+        Some(apply(&self.store, net, |s| s.leftovers()))
+    }
+
     fn handoff_bound(&self, ttl: Duration) -> Option<Duration> {
         // The resignation's delete reaches the next waiter's watch at once on a quiet
         // network: 0 ns on 2,000 seeds. A tenth of the TTL (leader-core's shortest retry)

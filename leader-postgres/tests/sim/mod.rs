@@ -153,6 +153,20 @@ impl Model for PostgresModel {
         left
     }
 
+    fn terms_left(&self, _net: &Net) -> Option<Vec<String>> {
+        let (tables, now) = self.server.snapshot();
+        Some(
+            tables
+                .elections
+                .iter()
+                .filter_map(|(name, row)| {
+                    let holder = row.holder.as_ref().filter(|_| row.expires_at > now)?;
+                    Some(format!("{name}: term {} of {holder}", row.token))
+                })
+                .collect(),
+        )
+    }
+
     fn handoff_bound(&self, ttl: Duration) -> Option<Duration> {
         // The resignation's NOTIFY wakes the next waiter at once on a quiet network (0 ns
         // on 2,000 seeds); a lost wakeup waits for the waiter's own timer.

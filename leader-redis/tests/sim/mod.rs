@@ -163,6 +163,19 @@ impl Model for RedisModel {
             .collect()
     }
 
+    fn terms_left(&self, _net: &Net) -> Option<Vec<String>> {
+        let mut store = lock(&self.store);
+        store.begin();
+        Some(
+            store
+                .keys
+                .iter()
+                .filter(|(_, e)| matches!(&e.val, store::Val::Str(v) if v.starts_with(b"L\n")))
+                .map(|(k, e)| format!("{k} = {:?} (expires {:?})", e.val, e.expires))
+                .collect(),
+        )
+    }
+
     fn handoff_bound(&self, ttl: Duration) -> Option<Duration> {
         // The resignation wakes the head at once on a quiet network (0 ns on 2,000 seeds);
         // a wakeup left to the next refresh costs two thirds of the TTL.

@@ -162,6 +162,16 @@ pub trait Model: Send + Sync + 'static {
     /// keys), described for the message: empty once every candidate is gone.
     fn leftovers(&self, net: &Net) -> Vec<String>;
 
+    /// The terms the store holds now whose lease has not ended (keys, rows), described for
+    /// the message: checked right after every candidate closed with faults stopped, when
+    /// each one's withdrawal has deleted its own term (a withdrawal that leaves its term
+    /// to expire fails there, where [`leftovers`](Self::leftovers) would let it pass).
+    /// `None`: not checked.
+    fn terms_left(&self, net: &Net) -> Option<Vec<String>> {
+        let _ = net;
+        None
+    }
+
     /// The longest a term may stay in the store after its candidate lost track of it (the
     /// orphan of a late campaign effect): its lease plus the store's expiry granularity.
     fn orphan_bound(&self, ttl: Duration) -> Duration;

@@ -231,6 +231,18 @@ impl<M: Model> World<M> {
                 }
             }
         }
+        // Every candidate closed (its event stream ended with its core) on a calm store:
+        // each withdrew its own term, none is left to expire.
+        if let Some(terms) = self.model.terms_left(&self.net)
+            && !terms.is_empty()
+        {
+            return Err(format!(
+                "every election was dropped and closed with faults stopped, yet the {} store \
+                 still holds terms: {}",
+                self.model.name(),
+                terms.join(", ")
+            ));
+        }
         // Every late effect landed long ago and faults stopped: nothing of a dropped
         // election outlives it by more than 2 x TTL (the documented bound; bookkeeping a
         // driver leaves to expire, such as Redis's line, must expire by then).
