@@ -146,3 +146,49 @@ async fn a_nomination_passes_over_the_head_of_the_line() {
     )
     .await;
 }
+
+/// A notice lost while the LISTEN connection was down, when the row still has a holder
+/// (an operator gave it a new token): the look once the connection is back compares the
+/// holder and the token, not only whether someone holds the row.
+#[tokio::test(start_paused = true)]
+async fn a_lost_notice_of_a_new_token_is_made_up_for() {
+    let (_net, model, drivers) = drivers(1);
+    let a = candidate("a", Duration::from_secs(10));
+    let grant = drivers[0].campaign(&a).await.expect("elected");
+    let gone = tokio::spawn(drivers[0].term_gone(&a, grant.fencing_token));
+    sleep(Duration::from_millis(10)).await;
+    model.server().drop_sessions();
+    sleep(Duration::from_millis(1)).await;
+    model
+        .server()
+        .statement(|t, _, notices| t.bump_token("sim-0", notices));
+    timeout(Duration::from_secs(3), gone)
+        .await
+        .expect("term_gone resolves once the LISTEN connection is back")
+        .expect("term_gone task");
+}
+
+/// A resignation without a token (a campaign whose answer never came) reads who holds
+/// the row and ends this candidate's own term at once, not at its expiry; another
+/// candidate's tokenless resignation leaves the term alone.
+#[tokio::test(start_paused = true)]
+async fn a_tokenless_resignation_ends_only_this_candidates_own_term() {
+    let (_net, _model, drivers) = drivers(2);
+    let ttl = Duration::from_secs(10);
+    let a = candidate("a", ttl);
+    let b = candidate("b", ttl);
+    let grant = drivers[0].campaign(&a).await.expect("elected");
+    drivers[1].resign(&b, None).await.expect("b resigned");
+    let leader = drivers[1].leader("sim-0").await.expect("leader");
+    assert_eq!(
+        leader.map(|info| info.fencing_token),
+        Some(grant.fencing_token),
+        "b's tokenless resignation ended a's term"
+    );
+    drivers[0].resign(&a, None).await.expect("a resigned");
+    let leader = drivers[1].leader("sim-0").await.expect("leader");
+    assert!(
+        leader.is_none(),
+        "a's tokenless resignation left its own term to expire: {leader:?}"
+    );
+}
