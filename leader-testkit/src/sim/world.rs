@@ -397,9 +397,8 @@ impl<M: Model> World<M> {
             };
             // The read paths first, on a calm store, after a proclamation: who leads (this
             // term, by its token, with the value just proclaimed; `LeaderInfo::id` is the
-            // store's identifier, on etcd the lease),
-            // and the line (this leader first; the nominee in it, once the handover finds
-            // it waiting).
+            // store's identifier, on etcd the lease), and the line (this leader first; the
+            // nominee in it, once the handover finds it waiting).
             let token = from.status().fencing_token();
             let value = format!("handing-over-{leader}");
             let Some(term) = from.term() else {
