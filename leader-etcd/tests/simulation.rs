@@ -265,3 +265,17 @@ async fn a_nomination_passes_over_the_head_of_the_line() {
     )
     .await;
 }
+
+/// A waiter's withdrawal during a handover leaves the nominee's nomination (see
+/// `leader_testkit::sim::scripted`).
+#[tokio::test(start_paused = true)]
+async fn a_withdrawal_leaves_another_candidates_nomination() {
+    let net = Net::quiet();
+    let model = sim::EtcdModel::new(&net);
+    leader_testkit::sim::scripted::a_withdrawal_leaves_another_candidates_nomination(
+        &net,
+        &model,
+        std::time::Duration::from_secs(6),
+    )
+    .await;
+}

@@ -192,3 +192,17 @@ async fn a_tokenless_resignation_ends_only_this_candidates_own_term() {
         "a's tokenless resignation left its own term to expire: {leader:?}"
     );
 }
+
+/// A waiter's withdrawal during a handover leaves the nominee's nomination (see
+/// `leader_testkit::sim::scripted`).
+#[tokio::test(start_paused = true)]
+async fn a_withdrawal_leaves_another_candidates_nomination() {
+    let net = Net::quiet();
+    let model = sim::PostgresModel::new(&net);
+    leader_testkit::sim::scripted::a_withdrawal_leaves_another_candidates_nomination(
+        &net,
+        &model,
+        std::time::Duration::from_secs(6),
+    )
+    .await;
+}

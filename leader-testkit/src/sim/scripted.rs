@@ -42,6 +42,26 @@ pub async fn a_nomination_passes_over_the_head_of_the_line<M: Model>(
     model: &M,
     ttl: Duration,
 ) {
+    nomination(net, model, ttl, false).await;
+}
+
+/// As [`a_nomination_passes_over_the_head_of_the_line`], with a fifth candidate `w` in
+/// line behind `b` (driver 1) that withdraws (a resignation without a token) right after
+/// the handover: its withdrawal ends its own place and any nomination of its own, never
+/// `b`'s, so neither `c` nor `d` is elected for nine tenths of the TTL either.
+///
+/// # Panics
+///
+/// If `c` or `d` is elected, or a step fails.
+pub async fn a_withdrawal_leaves_another_candidates_nomination<M: Model>(
+    net: &Net,
+    model: &M,
+    ttl: Duration,
+) {
+    nomination(net, model, ttl, true).await;
+}
+
+async fn nomination<M: Model>(net: &Net, model: &M, ttl: Duration, withdrawing: bool) {
     let candidate = |id: &str| Candidate::new("sim-0", id, id.as_bytes().to_vec(), ttl);
     let drivers: Vec<M::Driver> = (0..3).map(|i| model.driver(net, ClientId(i))).collect();
     let (a, b, c, d) = (
@@ -65,11 +85,27 @@ pub async fn a_nomination_passes_over_the_head_of_the_line<M: Model>(
     sleep(Duration::from_millis(50)).await;
     nominee.abort();
     let _ = nominee.await;
+    let w = candidate("w");
+    let withdrawing = withdrawing.then(|| {
+        tokio::spawn({
+            let (driver, w) = (drivers[1].clone(), w.clone());
+            async move { driver.campaign(&w).await }
+        })
+    });
+    if withdrawing.is_some() {
+        wait_in_line(&drivers[0], "sim-0", "w", ttl / 2).await;
+        sleep(Duration::from_millis(50)).await;
+    }
     drivers[0]
         .hand_over(&a, term.fencing_token, "b")
         .await
         .expect("a hands over to b");
     let handed = Instant::now();
+    if let Some(campaign) = withdrawing {
+        campaign.abort();
+        let _ = campaign.await;
+        drivers[1].resign(&w, None).await.expect("w withdraws");
+    }
     let newcomer = tokio::spawn({
         let (driver, d) = (drivers[0].clone(), d.clone());
         async move { driver.campaign(&d).await }
