@@ -55,19 +55,24 @@ async fn a_deleted_row_ends_the_term_at_once() {
 /// the connection is back.
 #[tokio::test(start_paused = true)]
 async fn a_notice_lost_with_the_listen_connection_is_made_up_for() {
+    lost_notice_is_made_up_for(|t, notices| t.delete_row("sim-0", notices)).await;
+}
+
+/// The holder's `term_gone` after its LISTEN session ended (as after
+/// pg_terminate_backend) and `edit` changed the row before the driver listened again, so
+/// the trigger's notice reached nobody: it must resolve once the connection is back.
+async fn lost_notice_is_made_up_for<R>(
+    edit: impl FnOnce(&mut sim::store::Tables, &mut Vec<sim::store::Notice>) -> R,
+) {
     let (_net, model, drivers) = drivers(1);
     let a = candidate("a", Duration::from_secs(10));
     let grant = drivers[0].campaign(&a).await.expect("elected");
     let gone = tokio::spawn(drivers[0].term_gone(&a, grant.fencing_token));
     sleep(Duration::from_millis(10)).await;
-    // The LISTEN session ends (as after pg_terminate_backend); the row is deleted before
-    // the driver listens again, so the trigger's notice reaches nobody.
     model.server().drop_sessions();
     sleep(Duration::from_millis(1)).await;
     assert!(!gone.is_finished(), "the row is still there");
-    model
-        .server()
-        .statement(|t, _, notices| t.delete_row("sim-0", notices));
+    model.server().statement(|t, _, notices| edit(t, notices));
     timeout(Duration::from_secs(3), gone)
         .await
         .expect("term_gone resolves once the LISTEN connection is back")
@@ -152,20 +157,7 @@ async fn a_nomination_passes_over_the_head_of_the_line() {
 /// holder and the token, not only whether someone holds the row.
 #[tokio::test(start_paused = true)]
 async fn a_lost_notice_of_a_new_token_is_made_up_for() {
-    let (_net, model, drivers) = drivers(1);
-    let a = candidate("a", Duration::from_secs(10));
-    let grant = drivers[0].campaign(&a).await.expect("elected");
-    let gone = tokio::spawn(drivers[0].term_gone(&a, grant.fencing_token));
-    sleep(Duration::from_millis(10)).await;
-    model.server().drop_sessions();
-    sleep(Duration::from_millis(1)).await;
-    model
-        .server()
-        .statement(|t, _, notices| t.bump_token("sim-0", notices));
-    timeout(Duration::from_secs(3), gone)
-        .await
-        .expect("term_gone resolves once the LISTEN connection is back")
-        .expect("term_gone task");
+    lost_notice_is_made_up_for(|t, notices| t.bump_token("sim-0", notices)).await;
 }
 
 /// A resignation without a token (a campaign whose answer never came) reads who holds
