@@ -3,6 +3,9 @@
 //! which resigns. Its stdout carries what the orchestrator times, each line ending in the
 //! CLOCK_MONOTONIC nanoseconds it was printed at: `campaigning NS`, `elected TOKEN NS`
 //! (as `campaign()` returns), `resigning NS` (as SIGTERM starts the resignation).
+//! With `--stay` it stays up after resigning, connected, until a second SIGTERM: its exit
+//! (its connections closing, its store sessions ending) then falls outside the handoff.
+//! SIGINT stops it as SIGTERM does, without staying up (the orchestrator's clean-up).
 //!
 //! The bench runs this instead of leader-chaos's `chaos-candidate`, whose 1 ms sampler
 //! thread at real-time priority and log writer are for the safety checker and would
@@ -14,7 +17,7 @@ use std::time::Duration;
 
 use clap::Args;
 use leader_core::Election;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::BoxResult;
 use crate::stats::monotonic_ns;
@@ -31,6 +34,9 @@ pub(crate) struct CandidateArgs {
     /// The term's TTL.
     #[arg(long, value_parser = humantime::parse_duration)]
     ttl: Duration,
+    /// After resigning, stay up (driver connected) until a second SIGTERM.
+    #[arg(long)]
+    stay: bool,
 }
 
 fn say(line: &str) {
@@ -39,7 +45,23 @@ fn say(line: &str) {
     let _ = out.flush();
 }
 
-/// Runs the candidate until SIGTERM (resigns) or a permanent error.
+/// What stops the candidate.
+struct Stop {
+    term: Signal,
+    int: Signal,
+}
+
+impl Stop {
+    /// Waits for SIGTERM (`true`: stay up after resigning if asked to) or SIGINT (`false`).
+    async fn recv(&mut self) -> bool {
+        tokio::select! {
+            _ = self.term.recv() => true,
+            _ = self.int.recv() => false,
+        }
+    }
+}
+
+/// Runs the candidate until SIGTERM or SIGINT (resigns) or a permanent error.
 pub(crate) async fn main(args: CandidateArgs) -> BoxResult<()> {
     let driver = leader::connect(&args.store).await?;
     let (retry_min, retry_max) = (Duration::from_millis(50), args.ttl);
@@ -47,13 +69,16 @@ pub(crate) async fn main(args: CandidateArgs) -> BoxResult<()> {
         .ttl(args.ttl)
         .retry(retry_min, retry_max)
         .build()?;
-    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut stop = Stop {
+        term: signal(SignalKind::terminate())?,
+        int: signal(SignalKind::interrupt())?,
+    };
     let mut delay = retry_min;
     loop {
         say("campaigning");
         let campaigned = tokio::select! {
             biased;
-            _ = sigterm.recv() => return Ok(()),
+            _ = stop.recv() => return Ok(()),
             campaigned = election.campaign() => campaigned,
         };
         match campaigned {
@@ -61,15 +86,19 @@ pub(crate) async fn main(args: CandidateArgs) -> BoxResult<()> {
                 say(&format!("elected {}", term.fencing_token()));
                 let shutdown = tokio::select! {
                     biased;
-                    _ = sigterm.recv() => true,
-                    () = term.ended() => false,
+                    stay = stop.recv() => Some(stay && args.stay),
+                    () = term.ended() => None,
                 };
-                if shutdown {
+                if let Some(stay) = shutdown {
                     say("resigning");
-                    return match term.resign().await {
+                    let resigned = match term.resign().await {
                         Ok(()) | Err(leader_core::Error::NotALeader) => Ok(()),
                         Err(err) => Err(err.into()),
                     };
+                    if stay {
+                        stop.recv().await;
+                    }
+                    return resigned;
                 }
                 delay = retry_min;
             }
@@ -78,7 +107,7 @@ pub(crate) async fn main(args: CandidateArgs) -> BoxResult<()> {
         }
         tokio::select! {
             biased;
-            _ = sigterm.recv() => return Ok(()),
+            _ = stop.recv() => return Ok(()),
             () = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(retry_max);

@@ -24,6 +24,19 @@ type ElectedLine = Box<dyn Fn(&str, usize) -> bool + Send + Sync>;
 pub(crate) struct Contender {
     spawn: Box<dyn Fn(usize) -> Command + Send + Sync>,
     elected: ElectedLine,
+    /// A resigned leader stays up until signalled again (ours with `Exit::AfterHandoff`).
+    stays: bool,
+}
+
+/// When our resigned leader process exits.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Exit {
+    /// Right after resign() returns, as a service stopping does: its sessions end while
+    /// the next candidate takes over.
+    AfterResign,
+    /// Once the next candidate leads (a second signal): the handoff alone, as in a
+    /// baseline where nobody exits.
+    AfterHandoff,
 }
 
 /// What [`handoffs`] timed.
@@ -87,6 +100,9 @@ pub(crate) async fn handoffs(
                 Duration::from_nanos(elected_ns.saturating_sub(resigning_ns)),
             );
         }
+        if contender.stays {
+            leader.signal(signal)?;
+        }
         let _ = leader.wait(Duration::from_secs(10)).await;
         procs.push_back((id, waiter));
         let next = i + 2;
@@ -95,7 +111,8 @@ pub(crate) async fn handoffs(
     }
     // Gone before the next measurement: a candidate still in line would be led first.
     for (_, p) in &mut procs {
-        let _ = p.signal(signal);
+        // A leader that would stay up after resigning is told not to.
+        let _ = p.signal(if contender.stays { "INT" } else { signal });
         let _ = p.wait(Duration::from_secs(10)).await;
     }
     Ok(Handoffs {
@@ -105,7 +122,12 @@ pub(crate) async fn handoffs(
 }
 
 /// Our candidate: this binary's `candidate` subcommand.
-pub(crate) fn ours(url: String, ttl: Duration, election: String) -> BoxResult<Contender> {
+pub(crate) fn ours(
+    url: String,
+    ttl: Duration,
+    election: String,
+    exit: Exit,
+) -> BoxResult<Contender> {
     let exe: PathBuf = std::env::current_exe()?;
     let ttl = humantime::format_duration(ttl).to_string();
     Ok(Contender {
@@ -120,9 +142,13 @@ pub(crate) fn ours(url: String, ttl: Duration, election: String) -> BoxResult<Co
                 "--ttl",
                 &ttl,
             ]);
+            if exit == Exit::AfterHandoff {
+                c.arg("--stay");
+            }
             c
         }),
         elected: Box::new(|line, _| line.starts_with("elected")),
+        stays: exit == Exit::AfterHandoff,
     })
 }
 
@@ -137,5 +163,6 @@ pub(crate) fn etcdctl(endpoint: String, election: String) -> Contender {
             c
         }),
         elected: Box::new(|line, i| line == format!("proposal-{i}")),
+        stays: false,
     }
 }

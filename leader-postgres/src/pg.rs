@@ -120,6 +120,34 @@ fn bigint(token: u64) -> Result<i64> {
     })
 }
 
+/// Runs a handoff in a transaction and rolls it back: a candidate elected, a second one
+/// in line, the first resigning (which wakes the second), the second elected and
+/// resigning. The rows are of an election of its own and never committed; neither are
+/// the notifications (PostgreSQL sends them at commit).
+async fn warm_up(connection: &Connection) -> std::result::Result<(), tokio_postgres::Error> {
+    let client = &connection.client;
+    let election = format!("leader warm-up {}", rand::random::<u64>());
+    let channel = "leader_warm_up";
+    let ttl = 60_000.0_f64;
+    let value: &[u8] = b"";
+    let attempt = async |candidate: &str| {
+        let params: [&(dyn ToSql + Sync); 6] =
+            [&election, &candidate, &value, &ttl, &channel, &channel];
+        client.query_one(&connection.acquire, &params).await
+    };
+    let resign = async |candidate: &str, token: Option<i64>| {
+        let params: [&(dyn ToSql + Sync); 4] = [&election, &candidate, &token, &channel];
+        client.query_one(&connection.resign, &params).await
+    };
+    client.batch_execute("BEGIN").await?;
+    let first: Option<i64> = attempt("a").await?.try_get(0)?;
+    attempt("b").await?;
+    resign("a", first).await?;
+    let second: Option<i64> = attempt("b").await?.try_get(0)?;
+    resign("b", second).await?;
+    client.batch_execute("ROLLBACK").await
+}
+
 impl PgIo {
     /// The shared connection, opened on first use and again after it broke.
     async fn connection(&self) -> Result<Arc<Connection>> {
@@ -154,38 +182,48 @@ impl PgIo {
         // READ COMMITTED whatever the role's default: the resignation's function reads the
         // line in a statement of its own to see what a concurrent attempt committed
         // meanwhile (see `Table::resign`), which a transaction-wide snapshot would hide.
+        // Generic plans: each statement is planned once per connection, not at each of its
+        // first five runs (and after them whenever PostgreSQL judges a generic plan no
+        // cheaper). Planning the attempt costs 1 to 5 ms, which a waiter would otherwise
+        // pay inside a handoff; every statement here looks rows up by their keys, which a
+        // generic plan does as well as a custom one.
         client
             .batch_execute(&format!(
                 "SET statement_timeout = {statement_timeout}; \
-                 SET default_transaction_isolation = 'read committed'"
+                 SET default_transaction_isolation = 'read committed'; \
+                 SET plan_cache_mode = force_generic_plan"
             ))
             .await
             .map_err(error)?;
         self.ensure_schema(&client).await?;
         let table = &self.table;
-        let resign = client.prepare(&table.resign()).await.map_err(error)?;
-        // Once with nothing to match (NULL names match no row): the backend compiles the
-        // resignation's function now, not inside a handoff (a process's first resignation
-        // is often its last: a rolling restart). Best effort: a user without the grants
-        // hears of them from its first real statement, as before.
-        let nothing: Option<&str> = None;
-        if let Err(err) = client
-            .query(&resign, &[&nothing, &nothing, &None::<i64>, &nothing])
-            .await
-        {
-            debug!(error = %err, "warming up the resignation's function failed");
-        }
-        Ok(Connection {
+        let connection = Connection {
             acquire: client.prepare(&table.acquire()).await.map_err(error)?,
             renew: client.prepare(&table.renew()).await.map_err(error)?,
             keep: client.prepare(&table.keep()).await.map_err(error)?,
-            resign,
+            resign: client.prepare(&table.resign()).await.map_err(error)?,
             hand_over: client.prepare(&table.hand_over()).await.map_err(error)?,
             proclaim: client.prepare(&table.proclaim()).await.map_err(error)?,
             candidates: client.prepare(&table.candidates()).await.map_err(error)?,
             leader: client.prepare(&table.leader()).await.map_err(error)?,
             client,
-        })
+        };
+        // The handoff's statements run now, in a transaction rolled back, so that the
+        // backend has compiled the resignation's function and planned both statements
+        // before a handoff needs them (a process's first resignation is often its last: a
+        // rolling restart). Best effort: a user without the grants hears of them from its
+        // first real statement, as before.
+        if let Err(err) = warm_up(&connection).await {
+            debug!(error = %err, "warming up the handoff's statements failed");
+            // Leave no transaction open on the connection; if even that fails, the
+            // connection is of no use.
+            connection
+                .client
+                .batch_execute("ROLLBACK")
+                .await
+                .map_err(error)?;
+        }
+        Ok(connection)
     }
 
     /// Creates the schema (or completes one of an earlier version) if anything is missing

@@ -1073,3 +1073,32 @@ async fn hand_over_and_proclaim_compare_holder_and_token() {
         .await
         .expect("resign");
 }
+
+/// Connecting runs a handoff in a transaction it rolls back (so that the backend has
+/// planned the handoff's statements before a real one needs them): nothing of it is left
+/// in the tables, and the connection's next statements are outside that transaction
+/// (another session sees the term they committed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connections_warm_up_leaves_nothing_and_no_transaction_open() {
+    let h = harness().await;
+    let admin = h.admin().await;
+    let name = unique("warm");
+    let e = election(h.driver_at(&h.server.url()).await, &name, TTL);
+    let term = within("the campaign", TTL, e.campaign())
+        .await
+        .expect("elected");
+    let (holder, token, _) = row(&admin, &name).await.expect("the term's row, committed");
+    assert!(holder.is_some(), "the row names its holder");
+    assert_eq!(u64::try_from(token).ok(), Some(term.fencing_token()));
+    let left: i64 = admin
+        .query_one(
+            "SELECT (SELECT count(*) FROM leader_elections WHERE name LIKE 'leader warm-up %') \
+             + (SELECT count(*) FROM leader_elections_waiters WHERE name LIKE 'leader warm-up %')",
+            &[],
+        )
+        .await
+        .expect("count the warm-up's rows")
+        .get(0);
+    assert_eq!(left, 0, "rows of the warm-up were committed");
+    term.resign().await.expect("resign");
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::{Bench, cells, shown};
 use crate::BoxResult;
 use crate::charts;
-use crate::contender::{SETTLE, handoffs, ours};
+use crate::contender::{Exit, SETTLE, handoffs, ours};
 use crate::results::{Goal, Results};
 use crate::stats::spread;
 use leader_chaos::StoreKind;
@@ -24,6 +24,7 @@ pub(crate) async fn measure(bench: &Bench, results: &mut Results) -> BoxResult<(
                 bench.stores.url(store),
                 ttl,
                 format!("crash-{}-{secs}-{}", store.name(), bench.tag),
+                Exit::AfterResign,
             )
             .map_err(|err| err.to_string())?;
             // The leader was elected about SETTLE ago: kill it past its first renewal (a

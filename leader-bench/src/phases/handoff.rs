@@ -12,7 +12,7 @@ use tokio::time::{Instant, sleep, timeout};
 use super::{Bench, cells, latency, p50_p99, shown};
 use crate::BoxResult;
 use crate::charts;
-use crate::contender::{Handoffs, etcdctl, handoffs, ours};
+use crate::contender::{Exit, Handoffs, etcdctl, handoffs, ours};
 use crate::results::{Goal, Results};
 use crate::stats::{histogram, quantile_ms, record};
 use crate::stores::postgres_client;
@@ -37,7 +37,7 @@ pub(crate) async fn measure(bench: &Bench, results: &mut Results) -> BoxResult<(
             StoreKind::Redis => None,
             StoreKind::Postgres => Some(Baseline::AdvisoryLock),
         };
-        let (ours_h, theirs) = beside(bench, store, baseline.as_ref()).await?;
+        let (ours_h, theirs, staying) = beside(bench, store, baseline.as_ref()).await?;
         let name = store.name();
         latency(
             results,
@@ -79,12 +79,30 @@ pub(crate) async fn measure(bench: &Bench, results: &mut Results) -> BoxResult<(
                     &theirs,
                     "`pg_advisory_unlock` in one session to `pg_advisory_lock` returning in another",
                 );
+                let staying = staying.ok_or("no handoffs of leaders that stay up")?;
+                latency(
+                    results,
+                    "postgres.handoff_staying",
+                    &staying,
+                    "graceful handoff, resign() to the next candidate's Elected, the resigned \
+                     process staying up (connected) until then",
+                );
                 results.figure(
                     "postgres.handoff_p50_ratio_to_advisory_lock",
-                    quantile_ms(&ours_h.resign_to_elected, 0.5) / quantile_ms(&theirs, 0.5),
+                    quantile_ms(&staying, 0.5) / quantile_ms(&theirs, 0.5),
                     "ratio",
                     Goal::AtMost(2.0),
-                    "graceful handoff p50 (resign() to Elected) / pg_advisory_lock handoff p50, interleaved",
+                    "graceful handoff p50 (resign() to Elected, the resigned process staying up as \
+                     the lock's holder session does) / pg_advisory_lock handoff p50, interleaved",
+                );
+                results.figure(
+                    "postgres.handoff_exiting_p50_ratio_to_advisory_lock",
+                    quantile_ms(&ours_h.resign_to_elected, 0.5) / quantile_ms(&theirs, 0.5),
+                    "ratio",
+                    Goal::None,
+                    "graceful handoff p50 (resign() to Elected, the resigned process exiting at \
+                     once: its sessions end during the handoff) / pg_advisory_lock handoff p50, \
+                     interleaved",
                 );
             }
             _ => {}
@@ -96,6 +114,7 @@ pub(crate) async fn measure(bench: &Bench, results: &mut Results) -> BoxResult<(
         bench.stores.redis_fsync.url(),
         TTL,
         format!("handoff-fsync-{}", bench.tag),
+        Exit::AfterResign,
     )?;
     let fsync = handoffs(&fsync, "TERM", sizes.handoffs, |_| Duration::ZERO).await?;
     latency(
@@ -129,14 +148,26 @@ pub(crate) async fn measure(bench: &Bench, results: &mut Results) -> BoxResult<(
         "graceful handoff, resign() call to the next candidate's Elected event (CLOCK_MONOTONIC), p50 / p99",
         row,
     );
+    results.row(
+        "graceful handoff as above, the resigned process staying up until the next one leads, p50 / p99",
+        [
+            String::new(),
+            String::new(),
+            p50_p99(results, "postgres.handoff_staying"),
+        ],
+    );
     let advisory_cell = format!(
-        "{} ({})",
+        "{} ({}; exiting: {})",
         p50_p99(results, "postgres.advisory_lock_handoff"),
-        shown(results, "postgres.handoff_p50_ratio_to_advisory_lock")
+        shown(results, "postgres.handoff_p50_ratio_to_advisory_lock"),
+        shown(
+            results,
+            "postgres.handoff_exiting_p50_ratio_to_advisory_lock"
+        )
     );
     results.row(
         format!(
-            "`pg_advisory_lock` handoff between two sessions (unlock to lock), p50 / p99; in brackets ours (resign() to Elected) / it, medians of {} each, interleaved in {} blocks",
+            "`pg_advisory_lock` handoff between two sessions (unlock to lock), p50 / p99; in brackets ours (resign() to Elected, staying up) / it, and ours exiting at once / it; medians of {} each, interleaved in {} blocks",
             sizes.handoffs, sizes.blocks
         ),
         [String::new(), String::new(), advisory_cell],
@@ -152,7 +183,12 @@ pub(crate) async fn measure(bench: &Bench, results: &mut Results) -> BoxResult<(
          to the return of campaign(). `etcdctl elect` is timed with the orchestrator's clock \
          (SIGINT); the `pg_advisory_lock` baseline is two sessions of one process, the time \
          from sending `pg_advisory_unlock` in one to `pg_advisory_lock` returning in the \
-         other (no lease, no fencing: the physical reference).",
+         other (no lease, no fencing: the physical reference). Neither of its sessions ends \
+         during its handoff, so the ratio to it compares our handoffs whose resigned process \
+         stays up (connected) until the next one leads; our other figures are of a process \
+         that exits as soon as resign() returns, as a stopping service does, and on this \
+         machine's two cores its PostgreSQL sessions ending (backends exiting) overlap the \
+         next one's election: both are shown.",
     );
     let series: Vec<(&str, Vec<f64>)> = chart
         .iter()
@@ -169,7 +205,7 @@ async fn beside(
     bench: &Bench,
     store: StoreKind,
     baseline: Option<&Baseline>,
-) -> BoxResult<(Handoffs, Option<Histogram<u64>>)> {
+) -> BoxResult<(Handoffs, Option<Histogram<u64>>, Option<Histogram<u64>>)> {
     let sizes = &bench.sizes;
     let blocks = if baseline.is_some() { sizes.blocks } else { 1 };
     let per_block = sizes.handoffs.div_ceil(blocks);
@@ -178,9 +214,10 @@ async fn beside(
         resign_to_elected: histogram(),
     };
     let mut theirs_all = histogram();
+    let mut staying_all = histogram();
     for block in 0..blocks {
         let name = format!("handoff-{}-{}-{block}", store.name(), bench.tag);
-        let contender = ours(bench.stores.url(store), TTL, name)?;
+        let contender = ours(bench.stores.url(store), TTL, name, Exit::AfterResign)?;
         let block_h = handoffs(&contender, "TERM", per_block, |_| Duration::ZERO)
             .await
             .map_err(|err| format!("ours on {}, block {block}: {err}", store.name()))?;
@@ -199,6 +236,12 @@ async fn beside(
                     .by_signal
             }
             Some(Baseline::AdvisoryLock) => {
+                let name = format!("handoff-staying-{}-{block}", bench.tag);
+                let contender = ours(bench.stores.url(store), TTL, name, Exit::AfterHandoff)?;
+                let staying = handoffs(&contender, "TERM", per_block, |_| Duration::ZERO)
+                    .await
+                    .map_err(|err| format!("ours staying up, block {block}: {err}"))?;
+                staying_all.add(staying.resign_to_elected)?;
                 advisory_lock_handoffs(&bench.stores.url(StoreKind::Postgres), per_block)
                     .await
                     .map_err(|err| format!("pg_advisory_lock, block {block}: {err}"))?
@@ -206,7 +249,8 @@ async fn beside(
         };
         theirs_all.add(theirs)?;
     }
-    Ok((ours_all, baseline.map(|_| theirs_all)))
+    let staying = matches!(baseline, Some(Baseline::AdvisoryLock)).then_some(staying_all);
+    Ok((ours_all, baseline.map(|_| theirs_all), staying))
 }
 
 /// `count` handoffs of a PostgreSQL advisory lock between two sessions: one holds it,
