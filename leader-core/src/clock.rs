@@ -37,6 +37,36 @@ impl SuspendOffset {
     }
 }
 
+/// An instant on Tokio's clock, with how much the machine had been suspended by then: the
+/// time elapsed since it counts the time the machine slept, which Tokio's clock (on Linux
+/// `CLOCK_MONOTONIC`) does not. For drivers that must know how much time really passed
+/// between two events, as the store's leases count it.
+#[derive(Debug, Clone, Copy)]
+pub struct BootInstant {
+    at: tokio::time::Instant,
+    offset: SuspendOffset,
+}
+
+impl BootInstant {
+    /// Now.
+    pub fn now() -> Self {
+        BootInstant {
+            at: tokio::time::Instant::now(),
+            offset: SuspendOffset::now(),
+        }
+    }
+
+    /// The reading's instant on Tokio's clock.
+    pub fn instant(&self) -> tokio::time::Instant {
+        self.at
+    }
+
+    /// The time since this reading, counting the time the machine was suspended meanwhile.
+    pub fn elapsed(&self) -> Duration {
+        self.at.elapsed() + self.offset.suspended_since()
+    }
+}
+
 /// Told of each suspension of the machine: a `notified()` future, once created, resolves
 /// within milliseconds of the process running again after a suspension, when timers on the
 /// monotonic clock (Tokio's) would still wait out the time the machine slept. (A `Notify`

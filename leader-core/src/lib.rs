@@ -22,6 +22,7 @@ mod url;
 pub use async_trait::async_trait;
 pub use backoff::Backoff;
 pub use builder::ElectionBuilder;
+pub use clock::BootInstant;
 pub use config::Config;
 pub use driver::{Candidate, CandidateInfo, Driver, Grant, LeaderInfo};
 pub use election::{Election, Status};

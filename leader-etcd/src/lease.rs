@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use leader_core::{Error, Result};
+use leader_core::{BootInstant, Error, Result};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep, timeout};
 use tracing::{debug, warn};
@@ -36,6 +36,12 @@ pub(crate) struct LeaseSlot {
     state: tokio::sync::Mutex<Option<Lease>>,
     /// The id of the live lease, or 0; waiters watch it to notice the lease's loss.
     id: watch::Sender<i64>,
+    /// Bumped at each lapse of the live lease (see [`Inner::lapses`]): waiters watch it.
+    lapsed: watch::Sender<u64>,
+    /// The shortest term TTL asked of this slot so far, in whole seconds (rounded up): the
+    /// background keep-alive comes often enough that, while etcd answers, no term of it
+    /// sees a lapse.
+    term_seconds: std::sync::atomic::AtomicU64,
     /// The attempt lease that creates use now, if any.
     attempt: tokio::sync::Mutex<Option<Attempt>>,
     /// Keys on this slot's leases whose deletion failed: key → (lease, first failure).
@@ -55,6 +61,32 @@ struct Lease {
     alive: bool,
     /// Send time of the last request that the server answered with the lease still alive.
     confirmed_at: Instant,
+    /// The same, with the suspensions of the machine until then: lapses count them.
+    confirmed: BootInstant,
+    /// `lapses[k - 1]`: how many confirmations came `k` seconds or more (less 5%) after the
+    /// send time of the one before: the lease's lapses (see [`Inner::lapses`]).
+    lapses: [u32; LAPSE_SECONDS],
+}
+
+/// The longest lapse counted apart: longer ones count as this many seconds.
+const LAPSE_SECONDS: usize = 16;
+
+impl Lease {
+    /// Records a confirmation answered now whose request was sent at `sent_at`. Returns
+    /// whether it ends a lapse of a second or more.
+    fn confirmed(&mut self, sent: BootInstant) -> bool {
+        let gap = self.confirmed.elapsed();
+        // 5% less: for the rates of etcd's clock and this process's (as in crate::expiry).
+        let whole = (gap.as_secs_f64() / 0.95) as usize;
+        for lapses in self.lapses.iter_mut().take(whole.min(LAPSE_SECONDS)) {
+            *lapses = lapses.saturating_add(1);
+        }
+        if sent.instant() > self.confirmed_at {
+            self.confirmed_at = sent.instant();
+            self.confirmed = sent;
+        }
+        whole > 0
+    }
 }
 
 impl Leases {
@@ -72,6 +104,8 @@ impl Leases {
                 seconds,
                 state: tokio::sync::Mutex::new(None),
                 id: watch::Sender::new(0),
+                lapsed: watch::Sender::new(0),
+                term_seconds: std::sync::atomic::AtomicU64::new(u64::MAX),
                 attempt: tokio::sync::Mutex::new(None),
                 failing: Mutex::new(HashMap::new()),
             })
@@ -100,6 +134,32 @@ impl LeaseSlot {
     /// Follows the id of the live lease (0 when there is none).
     pub(crate) fn subscribe(&self) -> watch::Receiver<i64> {
         self.id.subscribe()
+    }
+
+    /// How often the background keep-alive confirms the lease (granted for `ttl`): a third
+    /// of its TTL, and two thirds of the shortest term TTL asked of it (in whole seconds), so
+    /// that, while etcd answers in time, no confirmation comes a term's TTL after the one
+    /// before (a lapse, see [`Inner::lapses`]). With the default leases (a second more
+    /// than the TTL) the third is the shorter; a fixed lease TTL, or etcd granting more
+    /// than asked, can make it the longer.
+    fn keep_alive_period(&self, ttl: Duration) -> Duration {
+        let seconds = self
+            .term_seconds
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .min(LAPSE_SECONDS as u64);
+        (ttl / 3).min(Duration::from_secs(seconds) * 2 / 3)
+    }
+
+    /// Records that a term of `ttl` may rest on this slot's leases (before the lease is
+    /// ensured: its background keep-alive then starts at the right pace).
+    pub(crate) fn serves(&self, ttl: Duration) {
+        self.term_seconds
+            .fetch_min(whole_seconds(ttl), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Changes at each lapse of the live lease (see [`Inner::lapses`]).
+    pub(crate) fn subscribe_lapses(&self) -> watch::Receiver<u64> {
+        self.lapsed.subscribe()
     }
 
     /// The TTL of the attempt leases: twice the lease's. A create uses one during the
@@ -182,7 +242,7 @@ impl Inner {
         {
             return Ok((current.id, current.ttl));
         }
-        let sent_at = Instant::now();
+        let sent = BootInstant::now();
         let granted = self
             .request(
                 self.io
@@ -201,7 +261,9 @@ impl Inner {
             id: granted.id,
             ttl: granted_ttl,
             alive: true,
-            confirmed_at: sent_at,
+            confirmed_at: sent.instant(),
+            confirmed: sent,
+            lapses: [0; LAPSE_SECONDS],
         });
         slot.id.send_replace(granted.id);
         tokio::spawn(keep_lease_alive(
@@ -254,7 +316,8 @@ impl Inner {
             return Ok(lease.confirmed_at);
         }
         let limit = attempt_limit(self.request_timeout, lease.ttl);
-        let sent_at = Instant::now();
+        let sent = BootInstant::now();
+        let sent_at = sent.instant();
         // Boxed: the request's futures take room only while one is sent. The many renewals
         // that wait for the lock above stay small (10,000 elections renew on one lease).
         let answer = match timeout(limit, Box::pin(self.io.lease_keep_alive(id))).await {
@@ -263,7 +326,9 @@ impl Inner {
         };
         match answer {
             Ok(ttl) if ttl > 0 => {
-                lease.confirmed_at = sent_at;
+                if lease.confirmed(sent) {
+                    slot.lapsed.send_modify(|n| *n = n.wrapping_add(1));
+                }
                 Ok(sent_at)
             }
             Ok(_) => {
@@ -276,6 +341,33 @@ impl Inner {
             }
             Err(err) => Err(err),
         }
+    }
+
+    /// How many times lease `id` of `slot` lapsed for a term of `ttl`: a confirmation came
+    /// `ttl` (in whole seconds, rounded up) or more after the send time of the one before.
+    /// None if the lease is not `id` or not alive.
+    ///
+    /// Why a campaign compares this before its create and after its grant: the waiter
+    /// behind a key ends its term once etcd shows the lease was not kept alive for longer
+    /// than the term's TTL (see [`crate::expiry`]; that proof only ever shows whole seconds,
+    /// at least the TTL rounded up). Such a waiter may read the lease during a lapse that
+    /// begins after this candidate created its key and before the keep-alive its grant
+    /// rests on, then delete the key, even after this candidate saw it at the head of the
+    /// line: a held term is safe from this (its deadline had passed by then, and a late
+    /// renewal never revives it), but a grant counts its first deadline from a keep-alive
+    /// sent after the lapse, with no earlier deadline to check it against. A lapse since
+    /// the create (seen when its confirmation came) spoils the grant; without one, no such
+    /// proof can be made from the create until the grant's keep-alive.
+    pub(crate) async fn lapses(&self, slot: &LeaseSlot, id: i64, ttl: Duration) -> Option<u32> {
+        slot.serves(ttl);
+        let seconds = usize::try_from(whole_seconds(ttl))
+            .unwrap_or(LAPSE_SECONDS)
+            .clamp(1, LAPSE_SECONDS);
+        let guard = slot.state.lock().await;
+        guard
+            .as_ref()
+            .filter(|lease| lease.id == id && lease.alive)
+            .map(|lease| lease.lapses[seconds - 1])
     }
 
     /// Marks lease `id` of `slot` dead (etcd said so), so the next campaign grants a new one.
@@ -373,7 +465,7 @@ fn attempt_limit(request_timeout: Duration, ttl: Duration) -> Duration {
 /// Keeps lease `id` of `slot` alive every third of its TTL while the driver exists and the
 /// lease is current, so that waiting candidates keep their place in line.
 async fn keep_lease_alive(inner: Weak<Inner>, slot: Arc<LeaseSlot>, id: i64, ttl: Duration) {
-    let period = ttl / 3;
+    let mut period = slot.keep_alive_period(ttl);
     let first_retry = (ttl / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let mut retry = first_retry;
     let mut failures = 0u32;
@@ -383,6 +475,7 @@ async fn keep_lease_alive(inner: Weak<Inner>, slot: Arc<LeaseSlot>, id: i64, ttl
         let Some(inner) = inner.upgrade() else {
             return;
         };
+        period = slot.keep_alive_period(ttl);
         let not_before = Instant::now()
             .checked_sub(period)
             .unwrap_or_else(Instant::now);
@@ -444,6 +537,82 @@ mod tests {
         assert_eq!(
             attempt_limit(five, Duration::from_secs(1)),
             Duration::from_secs(1) / 6
+        );
+    }
+
+    fn lease() -> Lease {
+        Lease {
+            id: 1,
+            ttl: Duration::from_secs(2),
+            alive: true,
+            confirmed_at: Instant::now(),
+            confirmed: BootInstant::now(),
+            lapses: [0; LAPSE_SECONDS],
+        }
+    }
+
+    /// A confirmation sent `sent` and answered `answered` after the sending of the one
+    /// before.
+    async fn confirm_after(lease: &mut Lease, sent: Duration, answered: Duration) -> bool {
+        let before = lease.confirmed.instant();
+        tokio::time::advance((before + sent).saturating_duration_since(Instant::now())).await;
+        let at = BootInstant::now();
+        tokio::time::advance((before + answered).saturating_duration_since(Instant::now())).await;
+        lease.confirmed(at)
+    }
+
+    /// The waiter behind a key can prove its term's deadline passed only after the lease
+    /// went more than the TTL, in whole seconds, without a keep-alive: such a gap between
+    /// a confirmation's answer and the sending of the one before is a lapse for every TTL
+    /// of that many whole seconds or fewer (5% less, for clock rates), and a shorter gap
+    /// is none.
+    #[tokio::test(start_paused = true)]
+    async fn a_lapse_counts_for_the_ttls_it_spans_in_whole_seconds() {
+        let mut lease = lease();
+        let ms = Duration::from_millis;
+        assert!(!confirm_after(&mut lease, ms(600), ms(700)).await);
+        assert_eq!(lease.lapses, [0; LAPSE_SECONDS], "0.7 s: no lapse");
+        assert!(confirm_after(&mut lease, ms(600), ms(1_500)).await);
+        assert_eq!(lease.lapses[..2], [1, 0], "1.5 s: of one second, not two");
+        // 2.9 s: of one and of two, and (5% less than three) of three.
+        assert!(confirm_after(&mut lease, ms(1_000), ms(2_900)).await);
+        assert_eq!(lease.lapses[..4], [2, 1, 1, 0]);
+        // From the sending of the one before, not its answer: sent at once after that
+        // answer (1.9 s after its sending), answered 30 ms later.
+        assert!(confirm_after(&mut lease, ms(1_900), ms(1_930)).await);
+        assert_eq!(lease.lapses[..4], [3, 2, 1, 0]);
+        assert!(!confirm_after(&mut lease, ms(30), ms(330)).await);
+        assert_eq!(lease.lapses[..4], [3, 2, 1, 0], "0.33 s: no lapse");
+        // Longer than the longest counted apart: counted as it.
+        assert!(confirm_after(&mut lease, ms(300), Duration::from_secs(100)).await);
+        assert_eq!(lease.lapses[LAPSE_SECONDS - 1], 1);
+    }
+
+    /// The background keep-alive comes at a third of the lease's TTL, but at most two
+    /// thirds of the shortest term TTL served (in whole seconds), so that no term sees a
+    /// lapse while etcd answers: a lease of 2 s (TTL 1 s) every 0.67 s as before; a lease
+    /// fixed at 6 s (or granted longer than asked) for a TTL of 1 s every 0.67 s, not 2 s.
+    #[test]
+    fn the_keep_alive_comes_often_enough_for_the_shortest_ttl_served() {
+        let slot = Leases::new().slot(2);
+        assert_eq!(
+            slot.keep_alive_period(Duration::from_secs(6)),
+            Duration::from_secs(2)
+        );
+        slot.serves(Duration::from_secs(1));
+        assert_eq!(
+            slot.keep_alive_period(Duration::from_secs(2)),
+            Duration::from_secs(2) / 3
+        );
+        assert_eq!(
+            slot.keep_alive_period(Duration::from_secs(6)),
+            Duration::from_secs(2) / 3
+        );
+        slot.serves(Duration::from_secs(5));
+        assert_eq!(
+            slot.keep_alive_period(Duration::from_secs(6)),
+            Duration::from_secs(2) / 3,
+            "the shortest served"
         );
     }
 }

@@ -323,11 +323,18 @@ impl EtcdDriver {
         let began = Instant::now();
         let inner = &self.inner;
         let slot = inner.leases.slot(inner.lease_seconds(candidate.ttl));
+        slot.serves(candidate.ttl);
         let (lease, lease_ttl) = inner.ensure_lease(&slot).await?;
         let key = inner.allocate_key(candidate, lease, &slot);
         let prefix = self.election_prefix(&candidate.election);
-        // Once, and once more each time a handover passes the key over (see below).
-        let (key, revision, verified_at) = loop {
+        // Once, and once more each time a handover passes the key over (see below), or the
+        // lease lapses for a TTL before this candidate leads (see `Inner::lapses`).
+        let (key, revision, verified_at, confirmed_at) = loop {
+            // Before the create: a lapse of the lease from here on spoils the key.
+            let lapses = inner.lapses(&slot, lease, candidate.ttl).await;
+            if lapses.is_none() {
+                return Err(Error::TermGone);
+            }
             let (revision, gone) = match inner.create_key(candidate, &key).await {
                 Ok(created) => created,
                 Err(err) => {
@@ -343,10 +350,30 @@ impl EtcdDriver {
                 ..key.clone()
             };
             match inner
-                .wait_for_predecessors(&prefix, &key.key, revision, &slot, lease)
+                .wait_for_predecessors(
+                    &prefix,
+                    &key.key,
+                    revision,
+                    &slot,
+                    lease,
+                    (candidate.ttl, lapses),
+                )
                 .await
             {
-                Ok(Waited::Lead(at)) => break (key, revision, at),
+                Ok(Waited::Lead(at)) => {
+                    // A keep-alive sent after this call began (the background one usually
+                    // is, after a wait in line), so the grant is no older than the campaign.
+                    // The wait showed the key on the lease, with nothing below it, at `at`:
+                    // the lease lives until the keep-alive's confirmation + TTL at least, and
+                    // the watch of held keys (from that revision on) reports any change to
+                    // the key since; and no lapse of the lease since the create let the
+                    // next in line end the key's term (see `Inner::lapses`).
+                    let confirmed_at = inner.keep_alive(&slot, lease, began).await?;
+                    if inner.lapses(&slot, lease, candidate.ttl).await == lapses {
+                        break (key, revision, at, confirmed_at);
+                    }
+                    debug!(key = %key.key, "the etcd lease lapsed for a TTL since the key was created: creating it again");
+                }
                 // Passed over by a handover: the new key's create revision is above every
                 // term so far, so only a later handover can pass it over again (in a
                 // rolling deploy, one per replica): each time, create it again.
@@ -363,12 +390,6 @@ impl EtcdDriver {
         // in line, which relies on it to end this term once its deadline has passed
         // (src/expiry.rs).
         let ttl = candidate.ttl.min(lease_ttl);
-        // A keep-alive sent after this call began (the background one usually is, after a
-        // wait in line), so the grant is no older than the campaign. The wait showed the
-        // key on the lease, with nothing below it, at `verified_at`: the lease lives until
-        // the keep-alive's confirmation + TTL at least, and the watch of held keys (from
-        // that revision on) reports any change to the key since.
-        let confirmed_at = inner.keep_alive(&slot, lease, began).await?;
         inner.hold_term(&key, verified_at);
         Ok(Grant::new(
             u64::try_from(revision).unwrap_or(0),

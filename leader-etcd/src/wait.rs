@@ -32,11 +32,14 @@ enum Step {
 /// the `nomination` (a handover deletes the leader's key and nominates in one revision).
 /// The next message of `watch`, while the candidate's lease stays `lease`: `TermGone` once
 /// it changes (or its slot is gone), an error when etcd closes the stream.
+/// None when the lease lapsed meanwhile (see `Inner::lapses`): the caller looks at its
+/// key's lapses.
 async fn next_message(
     watch: &mut crate::watches::Subscription,
     lease_changes: &mut tokio::sync::watch::Receiver<i64>,
+    lapses: &mut tokio::sync::watch::Receiver<u64>,
     lease: i64,
-) -> Result<crate::io::WatchMessage> {
+) -> Result<Option<crate::io::WatchMessage>> {
     loop {
         let message = tokio::select! {
             // Biased: a fixed order keeps the simulation deterministic.
@@ -48,8 +51,17 @@ async fn next_message(
                 }
                 continue;
             }
+            changed = lapses.changed() => {
+                if changed.is_err() {
+                    return Err(Error::TermGone);
+                }
+                lapses.borrow_and_update();
+                return Ok(None);
+            }
         };
-        return message.ok_or_else(|| unexpected("etcd closed the watch stream"));
+        return message
+            .map(Some)
+            .ok_or_else(|| unexpected("etcd closed the watch stream"));
     }
 }
 
@@ -116,13 +128,21 @@ impl Inner {
         revision: i64,
         slot: &LeaseSlot,
         lease: i64,
+        (ttl, lapsed): (std::time::Duration, Option<u32>),
     ) -> Result<Waited> {
         let nomination = nomination_key(prefix);
         let marker = marker_key(prefix);
         let mut lease_changes = slot.subscribe();
+        let mut lapse_changes = slot.subscribe_lapses();
         loop {
             if *lease_changes.borrow_and_update() != lease {
                 return Err(Error::TermGone);
+            }
+            lapse_changes.borrow_and_update();
+            if self.lapses(slot, lease, ttl).await != lapsed {
+                // The next in line may end this key's term (see `Inner::lapses`).
+                debug!(key = %own, "the etcd lease lapsed for a TTL while waiting: creating the key again");
+                return Ok(Waited::Recreate);
             }
             // Two at most: enough to tell "the only one below" from "one of several"; and
             // this candidate's own key, the nomination and the marker, at the same revision.
@@ -198,8 +218,13 @@ impl Inner {
                         // Another candidate is nominated: nobody else leads until the
                         // nomination ends (the nominee elected or withdrawn, or expiry).
                         debug!(key = %own, "waiting for the nomination to end");
-                        self.wait_for_change(&nomination, at + 1, &mut lease_changes, lease)
-                            .await?;
+                        self.wait_for_change(
+                            &nomination,
+                            at + 1,
+                            (&mut lease_changes, &mut lapse_changes),
+                            lease,
+                        )
+                        .await?;
                         continue;
                     }
                 }
@@ -290,7 +315,11 @@ impl Inner {
                     // Biased: a fixed order keeps the simulation deterministic. The expiry
                     // never completes: the watch shows the deletion it makes.
                     biased;
-                    message = next_message(&mut watch, &mut lease_changes, lease) => message?,
+                    message = next_message(&mut watch, &mut lease_changes, &mut lapse_changes, lease) => match message? {
+                        Some(message) => message,
+                        // Looked at above.
+                        None => break,
+                    },
                     () = &mut expiry => continue,
                 };
                 if message.canceled {
@@ -378,7 +407,10 @@ impl Inner {
         &self,
         key: &str,
         from: i64,
-        lease_changes: &mut tokio::sync::watch::Receiver<i64>,
+        (lease_changes, lapses): (
+            &mut tokio::sync::watch::Receiver<i64>,
+            &mut tokio::sync::watch::Receiver<u64>,
+        ),
         lease: i64,
     ) -> Result<()> {
         let mut watch = self.watches.subscribe(
@@ -387,7 +419,10 @@ impl Inner {
             vec![WatchRequest::key(0, key, from)],
         );
         loop {
-            let message = next_message(&mut watch, lease_changes, lease).await?;
+            let Some(message) = next_message(&mut watch, lease_changes, lapses, lease).await?
+            else {
+                return Ok(());
+            };
             if message.canceled {
                 if message.compact_revision > 0 {
                     return Ok(());
