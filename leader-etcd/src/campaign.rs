@@ -5,8 +5,10 @@ use leader_core::{CancellationToken, Candidate, Result};
 use tracing::{debug, warn};
 
 use crate::error::unexpected;
-use crate::io::{Compare, Op, Range, Txn, lease_not_found};
-use crate::keys::{CandidateKey, Side, nomination_key, parse_nomination, side_key, ttl_millis};
+use crate::io::{Compare, Op, OpResult, Range, RangeResult, Sort, Txn, TxnResult, lease_not_found};
+use crate::keys::{
+    CandidateKey, Side, marker_key, nomination_key, parse_nomination, side_key, ttl_millis,
+};
 use crate::{Inner, lock};
 
 impl Inner {
@@ -20,11 +22,19 @@ impl Inner {
     /// [`crate::lease`] and [`crate::expiry`]. Until its
     /// answer comes, the candidate's key records the attempt lease, which a withdrawal
     /// revokes before it reads the key.
+    ///
+    /// The same transaction reads the line as the wait's first read does (see
+    /// [`Inner::wait_for_predecessors`]), at the create's own revision: etcd's reads inside
+    /// a transaction see its writes, so the key just created is the newest of `prefix`,
+    /// and the (up to) two below it follow it. One request less per campaign. The third
+    /// value is that read, in the wait's shape, or None if the answer does not show it
+    /// (the wait then reads again).
     pub(crate) async fn create_key(
         &self,
         candidate: &Candidate,
         key: &CandidateKey,
-    ) -> Result<(i64, CancellationToken)> {
+        prefix: &str,
+    ) -> Result<(i64, CancellationToken, Option<TxnResult>)> {
         for _ in 0..4 {
             let attempt = self.attempt_lease(&key.slot).await?;
             // From here until the answer, the key may exist with a revision we do not know:
@@ -45,6 +55,11 @@ impl Inner {
                         ttl_millis(candidate.ttl).to_string(),
                         key.lease,
                     ),
+                    // Ours and the two below it: what the wait reads first.
+                    Op::Get(Range::prefix(prefix).sort(Sort::CreateDescend).limit(3)),
+                    Op::get(key.key.as_str()),
+                    Op::get(nomination_key(prefix)),
+                    Op::get(marker_key(prefix)),
                 ])
                 .or_else([Op::get(key.key.as_str())]);
             let response = match self.request(self.io.txn(txn)).await {
@@ -70,7 +85,8 @@ impl Inner {
                 let gone = lock(&self.keys)
                     .set_create_revision(&candidate.id, &key.key, revision, 0)
                     .unwrap_or_default();
-                return Ok((revision, gone));
+                let line = first_read(&response, &key.key, revision);
+                return Ok((revision, gone, line));
             }
             // Nothing was written.
             lock(&self.keys).set_create_revision(&candidate.id, &key.key, 0, 0);
@@ -179,4 +195,38 @@ impl Inner {
             .filter(|kv| kv.lease == key.lease && kv.create_revision > 0)
             .map(|kv| kv.create_revision))
     }
+}
+
+/// The line as the create's transaction read it (see [`Inner::create_key`]), as the wait's
+/// own read answers it: the keys below `own` (at most two, and whether there are more),
+/// `own`, the nomination and the marker, at the create's revision. None unless the newest
+/// key of the election is `own` with this term's create revision.
+fn first_read(created: &TxnResult, own: &str, revision: i64) -> Option<TxnResult> {
+    let [
+        OpResult::Get(line),
+        OpResult::Get(mine),
+        OpResult::Get(nominated),
+        OpResult::Get(marked),
+    ] = created.results.get(4..)?
+    else {
+        return None;
+    };
+    let (newest, below) = line.kvs.split_first()?;
+    if newest.key != own.as_bytes() || newest.create_revision != revision {
+        return None;
+    }
+    let below = RangeResult {
+        kvs: below.to_vec(),
+        more: line.more,
+    };
+    Some(TxnResult {
+        revision: created.revision,
+        succeeded: true,
+        results: vec![
+            OpResult::Get(below),
+            OpResult::Get(mine.clone()),
+            OpResult::Get(nominated.clone()),
+            OpResult::Get(marked.clone()),
+        ],
+    })
 }

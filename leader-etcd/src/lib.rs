@@ -335,7 +335,7 @@ impl EtcdDriver {
             if lapses.is_none() {
                 return Err(Error::TermGone);
             }
-            let (revision, gone) = match inner.create_key(candidate, &key).await {
+            let (revision, gone, line) = match inner.create_key(candidate, &key, &prefix).await {
                 Ok(created) => created,
                 Err(err) => {
                     if lease_not_found(&err) {
@@ -356,7 +356,7 @@ impl EtcdDriver {
                     revision,
                     &slot,
                     lease,
-                    (candidate.ttl, lapses),
+                    (candidate.ttl, lapses, line),
                 )
                 .await
             {

@@ -7,7 +7,7 @@ use tracing::{debug, warn};
 use crate::Inner;
 use crate::error::{unexpected, watch_cancelled};
 use crate::expiry::first_read_after;
-use crate::io::{Compare, Op, OpResult, Range, Sort, Txn, WatchRequest};
+use crate::io::{Compare, Op, OpResult, Range, Sort, Txn, TxnResult, WatchRequest};
 use crate::keys::{marker_key, nomination_key, parse_marker, parse_nomination};
 use crate::lease::LeaseSlot;
 
@@ -121,6 +121,9 @@ impl Inner {
     /// lowest: in one transaction it ends the nomination and records its create revision
     /// in the marker. A key created before the marker's term ([`Waited::Recreate`]) creates
     /// itself again before it could lead, so fencing tokens keep increasing.
+    ///
+    /// `first`: the first read, if the create's transaction made it (see
+    /// [`Inner::create_key`]), in this read's shape.
     pub(crate) async fn wait_for_predecessors(
         &self,
         prefix: &str,
@@ -128,7 +131,7 @@ impl Inner {
         revision: i64,
         slot: &LeaseSlot,
         lease: i64,
-        (ttl, lapsed): (std::time::Duration, Option<u32>),
+        (ttl, lapsed, mut first): (std::time::Duration, Option<u32>, Option<TxnResult>),
     ) -> Result<Waited> {
         let nomination = nomination_key(prefix);
         let marker = marker_key(prefix);
@@ -156,7 +159,10 @@ impl Inner {
                 Op::get(nomination.as_str()),
                 Op::get(marker.as_str()),
             ]);
-            let response = self.request(self.io.txn(read)).await?;
+            let response = match first.take() {
+                Some(read) => read,
+                None => self.request(self.io.txn(read)).await?,
+            };
             let at = response.revision;
             let (below, mine, nominated, marked) = match response.results.as_slice() {
                 [

@@ -520,6 +520,21 @@ async fn line(side: &mut Side, p: &str) {
     };
     side.txn(create(k("e/a"), a)).await;
     side.txn(create(k("e/b"), b)).await;
+    // A create that reads the line in its own transaction (`Inner::create_key`): etcd's
+    // reads inside a transaction see its writes, the new key the newest of the prefix.
+    side.txn(
+        Txn::new()
+            .when([Compare::create_revision(k("e/c"), 0)])
+            .and_then([
+                put(&k("e/c"), "v", b),
+                Op::Get(Range::prefix(k("e/")).sort(Sort::CreateDescend).limit(3)),
+                Op::get(k("e/c")),
+                Op::get(k("e\0nominee")),
+            ])
+            .or_else([Op::get(k("e/c"))]),
+    )
+    .await;
+    side.txn(Txn::new().and_then([Op::delete(k("e/c"))])).await;
     // The waiter's read: the keys below it (two at most), its own, the nomination.
     side.txn(
         Txn::new().and_then([
