@@ -72,9 +72,9 @@ struct Lease {
 const LAPSE_SECONDS: usize = 16;
 
 impl Lease {
-    /// Records a confirmation answered now whose request was sent at `sent_at`. Returns
-    /// whether it ends a lapse of a second or more.
-    fn confirmed(&mut self, sent: BootInstant) -> bool {
+    /// Records a confirmation answered now whose request was sent at `sent`. Returns the
+    /// lapse it ends, in whole seconds (0: none).
+    fn confirmed(&mut self, sent: BootInstant) -> usize {
         let gap = self.confirmed.elapsed();
         // 5% less: for the rates of etcd's clock and this process's (as in crate::expiry).
         let whole = (gap.as_secs_f64() / 0.95) as usize;
@@ -85,7 +85,7 @@ impl Lease {
             self.confirmed_at = sent.instant();
             self.confirmed = sent;
         }
-        whole > 0
+        whole
     }
 }
 
@@ -143,11 +143,16 @@ impl LeaseSlot {
     /// than the TTL) the third is the shorter; a fixed lease TTL, or etcd granting more
     /// than asked, can make it the longer.
     fn keep_alive_period(&self, ttl: Duration) -> Duration {
-        let seconds = self
-            .term_seconds
-            .load(std::sync::atomic::Ordering::Relaxed)
-            .min(LAPSE_SECONDS as u64);
+        let seconds = self.shortest_term_seconds();
         (ttl / 3).min(Duration::from_secs(seconds) * 2 / 3)
+    }
+
+    /// The shortest term TTL asked of this slot, in whole seconds, at most the longest
+    /// lapse counted apart.
+    fn shortest_term_seconds(&self) -> u64 {
+        self.term_seconds
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .min(LAPSE_SECONDS as u64)
     }
 
     /// Records that a term of `ttl` may rest on this slot's leases (before the lease is
@@ -326,7 +331,9 @@ impl Inner {
         };
         match answer {
             Ok(ttl) if ttl > 0 => {
-                if lease.confirmed(sent) {
+                // Waiters hear only of a lapse of a term's TTL (the shortest served): the
+                // ordinary gaps between keep-alives, a third of a long lease, wake nobody.
+                if lease.confirmed(sent) as u64 >= slot.shortest_term_seconds() {
                     slot.lapsed.send_modify(|n| *n = n.wrapping_add(1));
                 }
                 Ok(sent_at)
@@ -558,7 +565,7 @@ mod tests {
         tokio::time::advance((before + sent).saturating_duration_since(Instant::now())).await;
         let at = BootInstant::now();
         tokio::time::advance((before + answered).saturating_duration_since(Instant::now())).await;
-        lease.confirmed(at)
+        lease.confirmed(at) > 0
     }
 
     /// The waiter behind a key can prove its term's deadline passed only after the lease
