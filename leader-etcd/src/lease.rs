@@ -68,8 +68,10 @@ struct Lease {
     lapses: [u32; LAPSE_SECONDS],
 }
 
-/// The longest lapse counted apart: longer ones count as this many seconds.
-const LAPSE_SECONDS: usize = 16;
+/// The longest lapse counted apart: longer ones count as this many seconds (a term of a
+/// longer TTL then sees lapses a proof could not use: it creates its key again for
+/// nothing, never the other way round).
+const LAPSE_SECONDS: usize = 64;
 
 impl Lease {
     /// Records a confirmation answered now whose request was sent at `sent`. Returns the
