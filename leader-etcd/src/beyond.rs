@@ -209,10 +209,10 @@ impl Inner {
         self.expect_put(key.create_revision, value);
         let txn = Txn::new()
             .when([
-                Compare::create_revision(key.key.as_str(), key.create_revision),
-                Compare::lease(key.key.as_str(), key.lease),
+                Compare::create_revision(&*key.key, key.create_revision),
+                Compare::lease(&*key.key, key.lease),
             ])
-            .and_then([Op::put(key.key.as_str(), value, key.lease)]);
+            .and_then([Op::put(&*key.key, value, key.lease)]);
         let response = self.request(self.io.txn(txn)).await?;
         if response.succeeded {
             Ok(())
@@ -268,11 +268,11 @@ impl Inner {
         let nomination = nomination_key(prefix);
         let txn = Txn::new()
             .when([
-                Compare::create_revision(key.key.as_str(), key.create_revision),
+                Compare::create_revision(&*key.key, key.create_revision),
                 Compare::create_revision(target_key.as_str(), target.create_revision),
             ])
             .and_then([
-                Op::delete(key.key.as_str()),
+                Op::delete(&*key.key),
                 Op::delete(side_key(&key.key, Side::Id)),
                 Op::delete(side_key(&key.key, Side::Guard)),
                 Op::delete(side_key(&key.key, Side::Ttl)),
@@ -282,7 +282,7 @@ impl Inner {
                     nomination_lease,
                 ),
             ])
-            .or_else([Op::get(key.key.as_str())]);
+            .or_else([Op::get(&*key.key)]);
         let response = self.request(self.io.txn(txn)).await?;
         if response.succeeded {
             info!(key = %key.key, nominee = %target_key, "handed over");
@@ -325,7 +325,7 @@ impl Inner {
             Ok(response)
         } else {
             Err(Error::Fenced {
-                resource: key,
+                resource: key.to_string(),
                 token,
                 newer: None,
             })

@@ -41,9 +41,9 @@ impl Inner {
             // a withdrawal revokes the attempt lease, then reads it.
             lock(&self.keys).set_create_revision(&candidate.id, &key.key, 0, attempt);
             let txn = Txn::new()
-                .when([Compare::create_revision(key.key.as_str(), 0)])
+                .when([Compare::create_revision(&*key.key, 0)])
                 .and_then([
-                    Op::put(key.key.as_str(), candidate.value.as_slice(), key.lease),
+                    Op::put(&*key.key, candidate.value.as_slice(), key.lease),
                     Op::put(
                         side_key(&key.key, Side::Id),
                         candidate.id.as_str(),
@@ -57,11 +57,11 @@ impl Inner {
                     ),
                     // Ours and the two below it: what the wait reads first.
                     Op::Get(Range::prefix(prefix).sort(Sort::CreateDescend).limit(3)),
-                    Op::get(key.key.as_str()),
+                    Op::get(&*key.key),
                     Op::get(nomination_key(prefix)),
                     Op::get(marker_key(prefix)),
                 ])
-                .or_else([Op::get(key.key.as_str())]);
+                .or_else([Op::get(&*key.key)]);
             let response = match self.request(self.io.txn(txn)).await {
                 Ok(response) => response,
                 Err(err) if lease_not_found(&err) => {
@@ -187,7 +187,7 @@ impl Inner {
     /// that exact revision.
     pub(crate) async fn own_revision(&self, key: &CandidateKey) -> Result<Option<i64>> {
         let (response, _) = self
-            .request(self.io.range(Range::key(key.key.as_str())))
+            .request(self.io.range(Range::key(&*key.key)))
             .await?;
         Ok(response
             .kvs

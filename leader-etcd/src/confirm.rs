@@ -10,6 +10,7 @@
 //! cost a few transactions per third of a TTL, not 1,000 reads.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use leader_core::{Error, Result};
 use tokio::time::Instant;
@@ -46,7 +47,7 @@ const REQUEST_KEY_BYTES: usize = 256 * 1024;
 /// Splits `terms` into the requests that read them, in order: all in one if they fit a
 /// flat transaction, else requests of at most `NESTED * PER_NESTED` keys and
 /// [`REQUEST_KEY_BYTES`] of key (but at least one key each).
-fn requests(terms: &[(i64, String, i64)]) -> Vec<&[(i64, String, i64)]> {
+fn requests(terms: &[(i64, Arc<str>, i64)]) -> Vec<&[(i64, Arc<str>, i64)]> {
     let flat_bytes: usize = terms.iter().map(|(_, key, _)| key.len()).sum();
     if terms.len() <= BATCH && flat_bytes <= REQUEST_KEY_BYTES {
         return if terms.is_empty() {
@@ -75,8 +76,8 @@ fn requests(terms: &[(i64, String, i64)]) -> Vec<&[(i64, String, i64)]> {
 }
 
 /// The reads of one request: flat if they fit one transaction, else nested.
-fn reads(terms: &[(i64, String, i64)]) -> Vec<Op> {
-    let read = |(_, key, _): &(i64, String, i64)| Range::key(key.as_str()).keys_only();
+fn reads(terms: &[(i64, Arc<str>, i64)]) -> Vec<Op> {
+    let read = |(_, key, _): &(i64, Arc<str>, i64)| Range::key(&**key).keys_only();
     if terms.len() <= BATCH {
         terms.iter().map(|t| Op::Get(read(t))).collect()
     } else {
@@ -118,9 +119,9 @@ impl Inner {
             return Ok(());
         }
         // Every held term, this one first.
-        let mut terms: Vec<(i64, String, i64)> = self.held_terms();
+        let mut terms: Vec<(i64, Arc<str>, i64)> = self.held_terms();
         terms.retain(|(held, _, _)| *held != token);
-        terms.insert(0, (token, key.key.clone(), key.lease));
+        terms.insert(0, (token, Arc::clone(&key.key), key.lease));
         let batches = requests(&terms);
         let (first, rest) = batches.split_first().ok_or(Error::TermGone)?;
         // Boxed: the request's futures take room only while a batch is read, not in every
@@ -163,7 +164,7 @@ impl Inner {
 
     /// Reads the keys of `terms` (token, key, lease) in one transaction (flat or nested);
     /// records the ones seen on their lease, ends the others.
-    async fn read_batch(&self, terms: &[(i64, String, i64)]) -> Result<()> {
+    async fn read_batch(&self, terms: &[(i64, Arc<str>, i64)]) -> Result<()> {
         let txn = Txn::new().and_then(reads(terms));
         let sent_at = Instant::now();
         let response = self.request(self.io.txn(txn)).await?;
@@ -211,8 +212,8 @@ impl Inner {
 mod tests {
     use super::*;
 
-    fn terms(n: usize, key_len: usize) -> Vec<(i64, String, i64)> {
-        (0..n).map(|i| (i as i64, "k".repeat(key_len), 1)).collect()
+    fn terms(n: usize, key_len: usize) -> Vec<(i64, Arc<str>, i64)> {
+        (0..n).map(|i| (i as i64, "k".repeat(key_len).into(), 1)).collect()
     }
 
     fn sizes(n: usize, key_len: usize) -> Vec<usize> {

@@ -60,7 +60,7 @@ pub(crate) struct HeldKeys {
 }
 
 struct HeldTerm {
-    key: String,
+    key: Arc<str>,
     lease: i64,
     gone: CancellationToken,
     /// The revision the key's first watch starts from: right after the campaign's read of
@@ -124,7 +124,7 @@ impl Inner {
         lock(&self.held.terms).insert(
             token,
             HeldTerm {
-                key: key.key.clone(),
+                key: Arc::clone(&key.key),
                 lease: key.lease,
                 gone: key.gone.clone(),
                 start: if verified_at > 0 { verified_at + 1 } else { 0 },
@@ -150,7 +150,7 @@ impl Inner {
     }
 
     /// The key of held term `token`, if held.
-    pub(crate) fn held_key(&self, token: i64) -> Option<String> {
+    pub(crate) fn held_key(&self, token: i64) -> Option<Arc<str>> {
         lock(&self.held.terms)
             .get(&token)
             .map(|term| term.key.clone())
@@ -165,7 +165,7 @@ impl Inner {
     }
 
     /// Every held term: its token, key and lease.
-    pub(crate) fn held_terms(&self) -> Vec<(i64, String, i64)> {
+    pub(crate) fn held_terms(&self) -> Vec<(i64, Arc<str>, i64)> {
         lock(&self.held.terms)
             .iter()
             .map(|(token, term)| (*token, term.key.clone(), term.lease))
@@ -265,7 +265,7 @@ impl WatchTask {
                 Err(mpsc::error::TryRecvError::Disconnected) => return Ok(Ended::DriverGone),
             }
         }
-        let mut keys: Vec<(i64, String, i64)> = lock(&self.terms)
+        let mut keys: Vec<(i64, Arc<str>, i64)> = lock(&self.terms)
             .iter_mut()
             .map(|(&token, term)| (token, term.key.clone(), term.take_start()))
             .collect();
@@ -276,7 +276,7 @@ impl WatchTask {
         let mut stream = match timeout(
             self.request_timeout,
             self.io
-                .watch(WatchRequest::key(first, first_key, first_start)),
+                .watch(WatchRequest::key(first, first_key.as_bytes(), first_start)),
         )
         .await
         {
@@ -288,7 +288,7 @@ impl WatchTask {
         let mut active: BTreeSet<i64> = BTreeSet::from([first]);
         for (token, key, start) in keys {
             active.insert(token);
-            let _ = requests.send(WatchCommand::Watch(WatchRequest::key(token, key, start)));
+            let _ = requests.send(WatchCommand::Watch(WatchRequest::key(token, key.as_bytes(), start)));
         }
         let terms = &self.terms;
         let commands = &mut self.commands;
@@ -310,7 +310,7 @@ impl WatchTask {
                                 .map(|t| (t.key.clone(), t.take_start()));
                             if let Some((key, start)) = term {
                                 active.insert(token);
-                                let request = WatchRequest::key(token, key, start);
+                                let request = WatchRequest::key(token, key.as_bytes(), start);
                                 let _ = requests.send(WatchCommand::Watch(request));
                             }
                         }

@@ -14,7 +14,8 @@ use crate::{Inner, lock};
 /// The key of one candidate: its name, its lease, and the term it holds if known.
 #[derive(Clone)]
 pub(crate) struct CandidateKey {
-    pub(crate) key: String,
+    /// Shared with the index of names in use and the held terms: one copy per key.
+    pub(crate) key: Arc<str>,
     pub(crate) lease: i64,
     pub(crate) slot: Arc<LeaseSlot>,
     /// The key's create revision (the term's fencing token); 0 while unknown: before the
@@ -120,7 +121,7 @@ pub(crate) fn parse_marker(value: &[u8]) -> i64 {
 #[derive(Default)]
 pub(crate) struct Keys {
     by_candidate: HashMap<String, CandidateKey>,
-    names: HashSet<String>,
+    names: HashSet<Arc<str>>,
 }
 
 impl Keys {
@@ -129,7 +130,7 @@ impl Keys {
     }
 
     fn insert(&mut self, candidate: String, key: CandidateKey) {
-        let name = key.key.clone();
+        let name = Arc::clone(&key.key);
         // Names are unique among candidates: the replaced one was only the old entry's.
         if let Some(old) = self.by_candidate.insert(candidate, key)
             && old.key != name
@@ -142,7 +143,7 @@ impl Keys {
     /// Forgets `candidate`'s key if it is still `name`, with `create_revision` if given.
     pub(crate) fn forget(&mut self, candidate: &str, name: &str, create_revision: Option<i64>) {
         let matches = self.by_candidate.get(candidate).is_some_and(|k| {
-            k.key == name && create_revision.is_none_or(|rev| k.create_revision == rev)
+            *k.key == *name && create_revision.is_none_or(|rev| k.create_revision == rev)
         });
         if matches && let Some(old) = self.by_candidate.remove(candidate) {
             self.names.remove(&old.key);
@@ -160,7 +161,7 @@ impl Keys {
         attempt: i64,
     ) -> Option<CancellationToken> {
         let entry = self.by_candidate.get_mut(candidate)?;
-        if entry.key != name {
+        if *entry.key != *name {
             return None;
         }
         if entry.create_revision != revision {
@@ -199,7 +200,7 @@ impl Inner {
             &format!("{}{}/{lease:x}", self.prefix, candidate.election),
         );
         let entry = CandidateKey {
-            key,
+            key: key.into(),
             lease,
             slot: Arc::clone(slot),
             create_revision: 0,
@@ -228,13 +229,13 @@ impl Inner {
 }
 
 /// `base`, or the first of `base_1`, `base_2`, … that is not in `used`.
-fn free_name(used: &HashSet<String>, base: &str) -> String {
+fn free_name(used: &HashSet<Arc<str>>, base: &str) -> String {
     if !used.contains(base) {
         return base.to_owned();
     }
     (1u64..)
         .map(|n| format!("{base}_{n}"))
-        .find(|name| !used.contains(name))
+        .find(|name| !used.contains(name.as_str()))
         .unwrap_or_else(|| base.to_owned())
 }
 
@@ -286,7 +287,7 @@ mod tests {
 
     fn key(name: &str, revision: i64) -> CandidateKey {
         CandidateKey {
-            key: name.to_owned(),
+            key: name.into(),
             lease: 1,
             slot: crate::lease::Leases::new().slot(1),
             create_revision: revision,
@@ -299,9 +300,9 @@ mod tests {
     fn names_skip_those_in_use() {
         let mut used = HashSet::new();
         assert_eq!(free_name(&used, "e/1"), "e/1");
-        used.insert("e/1".to_owned());
+        used.insert("e/1".into());
         assert_eq!(free_name(&used, "e/1"), "e/1_1");
-        used.insert("e/1_1".to_owned());
+        used.insert("e/1_1".into());
         assert_eq!(free_name(&used, "e/1"), "e/1_2");
         assert_eq!(free_name(&used, "f/1"), "f/1");
     }
