@@ -6,10 +6,12 @@
 //! between a renewal's send time and now is the suspension a deadline check must subtract.
 //! Elsewhere the offset is always zero (and suspend is not detected).
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
+use std::task::Waker;
 use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio::sync::futures::Notified;
 
 /// Suspensions shorter than this are treated as none: the two clocks are read by two
 /// system calls, and a preemption between them looks like a short suspension.
@@ -67,16 +69,96 @@ impl BootInstant {
     }
 }
 
-/// Told of each suspension of the machine: a `notified()` future, once created, resolves
-/// within milliseconds of the process running again after a suspension, when timers on the
-/// monotonic clock (Tokio's) would still wait out the time the machine slept. (A `Notify`
-/// rather than a `watch` channel: a waiter is 64 bytes instead of 136, and every held term
-/// has one.)
+/// Told of each suspension of the machine, within milliseconds of the process running again
+/// after it, when timers on the monotonic clock (Tokio's) would still wait out the time the
+/// machine slept. Two ways to listen: a [`notified`](Self::notified) future, or a waker kept
+/// in a list ([`listen`](Self::listen)): 16 bytes in one list, where a `Notified` is 64 in
+/// the listener's own future; every held term's holder rests listening, in a task whose
+/// size counts once per election.
+pub(crate) struct Suspensions {
+    notify: Notify,
+    wakers: Mutex<Wakers>,
+}
+
+/// Listed wakers, by slot; freed slots are used again.
+#[derive(Default)]
+struct Wakers {
+    slots: Vec<Option<Waker>>,
+    free: Vec<usize>,
+}
+
+impl Suspensions {
+    fn new() -> Self {
+        Suspensions {
+            notify: Notify::new(),
+            wakers: Mutex::default(),
+        }
+    }
+
+    /// Resolves at the next suspension noticed after it is created (once enabled or first
+    /// polled, as Tokio's `Notify::notify_waiters`).
+    pub(crate) fn notified(&self) -> Notified<'_> {
+        self.notify.notified()
+    }
+
+    /// Lists `waker` (in `slot`, which it sets on the first call), to be woken at every
+    /// suspension noticed from now on until [`forget`](Self::forget): listen before reading
+    /// the clock, and a suspension noticed after the read wakes the listener.
+    pub(crate) fn listen(&self, slot: &mut Option<usize>, waker: &Waker) {
+        let mut wakers = self.lock();
+        if let Some(Some(listed)) = slot.and_then(|at| wakers.slots.get_mut(at)) {
+            listed.clone_from(waker);
+            return;
+        }
+        let at = match wakers.free.pop() {
+            Some(at) => at,
+            None => {
+                wakers.slots.push(None);
+                wakers.slots.len() - 1
+            }
+        };
+        wakers.slots[at] = Some(waker.clone());
+        *slot = Some(at);
+    }
+
+    /// Takes the waker listed in `slot` off the list.
+    pub(crate) fn forget(&self, slot: Option<usize>) {
+        let Some(at) = slot else { return };
+        let mut wakers = self.lock();
+        if let Some(listed) = wakers.slots.get_mut(at)
+            && listed.take().is_some()
+        {
+            wakers.free.push(at);
+        }
+        if wakers.free.len() == wakers.slots.len() {
+            // Nobody listens: the room goes too.
+            *wakers = Wakers::default();
+        }
+    }
+
+    /// Tells every listener.
+    fn notify(&self) {
+        self.notify.notify_waiters();
+        // Woken outside the lock: a waker may run code of its own.
+        let listed: Vec<Waker> = self.lock().slots.iter().flatten().cloned().collect();
+        for waker in listed {
+            waker.wake();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Wakers> {
+        self.wakers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The suspensions this thread is told of.
 ///
 /// On Linux one thread per process sleeps on `CLOCK_BOOTTIME` (a second at a time, so
 /// nearly idle): a sleep on that clock ends as soon as the machine resumes past it, and the
 /// thread then sees the offset grown. Elsewhere nothing is ever notified.
-pub(crate) fn suspensions() -> &'static Notify {
+pub(crate) fn suspensions() -> &'static Suspensions {
     #[cfg(any(test, feature = "testing"))]
     if let Some(local) = LOCAL.with(std::cell::Cell::get) {
         return local;
@@ -84,8 +166,8 @@ pub(crate) fn suspensions() -> &'static Notify {
     notifier()
 }
 
-fn notifier() -> &'static Notify {
-    static SUSPENSIONS: OnceLock<Notify> = OnceLock::new();
+fn notifier() -> &'static Suspensions {
+    static SUSPENSIONS: OnceLock<Suspensions> = OnceLock::new();
     SUSPENSIONS.get_or_init(|| {
         #[cfg(target_os = "linux")]
         {
@@ -94,7 +176,7 @@ fn notifier() -> &'static Notify {
                 .name("leader-suspend-watch".into())
                 .spawn(watch_suspensions);
         }
-        Notify::new()
+        Suspensions::new()
     })
 }
 
@@ -111,7 +193,7 @@ thread_local! {
     /// suspension simulated in one seed then wakes only the holders of that seed's
     /// (current-thread) runtime, not those of a seed running on another thread, which
     /// would change that seed's schedule and break its exact replay.
-    static LOCAL: std::cell::Cell<Option<&'static Notify>> =
+    static LOCAL: std::cell::Cell<Option<&'static Suspensions>> =
         const { std::cell::Cell::new(None) };
 }
 
@@ -122,7 +204,7 @@ thread_local! {
 pub(crate) fn isolate_suspensions() {
     LOCAL.with(|local| {
         if local.get().is_none() {
-            local.set(Some(Box::leak(Box::new(Notify::new()))));
+            local.set(Some(Box::leak(Box::new(Suspensions::new()))));
         }
     });
 }
@@ -133,7 +215,7 @@ pub(crate) fn isolate_suspensions() {
 #[cfg(any(test, feature = "testing"))]
 pub(crate) fn simulate_suspension(duration: Duration) {
     SIMULATED.with(|simulated| simulated.set(simulated.get() + duration));
-    suspensions().notify_waiters();
+    suspensions().notify();
 }
 
 #[cfg(any(test, feature = "testing"))]
@@ -160,7 +242,7 @@ fn watch_suspensions() {
         );
         let now = SuspendOffset::now();
         if !last.suspended_until(now).is_zero() {
-            notifier().notify_waiters();
+            notifier().notify();
         }
         last = now;
     }
@@ -201,6 +283,47 @@ fn read_offset() -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A waker that counts its wakes.
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn listed_wakers_are_woken_at_each_suspension_until_forgotten() {
+        let suspensions = Suspensions::new();
+        let counts: Vec<std::sync::Arc<Count>> = (0..3)
+            .map(|_| std::sync::Arc::new(Count(0.into())))
+            .collect();
+        let woken = |i: usize| counts[i].0.load(std::sync::atomic::Ordering::SeqCst);
+        let mut slots = [None, None, None];
+        for (slot, count) in slots.iter_mut().zip(&counts) {
+            suspensions.listen(slot, &Waker::from(std::sync::Arc::clone(count)));
+        }
+        // Listening again keeps the slot.
+        let first = slots[0];
+        suspensions.listen(&mut slots[0], &Waker::from(std::sync::Arc::clone(&counts[0])));
+        assert_eq!(slots[0], first);
+        suspensions.notify();
+        assert_eq!((woken(0), woken(1), woken(2)), (1, 1, 1));
+        // Woken wakers stay listed; a forgotten one is not woken again and its slot is
+        // used again.
+        suspensions.forget(slots[1].take());
+        suspensions.notify();
+        assert_eq!((woken(0), woken(1), woken(2)), (2, 1, 2));
+        suspensions.listen(&mut slots[1], &Waker::from(std::sync::Arc::clone(&counts[1])));
+        assert_eq!(suspensions.lock().slots.len(), 3, "the freed slot is used again");
+        for slot in &mut slots {
+            suspensions.forget(slot.take());
+        }
+        assert!(suspensions.lock().slots.is_empty(), "nobody listens: no room kept");
+        suspensions.notify();
+        assert_eq!((woken(0), woken(1), woken(2)), (2, 1, 2), "nobody is woken");
+    }
 
     #[test]
     fn no_suspension_reads_as_zero() {

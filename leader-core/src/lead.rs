@@ -47,11 +47,11 @@ where
     }
     let election = term.core.candidate.election.as_str();
     let fencing_token = term.fencing_token();
-    let stop = term.state.ended.child_token();
+    let stop = term.state.token().child_token();
     let handed = Term {
         state: Arc::clone(&term.state),
         core: Arc::clone(&term.core),
-        stop: stop.clone(),
+        stop: Some(stop.clone()),
     };
     // `gone` is cancelled when the task is gone, however it ends (its future dropped).
     let gone = CancellationToken::new();

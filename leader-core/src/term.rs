@@ -13,16 +13,20 @@ use crate::machinery::{Core, TermState};
 pub struct Term {
     pub(crate) state: Arc<TermState>,
     pub(crate) core: Arc<Core>,
-    /// What [`cancellation_token`](Self::cancellation_token) returns: the term's own token,
-    /// or (for the work of [`Election::lead`](crate::Election::lead)) a child of it that `lead` also cancels at
+    /// What [`cancellation_token`](Self::cancellation_token) returns: the term's own token
+    /// (`None`: made when first asked for), or (for the work of
+    /// [`Election::lead`](crate::Election::lead)) a child of it that `lead` also cancels at
     /// shutdown.
-    pub(crate) stop: CancellationToken,
+    pub(crate) stop: Option<CancellationToken>,
 }
 
 impl Term {
     pub(crate) fn new(state: Arc<TermState>, core: Arc<Core>) -> Self {
-        let stop = state.ended.clone();
-        Term { state, core, stop }
+        Term {
+            state,
+            core,
+            stop: None,
+        }
     }
 
     /// Strictly greater than the token of every earlier term of this election. Pass it to
@@ -62,7 +66,7 @@ impl Term {
     /// The term that [`Election::lead`](crate::Election::lead) hands to its work has a token that is also cancelled
     /// when `lead` shuts down, before it resigns: the work's signal to stop.
     pub fn cancellation_token(&self) -> CancellationToken {
-        self.stop.clone()
+        self.stop.clone().unwrap_or_else(|| self.state.token())
     }
 
     /// Resolves when the term ends: lost or resigned.
@@ -71,7 +75,7 @@ impl Term {
     /// [`cancellation_token`](Self::cancellation_token) instead: at shutdown `lead` asks the
     /// work to stop *before* the term ends (it resigns once the work has returned).
     pub async fn ended(&self) {
-        self.state.ended.cancelled().await;
+        self.state.ended().await;
     }
 
     /// Resolves when the term ends, lost *or resigned*: use [`ended`](Self::ended).

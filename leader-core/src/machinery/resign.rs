@@ -121,7 +121,7 @@ impl Core {
             Some(term) => tokio::select! {
                 biased;
                 guard = Arc::clone(self).lock_campaigns() => guard,
-                () = term.ended.cancelled() => return Err(Error::NotALeader),
+                () = term.ended() => return Err(Error::NotALeader),
             },
             None => Arc::clone(self).lock_campaigns().await,
         };

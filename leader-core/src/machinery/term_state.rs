@@ -4,20 +4,17 @@
 use std::future::Future;
 use std::pin::{Pin, pin};
 use std::sync::Mutex;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use futures::future::BoxFuture;
 use pin_project_lite::pin_project;
-use tokio::sync::Notify;
-use tokio::sync::futures::Notified;
 use tokio::time::Sleep;
-use tokio_util::sync::WaitForCancellationFuture;
 
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 use super::lock;
-use crate::clock::SuspendOffset;
+use crate::clock::{SuspendOffset, Suspensions};
 use crate::settings::DeadlineHook;
 
 /// One term of this candidate.
@@ -27,9 +24,9 @@ pub(crate) struct TermState {
     pub(super) seq: u64,
     /// Taken just before the term became visible: the first instant of belief.
     pub(crate) elected_at: Instant,
-    /// The deadline, and when the term ended: one lock for both (one per held term).
+    /// The deadline, when the term ended, and who hears of the end: one lock (one per held
+    /// term).
     clock: Mutex<TermClock>,
-    pub(crate) ended: CancellationToken,
     on_deadline: Option<DeadlineHook>,
 }
 
@@ -47,20 +44,26 @@ pub(crate) enum Wake {
 }
 
 pin_project! {
-    /// A holder resting: one timer and two listeners, reused across wakes. A hand-written
-    /// future rather than nested selects, because every held term rests here most of its
-    /// life: this state is most of a holder task's size (see the holder's size test).
+    /// A holder resting: one timer, reused across wakes, and its task's waker kept by the
+    /// term (for its end) and by the list of suspension listeners. A hand-written future
+    /// rather than nested selects, because every held term rests here most of its life:
+    /// this state is most of a holder task's size (see the holder's size test).
     pub(crate) struct Rest<'a> {
         term: &'a TermState,
         gone: &'a mut BoxFuture<'static, ()>,
-        suspensions: &'static Notify,
         due: Instant,
-        #[pin]
-        ended: WaitForCancellationFuture<'a>,
-        #[pin]
-        suspended: Notified<'static>,
+        suspensions: &'static Suspensions,
+        // The slot of this rest's waker among the suspension listeners, once listed.
+        listening: Option<usize>,
         #[pin]
         timer: Sleep,
+    }
+
+    impl PinnedDrop for Rest<'_> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            this.suspensions.forget(this.listening.take());
+        }
     }
 }
 
@@ -69,7 +72,7 @@ impl Future for Rest<'_> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Wake> {
         let mut this = self.project();
-        if this.ended.as_mut().poll(cx).is_ready() {
+        if this.term.poll_holder_ended(cx).is_ready() {
             return Poll::Ready(Wake::Ended);
         }
         if this.gone.as_mut().poll(cx).is_ready() {
@@ -78,9 +81,7 @@ impl Future for Rest<'_> {
         loop {
             // Listening before the clock is read: a suspension noticed after the read wakes
             // this rest (one noticed before it shows in the read).
-            while this.suspended.as_mut().poll(cx).is_ready() {
-                this.suspended.set(this.suspensions.notified());
-            }
+            this.suspensions.listen(this.listening, cx.waker());
             let wake = {
                 let mut clock = lock(&this.term.clock);
                 let suspended = clock.confirmed.offset.suspended_since();
@@ -129,6 +130,12 @@ struct TermClock {
     passed: bool,
     /// When the term was ended (stepped down), if it was: its deadline never moves again.
     ended_at: Option<Instant>,
+    /// The term's cancellation token, made the first time it is asked for (most held terms
+    /// never are: a token is an allocation of its own): cancelled when the term ends.
+    token: Option<CancellationToken>,
+    /// The holder task's waker, woken when the term ends (see
+    /// [`TermState::poll_holder_ended`]).
+    holder: Option<Waker>,
 }
 
 impl TermClock {
@@ -163,8 +170,9 @@ impl TermState {
                 confirmed,
                 passed: false,
                 ended_at: None,
+                token: None,
+                holder: None,
             }),
-            ended: CancellationToken::new(),
             on_deadline,
         }
     }
@@ -208,23 +216,65 @@ impl TermState {
         due: Instant,
         gone: &'a mut BoxFuture<'static, ()>,
     ) -> Rest<'a> {
-        let suspensions = crate::clock::suspensions();
         Rest {
             term: self,
             gone,
-            suspensions,
             due,
-            ended: self.ended.cancelled(),
-            suspended: suspensions.notified(),
+            suspensions: crate::clock::suspensions(),
+            listening: None,
             timer: sleep_until(due),
         }
     }
 
-    /// Steps down: records the instant, then cancels the token. Call it with the state
-    /// lock held, as the term leaves `State::term`.
+    /// Steps down: records the instant, then cancels the token and wakes the holder. Call
+    /// it with the state lock held, as the term leaves `State::term`.
     pub(super) fn end(&self) {
-        lock(&self.clock).ended_at.get_or_insert_with(Instant::now);
-        self.ended.cancel();
+        let (token, holder) = {
+            let mut clock = lock(&self.clock);
+            clock.ended_at.get_or_insert_with(Instant::now);
+            (clock.token.clone(), clock.holder.take())
+        };
+        if let Some(token) = token {
+            token.cancel();
+        }
+        if let Some(holder) = holder {
+            holder.wake();
+        }
+    }
+
+    /// The term's token, cancelled when it ends (at once if it has): made on first use,
+    /// under the lock [`end`](Self::end) takes, so that it is cancelled whichever comes
+    /// first.
+    pub(crate) fn token(&self) -> CancellationToken {
+        let (token, ended) = {
+            let mut clock = lock(&self.clock);
+            let token = clock.token.get_or_insert_with(CancellationToken::new).clone();
+            (token, clock.ended_at.is_some())
+        };
+        if ended {
+            token.cancel();
+        }
+        token
+    }
+
+    /// Resolves when the term ends.
+    pub(crate) async fn ended(&self) {
+        self.token().cancelled_owned().await;
+    }
+
+    /// Ready once the term has ended; else keeps `cx`'s waker, which [`end`](Self::end)
+    /// wakes. One waker only: for the term's holder task alone (a resting holder keeps no
+    /// token nor listener of its own, see [`Rest`]).
+    pub(super) fn poll_holder_ended(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut clock = lock(&self.clock);
+        if clock.ended_at.is_some() {
+            return Poll::Ready(());
+        }
+        match &mut clock.holder {
+            Some(waker) => waker.clone_from(cx.waker()),
+            None => clock.holder = Some(cx.waker().clone()),
+        }
+        Poll::Pending
     }
 
     pub(crate) fn ended_at(&self) -> Option<Instant> {
@@ -232,7 +282,8 @@ impl TermState {
     }
 
     pub(crate) fn is_valid(&self) -> bool {
-        !self.ended.is_cancelled() && lock(&self.clock).holds()
+        let mut clock = lock(&self.clock);
+        clock.ended_at.is_none() && clock.holds()
     }
 
     /// Moves the deadline to `deadline`, which a confirmation sent at `confirmed_at` vouches

@@ -162,3 +162,39 @@ async fn ending_a_term_that_is_not_current_changes_nothing() {
         "ended_at() records the step down"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_token_is_cancelled_at_the_end_whether_made_before_or_after_it() {
+    let term = term(Instant::now() + TTL);
+    let before = term.token();
+    assert!(!before.is_cancelled());
+    assert!(term.is_valid());
+    term.end();
+    assert!(before.is_cancelled(), "a token made before the end");
+    assert!(term.token().is_cancelled(), "a token made after the end");
+    assert!(!term.is_valid());
+    assert!(term.ended_at().is_some());
+    // Resolves at once, however late it is asked.
+    tokio::time::timeout(Duration::ZERO, term.ended())
+        .await
+        .expect("the term ended");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_end_wakes_the_resting_holder() {
+    let term = std::sync::Arc::new(term(Instant::now() + TTL));
+    let holder = tokio::spawn({
+        let term = std::sync::Arc::clone(&term);
+        async move {
+            let mut gone: futures::future::BoxFuture<'static, ()> =
+                Box::pin(std::future::pending());
+            term.rest_until(Instant::now() + TTL / 3, &mut gone).await
+        }
+    });
+    tokio::task::yield_now().await;
+    term.end();
+    // Woken by the end itself, not by a timer: no time passes.
+    let started = Instant::now();
+    assert_eq!(holder.await.expect("the holder"), super::Wake::Ended);
+    assert_eq!(Instant::now(), started);
+}
