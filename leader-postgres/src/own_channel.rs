@@ -4,10 +4,13 @@
 //! The LISTEN connection ([`crate::listener`]) hands this channel's notifications here.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
 use std::time::Duration;
 
+use futures::task::AtomicWaker;
 use tokio::sync::Notify;
 
 /// How many recent "term gone" notices are kept for leaders that register after them.
@@ -27,7 +30,7 @@ struct Routes {
     /// registered, whatever their ids, so that a seeded simulation replays exactly.)
     waiters: BTreeMap<String, (u64, Arc<Waiter>)>,
     /// This driver's leaders, by candidate id: the term they hold and its watch.
-    terms: BTreeMap<String, (u64, u64, Arc<TermWatch>)>,
+    terms: BTreeMap<Arc<str>, (u64, u64, Arc<TermWatch>)>,
     /// The next registration's sequence number.
     next: u64,
     /// The last "term gone" notices, for a leader that registers after its notice came.
@@ -50,7 +53,7 @@ pub(crate) struct Waiter {
 /// A leader of this driver, told when its term is ended by someone else.
 #[derive(Default)]
 pub(crate) struct TermWatch {
-    pub(crate) wake: Notify,
+    pub(crate) wake: Wakeup,
     /// The trigger said the term is gone; otherwise a wake means "look at the row".
     pub(crate) gone: AtomicBool,
 }
@@ -78,7 +81,8 @@ impl Drop for WaiterGuard {
 /// A leader's registration; removed when dropped.
 pub(crate) struct TermGuard {
     pub(crate) watch: Arc<TermWatch>,
-    id: String,
+    /// The key of its route: one copy.
+    id: Arc<str>,
     shared: Arc<Shared>,
 }
 
@@ -94,10 +98,10 @@ impl Drop for TermGuard {
         let mut routes = self.shared.lock();
         if routes
             .terms
-            .get(&self.id)
+            .get(&*self.id)
             .is_some_and(|(_, _, held)| Arc::ptr_eq(held, &self.watch))
         {
-            routes.terms.remove(&self.id);
+            routes.terms.remove(&*self.id);
         }
     }
 }
@@ -145,20 +149,23 @@ impl Shared {
     /// have been missed.
     pub(crate) fn notify_all(&self) {
         let routes = self.lock();
-        let mut wakes: Vec<(u64, &Notify)> = routes
+        let mut wakes: Vec<(u64, Result<&Notify, &Wakeup>)> = routes
             .waiters
             .values()
-            .map(|(seq, waiter)| (*seq, &waiter.wake))
+            .map(|(seq, waiter)| (*seq, Ok(&waiter.wake)))
             .chain(
                 routes
                     .terms
                     .values()
-                    .map(|(seq, _, watch)| (*seq, &watch.wake)),
+                    .map(|(seq, _, watch)| (*seq, Err(&watch.wake))),
             )
             .collect();
         wakes.sort_by_key(|(seq, _)| *seq);
         for (_, wake) in wakes {
-            wake.notify_one();
+            match wake {
+                Ok(waiter) => waiter.notify_one(),
+                Err(leader) => leader.notify_one(),
+            }
         }
     }
 
@@ -235,14 +242,99 @@ impl Shared {
         }
         let seq = routes.next;
         routes.next += 1;
+        let id: Arc<str> = id.into();
         routes
             .terms
-            .insert(id.to_owned(), (seq, token, Arc::clone(&watch)));
+            .insert(Arc::clone(&id), (seq, token, Arc::clone(&watch)));
         drop(routes);
         TermGuard {
             watch,
-            id: id.to_owned(),
+            id,
             shared: Arc::clone(self),
         }
+    }
+}
+
+/// A wake-up for one waiting task, kept if it comes before the wait (as a `Notify`'s
+/// permit): 16 bytes of waker and a flag, and a wait of one reference, where a `Notify`'s
+/// waiter is 64 bytes. Every held term waits on one for as long as it lasts.
+#[derive(Default)]
+pub(crate) struct Wakeup {
+    waker: AtomicWaker,
+    pending: AtomicBool,
+}
+
+impl Wakeup {
+    /// Wakes the waiting task, or the next wait if none waits now.
+    pub(crate) fn notify_one(&self) {
+        self.pending.store(true, Ordering::SeqCst);
+        self.waker.wake();
+    }
+
+    /// Resolves at the first wake-up not yet taken (one that came before counts). For one
+    /// task at a time: a second waiter takes the first one's place.
+    pub(crate) fn notified(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            // Registered before the flag is read again: a wake-up after the read wakes
+            // this task.
+            if self.pending.swap(false, Ordering::SeqCst) {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            if self.pending.swap(false, Ordering::SeqCst) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wakeup_before_the_wait_is_kept_once_and_one_during_it_wakes_it() {
+        let wakeup = Arc::new(Wakeup::default());
+        wakeup.notify_one();
+        wakeup.notify_one();
+        tokio::time::timeout(Duration::ZERO, wakeup.notified())
+            .await
+            .expect("the wake-up that came first");
+        // Two wake-ups before the wait are one.
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), wakeup.notified())
+                .await
+                .is_err()
+        );
+        let waiting = tokio::spawn({
+            let wakeup = Arc::clone(&wakeup);
+            async move { wakeup.notified().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        wakeup.notify_one();
+        // Paused clock: the millisecond passes only once the woken task could not run.
+        tokio::time::timeout(Duration::from_millis(1), waiting)
+            .await
+            .expect("woken")
+            .expect("the waiting task");
+    }
+
+    #[test]
+    fn a_held_term_shares_its_id_with_its_route_and_leaves_it_when_dropped() {
+        let shared = Arc::new(Shared::new("leader_d_test".into()));
+        let guard = shared.hold("me", 7);
+        assert_eq!(guard.id(), "me");
+        shared.notify("g7:me");
+        assert!(guard.watch.gone.load(Ordering::SeqCst));
+        drop(guard);
+        assert!(shared.lock().terms.is_empty());
+        // The notice is kept for a registration that comes after it.
+        let late = shared.hold("me", 7);
+        assert!(late.watch.gone.load(Ordering::SeqCst));
     }
 }
