@@ -187,18 +187,12 @@ impl EtcdIo for ClientIo {
         let key = range.key.clone();
         let response = self
             .client
-            .clone()
+            .kv_client()
             .get(key, Some(get_options(&range)))
             .await
             .map_err(from_etcd)?;
         let revision = response.header().map_or(0, |h| h.revision());
-        Ok((
-            RangeResult {
-                kvs: response.kvs().iter().map(kv).collect(),
-                more: response.more(),
-            },
-            revision,
-        ))
+        Ok((range_result(response), revision))
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnResult> {
@@ -206,7 +200,14 @@ impl EtcdIo for ClientIo {
             .when(txn.compare.iter().map(compare).collect::<Vec<_>>())
             .and_then(txn.success.iter().map(op).collect::<Vec<_>>())
             .or_else(txn.failure.iter().map(op).collect::<Vec<_>>());
-        let response = self.client.clone().txn(request).await.map_err(from_etcd)?;
+        // The KV client alone is copied, not the whole client (eight of them): one per
+        // request, and renewals of thousands of elections send many.
+        let response = self
+            .client
+            .kv_client()
+            .txn(request)
+            .await
+            .map_err(from_etcd)?;
         Ok(txn_result(&response))
     }
 
@@ -293,6 +294,21 @@ fn kv(kv: &etcd_client::KeyValue) -> Kv {
     }
 }
 
+/// As [`kv`], moving the key and value out rather than copying them.
+fn owned_kv(kv: etcd_client::KeyValue) -> Kv {
+    let (create_revision, mod_revision, version, lease) =
+        (kv.create_revision(), kv.mod_revision(), kv.version(), kv.lease());
+    let (key, value) = kv.into_key_value();
+    Kv {
+        key,
+        value,
+        create_revision,
+        mod_revision,
+        version,
+        lease,
+    }
+}
+
 fn get_options(range: &Range) -> GetOptions {
     let mut options = GetOptions::new();
     if let Some(end) = &range.end {
@@ -375,7 +391,7 @@ fn txn_result(response: &TxnResponse) -> TxnResult {
 fn op_result(answer: TxnOpResponse) -> OpResult {
     match answer {
         TxnOpResponse::Put(_) => OpResult::Put,
-        TxnOpResponse::Get(get) => OpResult::Get(range_result(&get)),
+        TxnOpResponse::Get(get) => OpResult::Get(range_result(get)),
         TxnOpResponse::Delete(deleted) => OpResult::Delete(deleted.deleted()),
         // The protocol nests only reads ([`Op::Reads`]).
         TxnOpResponse::Txn(nested) => OpResult::Reads(
@@ -383,7 +399,7 @@ fn op_result(answer: TxnOpResponse) -> OpResult {
                 .op_responses()
                 .into_iter()
                 .filter_map(|answer| match answer {
-                    TxnOpResponse::Get(get) => Some(range_result(&get)),
+                    TxnOpResponse::Get(get) => Some(range_result(get)),
                     _ => None,
                 })
                 .collect(),
@@ -391,10 +407,12 @@ fn op_result(answer: TxnOpResponse) -> OpResult {
     }
 }
 
-fn range_result(get: &etcd_client::GetResponse) -> RangeResult {
+/// Moves the answer's pairs out: etcd-client's `op_responses` already copied them (renewals'
+/// reads of thousands of held keys allocate once less per key).
+fn range_result(mut get: etcd_client::GetResponse) -> RangeResult {
     RangeResult {
-        kvs: get.kvs().iter().map(kv).collect(),
         more: get.more(),
+        kvs: get.take_kvs().into_iter().map(owned_kv).collect(),
     }
 }
 
