@@ -306,7 +306,10 @@ mod tests {
         }
         // Listening again keeps the slot.
         let first = slots[0];
-        suspensions.listen(&mut slots[0], &Waker::from(std::sync::Arc::clone(&counts[0])));
+        suspensions.listen(
+            &mut slots[0],
+            &Waker::from(std::sync::Arc::clone(&counts[0])),
+        );
         assert_eq!(slots[0], first);
         suspensions.notify();
         assert_eq!((woken(0), woken(1), woken(2)), (1, 1, 1));
@@ -315,12 +318,22 @@ mod tests {
         suspensions.forget(slots[1].take());
         suspensions.notify();
         assert_eq!((woken(0), woken(1), woken(2)), (2, 1, 2));
-        suspensions.listen(&mut slots[1], &Waker::from(std::sync::Arc::clone(&counts[1])));
-        assert_eq!(suspensions.lock().slots.len(), 3, "the freed slot is used again");
+        suspensions.listen(
+            &mut slots[1],
+            &Waker::from(std::sync::Arc::clone(&counts[1])),
+        );
+        assert_eq!(
+            suspensions.lock().slots.len(),
+            3,
+            "the freed slot is used again"
+        );
         for slot in &mut slots {
             suspensions.forget(slot.take());
         }
-        assert!(suspensions.lock().slots.is_empty(), "nobody listens: no room kept");
+        assert!(
+            suspensions.lock().slots.is_empty(),
+            "nobody listens: no room kept"
+        );
         suspensions.notify();
         assert_eq!((woken(0), woken(1), woken(2)), (2, 1, 2), "nobody is woken");
     }

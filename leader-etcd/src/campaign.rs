@@ -5,10 +5,9 @@ use leader_core::{CancellationToken, Candidate, Result};
 use tracing::{debug, warn};
 
 use crate::error::unexpected;
-use crate::io::{Compare, Op, OpResult, Range, RangeResult, Sort, Txn, TxnResult, lease_not_found};
-use crate::keys::{
-    CandidateKey, Side, marker_key, nomination_key, parse_nomination, side_key, ttl_millis,
-};
+use crate::io::{Compare, Op, OpResult, Range, Sort, Txn, TxnResult, lease_not_found};
+use crate::keys::{CandidateKey, Side, nomination_key, parse_nomination, side_key, ttl_millis};
+use crate::wait::line_reads;
 use crate::{Inner, lock};
 
 impl Inner {
@@ -40,27 +39,29 @@ impl Inner {
             // From here until the answer, the key may exist with a revision we do not know:
             // a withdrawal revokes the attempt lease, then reads it.
             lock(&self.keys).set_create_revision(&candidate.id, &key.key, 0, attempt);
+            let writes: [Op; CREATE_WRITES] = [
+                Op::put(&*key.key, candidate.value.as_slice(), key.lease),
+                Op::put(
+                    side_key(&key.key, Side::Id),
+                    candidate.id.as_str(),
+                    key.lease,
+                ),
+                Op::put(side_key(&key.key, Side::Guard), "", attempt),
+                Op::put(
+                    side_key(&key.key, Side::Ttl),
+                    ttl_millis(candidate.ttl).to_string(),
+                    key.lease,
+                ),
+            ];
+            // What the wait reads first, with ours and the two below it as the line.
+            let reads = line_reads(
+                prefix,
+                Range::prefix(prefix).sort(Sort::CreateDescend).limit(3),
+                &key.key,
+            );
             let txn = Txn::new()
                 .when([Compare::create_revision(&*key.key, 0)])
-                .and_then([
-                    Op::put(&*key.key, candidate.value.as_slice(), key.lease),
-                    Op::put(
-                        side_key(&key.key, Side::Id),
-                        candidate.id.as_str(),
-                        key.lease,
-                    ),
-                    Op::put(side_key(&key.key, Side::Guard), "", attempt),
-                    Op::put(
-                        side_key(&key.key, Side::Ttl),
-                        ttl_millis(candidate.ttl).to_string(),
-                        key.lease,
-                    ),
-                    // Ours and the two below it: what the wait reads first.
-                    Op::Get(Range::prefix(prefix).sort(Sort::CreateDescend).limit(3)),
-                    Op::get(&*key.key),
-                    Op::get(nomination_key(prefix)),
-                    Op::get(marker_key(prefix)),
-                ])
+                .and_then(writes.into_iter().chain(reads).collect::<Vec<_>>())
                 .or_else([Op::get(&*key.key)]);
             let response = match self.request(self.io.txn(txn)).await {
                 Ok(response) => response,
@@ -85,7 +86,7 @@ impl Inner {
                 let gone = lock(&self.keys)
                     .set_create_revision(&candidate.id, &key.key, revision, 0)
                     .unwrap_or_default();
-                let line = first_read(&response, &key.key, revision);
+                let line = first_read(response, &key.key, revision);
                 return Ok((revision, gone, line));
             }
             // Nothing was written.
@@ -186,9 +187,7 @@ impl Inner {
     /// withdrawal whose term is unknown (a create whose answer never came) deletes, by
     /// that exact revision.
     pub(crate) async fn own_revision(&self, key: &CandidateKey) -> Result<Option<i64>> {
-        let (response, _) = self
-            .request(self.io.range(Range::key(&*key.key)))
-            .await?;
+        let (response, _) = self.request(self.io.range(Range::key(&*key.key))).await?;
         Ok(response
             .kvs
             .first()
@@ -197,36 +196,40 @@ impl Inner {
     }
 }
 
+/// The writes of a create, before the reads of [`line_reads`] in its answer.
+const CREATE_WRITES: usize = 4;
+
 /// The line as the create's transaction read it (see [`Inner::create_key`]), as the wait's
 /// own read answers it: the keys below `own` (at most two, and whether there are more),
 /// `own`, the nomination and the marker, at the create's revision. None unless the newest
 /// key of the election is `own` with this term's create revision.
-fn first_read(created: &TxnResult, own: &str, revision: i64) -> Option<TxnResult> {
-    let [
-        OpResult::Get(line),
-        OpResult::Get(mine),
-        OpResult::Get(nominated),
-        OpResult::Get(marked),
-    ] = created.results.get(4..)?
+fn first_read(created: TxnResult, own: &str, revision: i64) -> Option<TxnResult> {
+    let mut results = created.results;
+    let reads = results.split_off(CREATE_WRITES.min(results.len()));
+    let Ok(
+        [
+            OpResult::Get(mut line),
+            OpResult::Get(mine),
+            OpResult::Get(nominated),
+            OpResult::Get(marked),
+        ],
+    ) = <[OpResult; 4]>::try_from(reads)
     else {
         return None;
     };
-    let (newest, below) = line.kvs.split_first()?;
+    let newest = line.kvs.first()?;
     if newest.key != own.as_bytes() || newest.create_revision != revision {
         return None;
     }
-    let below = RangeResult {
-        kvs: below.to_vec(),
-        more: line.more,
-    };
+    line.kvs.remove(0);
     Some(TxnResult {
         revision: created.revision,
         succeeded: true,
         results: vec![
-            OpResult::Get(below),
-            OpResult::Get(mine.clone()),
-            OpResult::Get(nominated.clone()),
-            OpResult::Get(marked.clone()),
+            OpResult::Get(line),
+            OpResult::Get(mine),
+            OpResult::Get(nominated),
+            OpResult::Get(marked),
         ],
     })
 }

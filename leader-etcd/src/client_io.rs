@@ -296,8 +296,12 @@ fn kv(kv: &etcd_client::KeyValue) -> Kv {
 
 /// As [`kv`], moving the key and value out rather than copying them.
 fn owned_kv(kv: etcd_client::KeyValue) -> Kv {
-    let (create_revision, mod_revision, version, lease) =
-        (kv.create_revision(), kv.mod_revision(), kv.version(), kv.lease());
+    let (create_revision, mod_revision, version, lease) = (
+        kv.create_revision(),
+        kv.mod_revision(),
+        kv.version(),
+        kv.lease(),
+    );
     let (key, value) = kv.into_key_value();
     Kv {
         key,

@@ -213,7 +213,9 @@ mod tests {
     use super::*;
 
     fn terms(n: usize, key_len: usize) -> Vec<(i64, Arc<str>, i64)> {
-        (0..n).map(|i| (i as i64, "k".repeat(key_len).into(), 1)).collect()
+        (0..n)
+            .map(|i| (i as i64, "k".repeat(key_len).into(), 1))
+            .collect()
     }
 
     fn sizes(n: usize, key_len: usize) -> Vec<usize> {

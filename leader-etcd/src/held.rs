@@ -288,7 +288,11 @@ impl WatchTask {
         let mut active: BTreeSet<i64> = BTreeSet::from([first]);
         for (token, key, start) in keys {
             active.insert(token);
-            let _ = requests.send(WatchCommand::Watch(WatchRequest::key(token, key.as_bytes(), start)));
+            let _ = requests.send(WatchCommand::Watch(WatchRequest::key(
+                token,
+                key.as_bytes(),
+                start,
+            )));
         }
         let terms = &self.terms;
         let commands = &mut self.commands;

@@ -59,9 +59,8 @@ struct Lease {
     id: i64,
     ttl: Duration,
     alive: bool,
-    /// Send time of the last request that the server answered with the lease still alive.
-    confirmed_at: Instant,
-    /// The same, with the suspensions of the machine until then: lapses count them.
+    /// Send time of the last request that the server answered with the lease still alive,
+    /// with the suspensions of the machine until then: lapses count them.
     confirmed: BootInstant,
     /// `lapses[k - 1]`: how many confirmations came `k` seconds or more (less 5%) after the
     /// send time of the one before: the lease's lapses (see [`Inner::lapses`]).
@@ -83,8 +82,7 @@ impl Lease {
         for lapses in self.lapses.iter_mut().take(whole.min(LAPSE_SECONDS)) {
             *lapses = lapses.saturating_add(1);
         }
-        if sent.instant() > self.confirmed_at {
-            self.confirmed_at = sent.instant();
+        if sent.instant() > self.confirmed.instant() {
             self.confirmed = sent;
         }
         whole
@@ -268,7 +266,6 @@ impl Inner {
             id: granted.id,
             ttl: granted_ttl,
             alive: true,
-            confirmed_at: sent.instant(),
             confirmed: sent,
             lapses: [0; LAPSE_SECONDS],
         });
@@ -319,8 +316,8 @@ impl Inner {
             self.lease_gone(id);
             return Err(Error::TermGone);
         }
-        if lease.confirmed_at >= not_before {
-            return Ok(lease.confirmed_at);
+        if lease.confirmed.instant() >= not_before {
+            return Ok(lease.confirmed.instant());
         }
         let limit = attempt_limit(self.request_timeout, lease.ttl);
         let sent = BootInstant::now();
@@ -368,7 +365,6 @@ impl Inner {
     /// the create (seen when its confirmation came) spoils the grant; without one, no such
     /// proof can be made from the create until the grant's keep-alive.
     pub(crate) async fn lapses(&self, slot: &LeaseSlot, id: i64, ttl: Duration) -> Option<u32> {
-        slot.serves(ttl);
         let seconds = usize::try_from(whole_seconds(ttl))
             .unwrap_or(LAPSE_SECONDS)
             .clamp(1, LAPSE_SECONDS);
@@ -554,7 +550,6 @@ mod tests {
             id: 1,
             ttl: Duration::from_secs(2),
             alive: true,
-            confirmed_at: Instant::now(),
             confirmed: BootInstant::now(),
             lapses: [0; LAPSE_SECONDS],
         }

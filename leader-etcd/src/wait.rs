@@ -153,12 +153,7 @@ impl Inner {
                 .max_create_revision(revision - 1)
                 .sort(Sort::CreateDescend)
                 .limit(2);
-            let read = Txn::new().and_then([
-                Op::Get(below),
-                Op::get(own),
-                Op::get(nomination.as_str()),
-                Op::get(marker.as_str()),
-            ]);
+            let read = Txn::new().and_then(line_reads(prefix, below, own));
             let response = match first.take() {
                 Some(read) => read,
                 None => self.request(self.io.txn(read)).await?,
@@ -450,6 +445,18 @@ impl Inner {
             .first()
             .is_some_and(|kv| kv.create_revision == revision && kv.lease == lease))
     }
+}
+
+/// The reads a wait decides on, at one revision: `below` (keys of the line below `own`),
+/// `own`, the election's nomination and its marker. The campaign's create sends them too
+/// (its answer is the wait's first read): one builder, so that the two never differ.
+pub(crate) fn line_reads(prefix: &str, below: Range, own: &str) -> [Op; 4] {
+    [
+        Op::Get(below),
+        Op::get(own),
+        Op::get(nomination_key(prefix)),
+        Op::get(marker_key(prefix)),
+    ]
 }
 
 #[cfg(test)]

@@ -248,7 +248,10 @@ impl TermState {
     pub(crate) fn token(&self) -> CancellationToken {
         let (token, ended) = {
             let mut clock = lock(&self.clock);
-            let token = clock.token.get_or_insert_with(CancellationToken::new).clone();
+            let token = clock
+                .token
+                .get_or_insert_with(CancellationToken::new)
+                .clone();
             (token, clock.ended_at.is_some())
         };
         if ended {
