@@ -6,7 +6,9 @@ use tracing::{debug, warn};
 
 use crate::error::unexpected;
 use crate::io::{Compare, Op, OpResult, Range, Sort, Txn, TxnResult, lease_not_found};
-use crate::keys::{CandidateKey, Side, nomination_key, parse_nomination, side_key, ttl_millis};
+use crate::keys::{
+    CandidateKey, Side, marker_key, nomination_key, parse_nomination, side_key, ttl_millis,
+};
 use crate::wait::line_reads;
 use crate::{Inner, lock};
 
@@ -55,9 +57,10 @@ impl Inner {
             ];
             // What the wait reads first, with ours and the two below it as the line.
             let reads = line_reads(
-                prefix,
                 Range::prefix(prefix).sort(Sort::CreateDescend).limit(3),
                 &key.key,
+                &nomination_key(prefix),
+                &marker_key(prefix),
             );
             let txn = Txn::new()
                 .when([Compare::create_revision(&*key.key, 0)])

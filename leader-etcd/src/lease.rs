@@ -364,6 +364,10 @@ impl Inner {
     /// sent after the lapse, with no earlier deadline to check it against. A lapse since
     /// the create (seen when its confirmation came) spoils the grant; without one, no such
     /// proof can be made from the create until the grant's keep-alive.
+    ///
+    /// Lapses shorter than the shortest TTL the slot serves wake no waiter: call
+    /// [`LeaseSlot::serves`] with `ttl` first (`campaign_term` does, before it takes the
+    /// lease).
     pub(crate) async fn lapses(&self, slot: &LeaseSlot, id: i64, ttl: Duration) -> Option<u32> {
         let seconds = usize::try_from(whole_seconds(ttl))
             .unwrap_or(LAPSE_SECONDS)
@@ -517,6 +521,106 @@ async fn keep_lease_alive(inner: Weak<Inner>, slot: Arc<LeaseSlot>, id: i64, ttl
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An etcd that grants leases (id 7) and answers every keep-alive with this TTL (0:
+    /// the lease is gone, expired or revoked by an operator). Nothing else is asked in
+    /// these tests.
+    struct Keeps(i64);
+
+    #[async_trait::async_trait]
+    impl crate::io::EtcdIo for Keeps {
+        async fn lease_grant(&self, ttl: i64) -> Result<crate::io::LeaseGrant> {
+            Ok(crate::io::LeaseGrant { id: 7, ttl })
+        }
+        async fn lease_revoke(&self, _: i64) -> Result<bool> {
+            Err(unexpected("not asked here"))
+        }
+        async fn lease_keep_alive(&self, _: i64) -> Result<i64> {
+            Ok(self.0)
+        }
+        async fn lease_time_to_live(&self, _: i64) -> Result<crate::io::LeaseTtl> {
+            Err(unexpected("not asked here"))
+        }
+        async fn raft_term(&self, _: &[u8]) -> Result<u64> {
+            Err(unexpected("not asked here"))
+        }
+        async fn range(&self, _: crate::io::Range) -> Result<(crate::io::RangeResult, i64)> {
+            Err(unexpected("not asked here"))
+        }
+        async fn txn(&self, _: crate::io::Txn) -> Result<crate::io::TxnResult> {
+            Err(unexpected("not asked here"))
+        }
+        async fn watch(&self, _: crate::io::WatchRequest) -> Result<crate::io::WatchStream> {
+            Err(unexpected("not asked here"))
+        }
+        async fn client_txn(
+            &self,
+            _: &str,
+            _: i64,
+            _: Vec<etcd_client::TxnOp>,
+        ) -> Result<Option<etcd_client::TxnResponse>> {
+            Err(unexpected("not asked here"))
+        }
+    }
+
+    /// A keep-alive that etcd answers with TTL 0 confirms nothing: the campaign's grant
+    /// would otherwise count its first deadline from a lease that is gone (its key with
+    /// it), and another candidate may already lead. The lease is marked dead, so that the
+    /// next campaign takes a new one.
+    #[tokio::test(start_paused = true)]
+    async fn a_keep_alive_answered_with_ttl_0_confirms_nothing() {
+        let driver = crate::EtcdDriver::with_io(Arc::new(Keeps(0)), Default::default());
+        let inner = &driver.inner;
+        let slot = inner.leases.slot(10);
+        let (id, _) = inner.ensure_lease(&slot).await.expect("granted");
+        let asked = Instant::now() + Duration::from_secs(1);
+        let answer = inner.keep_alive(&slot, id, asked).await;
+        assert!(matches!(answer, Err(Error::TermGone)), "{answer:?}");
+        assert_eq!(
+            *slot.subscribe().borrow(),
+            0,
+            "the lease is known to be gone"
+        );
+        assert!(matches!(
+            inner.keep_alive(&slot, id, Instant::now()).await,
+            Err(Error::TermGone)
+        ));
+    }
+
+    /// `Inner::lapses` reads the count of the term's TTL in whole seconds, of the lease
+    /// asked for only while it lives.
+    #[tokio::test(start_paused = true)]
+    async fn a_terms_lapses_are_those_of_its_ttl_on_its_live_lease() {
+        let driver = crate::EtcdDriver::with_io(Arc::new(Keeps(10)), Default::default());
+        let inner = &driver.inner;
+        let slot = inner.leases.slot(10);
+        slot.serves(Duration::from_secs(1));
+        let (id, _) = inner.ensure_lease(&slot).await.expect("granted");
+        let secs = Duration::from_secs;
+        for ttl in [secs(1), secs(2), secs(3)] {
+            assert_eq!(inner.lapses(&slot, id, ttl).await, Some(0));
+        }
+        // 2.5 s without a keep-alive (the background one comes a third of the lease
+        // later): a lapse for TTLs of 1 and 2 whole seconds, none for 3.
+        tokio::time::advance(Duration::from_millis(2500)).await;
+        let now = Instant::now();
+        inner.keep_alive(&slot, id, now).await.expect("kept alive");
+        assert_eq!(
+            inner.lapses(&slot, id, Duration::from_millis(900)).await,
+            Some(1)
+        );
+        assert_eq!(inner.lapses(&slot, id, secs(1)).await, Some(1));
+        assert_eq!(
+            inner.lapses(&slot, id, Duration::from_millis(1500)).await,
+            Some(1)
+        );
+        assert_eq!(inner.lapses(&slot, id, secs(2)).await, Some(1));
+        assert_eq!(inner.lapses(&slot, id, secs(3)).await, Some(0));
+        // Another lease's count is none of this one's.
+        assert_eq!(inner.lapses(&slot, id + 1, secs(1)).await, None);
+        inner.lease_lost(&slot, id).await;
+        assert_eq!(inner.lapses(&slot, id, secs(1)).await, None, "a dead lease");
+    }
 
     #[test]
     fn lease_ttls_are_whole_seconds_rounded_up() {

@@ -147,31 +147,31 @@ impl Inner {
                 debug!(key = %own, "the etcd lease lapsed for a TTL while waiting: creating the key again");
                 return Ok(Waited::Recreate);
             }
-            // Two at most: enough to tell "the only one below" from "one of several"; and
-            // this candidate's own key, the nomination and the marker, at the same revision.
-            let below = Range::prefix(prefix)
-                .max_create_revision(revision - 1)
-                .sort(Sort::CreateDescend)
-                .limit(2);
-            let read = Txn::new().and_then(line_reads(prefix, below, own));
             let response = match first.take() {
                 Some(read) => read,
-                None => self.request(self.io.txn(read)).await?,
+                None => {
+                    // Two at most: enough to tell "the only one below" from "one of
+                    // several"; and this candidate's own key, the nomination and the marker,
+                    // at the same revision.
+                    let below = Range::prefix(prefix)
+                        .max_create_revision(revision - 1)
+                        .sort(Sort::CreateDescend)
+                        .limit(2);
+                    let read = Txn::new().and_then(line_reads(below, own, &nomination, &marker));
+                    self.request(self.io.txn(read)).await?
+                }
             };
             let at = response.revision;
-            let (below, mine, nominated, marked) = match response.results.as_slice() {
+            let Ok(
                 [
                     OpResult::Get(below),
                     OpResult::Get(mine),
                     OpResult::Get(nominated),
                     OpResult::Get(marked),
-                ] => (
-                    below.clone(),
-                    mine.clone(),
-                    nominated.clone(),
-                    marked.clone(),
-                ),
-                _ => return Err(unexpected("etcd answered a read with other operations")),
+                ],
+            ) = <[OpResult; 4]>::try_from(response.results)
+            else {
+                return Err(unexpected("etcd answered a read with other operations"));
             };
             let ours = mine
                 .kvs
@@ -448,14 +448,15 @@ impl Inner {
 }
 
 /// The reads a wait decides on, at one revision: `below` (keys of the line below `own`),
-/// `own`, the election's nomination and its marker. The campaign's create sends them too
-/// (its answer is the wait's first read): one builder, so that the two never differ.
-pub(crate) fn line_reads(prefix: &str, below: Range, own: &str) -> [Op; 4] {
+/// `own`, the election's `nomination` and its `marker` keys. The campaign's create sends
+/// them too (its answer is the wait's first read): one builder, so that the two never
+/// differ.
+pub(crate) fn line_reads(below: Range, own: &str, nomination: &str, marker: &str) -> [Op; 4] {
     [
         Op::Get(below),
         Op::get(own),
-        Op::get(nomination_key(prefix)),
-        Op::get(marker_key(prefix)),
+        Op::get(nomination),
+        Op::get(marker),
     ]
 }
 

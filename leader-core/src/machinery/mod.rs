@@ -7,8 +7,8 @@
 //!   so a withdrawal can never race a newer term's creation.
 //! * A term's deadline only moves forward while it has not passed; once `is_valid()` was
 //!   false it stays false ([`TermState::extend`]).
-//! * A term is ended in one synchronous step (`State::term` cleared, token cancelled, one
-//!   event emitted), and every end that the store did not confirm leaves a
+//! * A term is ended in one synchronous step (`State::term` cleared, its end time set, its
+//!   token cancelled if one was made and its holder woken, one event emitted), and every end that the store did not confirm leaves a
 //!   [`Leftover`](state::Leftover) that is withdrawn before the next campaign and by one background task.
 //! * A campaign runs in a task of its own, so a resign() that withdraws it never waits on a
 //!   future nobody polls; a resign() never ends a term started after it was called.

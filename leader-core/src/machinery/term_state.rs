@@ -207,10 +207,11 @@ impl TermState {
         }
     }
 
-    /// Rests until `due` (then [`Wake::Due`]) unless the term's deadline passes first,
-    /// counting a suspension of the machine as [`expired`](Self::expired) does (then
-    /// [`Wake::Expired`]), or the term's token is cancelled (then [`Wake::Ended`]), or
-    /// `gone` resolves (then [`Wake::Gone`]); when several hold at once, in that order.
+    /// Rests until `due` (then [`Wake::Due`]) unless the term ends first (then
+    /// [`Wake::Ended`]), or `gone` resolves (then [`Wake::Gone`]), or the term's deadline
+    /// passes, counting a suspension of the machine as [`expired`](Self::expired) does (then
+    /// [`Wake::Expired`]); when several hold at once, in that order. For the term's holder
+    /// task only (see [`poll_holder_ended`](Self::poll_holder_ended)).
     pub(crate) fn rest_until<'a>(
         &'a self,
         due: Instant,
