@@ -9,7 +9,7 @@ use crate::io::{Compare, Op, OpResult, Range, Sort, Txn, TxnResult, lease_not_fo
 use crate::keys::{
     CandidateKey, Side, marker_key, nomination_key, parse_nomination, side_key, ttl_millis,
 };
-use crate::wait::line_reads;
+use crate::wait::{line_answers, line_reads};
 use crate::{Inner, lock};
 
 impl Inner {
@@ -209,17 +209,7 @@ const CREATE_WRITES: usize = 4;
 fn first_read(created: TxnResult, own: &str, revision: i64) -> Option<TxnResult> {
     let mut results = created.results;
     let reads = results.split_off(CREATE_WRITES.min(results.len()));
-    let Ok(
-        [
-            OpResult::Get(mut line),
-            OpResult::Get(mine),
-            OpResult::Get(nominated),
-            OpResult::Get(marked),
-        ],
-    ) = <[OpResult; 4]>::try_from(reads)
-    else {
-        return None;
-    };
+    let [mut line, mine, nominated, marked] = line_answers(reads)?;
     let newest = line.kvs.first()?;
     if newest.key != own.as_bytes() || newest.create_revision != revision {
         return None;
@@ -228,11 +218,9 @@ fn first_read(created: TxnResult, own: &str, revision: i64) -> Option<TxnResult>
     Some(TxnResult {
         revision: created.revision,
         succeeded: true,
-        results: vec![
-            OpResult::Get(line),
-            OpResult::Get(mine),
-            OpResult::Get(nominated),
-            OpResult::Get(marked),
-        ],
+        results: [line, mine, nominated, marked]
+            .into_iter()
+            .map(OpResult::Get)
+            .collect(),
     })
 }

@@ -7,7 +7,7 @@ use tracing::{debug, warn};
 use crate::Inner;
 use crate::error::{unexpected, watch_cancelled};
 use crate::expiry::first_read_after;
-use crate::io::{Compare, Op, OpResult, Range, Sort, Txn, TxnResult, WatchRequest};
+use crate::io::{Compare, Op, OpResult, Range, RangeResult, Sort, Txn, TxnResult, WatchRequest};
 use crate::keys::{marker_key, nomination_key, parse_marker, parse_nomination};
 use crate::lease::LeaseSlot;
 
@@ -162,15 +162,7 @@ impl Inner {
                 }
             };
             let at = response.revision;
-            let Ok(
-                [
-                    OpResult::Get(below),
-                    OpResult::Get(mine),
-                    OpResult::Get(nominated),
-                    OpResult::Get(marked),
-                ],
-            ) = <[OpResult; 4]>::try_from(response.results)
-            else {
+            let Some([below, mine, nominated, marked]) = line_answers(response.results) else {
                 return Err(unexpected("etcd answered a read with other operations"));
             };
             let ours = mine
@@ -458,6 +450,23 @@ pub(crate) fn line_reads(below: Range, own: &str, nomination: &str, marker: &str
         Op::get(nomination),
         Op::get(marker),
     ]
+}
+
+/// The answers to [`line_reads`], in its order (below, own, nomination, marker); None if
+/// `results` are not four reads.
+pub(crate) fn line_answers(results: Vec<OpResult>) -> Option<[RangeResult; 4]> {
+    let Ok(
+        [
+            OpResult::Get(below),
+            OpResult::Get(own),
+            OpResult::Get(nomination),
+            OpResult::Get(marker),
+        ],
+    ) = <[OpResult; 4]>::try_from(results)
+    else {
+        return None;
+    };
+    Some([below, own, nomination, marker])
 }
 
 #[cfg(test)]
