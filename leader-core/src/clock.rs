@@ -338,6 +338,29 @@ mod tests {
         assert_eq!((woken(0), woken(1), woken(2)), (2, 1, 2), "nobody is woken");
     }
 
+    /// A `BootInstant`'s elapsed time counts the time the machine was suspended since,
+    /// which Tokio's clock does not.
+    #[tokio::test(start_paused = true)]
+    async fn a_boot_instants_elapsed_time_counts_a_suspension() {
+        let at = BootInstant::now();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(at.elapsed() >= Duration::from_secs(1));
+        assert!(at.elapsed() < Duration::from_secs(1) + NOISE * 10);
+        isolate_suspensions();
+        simulate_suspension(Duration::from_secs(2));
+        // Within the jitter of reading the two clocks (nanoseconds) either way.
+        let elapsed = at.elapsed();
+        assert!(
+            elapsed > Duration::from_secs(3) - NOISE
+                && elapsed < Duration::from_secs(3) + NOISE * 10,
+            "{elapsed:?}"
+        );
+        assert_eq!(
+            at.instant() + Duration::from_secs(1),
+            tokio::time::Instant::now()
+        );
+    }
+
     #[test]
     fn no_suspension_reads_as_zero() {
         let offset = SuspendOffset::now();
