@@ -58,7 +58,7 @@ mod world;
 use std::fmt;
 use std::time::Duration;
 
-pub use net::{ClientId, Fault, Net};
+pub use net::{ClientId, Fault, Held, Net};
 
 /// The candidates' TTL.
 pub const TTL: Duration = Duration::from_secs(1);

@@ -81,6 +81,31 @@ struct StoreClock {
     skew: Duration,
 }
 
+/// Requests held back by [`Net::hold`].
+struct HoldRule {
+    client: ClientId,
+    label: String,
+    released: watch::Receiver<bool>,
+}
+
+/// Requests held back by [`Net::hold`]: they land when this is released or dropped.
+pub struct Held {
+    release: watch::Sender<bool>,
+}
+
+impl Held {
+    /// Lets the held requests land now, and no longer holds new ones.
+    pub fn release(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.release.send_replace(true);
+    }
+}
+
 /// One run's network, clocks, generator and checker. Cheap to clone.
 #[derive(Clone)]
 pub struct Net {
@@ -96,6 +121,8 @@ struct Inner {
     links: Mutex<BTreeMap<ClientId, watch::Sender<u64>>>,
     /// When the last message pushed to each client arrives: pushes stay in order.
     pushed: Mutex<BTreeMap<ClientId, Instant>>,
+    /// Requests held back by scripted scenarios ([`Net::hold`]).
+    holds: Mutex<Vec<HoldRule>>,
     /// The instant of the last request and how many were sent at it.
     instant_requests: Mutex<(Option<Instant>, u64)>,
     store_clock: Mutex<StoreClock>,
@@ -118,6 +145,7 @@ impl Net {
                 partitions: Mutex::new(BTreeMap::new()),
                 links: Mutex::new(BTreeMap::new()),
                 pushed: Mutex::new(BTreeMap::new()),
+                holds: Mutex::new(Vec::new()),
                 instant_requests: Mutex::new((None, 0)),
                 store_clock: Mutex::new(StoreClock {
                     epoch: None,
@@ -138,6 +166,8 @@ impl Net {
         let net = Net::new(0);
         *lock(&net.inner.chaos) = false;
         lock(&net.inner.store_clock).rate = 1.0;
+        // The trace's times count from here.
+        lock(&net.inner.checker).start = Some(Instant::now());
         net
     }
 
@@ -219,11 +249,16 @@ impl Net {
             });
         }
         let label = label.into();
+        let gate = self.gate(client, &label);
         let (tx, rx) = oneshot::channel();
         let net = self.clone();
         tokio::spawn(async move {
             if !effect_after.is_zero() {
                 sleep(effect_after).await;
+            }
+            if let Some(mut gate) = gate {
+                // Held back by a scripted scenario: lands once released, however late.
+                let _ = gate.wait_for(|released| *released).await;
             }
             let out = effect();
             net.trace(|| {
@@ -252,6 +287,33 @@ impl Net {
         timeout(limit, answer)
             .await
             .map_err(|_| Fault::Timeout(limit))
+    }
+
+    /// Holds back the effect of every request that `client` sends from now on whose label
+    /// starts with `label` (as the models name them: `keep-alive`, say) until the returned
+    /// [`Held`] is released or dropped: a request stuck in a queue, for scripted scenarios
+    /// that need one to land at a chosen moment. The caller still gives up after its
+    /// limit; the effect lands anyway once released (its answer, if the caller still
+    /// waits, right after).
+    #[must_use = "the requests are released when the handle is dropped"]
+    pub fn hold(&self, client: ClientId, label: impl Into<String>) -> Held {
+        let (release, released) = watch::channel(false);
+        lock(&self.inner.holds).push(HoldRule {
+            client,
+            label: label.into(),
+            released,
+        });
+        Held { release }
+    }
+
+    /// The gate of a request of `client` labelled `label`, if a [`Net::hold`] holds it.
+    fn gate(&self, client: ClientId, label: &str) -> Option<watch::Receiver<bool>> {
+        let mut holds = lock(&self.inner.holds);
+        holds.retain(|rule| !*rule.released.borrow());
+        holds
+            .iter()
+            .find(|rule| rule.client == client && label.starts_with(&rule.label))
+            .map(|rule| rule.released.clone())
     }
 
     /// Whether `client` reaches the store now (no partition, no outage).
