@@ -291,10 +291,11 @@ impl Net {
 
     /// Holds back the effect of every request that `client` sends from now on whose label
     /// starts with `label` (as the models name them: `keep-alive`, say) until the returned
-    /// [`Held`] is released or dropped: a request stuck in a queue, for scripted scenarios
-    /// that need one to land at a chosen moment. The caller still gives up after its
-    /// limit; the effect lands anyway once released (its answer, if the caller still
-    /// waits, right after).
+    /// [`Held`] is released or dropped: requests stuck on their way, for scripted scenarios
+    /// that need them to land at a chosen moment. The caller still gives up after its
+    /// limit; the effects land anyway once released, all at that instant, in no set
+    /// order. Each answer then comes as [`Net::call`] draws it: at once on a quiet
+    /// network.
     #[must_use = "the requests are released when the handle is dropped"]
     pub fn hold(&self, client: ClientId, label: impl Into<String>) -> Held {
         let (release, released) = watch::channel(false);
