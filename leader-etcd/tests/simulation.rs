@@ -353,8 +353,15 @@ async fn a_keep_alive_landing_after_the_next_in_line_ended_the_term_elects_nobod
         "a's held keep-alives landed {:?} after the release, not at it",
         landed.saturating_duration_since(released)
     );
-    sleep(b_ttl / 2).await;
     // a counted the lapse: it campaigns on, with its key created again behind b's.
+    let b_token = i64::try_from(b_grant.fencing_token).unwrap_or(i64::MAX);
+    let deadline = Instant::now() + b_ttl / 2;
+    while created_revision(&model, "sim-0/", b"a").is_none_or(|created| created <= b_token)
+        && !a_campaign.is_finished()
+        && Instant::now() < deadline
+    {
+        sleep(Duration::from_millis(1)).await;
+    }
     assert!(
         !a_campaign.is_finished(),
         "a's campaign ended while b leads (term {}, for {:?} more): {:?}",
@@ -362,33 +369,35 @@ async fn a_keep_alive_landing_after_the_next_in_line_ended_the_term_elects_nobod
         (b_elected + b_ttl).saturating_duration_since(Instant::now()),
         a_campaign.await
     );
-    let (created, _) = key_of_election(&model, "sim-0/", b"a");
+    let created = created_revision(&model, "sim-0/", b"a");
     assert!(
-        created > i64::try_from(b_grant.fencing_token).unwrap_or(i64::MAX),
-        "a's key (created at revision {created}) was not created again behind b's (term {})",
+        created.is_some_and(|created| created > b_token),
+        "a's key (created at revision {created:?}) was not created again behind b's (term {})",
         b_grant.fencing_token
     );
     a_campaign.abort();
 }
 
-/// The create revision and lease of the key under `prefix` whose value is `value`.
-fn key_of_election(model: &sim::EtcdModel, prefix: &str, value: &[u8]) -> (i64, i64) {
+/// The create revision of the key under `prefix` whose value is `value`, if it stands.
+fn created_revision(model: &sim::EtcdModel, prefix: &str, value: &[u8]) -> Option<i64> {
     let s = model.store.lock().unwrap_or_else(|p| p.into_inner());
-    s.kvs
-        .values()
-        .find(|kv| kv.value == value && kv.key.starts_with(prefix.as_bytes()))
-        .map(|kv| (kv.create_revision, kv.lease))
-        .expect("the key stands")
+    find_key(&s, prefix, value).map(|kv| kv.create_revision)
 }
 
 /// The expiry and granted TTL of the lease of the key under `prefix` whose value is
 /// `value`.
 fn lease_of_election(model: &sim::EtcdModel, prefix: &str, value: &[u8]) -> (Instant, Duration) {
     let s = model.store.lock().unwrap_or_else(|p| p.into_inner());
+    let lease = find_key(&s, prefix, value).expect("the key stands").lease;
+    s.leases
+        .get(&lease)
+        .map(|lease| (lease.expiry, Duration::from_secs(lease.ttl.unsigned_abs())))
+        .expect("the key's lease stands")
+}
+
+/// The key under `prefix` whose value is `value`, if it stands.
+fn find_key<'s>(s: &'s sim::Store, prefix: &str, value: &[u8]) -> Option<&'s leader_etcd::io::Kv> {
     s.kvs
         .values()
         .find(|kv| kv.value == value && kv.key.starts_with(prefix.as_bytes()))
-        .and_then(|kv| s.leases.get(&kv.lease))
-        .map(|lease| (lease.expiry, Duration::from_secs(lease.ttl.unsigned_abs())))
-        .expect("the key and its lease stand")
 }
