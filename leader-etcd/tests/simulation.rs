@@ -401,3 +401,18 @@ fn find_key<'s>(s: &'s sim::Store, prefix: &str, value: &[u8]) -> Option<&'s lea
         .values()
         .find(|kv| kv.value == value && kv.key.starts_with(prefix.as_bytes()))
 }
+
+/// Many elections on one driver are renewed in batches, several per round (etcd reads 3,072 keys per request in nested transactions, so 3,200 elections take a nested request and a flat one; see
+/// `leader_testkit::sim::scripted`).
+#[tokio::test(start_paused = true)]
+async fn many_elections_on_one_driver_are_renewed_in_batches() {
+    let net = Net::quiet();
+    let model = sim::EtcdModel::new(&net);
+    leader_testkit::sim::scripted::many_elections_on_one_driver_are_renewed_in_batches(
+        &net,
+        &model,
+        3_200,
+        std::time::Duration::from_secs(30),
+    )
+    .await;
+}

@@ -198,3 +198,18 @@ async fn a_withdrawal_leaves_another_candidates_nomination() {
     )
     .await;
 }
+
+/// Many elections on one driver are renewed in batches, several per round (PostgreSQL renews 5,000 terms per statement, so 5,100 elections take two statements; see
+/// `leader_testkit::sim::scripted`).
+#[tokio::test(start_paused = true)]
+async fn many_elections_on_one_driver_are_renewed_in_batches() {
+    let net = Net::quiet();
+    let model = sim::PostgresModel::new(&net);
+    leader_testkit::sim::scripted::many_elections_on_one_driver_are_renewed_in_batches(
+        &net,
+        &model,
+        5_100,
+        std::time::Duration::from_secs(30),
+    )
+    .await;
+}

@@ -317,3 +317,19 @@ async fn a_withdrawal_leaves_another_candidates_nomination() {
     .await;
     model.assert_no_faults();
 }
+
+/// Many elections on one driver are renewed in batches, several per round (Redis renews 1,000 terms per script call, so 1,100 elections take two calls; see
+/// `leader_testkit::sim::scripted`).
+#[tokio::test(start_paused = true)]
+async fn many_elections_on_one_driver_are_renewed_in_batches() {
+    let net = Net::quiet();
+    let model = sim::RedisModel::with(&net, false, false);
+    leader_testkit::sim::scripted::many_elections_on_one_driver_are_renewed_in_batches(
+        &net,
+        &model,
+        1_100,
+        std::time::Duration::from_secs(30),
+    )
+    .await;
+    model.assert_no_faults();
+}

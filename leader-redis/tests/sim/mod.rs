@@ -122,14 +122,23 @@ impl Model for RedisModel {
             return None;
         }
         let key = keys[net.draw(|rng| rng.random_range(0..keys.len()))].clone();
-        let what = format!("DEL {key} ({:?})", store.keys.get(&key).map(|e| &e.val));
-        // A term deleted (its leader cannot know at once) is excused; a nomination or a
-        // line deleted excuses nothing.
-        if let Some((election, token, owner)) = store.term_of(&key) {
-            net.tampered(&election, token, &owner, true);
-        }
-        store.del(&key);
-        Some(what)
+        Some(operator_del(&mut store, net, &key))
+    }
+
+    fn end_term(&self, net: &Net, election: &str) -> Option<String> {
+        // Only for scripted scenarios: without a `notice_bound` the random runs' notice
+        // phase leaves Redis out (a leader learns of it at its next renewal).
+        let mut store = lock(&self.store);
+        store.begin();
+        let key = store
+            .keys
+            .keys()
+            .find(|key| {
+                key.ends_with(":leader")
+                    && store.term_of(key).is_some_and(|(of, _, _)| of == election)
+            })?
+            .clone();
+        Some(operator_del(&mut store, net, &key))
     }
 
     fn restart(&self, _net: &Net, kept: bool) {
@@ -525,4 +534,15 @@ impl PubSub for SimPubSub {
             .await?;
         if alive { Ok(()) } else { Err(closed()) }
     }
+}
+
+/// An operator's `DEL key`: a term deleted (its leader cannot know at once) is excused; a
+/// nomination or a line deleted excuses nothing. What was done, for the trace.
+fn operator_del(store: &mut Store, net: &Net, key: &str) -> String {
+    let what = format!("DEL {key} ({:?})", store.keys.get(key).map(|e| &e.val));
+    if let Some((election, token, owner)) = store.term_of(key) {
+        net.tampered(&election, token, &owner, true);
+    }
+    store.del(key);
+    what
 }

@@ -124,3 +124,117 @@ async fn nomination<M: Model>(net: &Net, model: &M, ttl: Duration, withdrawing: 
     head.abort();
     newcomer.abort();
 }
+
+/// One driver holds `n` elections (`many-00000` and on, one candidate each, TTL `ttl`) and
+/// renews them all together, every third of the TTL, for three rounds: enough elections
+/// that the driver's renewals take several batches (etcd: nested reads, several requests;
+/// Redis and PostgreSQL: several calls), which the random schedules, with one or two
+/// elections per driver, never reach. After the first round an operator ends three of the
+/// terms (early, middle and last in the driver's order): from the next round on exactly
+/// those renewals fail, every other one succeeds with its own token and a confirmation
+/// that is no older and outlives the next round, and a round costs at most `n / 50` store requests (a batch per term, or a
+/// request per term, fails). Then every candidate resigns (those whose terms ended too, as
+/// their elections do when they close) and the store holds no term.
+///
+/// # Panics
+///
+/// If a renewal's outcome differs, a round costs more, or a step fails.
+pub async fn many_elections_on_one_driver_are_renewed_in_batches<M: Model>(
+    net: &Net,
+    model: &M,
+    n: usize,
+    ttl: Duration,
+) {
+    use futures::StreamExt as _;
+
+    let driver = model.driver(net, ClientId(0));
+    let candidates: Vec<Candidate> = (0..n)
+        .map(|i| {
+            Candidate::new(
+                format!("many-{i:05}"),
+                format!("c-{i:05}"),
+                b"v".to_vec(),
+                ttl,
+            )
+        })
+        .collect();
+    let mut grants: Vec<_> = futures::stream::iter(&candidates)
+        .map(|candidate| driver.campaign(candidate))
+        .buffered(64)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .zip(&candidates)
+        .map(|(grant, candidate)| {
+            grant.unwrap_or_else(|e| panic!("{} is not elected: {e}", candidate.election))
+        })
+        .collect();
+    let ended = [1, n / 2, n - 1];
+    for round in 0..3 {
+        sleep(ttl / 3).await;
+        let before = net.report().requests;
+        let renewals = futures::future::join_all(
+            candidates
+                .iter()
+                .zip(&grants)
+                .map(|(candidate, grant)| driver.renew(candidate, grant)),
+        )
+        .await;
+        let sent = net.report().requests - before;
+        assert!(
+            sent <= (n / 50) as u64,
+            "round {round}: renewing {n} terms took {sent} store requests"
+        );
+        for (i, renewal) in renewals.into_iter().enumerate() {
+            let election = &candidates[i].election;
+            let gone = round > 0 && ended.contains(&i);
+            match renewal {
+                Ok(renewed) => {
+                    assert!(
+                        !gone,
+                        "round {round}: {election}'s term, ended, was renewed"
+                    );
+                    assert_eq!(
+                        renewed.fencing_token, grants[i].fencing_token,
+                        "round {round}: {election}'s renewal changed its token"
+                    );
+                    // A renewal may answer with a confirmation shared with other terms,
+                    // never an older one; the term must outlive the next round.
+                    assert!(
+                        renewed.confirmed_at >= grants[i].confirmed_at
+                            && renewed.confirmed_at + ttl > Instant::now() + ttl / 3,
+                        "round {round}: {election}'s renewal goes back or falls short: \
+                         {renewed:?} after {:?}",
+                        grants[i]
+                    );
+                    grants[i] = renewed;
+                }
+                Err(e) => assert!(
+                    gone && matches!(e, leader_core::Error::TermGone),
+                    "round {round}: {election}'s renewal failed: {e}"
+                ),
+            }
+        }
+        if round == 0 {
+            for &i in &ended {
+                model
+                    .end_term(net, &candidates[i].election)
+                    .unwrap_or_else(|| panic!("no term of {} to end", candidates[i].election));
+            }
+        }
+    }
+    // The ended terms' candidates too, as their elections do when they close: whatever
+    // their driver kept of them (etcd's side keys on the shared lease) goes.
+    for (candidate, grant) in candidates.iter().zip(&grants) {
+        driver
+            .resign(candidate, Some(grant.fencing_token))
+            .await
+            .unwrap_or_else(|e| panic!("{} does not resign: {e}", candidate.election));
+    }
+    if let Some(left) = model.terms_left(net) {
+        assert!(
+            left.is_empty(),
+            "terms left after every resignation: {left:?}"
+        );
+    }
+}
