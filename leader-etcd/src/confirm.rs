@@ -101,6 +101,10 @@ pub(crate) struct Reads {
 struct Seen {
     read: Instant,
     used: Option<Instant>,
+    /// The send time of the last keep-alive (or grant) of the term's lease that etcd had
+    /// answered alive when `read` was sent: the read shows the key on a lease that lives
+    /// until at least then plus the lease's TTL.
+    lease_confirmed: Option<Instant>,
 }
 
 impl Inner {
@@ -142,6 +146,31 @@ impl Inner {
         }
     }
 
+    /// A renewal of term `token` that needs no request: the latest read of its key (newer
+    /// than the one its last renewal used) was sent after a keep-alive of the key's lease,
+    /// sent at or after `not_before`, had been answered alive. Returns that keep-alive's
+    /// send time, the renewal's confirmation (as [`Inner::keep_alive`] then
+    /// [`Inner::confirm_key`] would have confirmed it, with no later keep-alive); marks the
+    /// read used.
+    ///
+    /// Why: while campaigns keep sending keep-alives (each grant needs one sent after its
+    /// campaign began), every renewal would find a keep-alive newer than the last batch of
+    /// reads and read every held key again; 10,000 campaigns then cost thousands of such
+    /// batches. With this, a batch serves every term's renewal due within a third of a TTL
+    /// of the keep-alive before it.
+    pub(crate) fn read_covers(&self, token: i64, not_before: Instant) -> Option<Instant> {
+        let mut seen = lock(&self.reads.seen);
+        let seen = seen.get_mut(&token)?;
+        let confirmed = seen.lease_confirmed?;
+        let fresh = seen.used.is_none_or(|used| seen.read > used);
+        if fresh && confirmed >= not_before {
+            seen.used = Some(seen.read);
+            Some(confirmed)
+        } else {
+            None
+        }
+    }
+
     /// Takes a read of term `token` sent at or after `after` and newer than the one its
     /// last renewal used: each renewal of a term rests on a read of its own, so a change
     /// the watch missed is found by the next renewal, as with a read per renewal.
@@ -166,6 +195,8 @@ impl Inner {
     /// records the ones seen on their lease, ends the others.
     async fn read_batch(&self, terms: &[(i64, Arc<str>, i64)]) -> Result<()> {
         let txn = Txn::new().and_then(reads(terms));
+        // Before the send time: each was answered before the request was sent.
+        let confirmations = self.leases.confirmations();
         let sent_at = Instant::now();
         let response = self.request(self.io.txn(txn)).await?;
         let answers: Vec<RangeResult> = response
@@ -192,12 +223,20 @@ impl Inner {
                 .first()
                 .is_some_and(|kv| kv.create_revision == *token && kv.lease == *lease);
             if ours {
+                let lease_confirmed = confirmations
+                    .iter()
+                    .find(|(id, _)| id == lease)
+                    .map(|&(_, at)| at);
                 let mut seen = lock(&self.reads.seen);
                 let entry = seen.entry(*token).or_insert(Seen {
                     read: sent_at,
                     used: None,
+                    lease_confirmed,
                 });
-                entry.read = entry.read.max(sent_at);
+                if sent_at >= entry.read {
+                    entry.read = sent_at;
+                    entry.lease_confirmed = lease_confirmed;
+                }
             } else {
                 warn!(key = %key, fencing_token = token, "the key of a held term is gone");
                 lock(&self.reads.seen).remove(token);

@@ -46,6 +46,10 @@ pub(crate) struct LeaseSlot {
     attempt: tokio::sync::Mutex<Option<Attempt>>,
     /// Keys on this slot's leases whose deletion failed: key → (lease, first failure).
     failing: Mutex<HashMap<String, (i64, Instant)>>,
+    /// The live lease and the send time of its last keep-alive (or grant) that etcd
+    /// answered with the lease alive, recorded once the answer came: what a batch of
+    /// renewal reads notes before it is sent (see `crate::confirm`).
+    confirmed: Mutex<Option<(i64, Instant)>>,
 }
 
 /// A lease that is never kept alive, which every create also puts a guard key on.
@@ -108,8 +112,19 @@ impl Leases {
                 term_seconds: std::sync::atomic::AtomicU64::new(u64::MAX),
                 attempt: tokio::sync::Mutex::new(None),
                 failing: Mutex::new(HashMap::new()),
+                confirmed: Mutex::new(None),
             })
         }))
+    }
+
+    /// Each live lease with the send time of its last keep-alive (or grant) answered
+    /// alive: taken before a request is sent, each was confirmed before that request.
+    pub(crate) fn confirmations(&self) -> Vec<(i64, Instant)> {
+        let slots = lock(&self.slots);
+        slots
+            .values()
+            .filter_map(|slot| *lock(&slot.confirmed))
+            .collect()
     }
 
     /// The live leases, as (TTL in seconds, id), for `Debug`.
@@ -129,6 +144,11 @@ impl LeaseSlot {
     /// The TTL its leases are asked for.
     pub(crate) fn ttl(&self) -> Duration {
         Duration::from_secs(self.seconds)
+    }
+
+    /// Records `confirmed` as lease `id`'s last confirmation (`None`: no lease is alive).
+    fn note_confirmed(&self, confirmed: Option<(i64, Instant)>) {
+        *lock(&self.confirmed) = confirmed;
     }
 
     /// Follows the id of the live lease (0 when there is none).
@@ -270,6 +290,7 @@ impl Inner {
             lapses: [0; LAPSE_SECONDS],
         });
         slot.id.send_replace(granted.id);
+        slot.note_confirmed(Some((granted.id, sent.instant())));
         tokio::spawn(keep_lease_alive(
             Arc::downgrade(self),
             Arc::clone(slot),
@@ -310,6 +331,7 @@ impl Inner {
                  it end and campaign again on a new lease)"
             );
             lease.alive = false;
+            slot.note_confirmed(None);
             slot.id.send_replace(0);
             drop(guard);
             slot.forget_failures(id);
@@ -335,11 +357,13 @@ impl Inner {
                 if lease.confirmed(sent) as u64 >= slot.shortest_term_seconds() {
                     slot.lapsed.send_modify(|n| *n = n.wrapping_add(1));
                 }
+                slot.note_confirmed(Some((id, lease.confirmed.instant())));
                 Ok(sent_at)
             }
             Ok(_) => {
                 warn!(lease = %format!("{id:x}"), "etcd lease expired or was revoked");
                 lease.alive = false;
+                slot.note_confirmed(None);
                 slot.id.send_replace(0);
                 drop(guard);
                 self.lease_gone(id);
@@ -386,6 +410,7 @@ impl Inner {
             && lease.id == id
         {
             lease.alive = false;
+            slot.note_confirmed(None);
             slot.id.send_replace(0);
         }
         drop(guard);

@@ -368,7 +368,18 @@ impl EtcdDriver {
                     // the watch of held keys (from that revision on) reports any change to
                     // the key since; and no lapse of the lease since the create let the
                     // next in line end the key's term (see `Inner::lapses`).
-                    let confirmed_at = inner.keep_alive(&slot, lease, began).await?;
+                    //
+                    // And no older than half the TTL: a confirmation from before a lapse
+                    // still going on would give a grant whose deadline passed, which the
+                    // core renews; that renewal's keep-alive would end the lapse with
+                    // nobody comparing the count, while the next in line may be proving the
+                    // term's end. A keep-alive sent now counts such a lapse before the
+                    // comparison below. The background keep-alive comes every third of the
+                    // lease's TTL at most, so a healthy lease needs no extra request.
+                    let not_before = Instant::now()
+                        .checked_sub(candidate.ttl / 2)
+                        .map_or(began, |recent| recent.max(began));
+                    let confirmed_at = inner.keep_alive(&slot, lease, not_before).await?;
                     if inner.lapses(&slot, lease, candidate.ttl).await == lapses {
                         break (key, revision, at, confirmed_at);
                     }
@@ -406,6 +417,12 @@ impl EtcdDriver {
         if key.gone.is_cancelled() {
             return Err(Error::TermGone);
         }
+        // A term past its deadline stays ended: the next in line may have proved so
+        // (`crate::expiry`) and be deleting the key, which a keep-alive landing now would
+        // not stop. (The core renews a grant that came stale from a slow campaign.)
+        if grant.confirmed_at + grant.ttl <= Instant::now() {
+            return Err(Error::TermGone);
+        }
         let max_age = grant.ttl / 3;
         // The lease's last keep-alive will do if it is recent, and it is never older than
         // the grant's, which came from the same lease.
@@ -413,6 +430,9 @@ impl EtcdDriver {
             .checked_sub(max_age)
             .map_or(grant.confirmed_at, |recent| recent.max(grant.confirmed_at));
         let renewal = async {
+            if let Some(confirmed_at) = inner.read_covers(key.create_revision, not_before) {
+                return Ok(Grant::new(grant.fencing_token, confirmed_at, grant.ttl));
+            }
             let confirmed_at = inner.keep_alive(&key.slot, key.lease, not_before).await?;
             // The lease lives until at least `confirmed_at` + its TTL; a linearizable read
             // after that shows the term's key still on it (the watch of held keys only

@@ -13,7 +13,7 @@ mod sim;
 use std::sync::Arc;
 use std::time::Duration;
 
-use leader_core::{Candidate, Driver};
+use leader_core::{Candidate, Driver, Error};
 use leader_testkit::sim::{ClientId, Model, Net};
 use tokio::time::{Instant, sleep};
 
@@ -415,4 +415,31 @@ async fn many_elections_on_one_driver_are_renewed_in_batches() {
         std::time::Duration::from_secs(30),
     )
     .await;
+}
+
+/// A renewal of a grant whose deadline has passed fails, even while the key and its lease
+/// stand: the next in line may have proved that deadline passed (`src/expiry.rs`) and be
+/// deleting the key, which the renewal's keep-alive would not stop. The core renews a
+/// grant that a slow campaign returned stale; that renewal must not revive the term.
+#[tokio::test(start_paused = true)]
+async fn a_renewal_of_a_grant_past_its_deadline_fails() {
+    let net = Net::quiet();
+    let model = sim::EtcdModel::new(&net);
+    let driver = model.driver(&net, ClientId(0));
+    let ttl = Duration::from_secs(3);
+    let a = Candidate::new("sim-0", "a", b"a".to_vec(), ttl);
+    let grant = driver.campaign(&a).await.expect("a is elected");
+    sleep(ttl / 3).await;
+    let renewed = driver.renew(&a, &grant).await.expect("a's renewal in time");
+    assert_eq!(renewed.fencing_token, grant.fencing_token);
+    // The background keep-alive keeps the lease (and the key) alive meanwhile.
+    sleep(renewed.confirmed_at + ttl - Instant::now()).await;
+    assert!(
+        created_revision(&model, "sim-0/", b"a").is_some(),
+        "a's key stands"
+    );
+    assert!(
+        matches!(driver.renew(&a, &renewed).await, Err(Error::TermGone)),
+        "a renewal at the grant's deadline revived the term"
+    );
 }
