@@ -419,8 +419,12 @@ impl EtcdDriver {
         }
         // A term past its deadline stays ended: the next in line may have proved so
         // (`crate::expiry`) and be deleting the key, which a keep-alive landing now would
-        // not stop. (The core renews a grant that came stale from a slow campaign.)
-        if grant.confirmed_at + grant.ttl <= Instant::now() {
+        // not stop. (The core renews a grant that came stale from a slow campaign.) So
+        // neither a renewal begun after the deadline nor one answered after it counts: the
+        // core's holder takes a renewal only before the old deadline too, and a grant
+        // renewed by `elect()` must keep to that rule as well.
+        let deadline = grant.confirmed_at + grant.ttl;
+        if deadline <= Instant::now() {
             return Err(Error::TermGone);
         }
         let max_age = grant.ttl / 3;
@@ -440,11 +444,15 @@ impl EtcdDriver {
             inner.confirm_key(&key, confirmed_at).await?;
             Ok(Grant::new(grant.fencing_token, confirmed_at, grant.ttl))
         };
-        tokio::select! {
+        let renewed = tokio::select! {
             biased;
             () = key.gone.cancelled() => Err(Error::TermGone),
             renewed = renewal => renewed,
+        };
+        if renewed.is_ok() && deadline <= Instant::now() {
+            return Err(Error::TermGone);
         }
+        renewed
     }
 
     async fn resign_term(&self, candidate: &Candidate, fencing_token: Option<u64>) -> Result<()> {

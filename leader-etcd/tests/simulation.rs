@@ -443,3 +443,39 @@ async fn a_renewal_of_a_grant_past_its_deadline_fails() {
         "a renewal at the grant's deadline revived the term"
     );
 }
+
+/// A renewal begun before its grant's deadline and answered after it fails too: the core
+/// renews a stale grant without racing the old deadline (`elect()`), and a keep-alive that
+/// lands after the next in line proved the deadline passed must not revive the term.
+#[tokio::test(start_paused = true)]
+async fn a_renewal_answered_after_the_grants_deadline_fails() {
+    let net = Net::quiet();
+    let model = sim::EtcdModel::new(&net);
+    let driver = model.driver(&net, ClientId(0));
+    let ttl = Duration::from_secs(3);
+    let a = Candidate::new("sim-0", "a", b"a".to_vec(), ttl);
+    let grant = driver.campaign(&a).await.expect("a is elected");
+    // Every keep-alive of a's lease is stuck from now on, the background ones too.
+    let stuck = net.hold(ClientId(0), "keep-alive");
+    let deadline = grant.confirmed_at + ttl;
+    sleep(deadline - Duration::from_millis(10) - Instant::now()).await;
+    let renewal = tokio::spawn({
+        let (driver, a) = (driver.clone(), a.clone());
+        async move { driver.renew(&a, &grant).await }
+    });
+    sleep(Duration::from_millis(20)).await;
+    assert!(
+        !renewal.is_finished(),
+        "the renewal did not wait for its keep-alive"
+    );
+    stuck.release();
+    let renewed = renewal.await.expect("the renewal's task");
+    assert!(
+        created_revision(&model, "sim-0/", b"a").is_some(),
+        "a's key stands"
+    );
+    assert!(
+        matches!(renewed, Err(Error::TermGone)),
+        "a renewal answered after the grant's deadline revived the term: {renewed:?}"
+    );
+}
