@@ -506,3 +506,90 @@ async fn elect_counts_a_suspension_before_a_shared_older_confirmation() {
         e.status().is_leader()
     );
 }
+
+/// A driver whose campaign is granted on a fresh confirmation (on Tokio's clock) while the
+/// machine sleeps, optionally before its answer (`during_campaign`) or during the
+/// renewal that follows (`during_renewal`), and whose renewals always succeed with a
+/// confirmation taken as they are answered: as etcd's would if its read came before the
+/// next in line's delete of a key whose term it had seen end.
+struct RenewsAfterSleep {
+    during_campaign: Duration,
+    during_renewal: Duration,
+    renewals: Arc<AtomicU32>,
+}
+
+#[async_trait]
+impl Driver for RenewsAfterSleep {
+    async fn campaign(&self, candidate: &Candidate) -> Result<Grant> {
+        let sent_at = tokio::time::Instant::now();
+        if self.during_campaign.is_zero() {
+            // Stale on Tokio's clock too: a long wait in line.
+            sleep(candidate.ttl).await;
+        } else {
+            crate::testing::simulate_suspension(self.during_campaign);
+        }
+        Ok(Grant::new(1, sent_at, candidate.ttl))
+    }
+
+    async fn renew(&self, _candidate: &Candidate, grant: &Grant) -> Result<Grant> {
+        self.renewals.fetch_add(1, Ordering::SeqCst);
+        crate::testing::simulate_suspension(self.during_renewal);
+        let now = tokio::time::Instant::now();
+        Ok(Grant::new(grant.fencing_token, now, grant.ttl))
+    }
+
+    async fn resign(&self, _candidate: &Candidate, _fencing_token: Option<u64>) -> Result<()> {
+        Ok(())
+    }
+
+    async fn leader(&self, _election: &str) -> Result<Option<LeaderInfo>> {
+        Ok(None)
+    }
+
+    fn observe(&self, _election: &str) -> BoxStream<'static, Result<Option<LeaderInfo>>> {
+        Box::pin(futures::stream::empty())
+    }
+}
+
+/// A grant made stale by a suspension during the campaign is given up, not renewed: the
+/// driver's own check of the grant's deadline runs on Tokio's clock, blind to the sleep,
+/// and its renewal could confirm a term the next in line has seen end.
+#[tokio::test(start_paused = true)]
+async fn elect_gives_up_a_grant_made_stale_by_a_suspension() {
+    crate::clock::isolate_suspensions();
+    let renewals = Arc::new(AtomicU32::new(0));
+    let driver = RenewsAfterSleep {
+        during_campaign: TTL,
+        during_renewal: Duration::ZERO,
+        renewals: Arc::clone(&renewals),
+    };
+    let e = build(driver, "elect-slept-in-campaign", TTL);
+    let elected = timeout(WAIT, e.campaign()).await.expect("returns");
+    assert!(
+        matches!(elected, Err(Error::TermGone)),
+        "a grant whose deadline passed while the machine slept must be given up: {elected:?}"
+    );
+    assert!(!e.status().is_leader());
+    assert_eq!(renewals.load(Ordering::SeqCst), 0, "and not renewed");
+}
+
+/// A stale grant's renewal during which the machine slept is not taken either: its
+/// confirmation may have been sent after the old deadline really passed.
+#[tokio::test(start_paused = true)]
+async fn elect_refuses_a_renewal_the_machine_slept_through() {
+    crate::clock::isolate_suspensions();
+    let renewals = Arc::new(AtomicU32::new(0));
+    let driver = RenewsAfterSleep {
+        during_campaign: Duration::ZERO,
+        during_renewal: TTL / 2,
+        renewals: Arc::clone(&renewals),
+    };
+    let e = build(driver, "elect-slept-in-renewal", TTL);
+    let elected = timeout(WAIT, e.campaign()).await.expect("returns");
+    assert_eq!(renewals.load(Ordering::SeqCst), 1, "the stale grant was renewed");
+    assert!(
+        matches!(elected, Err(Error::TermGone)),
+        "a renewal answered after a suspension must not elect: {elected:?}"
+    );
+    assert!(!e.status().is_leader());
+}

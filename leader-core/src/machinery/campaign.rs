@@ -118,7 +118,15 @@ impl Core {
         if self.holds(&grant, confirmed) {
             return Ok((grant, confirmed));
         }
-        // Elected after a long wait on a stale confirmation: confirm once more.
+        // Elected after a long wait on a stale confirmation: confirm once more, unless the
+        // machine slept since the campaign began. A driver checks a renewal against the
+        // grant's deadline on Tokio's clock, which does not count that sleep: it could renew
+        // a grant whose deadline has really passed, which the next in line may have seen
+        // (etcd: it then ends the term, and the renewal's read can come before that delete
+        // lands). Giving the grant up costs a place in line, after a suspension only.
+        if !confirmed.offset.suspended_since().is_zero() {
+            return Err(Error::TermGone);
+        }
         let before_renewal = Reading::now();
         let limit = self.candidate.ttl;
         let renewed = self
@@ -126,6 +134,11 @@ impl Core {
             .instrument(self.renewal_span(grant.fencing_token))
             .await;
         let renewed = renewed?;
+        // The same if it slept during the renewal: its confirmation may have been sent
+        // after the old deadline had really passed.
+        if !confirmed.offset.suspended_since().is_zero() {
+            return Err(Error::TermGone);
+        }
         // As in `TermState::extend`: a renewal may answer with an earlier confirmation it
         // shares with other terms, older than `before_renewal`; a suspension between the
         // two must still count, so the reference is then the reading taken before the
