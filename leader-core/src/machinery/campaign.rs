@@ -161,9 +161,15 @@ impl Core {
         let renewed = timeout(limit, self.driver.renew(&self.candidate, grant))
             .await
             .unwrap_or(Err(Error::Timeout(limit)));
-        telemetry::renewal(self.name(), started.elapsed());
-        telemetry::store_result(self.name(), "renew", &renewed);
+        self.renewed(started, &renewed);
         renewed
+    }
+
+    /// Counts a renewal request sent at `started` that came back (or timed out) with
+    /// `renewed`, for the metrics.
+    pub(super) fn renewed(&self, started: Instant, renewed: &Result<Grant>) {
+        telemetry::renewal(self.name(), started.elapsed());
+        telemetry::store_result(self.name(), "renew", renewed);
     }
 
     pub(super) fn renewal_span(&self, fencing_token: u64) -> Span {
