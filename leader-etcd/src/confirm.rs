@@ -113,37 +113,51 @@ impl Inner {
     /// revision on its lease. [`Error::TermGone`] if it does not; then the term's token is
     /// cancelled too. Renewals never take the watch of held keys' word that a key exists:
     /// a watch may lag.
-    pub(crate) async fn confirm_key(&self, key: &CandidateKey, after: Instant) -> Result<()> {
+    #[allow(clippy::manual_async_fn)] // on purpose: an async fn keeps its arguments twice
+    pub(crate) fn confirm_key<'a>(
+        &'a self,
+        key: &'a CandidateKey,
+        after: Instant,
+    ) -> impl Future<Output = Result<()>> + Send + 'a {
+        async move {
+            let token = key.create_revision;
+            if self.read_since(token, after) {
+                return Ok(());
+            }
+            let _batch = self.reads.batch.lock().await;
+            if self.read_since(token, after) {
+                return Ok(());
+            }
+            // Boxed: the batch's state takes room only in the renewal that reads it, not in
+            // every renewal waiting for it.
+            Box::pin(self.read_held(key)).await?;
+            if self.read_since(token, after) {
+                Ok(())
+            } else {
+                key.gone.cancel();
+                Err(Error::TermGone)
+            }
+        }
+    }
+
+    /// Reads the keys of every held term, `key`'s first, in as few requests as
+    /// [`requests`] allows; then forgets the reads of terms that ended since.
+    async fn read_held(&self, key: &CandidateKey) -> Result<()> {
         let token = key.create_revision;
-        if self.read_since(token, after) {
-            return Ok(());
-        }
-        let _batch = self.reads.batch.lock().await;
-        if self.read_since(token, after) {
-            return Ok(());
-        }
-        // Every held term, this one first.
         let mut terms: Vec<(i64, Arc<str>, i64)> = self.held_terms();
         terms.retain(|(held, _, _)| *held != token);
         terms.insert(0, (token, Arc::clone(&key.key), key.lease));
         let batches = requests(&terms);
         let (first, rest) = batches.split_first().ok_or(Error::TermGone)?;
-        // Boxed: the request's futures take room only while a batch is read, not in every
-        // renewal waiting for it.
-        Box::pin(self.read_batch(first)).await?;
+        self.read_batch(first).await?;
         for batch in rest {
             // Their own renewals will try again if this fails.
-            let _ = Box::pin(self.read_batch(batch)).await;
+            let _ = self.read_batch(batch).await;
         }
         // Terms that ended since (the watch of held keys saw them go) are forgotten.
         let held: std::collections::HashSet<i64> = terms.iter().map(|(t, _, _)| *t).collect();
         lock(&self.reads.seen).retain(|t, _| held.contains(t));
-        if self.read_since(token, after) {
-            Ok(())
-        } else {
-            key.gone.cancel();
-            Err(Error::TermGone)
-        }
+        Ok(())
     }
 
     /// A renewal of term `token` that needs no request: the latest read of its key (newer

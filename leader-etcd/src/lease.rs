@@ -310,13 +310,29 @@ impl Inner {
     /// (the background one, say) does not keep the lease's lock from renewals for long: a
     /// renewal that waits behind it still has time for its own attempt within the quarter
     /// of a TTL that the core gives each renewal.
-    pub(crate) async fn keep_alive(
+    #[allow(clippy::manual_async_fn)] // on purpose: an async fn keeps its arguments twice
+    pub(crate) fn keep_alive<'a>(
+        &'a self,
+        slot: &'a LeaseSlot,
+        id: i64,
+        not_before: Instant,
+    ) -> impl Future<Output = Result<Instant>> + Send + 'a {
+        async move {
+            let guard = slot.state.lock().await;
+            // Boxed: what sends a keep-alive takes room only in the caller that holds the
+            // lock, not in every renewal waiting for it (all of a round's come due together).
+            Box::pin(self.keep_alive_locked(slot, guard, id, not_before)).await
+        }
+    }
+
+    /// [`keep_alive`](Self::keep_alive), the lease's lock held.
+    async fn keep_alive_locked(
         &self,
         slot: &LeaseSlot,
+        mut guard: tokio::sync::MutexGuard<'_, Option<Lease>>,
         id: i64,
         not_before: Instant,
     ) -> Result<Instant> {
-        let mut guard = slot.state.lock().await;
         let lease = match guard.as_mut() {
             Some(lease) if lease.id == id && lease.alive => lease,
             _ => return Err(Error::TermGone),

@@ -411,50 +411,56 @@ impl EtcdDriver {
         ))
     }
 
-    async fn renew_term(&self, candidate: &Candidate, grant: &Grant) -> Result<Grant> {
-        let inner = &self.inner;
-        let Some(key) = inner.term_key(&candidate.id, grant.fencing_token) else {
-            return Err(Error::TermGone);
-        };
-        if key.gone.is_cancelled() {
-            return Err(Error::TermGone);
-        }
-        // A term past its deadline stays ended: the next in line may have proved so
-        // (`crate::expiry`) and be deleting the key, which a keep-alive landing now would
-        // not stop. (The core renews a grant that came stale from a slow campaign.) So
-        // neither a renewal begun after the deadline nor one answered after it counts: the
-        // core's holder takes a renewal only before the old deadline too, and a grant
-        // renewed by `elect()` must keep to that rule as well.
-        let deadline = grant.confirmed_at + grant.ttl;
-        if deadline <= Instant::now() {
-            return Err(Error::TermGone);
-        }
-        let max_age = grant.ttl / 3;
-        // The lease's last keep-alive will do if it is recent, and it is never older than
-        // the grant's, which came from the same lease.
-        let not_before = Instant::now()
-            .checked_sub(max_age)
-            .map_or(grant.confirmed_at, |recent| recent.max(grant.confirmed_at));
-        let renewal = async {
+    /// Renews the term of `grant`. Every held term's renewal is in flight at once each round
+    /// (they rest on the lease's shared keep-alives), so this future is kept small: not an
+    /// async fn, which keeps its arguments twice, and no waiter of its own on the term's
+    /// `gone` token (the core's holder races that beside it; this checks it between steps).
+    #[allow(clippy::manual_async_fn)] // on purpose: see above
+    fn renew_term<'a>(
+        &'a self,
+        candidate: &'a Candidate,
+        grant: &'a Grant,
+    ) -> impl Future<Output = Result<Grant>> + Send + 'a {
+        async move {
+            let inner = &self.inner;
+            let Some(key) = inner.term_key(&candidate.id, grant.fencing_token) else {
+                return Err(Error::TermGone);
+            };
+            if key.gone.is_cancelled() {
+                return Err(Error::TermGone);
+            }
+            // A term past its deadline stays ended: the next in line may have proved so
+            // (`crate::expiry`) and be deleting the key, which a keep-alive landing now would
+            // not stop. (The core renews a grant that came stale from a slow campaign.) So
+            // neither a renewal begun after the deadline nor one answered after it counts:
+            // the core's holder takes a renewal only before the old deadline too, and a
+            // grant renewed by `elect()` must keep to that rule as well.
+            let deadline = grant.confirmed_at + grant.ttl;
+            if deadline <= Instant::now() {
+                return Err(Error::TermGone);
+            }
+            let max_age = grant.ttl / 3;
+            // The lease's last keep-alive will do if it is recent, and it is never older
+            // than the grant's, which came from the same lease.
+            let not_before = Instant::now()
+                .checked_sub(max_age)
+                .map_or(grant.confirmed_at, |recent| recent.max(grant.confirmed_at));
             if let Some(confirmed_at) = inner.read_covers(key.create_revision, not_before) {
                 return Ok(Grant::new(grant.fencing_token, confirmed_at, grant.ttl));
             }
             let confirmed_at = inner.keep_alive(&key.slot, key.lease, not_before).await?;
+            if key.gone.is_cancelled() {
+                return Err(Error::TermGone);
+            }
             // The lease lives until at least `confirmed_at` + its TTL; a linearizable read
-            // after that shows the term's key still on it (the watch of held keys only
-            // ever says that it is gone, never that it is not).
+            // after that shows the term's key still on it (the watch of held keys only ever
+            // says that it is gone, never that it is not).
             inner.confirm_key(&key, confirmed_at).await?;
+            if key.gone.is_cancelled() || deadline <= Instant::now() {
+                return Err(Error::TermGone);
+            }
             Ok(Grant::new(grant.fencing_token, confirmed_at, grant.ttl))
-        };
-        let renewed = tokio::select! {
-            biased;
-            () = key.gone.cancelled() => Err(Error::TermGone),
-            renewed = renewal => renewed,
-        };
-        if renewed.is_ok() && deadline <= Instant::now() {
-            return Err(Error::TermGone);
         }
-        renewed
     }
 
     async fn resign_term(&self, candidate: &Candidate, fencing_token: Option<u64>) -> Result<()> {
