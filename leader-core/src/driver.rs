@@ -295,7 +295,9 @@ type Forwarded<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
 
 /// Forwards every call, handing on the driver's own boxed future rather than boxing one
 /// more around it (`#[async_trait]` would): the elections of a process built on an
-/// `Arc<dyn Driver>` renew through here, thousands of them at once.
+/// `Arc<dyn Driver>` renew through here, thousands of them at once. Every method is
+/// forwarded: none may fall back to the trait's default.
+#[deny(clippy::missing_trait_methods)]
 impl<D: Driver + ?Sized> Driver for Arc<D> {
     fn campaign<'l0, 'l1, 'a>(&'l0 self, candidate: &'l1 Candidate) -> Forwarded<'a, Grant>
     where
@@ -350,10 +352,7 @@ impl<D: Driver + ?Sized> Driver for Arc<D> {
         (**self).term_gone(candidate, fencing_token)
     }
 
-    fn candidates<'l0, 'l1, 'a>(
-        &'l0 self,
-        election: &'l1 str,
-    ) -> Forwarded<'a, Vec<CandidateInfo>>
+    fn candidates<'l0, 'l1, 'a>(&'l0 self, election: &'l1 str) -> Forwarded<'a, Vec<CandidateInfo>>
     where
         'l0: 'a,
         'l1: 'a,

@@ -586,7 +586,11 @@ async fn elect_refuses_a_renewal_the_machine_slept_through() {
     };
     let e = build(driver, "elect-slept-in-renewal", TTL);
     let elected = timeout(WAIT, e.campaign()).await.expect("returns");
-    assert_eq!(renewals.load(Ordering::SeqCst), 1, "the stale grant was renewed");
+    assert_eq!(
+        renewals.load(Ordering::SeqCst),
+        1,
+        "the stale grant was renewed"
+    );
     assert!(
         matches!(elected, Err(Error::TermGone)),
         "a renewal answered after a suspension must not elect: {elected:?}"

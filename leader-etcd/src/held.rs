@@ -11,8 +11,9 @@
 //!   else's and the term is not what it was.
 //!
 //! The event cancels the term's `gone` token, which
-//! [`EtcdDriver::renew`](crate::EtcdDriver) checks first and waits on while a renewal is in
-//! flight, and which [`EtcdDriver::term_gone`](crate::EtcdDriver::term_gone) resolves on.
+//! [`EtcdDriver::renew`](crate::EtcdDriver) checks before, between and after its steps
+//! (the core's holder races it beside the request, through
+//! [`EtcdDriver::term_gone`](crate::EtcdDriver::term_gone), which resolves on it).
 //!
 //! The watch is only the fast path for noticing a lost term: renewals never rely on it. A
 //! watch can report an event but cannot prove that there was none (its member may lag

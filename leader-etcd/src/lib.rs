@@ -414,7 +414,10 @@ impl EtcdDriver {
     /// Renews the term of `grant`. Every held term's renewal is in flight at once each round
     /// (they rest on the lease's shared keep-alives), so this future is kept small: not an
     /// async fn, which keeps its arguments twice, and no waiter of its own on the term's
-    /// `gone` token (the core's holder races that beside it; this checks it between steps).
+    /// `gone` token: it checks it before, between and after its steps, and a step that fails
+    /// once the token is cancelled fails with `TermGone`, as a race on it would have. The
+    /// core's holder races the token beside the request; `elect()`'s renewal of a stale
+    /// grant learns of the watch's news at the next step (its read is what counts).
     #[allow(clippy::manual_async_fn)] // on purpose: see above
     fn renew_term<'a>(
         &'a self,
@@ -448,14 +451,27 @@ impl EtcdDriver {
             if let Some(confirmed_at) = inner.read_covers(key.create_revision, not_before) {
                 return Ok(Grant::new(grant.fencing_token, confirmed_at, grant.ttl));
             }
-            let confirmed_at = inner.keep_alive(&key.slot, key.lease, not_before).await?;
+            let gone_or = |err| {
+                if key.gone.is_cancelled() {
+                    Error::TermGone
+                } else {
+                    err
+                }
+            };
+            let confirmed_at = inner
+                .keep_alive(&key.slot, key.lease, not_before)
+                .await
+                .map_err(gone_or)?;
             if key.gone.is_cancelled() {
                 return Err(Error::TermGone);
             }
             // The lease lives until at least `confirmed_at` + its TTL; a linearizable read
             // after that shows the term's key still on it (the watch of held keys only ever
             // says that it is gone, never that it is not).
-            inner.confirm_key(&key, confirmed_at).await?;
+            inner
+                .confirm_key(&key, confirmed_at)
+                .await
+                .map_err(gone_or)?;
             if key.gone.is_cancelled() || deadline <= Instant::now() {
                 return Err(Error::TermGone);
             }

@@ -14,10 +14,10 @@ use tracing::{Instrument, warn};
 
 use super::Core;
 use super::term_state::{Reading, TermState, Wake};
-use crate::{Error, Result};
 use crate::driver::{Driver, Grant};
 use crate::error::ErrorChain;
 use crate::event::{Event, LossReason};
+use crate::{Error, Result};
 
 impl Core {
     /// Ends `term` for `reason` if it is still current, and withdraws its key in the
@@ -137,7 +137,8 @@ impl Core {
         term: &'a TermState,
         grant: &'a Grant,
         gone: &'a mut BoxFuture<'static, ()>,
-    ) -> impl Future<Output = (Reading, Result<Result<Grant>, Option<LossReason>>)> + Send + 'a {
+    ) -> impl Future<Output = (Reading, Result<Result<Grant>, Option<LossReason>>)> + Send + 'a
+    {
         async move {
             let reading = Reading::now();
             let started = Instant::now();
@@ -232,8 +233,7 @@ mod tests {
         let now = Instant::now();
         let term = TermState::new(1, 1, now + ttl, Reading::now(), None);
         let grant = Grant::new(1, now, ttl);
-        let mut gone: futures::future::BoxFuture<'static, ()> =
-            Box::pin(std::future::pending());
+        let mut gone: futures::future::BoxFuture<'static, ()> = Box::pin(std::future::pending());
         let renewal = core.renew_held(&term, &grant, &mut gone);
         let size = std::mem::size_of_val(&renewal);
         assert!(size <= 344, "a renewal in flight is {size} bytes");
