@@ -116,8 +116,11 @@ impl Election {
     ///
     /// A store error ends the campaign ([`Error::Store`], [`Error::Timeout`], or
     /// [`Error::Denied`] when the store refuses this client); [`Error::Withdrawn`] if a
-    /// concurrent [`withdraw`](Self::withdraw) withdrew it. [`run`](Self::run) is the loop that
-    /// keeps trying.
+    /// concurrent [`withdraw`](Self::withdraw) withdrew it; [`Error::TermGone`] if the term
+    /// the store granted ended before it could be taken up (the store says so, or the grant
+    /// came stale and the machine was suspended meanwhile, so that it could not be safely
+    /// renewed). All but `Denied` are transient: [`run`](Self::run) is the loop that keeps
+    /// trying.
     ///
     /// # Cancel safety
     ///
