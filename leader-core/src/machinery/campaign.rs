@@ -127,7 +127,6 @@ impl Core {
         if !confirmed.offset.suspended_since().is_zero() {
             return Err(Error::TermGone);
         }
-        let before_renewal = Reading::now();
         let limit = self.candidate.ttl;
         let renewed = self
             .renew(&grant, limit)
@@ -139,17 +138,11 @@ impl Core {
         if !confirmed.offset.suspended_since().is_zero() {
             return Err(Error::TermGone);
         }
-        // As in `TermState::extend`: a renewal may answer with an earlier confirmation it
-        // shares with other terms, older than `before_renewal`; a suspension between the
-        // two must still count, so the reference is then the reading taken before the
-        // campaign, which predates the grant's confirmation, hence the renewal's too.
-        let reference = if before_renewal.at <= renewed.confirmed_at {
-            before_renewal
-        } else {
-            confirmed
-        };
-        if self.holds(&renewed, reference) {
-            Ok((renewed, reference))
+        // The reading taken before the campaign is the reference, as in
+        // `TermState::extend`: it predates the renewal's confirmation even when that is an
+        // earlier one shared with other terms, and no suspension since it is left to count.
+        if self.holds(&renewed, confirmed) {
+            Ok((renewed, confirmed))
         } else {
             Err(Error::Timeout(limit))
         }
