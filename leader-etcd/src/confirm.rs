@@ -33,9 +33,9 @@ const BATCH: usize = 128;
 /// request's operations and its answer take about half a kilobyte per key while it is
 /// read, beside every renewal of the round waiting for it (32 nested, 3,072 keys, added
 /// about 2 MiB to the RSS of a process holding 10,000 elections: medians of five hand runs
-/// of `leader-bench hold` each, TTL 10 s, 2026-12-04). The price of nesting: etcd runs a transaction holding
-/// nested ones as a write (a raft entry and an fsync on every member, changing nothing),
-/// so these renewals also wait for the members' disks.
+/// of `leader-bench hold` each, TTL 10 s, 2026-12-04). The price of nesting: etcd runs a
+/// transaction holding nested ones as a write (a raft entry and an fsync on every member,
+/// changing nothing), so these renewals also wait for the members' disks.
 const NESTED: usize = 11;
 const PER_NESTED: usize = 96;
 const _: () = assert!(
