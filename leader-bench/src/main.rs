@@ -40,8 +40,8 @@ enum Command {
     /// One candidate process: campaigns, prints `elected TOKEN NS` when elected, and on
     /// SIGTERM prints `resigning NS` and resigns (NS: CLOCK_MONOTONIC nanoseconds).
     Candidate(candidate::CandidateArgs),
-    /// Holds N elections on one driver, prints `ready <RSS added in KiB>`, then waits to be
-    /// killed.
+    /// Holds N elections on one driver, prints `ready <RSS added> <RSS added in all> <RSS>`
+    /// (KiB), then waits to be killed.
     Hold(phases::many::HoldArgs),
 }
 

@@ -40,8 +40,8 @@ pub(crate) struct HoldArgs {
 }
 
 /// `leader-bench hold`: holds the elections on one driver, prints `ready <RSS the
-/// elections added> <RSS added since the process started>` (KiB), then waits to be
-/// killed.
+/// elections added> <RSS added since the process started> <RSS now>` (KiB), then waits to
+/// be killed.
 ///
 /// The first figure's baseline is taken once the driver is connected and holds one
 /// election of its own: what the elections add, without the driver's connections, its
@@ -56,7 +56,7 @@ pub(crate) async fn hold(args: HoldArgs) -> BoxResult<()> {
     let elections = hold_elections(&driver, &prefix, args.elections, args.ttl).await?;
     let now = rss_kib();
     println!(
-        "ready {} {}",
+        "ready {} {} {now}",
         now.saturating_sub(before),
         now.saturating_sub(start)
     );
@@ -107,7 +107,7 @@ pub(crate) async fn measure(bench: &Bench, results: &mut Results) -> BoxResult<(
     let mut failed = Vec::new();
     for store in StoreKind::ALL {
         match start_holder(store, &bench.stores.url(store)).await {
-            Ok((holder, kib, total_kib)) => held.push((store, holder, kib, total_kib)),
+            Ok(ready) => held.push((store, ready)),
             Err(err) => failed.push(format!("{}: {err}", store.name())),
         }
     }
@@ -115,11 +115,19 @@ pub(crate) async fn measure(bench: &Bench, results: &mut Results) -> BoxResult<(
     let window = Duration::from_secs(10);
     let rates = futures::future::try_join_all(
         held.iter()
-            .map(|(store, _, _, _)| rate(&bench.stores, *store, window)),
+            .map(|(store, _)| rate(&bench.stores, *store, window)),
     )
     .await?;
-    for ((store, holder, kib, total_kib), per_second) in held.into_iter().zip(rates) {
-        let _ = holder.signal("KILL");
+    for ((store, held), per_second) in held.into_iter().zip(rates) {
+        // After the rates' window: several renewal rounds of all 10,000 terms later (a
+        // round every third of the TTL), each of which has every renewal in flight at once.
+        let renewing_kib = held
+            .holder
+            .pid()
+            .and_then(|pid| rss_kib_of(pid).ok())
+            .map(|rss| rss.saturating_sub(held.before_kib));
+        let _ = held.holder.signal("KILL");
+        let (kib, total_kib) = (held.added_kib, held.total_kib);
         let name = store.name();
         results.figure(
             &format!("{name}.rss_mib.10000_elections"),
@@ -129,6 +137,18 @@ pub(crate) async fn measure(bench: &Bench, results: &mut Results) -> BoxResult<(
             "resident memory added by 10,000 elections on one driver in one process (from \
              a driver connected and holding one election)",
         );
+        if let Some(renewing_kib) = renewing_kib {
+            results.figure(
+                &format!("{name}.rss_mib.10000_elections_renewing"),
+                renewing_kib as f64 / 1024.0,
+                "MiB",
+                Goal::None,
+                "resident memory added by the same 10,000 elections, from the same baseline, \
+                 after 11 s more of holding them (renewal rounds of all of them, each with \
+                 every renewal in flight at once): the first figure is taken as the last \
+                 campaign returns, before or after the first such round",
+            );
+        }
         results.figure(
             &format!("{name}.rss_mib.10000_elections_and_driver"),
             total_kib as f64 / 1024.0,
@@ -166,9 +186,27 @@ pub(crate) async fn measure(bench: &Bench, results: &mut Results) -> BoxResult<(
     }
 }
 
-/// Starts `leader-bench hold` on `url` and waits for its `ready` line: the process and
-/// the RSS its elections added, in KiB.
-async fn start_holder(store: StoreKind, url: &str) -> BoxResult<(LineProcess, u64, u64)> {
+/// A `leader-bench hold` process, ready: the RSS its elections added, the RSS it added in
+/// all, and its RSS before the elections (KiB).
+struct Held {
+    holder: LineProcess,
+    added_kib: u64,
+    total_kib: u64,
+    before_kib: u64,
+}
+
+/// The resident set of process `pid`, in KiB.
+fn rss_kib_of(pid: u32) -> BoxResult<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| format!("no VmRSS in /proc/{pid}/status").into())
+}
+
+/// Starts `leader-bench hold` on `url` and waits for its `ready` line.
+async fn start_holder(store: StoreKind, url: &str) -> BoxResult<Held> {
     let exe = std::env::current_exe()?;
     let mut holder = LineProcess::spawn(
         Command::new(&exe)
@@ -193,5 +231,11 @@ async fn start_holder(store: StoreKind, url: &str) -> BoxResult<(LineProcess, u6
         .map(|n| n.parse::<u64>().map_err(|err| format!("`{ready}`: {err}")));
     let added = kib.next().ok_or("no RSS in the ready line")??;
     let total = kib.next().ok_or("no total RSS in the ready line")??;
-    Ok((holder, added, total))
+    let now = kib.next().ok_or("no RSS now in the ready line")??;
+    Ok(Held {
+        holder,
+        added_kib: added,
+        total_kib: total,
+        before_kib: now.saturating_sub(added),
+    })
 }
