@@ -28,7 +28,7 @@ pub use driver::{Candidate, CandidateInfo, Driver, Grant, LeaderInfo};
 pub use election::{Election, Status};
 pub use error::{BoxError, Error, ErrorChain, Result};
 pub use event::{Event, EventStream, LossReason};
-pub use settings::{MAX_NAME_LEN, MAX_TTL, MAX_VALUE_LEN, MIN_TTL};
+pub use settings::{MAX_NAME_LEN, MAX_TTL, MAX_VALUE_LEN, MIN_TTL, default_safety_margin};
 pub use term::Term;
 pub use tokio_util::sync::CancellationToken;
 pub use url::{StoreUrl, TlsFiles, redact_url, redact_urls};

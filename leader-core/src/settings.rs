@@ -52,11 +52,21 @@ impl From<&Config> for Settings {
     }
 }
 
+/// The safety margin of a term of `ttl` when none is set
+/// ([`ElectionBuilder::safety_margin`](crate::ElectionBuilder::safety_margin)): a fiftieth
+/// of the TTL, at least 2 ms. A holder's deadline is its confirmation plus the TTL less the
+/// margin, which covers clocks that differ in rate by up to as much. A driver whose store
+/// lets the next in line end a term once the term's TTL has passed on the store's clock
+/// (leader-etcd) refuses to renew a grant past the same deadline.
+pub fn default_safety_margin(ttl: Duration) -> Duration {
+    (ttl / 50).max(Duration::from_millis(2))
+}
+
 impl Settings {
     /// The safety margin subtracted from deadlines of a term with `ttl`.
     pub(crate) fn margin_for(&self, ttl: Duration) -> Duration {
         self.safety_margin
-            .unwrap_or_else(|| (ttl / 50).max(Duration::from_millis(2)))
+            .unwrap_or_else(|| default_safety_margin(ttl))
     }
 
     /// Checks these settings with the election's `name` and `value`.

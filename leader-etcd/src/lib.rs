@@ -437,8 +437,15 @@ impl EtcdDriver {
             // not stop. (The core renews a grant that came stale from a slow campaign.) So
             // neither a renewal begun after the deadline nor one answered after it counts:
             // the core's holder takes a renewal only before the old deadline too, and a
-            // grant renewed by `elect()` must keep to that rule as well.
-            let deadline = grant.confirmed_at + grant.ttl;
+            // grant renewed by `elect()` must keep to that rule as well. The deadline is the
+            // holder's, less the default safety margin: the next in line's proof counts
+            // the TTL on etcd's clock, which may run that much faster than this one's. (A
+            // larger margin set on the election moves the holder's own deadline earlier;
+            // `elect()`'s renewal of a stale grant is held to this one.)
+            let deadline = grant.confirmed_at
+                + grant
+                    .ttl
+                    .saturating_sub(leader_core::default_safety_margin(grant.ttl));
             if deadline <= Instant::now() {
                 return Err(Error::TermGone);
             }

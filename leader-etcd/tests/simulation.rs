@@ -446,6 +446,30 @@ async fn a_renewal_of_a_grant_past_its_deadline_fails() {
     );
 }
 
+/// A renewal begun within the default safety margin of its grant's deadline fails: the
+/// holder's deadline is that much earlier (clocks may differ in rate by as much), and the
+/// next in line's proof counts the TTL on etcd's clock.
+#[tokio::test(start_paused = true)]
+async fn a_renewal_within_the_safety_margin_of_the_deadline_fails() {
+    let net = Net::quiet();
+    let model = sim::EtcdModel::new(&net);
+    let driver = model.driver(&net, ClientId(0));
+    let ttl = Duration::from_secs(3);
+    let a = Candidate::new("sim-0", "a", b"a".to_vec(), ttl);
+    let grant = driver.campaign(&a).await.expect("a is elected");
+    let margin = leader_core::default_safety_margin(ttl);
+    sleep(grant.confirmed_at + ttl - margin / 2 - Instant::now()).await;
+    assert!(
+        created_revision(&model, "sim-0/", b"a").is_some(),
+        "a's key stands"
+    );
+    let renewed = driver.renew(&a, &grant).await;
+    assert!(
+        matches!(renewed, Err(Error::TermGone)),
+        "a renewal within the margin of the deadline revived the term: {renewed:?}"
+    );
+}
+
 /// A renewal begun before its grant's deadline and answered after it fails too: the core
 /// renews a stale grant without racing the old deadline (`elect()`), and a keep-alive that
 /// lands after the next in line proved the deadline passed must not revive the term.
@@ -459,7 +483,7 @@ async fn a_renewal_answered_after_the_grants_deadline_fails() {
     let grant = driver.campaign(&a).await.expect("a is elected");
     // Every keep-alive of a's lease is stuck from now on, the background ones too.
     let stuck = net.hold(ClientId(0), "keep-alive");
-    let deadline = grant.confirmed_at + ttl;
+    let deadline = grant.confirmed_at + ttl - leader_core::default_safety_margin(ttl);
     sleep(deadline - Duration::from_millis(10) - Instant::now()).await;
     let renewal = tokio::spawn({
         let (driver, a) = (driver.clone(), a.clone());
