@@ -419,18 +419,34 @@ async fn many_elections_on_one_driver_are_renewed_in_batches() {
     .await;
 }
 
+/// The TTL of the deadline scenarios below.
+const DEADLINE_TTL: Duration = Duration::from_secs(3);
+
+/// A quiet network and an etcd model on which candidate `a` (TTL [`DEADLINE_TTL`]) of
+/// election `sim-0` was just elected through client 0's driver.
+async fn a_elected() -> (
+    Net,
+    sim::EtcdModel,
+    leader_etcd::EtcdDriver,
+    Candidate,
+    leader_core::Grant,
+) {
+    let net = Net::quiet();
+    let model = sim::EtcdModel::new(&net);
+    let driver = model.driver(&net, ClientId(0));
+    let a = Candidate::new("sim-0", "a", b"a".to_vec(), DEADLINE_TTL);
+    let grant = driver.campaign(&a).await.expect("a is elected");
+    (net, model, driver, a, grant)
+}
+
 /// A renewal of a grant whose deadline has passed fails, even while the key and its lease
 /// stand: the next in line may have proved that deadline passed (`src/expiry.rs`) and be
 /// deleting the key, which the renewal's keep-alive would not stop. The core renews a
 /// grant that a slow campaign returned stale; that renewal must not revive the term.
 #[tokio::test(start_paused = true)]
 async fn a_renewal_of_a_grant_past_its_deadline_fails() {
-    let net = Net::quiet();
-    let model = sim::EtcdModel::new(&net);
-    let driver = model.driver(&net, ClientId(0));
-    let ttl = Duration::from_secs(3);
-    let a = Candidate::new("sim-0", "a", b"a".to_vec(), ttl);
-    let grant = driver.campaign(&a).await.expect("a is elected");
+    let (_net, model, driver, a, grant) = a_elected().await;
+    let ttl = DEADLINE_TTL;
     sleep(ttl / 3).await;
     let renewed = driver.renew(&a, &grant).await.expect("a's renewal in time");
     assert_eq!(renewed.fencing_token, grant.fencing_token);
@@ -451,12 +467,8 @@ async fn a_renewal_of_a_grant_past_its_deadline_fails() {
 /// next in line's proof counts the TTL on etcd's clock.
 #[tokio::test(start_paused = true)]
 async fn a_renewal_within_the_safety_margin_of_the_deadline_fails() {
-    let net = Net::quiet();
-    let model = sim::EtcdModel::new(&net);
-    let driver = model.driver(&net, ClientId(0));
-    let ttl = Duration::from_secs(3);
-    let a = Candidate::new("sim-0", "a", b"a".to_vec(), ttl);
-    let grant = driver.campaign(&a).await.expect("a is elected");
+    let (_net, model, driver, a, grant) = a_elected().await;
+    let ttl = DEADLINE_TTL;
     let margin = leader_core::default_safety_margin(ttl);
     sleep(grant.confirmed_at + ttl - margin / 2 - Instant::now()).await;
     assert!(
@@ -475,12 +487,8 @@ async fn a_renewal_within_the_safety_margin_of_the_deadline_fails() {
 /// lands after the next in line proved the deadline passed must not revive the term.
 #[tokio::test(start_paused = true)]
 async fn a_renewal_answered_after_the_grants_deadline_fails() {
-    let net = Net::quiet();
-    let model = sim::EtcdModel::new(&net);
-    let driver = model.driver(&net, ClientId(0));
-    let ttl = Duration::from_secs(3);
-    let a = Candidate::new("sim-0", "a", b"a".to_vec(), ttl);
-    let grant = driver.campaign(&a).await.expect("a is elected");
+    let (net, model, driver, a, grant) = a_elected().await;
+    let ttl = DEADLINE_TTL;
     // Every keep-alive of a's lease is stuck from now on, the background ones too.
     let stuck = net.hold(ClientId(0), "keep-alive");
     let deadline = grant.confirmed_at + ttl - leader_core::default_safety_margin(ttl);

@@ -197,6 +197,15 @@ mod tests {
     use crate::settings::Settings;
     use crate::testing::MemoryDriver;
 
+    /// A candidate's core on a `MemoryDriver`, with the default settings.
+    fn core(ttl: Duration) -> Arc<Core> {
+        Arc::new(Core::new(
+            Arc::new(MemoryDriver::new()),
+            Candidate::new("e", "me", "v", ttl),
+            Settings::from(&Config::default()),
+        ))
+    }
+
     /// Every held term is a task of this future, resting most of its life: Tokio places a
     /// task in a cell of 104 bytes plus the future (120 with `--cfg tokio_unstable`, as this
     /// workspace builds), rounded up to 128, so at most 264 bytes here keep a holder in 384
@@ -205,11 +214,7 @@ mod tests {
     #[tokio::test]
     async fn a_resting_holder_stays_small() {
         let ttl = Duration::from_secs(10);
-        let core = Arc::new(Core::new(
-            Arc::new(MemoryDriver::new()),
-            Candidate::new("e", "me", "v", ttl),
-            Settings::from(&Config::default()),
-        ));
+        let core = core(ttl);
         let now = Instant::now();
         let term = Arc::new(TermState::new(1, 1, now + ttl, Reading::now(), None));
         let hold = Arc::clone(&core).hold(Arc::clone(&term), Grant::new(1, now, ttl));
@@ -225,11 +230,7 @@ mod tests {
     #[tokio::test]
     async fn a_renewal_in_flight_stays_small() {
         let ttl = Duration::from_secs(10);
-        let core = Arc::new(Core::new(
-            Arc::new(MemoryDriver::new()),
-            Candidate::new("e", "me", "v", ttl),
-            Settings::from(&Config::default()),
-        ));
+        let core = core(ttl);
         let now = Instant::now();
         let term = TermState::new(1, 1, now + ttl, Reading::now(), None);
         let grant = Grant::new(1, now, ttl);
