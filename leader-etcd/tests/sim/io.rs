@@ -94,8 +94,16 @@ impl EtcdIo for SimIo {
     }
 
     async fn lease_time_to_live(&self, id: i64) -> Result<LeaseTtl> {
+        let client = self.client.0;
         self.call(format!("time-to-live {id:x}"), move |s, net| {
-            s.time_to_live(id, net.store_now())
+            let now = net.store_now();
+            let deposed = s.may_reach_deposed(client, now)
+                && net.draw(|rng| rand::Rng::random_bool(rng, 0.5));
+            if deposed {
+                net.model_event();
+                net.trace(|| format!("c{client}: the deposed etcd leader's lessor answers"));
+            }
+            s.time_to_live_of(client, id, now, deposed)
         })
         .await
     }

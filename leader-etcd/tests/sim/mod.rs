@@ -15,6 +15,12 @@ use leader_testkit::sim::{ClientId, Model, Net, REQUEST_TIMEOUT};
 use rand::Rng;
 use tokio::time::sleep;
 
+/// How long after a restart (an etcd leader change) the deposed leader's lessor may answer
+/// a client's first lease read: longer than etcd's CheckQuorum lets a real one (about two
+/// election timeouts), so that it outlasts the store's outage after the restart (up to the
+/// TTL) and the first reads after it can still reach it.
+const DEPOSED_FOR: Duration = Duration::from_secs(2);
+
 pub use io::{SimIo, apply};
 pub use store::{SWEEP, Store};
 
@@ -206,13 +212,11 @@ impl Model for EtcdModel {
         let _ = kept; // etcd keeps its data.
         let now = net.store_now();
         apply(&self.store, net, |s| {
-            // As on an etcd leader change: every lease's remaining TTL is reset to its TTL.
-            for lease in s.leases.values_mut() {
-                lease.expiry = now + Duration::from_secs(lease.ttl as u64);
-            }
+            // As on an etcd leader change: every lease's remaining TTL is reset to its TTL,
+            // and the deposed leader's lessor may answer a client's first read for a while.
+            s.change_leader(now, now + DEPOSED_FOR);
             // Watch streams drop with the connections (their serving tasks end).
             s.streams.clear();
-            s.raft_term += 1;
         });
     }
 

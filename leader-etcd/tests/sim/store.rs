@@ -77,6 +77,22 @@ pub struct Lease {
     pub keys: BTreeSet<Vec<u8>>,
 }
 
+/// The lessor of a deposed etcd leader (one cut off from its cluster), which answers the
+/// reads forwarded to it until etcd's CheckQuorum steps it down: it never saw the
+/// keep-alives the new leader accepted, so it reads a renewed lease low. The member that
+/// forwarded a read stamps the answer with the raft term it knows when the answer comes:
+/// the new one. Only a client's first read after the change can go there; the member
+/// knows the new leader from that answer on (src/expiry.rs rests on this).
+#[derive(Debug, Clone)]
+pub struct DeposedLessor {
+    /// Each lease's granted TTL and expiry when its leader was deposed.
+    pub leases: BTreeMap<i64, (i64, Instant)>,
+    /// Until when a read may still reach it.
+    pub until: Instant,
+    /// The clients that read a lease since the change (their member knows the new leader).
+    pub learnt: BTreeSet<usize>,
+}
+
 /// A watch on a stream.
 #[derive(Debug, Clone)]
 pub struct Watch {
@@ -110,6 +126,8 @@ pub struct Store {
     pub grants: Vec<(String, String, u64)>,
     /// etcd's raft term: one more at each restart (a new etcd leader).
     pub raft_term: u64,
+    /// The lessor of the etcd leader the last restart deposed, while it may still answer.
+    pub deposed: Option<DeposedLessor>,
     /// etcd's shortest lease, in seconds: shorter grants get this TTL. 1 s with the
     /// test servers' 10 ms heartbeat; 2 s with etcd's default settings (1.5 x the
     /// election timeout, rounded up), under which a 1 s TTL runs on a 2 s lease.
@@ -130,6 +148,7 @@ impl Default for Store {
             leaders: BTreeMap::new(),
             grants: Vec::new(),
             raft_term: 2,
+            deposed: None,
             min_ttl: 1,
         }
     }
@@ -532,6 +551,66 @@ impl Store {
                 raft_term: self.raft_term,
             },
         }
+    }
+
+    /// A new etcd leader takes over at `now` (a restart of the store); the old leader's
+    /// lessor may answer reads until `deposed_until`.
+    pub fn change_leader(&mut self, now: Instant, deposed_until: Instant) {
+        let leases = self
+            .leases
+            .iter()
+            .map(|(&id, lease)| (id, (lease.ttl, lease.expiry)))
+            .collect();
+        self.deposed = Some(DeposedLessor {
+            leases,
+            until: deposed_until,
+            learnt: BTreeSet::new(),
+        });
+        // A new leader's lessor resets every lease's remaining TTL to its TTL.
+        for lease in self.leases.values_mut() {
+            lease.expiry = now + Duration::from_secs(lease.ttl as u64);
+        }
+        self.raft_term += 1;
+    }
+
+    /// Whether `client`'s read at `now` could still reach the deposed leader's lessor.
+    pub fn may_reach_deposed(&self, client: usize, now: Instant) -> bool {
+        self.deposed
+            .as_ref()
+            .is_some_and(|d| now < d.until && !d.learnt.contains(&client))
+    }
+
+    /// [`time_to_live`](Self::time_to_live) read by `client` at `now`; `deposed`: the
+    /// read reached the deposed leader's lessor (if [`may_reach_deposed`]), which answers
+    /// from what it knew when it was deposed, stamped with the current raft term.
+    ///
+    /// [`may_reach_deposed`]: Self::may_reach_deposed
+    pub fn time_to_live_of(
+        &mut self,
+        client: usize,
+        id: i64,
+        now: Instant,
+        deposed: bool,
+    ) -> LeaseTtl {
+        let reachable = self.may_reach_deposed(client, now);
+        if let Some(d) = self.deposed.as_mut() {
+            d.learnt.insert(client);
+            if reachable && deposed {
+                return match d.leases.get(&id) {
+                    Some(&(ttl, expiry)) => LeaseTtl {
+                        ttl: expiry.saturating_duration_since(now).as_secs() as i64,
+                        granted: ttl,
+                        raft_term: self.raft_term,
+                    },
+                    None => LeaseTtl {
+                        ttl: -1,
+                        granted: 0,
+                        raft_term: self.raft_term,
+                    },
+                };
+            }
+        }
+        self.time_to_live(id, now)
     }
 
     /// Revokes every lease whose expiry has passed: etcd's sweep, every [`SWEEP`]. Until

@@ -143,15 +143,14 @@ impl Model for RedisModel {
 
     fn restart(&self, _net: &Net, kept: bool) {
         // With `appendfsync always` every acknowledged write survives; without
-        // persistence the data is gone. Pub/sub connections drop either way (the harness
-        // drops every client's link).
-        // Workaround: the fencing counters survive even a restart that loses the data.
-        // Real Redis would hand out token 1 again; the harness excuses overlaps and token
-        // order after a data loss, but not its check that a (candidate, token) term never
-        // leads again once it stopped, which a reissued token of the same candidate trips.
+        // persistence the data is gone, the fencing counters too: tokens start over at 1,
+        // as the README documents (the harness excuses overlaps and token order until
+        // every term confirmed before has passed its deadline, and counts a reissued
+        // token as a new term). Pub/sub connections drop either way (the harness drops
+        // every client's link).
         let mut store = lock(&self.store);
         if !kept {
-            store.keys.retain(|key, _| key.ends_with(":fence"));
+            store.keys.clear();
         }
         store.conns.clear();
     }

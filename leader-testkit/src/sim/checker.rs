@@ -22,6 +22,9 @@ pub(crate) struct Checker {
     pub(crate) valid: BTreeSet<(usize, u64)>,
     /// Terms seen valid, then not: they must never be valid again.
     pub(crate) dead: BTreeSet<(usize, u64)>,
+    /// Dead terms seen valid again by a sample taken while an event was handled: a
+    /// violation at the next park unless their `Elected` event shows a reissued token.
+    pub(crate) suspects: BTreeSet<(usize, u64)>,
     /// Overlaps are not checked until then (after a data loss: every term is lost).
     pub(crate) excused_until: Option<Instant>,
     /// Terms an operator's change ended or edited in the store while they were granted,
@@ -44,6 +47,8 @@ pub(crate) struct Checker {
     pub(crate) exact_grants: bool,
     /// The store lost its data: tokens may start over once the excuse ends.
     pub(crate) tokens_reset: bool,
+    /// How many times the store lost its data (and may have started its tokens over).
+    pub(crate) losses: u64,
     pub(crate) elected: BTreeSet<Term>,
     pub(crate) quiet_at: Option<Instant>,
     /// The elections that had a leader after faults stopped.
@@ -138,11 +143,23 @@ impl Checker {
     pub(crate) fn excuse(&mut self, until: Instant, tokens_reset: bool) {
         self.excused_until = Some(self.excused_until.map_or(until, |u| u.max(until)));
         self.tokens_reset |= tokens_reset;
-        if tokens_reset {
-            // A candidate may get a token number it had before the loss: that is a new
-            // term, not an old one leading again.
-            self.dead.clear();
+        self.losses += u64::from(tokens_reset);
+    }
+
+    /// Candidate `id` was just elected to term `token` of `election` (its `Elected`
+    /// event). After a data loss the store may hand out a token number again, even to a
+    /// candidate that had it before: that is a new term, not the old one leading again.
+    /// (An old term leading again with no new `Elected` event is still caught.)
+    pub(crate) fn reissued(&mut self, id: &str, election: &str, token: u64) {
+        if self.losses == 0 {
+            return;
         }
+        let statuses = &self.statuses;
+        let old = |&(i, dead): &(usize, u64)| {
+            dead == token && statuses[i].id == id && statuses[i].election == election
+        };
+        self.dead.retain(|term| !old(term));
+        self.suspects.retain(|term| !old(term));
     }
 
     /// Whether every overlap is excused now (after a data loss).
@@ -160,7 +177,9 @@ impl Checker {
         }
     }
 
-    pub(crate) fn sample(&mut self) {
+    /// Checks the candidates' statuses now. `parked`: the runtime parks (every event sent
+    /// so far has been handled); otherwise a candidate's event is being handled.
+    pub(crate) fn sample(&mut self, parked: bool) {
         let mut leaders: BTreeMap<String, Vec<(usize, u64)>> = BTreeMap::new();
         let mut ids: BTreeMap<(String, usize, u64), String> = BTreeMap::new();
         let mut now_valid = BTreeSet::new();
@@ -219,6 +238,14 @@ impl Checker {
         }
         for &(i, token) in &now_valid {
             if self.dead.contains(&(i, token)) {
+                // After a data loss it may be a reissued token whose `Elected` event is
+                // not handled yet (this sample is another candidate's event's): see
+                // `reissued`, by the next park.
+                self.suspects.insert((i, token));
+            }
+        }
+        if parked {
+            for (i, token) in std::mem::take(&mut self.suspects) {
                 let b = &self.statuses[i];
                 self.violation(format!(
                     "slot {}: term {token} of {} leads again after is_leader() was false",

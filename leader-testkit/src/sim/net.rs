@@ -454,6 +454,12 @@ impl Net {
         f(&mut lock(&self.inner.report));
     }
 
+    /// Counts one model-specific event (the report's `model events`): for a model to
+    /// show how often its rare behaviour ran.
+    pub fn model_event(&self) {
+        self.count(|r| r.model_events += 1);
+    }
+
     pub(crate) fn report(&self) -> Report {
         *lock(&self.inner.report)
     }

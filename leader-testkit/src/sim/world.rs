@@ -67,7 +67,7 @@ pub(crate) fn run<M: Model>(
     builder
         .enable_time()
         .start_paused(true)
-        .on_thread_park(move || sampler.checker().sample());
+        .on_thread_park(move || sampler.checker().sample(true));
     // Unbiased select! and watch channels draw from the runtime's generator: seeded, a
     // schedule replays exactly (the workspace's .cargo/config.toml sets tokio_unstable).
     #[cfg(tokio_unstable)]
@@ -727,7 +727,8 @@ impl<M: Model> World<M> {
         let mut checker = self.net.checker();
         match *event {
             Event::Elected { fencing_token } => {
-                checker.sample();
+                checker.reissued(id, name, fencing_token);
+                checker.sample(false);
                 if let Some(previous) = open.replace(fencing_token) {
                     checker.violation(format!(
                         "slot {slot}: term {fencing_token} elected before term {previous} ended"
