@@ -97,6 +97,45 @@ async fn a_renewal_of_a_term_whose_token_changed_fails() {
     );
 }
 
+/// A resignation that took its snapshot before a waiter joined the line (it then waited for
+/// the row lock that waiter's attempt held, as READ COMMITTED lets it) still wakes that
+/// waiter: the resignation function reads the line in a statement of its own, after its
+/// update. Read from the resignation's own snapshot, the line would be empty and the
+/// waiter would wait for the TTL.
+#[tokio::test(start_paused = true)]
+async fn a_resignation_wakes_a_waiter_that_joined_after_its_snapshot() {
+    let ttl = Duration::from_secs(30);
+    let (_net, model, drivers) = drivers(2);
+    let leader = candidate("leader", ttl);
+    let grant = drivers[0].campaign(&leader).await.expect("elected");
+    let before_the_waiter = model.server().snapshot().0;
+    let driver: PostgresDriver = drivers[1].clone();
+    let campaign = tokio::spawn(async move { driver.campaign(&candidate("w", ttl)).await });
+    let in_line = |model: &sim::PostgresModel| {
+        let (tables, _) = model.server().snapshot();
+        tables
+            .waiters
+            .contains_key(&("sim-0".to_owned(), "w".to_owned()))
+    };
+    timeout(Duration::from_secs(1), async {
+        while !in_line(&model) {
+            sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the waiter stands in line");
+    model.server().snapshot_next(before_the_waiter);
+    drivers[0]
+        .resign(&leader, Some(grant.fencing_token))
+        .await
+        .expect("resigned");
+    timeout(Duration::from_millis(100), campaign)
+        .await
+        .expect("the waiter is elected within a round trip of the resignation")
+        .expect("campaign task")
+        .expect("elected");
+}
+
 /// A resignation wakes the next waiter only: the statement notifies it alone, and its
 /// driver wakes it alone, not the other waiter it carries.
 #[tokio::test(start_paused = true)]

@@ -25,7 +25,7 @@ impl PostgresModel {
     /// A fresh, empty server on `net`.
     pub fn new(net: &Net) -> Self {
         PostgresModel {
-            server: Server::new(net.clone()),
+            server: Server::concurrent(net.clone()),
         }
     }
 

@@ -39,14 +39,41 @@ pub struct Server {
     clock: Mutex<(Instant, i64)>,
     sessions: Mutex<BTreeMap<u64, Session>>,
     next_session: AtomicU64,
+    /// The tables after each statement of the last [`SNAPSHOT_LAG`], with when it
+    /// committed: the snapshots a statement that began that long ago took.
+    versions: Mutex<std::collections::VecDeque<(Instant, Tables)>>,
+    /// When the request running now was sent: its statement's snapshot is never older
+    /// (it sees everything its client knew of when it sent it).
+    sent: Mutex<Option<Instant>>,
+    /// Whether statements may read a snapshot older than their writes (see
+    /// [`statement`](Self::statement)); not in the differential test, whose statements
+    /// run one at a time on the real server too.
+    concurrent: bool,
+    /// The snapshot the next statement reads (for scripted scenarios).
+    next_snapshot: Mutex<Option<Tables>>,
 }
+
+/// The longest a statement's snapshot is older than its writes: how
+/// long it may have waited for a row lock, or been descheduled, between taking its
+/// snapshot and locking the rows it changes, while other statements committed.
+const SNAPSHOT_LAG: Duration = Duration::from_millis(20);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Server {
+    /// A server whose statements run one at a time, each on the newest tables.
     pub fn new(net: Net) -> Arc<Self> {
+        Self::with(net, false)
+    }
+
+    /// A server whose statements overlap (see [`statement`](Self::statement)).
+    pub fn concurrent(net: Net) -> Arc<Self> {
+        Self::with(net, true)
+    }
+
+    fn with(net: Net, concurrent: bool) -> Arc<Self> {
         let origin = net.store_now();
         Arc::new(Server {
             net,
@@ -54,6 +81,10 @@ impl Server {
             clock: Mutex::new((origin, 0)),
             sessions: Mutex::new(BTreeMap::new()),
             next_session: AtomicU64::new(1),
+            versions: Mutex::new(std::collections::VecDeque::new()),
+            sent: Mutex::new(None),
+            concurrent,
+            next_snapshot: Mutex::new(None),
         })
     }
 
@@ -67,12 +98,68 @@ impl Server {
     }
 
     /// Runs one statement on the tables and delivers its notifications after it commits.
+    /// On a [`concurrent`](Self::concurrent) server a fifth of the statements read a
+    /// snapshot taken up to [`SNAPSHOT_LAG`] before they land (never before they were
+    /// sent), as READ COMMITTED lets them when other statements commit meanwhile (see
+    /// [`Tables::began`]): in every phase, since overlapping statements are no fault.
     pub fn statement<T>(&self, f: impl FnOnce(&mut Tables, i64, &mut Vec<Notice>) -> T) -> T {
         let now = self.now();
         let mut notices = Vec::new();
-        let out = f(&mut lock(&self.tables), now, &mut notices);
+        let mut tables = lock(&self.tables);
+        let mut versions = lock(&self.versions);
+        let at = Instant::now();
+        while versions
+            .front()
+            .is_some_and(|(when, _)| at.saturating_duration_since(*when) > SNAPSHOT_LAG)
+        {
+            versions.pop_front();
+        }
+        let lag =
+            (self.concurrent && self.net.draw(|rng| rand::Rng::random_bool(rng, 0.3))).then(|| {
+                self.net.draw(|rng| {
+                    Duration::from_micros(rand::Rng::random_range(
+                        rng,
+                        1..=SNAPSHOT_LAG.as_micros() as u64,
+                    ))
+                })
+            });
+        // The newest version committed before the snapshot was taken; the ones after it
+        // are what the statement does not see.
+        let sent = lock(&self.sent).unwrap_or(at);
+        tables.began = lag.and_then(|lag| {
+            let taken = at.checked_sub(lag)?.max(sent);
+            let unseen = versions.iter().filter(|(when, _)| *when > taken).count();
+            if unseen == 0 {
+                return None;
+            }
+            let seen = versions.len() - unseen;
+            let snapshot = match seen.checked_sub(1) {
+                Some(i) => versions[i].1.clone(),
+                // Older than every version kept: the one before the first unseen commit
+                // is not kept, so read the oldest kept (a lag a little shorter).
+                None => versions[0].1.clone(),
+            };
+            Some(Box::new(snapshot))
+        });
+        if let Some(forced) = lock(&self.next_snapshot).take() {
+            tables.began = Some(Box::new(forced));
+        }
+        if tables.began.is_some() {
+            self.net.model_event();
+        }
+        let out = f(&mut tables, now, &mut notices);
+        tables.began = None;
+        versions.push_back((at, tables.clone()));
+        drop((tables, versions));
         self.deliver(notices);
         out
+    }
+
+    /// The next statement reads `tables`, as one that took its snapshot then and waited
+    /// for a row lock since (for scripted scenarios: take `tables` with
+    /// [`snapshot`](Self::snapshot)).
+    pub fn snapshot_next(&self, tables: Tables) {
+        *lock(&self.next_snapshot) = Some(tables);
     }
 
     /// A copy of the tables, with the clock's reading.
@@ -163,9 +250,15 @@ impl SimIo {
         effect: impl FnOnce(&Server) -> T + Send + 'static,
     ) -> Result<T> {
         let server = Arc::clone(&self.server);
+        let sent = Instant::now();
         self.server
             .net
-            .call(self.client, limit, label, move || effect(&server))
+            .call(self.client, limit, label, move || {
+                *lock(&server.sent) = Some(sent);
+                let out = effect(&server);
+                *lock(&server.sent) = None;
+                out
+            })
             .await
             .map_err(Fault::into_error)
     }

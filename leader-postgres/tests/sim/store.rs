@@ -44,6 +44,13 @@ pub type Notice = (String, String);
 pub struct Tables {
     pub elections: BTreeMap<String, Row>,
     pub waiters: BTreeMap<(String, String), Waiter>,
+    /// The snapshot the running statement took when it began, if statements committed
+    /// since (set by the server around each statement; `None`: the tables as they are).
+    /// Under READ COMMITTED a statement's reads (its CTEs, its final `SELECT`) see that
+    /// snapshot, while its writes lock and re-check the newest version of each row they
+    /// change (an `UPDATE`'s `WHERE`, `ON CONFLICT`'s conflict and `DO UPDATE ... WHERE`,
+    /// `FOR UPDATE`), and its AFTER triggers see the row versions it changed.
+    pub began: Option<Box<Tables>>,
 }
 
 fn ms(ttl_ms: f64) -> i64 {
@@ -90,6 +97,38 @@ fn gone(old: &Row, new: Option<&Row>, notices: &mut Vec<Notice>) {
 pub type AcquireRow = (Option<i64>, Option<bool>, Option<f64>);
 
 impl Tables {
+    /// What the running statement's reads see: the snapshot it took when it began.
+    fn snapshot(&self) -> Tables {
+        match &self.began {
+            Some(began) => Tables {
+                elections: began.elections.clone(),
+                waiters: began.waiters.clone(),
+                began: None,
+            },
+            None => Tables {
+                elections: self.elections.clone(),
+                waiters: self.waiters.clone(),
+                began: None,
+            },
+        }
+    }
+
+    /// Deletes the places `stale` (read from the snapshot) that are still expired a second
+    /// ago in their newest version: `DELETE ... WHERE (name, candidate) IN (SELECT ... FOR
+    /// UPDATE SKIP LOCKED)` re-checks a row another statement changed since (a place
+    /// refreshed meanwhile stays; one deleted meanwhile is skipped).
+    fn sweep(&mut self, stale: Vec<(String, String)>, now: i64) {
+        for key in stale {
+            if self
+                .waiters
+                .get(&key)
+                .is_some_and(|w| w.expires_at <= now - 1_000_000)
+            {
+                self.waiters.remove(&key);
+            }
+        }
+    }
+
     fn nomination_of(row: Option<&Row>, now: i64) -> Option<&String> {
         row.and_then(|r| r.nominee.as_ref().filter(|_| r.nominated_until > now))
     }
@@ -119,7 +158,7 @@ impl Tables {
         driver_channel: &str,
         notices: &mut Vec<Notice>,
     ) -> AcquireRow {
-        let snap = self.clone();
+        let snap = self.snapshot();
         let key = (name.to_owned(), candidate.to_owned());
         let me = snap.waiters.get(&key).map_or(now, |w| w.position);
         let first = !snap.anyone_before(name, candidate, me, now);
@@ -130,6 +169,9 @@ impl Tables {
             None => first,
         };
         let mut acquired = None;
+        // The row's newest version, which `ON CONFLICT DO UPDATE` locks, re-checks and
+        // changes (the trigger's OLD).
+        let newest = self.elections.get(name).cloned();
         if ok {
             match self.elections.get_mut(name) {
                 None => {
@@ -170,7 +212,7 @@ impl Tables {
         // The trigger's notices come after the statement's own (AFTER triggers fire at its
         // end): collected apart.
         let mut triggered = Vec::new();
-        if let (Some(_), Some(old)) = (acquired, row) {
+        if let (Some(_), Some(old)) = (acquired, &newest) {
             gone(old, self.elections.get(name), &mut triggered);
         }
         if acquired.is_some() {
@@ -202,9 +244,7 @@ impl Tables {
             .filter(|((n, c), w)| n == name && c != candidate && w.expires_at <= now - 1_000_000)
             .map(|(k, _)| k.clone())
             .collect();
-        for k in stale {
-            self.waiters.remove(&k);
-        }
+        self.sweep(stale, now);
         if acquired.is_some() {
             notices.push((election_channel.to_owned(), "elected".to_owned()));
         }
@@ -253,7 +293,7 @@ impl Tables {
 
     /// `Table::keep`: (candidate, first, free) for each refreshed place.
     pub fn keep(&mut self, now: i64, batch: &[(String, String, f64)]) -> Vec<(String, bool, bool)> {
-        let snap = self.clone();
+        let snap = self.snapshot();
         let mut refreshed = Vec::new();
         for ((name, candidate), w) in &mut self.waiters {
             if let Some((_, _, ttl)) = batch.iter().find(|(n, c, _)| n == name && c == candidate) {
@@ -273,9 +313,7 @@ impl Tables {
             })
             .map(|(k, _)| k.clone())
             .collect();
-        for k in stale {
-            self.waiters.remove(&k);
-        }
+        self.sweep(stale, now);
         refreshed
             .into_iter()
             .map(|(name, candidate, position)| {
@@ -302,7 +340,6 @@ impl Tables {
         election_channel: &str,
         notices: &mut Vec<Notice>,
     ) -> (i64, i64) {
-        let snap = self.clone();
         let mut triggered = Vec::new();
         // released: Some((freed, live nominee))
         let mut released = None;
@@ -331,7 +368,9 @@ impl Tables {
             .remove(&(name.to_owned(), candidate.to_owned()))
             .is_some();
         let nominee = released.as_ref().and_then(|(_, n)| n.clone());
-        let next = snap
+        // A statement of its own (in the function), so a snapshot taken after the update:
+        // the newest places.
+        let next = self
             .waiters
             .iter()
             .filter(|((n, c), w)| {
@@ -370,17 +409,22 @@ impl Tables {
         election_channel: &str,
         notices: &mut Vec<Notice>,
     ) -> (bool, bool, bool) {
-        let target = self
+        // `target` and `held` read the snapshot; the update re-checks the row's newest
+        // version.
+        let snap = self.snapshot();
+        let target = snap
             .waiters
             .get(&(name.to_owned(), nominee.to_owned()))
             .filter(|w| nominee != holder && w.expires_at > now)
             .cloned();
-        let held = self.elections.get(name).is_some_and(|r| {
-            r.holder.as_deref() == Some(holder) && r.token == token && r.expires_at > now
-        });
+        let is_term =
+            |r: &Row| r.holder.as_deref() == Some(holder) && r.token == token && r.expires_at > now;
+        let held = snap.elections.get(name).is_some_and(is_term);
         let mut handed = false;
         let mut triggered = Vec::new();
-        if held && let (Some(target), Some(row)) = (&target, self.elections.get_mut(name)) {
+        if let (Some(target), Some(row)) =
+            (&target, self.elections.get_mut(name).filter(|r| is_term(r)))
+        {
             let old = row.clone();
             row.holder = None;
             row.value = Vec::new();

@@ -141,7 +141,7 @@ impl Model for RedisModel {
         Some(operator_del(&mut store, net, &key))
     }
 
-    fn restart(&self, _net: &Net, kept: bool) {
+    fn restart(&self, net: &Net, kept: bool) {
         // With `appendfsync always` every acknowledged write survives; without
         // persistence the data is gone, the fencing counters too: tokens start over at 1,
         // as the README documents (the harness excuses overlaps and token order until
@@ -149,8 +149,40 @@ impl Model for RedisModel {
         // token as a new term). Pub/sub connections drop either way (the harness drops
         // every client's link).
         let mut store = lock(&self.store);
+        store.begin();
         if !kept {
             store.keys.clear();
+            store.replica.clear();
+        } else if net.draw(|rng| {
+            rng.random_bool(if store.replica_down_until.is_some() {
+                0.9
+            } else {
+                0.3
+            })
+        }) {
+            // Sentinel fails over to the replica (the harness counts it as a restart that
+            // kept the data: with `WAIT` every write a caller was told succeeded is there;
+            // the ones that answered an error, or no answer, may be lost).
+            let lost = store
+                .keys
+                .iter()
+                .filter(|&(key, entry)| {
+                    store
+                        .replica
+                        .get(key)
+                        .is_none_or(|kept| kept.val != entry.val || kept.expires != entry.expires)
+                })
+                .count()
+                + store
+                    .replica
+                    .keys()
+                    .filter(|key| !store.keys.contains_key(*key))
+                    .count();
+            if lost > 0 {
+                net.model_event();
+            }
+            net.trace(|| format!("Sentinel promoted the replica ({lost} keys differ)"));
+            store.fail_over();
         }
         store.conns.clear();
     }
@@ -227,6 +259,26 @@ fn readable<T>(s: &mut Store, read: fn(Value) -> Result<T>, value: Value) -> Res
     })
 }
 
+/// `WAIT 1` after a write that just ran on `s`: whether the replica acknowledged it. In
+/// the chaos phase the replica's link sometimes goes down (2 % of writes, for 0.1 to 2 s);
+/// until it is back every write answers an error, as a driver built with
+/// `.replicas(1, ..)` reports a `WAIT` that too few replicas acknowledged in time.
+fn replicate(s: &mut Store) -> bool {
+    let net = s.net.clone();
+    let down_for = (net.chaos() && net.draw(|rng| rng.random_bool(0.02)))
+        .then(|| net.draw(|rng| Duration::from_millis(rng.random_range(100..2000))));
+    s.replicate(down_for)
+}
+
+/// The error a write gets when its `WAIT` fell short: it landed on the master.
+fn shortfall(net: &Net, client: ClientId) -> Error {
+    let client = client.0;
+    net.trace(|| format!("c{client}: WAIT shortfall: the write landed, the caller gets an error"));
+    Error::store(std::io::Error::other(
+        "WAIT: 0 of 1 replicas acknowledged the write in time (simulated)",
+    ))
+}
+
 /// Whether `SIM_TRACE` asks for the schedule (labels are only made then).
 fn tracing() -> bool {
     static TRACING: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -242,26 +294,15 @@ impl SimIo {
         call: ScriptCall,
         read: fn(Value) -> Result<T>,
     ) -> Result<T> {
-        // A driver that waits for replicas (`WAIT` after each write) gets an error for a
-        // write that landed when too few acknowledged it in time: in the chaos phase, some
-        // writes answer so.
-        let shortfall =
-            call.writes && self.net.chaos() && self.net.draw(|rng| rng.random_bool(0.02));
-        let answer = self
+        let writes = call.writes;
+        let (answer, acknowledged) = self
             .request(label, move |s| {
-                s.eval(&call).and_then(|value| readable(s, read, value))
+                let answer = s.eval(&call).and_then(|value| readable(s, read, value));
+                (answer, !writes || replicate(s))
             })
             .await?;
         match answer {
-            Ok(_) if shortfall => {
-                let client = self.client.0;
-                self.net.trace(|| {
-                    format!("c{client}: WAIT shortfall: the write landed, the caller gets an error")
-                });
-                Err(Error::store(std::io::Error::other(
-                    "WAIT: 0 of 1 replicas acknowledged the write in time (simulated)",
-                )))
-            }
+            Ok(_) if !acknowledged => Err(shortfall(&self.net, self.client)),
             answer => answer,
         }
     }
@@ -318,12 +359,19 @@ impl RedisIo for SimIo {
     async fn resign(&self, r: &Resign) -> Result<bool> {
         let label = || format!("RESIGN {} by {} token {:?}", r.leader, r.owner, r.token);
         let (call, owner) = (wire::resign(r), r.owner.clone());
-        self.request(label, move |s| {
-            *s.resigns.entry(owner).or_default() += 1;
-            s.eval(&call)
-                .and_then(|value| readable(s, wire::resign_reply, value))
-        })
-        .await?
+        let (answer, acknowledged) = self
+            .request(label, move |s| {
+                *s.resigns.entry(owner).or_default() += 1;
+                let answer = s
+                    .eval(&call)
+                    .and_then(|value| readable(s, wire::resign_reply, value));
+                (answer, replicate(s))
+            })
+            .await?;
+        match answer {
+            Ok(_) if !acknowledged => Err(shortfall(&self.net, self.client)),
+            answer => answer,
+        }
     }
 
     async fn refresh(&self, r: &Refresh) -> Result<RefreshReply> {

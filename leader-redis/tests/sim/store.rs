@@ -20,7 +20,7 @@ use super::lua::Scripts;
 /// Server time in µs at the model's start (a Unix time of late 2023, as `TIME` returns).
 const EPOCH_US: u64 = 1_700_000_000_000_000;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Val {
     Str(Vec<u8>),
     /// A sorted set: member to score.
@@ -90,6 +90,13 @@ pub struct Store {
     /// What failed that cannot fail on Redis (see [`Store::fault`]); scripted scenarios
     /// check that it stays empty.
     pub faults: Vec<String>,
+    /// The asynchronous replica a Sentinel would promote: the data as of the last write
+    /// it acknowledged.
+    pub replica: BTreeMap<String, Entry>,
+    /// Until when (the store's clock) the replica's link is down: writes land on the
+    /// master, `WAIT` after them times out (the caller gets an error), and the replica
+    /// catches up when the link returns.
+    pub replica_down_until: Option<Instant>,
 }
 
 fn find(hay: &[u8], from: usize, byte: u8) -> Option<usize> {
@@ -125,6 +132,8 @@ impl Store {
             resigns: BTreeMap::new(),
             scripts: Some(Scripts::default()),
             faults: Vec::new(),
+            replica: BTreeMap::new(),
+            replica_down_until: None,
         }
     }
 
@@ -146,6 +155,34 @@ impl Store {
             self.keys.remove(&key);
             self.notify(&key, "expired");
         }
+        if self.replica_down_until.is_some_and(|until| now >= until) {
+            // The replica's link is back: it catches up with the master.
+            self.replica_down_until = None;
+            self.replica = self.keys.clone();
+        }
+    }
+
+    /// A write just ran; `WAIT 1` follows it. Returns whether the replica acknowledged
+    /// it (it then has every write so far); `down_for`: its link goes down now for that
+    /// long (unless it is already).
+    pub fn replicate(&mut self, down_for: Option<std::time::Duration>) -> bool {
+        if self.replica_down_until.is_none()
+            && let Some(down_for) = down_for
+        {
+            self.replica_down_until = Some(self.now + down_for);
+        }
+        if self.replica_down_until.is_some() {
+            return false;
+        }
+        self.replica = self.keys.clone();
+        true
+    }
+
+    /// Sentinel promotes the replica: the writes it did not acknowledge are lost.
+    pub fn fail_over(&mut self) {
+        self.keys = std::mem::take(&mut self.replica);
+        self.replica = self.keys.clone();
+        self.replica_down_until = None;
     }
 
     fn now_us(&self) -> u64 {
