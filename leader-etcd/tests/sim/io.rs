@@ -70,24 +70,58 @@ impl SimIo {
             .await
             .map_err(|fault| fault.into_error())
     }
+
+    /// [`call`](Self::call) for a request that needs etcd's raft (or a linearizable
+    /// read): one that reaches a deposed leader fails.
+    async fn call_leader<T: Send + std::fmt::Debug + 'static>(
+        &self,
+        label: String,
+        effect: impl FnOnce(&mut Store, &Net) -> T + Send + 'static,
+    ) -> Result<T> {
+        let client = self.client.0;
+        self.call(label, move |s, net| {
+            if on_deposed(s, net, client) {
+                net.trace(|| format!("c{client}: the deposed etcd leader cannot serve it"));
+                return Err(Error::store(std::io::Error::other(
+                    "etcdserver: request timed out",
+                )));
+            }
+            Ok(effect(s, net))
+        })
+        .await?
+    }
+}
+
+/// Whether `client`'s request now reaches a deposed etcd leader it is connected to (a
+/// quarter of the clients that make a request within its time, drawn at the first).
+fn on_deposed(s: &mut Store, net: &Net, client: usize) -> bool {
+    let now = net.store_now();
+    s.on_deposed(client, now, || {
+        net.draw(|rng| rand::Rng::random_bool(rng, 0.25))
+    })
 }
 
 #[async_trait]
 impl EtcdIo for SimIo {
     async fn lease_grant(&self, ttl: i64) -> Result<LeaseGrant> {
-        self.call(format!("lease grant {ttl}s"), move |s, net| {
+        self.call_leader(format!("lease grant {ttl}s"), move |s, net| {
             s.grant(ttl, net.store_now())
         })
         .await
     }
 
     async fn lease_revoke(&self, id: i64) -> Result<bool> {
-        self.call(format!("lease revoke {id:x}"), move |s, _| s.revoke(id))
+        self.call_leader(format!("lease revoke {id:x}"), move |s, _| s.revoke(id))
             .await
     }
 
     async fn lease_keep_alive(&self, id: i64) -> Result<i64> {
+        let client = self.client.0;
         self.call(format!("keep-alive {id:x}"), move |s, net| {
+            if on_deposed(s, net, client) {
+                net.model_event();
+                return s.keep_alive_deposed(id, net.store_now());
+            }
             s.keep_alive(id, net.store_now())
         })
         .await
@@ -97,6 +131,10 @@ impl EtcdIo for SimIo {
         let client = self.client.0;
         self.call(format!("time-to-live {id:x}"), move |s, net| {
             let now = net.store_now();
+            if on_deposed(s, net, client) {
+                net.model_event();
+                return s.time_to_live_deposed(id, now);
+            }
             let deposed = s.may_reach_deposed(client, now)
                 && net.draw(|rng| rand::Rng::random_bool(rng, 0.5));
             if deposed {
@@ -109,20 +147,20 @@ impl EtcdIo for SimIo {
     }
 
     async fn raft_term(&self, _key: &[u8]) -> Result<u64> {
-        self.call("raft term".to_owned(), move |s, _| s.raft_term)
+        self.call_leader("raft term".to_owned(), move |s, _| s.raft_term)
             .await
     }
 
     async fn range(&self, range: Range) -> Result<(RangeResult, i64)> {
         let label = format!("range {:?}", String::from_utf8_lossy(&range.key));
-        self.call(label, move |s, _| s.range(&range).map(|r| (r, s.revision)))
+        self.call_leader(label, move |s, _| s.range(&range).map(|r| (r, s.revision)))
             .await?
             .map_err(refused)
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnResult> {
         let label = format!("txn {}", describe(&txn));
-        self.call(label, move |s, _| s.txn(&txn))
+        self.call_leader(label, move |s, _| s.txn(&txn))
             .await?
             .map_err(refused)
     }
@@ -131,7 +169,7 @@ impl EtcdIo for SimIo {
         let client = self.client;
         let label = format!("watch {:?}", String::from_utf8_lossy(&first.key));
         let store = Arc::clone(&self.store);
-        self.call(label, move |s, net| {
+        self.call_leader(label, move |s, net| {
             let (commands, commands_rx) = mpsc::unbounded_channel();
             let (deliver, messages) = mpsc::unbounded_channel();
             let (out, raw) = mpsc::unbounded_channel();

@@ -15,10 +15,11 @@ use leader_testkit::sim::{ClientId, Model, Net, REQUEST_TIMEOUT};
 use rand::Rng;
 use tokio::time::sleep;
 
-/// How long after a restart (an etcd leader change) the deposed leader's lessor may answer
-/// a client's first lease read: longer than etcd's CheckQuorum lets a real one (about two
-/// election timeouts), so that it outlasts the store's outage after the restart (up to the
-/// TTL) and the first reads after it can still reach it.
+/// How long after a restart (an etcd leader change) the deposed leader still answers (see
+/// `store::DeposedLessor`): longer than etcd's CheckQuorum lets a running one (about two
+/// election timeouts; a paused one answers forwarded reads for up to the forwarding
+/// timeout), so that it outlasts the store's outage after the restart (up to the TTL) and
+/// the first requests after it can still reach it.
 const DEPOSED_FOR: Duration = Duration::from_secs(2);
 
 pub use io::{SimIo, apply};

@@ -77,20 +77,55 @@ pub struct Lease {
     pub keys: BTreeSet<Vec<u8>>,
 }
 
-/// The lessor of a deposed etcd leader (one cut off from its cluster), which answers the
-/// reads forwarded to it until etcd's CheckQuorum steps it down: it never saw the
-/// keep-alives the new leader accepted, so it reads a renewed lease low. The member that
-/// forwarded a read stamps the answer with the raft term it knows when the answer comes:
-/// the new one. Only a client's first read after the change can go there; the member
-/// knows the new leader from that answer on (src/expiry.rs rests on this).
+/// The lessor of a deposed etcd leader (one cut off from its cluster), which answers what
+/// reaches it until it steps down (etcd's CheckQuorum; a paused one later still): it never
+/// sees the keep-alives the new leader accepts, so it reads a renewed lease low. Two ways
+/// to reach it:
+/// - A client whose member forwarded its first lease read there just before the change:
+///   the member stamps the answer with the raft term it knows when the answer comes, the
+///   new one, and knows the new leader from then on (src/expiry.rs rests on this).
+/// - A client connected to the deposed leader itself ([`stuck`](Self::stuck)): its lease
+///   reads answer stale with the old raft term, its keep-alives succeed there (etcd 3.4's
+///   lessor renews without raft) without reaching the new leader, and everything that
+///   needs raft or a linearizable read (grants, revocations, ranges, transactions,
+///   watches) fails.
 #[derive(Debug, Clone)]
 pub struct DeposedLessor {
-    /// Each lease's granted TTL and expiry when its leader was deposed.
+    /// Each lease's granted TTL and expiry as the deposed lessor knows them.
     pub leases: BTreeMap<i64, (i64, Instant)>,
-    /// Until when a read may still reach it.
+    /// Until when it answers.
     pub until: Instant,
+    /// The raft term it was leader in.
+    pub raft_term: u64,
     /// The clients that read a lease since the change (their member knows the new leader).
     pub learnt: BTreeSet<usize>,
+    /// Whether each client that made a request since the change is connected to the
+    /// deposed leader (drawn at its first request).
+    pub stuck: BTreeMap<usize, bool>,
+}
+
+impl DeposedLessor {
+    /// The lease `id` as this lessor reads it at `now`, with its raft term `raft_term`:
+    /// the remaining time truncated toward zero, negative once expired (it never has a
+    /// revocation committed), -1 for a lease it never had.
+    fn time_to_live(&self, id: i64, now: Instant, raft_term: u64) -> LeaseTtl {
+        match self.leases.get(&id) {
+            Some(&(ttl, expiry)) => LeaseTtl {
+                ttl: if expiry >= now {
+                    expiry.duration_since(now).as_secs() as i64
+                } else {
+                    -(now.duration_since(expiry).as_secs() as i64)
+                },
+                granted: ttl,
+                raft_term,
+            },
+            None => LeaseTtl {
+                ttl: -1,
+                granted: 0,
+                raft_term,
+            },
+        }
+    }
 }
 
 /// A watch on a stream.
@@ -564,13 +599,48 @@ impl Store {
         self.deposed = Some(DeposedLessor {
             leases,
             until: deposed_until,
+            raft_term: self.raft_term,
             learnt: BTreeSet::new(),
+            stuck: BTreeMap::new(),
         });
         // A new leader's lessor resets every lease's remaining TTL to its TTL.
         for lease in self.leases.values_mut() {
             lease.expiry = now + Duration::from_secs(lease.ttl as u64);
         }
         self.raft_term += 1;
+    }
+
+    /// Whether `client`, making a request at `now`, is connected to the deposed leader
+    /// ([`DeposedLessor::stuck`]); `draw` decides at its first request after the change.
+    pub fn on_deposed(&mut self, client: usize, now: Instant, draw: impl FnOnce() -> bool) -> bool {
+        match self.deposed.as_mut() {
+            Some(d) if now < d.until => *d.stuck.entry(client).or_insert_with(draw),
+            _ => false,
+        }
+    }
+
+    /// A keep-alive of lease `id` that reached the deposed leader at `now`: its lessor
+    /// renews the lease it knows, if not expired (the new leader never hears of it).
+    pub fn keep_alive_deposed(&mut self, id: i64, now: Instant) -> i64 {
+        let Some(d) = self.deposed.as_mut() else {
+            return 0;
+        };
+        match d.leases.get_mut(&id) {
+            Some((ttl, expiry)) if *expiry > now => {
+                *expiry = now + Duration::from_secs(*ttl as u64);
+                *ttl
+            }
+            _ => 0,
+        }
+    }
+
+    /// A lease read that reached the deposed leader at `now` from a client connected to
+    /// it: stale, with the old raft term.
+    pub fn time_to_live_deposed(&mut self, id: i64, now: Instant) -> LeaseTtl {
+        match &self.deposed {
+            Some(d) => d.time_to_live(id, now, d.raft_term),
+            None => self.time_to_live(id, now),
+        }
     }
 
     /// Whether `client`'s read at `now` could still reach the deposed leader's lessor.
@@ -593,21 +663,11 @@ impl Store {
         deposed: bool,
     ) -> LeaseTtl {
         let reachable = self.may_reach_deposed(client, now);
+        let raft_term = self.raft_term;
         if let Some(d) = self.deposed.as_mut() {
             d.learnt.insert(client);
             if reachable && deposed {
-                return match d.leases.get(&id) {
-                    Some(&(ttl, expiry)) => LeaseTtl {
-                        ttl: expiry.saturating_duration_since(now).as_secs() as i64,
-                        granted: ttl,
-                        raft_term: self.raft_term,
-                    },
-                    None => LeaseTtl {
-                        ttl: -1,
-                        granted: 0,
-                        raft_term: self.raft_term,
-                    },
-                };
+                return d.time_to_live(id, now, raft_term);
             }
         }
         self.time_to_live(id, now)

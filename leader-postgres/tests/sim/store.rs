@@ -216,7 +216,10 @@ impl Tables {
             gone(old, self.elections.get(name), &mut triggered);
         }
         if acquired.is_some() {
-            self.waiters.remove(&key);
+            // `left_line`'s DELETE scans the snapshot: a place inserted since stays.
+            if snap.waiters.contains_key(&key) {
+                self.waiters.remove(&key);
+            }
         } else {
             match self.waiters.get_mut(&key) {
                 Some(w) => {
@@ -272,17 +275,24 @@ impl Tables {
         batch: &[(String, String, i64, f64)],
         notices: &mut Vec<Notice>,
     ) -> Vec<String> {
+        let snap = self.snapshot();
         let mut renewed = Vec::new();
+        let matches = |row: &Row, name: &str, (n, h, t, _): &(String, String, i64, f64)| {
+            n == name && row.holder.as_deref() == Some(h.as_str()) && row.token == *t
+        };
         for (name, row) in &mut self.elections {
-            // UPDATE ... FROM unnest(...): a row joins the first matching element.
-            let Some((_, holder, _, ttl)) = batch.iter().find(|(n, h, t, _)| {
-                n == name && row.holder.as_deref() == Some(h.as_str()) && row.token == *t
-            }) else {
+            // UPDATE ... FROM unnest(...): the snapshot's version of a row joins the first
+            // matching element; the newest version must still match it (re-checked).
+            let Some(seen) = snap.elections.get(name) else {
                 continue;
             };
-            if row.expires_at <= now {
+            let Some(element) = batch.iter().find(|b| matches(seen, name, b)) else {
+                continue;
+            };
+            if seen.expires_at <= now || row.expires_at <= now || !matches(row, name, element) {
                 continue;
             }
+            let (_, holder, _, ttl) = element;
             let old = row.clone();
             row.expires_at = after(now, *ttl);
             gone(&old, Some(row), notices);
@@ -296,6 +306,13 @@ impl Tables {
         let snap = self.snapshot();
         let mut refreshed = Vec::new();
         for ((name, candidate), w) in &mut self.waiters {
+            // The UPDATE scans the snapshot: a place inserted since is not refreshed.
+            if !snap
+                .waiters
+                .contains_key(&(name.clone(), candidate.clone()))
+            {
+                continue;
+            }
             if let Some((_, _, ttl)) = batch.iter().find(|(n, c, _)| n == name && c == candidate) {
                 w.expires_at = after(now, *ttl);
                 refreshed.push((name.clone(), candidate.clone(), w.position));
@@ -343,9 +360,19 @@ impl Tables {
         let mut triggered = Vec::new();
         // released: Some((freed, live nominee))
         let mut released = None;
-        if let Some(row) = self.elections.get_mut(name) {
-            let term = row.holder.as_deref() == Some(candidate) && Some(row.token) == token;
-            let named = row.nominee.as_deref() == Some(candidate);
+        let is_term =
+            |row: &Row| row.holder.as_deref() == Some(candidate) && Some(row.token) == token;
+        let is_named = |row: &Row| row.nominee.as_deref() == Some(candidate);
+        // The function's UPDATE matches the row in its snapshot (taken as it began: it may
+        // have waited for the row's lock since), then re-checks the newest version.
+        let seen = self
+            .began
+            .as_ref()
+            .map_or(self.elections.get(name), |began| began.elections.get(name))
+            .is_some_and(|row| is_term(row) || is_named(row));
+        if let Some(row) = self.elections.get_mut(name).filter(|_| seen) {
+            let term = is_term(row);
+            let named = is_named(row);
             if term || named {
                 let old = row.clone();
                 if term {
@@ -422,9 +449,12 @@ impl Tables {
         let held = snap.elections.get(name).is_some_and(is_term);
         let mut handed = false;
         let mut triggered = Vec::new();
-        if let (Some(target), Some(row)) =
-            (&target, self.elections.get_mut(name).filter(|r| is_term(r)))
-        {
+        // The UPDATE matches the snapshot's version (`held`), then the newest.
+        if let (true, Some(target), Some(row)) = (
+            held,
+            &target,
+            self.elections.get_mut(name).filter(|r| is_term(r)),
+        ) {
             let old = row.clone();
             row.holder = None;
             row.value = Vec::new();
@@ -453,9 +483,13 @@ impl Tables {
         election_channel: &str,
         notices: &mut Vec<Notice>,
     ) -> bool {
-        let Some(row) = self.elections.get_mut(name).filter(|r| {
-            r.holder.as_deref() == Some(holder) && r.token == token && r.expires_at > now
-        }) else {
+        let is_term =
+            |r: &Row| r.holder.as_deref() == Some(holder) && r.token == token && r.expires_at > now;
+        // The UPDATE matches the snapshot's version, then re-checks the newest.
+        if !self.snapshot().elections.get(name).is_some_and(is_term) {
+            return false;
+        }
+        let Some(row) = self.elections.get_mut(name).filter(|r| is_term(r)) else {
             return false;
         };
         let old = row.clone();

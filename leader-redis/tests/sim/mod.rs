@@ -153,13 +153,16 @@ impl Model for RedisModel {
         if !kept {
             store.keys.clear();
             store.replica.clear();
-        } else if net.draw(|rng| {
-            rng.random_bool(if store.replica_down_until.is_some() {
-                0.9
-            } else {
-                0.3
+            store.operator_unreplicated = false;
+        } else if !store.operator_unreplicated
+            && net.draw(|rng| {
+                rng.random_bool(if store.replica_down_until.is_some() {
+                    0.9
+                } else {
+                    0.3
+                })
             })
-        }) {
+        {
             // Sentinel fails over to the replica (the harness counts it as a restart that
             // kept the data: with `WAIT` every write a caller was told succeeded is there;
             // the ones that answered an error, or no answer, may be lost).
@@ -338,8 +341,31 @@ fn short(s: &str) -> &str {
 impl RedisIo for SimIo {
     async fn acquire(&self, r: &Acquire) -> Result<AcquireReply> {
         let label = || format!("ACQUIRE {} by {}", r.leader, r.owner);
-        self.script(label, wire::acquire(r), wire::acquire_reply)
-            .await
+        let call = wire::acquire(r);
+        let owner = r.owner.clone();
+        // `<prefix>{<election>}:leader`
+        let election = r
+            .leader
+            .split_once('{')
+            .and_then(|(_, rest)| rest.rsplit_once('}'))
+            .map_or_else(|| r.leader.clone(), |(name, _)| name.to_owned());
+        let (answer, acknowledged) = self
+            .request(label, move |s| {
+                let answer = s
+                    .eval(&call)
+                    .and_then(|value| readable(s, wire::acquire_reply, value));
+                if let Ok(AcquireReply::Elected(token)) = answer {
+                    // The checker's record of grants: a token the store hands out again
+                    // after a data loss is a new term (`Checker::reissued`).
+                    s.net.granted(&owner, &election, token.unsigned_abs());
+                }
+                (answer, replicate(s))
+            })
+            .await?;
+        match answer {
+            Ok(_) if !acknowledged => Err(shortfall(&self.net, self.client)),
+            answer => answer,
+        }
     }
 
     async fn renew(&self, terms: &[Renewal]) -> Result<Vec<bool>> {
@@ -591,5 +617,10 @@ fn operator_del(store: &mut Store, net: &Net, key: &str) -> String {
         net.tampered(&election, token, &owner, true);
     }
     store.del(key);
+    // Replicated like any write; while the replica's link is down, no failover may lose it
+    // (see `Store::operator_unreplicated`).
+    if !store.replicate(None) {
+        store.operator_unreplicated = true;
+    }
     what
 }

@@ -97,6 +97,11 @@ pub struct Store {
     /// master, `WAIT` after them times out (the caller gets an error), and the replica
     /// catches up when the link returns.
     pub replica_down_until: Option<Instant>,
+    /// An operator's write the replica has not had yet. A failover that lost it would
+    /// bring back a term the harness was told had ended (and must stop leading), which
+    /// Redis may do but the harness cannot excuse precisely: the model does not fail over
+    /// then.
+    pub operator_unreplicated: bool,
 }
 
 fn find(hay: &[u8], from: usize, byte: u8) -> Option<usize> {
@@ -134,6 +139,7 @@ impl Store {
             faults: Vec::new(),
             replica: BTreeMap::new(),
             replica_down_until: None,
+            operator_unreplicated: false,
         }
     }
 
@@ -159,6 +165,7 @@ impl Store {
             // The replica's link is back: it catches up with the master.
             self.replica_down_until = None;
             self.replica = self.keys.clone();
+            self.operator_unreplicated = false;
         }
     }
 
@@ -183,6 +190,7 @@ impl Store {
         self.keys = std::mem::take(&mut self.replica);
         self.replica = self.keys.clone();
         self.replica_down_until = None;
+        self.operator_unreplicated = false;
     }
 
     fn now_us(&self) -> u64 {

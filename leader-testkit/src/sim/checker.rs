@@ -20,8 +20,12 @@ pub(crate) struct Checker {
     pub(crate) last_elected: BTreeMap<String, u64>,
     /// Terms (candidate's index in `statuses`, token) valid at the last sample.
     pub(crate) valid: BTreeSet<(usize, u64)>,
-    /// Terms seen valid, then not: they must never be valid again.
-    pub(crate) dead: BTreeSet<(usize, u64)>,
+    /// Terms seen valid, then not: they must never be valid again. Each with when it
+    /// stopped (see `reissued`).
+    pub(crate) dead: BTreeMap<(usize, u64), Instant>,
+    /// When the store last granted each term (candidate id, election, token), for models
+    /// that report grants ([`Net::granted`](super::Net::granted)).
+    pub(crate) granted_at: BTreeMap<(String, String, u64), Instant>,
     /// Dead terms seen valid again by a sample taken while an event was handled: a
     /// violation at the next park unless their `Elected` event shows a reissued token.
     pub(crate) suspects: BTreeSet<(usize, u64)>,
@@ -79,6 +83,8 @@ impl Checker {
     pub(crate) fn granted(&mut self, id: &str, election: &str, token: u64) {
         self.grants
             .insert((id.to_owned(), election.to_owned(), token));
+        self.granted_at
+            .insert((id.to_owned(), election.to_owned(), token), Instant::now());
         let believers: Vec<(usize, u64, String)> = self
             .statuses
             .iter()
@@ -148,18 +154,33 @@ impl Checker {
 
     /// Candidate `id` was just elected to term `token` of `election` (its `Elected`
     /// event). After a data loss the store may hand out a token number again, even to a
-    /// candidate that had it before: that is a new term, not the old one leading again.
-    /// (An old term leading again with no new `Elected` event is still caught.)
+    /// candidate that had it before: that is a new term, not the old one leading again,
+    /// if the store granted it (the model reports grants) after the old one stopped. An
+    /// old term announced again with no such grant, or leading again with no new
+    /// `Elected` event, is still caught.
     pub(crate) fn reissued(&mut self, id: &str, election: &str, token: u64) {
         if self.losses == 0 {
             return;
         }
+        let Some(&granted) = self
+            .granted_at
+            .get(&(id.to_owned(), election.to_owned(), token))
+        else {
+            return;
+        };
         let statuses = &self.statuses;
-        let old = |&(i, dead): &(usize, u64)| {
+        let old = |i: usize, dead: u64| {
             dead == token && statuses[i].id == id && statuses[i].election == election
         };
-        self.dead.retain(|term| !old(term));
-        self.suspects.retain(|term| !old(term));
+        let mut forgiven = Vec::new();
+        self.dead.retain(|&(i, dead), &mut stopped| {
+            let reissued = old(i, dead) && granted >= stopped;
+            if reissued {
+                forgiven.push((i, dead));
+            }
+            !reissued
+        });
+        self.suspects.retain(|term| !forgiven.contains(term));
     }
 
     /// Whether every overlap is excused now (after a data loss).
@@ -179,6 +200,14 @@ impl Checker {
 
     /// Checks the candidates' statuses now. `parked`: the runtime parks (every event sent
     /// so far has been handled); otherwise a candidate's event is being handled.
+    ///
+    /// That every event sent has been handled at a park rests on: each subscriber's
+    /// channel being unbounded (nothing dropped or lagging), leader-core storing a new
+    /// term and sending its `Elected` in one locked step (a status that shows a term has
+    /// its event queued), the task calling `on_event` running on this single-threaded
+    /// runtime, and Tokio parking only when no task is ready (a task that used up its
+    /// budget is polled again first). Were one to change, the result would be false
+    /// alarms, not missed violations.
     pub(crate) fn sample(&mut self, parked: bool) {
         let mut leaders: BTreeMap<String, Vec<(usize, u64)>> = BTreeMap::new();
         let mut ids: BTreeMap<(String, usize, u64), String> = BTreeMap::new();
@@ -237,7 +266,7 @@ impl Checker {
             self.violation(what);
         }
         for &(i, token) in &now_valid {
-            if self.dead.contains(&(i, token)) {
+            if self.dead.contains_key(&(i, token)) {
                 // After a data loss it may be a reissued token whose `Elected` event is
                 // not handled yet (this sample is another candidate's event's): see
                 // `reissued`, by the next park.
@@ -254,7 +283,7 @@ impl Checker {
             }
         }
         let gone: Vec<(usize, u64)> = self.valid.difference(&now_valid).copied().collect();
-        self.dead.extend(gone);
+        self.dead.extend(gone.into_iter().map(|term| (term, now)));
         self.valid = now_valid;
     }
 }

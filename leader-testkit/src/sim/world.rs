@@ -79,6 +79,8 @@ pub(crate) fn run<M: Model>(
                 // The model is made inside the runtime: it may spawn tasks.
                 let world = Arc::new(World::new(net.clone(), make(&net)));
                 let result = Arc::clone(&world).simulate().await;
+                // A last look, as at a park: no suspect of `Checker::sample` goes unreported.
+                net.checker().sample(true);
                 if let Err(what) = &result {
                     net.violation(what.clone());
                 }
