@@ -297,11 +297,30 @@ impl SimIo {
         call: ScriptCall,
         read: fn(Value) -> Result<T>,
     ) -> Result<T> {
-        let writes = call.writes;
+        if !call.writes {
+            return self
+                .request(label, move |s| {
+                    s.eval(&call).and_then(|value| readable(s, read, value))
+                })
+                .await?;
+        }
+        self.write(label, move |s| {
+            s.eval(&call).and_then(|value| readable(s, read, value))
+        })
+        .await
+    }
+
+    /// A script that writes, `f` run on the model when it lands, then `WAIT 1`: a write
+    /// the replica did not acknowledge answers the `WAIT` error.
+    async fn write<T: Send + std::fmt::Debug + 'static>(
+        &self,
+        label: impl FnOnce() -> String,
+        f: impl FnOnce(&mut Store) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let (answer, acknowledged) = self
             .request(label, move |s| {
-                let answer = s.eval(&call).and_then(|value| readable(s, read, value));
-                (answer, !writes || replicate(s))
+                let answer = f(s);
+                (answer, replicate(s))
             })
             .await?;
         match answer {
@@ -349,22 +368,22 @@ impl RedisIo for SimIo {
             .split_once('{')
             .and_then(|(_, rest)| rest.rsplit_once('}'))
             .map_or_else(|| r.leader.clone(), |(name, _)| name.to_owned());
-        let (answer, acknowledged) = self
-            .request(label, move |s| {
-                let answer = s
-                    .eval(&call)
-                    .and_then(|value| readable(s, wire::acquire_reply, value));
-                if let Ok(AcquireReply::Elected(token)) = answer {
-                    // The checker's record of grants: a token the store hands out again
-                    // after a data loss is a new term (`Checker::reissued`).
-                    s.net.granted(&owner, &election, token.unsigned_abs());
-                }
-                (answer, replicate(s))
-            })
-            .await?;
-        match answer {
-            Ok(_) if !acknowledged => Err(shortfall(&self.net, self.client)),
-            answer => answer,
+        let writes = call.writes;
+        let run = move |s: &mut Store| {
+            let answer = s
+                .eval(&call)
+                .and_then(|value| readable(s, wire::acquire_reply, value));
+            if let Ok(AcquireReply::Elected(token)) = answer {
+                // The checker's record of grants: a token the store hands out again
+                // after a data loss is a new term (`Checker::reissued`).
+                s.net.granted(&owner, &election, token.unsigned_abs());
+            }
+            answer
+        };
+        if writes {
+            self.write(label, run).await
+        } else {
+            self.request(label, run).await?
         }
     }
 
@@ -385,19 +404,12 @@ impl RedisIo for SimIo {
     async fn resign(&self, r: &Resign) -> Result<bool> {
         let label = || format!("RESIGN {} by {} token {:?}", r.leader, r.owner, r.token);
         let (call, owner) = (wire::resign(r), r.owner.clone());
-        let (answer, acknowledged) = self
-            .request(label, move |s| {
-                *s.resigns.entry(owner).or_default() += 1;
-                let answer = s
-                    .eval(&call)
-                    .and_then(|value| readable(s, wire::resign_reply, value));
-                (answer, replicate(s))
-            })
-            .await?;
-        match answer {
-            Ok(_) if !acknowledged => Err(shortfall(&self.net, self.client)),
-            answer => answer,
-        }
+        self.write(label, move |s| {
+            *s.resigns.entry(owner).or_default() += 1;
+            s.eval(&call)
+                .and_then(|value| readable(s, wire::resign_reply, value))
+        })
+        .await
     }
 
     async fn refresh(&self, r: &Refresh) -> Result<RefreshReply> {
