@@ -111,19 +111,8 @@ async fn a_resignation_wakes_a_waiter_that_joined_after_its_snapshot() {
     let before_the_waiter = model.server().snapshot().0;
     let driver: PostgresDriver = drivers[1].clone();
     let campaign = tokio::spawn(async move { driver.campaign(&candidate("w", ttl)).await });
-    let in_line = |model: &sim::PostgresModel| {
-        let (tables, _) = model.server().snapshot();
-        tables
-            .waiters
-            .contains_key(&("sim-0".to_owned(), "w".to_owned()))
-    };
-    timeout(Duration::from_secs(1), async {
-        while !in_line(&model) {
-            sleep(Duration::from_millis(1)).await;
-        }
-    })
-    .await
-    .expect("the waiter stands in line");
+    leader_testkit::sim::scripted::wait_in_line(&drivers[0], "sim-0", "w", Duration::from_secs(1))
+        .await;
     model.server().snapshot_next(before_the_waiter);
     drivers[0]
         .resign(&leader, Some(grant.fencing_token))
