@@ -12,7 +12,7 @@ use tokio::time::{Instant, sleep, timeout};
 use super::{Bench, cells, latency, p50_p99, shown};
 use crate::BoxResult;
 use crate::charts;
-use crate::contender::{Exit, Handoffs, etcdctl, handoffs, ours};
+use crate::contender::{Exit, Handoffs, SETTLE, etcdctl, handoffs, ours};
 use crate::results::{Goal, Results};
 use crate::stats::{histogram, quantile_ms, record};
 use crate::stores::postgres_client;
@@ -37,7 +37,12 @@ pub(crate) async fn measure(bench: &Bench, results: &mut Results) -> BoxResult<(
             StoreKind::Redis => None,
             StoreKind::Postgres => Some(Baseline::AdvisoryLock),
         };
-        let (ours_h, theirs, staying) = beside(bench, store, baseline.as_ref()).await?;
+        let Beside {
+            ours: ours_h,
+            etcdctl: theirs,
+            staying,
+            postgres: references,
+        } = beside(bench, store, baseline.as_ref()).await?;
         let name = store.name();
         latency(
             results,
@@ -72,38 +77,8 @@ pub(crate) async fn measure(bench: &Bench, results: &mut Results) -> BoxResult<(
                 );
                 chart.push(("etcdctl elect".to_owned(), charts::histogram_ms(&theirs)));
             }
-            (Some(Baseline::AdvisoryLock), Some(theirs)) => {
-                latency(
-                    results,
-                    "postgres.advisory_lock_handoff",
-                    &theirs,
-                    "`pg_advisory_unlock` in one session to `pg_advisory_lock` returning in another",
-                );
-                let staying = staying.ok_or("no handoffs of leaders that stay up")?;
-                latency(
-                    results,
-                    "postgres.handoff_staying",
-                    &staying,
-                    "graceful handoff, resign() to the next candidate's Elected, the resigned \
-                     process staying up (connected) until then",
-                );
-                results.figure(
-                    "postgres.handoff_p50_ratio_to_advisory_lock",
-                    quantile_ms(&staying, 0.5) / quantile_ms(&theirs, 0.5),
-                    "ratio",
-                    Goal::AtMost(2.0),
-                    "graceful handoff p50 (resign() to Elected, the resigned process staying up as \
-                     the lock's holder session does) / pg_advisory_lock handoff p50, interleaved",
-                );
-                results.figure(
-                    "postgres.handoff_exiting_p50_ratio_to_advisory_lock",
-                    quantile_ms(&ours_h.resign_to_elected, 0.5) / quantile_ms(&theirs, 0.5),
-                    "ratio",
-                    Goal::None,
-                    "graceful handoff p50 (resign() to Elected, the resigned process exiting at \
-                     once: its sessions end during the handoff) / pg_advisory_lock handoff p50, \
-                     interleaved",
-                );
+            (Some(Baseline::AdvisoryLock), _) => {
+                postgres_figures(results, &ours_h, staying, references)?;
             }
             _ => {}
         }
@@ -167,10 +142,34 @@ pub(crate) async fn measure(bench: &Bench, results: &mut Results) -> BoxResult<(
     );
     results.row(
         format!(
-            "`pg_advisory_lock` handoff between two sessions (unlock to lock), p50 / p99; in brackets ours (resign() to Elected, staying up) / it, and ours exiting at once / it; medians of {} each, interleaved in {} blocks",
+            "`pg_advisory_lock` handoff between two sessions (unlock to lock), both rested as our candidates are, p50 / p99; in brackets ours (resign() to Elected, staying up) / it, and ours exiting at once / it; {} each, interleaved in {} blocks",
             sizes.handoffs, sizes.blocks
         ),
         [String::new(), String::new(), advisory_cell],
+    );
+    results.row(
+        "the same `pg_advisory_lock` handoff with no rest, p50 / p99; in brackets ours (staying up) / it",
+        [
+            String::new(),
+            String::new(),
+            format!(
+                "{} ({})",
+                p50_p99(results, "postgres.advisory_lock_handoff_busy"),
+                shown(results, "postgres.handoff_p50_ratio_to_busy_advisory_lock")
+            ),
+        ],
+    );
+    results.row(
+        "one durable single-row `UPDATE` after the same rest, p50 / p99; in brackets ours (staying up) / it",
+        [
+            String::new(),
+            String::new(),
+            format!(
+                "{} ({})",
+                p50_p99(results, "postgres.durable_update"),
+                shown(results, "postgres.handoff_p50_ratio_to_durable_update")
+            ),
+        ],
     );
     results.row(
         "graceful handoff on Redis with `appendfsync always` (as the README asks), resign() to Elected, p50 / p99",
@@ -183,7 +182,14 @@ pub(crate) async fn measure(bench: &Bench, results: &mut Results) -> BoxResult<(
          to the return of campaign(). `etcdctl elect` is timed with the orchestrator's clock \
          (SIGINT); the `pg_advisory_lock` baseline is two sessions of one process, the time \
          from sending `pg_advisory_unlock` in one to `pg_advisory_lock` returning in the \
-         other (no lease, no fencing: the physical reference). Neither of its sessions ends \
+         other (no lease, no fencing: the physical reference), after both sessions rested \
+         as long as our candidates rest before each handoff (150 ms): on this machine an \
+         idle round trip costs about twice a busy one, and a commit flushed after a rest \
+         several times one flushed in a busy loop, so the reference rests as ours do (the \
+         busy figure is shown too). One durable single-row `UPDATE` after the same rest is \
+         the least a grant costs: every grant's commit reaches the disk before it is \
+         answered, and a handoff adds the resignation's round trip before it. Neither of \
+         the lock's sessions ends \
          during its handoff, so the ratio to it compares our handoffs whose resigned process \
          stays up (connected) until the next one leads; our other figures are of a process \
          that exits as soon as resign() returns, as a stopping service does, and on this \
@@ -198,42 +204,129 @@ pub(crate) async fn measure(bench: &Bench, results: &mut Results) -> BoxResult<(
     Ok(())
 }
 
+/// The PostgreSQL figures: our handoffs beside the `pg_advisory_lock` handoff (rested as
+/// ours, and busy) and beside one durable `UPDATE`.
+fn postgres_figures(
+    results: &mut Results,
+    ours: &Handoffs,
+    staying: Option<Histogram<u64>>,
+    references: References,
+) -> BoxResult<()> {
+    let missing = "no PostgreSQL reference measured";
+    let staying = staying.ok_or("no handoffs of leaders that stay up")?;
+    let advisory = references.advisory.ok_or(missing)?;
+    let busy = references.advisory_busy.ok_or(missing)?;
+    let durable = references.durable_update.ok_or(missing)?;
+    latency(
+        results,
+        "postgres.advisory_lock_handoff",
+        &advisory,
+        "`pg_advisory_unlock` in one session to `pg_advisory_lock` returning in another, both \
+         sessions having rested as long as our candidates rest between handoffs",
+    );
+    latency(
+        results,
+        "postgres.advisory_lock_handoff_busy",
+        &busy,
+        "the same `pg_advisory_lock` handoff with no rest (the holder's session had just \
+         polled the waiter's)",
+    );
+    latency(
+        results,
+        "postgres.durable_update",
+        &durable,
+        "one single-row UPDATE whose commit is flushed (`synchronous_commit = on`), after the \
+         same rest",
+    );
+    latency(
+        results,
+        "postgres.handoff_staying",
+        &staying,
+        "graceful handoff, resign() to the next candidate's Elected, the resigned process \
+         staying up (connected) until then",
+    );
+    let ours_p50 = quantile_ms(&staying, 0.5);
+    results.figure(
+        "postgres.handoff_p50_ratio_to_advisory_lock",
+        ours_p50 / quantile_ms(&advisory, 0.5),
+        "ratio",
+        Goal::AtMost(2.0),
+        "graceful handoff p50 (resign() to Elected, the resigned process staying up as the \
+         lock's holder session does) / pg_advisory_lock handoff p50, both after the same \
+         rest, interleaved",
+    );
+    results.figure(
+        "postgres.handoff_p50_ratio_to_busy_advisory_lock",
+        ours_p50 / quantile_ms(&busy, 0.5),
+        "ratio",
+        Goal::None,
+        "the same, against the pg_advisory_lock handoff with no rest",
+    );
+    results.figure(
+        "postgres.handoff_p50_ratio_to_durable_update",
+        ours_p50 / quantile_ms(&durable, 0.5),
+        "ratio",
+        Goal::None,
+        "graceful handoff p50 (staying up) / one durable single-row UPDATE p50 after the same \
+         rest: a handoff needs at least one such commit (the grant) and the resignation's \
+         round trip before it",
+    );
+    results.figure(
+        "postgres.handoff_exiting_p50_ratio_to_advisory_lock",
+        quantile_ms(&ours.resign_to_elected, 0.5) / quantile_ms(&advisory, 0.5),
+        "ratio",
+        Goal::None,
+        "graceful handoff p50 (resign() to Elected, the resigned process exiting at once: its \
+         sessions end during the handoff) / pg_advisory_lock handoff p50 (rested), interleaved",
+    );
+    Ok(())
+}
+
+/// What [`beside`] measured: ours, and beside them `etcdctl elect` on etcd, our handoffs
+/// whose resigned process stays up and the references on PostgreSQL.
+struct Beside {
+    ours: Handoffs,
+    etcdctl: Option<Histogram<u64>>,
+    staying: Option<Histogram<u64>>,
+    postgres: References,
+}
+
 /// Our handoffs on `store` and, when there is a baseline, the baseline's, interleaved in
 /// blocks. Each block uses an election of its own: nothing left of one block can lead the
 /// next.
-async fn beside(
-    bench: &Bench,
-    store: StoreKind,
-    baseline: Option<&Baseline>,
-) -> BoxResult<(Handoffs, Option<Histogram<u64>>, Option<Histogram<u64>>)> {
+async fn beside(bench: &Bench, store: StoreKind, baseline: Option<&Baseline>) -> BoxResult<Beside> {
     let sizes = &bench.sizes;
     let blocks = if baseline.is_some() { sizes.blocks } else { 1 };
     let per_block = sizes.handoffs.div_ceil(blocks);
-    let mut ours_all = Handoffs {
-        by_signal: histogram(),
-        resign_to_elected: histogram(),
+    let mut all = Beside {
+        ours: Handoffs {
+            by_signal: histogram(),
+            resign_to_elected: histogram(),
+        },
+        etcdctl: None,
+        staying: None,
+        postgres: References::default(),
     };
-    let mut theirs_all = histogram();
-    let mut staying_all = histogram();
     for block in 0..blocks {
         let name = format!("handoff-{}-{}-{block}", store.name(), bench.tag);
         let contender = ours(bench.stores.url(store), TTL, name, Exit::AfterResign)?;
         let block_h = handoffs(&contender, "TERM", per_block, |_| Duration::ZERO)
             .await
             .map_err(|err| format!("ours on {}, block {block}: {err}", store.name()))?;
-        ours_all.by_signal.add(block_h.by_signal)?;
-        ours_all.resign_to_elected.add(block_h.resign_to_elected)?;
-        let theirs = match baseline {
-            None => continue,
+        all.ours.by_signal.add(block_h.by_signal)?;
+        all.ours.resign_to_elected.add(block_h.resign_to_elected)?;
+        match baseline {
+            None => {}
             Some(Baseline::Etcdctl) => {
                 let contender = etcdctl(
                     bench.stores.endpoint(StoreKind::Etcd),
                     format!("etcdctl-{}-{block}", bench.tag),
                 );
-                handoffs(&contender, "INT", per_block, |_| Duration::ZERO)
+                let theirs = handoffs(&contender, "INT", per_block, |_| Duration::ZERO)
                     .await
                     .map_err(|err| format!("etcdctl elect, block {block}: {err}"))?
-                    .by_signal
+                    .by_signal;
+                all.etcdctl.get_or_insert_with(histogram).add(theirs)?;
             }
             Some(Baseline::AdvisoryLock) => {
                 let name = format!("handoff-staying-{}-{block}", bench.tag);
@@ -241,22 +334,58 @@ async fn beside(
                 let staying = handoffs(&contender, "TERM", per_block, |_| Duration::ZERO)
                     .await
                     .map_err(|err| format!("ours staying up, block {block}: {err}"))?;
-                staying_all.add(staying.resign_to_elected)?;
-                advisory_lock_handoffs(&bench.stores.url(StoreKind::Postgres), per_block)
-                    .await
-                    .map_err(|err| format!("pg_advisory_lock, block {block}: {err}"))?
+                all.staying
+                    .get_or_insert_with(histogram)
+                    .add(staying.resign_to_elected)?;
+                let references =
+                    postgres_references(&bench.stores.url(StoreKind::Postgres), per_block)
+                        .await
+                        .map_err(|err| format!("PostgreSQL references, block {block}: {err}"))?;
+                all.postgres.add(references)?;
             }
-        };
-        theirs_all.add(theirs)?;
+        }
     }
-    let staying = matches!(baseline, Some(Baseline::AdvisoryLock)).then_some(staying_all);
-    Ok((ours_all, baseline.map(|_| theirs_all), staying))
+    Ok(all)
+}
+
+/// The PostgreSQL references measured beside our handoffs (see [`postgres_references`]).
+#[derive(Default)]
+struct References {
+    /// `pg_advisory_lock` handoffs whose sessions rested [`SETTLE`] first, as ours do.
+    advisory: Option<Histogram<u64>>,
+    /// The same handoffs with no rest (the waiter's session had just been polled).
+    advisory_busy: Option<Histogram<u64>>,
+    /// One durable single-row `UPDATE` (commit flushed, as our grants are) after the same
+    /// rest.
+    durable_update: Option<Histogram<u64>>,
+}
+
+impl References {
+    fn add(&mut self, more: References) -> BoxResult<()> {
+        for (all, block) in [
+            (&mut self.advisory, more.advisory),
+            (&mut self.advisory_busy, more.advisory_busy),
+            (&mut self.durable_update, more.durable_update),
+        ] {
+            if let Some(block) = block {
+                match all {
+                    Some(all) => all.add(block)?,
+                    None => *all = Some(block),
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `count` handoffs of a PostgreSQL advisory lock between two sessions: one holds it,
 /// the other blocks in `pg_advisory_lock`; timed from sending `pg_advisory_unlock` to the
-/// waiter's `pg_advisory_lock` returning. The roles alternate.
-async fn advisory_lock_handoffs(url: &str, count: usize) -> BoxResult<Histogram<u64>> {
+/// waiter's `pg_advisory_lock` returning. The roles alternate. Each is timed twice over:
+/// once after both sessions rested [`SETTLE`] (as our candidates rest between handoffs:
+/// the reference the ratio uses), once right after the holder's session polled the
+/// waiter's (busy). And `count` durable single-row `UPDATE`s after the same rest: the
+/// least one commit that must reach the disk costs here, which every grant does.
+async fn postgres_references(url: &str, count: usize) -> BoxResult<References> {
     let sessions = [
         Arc::new(postgres_client(url).await?),
         Arc::new(postgres_client(url).await?),
@@ -274,8 +403,8 @@ async fn advisory_lock_handoffs(url: &str, count: usize) -> BoxResult<Histogram<
     sessions[0]
         .execute("SELECT pg_advisory_lock($1)", &[&key])
         .await?;
-    let mut h = histogram();
-    for i in 0..count {
+    let (mut rested, mut busy) = (histogram(), histogram());
+    for i in 0..2 * count {
         let (holder, waiter) = (i % 2, 1 - i % 2);
         let waiting = Arc::clone(&sessions[waiter]);
         let locked = tokio::spawn(async move {
@@ -302,12 +431,44 @@ async fn advisory_lock_handoffs(url: &str, count: usize) -> BoxResult<Histogram<
             }
             sleep(Duration::from_millis(2)).await;
         }
+        // Rested every other time (the two kinds interleaved).
+        let rest = (i / 2) % 2 == 0;
+        if rest {
+            sleep(SETTLE).await;
+        }
         let started = Instant::now();
         sessions[holder]
             .execute("SELECT pg_advisory_unlock($1)", &[&key])
             .await?;
         let locked_at = timeout(Duration::from_secs(10), locked).await???;
-        record(&mut h, locked_at.duration_since(started));
+        record(
+            if rest { &mut rested } else { &mut busy },
+            locked_at.duration_since(started),
+        );
     }
-    Ok(h)
+    let holder = &sessions[0];
+    let table = format!("leader_bench_durable_{}", std::process::id());
+    holder
+        .batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {table} (id int PRIMARY KEY, n bigint NOT NULL);
+             INSERT INTO {table} VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
+             SET synchronous_commit = on"
+        ))
+        .await?;
+    let update = holder
+        .prepare(&format!("UPDATE {table} SET n = n + 1 WHERE id = 1"))
+        .await?;
+    let mut durable = histogram();
+    for _ in 0..count {
+        sleep(SETTLE).await;
+        let started = Instant::now();
+        holder.execute(&update, &[]).await?;
+        record(&mut durable, started.elapsed());
+    }
+    holder.batch_execute(&format!("DROP TABLE {table}")).await?;
+    Ok(References {
+        advisory: Some(rested),
+        advisory_busy: Some(busy),
+        durable_update: Some(durable),
+    })
 }
