@@ -16,7 +16,14 @@ impl Election {
     /// `driver` is any [`Driver`], including an `Arc<dyn Driver>`; several elections may
     /// share one driver (clone it).
     pub fn builder(driver: impl Driver, name: impl Into<String>) -> ElectionBuilder {
-        ElectionBuilder::new(Arc::new(driver), name.into())
+        // An `Arc<dyn Driver>` (what `leader::connect` returns) is shared as it is, not
+        // wrapped once more for every election.
+        let any: &dyn std::any::Any = &driver;
+        let driver = match any.downcast_ref::<Arc<dyn Driver>>() {
+            Some(shared) => Arc::clone(shared),
+            None => Arc::new(driver),
+        };
+        ElectionBuilder::new(driver, name.into())
     }
 }
 

@@ -288,6 +288,14 @@ pub trait Driver: Send + Sync + 'static {
         let _ = election;
         Ok(())
     }
+
+    /// What identifies this driver among the drivers of the process: the elections of one
+    /// driver share one task for their held terms. Defaults to the address of `self`. A
+    /// driver that wraps another and forwards to it (as `Arc<D>` does) forwards this too, so
+    /// that wrapping it again for each election still shares that task.
+    fn identity(&self) -> usize {
+        std::ptr::from_ref(self).cast::<()>() as usize
+    }
 }
 
 /// The future of a forwarded method, as `#[async_trait]` declares it.
@@ -393,5 +401,9 @@ impl<D: Driver + ?Sized> Driver for Arc<D> {
 
     fn check_name(&self, election: &str) -> Result<()> {
         (**self).check_name(election)
+    }
+
+    fn identity(&self) -> usize {
+        (**self).identity()
     }
 }

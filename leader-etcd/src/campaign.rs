@@ -1,7 +1,9 @@
 //! Creating a candidate's key (a new create revision per term) and deleting only one's
 //! own.
 
-use leader_core::{CancellationToken, Candidate, Result};
+use leader_core::{Candidate, Result};
+
+use crate::gone::Gone;
 use tracing::{debug, warn};
 
 use crate::error::unexpected;
@@ -35,7 +37,7 @@ impl Inner {
         candidate: &Candidate,
         key: &CandidateKey,
         prefix: &str,
-    ) -> Result<(i64, CancellationToken, Option<TxnResult>)> {
+    ) -> Result<(i64, Gone, Option<TxnResult>)> {
         for _ in 0..4 {
             let attempt = self.attempt_lease(&key.slot).await?;
             // From here until the answer, the key may exist with a revision we do not know:

@@ -32,12 +32,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use leader_core::{CancellationToken, Error, Result};
+use leader_core::{Error, Result};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, warn};
 
 use crate::error::{ErrorChain, unexpected, watch_cancelled};
+use crate::gone::Gone;
 use crate::io::{EtcdIo, WatchCommand, WatchMessage, WatchRequest};
 use crate::keys::CandidateKey;
 use crate::{Inner, lock};
@@ -63,13 +64,13 @@ pub(crate) struct HeldKeys {
 struct HeldTerm {
     key: Arc<str>,
     lease: i64,
-    gone: CancellationToken,
+    gone: Gone,
     /// The revision the key's first watch starts from: right after the campaign's read of
     /// the key, so that no event since goes unseen. 0 once that watch was requested: later
     /// ones (after the stream failed) start at the current revision.
     start: i64,
     /// The value of a proclamation of this term sent and not yet seen: its put is ours.
-    proclaimed: Option<Vec<u8>>,
+    proclaimed: Option<Box<[u8]>>,
 }
 
 impl HeldTerm {
@@ -161,7 +162,7 @@ impl Inner {
     /// create revision, is this driver's own (a proclamation), not news of a lost term.
     pub(crate) fn expect_put(&self, token: i64, value: &[u8]) {
         if let Some(term) = lock(&self.held.terms).get_mut(&token) {
-            term.proclaimed = Some(value.to_vec());
+            term.proclaimed = Some(value.into());
         }
     }
 

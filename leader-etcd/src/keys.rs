@@ -6,8 +6,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use leader_core::{CancellationToken, Candidate};
+use leader_core::Candidate;
 
+use crate::gone::Gone;
 use crate::lease::LeaseSlot;
 use crate::{Inner, lock};
 
@@ -23,7 +24,7 @@ pub(crate) struct CandidateKey {
     /// until its answer comes.
     pub(crate) create_revision: i64,
     /// Cancelled when etcd says the term `create_revision` is gone.
-    pub(crate) gone: CancellationToken,
+    pub(crate) gone: Gone,
     /// The attempt lease of the last create sent whose outcome is unknown (0: none): what a
     /// withdrawal revokes before it reads the key.
     pub(crate) attempt: i64,
@@ -120,7 +121,8 @@ pub(crate) fn parse_marker(value: &[u8]) -> i64 {
 /// naming a key costs O(1) however many candidates the driver has.
 #[derive(Default)]
 pub(crate) struct Keys {
-    by_candidate: HashMap<String, CandidateKey>,
+    /// By candidate id (boxed: no spare capacity kept per entry).
+    by_candidate: HashMap<Box<str>, CandidateKey>,
     names: HashSet<Arc<str>>,
 }
 
@@ -132,7 +134,7 @@ impl Keys {
     fn insert(&mut self, candidate: String, key: CandidateKey) {
         let name = Arc::clone(&key.key);
         // Names are unique among candidates: the replaced one was only the old entry's.
-        if let Some(old) = self.by_candidate.insert(candidate, key)
+        if let Some(old) = self.by_candidate.insert(candidate.into_boxed_str(), key)
             && old.key != name
         {
             self.names.remove(&old.key);
@@ -159,14 +161,14 @@ impl Keys {
         name: &str,
         revision: i64,
         attempt: i64,
-    ) -> Option<CancellationToken> {
+    ) -> Option<Gone> {
         let entry = self.by_candidate.get_mut(candidate)?;
         if *entry.key != *name {
             return None;
         }
         if entry.create_revision != revision {
             entry.create_revision = revision;
-            entry.gone = CancellationToken::new();
+            entry.gone = Gone::new();
         }
         entry.attempt = attempt;
         Some(entry.gone.clone())
@@ -204,7 +206,7 @@ impl Inner {
             lease,
             slot: Arc::clone(slot),
             create_revision: 0,
-            gone: CancellationToken::new(),
+            gone: Gone::new(),
             attempt: 0,
         };
         keys.insert(candidate.id.clone(), entry.clone());
@@ -291,7 +293,7 @@ mod tests {
             lease: 1,
             slot: crate::lease::Leases::new().slot(1),
             create_revision: revision,
-            gone: CancellationToken::new(),
+            gone: Gone::new(),
             attempt: 0,
         }
     }

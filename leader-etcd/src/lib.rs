@@ -7,6 +7,7 @@ mod client_io;
 mod confirm;
 mod error;
 mod expiry;
+mod gone;
 mod held;
 pub mod io;
 mod keys;
@@ -608,6 +609,11 @@ impl Driver for EtcdDriver {
 
     fn term_gone(&self, candidate: &Candidate, fencing_token: u64) -> BoxFuture<'static, ()> {
         Box::pin(EtcdDriver::term_gone(self, candidate, fencing_token))
+    }
+
+    /// Clones share their state: they are one driver.
+    fn identity(&self) -> usize {
+        Arc::as_ptr(&self.inner).cast::<()>() as usize
     }
 
     fn check_name(&self, election: &str) -> Result<()> {

@@ -235,6 +235,11 @@ impl Driver for PostgresDriver {
         }
     }
 
+    /// Clones share their state: they are one driver.
+    fn identity(&self) -> usize {
+        Arc::as_ptr(&self.inner).cast::<()>() as usize
+    }
+
     fn check_name(&self, election: &str) -> Result<()> {
         check_name(election)
     }

@@ -166,6 +166,11 @@ impl Driver for RedisDriver {
             .map(|(info, _)| info))
     }
 
+    /// Clones share their state: they are one driver.
+    fn identity(&self) -> usize {
+        std::sync::Arc::as_ptr(&self.inner).cast::<()>() as usize
+    }
+
     fn check_name(&self, election: &str) -> Result<()> {
         self.check(election)
     }

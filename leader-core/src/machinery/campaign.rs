@@ -11,7 +11,7 @@ use tracing::{Instrument, Span, debug, debug_span, field, info, info_span};
 
 use super::state::Leftover;
 use super::term_state::{Reading, TermState};
-use super::{CampaignGuard, Core};
+use super::{CampaignGuard, Core, holders};
 use crate::driver::{Driver, Grant};
 use crate::event::{Event, LossReason};
 use crate::telemetry;
@@ -212,7 +212,10 @@ impl Core {
         };
         Span::current().record("fencing_token", grant.fencing_token);
         info!(election = %self.name(), fencing_token = grant.fencing_token, "elected");
-        tokio::spawn(Arc::clone(self).hold(Arc::clone(&term), grant));
+        holders::hold(
+            &self.driver,
+            Arc::clone(self).hold(Arc::clone(&term), grant),
+        );
         Ok(term)
     }
 }

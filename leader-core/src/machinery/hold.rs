@@ -44,7 +44,8 @@ impl Core {
     /// the term ends; ends it at its deadline.
     ///
     /// An async block rather than an async fn: the latter keeps its arguments twice in its
-    /// state (as arguments and as locals), and this future is a task for every held term.
+    /// state (as arguments and as locals), and this future rests for every held term (in the
+    /// task of its driver's holders: see `holders.rs`).
     /// Only what lives across the whole loop is kept (see the size test below).
     #[allow(clippy::manual_async_fn)] // on purpose: see above
     pub(super) fn hold(

@@ -19,6 +19,7 @@
 
 mod campaign;
 mod hold;
+mod holders;
 mod resign;
 mod state;
 mod term_state;
