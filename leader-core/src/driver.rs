@@ -289,11 +289,15 @@ pub trait Driver: Send + Sync + 'static {
         Ok(())
     }
 
-    /// What identifies this driver among the drivers of the process: the elections of one
-    /// driver share one task for their held terms. Defaults to the address of `self`. A
-    /// driver that wraps another and forwards to it (as `Arc<D>` does) forwards this too, so
-    /// that wrapping it again for each election still shares that task.
-    fn identity(&self) -> usize {
+    /// Which driver this is, among the drivers of the process: the terms held on one
+    /// driver and elected on one runtime rest in one task of that runtime (see the crate's
+    /// ARCHITECTURE notes on holders). Unique among live drivers and stable for the driver's
+    /// life; it decides nothing else, so two drivers that answered the same would only share
+    /// that task. Defaults to the address of `self`. A driver whose clones share their
+    /// state returns the address of that state; one that wraps another and forwards to it
+    /// (as `Arc<D>` does) forwards this too, so that wrapping it again for each election
+    /// still shares the task.
+    fn instance_id(&self) -> usize {
         std::ptr::from_ref(self).cast::<()>() as usize
     }
 }
@@ -403,7 +407,7 @@ impl<D: Driver + ?Sized> Driver for Arc<D> {
         (**self).check_name(election)
     }
 
-    fn identity(&self) -> usize {
-        (**self).identity()
+    fn instance_id(&self) -> usize {
+        (**self).instance_id()
     }
 }

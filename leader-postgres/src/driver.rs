@@ -236,7 +236,7 @@ impl Driver for PostgresDriver {
     }
 
     /// Clones share their state: they are one driver.
-    fn identity(&self) -> usize {
+    fn instance_id(&self) -> usize {
         Arc::as_ptr(&self.inner).cast::<()>() as usize
     }
 

@@ -167,7 +167,7 @@ impl Driver for RedisDriver {
     }
 
     /// Clones share their state: they are one driver.
-    fn identity(&self) -> usize {
+    fn instance_id(&self) -> usize {
         std::sync::Arc::as_ptr(&self.inner).cast::<()>() as usize
     }
 

@@ -10,10 +10,16 @@
 //!
 //! What does not change: each holder is the same future, and it runs until its term ends;
 //! a holder that panics ends alone (caught and logged, as Tokio would have kept the panic
-//! of a task to itself). The task of a driver ends when it holds nothing; the next term
-//! starts another one, on the runtime it is elected on. A driver used from several runtimes
-//! has its holders run on the runtime of the first term still held (its requests are tied
-//! to the runtime that made its connections anyway).
+//! of a task to itself). There is one task per driver and runtime: a term's holder runs on
+//! the runtime the term was elected on, as its own task did, so a runtime that stops takes
+//! only its own terms' holders with it. The task ends when it holds nothing; the next term
+//! starts another one.
+//!
+//! What does change: the holders of one driver on one runtime take turns on one thread
+//! instead of spreading over the runtime's workers. Each turn is short (a look at the
+//! clock, a request sent, an answer counted), but a slow `on_deadline` hook, which runs
+//! inside a holder when a renewal extends its term, now delays the other terms of that
+//! driver too.
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -28,9 +34,13 @@ use tracing::error;
 use super::lock;
 use crate::driver::Driver;
 
-/// The running tasks, by the address of their driver: the generation of each (so that an
-/// ending task removes itself, not a successor) and where to send it holders.
-type Tasks = HashMap<usize, (u64, mpsc::UnboundedSender<BoxFuture<'static, ()>>)>;
+/// The running tasks, by their driver's [`Driver::instance_id`] and runtime: the
+/// generation of each (so that an ending task removes itself, not a successor) and where
+/// to send it holders.
+type Tasks = HashMap<Key, (u64, mpsc::UnboundedSender<BoxFuture<'static, ()>>)>;
+
+/// A driver on a runtime.
+type Key = (usize, tokio::runtime::Id);
 
 struct Registry {
     tasks: Mutex<Tasks>,
@@ -45,10 +55,11 @@ fn registry() -> &'static Registry {
     })
 }
 
-/// The key of `driver`: its [`Driver::identity`], the address of its state, which lives as
-/// long as any of its holders (each keeps its core, and so the driver).
-fn key_of(driver: &Arc<dyn Driver>) -> usize {
-    driver.identity()
+/// The key of `driver` on the current runtime. Its [`Driver::instance_id`] is the address
+/// of its state, which lives as long as any of its holders (each keeps its core, and so
+/// the driver).
+fn key_of(driver: &Arc<dyn Driver>) -> Key {
+    (driver.instance_id(), tokio::runtime::Handle::current().id())
 }
 
 /// Runs `holder` in the task of `driver`'s holders, starting that task (on the current
@@ -65,6 +76,8 @@ pub(super) fn hold(driver: &Arc<dyn Driver>, holder: impl Future<Output = ()> + 
             Err(mpsc::error::SendError(back)) => holder = back,
         }
     }
+    // Starting a task is rare: forget those whose runtime stopped meanwhile.
+    tasks.retain(|_, (_, sender)| !sender.is_closed());
     let (sender, receiver) = mpsc::unbounded_channel();
     // Cannot fail: the receiver is here.
     let _ = sender.send(holder);
@@ -79,7 +92,7 @@ pub(super) fn hold(driver: &Arc<dyn Driver>, holder: impl Future<Output = ()> + 
 /// The task of one driver's holders: takes new ones, polls the woken ones, and ends once
 /// none is left and none is on its way.
 async fn run(
-    key: usize,
+    key: Key,
     generation: u64,
     mut arriving: mpsc::UnboundedReceiver<BoxFuture<'static, ()>>,
 ) {
@@ -155,5 +168,40 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_millis(1)).await;
         assert_eq!(done.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn a_driver_used_on_two_runtimes_has_a_task_on_each_and_one_stopping_leaves_the_other() {
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .expect("a runtime")
+        };
+        let (first, second) = (runtime(), runtime());
+        let driver: Arc<dyn Driver> = Arc::new(MemoryDriver::new());
+        first.block_on(async { hold(&driver, std::future::pending()) });
+        let done = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::clone(&done);
+        let keys = second.block_on(async {
+            hold(&driver, async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                seen.fetch_add(1, Ordering::SeqCst);
+            });
+            lock(&registry().tasks)
+                .keys()
+                .filter(|(id, _)| *id == driver.instance_id())
+                .count()
+        });
+        assert_eq!(keys, 2, "one task per runtime");
+        // The first runtime stops with its task; the second's holder runs on.
+        drop(first);
+        second.block_on(async {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while done.load(Ordering::SeqCst) == 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        assert_eq!(done.load(Ordering::SeqCst), 1);
     }
 }
