@@ -21,11 +21,11 @@
 //! inside a holder when a renewal extends its term, now delays the other terms of that
 //! driver too.
 
+use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
@@ -34,13 +34,29 @@ use tracing::error;
 use super::lock;
 use crate::driver::Driver;
 
-/// The running tasks, by their driver's [`Driver::instance_id`] and runtime: the
-/// generation of each (so that an ending task removes itself, not a successor) and where
-/// to send it holders.
-type Tasks = HashMap<Key, (u64, mpsc::UnboundedSender<BoxFuture<'static, ()>>)>;
+/// The running tasks, by their driver's [`Driver::instance_id`], runtime and type of
+/// holder: the generation of each (so that an ending task removes itself, not a
+/// successor) and where to send it holders.
+type Tasks = HashMap<Key, (u64, Box<dyn Listed>)>;
 
-/// A driver on a runtime.
-type Key = (usize, tokio::runtime::Id);
+/// A driver on a runtime, and the type of its holders (one in practice: `Core::hold`'s).
+type Key = (usize, tokio::runtime::Id, TypeId);
+
+/// Where a task takes holders of type `F`: an `UnboundedSender<F>`, its type erased.
+trait Listed: Send {
+    fn is_closed(&self) -> bool;
+    fn as_any(&self) -> &dyn Any;
+}
+
+impl<F: Send + 'static> Listed for mpsc::UnboundedSender<F> {
+    fn is_closed(&self) -> bool {
+        mpsc::UnboundedSender::is_closed(self)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
 
 struct Registry {
     tasks: Mutex<Tasks>,
@@ -55,21 +71,32 @@ fn registry() -> &'static Registry {
     })
 }
 
-/// The key of `driver` on the current runtime. Its [`Driver::instance_id`] is the address
-/// of its state, which lives as long as any of its holders (each keeps its core, and so
-/// the driver).
-fn key_of(driver: &Arc<dyn Driver>) -> Key {
-    (driver.instance_id(), tokio::runtime::Handle::current().id())
+/// The key of `driver`'s holders of type `F` on the current runtime. Its
+/// [`Driver::instance_id`] is the address of its state, which lives as long as any of its
+/// holders (each keeps its core, and so the driver).
+fn key_of<F: 'static>(driver: &Arc<dyn Driver>) -> Key {
+    (
+        driver.instance_id(),
+        tokio::runtime::Handle::current().id(),
+        TypeId::of::<F>(),
+    )
 }
 
 /// Runs `holder` in the task of `driver`'s holders, starting that task (on the current
-/// runtime) if none runs.
-pub(super) fn hold(driver: &Arc<dyn Driver>, holder: impl Future<Output = ()> + Send + 'static) {
-    let key = key_of(driver);
+/// runtime) if none runs. Not boxed: the task keeps each holder in its
+/// `FuturesUnordered`'s node, one allocation per term.
+pub(super) fn hold<F>(driver: &Arc<dyn Driver>, holder: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let key = key_of::<F>(driver);
     let registry = registry();
     let mut tasks = lock(&registry.tasks);
-    let mut holder: BoxFuture<'static, ()> = Box::pin(holder);
-    if let Some((_, sender)) = tasks.get(&key) {
+    let mut holder = holder;
+    if let Some(sender) = tasks
+        .get(&key)
+        .and_then(|(_, listed)| listed.as_any().downcast_ref::<mpsc::UnboundedSender<F>>())
+    {
         match sender.send(holder) {
             Ok(()) => return,
             // The task is gone with its runtime: start another.
@@ -77,44 +104,48 @@ pub(super) fn hold(driver: &Arc<dyn Driver>, holder: impl Future<Output = ()> + 
         }
     }
     // Starting a task is rare: forget those whose runtime stopped meanwhile.
-    tasks.retain(|_, (_, sender)| !sender.is_closed());
+    tasks.retain(|_, (_, listed)| !listed.is_closed());
     let (sender, receiver) = mpsc::unbounded_channel();
     // Cannot fail: the receiver is here.
     let _ = sender.send(holder);
     let generation = registry
         .next_generation
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    tasks.insert(key, (generation, sender));
+    tasks.insert(key, (generation, Box::new(sender)));
     drop(tasks);
     tokio::spawn(run(key, generation, receiver));
 }
 
 /// The task of one driver's holders: takes new ones, polls the woken ones, and ends once
-/// none is left and none is on its way.
-async fn run(
-    key: Key,
-    generation: u64,
-    mut arriving: mpsc::UnboundedReceiver<BoxFuture<'static, ()>>,
-) {
+/// none is left and none is on its way. A holder's panic is caught and logged: it ends
+/// that holder only.
+async fn run<F>(key: Key, generation: u64, mut arriving: mpsc::UnboundedReceiver<F>)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
     let mut holders = FuturesUnordered::new();
     loop {
         tokio::select! {
             // Biased: a fixed order keeps the simulation deterministic.
             biased;
             arrived = arriving.recv() => match arrived {
-                Some(holder) => holders.push(caught(holder)),
+                Some(holder) => holders.push(AssertUnwindSafe(holder).catch_unwind()),
                 // Only the registry sends, and it keeps the sender while this task is
                 // listed: not reached.
                 None => return,
             },
-            Some(()) = holders.next(), if !holders.is_empty() => {}
+            Some(ended) = holders.next(), if !holders.is_empty() => {
+                if ended.is_err() {
+                    error!("the holder of a term panicked; that term is no longer renewed");
+                }
+            }
         }
         if holders.is_empty() {
             // Leave the registry, unless a holder was sent meanwhile (sends happen under
             // the registry's lock, so none can come after this look).
             let mut tasks = lock(&registry().tasks);
             match arriving.try_recv() {
-                Ok(holder) => holders.push(caught(holder)),
+                Ok(holder) => holders.push(AssertUnwindSafe(holder).catch_unwind()),
                 Err(_) => {
                     if tasks.get(&key).is_some_and(|(g, _)| *g == generation) {
                         tasks.remove(&key);
@@ -126,13 +157,6 @@ async fn run(
     }
 }
 
-/// `holder`, its panic caught and logged: it ends that holder only.
-async fn caught(holder: BoxFuture<'static, ()>) {
-    if AssertUnwindSafe(holder).catch_unwind().await.is_err() {
-        error!("the holder of a term panicked; that term is no longer renewed");
-    }
-}
-
 #[cfg(all(test, feature = "testing"))]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -140,6 +164,14 @@ mod tests {
 
     use super::*;
     use crate::testing::MemoryDriver;
+
+    /// How many tasks of `driver`'s holders are listed (on any runtime).
+    fn listed(driver: &Arc<dyn Driver>) -> usize {
+        lock(&registry().tasks)
+            .keys()
+            .filter(|(id, _, _)| *id == driver.instance_id())
+            .count()
+    }
 
     #[tokio::test(start_paused = true)]
     async fn holders_of_one_driver_share_a_task_that_ends_with_the_last_and_a_panic_ends_one() {
@@ -153,7 +185,7 @@ mod tests {
                 done.fetch_add(1, Ordering::SeqCst);
             });
         }
-        assert!(lock(&registry().tasks).contains_key(&key_of(&driver)));
+        assert_eq!(listed(&driver), 1, "one task");
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert_eq!(
             done.load(Ordering::SeqCst),
@@ -161,7 +193,7 @@ mod tests {
             "the others ran to their end"
         );
         // The task left the registry with its last holder; the next one starts another.
-        assert!(!lock(&registry().tasks).contains_key(&key_of(&driver)));
+        assert_eq!(listed(&driver), 0);
         let again = Arc::clone(&done);
         hold(&driver, async move {
             again.fetch_add(1, Ordering::SeqCst);
@@ -180,18 +212,22 @@ mod tests {
         };
         let (first, second) = (runtime(), runtime());
         let driver: Arc<dyn Driver> = Arc::new(MemoryDriver::new());
-        first.block_on(async { hold(&driver, std::future::pending()) });
+        // One type of holder on both runtimes, as `Core::hold` is: one that never ends,
+        // one that counts once.
+        let holder = |done: Option<Arc<AtomicUsize>>| async move {
+            match done {
+                None => std::future::pending().await,
+                Some(done) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        };
+        first.block_on(async { hold(&driver, holder(None)) });
         let done = Arc::new(AtomicUsize::new(0));
-        let seen = Arc::clone(&done);
         let keys = second.block_on(async {
-            hold(&driver, async move {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                seen.fetch_add(1, Ordering::SeqCst);
-            });
-            lock(&registry().tasks)
-                .keys()
-                .filter(|(id, _)| *id == driver.instance_id())
-                .count()
+            hold(&driver, holder(Some(Arc::clone(&done))));
+            listed(&driver)
         });
         assert_eq!(keys, 2, "one task per runtime");
         // The first runtime stops with its task; the second's holder runs on.
