@@ -3,13 +3,10 @@
 //!
 //! A process may hold thousands of elections on one driver, and each term's holder rests
 //! nearly all its life. As a Tokio task each cost a cell aligned to 128 bytes (384 bytes
-//! for the holder), and the aligned allocations left gaps besides: with `leader-bench
-//! hold` on etcd, 10,000 terms whose holders were kept boxed and never spawned (an
-//! experiment: nothing renewed them) took 4.5 MiB less resident memory than 10,000 held
-//! ones. Here one task per driver and runtime keeps them in a `FuturesUnordered` (one
-//! allocation each) and polls only those that were woken. With the etcd driver's lighter
-//! per-term state, changed at the same time, the measurement of 10,000 held terms went
-//! from 21.0-21.7 MiB to 19.3-19.7 MiB (five runs or so each, on a 2-core machine).
+//! for the holder), and the aligned allocations left gaps besides. Here one task per
+//! driver and runtime keeps them in a `FuturesUnordered` (one allocation each) and polls
+//! only those that were woken (`ci/bench` writes what 10,000 held terms add:
+//! `{store}.rss_mib.10000_elections` in `docs/results/bench.json`).
 //!
 //! What does not change: each holder is the same future, and it runs until its term ends;
 //! a holder that panics ends alone (caught and logged, as Tokio would have kept the panic
@@ -88,14 +85,13 @@ fn key_of<F: 'static>(driver: &Arc<dyn Driver>) -> Key {
 /// Runs `holder` in the task of `driver`'s holders, starting that task (on the current
 /// runtime) if none runs. Not boxed: the task keeps each holder in its
 /// `FuturesUnordered`'s node, one allocation per term.
-pub(super) fn hold<F>(driver: &Arc<dyn Driver>, holder: F)
+pub(super) fn hold<F>(driver: &Arc<dyn Driver>, mut holder: F)
 where
     F: Future<Output = ()> + Send + 'static,
 {
     let key = key_of::<F>(driver);
     let registry = registry();
     let mut tasks = lock(&registry.tasks);
-    let mut holder = holder;
     if let Some(sender) = tasks
         .get(&key)
         .and_then(|(_, listed)| listed.as_any().downcast_ref::<mpsc::UnboundedSender<F>>())
