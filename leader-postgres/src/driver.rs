@@ -26,9 +26,9 @@ use crate::sql::Table;
 /// a line, rows of `<table>_waiters` with a server-side expiry. Taking the lead, renewing,
 /// resigning, handing over and proclaiming are single statements that compare the holder
 /// **and** the fencing token; the token is incremented by the statement that takes the
-/// lead, and a resignation keeps the row (and so the counter). A resignation `NOTIFY`s
-/// only the next waiter, on its driver's channel; a trigger `NOTIFY`s a holder whose term
-/// anyone else ends. One statement renews every term a driver holds, one refreshes every
+/// lead, and a resignation keeps the row (and so the counter). A resignation grants the
+/// term to the next waiter alone, in the same transaction, and `NOTIFY`s it on its
+/// driver's channel; a trigger `NOTIFY`s a holder whose term anyone else ends. One statement renews every term a driver holds, one refreshes every
 /// place in line it has. See the crate's README for the SQL and the grants.
 ///
 /// Cheap to clone: clones share one connection for the statements (reopened when it
@@ -130,7 +130,21 @@ impl Driver for PostgresDriver {
             self.inner.start_keeper(candidate.ttl / 3);
         }
         loop {
-            match self.inner.try_acquire(candidate).await? {
+            // A resignation may have granted this waiter the term (heard while it waited,
+            // or while its last attempt ran: that attempt found the term not free, so it
+            // ran before the grant, which is the newer news).
+            if let Some(grant) = self.inner.granted(candidate, &place.waiter) {
+                debug!(election = %candidate.election, token = grant.fencing_token, "granted by a resignation");
+                self.inner.renewals.hold(
+                    &candidate.election,
+                    &candidate.id,
+                    grant.fencing_token,
+                    candidate.ttl,
+                    grant.confirmed_at,
+                );
+                return Ok(grant);
+            }
+            match self.inner.try_acquire(candidate, &place.waiter).await? {
                 Attempt::Elected(grant) => {
                     self.inner.renewals.hold(
                         &candidate.election,
@@ -174,18 +188,28 @@ impl Driver for PostgresDriver {
 
     async fn resign(&self, candidate: &Candidate, fencing_token: Option<u64>) -> Result<()> {
         // Releases by exact token only: this request may land late, after this
-        // candidate's next term began, and must not end that one. Without a token (a
-        // campaign whose answer never came), read it first; the place in line and a
-        // nomination naming this candidate go either way.
-        let token = match fencing_token {
-            Some(token) => Some(token),
-            None => match self.inner.leader(&candidate.election).await? {
-                Some(Holder { info, .. }) if info.id == candidate.id => Some(info.fencing_token),
-                _ => None,
-            },
-        };
-        self.inner.renewals.release(&candidate.id, token);
-        self.inner.resign_exactly(candidate, token).await
+        // candidate's next term began, and must not end that one.
+        if let Some(token) = fencing_token {
+            self.inner.renewals.release(&candidate.id, Some(token));
+            return self.inner.resign_exactly(candidate, Some(token)).await;
+        }
+        // Without a token (a campaign whose answer never came): leave the line (and a
+        // nomination) first, then read the row and end the term it shows as this
+        // candidate's, if any. In that order, a resignation that granted this candidate
+        // the term is seen: it took the place under a lock and committed before the place
+        // could be deleted, and none can come after, as the place is gone.
+        self.inner.resign_exactly(candidate, None).await?;
+        match self.inner.leader(&candidate.election).await? {
+            Some(Holder { info, .. }) if info.id == candidate.id => {
+                let token = Some(info.fencing_token);
+                self.inner.renewals.release(&candidate.id, token);
+                self.inner.resign_exactly(candidate, token).await
+            }
+            _ => {
+                self.inner.renewals.release(&candidate.id, None);
+                Ok(())
+            }
+        }
     }
 
     async fn leader(&self, election: &str) -> Result<Option<LeaderInfo>> {

@@ -12,6 +12,7 @@ use tracing::{debug, warn};
 
 use crate::io::{AcquireRequest, HandOverRequest, Holder, Place, PostgresIo, Renewal};
 use crate::listener::Listener;
+use crate::own_channel::Waiter;
 use crate::renewals::{self, Cached, Renewals};
 use crate::sql::{self, Table};
 
@@ -93,9 +94,39 @@ impl Inner {
         expiry_wait(remaining_ms, ttl, self.io.random())
     }
 
+    /// A fresh stamp for a statement that sets waiters' places (a bigint's range).
+    fn stamp(&self) -> u64 {
+        self.io.random() & (i64::MAX as u64)
+    }
+
+    /// The term a resignation granted `waiter` (heard on the driver's channel), if it
+    /// holds for at least half its TTL more: its lease started when the waiter's
+    /// statement that set its place was sent, no later (that statement's server time
+    /// plus the TTL is the lease's end, as for an attempt). A grant this waiter cannot
+    /// bound (its statement is not one this registration remembers) or one with less
+    /// left is passed over: the waiter then attempts, which takes the term anew if it is
+    /// still this candidate's (a row held by the candidate itself is free for it).
+    pub(crate) fn granted(&self, candidate: &Candidate, waiter: &Waiter) -> Option<Grant> {
+        let (token, sent_at) = waiter.take_grant()?;
+        let Some(sent_at) = sent_at else {
+            debug!(election = %candidate.election, token, "a grant quotes a statement this waiter does not remember; attempting");
+            return None;
+        };
+        if sent_at + candidate.ttl / 2 <= Instant::now() {
+            debug!(election = %candidate.election, token, "a grant with less than half a TTL left; attempting");
+            return None;
+        }
+        Some(Grant::new(token, sent_at, candidate.ttl))
+    }
+
     /// One attempt to take the lead; joins the line (or refreshes this candidate's place)
-    /// otherwise.
-    pub(crate) async fn try_acquire(&self, candidate: &Candidate) -> Result<Attempt> {
+    /// otherwise. `waiter` remembers the statement's stamp.
+    pub(crate) async fn try_acquire(
+        &self,
+        candidate: &Candidate,
+        waiter: &Waiter,
+    ) -> Result<Attempt> {
+        let stamp = self.stamp();
         let request = AcquireRequest {
             election: candidate.election.clone(),
             candidate: candidate.id.clone(),
@@ -103,10 +134,12 @@ impl Inner {
             ttl: candidate.ttl,
             election_channel: self.channel(&candidate.election),
             driver_channel: self.listener.shared().channel.clone(),
+            stamp,
         };
-        // Taken before the statement is sent: the server's expiry is later than this plus
-        // the TTL.
+        // Taken before the statement is sent: the server's expiry (of a term, or of the
+        // place a grant may turn into one) is later than this plus the TTL.
         let sent_at = Instant::now();
+        waiter.stamped(stamp, sent_at);
         self.count();
         let answer = self.io.acquire(&request).await?;
         Ok(match answer.token {
@@ -249,14 +282,20 @@ impl Inner {
     async fn keep(&self) -> Option<Duration> {
         let waiters = self.listener.shared().waiters_for_keeper();
         let period = waiters.iter().map(|(_, w)| w.ttl).min()? / 3;
+        let stamp = self.stamp();
         let places: Vec<Place> = waiters
             .iter()
             .map(|(id, w)| Place {
                 election: w.election.clone(),
                 candidate: id.clone(),
                 ttl: w.ttl,
+                stamp,
             })
             .collect();
+        let sent_at = Instant::now();
+        for (_, waiter) in &waiters {
+            waiter.stamped(stamp, sent_at);
+        }
         self.count();
         match self.io.keep(&places).await {
             Ok(kept) => {

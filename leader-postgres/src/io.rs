@@ -41,6 +41,8 @@ pub struct Place {
     pub candidate: String,
     /// How long the place lasts from the statement's time.
     pub ttl: Duration,
+    /// Names the statement to its waiter (as [`AcquireRequest::stamp`]).
+    pub stamp: u64,
 }
 
 /// What [`PostgresIo::keep`] says of one refreshed place.
@@ -69,6 +71,11 @@ pub struct AcquireRequest {
     pub election_channel: String,
     /// The candidate's driver's channel (its wake-ups and lost-term notices come on it).
     pub driver_channel: String,
+    /// Names this statement to its waiter: kept with the place it sets (at most
+    /// `i64::MAX`), and quoted by a resignation that grants the waiter the term with that
+    /// place's lease (`G<token>:<stamp>:<id>`), so that the waiter knows when the
+    /// statement that started the lease was sent.
+    pub stamp: u64,
 }
 
 /// The answer of [`PostgresIo::acquire`].
@@ -198,9 +205,13 @@ pub trait PostgresIo: std::fmt::Debug + Send + Sync + 'static {
     async fn keep(&self, places: &[Place]) -> Result<Vec<Kept>>;
 
     /// Ends the term `token` of `candidate` if it is exactly that term (no term with
-    /// `None`), removes a nomination naming it and its place in line, and wakes one
-    /// waiter (the live nominee, or the first in line) on its driver's channel; announces
-    /// `resigned` on `election_channel` when the row is left free.
+    /// `None`), removes a nomination naming it and its place in line, and turns to one
+    /// waiter (the live nominee, or the first in line). When the row is left free with no
+    /// live nomination and that waiter's place has a stamp, grants it the term (next
+    /// token, its place's expiry as the lease, its place gone), tells it
+    /// `G<token>:<stamp>:<id>` on its driver's channel and announces `elected` on
+    /// `election_channel`; otherwise wakes it (`w<id>`) and announces `resigned` when the
+    /// row is left free.
     async fn resign(
         &self,
         election: &str,

@@ -1,5 +1,6 @@
 //! The driver's own channel (`leader_d_<random>`): PostgreSQL wakes one waiter of this
-//! driver by its candidate id (`w<id>`: its turn may have come), or tells a leader of this
+//! driver by its candidate id (`w<id>`: its turn may have come), tells one that a
+//! resignation granted it the term (`G<token>:<stamp>:<id>`), or tells a leader of this
 //! driver that someone else ended its term (`g<token>:<id>`, sent by the table's trigger).
 //! The LISTEN connection ([`crate::listener`]) hands this channel's notifications here.
 
@@ -12,9 +13,16 @@ use std::time::Duration;
 
 use futures::task::AtomicWaker;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 /// How many recent "term gone" notices are kept for leaders that register after them.
 const RECENT_GONE: usize = 256;
+
+/// How many of its latest statements a waiter remembers the send time of. The place a
+/// grant quotes was set by one of the last statements sent for it (they run in order on
+/// the driver's connection); one older than these is not trusted: the waiter attempts
+/// instead, as if it were only woken.
+const STAMPS: usize = 4;
 
 /// The driver's channel and who waits on it.
 pub(crate) struct Shared {
@@ -48,6 +56,41 @@ pub(crate) struct Waiter {
     /// It knows it is first in line (or nominated) and keeps a timer at the expiry of
     /// whatever holds the election: the keeper need not wake it to say so.
     pub(crate) armed: AtomicBool,
+    /// The statements sent for its place since it registered, newest last: their stamps
+    /// and send times. Only this registration's: a grant quoting a stamp from before it
+    /// (an earlier campaign with the same id, another process) is not recognised.
+    stamps: Mutex<VecDeque<(u64, Instant)>>,
+    /// A grant heard for it and not yet taken: (token, stamp).
+    granted: Mutex<Option<(u64, u64)>>,
+}
+
+impl Waiter {
+    /// Records that a statement stamped `stamp`, sent at `sent_at`, sets this place.
+    pub(crate) fn stamped(&self, stamp: u64, sent_at: Instant) {
+        let mut stamps = lock(&self.stamps);
+        if stamps.len() >= STAMPS {
+            stamps.pop_front();
+        }
+        stamps.push_back((stamp, sent_at));
+    }
+
+    /// Takes the grant heard for this waiter, if any: its token, and when the statement
+    /// that started its lease was sent, if that statement is one this registration
+    /// remembers (`None` then: the grant cannot be bounded here).
+    pub(crate) fn take_grant(&self) -> Option<(u64, Option<Instant>)> {
+        let (token, stamp) = lock(&self.granted).take()?;
+        let sent_at = lock(&self.stamps)
+            .iter()
+            .find(|(s, _)| *s == stamp)
+            .map(|(_, at)| *at);
+        Some((token, sent_at))
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A leader of this driver, told when its term is ended by someone else.
@@ -115,9 +158,7 @@ impl Shared {
     }
 
     fn lock(&self) -> MutexGuard<'_, Routes> {
-        self.routes
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.routes)
     }
 
     /// A notification on the driver's channel.
@@ -125,6 +166,15 @@ impl Shared {
         let mut routes = self.lock();
         if let Some(id) = payload.strip_prefix('w') {
             if let Some((_, waiter)) = routes.waiters.get(id) {
+                waiter.wake.notify_one();
+            }
+        } else if let Some((token, stamp, id)) = payload.strip_prefix('G').and_then(|rest| {
+            let (token, rest) = rest.split_once(':')?;
+            let (stamp, id) = rest.split_once(':')?;
+            Some((token.parse::<u64>().ok()?, stamp.parse::<u64>().ok()?, id))
+        }) {
+            if let Some((_, waiter)) = routes.waiters.get(id) {
+                *lock(&waiter.granted) = Some((token, stamp));
                 waiter.wake.notify_one();
             }
         } else if let Some((token, id)) = payload
@@ -207,6 +257,8 @@ impl Shared {
             ttl,
             wake: Notify::new(),
             armed: AtomicBool::new(false),
+            stamps: Mutex::new(VecDeque::with_capacity(STAMPS)),
+            granted: Mutex::new(None),
         });
         let mut routes = self.lock();
         let seq = routes.next;

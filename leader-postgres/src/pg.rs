@@ -120,6 +120,15 @@ fn bigint(token: u64) -> Result<i64> {
     })
 }
 
+/// A waiter's statement stamp as the table's bigint.
+fn stamp(stamp: u64) -> Result<i64> {
+    i64::try_from(stamp).map_err(|_| {
+        Error::store(std::io::Error::other(format!(
+            "stamp {stamp} does not fit the waiters' table's bigint"
+        )))
+    })
+}
+
 /// Runs a handoff in a transaction and rolls it back: a candidate elected, a second one
 /// in line, the first resigning (which wakes the second), the second elected and
 /// resigning. The rows are of an election of its own and never committed; neither are
@@ -130,9 +139,11 @@ async fn warm_up(connection: &Connection) -> std::result::Result<(), tokio_postg
     let channel = "leader_warm_up";
     let ttl = 60_000.0_f64;
     let value: &[u8] = b"";
+    let stamp = 1_i64;
     let attempt = async |candidate: &str| {
-        let params: [&(dyn ToSql + Sync); 6] =
-            [&election, &candidate, &value, &ttl, &channel, &channel];
+        let params: [&(dyn ToSql + Sync); 7] = [
+            &election, &candidate, &value, &ttl, &channel, &channel, &stamp,
+        ];
         client.query_one(&connection.acquire, &params).await
     };
     let resign = async |candidate: &str, token: Option<i64>| {
@@ -347,6 +358,7 @@ impl PostgresIo for PgIo {
 
     async fn acquire(&self, r: &AcquireRequest) -> Result<Acquired> {
         let ttl = ttl_millis(r.ttl);
+        let stamp = stamp(r.stamp)?;
         let row = self
             .query_one(
                 |c| &c.acquire,
@@ -357,6 +369,7 @@ impl PostgresIo for PgIo {
                     &ttl,
                     &r.election_channel,
                     &r.driver_channel,
+                    &stamp,
                 ],
             )
             .await?;
@@ -391,7 +404,13 @@ impl PostgresIo for PgIo {
         let names: Vec<&str> = places.iter().map(|p| p.election.as_str()).collect();
         let ids: Vec<&str> = places.iter().map(|p| p.candidate.as_str()).collect();
         let ttls: Vec<f64> = places.iter().map(|p| ttl_millis(p.ttl)).collect();
-        let rows = self.query(|c| &c.keep, &[&names, &ids, &ttls]).await?;
+        let stamps = places
+            .iter()
+            .map(|p| stamp(p.stamp))
+            .collect::<Result<Vec<i64>>>()?;
+        let rows = self
+            .query(|c| &c.keep, &[&names, &ids, &ttls, &stamps])
+            .await?;
         Ok(rows
             .iter()
             .filter_map(|row| {

@@ -112,13 +112,18 @@ impl Table {
     }
 
     /// Whether the tables, the columns of this version, the triggers and the resignation's
-    /// function are all there (and this user may run the function).
+    /// function are all there (and this user may run the function). The waiters' `stamp`
+    /// column came with the function that grants the next waiter its term: one `setup`
+    /// transaction creates both, so the column's presence says the function is of this
+    /// version too.
     /// $1 the table (quoted), $2 the waiters' table (quoted), $3 the update trigger's name,
     /// $4 the resignation's function's signature, $5 the delete trigger's name.
     pub(crate) fn complete() -> &'static str {
         "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL
             AND EXISTS (SELECT 1 FROM pg_attribute
                         WHERE attrelid = to_regclass($1) AND attname = 'nominated_until')
+            AND EXISTS (SELECT 1 FROM pg_attribute
+                        WHERE attrelid = to_regclass($2) AND attname = 'stamp')
             AND EXISTS (SELECT 1 FROM pg_trigger
                         WHERE tgrelid = to_regclass($1) AND tgname = $3)
             AND EXISTS (SELECT 1 FROM pg_trigger
@@ -155,8 +160,10 @@ CREATE TABLE IF NOT EXISTS {w} (
     channel    text        NOT NULL,
     position   bigint      NOT NULL,
     expires_at timestamptz NOT NULL,
+    stamp      bigint,
     PRIMARY KEY (name, candidate)
 );
+ALTER TABLE {w} ADD COLUMN IF NOT EXISTS stamp bigint;
 CREATE INDEX IF NOT EXISTS \"{index}\" ON {w} (name, position);
 CREATE OR REPLACE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql AS $fn$
 BEGIN
@@ -184,6 +191,7 @@ DECLARE
     _left boolean;
     _next_channel text;
     _next text;
+    _granted boolean;
 BEGIN
     UPDATE {t} SET
         holder = CASE WHEN holder = _candidate AND fencing_token = _token
@@ -207,22 +215,55 @@ BEGIN
     DELETE FROM {w} WHERE name = _name AND candidate = _candidate;
     _left := FOUND;
     woken := 0;
+    released := 0;
     IF _ended OR _left THEN
         -- A statement of its own, so a snapshot of its own: taken after the UPDATE above
         -- waited for any attempt holding the row's lock, it sees the place that attempt
-        -- took in line.
-        SELECT w.channel, w.candidate INTO _next_channel, _next FROM {w} AS w
-        WHERE w.name = _name AND w.candidate <> _candidate
-          AND w.expires_at > clock_timestamp()
-          AND (_nominee IS NULL OR w.candidate = _nominee)
-        ORDER BY w.position, w.candidate
-        LIMIT 1;
+        -- took in line. The next waiter's place is locked, so that it cannot change or go
+        -- before the grant. When the row is left free with no live nomination and that
+        -- place carries a stamp, the waiter's term begins here, as its own attempt would
+        -- begin it, with the next token; its lease ends when its place would have. That
+        -- expiry was set by the waiter's statement that wrote the stamp: the waiter knows
+        -- when it sent that statement, so it bounds the lease from below as it bounds an
+        -- attempt's.
+        WITH next AS MATERIALIZED (
+            SELECT w.channel, w.candidate, w.value, w.stamp, w.expires_at FROM {w} AS w
+            WHERE w.name = _name AND w.candidate <> _candidate
+              AND w.expires_at > clock_timestamp()
+              AND (_nominee IS NULL OR w.candidate = _nominee)
+            ORDER BY w.position, w.candidate
+            LIMIT 1
+            FOR UPDATE
+        ), granted AS (
+            UPDATE {t} AS e SET holder = n.candidate, value = n.value, channel = n.channel,
+                fencing_token = e.fencing_token + 1, expires_at = n.expires_at,
+                nominee = NULL, nominated_until = '-infinity'
+            FROM next AS n
+            WHERE e.name = _name AND e.holder IS NULL AND n.stamp IS NOT NULL
+              AND _ended AND _freed AND _nominee IS NULL
+            RETURNING e.fencing_token, n.candidate, n.channel, n.stamp
+        ), left_line AS (
+            DELETE FROM {w} AS w USING granted AS g
+            WHERE w.name = _name AND w.candidate = g.candidate
+        ), told AS MATERIALIZED (
+            SELECT pg_notify(g.channel,
+                             'G' || g.fencing_token || ':' || g.stamp || ':' || g.candidate),
+                   pg_notify(_channel, 'elected')
+            FROM granted AS g
+        )
+        SELECT n.channel, n.candidate, EXISTS (SELECT 1 FROM told)
+        INTO _next_channel, _next, _granted
+        FROM next AS n;
+        IF _granted THEN
+            woken := 1;
+            released := 1;
+            RETURN;
+        END IF;
         IF FOUND THEN
             PERFORM pg_notify(_next_channel, 'w' || _next);
             woken := 1;
         END IF;
     END IF;
-    released := 0;
     IF _ended AND _freed THEN
         PERFORM pg_notify(_channel, 'resigned');
         released := 1;
@@ -262,8 +303,9 @@ $fn$;",
     /// per term, far fewer than a microsecond's worth).
     ///
     /// $1 name, $2 candidate, $3 value, $4 TTL in ms, $5 the election's channel, $6 the
-    /// driver's channel. Returns (fencing token or NULL, first in line or nominated,
-    /// remaining ms or NULL).
+    /// driver's channel, $7 the stamp that names this statement to its waiter (see
+    /// [`create`](Self::create): a resignation that grants the waiter its term quotes it).
+    /// Returns (fencing token or NULL, first in line or nominated, remaining ms or NULL).
     pub(crate) fn acquire(&self) -> String {
         format!(
             "WITH me AS (
@@ -303,13 +345,13 @@ $fn$;",
 ), left_line AS (
     DELETE FROM {w} WHERE name = $1 AND candidate = $2 AND EXISTS (SELECT 1 FROM acquired)
 ), joined AS (
-    INSERT INTO {w} (name, candidate, value, channel, position, expires_at)
+    INSERT INTO {w} (name, candidate, value, channel, position, expires_at, stamp)
     SELECT $1, $2, $3, $6, me.position,
-           clock_timestamp() + $4::float8 * interval '1 millisecond'
+           clock_timestamp() + $4::float8 * interval '1 millisecond', $7
     FROM me WHERE NOT EXISTS (SELECT 1 FROM acquired)
     ON CONFLICT (name, candidate) DO UPDATE
         SET value = excluded.value, channel = excluded.channel,
-            expires_at = excluded.expires_at
+            expires_at = excluded.expires_at, stamp = excluded.stamp
 ), swept AS (
     DELETE FROM {w}
     WHERE (name, candidate) IN (
@@ -353,14 +395,16 @@ SELECT (SELECT fencing_token FROM announced),
     /// any another statement holds, so that sweeps never wait for each other), and tells
     /// which of the refreshed waiters are first in line (or nominated), and whether their
     /// election is free for them now.
-    /// $1 names, $2 candidates, $3 TTLs in ms. Returns (candidate, first or nominated,
-    /// free for it).
+    /// $1 names, $2 candidates, $3 TTLs in ms, $4 stamps (as the attempt's $7). Returns
+    /// (candidate, first or nominated, free for it).
     pub(crate) fn keep(&self) -> String {
         format!(
             "WITH batch AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::float8[]) AS b(name, candidate, ttl)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::float8[], $4::int8[])
+        AS b(name, candidate, ttl, stamp)
 ), refreshed AS (
-    UPDATE {w} AS w SET expires_at = clock_timestamp() + b.ttl * interval '1 millisecond'
+    UPDATE {w} AS w SET expires_at = clock_timestamp() + b.ttl * interval '1 millisecond',
+        stamp = b.stamp
     FROM batch AS b
     WHERE w.name = b.name AND w.candidate = b.candidate
     RETURNING w.name, w.candidate, w.position
@@ -396,9 +440,14 @@ FROM refreshed AS r",
     }
 
     /// Ends exactly this term (if $3 is not NULL), removes a nomination naming this
-    /// candidate and its place in line, and then wakes one waiter: the nominee of a live
-    /// nomination, or the first in line; and announces a released term to observers. The
-    /// row and its counter stay. One call of the schema's resignation function (see
+    /// candidate and its place in line, and then turns to one waiter: the nominee of a
+    /// live nomination, or the first in line. When the row is left free, no nomination
+    /// lives and that waiter's place carries a stamp, the same transaction grants it the
+    /// term (the next token; the lease its place had; `G<token>:<stamp>:<id>` on its
+    /// driver's channel; `elected` to observers), so that a handoff takes one commit, not
+    /// a resignation's and then the waiter's attempt's. Otherwise it wakes that waiter
+    /// (`w<id>`) and announces a released term to observers. The row and its counter
+    /// stay. One call of the schema's resignation function (see
     /// [`create`](Self::create)): it reads the line in a statement of its own, after its
     /// update of the election's row, so that it sees the place of an attempt that held the
     /// row's lock while the update waited for it (one statement would read the line from

@@ -49,6 +49,8 @@ struct Side {
     base: BTreeMap<String, u64>,
     /// Run-unique prefix of names and channels.
     run: String,
+    /// The last stamp given to a statement (the same sequence on both sides).
+    stamp: u64,
 }
 
 const TTL_MS: u64 = 30_000;
@@ -62,6 +64,7 @@ impl Side {
             listen,
             base: BTreeMap::new(),
             run: run.to_owned(),
+            stamp: 0,
         };
         let mut channels: Vec<String> = ["a", "b", "c", "d"]
             .iter()
@@ -87,6 +90,11 @@ impl Side {
 
     fn election_channel(&self, e: &str) -> String {
         format!("leader_{}_{e}", self.run)
+    }
+
+    fn next_stamp(&mut self) -> u64 {
+        self.stamp += 1;
+        self.stamp
     }
 
     fn token(&self, e: &str, tok: Tok) -> u64 {
@@ -141,7 +149,27 @@ impl Side {
                     let t = self.seen(&election, token);
                     format!("g{t}:{id}")
                 }
-                None => n.payload.clone(),
+                None => match n
+                    .payload
+                    .strip_prefix('G')
+                    .and_then(|rest| rest.split_once(':'))
+                {
+                    // A grant: the election is the one of the candidate's place, which the
+                    // notice does not name; its token is normalised as a trigger's.
+                    Some((token, rest)) => {
+                        let token: u64 = token.parse().expect("a token");
+                        let election = self
+                            .base
+                            .iter()
+                            .filter(|(_, b)| token >= **b && token - **b < 1000)
+                            .map(|(e, _)| e.clone())
+                            .next()
+                            .unwrap_or_default();
+                        let t = self.seen(&election, token);
+                        format!("G{t}:{rest}")
+                    }
+                    None => n.payload.clone(),
+                },
             };
             out.push(self.plain(&format!("{} {payload}", n.channel)));
         }
@@ -160,6 +188,7 @@ impl Side {
                     ttl: Duration::from_millis(*ttl),
                     election_channel: self.election_channel(e),
                     driver_channel: self.driver_channel(c),
+                    stamp: self.next_stamp(),
                 };
                 match io.acquire(&request).await {
                     Ok(a) => {
@@ -188,12 +217,14 @@ impl Side {
                 format!("renewed {renewed:?}")
             }
             Step::Keep(places) => {
+                let stamp = self.next_stamp();
                 let places: Vec<Place> = places
                     .iter()
                     .map(|(e, c)| Place {
                         election: self.election(e),
                         candidate: self.candidate(c),
                         ttl: Duration::from_millis(TTL_MS),
+                        stamp,
                     })
                     .collect();
                 let mut kept: Vec<String> = io

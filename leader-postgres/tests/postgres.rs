@@ -157,6 +157,48 @@ async fn a_resignation_wakes_the_waiter_by_notify_long_before_the_ttl() {
     b.resign().await.expect("resign");
 }
 
+/// A resignation grants the term to the first in line in its own commit: the waiter leads
+/// with the next token without sending a statement of its own (no attempt after a
+/// wake-up), and its place in line is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resignation_grants_the_next_waiter_its_term_in_the_same_commit() {
+    let h = harness().await;
+    let admin = h.admin().await;
+    // Long enough that no keeper round (every third of it) falls inside the handoff.
+    let ttl = Duration::from_secs(60);
+    let name = unique("grant");
+    let a = election(h.driver_at(&h.server.url()).await, &name, ttl);
+    let waiter_driver = h.driver_at(&h.server.url()).await;
+    let b = election(waiter_driver.clone(), &name, ttl);
+    let a_term = within("a's campaign", ttl, a.campaign())
+        .await
+        .expect("a elected");
+    let waiter = spawn_campaign(&b);
+    wait_for_line(&admin, &name, 1).await;
+    // The place is in the table: b's attempt has answered (the line is read after it).
+    let before = waiter_driver.statements_sent();
+    a.resign().await.expect("resign");
+    let b_term = within("b's campaign", ttl / 10, waiter)
+        .await
+        .expect("campaign task")
+        .expect("b elected");
+    assert_eq!(
+        waiter_driver.statements_sent(),
+        before,
+        "b sent a statement to take the term: the resignation did not grant it"
+    );
+    assert_eq!(b_term.fencing_token(), a_term.fencing_token() + 1);
+    let (holder, token, remaining) = row(&admin, &name).await.expect("the row stays");
+    assert_eq!(holder.as_deref(), Some(b.id()));
+    assert_eq!(
+        u64::try_from(token).expect("positive"),
+        b_term.fencing_token()
+    );
+    assert!(remaining > 0.0, "the granted lease has {remaining} ms left");
+    wait_for_line(&admin, &name, 0).await;
+    b.resign().await.expect("resign");
+}
+
 /// The schedule behind a lost wake-up, forced: an attempt to take the lead holds the
 /// election row's lock (its `INSERT .. ON CONFLICT` locks the row even when it cannot take
 /// it) while it joins the line; the resignation that starts meanwhile waits for that lock.

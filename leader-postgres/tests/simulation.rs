@@ -125,8 +125,9 @@ async fn a_resignation_wakes_a_waiter_that_joined_after_its_snapshot() {
         .expect("elected");
 }
 
-/// A resignation wakes the next waiter only: the statement notifies it alone, and its
-/// driver wakes it alone, not the other waiter it carries.
+/// A resignation grants the term to the next waiter only, in its own statement: the
+/// waiter leads without sending one (no attempt after the grant), and neither the other
+/// waiter its driver carries nor the waiter on another driver is woken.
 #[tokio::test(start_paused = true)]
 async fn a_resignation_wakes_only_the_next_waiter() {
     let ttl = Duration::from_secs(30);
@@ -156,14 +157,104 @@ async fn a_resignation_wakes_only_the_next_waiter() {
     sleep(Duration::from_millis(200)).await;
     assert_eq!(
         (sent(1) - before[1], sent(2) - before[2]),
-        (1, 0),
-        "statements of (w1 and w2's driver, w3's driver) after the resignation: only w1's \
-         campaign should have asked"
+        (0, 0),
+        "statements of (w1 and w2's driver, w3's driver) after the resignation: the \
+         resignation's grant should have elected w1 with none"
     );
     for campaign in campaigns {
         assert!(!campaign.is_finished());
         campaign.abort();
     }
+}
+
+/// A grant notice is trusted only when it quotes a statement this waiter sent (and so
+/// knows when its place's lease began): one with a stamp the waiter never sent, as a
+/// stale notice or another process with the same id could bring, is taken as a mere
+/// wake-up. Here the notice is forged while the leader still holds: the waiter looks,
+/// finds the term held, and keeps waiting; when the row is then given to it by hand
+/// (again with a stamp it never sent), its own attempt takes the term anew, with the next
+/// token, rather than trusting the forged one.
+#[tokio::test(start_paused = true)]
+async fn a_grant_quoting_a_statement_the_waiter_never_sent_is_not_trusted() {
+    let ttl = Duration::from_secs(30);
+    let (_net, model, drivers) = drivers(2);
+    let leader = candidate("leader", ttl);
+    let grant = drivers[0].campaign(&leader).await.expect("elected");
+    let driver: PostgresDriver = drivers[1].clone();
+    let campaign = tokio::spawn(async move { driver.campaign(&candidate("w", ttl)).await });
+    leader_testkit::sim::scripted::wait_in_line(&drivers[0], "sim-0", "w", Duration::from_secs(1))
+        .await;
+    let key = ("sim-0".to_owned(), "w".to_owned());
+    let forged = grant.fencing_token + 1;
+    model.server().statement(|t, _, notices| {
+        let place = t.waiters.get(&key).expect("w waits");
+        let bogus = place.stamp.expect("stamped").wrapping_add(1);
+        notices.push((place.channel.clone(), format!("G{forged}:{bogus}:w")));
+    });
+    sleep(Duration::from_millis(100)).await;
+    assert!(!campaign.is_finished(), "a forged grant elected the waiter");
+    let leader_now = drivers[0].leader("sim-0").await.expect("leader");
+    assert_eq!(
+        leader_now.map(|info| info.fencing_token),
+        Some(grant.fencing_token),
+        "the leader's term changed"
+    );
+    // The row handed to w by hand, as a grant would, but quoting a stamp w never sent.
+    model.server().statement(|t, _, notices| {
+        let place = t.waiters.remove(&key).expect("w waits");
+        let row = t.elections.get_mut("sim-0").expect("the row");
+        row.holder = Some("w".to_owned());
+        row.token = i64::try_from(forged).expect("small");
+        row.expires_at = place.expires_at;
+        row.channel = Some(place.channel.clone());
+        let bogus = place.stamp.expect("stamped").wrapping_add(1);
+        notices.push((place.channel, format!("G{forged}:{bogus}:w")));
+    });
+    let elected = timeout(Duration::from_millis(100), campaign)
+        .await
+        .expect("w takes its own row within a round trip")
+        .expect("campaign task")
+        .expect("elected");
+    assert_eq!(
+        elected.fencing_token,
+        forged + 1,
+        "w led on the forged grant's token instead of taking the term anew"
+    );
+}
+
+/// A waiter that stopped campaigning (its future dropped) but was granted the term before
+/// it left the line: its tokenless resignation, which a dropped campaign leads to, ends
+/// that term at once rather than leaving it to expire.
+#[tokio::test(start_paused = true)]
+async fn a_term_granted_to_a_waiter_that_gave_up_is_released_by_its_leaving() {
+    let ttl = Duration::from_secs(30);
+    let (_net, _model, drivers) = drivers(2);
+    let leader = candidate("leader", ttl);
+    let grant = drivers[0].campaign(&leader).await.expect("elected");
+    let w = candidate("w", ttl);
+    let driver: PostgresDriver = drivers[1].clone();
+    let waiter = w.clone();
+    let campaign = tokio::spawn(async move { driver.campaign(&waiter).await });
+    leader_testkit::sim::scripted::wait_in_line(&drivers[0], "sim-0", "w", Duration::from_secs(1))
+        .await;
+    campaign.abort();
+    let _ = campaign.await;
+    drivers[0]
+        .resign(&leader, Some(grant.fencing_token))
+        .await
+        .expect("resigned");
+    let granted = drivers[0].leader("sim-0").await.expect("leader");
+    assert_eq!(
+        granted.map(|info| (info.id, info.fencing_token)),
+        Some(("w".to_owned(), grant.fencing_token + 1)),
+        "the resignation granted the term to w, still in line"
+    );
+    drivers[1].resign(&w, None).await.expect("w left");
+    let leader_now = drivers[0].leader("sim-0").await.expect("leader");
+    assert!(
+        leader_now.is_none(),
+        "the term granted to w outlived its leaving: {leader_now:?}"
+    );
 }
 
 /// A handover's nomination passes over the head of the line (see

@@ -287,6 +287,7 @@ impl PostgresIo for SimIo {
 
     async fn acquire(&self, r: &AcquireRequest) -> Result<Acquired> {
         let r = r.clone();
+        let stamp = bigint(r.stamp)?;
         let label = format!("acquire {} {}", r.election, r.candidate);
         let (token, first, remaining_ms) = self
             .call(self.limit, label, move |server| {
@@ -299,6 +300,7 @@ impl PostgresIo for SimIo {
                         ms(r.ttl),
                         &r.election_channel,
                         &r.driver_channel,
+                        stamp,
                         notices,
                     )
                 });
@@ -335,10 +337,17 @@ impl PostgresIo for SimIo {
     }
 
     async fn keep(&self, places: &[Place]) -> Result<Vec<Kept>> {
-        let rows: Vec<_> = places
+        let rows = places
             .iter()
-            .map(|p| (p.election.clone(), p.candidate.clone(), ms(p.ttl)))
-            .collect();
+            .map(|p| {
+                Ok((
+                    p.election.clone(),
+                    p.candidate.clone(),
+                    ms(p.ttl),
+                    bigint(p.stamp)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let label = format!("keep {} places", rows.len());
         let kept = self
             .call(self.limit, label, move |server| {
@@ -371,7 +380,12 @@ impl PostgresIo for SimIo {
         let label = format!("resign {e} {c} {token:?}");
         let (released, woken) = self
             .call(self.limit, label, move |server| {
-                server.statement(|t, now, notices| t.resign(now, &e, &c, token, &ch, notices))
+                let (released, woken, granted) =
+                    server.statement(|t, now, notices| t.resign(now, &e, &c, token, &ch, notices));
+                if let Some((candidate, token)) = granted {
+                    server.net.granted(&candidate, &e, token as u64);
+                }
+                (released, woken)
             })
             .await?;
         Ok(Resigned {

@@ -34,6 +34,8 @@ pub struct Waiter {
     pub channel: String,
     pub position: i64,
     pub expires_at: i64,
+    /// The stamp of the waiter's statement that set `expires_at` (NULL: none given).
+    pub stamp: Option<i64>,
 }
 
 /// A notification a committed statement sends: (channel, payload).
@@ -145,7 +147,7 @@ impl Tables {
     }
 
     /// `Table::acquire`. $1 name, $2 candidate, $3 value, $4 ttl ms, $5 the election's
-    /// channel, $6 the driver's channel.
+    /// channel, $6 the driver's channel, $7 the stamp.
     #[allow(clippy::too_many_arguments)]
     pub fn acquire(
         &mut self,
@@ -156,6 +158,7 @@ impl Tables {
         ttl_ms: f64,
         election_channel: &str,
         driver_channel: &str,
+        stamp: i64,
         notices: &mut Vec<Notice>,
     ) -> AcquireRow {
         let snap = self.snapshot();
@@ -226,6 +229,7 @@ impl Tables {
                     w.value = value.to_vec();
                     w.channel = driver_channel.to_owned();
                     w.expires_at = after(now, ttl_ms);
+                    w.stamp = Some(stamp);
                 }
                 None => {
                     self.waiters.insert(
@@ -235,6 +239,7 @@ impl Tables {
                             channel: driver_channel.to_owned(),
                             position: me,
                             expires_at: after(now, ttl_ms),
+                            stamp: Some(stamp),
                         },
                     );
                 }
@@ -301,8 +306,13 @@ impl Tables {
         renewed
     }
 
-    /// `Table::keep`: (candidate, first, free) for each refreshed place.
-    pub fn keep(&mut self, now: i64, batch: &[(String, String, f64)]) -> Vec<(String, bool, bool)> {
+    /// `Table::keep`: (candidate, first, free) for each refreshed place. The batch:
+    /// (name, candidate, ttl ms, stamp).
+    pub fn keep(
+        &mut self,
+        now: i64,
+        batch: &[(String, String, f64, i64)],
+    ) -> Vec<(String, bool, bool)> {
         let snap = self.snapshot();
         let mut refreshed = Vec::new();
         for ((name, candidate), w) in &mut self.waiters {
@@ -313,8 +323,12 @@ impl Tables {
             {
                 continue;
             }
-            if let Some((_, _, ttl)) = batch.iter().find(|(n, c, _)| n == name && c == candidate) {
+            if let Some((_, _, ttl, stamp)) = batch
+                .iter()
+                .find(|(n, c, _, _)| n == name && c == candidate)
+            {
                 w.expires_at = after(now, *ttl);
+                w.stamp = Some(*stamp);
                 refreshed.push((name.clone(), candidate.clone(), w.position));
             }
         }
@@ -326,7 +340,7 @@ impl Tables {
             .iter()
             .filter(|((n, c), w)| {
                 w.expires_at <= now - 1_000_000
-                    && !batch.iter().any(|(bn, bc, _)| bn == n && bc == c)
+                    && !batch.iter().any(|(bn, bc, _, _)| bn == n && bc == c)
             })
             .map(|(k, _)| k.clone())
             .collect();
@@ -347,7 +361,7 @@ impl Tables {
             .collect()
     }
 
-    /// `Table::resign`: (released, woken).
+    /// `Table::resign`: (released, woken), and the term it granted: (candidate, token).
     pub fn resign(
         &mut self,
         now: i64,
@@ -356,7 +370,7 @@ impl Tables {
         token: Option<i64>,
         election_channel: &str,
         notices: &mut Vec<Notice>,
-    ) -> (i64, i64) {
+    ) -> (i64, i64, Option<(String, i64)>) {
         let mut triggered = Vec::new();
         // released: Some((freed, live nominee))
         let mut released = None;
@@ -407,10 +421,34 @@ impl Tables {
                     && nominee.as_ref().is_none_or(|nominee| nominee == c)
             })
             .min_by(|(ka, a), (kb, b)| (a.position, &ka.1).cmp(&(b.position, &kb.1)));
-        let mut woken = 0;
-        if let Some(((_, c), w)) = next
-            && (released.is_some() || left)
+        let next = next
+            .filter(|_| released.is_some() || left)
+            .map(|((_, c), w)| (c.clone(), w.clone()));
+        // The grant: the row left free, no live nomination, a stamped place first in line.
+        if let Some((c, w)) = &next
+            && let Some(stamp) = w.stamp
+            && released
+                .as_ref()
+                .is_some_and(|(freed, n)| *freed && n.is_none())
+            && let Some(row) = self.elections.get_mut(name)
+            && row.holder.is_none()
         {
+            row.holder = Some(c.clone());
+            row.value = w.value.clone();
+            row.channel = Some(w.channel.clone());
+            row.token += 1;
+            row.expires_at = w.expires_at;
+            row.nominee = None;
+            row.nominated_until = NEG_INF;
+            let token = row.token;
+            self.waiters.remove(&(name.to_owned(), c.clone()));
+            notices.push((w.channel.clone(), format!("G{token}:{stamp}:{c}")));
+            notices.push((election_channel.to_owned(), "elected".to_owned()));
+            notices.extend(triggered);
+            return (1, 1, Some((c.clone(), token)));
+        }
+        let mut woken = 0;
+        if let Some((c, w)) = &next {
             notices.push((w.channel.clone(), format!("w{c}")));
             woken = 1;
         }
@@ -420,7 +458,7 @@ impl Tables {
             announced = 1;
         }
         notices.extend(triggered);
-        (announced, woken)
+        (announced, woken, None)
     }
 
     /// `Table::hand_over`: (handed, held, waiting).
