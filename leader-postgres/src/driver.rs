@@ -131,8 +131,10 @@ impl Driver for PostgresDriver {
         }
         loop {
             // A resignation may have granted this waiter the term (heard while it waited,
-            // or while its last attempt ran: that attempt found the term not free, so it
-            // ran before the grant, which is the newer news).
+            // or while its last attempt ran and found the term not free: that attempt ran
+            // before the grant, or after the granted lease ended, which `granted` then
+            // refuses; one that ran after the grant within the lease took the row anew and
+            // returned, and this grant is dropped with the place).
             if let Some(grant) = self.inner.granted(candidate, &place.waiter) {
                 debug!(election = %candidate.election, token = grant.fencing_token, "granted by a resignation");
                 self.inner.renewals.hold(

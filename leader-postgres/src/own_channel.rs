@@ -19,9 +19,11 @@ use tokio::time::Instant;
 const RECENT_GONE: usize = 256;
 
 /// How many of its latest statements a waiter remembers the send time of. The place a
-/// grant quotes was set by one of the last statements sent for it (they run in order on
-/// the driver's connection); one older than these is not trusted: the waiter attempts
-/// instead, as if it were only woken.
+/// grant quotes was set, most often, by one of the last statements sent for it (they run
+/// in order on one connection; one sent before a reconnection may still land later, and
+/// failed keeper rounds count too). A grant quoting an older one is not trusted: the
+/// waiter attempts instead, as if it were only woken, and its attempt takes the row that
+/// holds its own live term anew (see `Table::acquire`).
 const STAMPS: usize = 4;
 
 /// The driver's channel and who waits on it.

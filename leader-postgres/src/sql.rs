@@ -115,7 +115,8 @@ impl Table {
     /// function are all there (and this user may run the function). The waiters' `stamp`
     /// column came with the function that grants the next waiter its term: one `setup`
     /// transaction creates both, so the column's presence says the function is of this
-    /// version too.
+    /// version too (unless a DBA added the column alone: the older function then wakes the
+    /// next waiter instead of granting it the term, which still works).
     /// $1 the table (quoted), $2 the waiters' table (quoted), $3 the update trigger's name,
     /// $4 the resignation's function's signature, $5 the delete trigger's name.
     pub(crate) fn complete() -> &'static str {
@@ -291,8 +292,12 @@ $fn$;",
 
     /// Takes the lead if the row is free (no holder), expired, or this candidate's own
     /// (an ended term), no live nomination names someone else, and no live waiter stands
-    /// before this candidate in line (the nominee skips the line); with the next fencing
-    /// token, announcing it to observers, and leaving the line. Otherwise joins the line (or
+    /// before this candidate in line (the nominee skips the line); or, whatever the line,
+    /// if the row holds a live term of this candidate's (one a resignation granted it,
+    /// which it could not trust or never heard of: its place is gone, so the line would
+    /// put it last and the row would stay held by nobody who knows it until the lease
+    /// ends). Either way with the next fencing token, announcing it to observers, and
+    /// leaving the line. Otherwise joins the line (or
     /// refreshes this candidate's place) and says whether this candidate is first in line
     /// (or nominated), with the time until the row can free up without a notice: the
     /// holder's expiry, or a nomination's. Also sweeps the election's long-expired waiters.
@@ -320,8 +325,12 @@ $fn$;",
 ), nominated AS (
     SELECT nominee FROM {t}
     WHERE name = $1 AND nominee IS NOT NULL AND nominated_until > clock_timestamp()
+), own AS (
+    SELECT EXISTS (SELECT 1 FROM {t}
+                   WHERE name = $1 AND holder = $2 AND expires_at > clock_timestamp()) AS live
 ), allowed AS (
-    SELECT CASE WHEN EXISTS (SELECT 1 FROM nominated)
+    SELECT CASE WHEN (SELECT live FROM own) THEN true
+                WHEN EXISTS (SELECT 1 FROM nominated)
                 THEN EXISTS (SELECT 1 FROM nominated WHERE nominee = $2)
                 ELSE (SELECT first FROM line) END AS ok
 ), acquired AS (

@@ -173,16 +173,21 @@ async fn a_resignation_wakes_only_the_next_waiter() {
 /// wake-up. Here the notice is forged while the leader still holds: the waiter looks,
 /// finds the term held, and keeps waiting; when the row is then given to it by hand
 /// (again with a stamp it never sent), its own attempt takes the term anew, with the next
-/// token, rather than trusting the forged one.
+/// token, rather than trusting the forged one; and at once, though another waiter now
+/// stands before it in line (the grant took its place), not when the lease ends.
 #[tokio::test(start_paused = true)]
 async fn a_grant_quoting_a_statement_the_waiter_never_sent_is_not_trusted() {
     let ttl = Duration::from_secs(30);
-    let (_net, model, drivers) = drivers(2);
+    let (_net, model, drivers) = drivers(3);
     let leader = candidate("leader", ttl);
     let grant = drivers[0].campaign(&leader).await.expect("elected");
     let driver: PostgresDriver = drivers[1].clone();
     let campaign = tokio::spawn(async move { driver.campaign(&candidate("w", ttl)).await });
     leader_testkit::sim::scripted::wait_in_line(&drivers[0], "sim-0", "w", Duration::from_secs(1))
+        .await;
+    let behind: PostgresDriver = drivers[2].clone();
+    let second = tokio::spawn(async move { behind.campaign(&candidate("w2", ttl)).await });
+    leader_testkit::sim::scripted::wait_in_line(&drivers[0], "sim-0", "w2", Duration::from_secs(1))
         .await;
     let key = ("sim-0".to_owned(), "w".to_owned());
     let forged = grant.fencing_token + 1;
@@ -220,6 +225,8 @@ async fn a_grant_quoting_a_statement_the_waiter_never_sent_is_not_trusted() {
         forged + 1,
         "w led on the forged grant's token instead of taking the term anew"
     );
+    assert!(!second.is_finished(), "w2 was elected while w led");
+    second.abort();
 }
 
 /// A waiter that stopped campaigning (its future dropped) but was granted the term before

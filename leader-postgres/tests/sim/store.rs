@@ -167,10 +167,13 @@ impl Tables {
         let first = !snap.anyone_before(name, candidate, me, now);
         let row = snap.elections.get(name);
         let nominated = Self::nomination_of(row, now);
-        let ok = match nominated {
-            Some(nominee) => nominee == candidate,
-            None => first,
-        };
+        // `own`: a live term of this candidate's is taken anew whatever the line says.
+        let own = row.is_some_and(|r| r.holder.as_deref() == Some(candidate) && r.expires_at > now);
+        let ok = own
+            || match nominated {
+                Some(nominee) => nominee == candidate,
+                None => first,
+            };
         let mut acquired = None;
         // The row's newest version, which `ON CONFLICT DO UPDATE` locks, re-checks and
         // changes (the trigger's OLD).
