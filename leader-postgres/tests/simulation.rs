@@ -4,15 +4,21 @@
 //!
 //! Besides the harness's random schedules, a few scripted scenarios on the same model
 //! (paused clock, no faults) check what the harness's safety checks cannot see: how fast a
-//! holder hears that someone else ended its term, and that a resignation wakes only the
-//! next waiter.
+//! holder hears that someone else ended its term, that a resignation grants the term to
+//! the next waiter alone, and what a waiter does with a grant it cannot trust or no longer
+//! wants.
 
 mod sim;
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use leader_core::{Candidate, Driver, Error};
-use leader_postgres::PostgresDriver;
+use leader_core::{Candidate, CandidateInfo, Driver, Error, Result};
+use leader_postgres::io::{
+    AcquireRequest, Acquired, HandOver, HandOverRequest, Holder, Kept, ListenConnection, Place,
+    PostgresIo, Renewal, Resigned,
+};
+use leader_postgres::{DEFAULT_TABLE, PostgresDriver};
 use leader_testkit::sim::{ClientId, Model, Net};
 use tokio::time::{sleep, timeout};
 
@@ -261,6 +267,123 @@ async fn a_term_granted_to_a_waiter_that_gave_up_is_released_by_its_leaving() {
     assert!(
         leader_now.is_none(),
         "the term granted to w outlived its leaving: {leader_now:?}"
+    );
+}
+
+/// An I/O layer that runs `hook` once, right after it answered its first `leader` read:
+/// to put another client's statement exactly between two of a driver's.
+struct AfterLeaderRead {
+    inner: Arc<dyn PostgresIo>,
+    hook: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl std::fmt::Debug for AfterLeaderRead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AfterLeaderRead").finish_non_exhaustive()
+    }
+}
+
+#[leader_core::async_trait]
+impl PostgresIo for AfterLeaderRead {
+    async fn connect(&self) -> Result<()> {
+        self.inner.connect().await
+    }
+    async fn acquire(&self, request: &AcquireRequest) -> Result<Acquired> {
+        self.inner.acquire(request).await
+    }
+    async fn renew(&self, batch: &[Renewal]) -> Result<Vec<String>> {
+        self.inner.renew(batch).await
+    }
+    async fn keep(&self, places: &[Place]) -> Result<Vec<Kept>> {
+        self.inner.keep(places).await
+    }
+    async fn resign(
+        &self,
+        election: &str,
+        candidate: &str,
+        token: Option<u64>,
+        election_channel: &str,
+    ) -> Result<Resigned> {
+        self.inner
+            .resign(election, candidate, token, election_channel)
+            .await
+    }
+    async fn hand_over(&self, request: &HandOverRequest) -> Result<HandOver> {
+        self.inner.hand_over(request).await
+    }
+    async fn proclaim(
+        &self,
+        election: &str,
+        holder: &str,
+        token: u64,
+        value: &[u8],
+        election_channel: &str,
+    ) -> Result<bool> {
+        self.inner
+            .proclaim(election, holder, token, value, election_channel)
+            .await
+    }
+    async fn candidates(&self, election: &str) -> Result<Vec<CandidateInfo>> {
+        self.inner.candidates(election).await
+    }
+    async fn leader(&self, election: &str) -> Result<Option<Holder>> {
+        let answer = self.inner.leader(election).await;
+        let hook = self
+            .hook
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(hook) = hook {
+            hook();
+        }
+        answer
+    }
+    async fn listen_connection(&self) -> Result<ListenConnection> {
+        self.inner.listen_connection().await
+    }
+    fn random(&self) -> u64 {
+        self.inner.random()
+    }
+}
+
+/// A waiter gives up (its campaign dropped) and leaves without a token; the leader
+/// resigns just after the leaving driver's first statement, granting the waiter the term
+/// if its place is still there. Leaving first and reading the row after, the leaving
+/// either removed the place before the grant (nothing is granted) or sees the grant and
+/// ends it; reading first, it would miss a grant that landed after its read and leave the
+/// term held by nobody until the lease ends.
+#[tokio::test(start_paused = true)]
+async fn a_grant_landing_while_a_waiter_leaves_does_not_outlive_the_leaving() {
+    let ttl = Duration::from_secs(30);
+    let (_net, model, drivers) = drivers(1);
+    let leader = candidate("leader", ttl);
+    let grant = drivers[0].campaign(&leader).await.expect("elected");
+    let server = Arc::clone(model.server());
+    let channel = drivers[0].channel("sim-0");
+    let token = i64::try_from(grant.fencing_token).expect("small");
+    let resign_now: Box<dyn FnOnce() + Send> = Box::new(move || {
+        server.statement(|t, now, notices| {
+            t.resign(now, "sim-0", "leader", Some(token), &channel, notices)
+        });
+    });
+    let io = AfterLeaderRead {
+        inner: Arc::new(sim::SimIo::new(Arc::clone(model.server()), ClientId(1))),
+        hook: Mutex::new(Some(resign_now)),
+    };
+    let leaving = PostgresDriver::with_io(Arc::new(io), DEFAULT_TABLE).expect("valid table");
+    let w = candidate("w", ttl);
+    let driver = leaving.clone();
+    let waiter = w.clone();
+    let campaign = tokio::spawn(async move { driver.campaign(&waiter).await });
+    leader_testkit::sim::scripted::wait_in_line(&drivers[0], "sim-0", "w", Duration::from_secs(1))
+        .await;
+    campaign.abort();
+    let _ = campaign.await;
+    leaving.resign(&w, None).await.expect("w left");
+    let after = drivers[0].leader("sim-0").await.expect("leader");
+    assert!(
+        after.is_none(),
+        "a term granted to w while it left outlived its leaving: {after:?}"
     );
 }
 
