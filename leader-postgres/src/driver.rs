@@ -28,8 +28,9 @@ use crate::sql::Table;
 /// **and** the fencing token; the token is incremented by the statement that takes the
 /// lead, and a resignation keeps the row (and so the counter). A resignation grants the
 /// term to the next waiter alone, in the same transaction, and `NOTIFY`s it on its
-/// driver's channel; a trigger `NOTIFY`s a holder whose term anyone else ends. One statement renews every term a driver holds, one refreshes every
-/// place in line it has. See the crate's README for the SQL and the grants.
+/// driver's channel; a trigger `NOTIFY`s a holder whose term anyone else ends. One
+/// statement renews every term a driver holds, one refreshes every place in line it has.
+/// See the crate's README for the SQL and the grants.
 ///
 /// Cheap to clone: clones share one connection for the statements (reopened when it
 /// breaks) and one connection for `LISTEN`; each election built on it is a distinct

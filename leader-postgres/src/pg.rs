@@ -131,8 +131,8 @@ fn stamp(stamp: u64) -> Result<i64> {
 
 /// Runs a handoff in a transaction and rolls it back: a candidate elected, a second one
 /// in line, the first resigning (which grants the second the term), the second taking
-/// its own term anew and resigning. The rows are of an election of its own and never committed; neither are
-/// the notifications (PostgreSQL sends them at commit).
+/// its own term anew and resigning. The rows are of an election of its own and never
+/// committed; neither are the notifications (PostgreSQL sends them at commit).
 async fn warm_up(connection: &Connection) -> std::result::Result<(), tokio_postgres::Error> {
     let client = &connection.client;
     let election = format!("leader warm-up {}", rand::random::<u64>());
