@@ -235,6 +235,79 @@ async fn a_grant_quoting_a_statement_the_waiter_never_sent_is_not_trusted() {
     second.abort();
 }
 
+/// Gives the row to `id` by hand, as a resignation's grant would (the place gone, the next
+/// token `token`, the place's expiry as the lease) and sends it `G<token>:<stamp>:<id>`.
+fn grant_by_hand(model: &sim::PostgresModel, id: &str, token: u64, stamp: i64) {
+    model.server().statement(|t, _, notices| {
+        let place = t
+            .waiters
+            .remove(&("sim-0".to_owned(), id.to_owned()))
+            .expect("waits");
+        let row = t.elections.get_mut("sim-0").expect("the row");
+        row.holder = Some(id.to_owned());
+        row.token = i64::try_from(token).expect("small");
+        row.expires_at = place.expires_at;
+        row.channel = Some(place.channel.clone());
+        notices.push((place.channel, format!("G{token}:{stamp}:{id}")));
+    });
+}
+
+/// The stamp of `id`'s place in line now.
+fn stamp_of(model: &sim::PostgresModel, id: &str) -> i64 {
+    model.server().statement(|t, _, _| {
+        t.waiters
+            .get(&("sim-0".to_owned(), id.to_owned()))
+            .and_then(|place| place.stamp)
+            .expect("a stamped place")
+    })
+}
+
+/// A grant quoting one of the waiter's recent statements, not only its newest, is
+/// trusted (the grant may have read the place before the newest one landed): the waiter
+/// leads on the granted token, with no attempt. One quoting a statement sent more than
+/// half a TTL ago is not: the waiter attempts and takes its own row anew (next token), so
+/// that a term it can bound only briefly does not start with a renewal race.
+#[tokio::test(start_paused = true)]
+async fn a_grant_is_trusted_for_a_recent_statement_and_not_for_an_old_one() {
+    let ttl = Duration::from_secs(30);
+    for (rest, trusted) in [
+        (ttl / 3 + Duration::from_secs(1), true),
+        (ttl * 11 / 20, false),
+    ] {
+        let (_net, model, drivers) = drivers(2);
+        let leader = candidate("leader", ttl);
+        let grant = drivers[0].campaign(&leader).await.expect("elected");
+        let driver: PostgresDriver = drivers[1].clone();
+        let campaign = tokio::spawn(async move { driver.campaign(&candidate("w", ttl)).await });
+        leader_testkit::sim::scripted::wait_in_line(
+            &drivers[0],
+            "sim-0",
+            "w",
+            Duration::from_secs(1),
+        )
+        .await;
+        let joined = stamp_of(&model, "w");
+        sleep(rest).await;
+        assert_ne!(
+            stamp_of(&model, "w"),
+            joined,
+            "the keeper refreshed the place"
+        );
+        let token = grant.fencing_token + 1;
+        grant_by_hand(&model, "w", token, joined);
+        let elected = timeout(Duration::from_millis(100), campaign)
+            .await
+            .expect("w leads within a round trip")
+            .expect("campaign task")
+            .expect("elected");
+        let expected = if trusted { token } else { token + 1 };
+        assert_eq!(
+            elected.fencing_token, expected,
+            "after {rest:?}: a grant quoting the joining statement (trusted: {trusted})"
+        );
+    }
+}
+
 /// A waiter that stopped campaigning (its future dropped) but was granted the term before
 /// it left the line: its tokenless resignation, which a dropped campaign leads to, ends
 /// that term at once rather than leaving it to expire.
