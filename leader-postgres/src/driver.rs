@@ -136,18 +136,14 @@ impl Driver for PostgresDriver {
             // before the grant, or after the granted lease ended, which `granted` then
             // refuses; one that ran after the grant within the lease took the row anew and
             // returned, and this grant is dropped with the place).
-            if let Some(grant) = self.inner.granted(candidate, &place.waiter) {
-                debug!(election = %candidate.election, token = grant.fencing_token, "granted by a resignation");
-                self.inner.renewals.hold(
-                    &candidate.election,
-                    &candidate.id,
-                    grant.fencing_token,
-                    candidate.ttl,
-                    grant.confirmed_at,
-                );
-                return Ok(grant);
-            }
-            match self.inner.try_acquire(candidate, &place.waiter).await? {
+            let elected = match self.inner.granted(candidate, &place.waiter) {
+                Some(grant) => {
+                    debug!(election = %candidate.election, token = grant.fencing_token, "granted by a resignation");
+                    Attempt::Elected(grant)
+                }
+                None => self.inner.try_acquire(candidate, &place.waiter).await?,
+            };
+            match elected {
                 Attempt::Elected(grant) => {
                     self.inner.renewals.hold(
                         &candidate.election,

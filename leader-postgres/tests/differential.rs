@@ -130,15 +130,13 @@ impl Side {
         }
         let mut out = Vec::new();
         for n in heard {
-            let payload = match n
-                .payload
-                .strip_prefix('g')
-                .and_then(|rest| rest.split_once(':'))
-            {
-                Some((token, id)) => {
+            // A trigger's notice (`g<token>:<holder>`) and a grant (`G<token>:<stamp>:<id>`)
+            // name the election only through the candidate: their tokens are normalised
+            // against any election's base.
+            let payload = match n.payload.split_at_checked(1) {
+                Some((kind @ ("g" | "G"), rest)) => {
+                    let (token, rest) = rest.split_once(':').expect("a token");
                     let token: u64 = token.parse().expect("a token");
-                    // The trigger's notice names the election only through the holder;
-                    // tokens here are normalised against any election's base.
                     let election = self
                         .base
                         .iter()
@@ -147,29 +145,9 @@ impl Side {
                         .next()
                         .unwrap_or_default();
                     let t = self.seen(&election, token);
-                    format!("g{t}:{id}")
+                    format!("{kind}{t}:{rest}")
                 }
-                None => match n
-                    .payload
-                    .strip_prefix('G')
-                    .and_then(|rest| rest.split_once(':'))
-                {
-                    // A grant: the election is the one of the candidate's place, which the
-                    // notice does not name; its token is normalised as a trigger's.
-                    Some((token, rest)) => {
-                        let token: u64 = token.parse().expect("a token");
-                        let election = self
-                            .base
-                            .iter()
-                            .filter(|(_, b)| token >= **b && token - **b < 1000)
-                            .map(|(e, _)| e.clone())
-                            .next()
-                            .unwrap_or_default();
-                        let t = self.seen(&election, token);
-                        format!("G{t}:{rest}")
-                    }
-                    None => n.payload.clone(),
-                },
+                _ => n.payload.clone(),
             };
             out.push(self.plain(&format!("{} {payload}", n.channel)));
         }
